@@ -1,0 +1,1 @@
+"""The regsweep HTTP edge: receives, verifies, normalises and enqueues."""

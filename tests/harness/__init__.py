@@ -1,0 +1,1 @@
+"""Real parts for the test suite: registry processes, token issuer, image builder."""

@@ -1,0 +1,1 @@
+"""The regsweep engine: registry client, policy, inventory, planner, executor, state."""

@@ -1,0 +1,76 @@
+"""Every error regsweep raises, under one base.
+
+    RegsweepError
+    ├── ConfigError                  the policy file or settings are wrong (exit 2)
+    ├── RegistryError                the registry refused, failed or could not be reached
+    │   ├── RegistryUnavailable      connection errors, timeouts, 5xx after retries (transient)
+    │   ├── RegistryAuthError        401/403 after the auth dance
+    │   ├── RegistryReadOnly         405 plain text + Allow: maintenance mode; defer, never fail
+    │   ├── DeletesDisabled          405 UNSUPPORTED: storage.delete.enabled is false
+    │   ├── ManifestUnknown          404 for a manifest or tag
+    │   └── RegistryProtocolError    an answer that breaks the distribution spec
+    ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
+    ├── SafetyViolation              a re-check before DELETE found a kept image in the way
+    └── ControllerError              switching the registry or running GC failed
+
+Third-party exceptions (httpx, redis, docker) are wrapped where their client is
+called, so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class RegsweepError(Exception):
+    """Base of every regsweep error."""
+
+
+class ConfigError(RegsweepError):
+    """The policy file or the environment is wrong; ``problems`` lists every issue."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class RegistryError(RegsweepError):
+    """The registry refused, failed or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class RegistryUnavailable(RegistryError):
+    """Connection error, timeout or 5xx that survived the retries: worth retrying later."""
+
+
+class RegistryAuthError(RegistryError):
+    """Credentials were refused (401/403 after the challenge was answered)."""
+
+
+class RegistryReadOnly(RegistryError):
+    """The registry is in read-only maintenance mode: writes must wait for the window's end."""
+
+
+class DeletesDisabled(RegistryError):
+    """``storage.delete.enabled`` is false: a configuration error on the registry."""
+
+
+class ManifestUnknown(RegistryError):
+    """The manifest or tag does not exist (404)."""
+
+
+class RegistryProtocolError(RegistryError):
+    """The registry answered something the distribution spec does not allow."""
+
+
+class StateError(RegsweepError):
+    """Redis, which holds state, dedup keys, locks and the audit stream, failed."""
+
+
+class SafetyViolation(RegsweepError):
+    """A re-check right before a DELETE found that a kept image needs the digest."""
+
+
+class ControllerError(RegsweepError):
+    """Switching the registry read-only / read-write or running GC failed."""

@@ -1,0 +1,146 @@
+"""The registry as regsweep sees it: manifests, their graph, and a frozen snapshot.
+
+An :class:`Inventory` is everything the planner may look at for one repository,
+taken at one moment. It is built by :mod:`worker.inventory` from the live
+registry (plus the push-time store) and never changes afterwards, so planning
+is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NewType
+
+from worker import mediatypes as mt
+from worker.errors import RegistryProtocolError
+
+Digest = NewType("Digest", str)
+Tag = NewType("Tag", str)
+
+_COSIGN_TAG = re.compile(r"^(sha256)-([0-9a-f]{64})(?:\.(sig|att|sbom))?$")
+
+
+def referrer_tag_subject(tag: str) -> Digest | None:
+    """The subject digest a cosign / OCI-fallback tag (``sha256-<hex>[.sig|.att|.sbom]``) names."""
+    match = _COSIGN_TAG.match(tag)
+    if match is None:
+        return None
+    return Digest(f"{match.group(1)}:{match.group(2)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A content descriptor: what a manifest points at."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_attestation(self) -> bool:
+        """A BuildKit attestation manifest inside an index (not a platform image)."""
+        return self.annotations.get(mt.BUILDKIT_REFERENCE_TYPE) == "attestation-manifest"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One manifest (image or index) and what it references."""
+
+    digest: Digest
+    media_type: str
+    raw: bytes
+    config: Descriptor | None = None
+    layers: tuple[Descriptor, ...] = ()
+    children: tuple[Descriptor, ...] = ()
+    subject: Digest | None = None
+    artifact_type: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    #: Build time from the image config (filled in by the inventory when it is fetched).
+    created: datetime | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the manifest itself."""
+        return len(self.raw)
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in mt.INDEX_TYPES
+
+    @property
+    def blobs(self) -> tuple[Descriptor, ...]:
+        """Config and layers: the blobs this manifest keeps alive."""
+        return ((self.config,) if self.config else ()) + self.layers
+
+
+def _descriptor(obj: Any) -> Descriptor:
+    if not isinstance(obj, dict) or not isinstance(obj.get("digest"), str):
+        raise RegistryProtocolError(f"descriptor without a digest: {obj!r:.200}")
+    annotations = obj.get("annotations") or {}
+    return Descriptor(
+        digest=Digest(obj["digest"]),
+        media_type=str(obj.get("mediaType", "")),
+        size=int(obj.get("size", 0)),
+        annotations={str(k): str(v) for k, v in annotations.items()},
+    )
+
+
+def parse_manifest(digest: str, media_type: str, raw: bytes) -> Manifest:
+    """Parse manifest bytes as served; ``media_type`` is the response's Content-Type."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise RegistryProtocolError(f"manifest {digest} is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RegistryProtocolError(f"manifest {digest} is not a JSON object")
+    media_type = str(body.get("mediaType") or media_type).split(";")[0].strip()
+    subject = body.get("subject")
+    annotations = body.get("annotations") or {}
+    return Manifest(
+        digest=Digest(digest),
+        media_type=media_type,
+        raw=raw,
+        config=_descriptor(body["config"]) if "config" in body else None,
+        layers=tuple(_descriptor(d) for d in body.get("layers") or ()),
+        children=tuple(_descriptor(d) for d in body.get("manifests") or ()),
+        subject=_descriptor(subject).digest if subject else None,
+        artifact_type=body.get("artifactType"),
+        annotations={str(k): str(v) for k, v in annotations.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A frozen snapshot of one repository, everything the planner may use.
+
+    ``manifests`` holds every manifest the snapshot knows: tagged ones, the
+    children of indexes, referrers, and untagged manifests the state store
+    remembers. ``referrers`` maps a subject digest to the digests of manifests
+    that refer to it (``subject`` field, fallback index entries, referrers API);
+    cosign-style tags are in ``tags`` and found with :func:`referrer_tag_subject`.
+    """
+
+    repository: str
+    taken_at: datetime
+    tags: Mapping[str, Digest]
+    manifests: Mapping[Digest, Manifest]
+    #: When regsweep saw each tag pushed (from the state store; may be partial).
+    pushed_at: Mapping[str, datetime] = field(default_factory=dict)
+    #: Digests that lost their last tag, and since when (from the state store).
+    untagged_since: Mapping[Digest, datetime] = field(default_factory=dict)
+    referrers: Mapping[Digest, tuple[Digest, ...]] = field(default_factory=dict)
+    #: Digests something references that the registry answers 404 for.
+    missing: frozenset[Digest] = frozenset()
+
+    def push_time(self, tag: str) -> datetime | None:
+        """When ``tag`` was pushed: recorded push, else image build time, else unknown."""
+        recorded = self.pushed_at.get(tag)
+        if recorded is not None:
+            return recorded
+        manifest = self.manifests.get(self.tags[tag])
+        return manifest.created if manifest else None
