@@ -216,7 +216,8 @@ class Config:
     registry: RegistrySettings
     policies: tuple[Policy, ...] = ()
     #: ``None``: no Redis configured; the CLI then keeps its audit log in ``audit_path``.
-    redis_url: str | None = None
+    #: Out of the repr: ``redis://:password@host`` is a common way to write it.
+    redis_url: str | None = field(default=None, repr=False)
     sweep_every: timedelta = DEFAULT_SWEEP_EVERY
     hooks: HookSettings = field(default_factory=HookSettings)
     maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)

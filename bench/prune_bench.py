@@ -1,0 +1,144 @@
+"""regsweep against the registry API floor, side by side, on identical registry copies.
+
+    PYTHONPATH=. .venv/bin/python -m bench.prune_bench [--rounds 3] [--cache DIR]
+
+Scenarios (issue 2): one repository of 2,000 tags (each its own manifest over
+one shared layer) and 20 repositories of 200 tags. Every measured run starts a
+fresh registry on a copy of the same seeded storage; floor and regsweep runs
+alternate, so machine noise hits both. Prints a Markdown table of medians and
+ratios (regsweep / floor) for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.seed import fresh_registry, seeded_storage
+
+BIG = {"bench/big": 2000}
+MANY = {f"bench/r{i:02d}": 200 for i in range(20)}
+KEEP = 10
+PY = sys.executable
+
+POLICY = """\
+registry:
+  url: {url}
+  concurrency: 8
+policies:
+  - name: bench
+    repositories: ["bench/**"]
+    mode: enforce
+    keep:
+      - tags: ["*"]
+        newest: {keep}
+audit:
+  path: {audit}
+"""
+
+
+@dataclass
+class Sample:
+    seconds: list[float] = field(default_factory=list)
+    extra: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed: {done.stderr[-2000:]}")
+    return elapsed, done.stderr
+
+
+def floor_cmd(url: str, repos: list[str], resolve_only: bool) -> list[str]:
+    return [PY, "-m", "bench.floor", url, str(KEEP), *repos] + (
+        ["--resolve-only"] if resolve_only else []
+    )
+
+
+def regsweep_cmd(config: Path, command: str, repos: list[str]) -> list[str]:
+    return [PY, "-m", "bench.maxrss", "-c", str(config), command, *repos]
+
+
+def measure(seeded: Path, work: Path, build: Callable[[str, Path], list[str]]) -> tuple[float, str]:
+    registry = fresh_registry(seeded, work)
+    try:
+        config = work / "regsweep.yaml"
+        config.write_text(POLICY.format(url=registry.url, keep=KEEP, audit=work / "audit.jsonl"))
+        return timed(build(registry.url, config))
+    finally:
+        registry.stop()
+
+
+def scenario(
+    name: str, seeded: Path, work: Path, repos: list[str], rounds: int
+) -> list[tuple[str, Sample, Sample]]:
+    pairs = [
+        (
+            "list + resolve (floor) vs `regsweep plan`",
+            lambda url, cfg: floor_cmd(url, repos, resolve_only=True),
+            lambda url, cfg: regsweep_cmd(cfg, "plan", repos),
+        ),
+        (
+            "full prune, keep newest 10 (floor) vs `regsweep prune`",
+            lambda url, cfg: floor_cmd(url, repos, resolve_only=False),
+            lambda url, cfg: regsweep_cmd(cfg, "prune", repos),
+        ),
+    ]
+    rows = []
+    for label, floor, ours in pairs:
+        f, r = Sample(), Sample()
+        for _ in range(rounds):
+            f.seconds.append(measure(seeded, work, floor)[0])
+            elapsed, err = measure(seeded, work, ours)
+            r.seconds.append(elapsed)
+            r.extra.append(_maxrss_mib(err))
+        rows.append((f"{name}: {label}", f, r))
+        print(f"{name}: {label}: floor {f.median:.2f}s regsweep {r.median:.2f}s", file=sys.stderr)
+    return rows
+
+
+def _maxrss_mib(stderr: str) -> float:
+    for line in stderr.splitlines():
+        if line.startswith("maxrss_kib="):
+            return int(line.split("=", 1)[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "regsweep-bench"
+    )
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    big = seeded_storage(args.cache, "big", BIG)
+    many = seeded_storage(args.cache, "many", MANY)
+    work = args.cache / "work"
+    rows = scenario("2,000 tags", big, work, list(BIG), args.rounds)
+    rows += scenario("20 x 200 tags", many, work, list(MANY), args.rounds)
+    print("| scenario | floor (median s) | regsweep (median s) | ratio | regsweep peak RSS |")
+    print("|---|---|---|---|---|")
+    for label, f, r in rows:
+        rss = statistics.median(r.extra)
+        ratio = r.median / f.median
+        print(f"| {label} | {f.median:.2f} | {r.median:.2f} | {ratio:.2f}x | {rss:.0f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

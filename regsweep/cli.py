@@ -1,0 +1,192 @@
+"""The ``regsweep`` command. Each subcommand parses, calls one core function, maps errors.
+
+Exit codes: 0 ok, 1 run error, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from regsweep import render
+from worker import env
+from worker.audit import AuditLog, JsonlAuditLog
+from worker.config import load_config
+from worker.errors import ConfigError, RegsweepError
+from worker.policy import Config
+from worker.pruner import Pruner, RepositoryPlan
+from worker.registry.client import RegistryClient
+from worker.restore import restore
+
+EXIT_OK: Final = 0
+EXIT_RUN_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+DEFAULT_AUDIT_FILE: Final = "regsweep-audit.jsonl"
+
+Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regsweep", description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", help="policy file (default: $REGSWEEP_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("check-config", help="validate the policy file and list every problem")
+    plan = sub.add_parser("plan", help="show what the policies would delete, and why")
+    plan.add_argument("repositories", nargs="*", metavar="REPO")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    prune = sub.add_parser("prune", help="delete what the policies no longer keep")
+    prune.add_argument("repositories", nargs="*", metavar="REPO")
+    prune.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
+    rest = sub.add_parser("restore", help="put a deleted manifest and its tags back (until GC)")
+    rest.add_argument("repository", metavar="REPO")
+    rest.add_argument("digest", metavar="DIGEST")
+    audit = sub.add_parser("audit", help="list audited deletions")
+    audit.add_argument("--since", type=_since, help="e.g. 24h, 7d or an ISO timestamp")
+    audit.add_argument("--json", action="store_true")
+    return parser
+
+
+def _since(text: str) -> datetime:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text and text[-1] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration or timestamp: {text!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _audit_log(config: Config) -> AuditLog:
+    if config.audit_path:
+        return JsonlAuditLog(config.audit_path)
+    base = Path(config.source).parent if config.source.startswith("/") else Path.cwd()
+    return JsonlAuditLog(base / DEFAULT_AUDIT_FILE)
+
+
+async def _check_config(args: argparse.Namespace, config: Config) -> int:
+    print(f"{config.source}: ok, {len(config.policies)} policies")
+    for policy in config.policies:
+        repos = ", ".join(p.source for p in policy.repositories)
+        print(f"  {policy.name} ({policy.mode.value}): {repos}")
+    return EXIT_OK
+
+
+async def _plan(args: argparse.Namespace, config: Config) -> int:
+    async with RegistryClient.from_settings(config.registry) as client:
+        pruner = Pruner(config, client, audit=_audit_log(config))
+        planned = await pruner.plan_many(await pruner.repositories(args.repositories))
+    if args.json:
+        json.dump(render.plan_json(planned), sys.stdout, indent=2)
+        print()
+    else:
+        _print_plans(planned)
+    return EXIT_OK
+
+
+def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
+    if not planned:
+        print("no repository matches a policy")
+    for rp in planned:
+        print(render.plan_table(rp))
+        print()
+
+
+async def _prune(args: argparse.Namespace, config: Config) -> int:
+    job_id = f"cli-{uuid.uuid4().hex[:12]}"
+    async with RegistryClient.from_settings(config.registry) as client:
+        pruner = Pruner(config, client, audit=_audit_log(config))
+        repos = await pruner.repositories(args.repositories)
+        progress: dict[str, render.Progress] = {}
+
+        def planned(rp: RepositoryPlan) -> None:
+            print(render.plan_table(rp))
+            if rp.enforced and not args.dry_run:
+                progress[rp.plan.repository] = render.Progress(len(rp.plan.deletions))
+
+        results = await pruner.prune_many(
+            repos,
+            dry_run=args.dry_run,
+            job_id=job_id,
+            on_planned=planned,
+            on_progress=lambda repo, d, s: progress[repo].step(
+                f"{s.value} {render.short(d.digest)}"
+            ),
+        )
+    failed = False
+    for rp, report in results:
+        if report is None:
+            why = "--dry-run" if args.dry_run else f"policy {rp.policy.name} is dry-run"
+            print(f"{rp.plan.repository}: nothing deleted ({why})")
+            continue
+        print(render.report_line(report))
+        failed |= report.outcome.value == "failed"
+    return EXIT_RUN_ERROR if failed else EXIT_OK
+
+
+async def _restore(args: argparse.Namespace, config: Config) -> int:
+    async with RegistryClient.from_settings(config.registry) as client:
+        restored = await restore(client, _audit_log(config), args.repository, args.digest)
+    for item in restored:
+        tags = ", ".join(item.tags) or "no tags"
+        print(f"restored {item.action} {item.digest} ({tags})")
+    return EXIT_OK
+
+
+async def _audit(args: argparse.Namespace, config: Config) -> int:
+    entries = await _audit_log(config).entries(since=args.since)
+    for entry in entries:
+        if args.json:
+            record = json.loads(entry.to_json())
+            record.pop("manifest")
+            print(json.dumps(record))
+        else:
+            print(render.audit_line(entry))
+    return EXIT_OK
+
+
+COMMANDS: Final[dict[str, Command]] = {
+    "check-config": _check_config,
+    "plan": _plan,
+    "prune": _prune,
+    "restore": _restore,
+    "audit": _audit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="regsweep: %(levelname)s: %(message)s")
+    environ = env.current()
+    path = args.config or env.config_path(environ)
+    if not path:
+        print("regsweep: no policy file: pass -c FILE or set REGSWEEP_CONFIG", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(path, environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(COMMANDS[args.command](args, config))
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_USAGE
+    except RegsweepError as exc:
+        print(f"regsweep: {exc}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The HTTP edge: receives, verifies, normalises and hands on. No registry calls here.
+
+Handlers parse, call one function of :mod:`service.ingest`, and leave error
+mapping to the exception handlers below: :class:`~service.verify.Unverified`
+→ 401, :class:`~worker.events.BadEvent` → 400, ``HTTPException`` → its status,
+:class:`~worker.errors.StateError` → 503, anything else → 500; always
+``{"error": ...}``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import verify
+from service.ingest import ingest_ci, ingest_registry, read_registry_delivery, submit_job
+from service.limits import BodyLimit
+from service.metrics import RequestLatency, ServiceMetrics
+from service.sink import EventSink, RedisListSink
+from worker.errors import ConfigError, StateError
+from worker.events import (
+    BadEvent,
+    CiEvent,
+    github_zen,
+    parse_github,
+    parse_gitlab,
+    parse_job_request,
+)
+from worker.policy import Config, HookSettings
+from worker.state import State
+
+__all__ = ["EventSink", "RedisListSink", "create_app", "serve"]
+
+log = logging.getLogger("regsweep.service")
+
+HOOK_SOURCES: Final = {
+    "/hooks/registry": "registry",
+    "/hooks/github": "github",
+    "/hooks/gitlab": "gitlab",
+}
+JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require_json(request: Request, sender: str) -> None:
+    media_type = _media_type(request)
+    if media_type != "application/json":
+        raise HTTPException(
+            415, f"{sender} deliveries must be application/json, got {media_type[:100]!r}"
+        )
+
+
+def _header(request: Request, name: str) -> str:
+    value = request.headers.get(name)
+    if not value:
+        raise HTTPException(400, f"missing {name} header")
+    return value
+
+
+def _disabled() -> Response:
+    return JSONResponse({"error": "hook disabled"}, status_code=404)
+
+
+def gitlab_delivery_id(request: Request) -> str:
+    """GitLab's own id for a delivery, stable across its retries."""
+    for name in ("idempotency-key", "x-gitlab-event-uuid", "webhook-id"):
+        value = request.headers.get(name)
+        if value:
+            return value
+    raise HTTPException(400, "missing Idempotency-Key or X-Gitlab-Event-UUID header")
+
+
+class Endpoints:
+    """The route handlers, bound to the config, the sink and (after start-up) the state."""
+
+    def __init__(
+        self, config: Config, sink: EventSink, metrics: ServiceMetrics, state: State | None
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.metrics = metrics
+        #: Set by the lifespan when the app makes its own Redis client.
+        self.state_store = state
+
+    @property
+    def state(self) -> State:
+        if self.state_store is None:
+            raise StateError("the service has not started: no Redis client")
+        return self.state_store
+
+    async def registry(self, request: Request) -> Response:
+        secret = self.config.hooks.registry_token
+        if secret is None:
+            return _disabled()
+        body = await request.body()
+        verify.check_bearer(secret, request.headers.get("authorization"))
+        envelope = read_registry_delivery(_media_type(request), body)
+        outcome = await ingest_registry(envelope, self.state, self.sink)
+        self.metrics.count_many("registry", outcome.metric_counts())
+        return JSONResponse(outcome.as_dict(), status_code=202)
+
+    async def github(self, request: Request) -> Response:
+        secret = self.config.hooks.github_secret
+        if secret is None:
+            return _disabled()
+        body = await request.body()
+        verify.check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
+        _require_json(request, "GitHub")
+        event_name = _header(request, "X-GitHub-Event")
+        delivery_id = _header(request, "X-GitHub-Delivery")
+        if event_name == "ping":
+            return JSONResponse({"ok": True, "zen": github_zen(body)})
+        event = parse_github(event_name, body, delivery_id)
+        return await self._ci(event, "github", f"GitHub event {event_name[:64]!r}")
+
+    async def gitlab(self, request: Request) -> Response:
+        hooks = self.config.hooks
+        if hooks.gitlab_token is None and hooks.gitlab_signing_key is None:
+            return _disabled()
+        body = await request.body()
+        _verify_gitlab(hooks, request, body)
+        _require_json(request, "GitLab")
+        event_header = _header(request, "X-Gitlab-Event")
+        event = parse_gitlab(event_header, body, gitlab_delivery_id(request))
+        return await self._ci(event, "gitlab", f"GitLab {event_header[:64]!r}")
+
+    async def _ci(self, event: CiEvent | None, source: str, what: str) -> Response:
+        if event is None:
+            self.metrics.count(source, "ignored")
+            reason = f"{what} does not delete images"
+            return JSONResponse({"status": "ignored", "reason": reason}, status_code=202)
+        if not await ingest_ci(event, self.state, self.sink):
+            self.metrics.count(source, "duplicate")
+            return JSONResponse({"status": "duplicate", "delivery": event.delivery_id})
+        self.metrics.count(source, "accepted")
+        return JSONResponse({"status": "accepted", "delivery": event.delivery_id}, 202)
+
+    async def create_job(self, request: Request) -> Response:
+        self._check_api_token(request)
+        body = await request.body()
+        _require_json(request, "Job requests")
+        job = parse_job_request(body)
+        job_id = await submit_job(job, self.state, self.sink)
+        self.metrics.jobs.labels(job.kind.value, "queued").inc()
+        status_url = f"/api/v1/jobs/{job_id}"
+        return JSONResponse({"job_id": job_id, "status_url": status_url}, status_code=202)
+
+    async def get_job(self, request: Request) -> Response:
+        self._check_api_token(request)
+        job_id = request.path_params["job_id"]
+        job = await self.state.get_job(job_id) if JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            return JSONResponse({"error": "unknown job"}, status_code=404)
+        return JSONResponse(job)
+
+    def _check_api_token(self, request: Request) -> None:
+        token = self.config.hooks.api_token
+        if token is None:
+            raise HTTPException(404, "job API disabled")
+        verify.check_bearer(token, request.headers.get("authorization"))
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await self.state.ping()
+        except StateError as exc:
+            log.warning("not ready: %s", exc)
+            return JSONResponse({"error": "redis unreachable"}, status_code=503)
+        return JSONResponse({"ok": True})
+
+    async def metrics_text(self, request: Request) -> Response:
+        payload, content_type = self.metrics.render()
+        return Response(payload, headers={"Content-Type": content_type})
+
+
+def _verify_gitlab(hooks: HookSettings, request: Request, body: bytes) -> None:
+    if hooks.gitlab_token is not None:
+        verify.check_token(
+            hooks.gitlab_token, request.headers.get("x-gitlab-token"), "X-Gitlab-Token"
+        )
+    if hooks.gitlab_signing_key is not None:
+        verify.check_standard_webhook(
+            hooks.gitlab_signing_key,
+            body,
+            msg_id=request.headers.get("webhook-id"),
+            timestamp=request.headers.get("webhook-timestamp"),
+            signatures=request.headers.get("webhook-signature"),
+        )
+
+
+def _routes(endpoints: Endpoints) -> list[Route]:
+    return [
+        Route("/hooks/registry", endpoints.registry, methods=["POST"]),
+        Route("/hooks/github", endpoints.github, methods=["POST"]),
+        Route("/hooks/gitlab", endpoints.gitlab, methods=["POST"]),
+        Route("/api/v1/jobs", endpoints.create_job, methods=["POST"]),
+        Route("/api/v1/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
+        Route("/healthz", endpoints.healthz, methods=["GET"]),
+        Route("/readyz", endpoints.readyz, methods=["GET"]),
+        Route("/metrics", endpoints.metrics_text, methods=["GET"]),
+    ]
+
+
+def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
+    def count(request: Request, outcome: str) -> None:
+        source = HOOK_SOURCES.get(request.url.path)
+        if source is not None:
+            metrics.count(source, outcome)
+
+    async def unverified(request: Request, exc: Exception) -> Response:
+        count(request, "unauthorized")
+        return JSONResponse({"error": str(exc)}, status_code=401)
+
+    async def bad_event(request: Request, exc: Exception) -> Response:
+        count(request, "bad_request")
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        count(request, "rejected")
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        count(request, "unavailable")
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": "state store unavailable, retry later"}, status_code=503)
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    return {
+        verify.Unverified: unverified,
+        BadEvent: bad_event,
+        HTTPException: http_error,
+        StateError: unavailable,
+        Exception: internal,
+    }
+
+
+def _log_hooks(hooks: HookSettings) -> None:
+    switches = (
+        ("/hooks/registry", hooks.registry_token, "hooks.registry_token_env"),
+        ("/hooks/github", hooks.github_secret, "hooks.github_secret_env"),
+        ("/hooks/gitlab", hooks.gitlab_token or hooks.gitlab_signing_key, "hooks.gitlab_token_env"),
+        ("/api/v1/jobs", hooks.api_token, "hooks.api_token_env"),
+    )
+    for path, secret, setting in switches:
+        if secret is None:
+            log.warning("%s disabled (answers 404): %s is not set", path, setting)
+        else:
+            log.info("%s enabled", path)
+
+
+def create_app(config: Config, *, sink: EventSink, state: State | None = None) -> Starlette:
+    """The service; without ``state`` the lifespan connects to ``config.redis_url``."""
+    if state is None and config.redis_url is None:
+        raise ConfigError("the service needs redis.url (or REGSWEEP_REDIS_URL)")
+    metrics = ServiceMetrics()
+    endpoints = Endpoints(config, sink, metrics, state)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _log_hooks(config.hooks)
+        owned = None
+        if endpoints.state_store is None and config.redis_url is not None:
+            owned = endpoints.state_store = State.from_url(config.redis_url)
+        try:
+            yield
+        finally:
+            if owned is not None:
+                endpoints.state_store = None
+                await owned.aclose()
+
+    app = Starlette(
+        routes=_routes(endpoints),
+        middleware=[
+            Middleware(RequestLatency, metrics=metrics),
+            Middleware(BodyLimit, limit=config.hooks.body_limit),
+        ],
+        exception_handlers=_error_handlers(metrics),
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    return app
+
+
+def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service under uvicorn until interrupted, enqueueing to Redis lists for now."""
+    if config.redis_url is None:
+        raise ConfigError("regsweep serve needs redis.url (or REGSWEEP_REDIS_URL)")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+    sink = RedisListSink.from_url(config.redis_url)
+    uvicorn.run(create_app(config, sink=sink), host=host, port=port, proxy_headers=False)

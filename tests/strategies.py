@@ -1,0 +1,320 @@
+"""Builders for small hand-made inventories, and Hypothesis strategies for random ones.
+
+Manifests are real: their bytes are JSON as a registry would serve them and
+their digest is the sha256 of those bytes, parsed by :func:`worker.model.parse_manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import strategies as st
+
+from worker import mediatypes as mt
+from worker.model import Digest, Inventory, Manifest, parse_manifest
+from worker.plan import Reason
+from worker.planner import TagRequest
+from worker.policy import KeepRule, Policy, RepositoryPattern, TagPattern
+
+NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+COSIGN_SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
+ATTESTATION = {"vnd.docker.reference.type": "attestation-manifest"}
+
+
+def sha256(text: str) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(text.encode()).hexdigest())
+
+
+def descriptor(m: Manifest, annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The index entry (or ``subject``) pointing at ``m``."""
+    out: dict[str, Any] = {"mediaType": m.media_type, "digest": m.digest, "size": m.size}
+    if annotations:
+        out["annotations"] = dict(annotations)
+    return out
+
+
+def _manifest(body: dict[str, Any], created: datetime | None = None) -> Manifest:
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    return replace(parse_manifest(digest, body["mediaType"], raw), created=created)
+
+
+def image(
+    label: str,
+    layers: Sequence[tuple[str, int]] = (),
+    *,
+    subject: Manifest | None = None,
+    artifact_type: str | None = None,
+    created: datetime | None = None,
+    media_type: str = mt.OCI_MANIFEST,
+) -> Manifest:
+    """An image manifest; ``label`` makes it unique, ``layers`` are (blob label, size) pairs."""
+    config_type = mt.DOCKER_CONFIG if media_type == mt.DOCKER_MANIFEST else mt.OCI_CONFIG
+    body: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": {"mediaType": config_type, "digest": sha256(f"config {label}"), "size": 10},
+        "layers": [
+            {"mediaType": LAYER, "digest": sha256(f"layer {name}"), "size": size}
+            for name, size in layers
+        ],
+    }
+    if subject is not None:
+        body["subject"] = descriptor(subject)
+    if artifact_type is not None:
+        body["artifactType"] = artifact_type
+    return _manifest(body, created)
+
+
+def index(
+    label: str,
+    children: Sequence[Manifest],
+    *,
+    attestations: Sequence[tuple[Manifest, Manifest]] = (),
+    media_type: str = mt.OCI_INDEX,
+) -> Manifest:
+    """An index of ``children``, plus BuildKit attestation entries (attestation, image) pairs."""
+    entries = [descriptor(c) for c in children]
+    for attestation, target in attestations:
+        entries.append(
+            descriptor(attestation, {**ATTESTATION, "vnd.docker.reference.digest": target.digest})
+        )
+    body = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": entries,
+        "annotations": {"label": label},
+    }
+    return _manifest(body)
+
+
+def signature(subject: Manifest | Digest, label: str = "sig") -> Manifest:
+    """An OCI 1.1 referrer (a cosign-style signature) whose ``subject`` is ``subject``."""
+    if isinstance(subject, Manifest):
+        return image(f"{label} of {subject.digest}", subject=subject, artifact_type=COSIGN_SIG)
+    body = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": COSIGN_SIG,
+        "config": {"mediaType": mt.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
+        "layers": [],
+        "subject": {"mediaType": mt.OCI_MANIFEST, "digest": subject, "size": 1},
+        "annotations": {"label": label},
+    }
+    return _manifest(body)
+
+
+def cosign_tag(subject: Manifest | Digest, suffix: str | None = "sig") -> str:
+    """``sha256-<hex>.sig`` (or the bare ``sha256-<hex>`` fallback tag when ``suffix`` is None)."""
+    digest = subject.digest if isinstance(subject, Manifest) else subject
+    name = digest.replace(":", "-")
+    return f"{name}.{suffix}" if suffix else name
+
+
+@dataclass
+class RepoBuilder:
+    """Collects manifests, tags and state, then freezes them into an :class:`Inventory`."""
+
+    now: datetime = NOW
+    manifests: dict[Digest, Manifest] = field(default_factory=dict)
+    tags: dict[str, Digest] = field(default_factory=dict)
+    pushed_at: dict[str, datetime] = field(default_factory=dict)
+    untagged_since: dict[Digest, datetime] = field(default_factory=dict)
+    referrers: dict[Digest, tuple[Digest, ...]] = field(default_factory=dict)
+    missing: set[Digest] = field(default_factory=set)
+
+    def add(self, *manifests: Manifest) -> None:
+        for m in manifests:
+            self.manifests[m.digest] = m
+
+    def tag(self, tag: str, m: Manifest, age: timedelta | None = None) -> Manifest:
+        """Tag ``m`` (adding it); ``age`` is how long ago the push was recorded (None: never)."""
+        self.add(m)
+        self.tags[tag] = m.digest
+        if age is not None:
+            self.pushed_at[tag] = self.now - age
+        return m
+
+    def untagged(self, m: Manifest, since: timedelta) -> Manifest:
+        self.add(m)
+        self.untagged_since[m.digest] = self.now - since
+        return m
+
+    def refer(self, subject: Manifest | Digest, *refs: Manifest) -> None:
+        """Record ``refs`` as the referrers API's answer for ``subject``."""
+        key = subject.digest if isinstance(subject, Manifest) else subject
+        self.add(*refs)
+        self.referrers[key] = self.referrers.get(key, ()) + tuple(r.digest for r in refs)
+
+    def inventory(self) -> Inventory:
+        return Inventory(
+            repository="team/web",
+            taken_at=self.now,
+            tags=dict(self.tags),
+            manifests=dict(self.manifests),
+            pushed_at=dict(self.pushed_at),
+            untagged_since=dict(self.untagged_since),
+            referrers=dict(self.referrers),
+            missing=frozenset(self.missing),
+        )
+
+
+def rule(
+    index: int,
+    *tags: str,
+    newest: int | None = None,
+    within: timedelta | None = None,
+) -> KeepRule:
+    return KeepRule(
+        index=index,
+        tags=tuple(TagPattern.compile(t) for t in tags),
+        newest=newest,
+        pushed_within=within,
+    )
+
+
+def make_policy(
+    *,
+    protect: Sequence[str] = (),
+    keep: Sequence[KeepRule] | None = None,
+    untagged_after: timedelta | None = None,
+) -> Policy:
+    return Policy(
+        name="web",
+        repositories=(RepositoryPattern.compile("team/web"),),
+        protect=tuple(TagPattern.compile(p) for p in protect),
+        keep=tuple(keep) if keep is not None else None,
+        untagged_delete_after=untagged_after,
+    )
+
+
+def request(event: str, *patterns: str, detail: str = "") -> TagRequest:
+    """A CI-event deletion, e.g. ``request("pull_request_closed", "pr-42", "pr-42-*")``."""
+    return TagRequest(tuple(TagPattern.compile(p) for p in patterns), Reason(f"on.{event}", detail))
+
+
+# --- Hypothesis strategies ----------------------------------------------------------------
+
+TAG_NAMES = ("latest", "v1", "v2", "main-1", "main-2", "main-3", "pr-1", "pr-1-amd64", "pr-2")
+KEEP_PATTERNS = ("*", "main-*", "pr-*", "re:v[0-9]+", "latest")
+PROTECT_PATTERNS = ("latest", "v*", "main-1", "sha256-*")
+REQUEST_PATTERNS = ("pr-1", "pr-1-*", "main-*", "*", "latest", "v1")
+
+
+# Strategies are built once here: building them inside a draw costs more than the planner.
+_HOURS_AGO = st.integers(0, 2000).map(lambda h: timedelta(hours=h))
+_CREATED = st.none() | _HOURS_AGO.map(lambda ago: NOW - ago)
+_PUSH_AGE = st.none() | _HOURS_AGO
+_LAYERS = st.lists(
+    st.tuples(st.sampled_from("abcde"), st.integers(1, 1000)), min_size=1, max_size=3
+)
+_IMAGE_TYPES = st.sampled_from([mt.OCI_MANIFEST, mt.DOCKER_MANIFEST])
+_INDEX_TYPES = st.sampled_from([mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST])
+_REFERRER_KINDS = st.sampled_from(["subject", "api", "cosign", "fallback"])
+_COSIGN_SUFFIXES = st.sampled_from(["sig", "att", "sbom"])
+_POSITION = st.integers(0, 63)
+_POSITIONS = st.lists(_POSITION, min_size=1, max_size=3)
+_TAGS = st.lists(st.sampled_from(TAG_NAMES), max_size=8, unique=True)
+
+
+def _pick(draw: st.DrawFn, pool: Sequence[Manifest]) -> Manifest:
+    return pool[draw(_POSITION) % len(pool)]
+
+
+@st.composite
+def _images(draw: st.DrawFn, builder: RepoBuilder) -> list[Manifest]:
+    made = [
+        image(f"img{i}", draw(_LAYERS), created=draw(_CREATED), media_type=draw(_IMAGE_TYPES))
+        for i in range(draw(st.integers(1, 6)))
+    ]
+    builder.add(*made)
+    return made
+
+
+@st.composite
+def _indexes(draw: st.DrawFn, builder: RepoBuilder, pool: list[Manifest]) -> None:
+    """Indexes over earlier manifests (indexes too: index of index), some with attestations."""
+    for i in range(draw(st.integers(0, 3))):
+        chosen = {pool[p % len(pool)].digest: pool[p % len(pool)] for p in draw(_POSITIONS)}
+        children = list(chosen.values())
+        attestations = []
+        if draw(st.booleans()):
+            attestation = image(f"att{i}", [("att", 50)])
+            builder.add(attestation)
+            attestations.append((attestation, children[0]))
+        made = index(f"idx{i}", children, attestations=attestations, media_type=draw(_INDEX_TYPES))
+        builder.add(made)
+        pool.append(made)
+
+
+@st.composite
+def _referrers(draw: st.DrawFn, builder: RepoBuilder, pool: list[Manifest]) -> None:
+    """Signatures by ``subject`` field, by referrers API only, by cosign tag, by fallback index."""
+    for i in range(draw(st.integers(0, 4))):
+        subject = _pick(draw, pool)
+        kind = draw(_REFERRER_KINDS)
+        sig = signature(subject, f"sig{i}")
+        if kind == "api":
+            sig = image(f"api-ref{i}", [("s", 5)])
+            builder.refer(subject, sig)
+        elif kind == "cosign":
+            builder.tag(cosign_tag(subject, draw(_COSIGN_SUFFIXES)), sig)
+        elif kind == "fallback":
+            builder.tag(cosign_tag(subject, None), index(f"fallback{i}", [sig]))
+        builder.add(sig)
+        pool.append(sig)
+    for i in range(draw(st.integers(0, 2))):
+        gone = sha256(f"gone{i}")
+        builder.missing.add(gone)
+        builder.tag(cosign_tag(gone, "sig"), signature(gone, f"orphan{i}"))
+
+
+@st.composite
+def inventories(draw: st.DrawFn) -> Inventory:
+    """A random repository: shared digests, nested indexes, referrers, odd push times."""
+    builder = RepoBuilder()
+    pool = draw(_images(builder))
+    draw(_indexes(builder, pool))
+    draw(_referrers(builder, pool))
+    for name in draw(_TAGS):
+        builder.tag(name, _pick(draw, pool), draw(_PUSH_AGE))
+    for _ in range(draw(st.integers(0, 4))):
+        builder.untagged_since[_pick(draw, pool).digest] = NOW - draw(_HOURS_AGO) / 10
+    return builder.inventory()
+
+
+@st.composite
+def keep_rules(draw: st.DrawFn) -> tuple[KeepRule, ...]:
+    count = draw(st.integers(0, 3))
+    return tuple(
+        rule(
+            i,
+            *draw(st.lists(st.sampled_from(KEEP_PATTERNS), min_size=1, max_size=2, unique=True)),
+            newest=draw(st.none() | st.integers(0, 4)),
+            within=draw(st.none() | st.integers(1, 1000).map(lambda h: timedelta(hours=h))),
+        )
+        for i in range(count)
+    )
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> Policy:
+    return make_policy(
+        protect=draw(st.lists(st.sampled_from(PROTECT_PATTERNS), max_size=2, unique=True)),
+        keep=draw(st.none() | keep_rules()),
+        untagged_after=draw(st.none() | st.integers(0, 100).map(lambda h: timedelta(hours=h))),
+    )
+
+
+@st.composite
+def tag_requests(draw: st.DrawFn) -> tuple[TagRequest, ...]:
+    patterns = st.lists(st.sampled_from(REQUEST_PATTERNS), min_size=1, max_size=2, unique=True)
+    events = st.sampled_from(["pull_request_closed", "branch_deleted"])
+    count = draw(st.integers(0, 2))
+    return tuple(request(draw(events), *draw(patterns), detail="event") for _ in range(count))

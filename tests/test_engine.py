@@ -1,0 +1,341 @@
+"""Plan and prune against the real 2.8.2 registry: inventory, planner and executor together."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.auth import AuthRegistry
+from tests.harness.images import ImageBuilder, PushedImage
+from tests.harness.registry import RegistryProcess
+from worker.audit import JsonlAuditLog
+from worker.executor import Outcome, Status
+from worker.model import Digest
+from worker.plan import Action
+from worker.policy import (
+    Config,
+    KeepRule,
+    Mode,
+    Policy,
+    RegistrySettings,
+    RepositoryPattern,
+    Secret,
+    TagPattern,
+)
+from worker.pruner import Pruner, RepositoryPlan
+from worker.registry.client import RegistryClient
+from worker.restore import restore
+
+pytestmark = pytest.mark.anyio
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def days_ago(n: float) -> dt.datetime:
+    return NOW - dt.timedelta(days=n)
+
+
+def policy(
+    *,
+    keep: tuple[KeepRule, ...] | None = None,
+    protect: tuple[str, ...] = ("latest",),
+    mode: Mode = Mode.ENFORCE,
+) -> Policy:
+    return Policy(
+        name="test",
+        repositories=(RepositoryPattern.compile("t/**"),),
+        mode=mode,
+        protect=tuple(TagPattern.compile(p) for p in protect),
+        keep=keep,
+    )
+
+
+def newest(n: int, *patterns: str) -> KeepRule:
+    return KeepRule(0, tuple(TagPattern.compile(p) for p in patterns or ("*",)), newest=n)
+
+
+def make_config(url: str, pol: Policy, tmp_path: Path, **registry: object) -> Config:
+    settings = RegistrySettings(url=url, concurrency=4, **registry)  # type: ignore[arg-type]
+    return Config(registry=settings, policies=(pol,), audit_path=str(tmp_path / "audit.jsonl"))
+
+
+class Engine:
+    """A pruner wired to a real registry, as the CLI wires it."""
+
+    def __init__(self, config: Config, client: RegistryClient) -> None:
+        self.config = config
+        self.client = client
+        self.audit = JsonlAuditLog(config.audit_path or "audit.jsonl")
+        self.pruner = Pruner(config, client, audit=self.audit)
+
+    async def plan(self, repo: str) -> RepositoryPlan:
+        planned = await self.pruner.plan_one(repo)
+        assert planned is not None
+        return planned
+
+
+@pytest.fixture
+async def client(registry: RegistryProcess) -> AsyncIterator[RegistryClient]:
+    async with RegistryClient.from_settings(RegistrySettings(url=registry.url)) as c:
+        yield c
+
+
+@pytest.fixture
+def builder(registry: RegistryProcess) -> Iterator[ImageBuilder]:
+    with ImageBuilder.connect(registry.url) as b:
+        yield b
+
+
+def engine(registry_url: str, client: RegistryClient, pol: Policy, tmp_path: Path) -> Engine:
+    return Engine(make_config(registry_url, pol, tmp_path), client)
+
+
+def assert_pullable(builder: ImageBuilder, repo: str, image: PushedImage) -> None:
+    assert builder.manifest_exists(repo, image.digest)
+    for blob in (image.config_digest, *image.layer_digests):
+        assert builder.blob_exists(repo, blob)
+
+
+async def test_keep_newest_deletes_the_rest_and_kept_images_stay_whole(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """newest: 2 keeps the two newest and `latest`; the rest go by digest; kept blobs stay."""
+    images = [builder.image(repo_name, f"b{i}", created=days_ago(10 - i)) for i in range(5)]
+    builder.tag(repo_name, images[0], "latest")
+    eng = engine(registry.url, client, policy(keep=(newest(2),)), tmp_path)
+    planned = await eng.plan(repo_name)
+    assert {k.tag for k in planned.plan.kept} == {"b3", "b4", "latest"}
+    report = await eng.pruner.execute(planned, job_id="j1")
+    assert report.outcome is Outcome.DONE
+    assert builder.tags(repo_name) == ["b3", "b4", "latest"]
+    for image in (images[0], images[3], images[4]):
+        assert_pullable(builder, repo_name, image)
+    for image in images[1:3]:
+        assert not builder.manifest_exists(repo_name, image.digest)
+    assert planned.plan.reclaimable_bytes > 0
+
+
+async def test_tag_sharing_a_kept_digest_is_removed_as_a_tag_only(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 2: the doomed tag goes via the dummy manifest; the shared digest survives."""
+    image = builder.image(repo_name, ["keep-me", "pr-1"], created=days_ago(1))
+    keep = (KeepRule(0, (TagPattern.compile("keep-*"),)),)
+    eng = engine(registry.url, client, policy(keep=keep), tmp_path)
+    planned = await eng.plan(repo_name)
+    (deletion,) = planned.plan.deletions
+    assert deletion.action is Action.UNTAG
+    report = await eng.pruner.execute(planned, job_id="j")
+    assert report.by_status(Status.DELETED) == [deletion]
+    assert builder.tags(repo_name) == ["keep-me"]
+    assert_pullable(builder, repo_name, image)
+
+
+async def test_multi_arch_index_goes_with_unshared_children_only(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 3: an old index's own children go; a child shared with a kept index stays."""
+    shared = builder.image(repo_name, created=days_ago(30), architecture="arm64")
+    old_amd = builder.image(repo_name, created=days_ago(30))
+    new_amd = builder.image(repo_name, created=days_ago(1))
+    old = builder.index(repo_name, [old_amd, shared], "old", fmt="docker", attest=True)
+    new = builder.index(repo_name, [new_amd, shared], "new")
+    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    planned = await eng.plan(repo_name)
+    report = await eng.pruner.execute(planned, job_id="j")
+    assert report.outcome is Outcome.DONE
+    assert not builder.manifest_exists(repo_name, old.digest)
+    assert not builder.manifest_exists(repo_name, old_amd.digest)
+    for attestation in old.attestations:
+        assert not builder.manifest_exists(repo_name, attestation)
+    assert builder.manifest_exists(repo_name, new.digest)
+    assert_pullable(builder, repo_name, shared)
+    assert_pullable(builder, repo_name, new_amd)
+
+
+async def test_signatures_and_referrers_follow_their_subject(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 4: cosign tags and OCI referrers of a deleted subject go; a kept one's stay."""
+    old = builder.image(repo_name, "old", created=days_ago(20))
+    new = builder.image(repo_name, "new", created=days_ago(1))
+    old_sig = builder.cosign(repo_name, old, "sig")
+    old_sbom = builder.referrer(repo_name, old)
+    new_sig = builder.cosign(repo_name, new, "sig")
+    new_att = builder.cosign(repo_name, new, "att")
+    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    planned = await eng.plan(repo_name)
+    assert {k.tag for k in planned.plan.kept if not k.tag.startswith("sha256-")} == {"new"}
+    await eng.pruner.execute(planned, job_id="j")
+    for gone in (old, old_sig, old_sbom):
+        assert not builder.manifest_exists(repo_name, gone.digest)
+    assert all(not t.startswith(f"sha256-{old.digest[7:]}") for t in builder.tags(repo_name))
+    for kept in (new, new_sig, new_att):
+        assert builder.manifest_exists(repo_name, kept.digest)
+
+
+async def test_dry_run_policy_writes_nothing(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 7: a dry-run policy is planned but prune_many never calls the executor."""
+    for i in range(3):
+        builder.image(repo_name, f"v{i}", created=days_ago(5 - i))
+    before = builder.tags(repo_name)
+    eng = engine(registry.url, client, policy(keep=(newest(1),), mode=Mode.DRY_RUN), tmp_path)
+    results = await eng.pruner.prune_many([repo_name], dry_run=False, job_id="j")
+    ((planned, report),) = results
+    assert report is None
+    assert planned.plan.tags_removed == 2
+    assert builder.tags(repo_name) == before
+    assert await eng.audit.entries() == []
+
+
+async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 5: a push between plan and DELETE that makes a kept tag need the digest wins."""
+    old = builder.image(repo_name, "old", created=days_ago(9))
+    builder.image(repo_name, "new", created=days_ago(1))
+    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    planned = await eng.plan(repo_name)
+    assert [d.digest for d in planned.plan.deletions] == [old.digest]
+    builder.tag(repo_name, old, "latest")  # protected, pushed after the plan
+    report = await eng.pruner.execute(planned, job_id="j")
+    assert report.by_status(Status.SKIPPED) == list(planned.plan.deletions)
+    assert_pullable(builder, repo_name, old)
+
+
+async def test_read_only_registry_defers_everything_left(tmp_path: Path, repo_name: str) -> None:
+    """Invariant 6: a read-only registry makes the run 'deferred' with nothing deleted or lost."""
+    reg = RegistryProcess.create(tmp_path / "ro")
+    reg.start()
+    try:
+        with ImageBuilder.connect(reg.url) as b:
+            for i in range(3):
+                b.image(repo_name, f"v{i}", created=days_ago(5 - i))
+        async with RegistryClient.from_settings(RegistrySettings(url=reg.url)) as c:
+            eng = engine(reg.url, c, policy(keep=(newest(1),)), tmp_path)
+            planned = await eng.plan(repo_name)
+            reg.set_readonly(True)
+            reg.restart()
+            report = await eng.pruner.execute(planned, job_id="j")
+        assert report.outcome is Outcome.DEFERRED
+        assert len(report.by_status(Status.DEFERRED)) == len(planned.plan.deletions) == 2
+        with ImageBuilder.connect(reg.url) as b:
+            assert b.tags(repo_name) == ["v0", "v1", "v2"]
+    finally:
+        reg.stop()
+
+
+async def test_audit_records_raw_bytes_and_restore_puts_image_back(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariant 8: the audit log has the manifest bytes; restore brings back index and tags."""
+    child = builder.image(repo_name, created=days_ago(30))
+    old = builder.index(repo_name, [child], ["old", "old-alias"])
+    builder.image(repo_name, "new", created=days_ago(1))
+    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    await eng.pruner.execute(await eng.plan(repo_name), job_id="j-restore")
+    entries = await eng.audit.entries(repository=repo_name)
+    by_digest = {e.digest: e for e in entries}
+    assert by_digest[old.digest].manifest == old.raw
+    assert set(by_digest[old.digest].tags) == {"old", "old-alias"}
+    assert by_digest[child.digest].parent == old.digest
+    assert not builder.manifest_exists(repo_name, old.digest)
+    restored = await restore(client, eng.audit, repo_name, old.digest)
+    assert [r.digest for r in restored] == [child.digest, old.digest]
+    assert builder.tags(repo_name) == ["new", "old", "old-alias"]
+    assert_pullable(builder, repo_name, child)
+    assert builder.head(repo_name, "old") is not None
+
+
+@pytest.mark.parametrize("flavour", ["registry_htpasswd", "registry_token"])
+async def test_prune_through_authenticated_registries(
+    flavour: str, request: pytest.FixtureRequest, repo_name: str, tmp_path: Path
+) -> None:
+    """The whole plan → prune cycle works behind htpasswd and behind token auth."""
+    auth: AuthRegistry = request.getfixturevalue(flavour)
+    with ImageBuilder(auth.client()) as b:
+        images = [b.image(repo_name, f"v{i}", created=days_ago(5 - i)) for i in range(3)]
+        b.tag(repo_name, images[1], "pr-9")
+        settings = RegistrySettings(
+            url=auth.url, username=auth.username, password=Secret(auth.password), concurrency=4
+        )
+        config = Config(
+            registry=settings,
+            policies=(policy(keep=(newest(1, "v*"),)),),
+            audit_path=str(tmp_path / "a.jsonl"),
+        )
+        async with RegistryClient.from_settings(settings) as c:
+            eng = Engine(config, c)
+            report = await eng.pruner.execute(await eng.plan(repo_name), job_id="j")
+        assert report.outcome is Outcome.DONE
+        assert b.tags(repo_name) == ["v2"]
+        assert not b.manifest_exists(repo_name, images[1].digest)
+
+
+async def test_untagged_digests_known_to_history_are_deleted_after_grace(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """A superseded manifest remembered by the tag history goes once its grace has passed."""
+    first = builder.image(repo_name, "main", created=days_ago(3))
+    builder.image(repo_name, "main", created=days_ago(1))
+
+    class History:
+        async def pushed_at(self, repository: str) -> dict[str, dt.datetime]:
+            return {}
+
+        async def untagged_since(self, repository: str) -> dict[Digest, dt.datetime]:
+            return {Digest(first.digest): NOW - dt.timedelta(hours=2)}
+
+    pol = Policy(
+        name="u",
+        repositories=(RepositoryPattern.compile("t/**"),),
+        mode=Mode.ENFORCE,
+        untagged_delete_after=dt.timedelta(hours=1),
+    )
+    config = make_config(registry.url, pol, tmp_path)
+    pruner = Pruner(config, client, history=History(), audit=JsonlAuditLog(tmp_path / "a"))
+    planned = await pruner.plan_one(repo_name)
+    assert planned is not None
+    assert [(d.digest, d.reason.rule) for d in planned.plan.deletions] == [
+        (first.digest, "untagged")
+    ]
+    await pruner.execute(planned, job_id="j")
+    assert not builder.manifest_exists(repo_name, first.digest)
+    assert builder.tags(repo_name) == ["main"]

@@ -1,0 +1,127 @@
+"""worker.state against the real Redis (DB 13): dedup claims, dead letters, job records."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from tests.harness.registry import free_port
+from tests.harness.service import REDIS_TEST_URL, delete_prefix, unique_prefix
+from worker.errors import StateError
+from worker.state import DEAD_LETTER_CAP, State, SyncState
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = unique_prefix()
+    yield value
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    delete_prefix(client, value)
+    client.close()
+
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def test_claim_is_true_once_and_release_reopens(prefix: str) -> None:
+    """A delivery id is claimed once, with a TTL, and claimable again after release."""
+
+    async def scenario() -> tuple[bool, bool, bool, int]:
+        state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        first = await state.claim_delivery("github", "d-1")
+        second = await state.claim_delivery("github", "d-1")
+        ttl = await state.client.ttl(state.keys.delivery("github", "d-1"))
+        await state.release_delivery("github", "d-1")
+        third = await state.claim_delivery("github", "d-1", ttl=timedelta(seconds=5))
+        await state.aclose()
+        return first, second, third, ttl
+
+    first, second, third, ttl = run(scenario())
+    assert (first, second, third) == (True, False, True)
+    assert 6 * 86400 < ttl <= 7 * 86400
+
+
+def test_job_record_lifecycle(prefix: str) -> None:
+    """A job is created queued with a 7-day TTL, updated in place, and unknown ids give None."""
+
+    async def scenario() -> tuple[Any, ...]:
+        state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        job_id = await state.create_job("prune", {"repository": "team/web"})
+        created = await state.get_job(job_id)
+        updated = await state.update_job(job_id, state="succeeded", counts={"deleted": 3})
+        after = await state.get_job(job_id)
+        ttl = await state.client.ttl(state.keys.job(job_id))
+        missing = await state.update_job("0" * 32, state="running")
+        unknown = await state.get_job("0" * 32)
+        await state.aclose()
+        return created, updated, after, ttl, missing, unknown
+
+    created, updated, after, ttl, missing, unknown = run(scenario())
+    assert created["state"] == "queued" and created["params"] == {"repository": "team/web"}
+    assert updated is True and after["state"] == "succeeded" and after["counts"] == {"deleted": 3}
+    assert after["created"] == created["created"]
+    assert 6 * 86400 < ttl <= 7 * 86400
+    assert (missing, unknown) == (False, None)
+    # The key must not have been created by the refused update.
+    assert redis.Redis.from_url(REDIS_TEST_URL).exists(f"{prefix}job:{'0' * 32}") == 0
+
+
+def test_sync_state_reads_what_async_wrote(prefix: str) -> None:
+    """SyncState (for Celery) shares keys and encoding with State."""
+
+    async def create() -> str:
+        state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        job_id = await state.create_job("gc", {})
+        await state.aclose()
+        return job_id
+
+    job_id = run(create())
+    sync = SyncState.from_url(REDIS_TEST_URL, prefix=prefix)
+    assert sync.update_job(job_id, state="running") is True
+    assert (sync.get_job(job_id) or {})["state"] == "running"
+    assert sync.claim_delivery("registry", "e") is True
+    assert sync.claim_delivery("registry", "e") is False
+    sync.close()
+
+
+def test_dead_letters_are_capped(prefix: str) -> None:
+    """The dead-letter list keeps the newest DEAD_LETTER_CAP entries only."""
+    sync = SyncState.from_url(REDIS_TEST_URL, prefix=prefix)
+    for i in range(DEAD_LETTER_CAP + 5):
+        sync.dead_letter("registry", f"reason {i}", "{}")
+    assert sync.client.llen(sync.keys.dead_letters) == DEAD_LETTER_CAP
+
+    async def newest() -> list[dict[str, Any]]:
+        state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        entries = await state.dead_letters(limit=1)
+        await state.aclose()
+        return entries
+
+    (entry,) = run(newest())
+    assert entry["reason"] == f"reason {DEAD_LETTER_CAP + 4}" and entry["source"] == "registry"
+    sync.close()
+
+
+def test_unreachable_redis_raises_state_error() -> None:
+    """With nothing listening, every operation raises StateError, quickly."""
+
+    async def scenario() -> None:
+        state = State.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        try:
+            await state.claim_delivery("github", "d")
+        finally:
+            await state.client.aclose()
+
+    with pytest.raises(StateError, match="SET NX"):
+        run(scenario())
+    with pytest.raises(StateError):
+        SyncState.from_url(f"redis://127.0.0.1:{free_port()}/0").get_job("x")

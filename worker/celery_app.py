@@ -1,0 +1,115 @@
+"""The Celery application: queues, delivery guarantees, beat schedule, all from the Config.
+
+Queues (DESIGN.md "Workers"):
+- ``events``: cheap and many — apply registry/CI events to the tag index, fan out prunes;
+- ``prune``: one repository per task, serialized per repository by a Redis lock;
+- ``gc``: one consumer, concurrency 1 (``regsweep worker -Q gc -c 1``).
+
+Every task is ``acks_late`` and idempotent; a worker lost mid-task means the
+task is delivered again. The Redis visibility timeout is longer than the
+longest job (the maintenance window), so a long GC is not redelivered while
+it is still running.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Final
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Queue
+
+from worker.errors import ConfigError
+from worker.policy import Config
+
+EVENTS_QUEUE: Final = "events"
+PRUNE_QUEUE: Final = "prune"
+GC_QUEUE: Final = "gc"
+QUEUES: Final = (EVENTS_QUEUE, PRUNE_QUEUE, GC_QUEUE)
+
+TASK_REGISTRY_EVENTS: Final = "regsweep.registry_events"
+TASK_CI_EVENT: Final = "regsweep.ci_event"
+TASK_PRUNE: Final = "regsweep.prune"
+TASK_SWEEP: Final = "regsweep.sweep"
+TASK_GC: Final = "regsweep.gc"
+TASK_RESTORE: Final = "regsweep.restore"
+TASK_TICK: Final = "regsweep.tick"
+
+ROUTES: Final = {
+    TASK_REGISTRY_EVENTS: EVENTS_QUEUE,
+    TASK_CI_EVENT: EVENTS_QUEUE,
+    TASK_TICK: EVENTS_QUEUE,
+    TASK_PRUNE: PRUNE_QUEUE,
+    TASK_SWEEP: PRUNE_QUEUE,
+    TASK_RESTORE: PRUNE_QUEUE,
+    TASK_GC: GC_QUEUE,
+}
+
+#: Beyond the window, the time a redelivered message must wait: longer than any job.
+VISIBILITY_MARGIN: Final = timedelta(hours=1)
+#: How often workers look for deferred prunes to release and crashed windows to recover.
+TICK_EVERY: Final = timedelta(seconds=30)
+
+_config: Config | None = None
+
+
+def configured() -> Config:
+    """The Config this process's Celery app was made from."""
+    if _config is None:
+        raise ConfigError("the Celery app was used before make_celery(config) was called")
+    return _config
+
+
+def crontab_from(expression: str) -> crontab:
+    minute, hour, day_of_month, month_of_year, day_of_week = expression.split()
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )
+
+
+def _beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
+    schedule: dict[str, dict[str, Any]] = {
+        "sweep": {"task": TASK_SWEEP, "schedule": config.sweep_every.total_seconds()},
+        "tick": {"task": TASK_TICK, "schedule": TICK_EVERY.total_seconds()},
+    }
+    window = config.maintenance.window_cron
+    if window:
+        schedule["gc-window"] = {
+            "task": TASK_GC,
+            "schedule": crontab_from(window),
+            "kwargs": {"trigger": "window"},
+        }
+    return schedule
+
+
+def make_celery(config: Config) -> Celery:
+    """The app for ``config``; importing :mod:`worker.tasks` registers the tasks on it."""
+    global _config  # noqa: PLW0603 - one app per process, made once at start-up
+    if config.redis_url is None:
+        raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
+    _config = config
+    app = Celery("regsweep", broker=config.redis_url, set_as_current=True)
+    visibility = config.maintenance.window_duration + VISIBILITY_MARGIN
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=EVENTS_QUEUE,
+        task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
+        broker_transport_options={"visibility_timeout": int(visibility.total_seconds())},
+        broker_connection_retry_on_startup=True,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=_beat_schedule(config),
+        worker_hijack_root_logger=False,
+    )
+    import worker.tasks  # noqa: F401, PLC0415 - registers the shared tasks on this app
+
+    return app

@@ -1,0 +1,47 @@
+"""What a worker process holds for its whole life: clients made once, passed in.
+
+Made at ``worker_process_init`` (or on first use in a solo worker), on the
+process's own event loop (:mod:`worker.runtime`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from worker.audit import RedisAuditLog
+from worker.errors import ConfigError
+from worker.inventory import ManifestCache
+from worker.policy import Config
+from worker.pruner import Pruner
+from worker.registry.client import RegistryClient
+from worker.state import State, redis_options
+from worker.tagindex import TagIndex
+
+
+@dataclass
+class WorkerContext:
+    config: Config
+    redis: aioredis.Redis
+    client: RegistryClient
+    index: TagIndex
+    audit: RedisAuditLog
+    state: State
+    pruner: Pruner
+
+    @classmethod
+    async def open(cls, config: Config, *, prefix: str = "regsweep:") -> WorkerContext:
+        if config.redis_url is None:
+            raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
+        redis = aioredis.Redis.from_url(config.redis_url, **redis_options())
+        client = RegistryClient.from_settings(config.registry)
+        index = TagIndex(redis, prefix=prefix)
+        audit = RedisAuditLog(redis, key=f"{prefix}audit")
+        pruner = Pruner(config, client, history=index, audit=audit, manifest_cache=ManifestCache())
+        state = State(redis, prefix=prefix)
+        return cls(config, redis, client, index, audit, state, pruner)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.redis.aclose()

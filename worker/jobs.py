@@ -1,0 +1,286 @@
+"""The work behind each Celery task, as plain async functions over a WorkerContext.
+
+Tasks (worker.tasks) only parse arguments, call one of these and map errors.
+Everything here is safe to run twice: the tag index converges, deletes are
+idempotent (404 is success), the per-repository lock has an owner and a TTL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from redis.exceptions import LockError, RedisError
+
+from worker.context import WorkerContext
+from worker.errors import RegsweepError, StateError
+from worker.events import CiEvent, RegistryEvent, RegistryEventKind
+from worker.executor import ExecutionReport, Outcome
+from worker.plan import Action, Reason
+from worker.planner import TagRequest
+from worker.policy import Policy, TagPattern
+from worker.pruner import RepositoryPlan
+
+#: A prune holds its repository for at most this long (the lock's TTL).
+PRUNE_LOCK_TTL: Final = timedelta(minutes=30)
+#: How long a prune waits for another prune of the same repository.
+PRUNE_LOCK_WAIT: Final = timedelta(seconds=20)
+#: Pushes within this time of each other coalesce into one prune of the repository.
+PENDING_TTL: Final = timedelta(minutes=10)
+
+
+class Deferred(RegsweepError):
+    """The registry is (about to be) read-only: the prune waits for the window's end."""
+
+
+class RepositoryBusy(RegsweepError):
+    """Another prune holds the repository; the task retries shortly."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "regsweep:"
+
+    def lock(self, repository: str) -> str:
+        return f"{self.prefix}lock:prune:{repository}"
+
+    def pending(self, repository: str) -> str:
+        return f"{self.prefix}pending:prune:{repository}"
+
+    @property
+    def deferred(self) -> str:
+        return f"{self.prefix}deferred"
+
+    @property
+    def maintenance(self) -> str:
+        return f"{self.prefix}maintenance"
+
+    @property
+    def lock_pattern(self) -> str:
+        return f"{self.prefix}lock:prune:*"
+
+
+KEYS: Final = Keys()
+
+
+async def apply_registry_events(ctx: WorkerContext, events: Sequence[RegistryEvent]) -> list[str]:
+    """Apply pushes and deletes to the tag index; the repositories a push may let shrink."""
+    touched: list[str] = []
+    for event in events:
+        kind = event.kind
+        if kind is RegistryEventKind.MANIFEST_PUSH and event.tag and event.digest:
+            await ctx.index.record_push(event.repository, event.tag, event.digest, event.timestamp)
+            touched.append(event.repository)
+        elif kind in (RegistryEventKind.MANIFEST_DELETE, RegistryEventKind.TAG_DELETE):
+            await ctx.index.record_delete(
+                event.repository, digest=event.digest, tag=event.tag, at=event.timestamp
+            )
+    return [r for r in dict.fromkeys(touched) if ctx.config.policy_for(r) is not None]
+
+
+async def claim_prune(ctx: WorkerContext, repository: str) -> bool:
+    """True when no prune of ``repository`` is already waiting: coalesces bursts of pushes."""
+    try:
+        return bool(
+            await ctx.redis.set(KEYS.pending(repository), "1", nx=True, px=_ms(PENDING_TTL))
+        )
+    except RedisError as exc:
+        raise StateError(f"cannot mark a pending prune: {exc}") from exc
+
+
+def _ms(delta: timedelta) -> int:
+    return int(delta.total_seconds() * 1000)
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Render a CI template; event values are escaped so a branch name is never a pattern."""
+    if template.startswith("re:"):
+        return template.format(**{k: re.escape(v) for k, v in values.items()})
+    return template.format(**{k: _glob_escape(v) for k, v in values.items()})
+
+
+def _glob_escape(value: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in value)
+
+
+def branch_slug(branch: str) -> str:
+    return re.sub(r"[^a-z0-9._-]", "-", branch.lower())
+
+
+def _event_values(event: CiEvent) -> dict[str, str]:
+    values = {"number": str(event.number or "")}
+    if event.branch:
+        values |= {"branch": event.branch, "branch_slug": branch_slug(event.branch)}
+    else:
+        values |= {"branch": "", "branch_slug": ""}
+    return values
+
+
+def _policy_sources(policy: Policy, event: CiEvent) -> bool:
+    patterns = policy.sources.github if event.source == "github" else policy.sources.gitlab
+    return any(p.matches(event.project) for p in patterns)
+
+
+def request_for(policy: Policy, event: CiEvent) -> TagRequest | None:
+    """The tags ``event`` asks ``policy`` to delete, or None when it asks for nothing."""
+    if not _policy_sources(policy, event):
+        return None
+    templates = (
+        policy.on.pull_request_closed
+        if event.kind == "pull_request_closed"
+        else policy.on.branch_deleted
+    )
+    if not templates:
+        return None
+    values = _event_values(event)
+    patterns = tuple(TagPattern.compile(fnmatch_safe(_fill(t, values))) for t in templates)
+    what = f"#{event.number}" if event.kind == "pull_request_closed" else f"branch {event.branch}"
+    detail = f"{event.source} {event.project} {what}"
+    return TagRequest(patterns, Reason(f"on.{event.kind}", detail))
+
+
+def fnmatch_safe(pattern: str) -> str:
+    """Patterns rendered from an empty value (``{branch}`` of a PR event) match nothing."""
+    return pattern if pattern.strip("-*") else "[]never"
+
+
+async def ci_requests(ctx: WorkerContext, event: CiEvent) -> dict[str, TagRequest]:
+    """Repositories (known to the tag index) each policy fed by ``event`` covers."""
+    known = await ctx.index.repositories()
+    out: dict[str, TagRequest] = {}
+    for repository in known:
+        policy = ctx.config.policy_for(repository)
+        request = request_for(policy, event) if policy else None
+        if request is not None:
+            out[repository] = request
+    return out
+
+
+async def maintenance_active(ctx: WorkerContext) -> bool:
+    try:
+        return bool(await ctx.redis.exists(KEYS.maintenance))
+    except RedisError as exc:
+        raise StateError(f"cannot read the maintenance flag: {exc}") from exc
+
+
+async def defer(ctx: WorkerContext, repository: str, params: dict[str, Any]) -> None:
+    """Park a prune until the window ends; released by :func:`release_deferred`."""
+    try:
+        await ctx.redis.hset(KEYS.deferred, repository, json.dumps(params))
+    except RedisError as exc:
+        raise StateError(f"cannot defer the prune of {repository}: {exc}") from exc
+
+
+async def release_deferred(ctx: WorkerContext) -> list[dict[str, Any]]:
+    """The parked prunes to enqueue again, once no maintenance window is running."""
+    if await maintenance_active(ctx):
+        return []
+    try:
+        pipe = ctx.redis.pipeline(transaction=True)
+        pipe.hgetall(KEYS.deferred)
+        pipe.delete(KEYS.deferred)
+        parked, _ = await pipe.execute()
+    except RedisError as exc:
+        raise StateError(f"cannot release deferred prunes: {exc}") from exc
+    return [json.loads(v) for v in parked.values()]
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    repository: str
+    job_id: str
+    requests: tuple[TagRequest, ...] = ()
+    dry_run: bool = False
+    #: Plan from the tag index (event-driven) rather than walking the live tag list.
+    incremental: bool = True
+
+
+async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+    """Plan and (when enforced) prune one repository under its lock; returns the job summary."""
+    if await maintenance_active(ctx):
+        raise Deferred(f"maintenance window running; {job.repository} waits")
+    lock = ctx.redis.lock(
+        KEYS.lock(job.repository),
+        timeout=PRUNE_LOCK_TTL.total_seconds(),
+        blocking_timeout=PRUNE_LOCK_WAIT.total_seconds(),
+        thread_local=False,
+    )
+    try:
+        acquired = await lock.acquire()
+    except RedisError as exc:
+        raise StateError(f"cannot lock {job.repository}: {exc}") from exc
+    if not acquired:
+        raise RepositoryBusy(f"another prune holds {job.repository}")
+    try:
+        # A push after this point must trigger a new prune, so the pending mark goes now.
+        await ctx.redis.delete(KEYS.pending(job.repository))
+        return await _prune_locked(ctx, job)
+    finally:
+        with contextlib.suppress(LockError):  # expired: nothing of ours left to release
+            await lock.release()
+
+
+async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+    repository = job.repository
+    known = await ctx.index.tags(repository) if job.incremental else None
+    planned = await ctx.pruner.plan_one(repository, requests=job.requests, known_tags=known or None)
+    if planned is None:
+        return {"repository": repository, "skipped": "no policy matches"}
+    if not known:
+        await ctx.index.reconcile(repository, planned.inventory.tags, datetime.now(UTC))
+    summary = plan_summary(planned)
+    if job.dry_run or not planned.enforced or planned.plan.is_empty:
+        return summary | {"executed": False}
+    report = await ctx.pruner.execute(planned, job_id=job.job_id)
+    await _after_execution(ctx, repository, report)
+    summary |= report_summary(report)
+    if report.outcome is Outcome.DEFERRED:
+        raise Deferred(f"registry went read-only while pruning {repository}")
+    return summary
+
+
+async def _after_execution(ctx: WorkerContext, repository: str, report: ExecutionReport) -> None:
+    """Keep the index in step without waiting for the registry's own delete events."""
+    now = datetime.now(UTC)
+    gone = [d for d, s, _ in report.done if s.value in ("deleted", "already-gone")]
+    for deletion in gone:
+        if deletion.action is Action.UNTAG:
+            await ctx.index.record_delete(repository, digest=None, tag=deletion.tags[0], at=now)
+        else:
+            await ctx.index.record_delete(repository, digest=deletion.digest, tag=None, at=now)
+    await ctx.index.forget_untagged(
+        repository, [d.digest for d in gone if d.action is not Action.UNTAG]
+    )
+
+
+def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
+    plan = planned.plan
+    return {
+        "repository": plan.repository,
+        "policy": plan.policy,
+        "mode": planned.policy.mode.value,
+        "plan": {
+            "tags_removed": plan.tags_removed,
+            "tags_kept": plan.tags_kept,
+            "manifests_removed": plan.manifests_removed,
+            "manifests_kept": plan.manifests_kept,
+            "reclaimable_bytes": plan.reclaimable_bytes,
+        },
+    }
+
+
+def report_summary(report: ExecutionReport) -> dict[str, Any]:
+    errors = [f"{d.digest}: {detail}" for d, s, detail in report.done if s.value == "error"]
+    if report.fatal:
+        errors.insert(0, report.fatal)
+    return {
+        "executed": True,
+        "outcome": report.outcome.value,
+        "counts": report.counts(),
+        "errors": errors,
+    }

@@ -1,0 +1,146 @@
+"""Plan and prune repositories: inventory → plan → (executor), for one or many repositories.
+
+This is the one core function the CLI and the Celery tasks call. Dry-run is
+"don't call the executor" (invariant 7), decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Final
+
+from worker.audit import AuditLog
+from worker.executor import ExecutionReport, Executor, ProgressCallback, Status
+from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, TagHistory
+from worker.model import Digest, Inventory
+from worker.plan import Deletion, Plan
+from worker.planner import TagRequest, plan
+from worker.policy import Config, Mode, Policy
+from worker.registry.client import RegistryClient
+
+#: Repositories planned at once in a multi-repository run; the registry
+#: concurrency limit still caps requests in flight across all of them.
+REPOSITORY_PARALLELISM: Final = 4
+
+PlannedCallback = Callable[["RepositoryPlan"], None]
+#: (repository, deletion, status) after each deletion of a multi-repository run.
+RepositoryProgress = Callable[[str, Deletion, Status], None]
+
+
+@dataclass(frozen=True)
+class RepositoryPlan:
+    inventory: Inventory
+    plan: Plan
+    policy: Policy
+
+    @property
+    def enforced(self) -> bool:
+        return self.policy.mode is Mode.ENFORCE
+
+
+def needs_push_times(policy: Policy) -> bool:
+    """Only ``newest`` and ``pushed_within`` rules look at push times."""
+    return any(r.newest is not None or r.pushed_within is not None for r in policy.keep or ())
+
+
+class Pruner:
+    def __init__(
+        self,
+        config: Config,
+        client: RegistryClient,
+        *,
+        history: TagHistory | None = None,
+        audit: AuditLog,
+        manifest_cache: ManifestCache | None = None,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._audit = audit
+        self._inventory = InventoryBuilder(
+            client, history=history, created_cache=CreatedCache(), manifest_cache=manifest_cache
+        )
+
+    async def repositories(self, requested: Sequence[str] = ()) -> list[str]:
+        """The requested repositories, or every catalog entry some policy matches."""
+        names = list(requested) or await self._client.catalog()
+        return [n for n in names if self._config.policy_for(n) is not None]
+
+    async def plan_one(
+        self,
+        repository: str,
+        *,
+        requests: Sequence[TagRequest] = (),
+        now: datetime | None = None,
+        known_tags: Mapping[str, Digest] | None = None,
+    ) -> RepositoryPlan | None:
+        """Plan one repository; ``known_tags`` (from the tag index) skips the tag walk."""
+        policy = self._config.policy_for(repository)
+        if policy is None:
+            return None
+        now = now or datetime.now(UTC)
+        inventory = await self._inventory.take(
+            repository, need_push_times=needs_push_times(policy), now=now, known_tags=known_tags
+        )
+        return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
+
+    async def plan_many(self, repositories: Sequence[str]) -> list[RepositoryPlan]:
+        """Plan several repositories concurrently, a few at a time, in the given order."""
+        gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
+
+        async def one(name: str) -> RepositoryPlan | None:
+            async with gate:
+                return await self.plan_one(name)
+
+        results = await asyncio.gather(*(one(n) for n in repositories))
+        return [r for r in results if r is not None]
+
+    async def execute(
+        self,
+        planned: RepositoryPlan,
+        *,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExecutionReport:
+        """Carry out an enforced plan. Callers decide dry-run by not calling this."""
+        executor = Executor(
+            self._client,
+            self._audit,
+            wave_size=self._config.registry.concurrency * 4,
+            on_progress=on_progress,
+        )
+        return await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+
+    async def prune_many(
+        self,
+        repositories: Sequence[str],
+        *,
+        dry_run: bool,
+        job_id: str,
+        on_planned: PlannedCallback | None = None,
+        on_progress: RepositoryProgress | None = None,
+    ) -> list[tuple[RepositoryPlan, ExecutionReport | None]]:
+        """Plan and prune repositories concurrently, a few at a time.
+
+        A plan is executed only when its policy is ``enforce`` and ``dry_run``
+        is false; otherwise the report is None and nothing is written.
+        """
+        gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
+
+        async def one(name: str) -> tuple[RepositoryPlan, ExecutionReport | None] | None:
+            async with gate:
+                planned = await self.plan_one(name)
+                if planned is None:
+                    return None
+                if on_planned:
+                    on_planned(planned)
+                if dry_run or not planned.enforced or planned.plan.is_empty:
+                    return planned, None
+                progress = partial(on_progress, name) if on_progress else None
+                return planned, await self.execute(planned, job_id=job_id, on_progress=progress)
+
+        results = await asyncio.gather(*(one(n) for n in repositories))
+        return [r for r in results if r is not None]

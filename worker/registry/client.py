@@ -1,0 +1,538 @@
+"""The registry client: every call regsweep makes to a distribution registry.
+
+One :class:`RegistryClient` (one ``httpx.AsyncClient``) per process, made at
+start-up with :meth:`RegistryClient.from_settings` and passed to whatever
+needs it. It speaks the distribution / OCI distribution API as 2.8 and 3.x
+serve it, and turns every answer regsweep does not expect into a
+:mod:`worker.errors` type:
+
+=====================================  =============================================
+answer                                 raised
+=====================================  =============================================
+connection error, timeout, 5xx         retried (``DEFAULT_RETRIES`` attempts,
+                                       exponential backoff with jitter), then
+                                       :class:`RegistryUnavailable`
+401 / 403 after the auth flow          :class:`RegistryAuthError`
+405, plain text, ``Allow`` header      :class:`RegistryReadOnly` (maintenance mode)
+405, JSON ``UNSUPPORTED``              :class:`DeletesDisabled`
+404 where a value is required          :class:`ManifestUnknown`
+429                                    :class:`RegistryUnavailable` (not retried here)
+anything else unexpected               :class:`RegistryProtocolError`
+=====================================  =============================================
+
+4xx answers are never retried: they do not get better by asking again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import httpx
+
+from worker import mediatypes as mt
+from worker.errors import (
+    ConfigError,
+    DeletesDisabled,
+    ManifestUnknown,
+    RegistryAuthError,
+    RegistryError,
+    RegistryProtocolError,
+    RegistryReadOnly,
+    RegistryUnavailable,
+    SafetyViolation,
+)
+from worker.model import Descriptor, Digest, Manifest, parse_manifest
+from worker.policy import RegistrySettings
+from worker.registry.auth import RegistryAuth
+
+log = logging.getLogger(__name__)
+
+#: Attempts per request (the first one included) for connection errors, timeouts and 5xx.
+DEFAULT_RETRIES: Final = 4
+#: Backoff before retry k is ``DEFAULT_BACKOFF * 2**(k-1)`` seconds, plus up to 100 % jitter.
+DEFAULT_BACKOFF: Final = 0.2
+DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
+#: Page size for the catalog and tag lists; 2.8 refuses n above its
+#: ``catalog.maxentries`` (default 1000) with 400 PAGINATION_NUMBER_INVALID.
+DEFAULT_PAGE_SIZE: Final = 1000
+#: A pagination loop longer than this is a registry bug, not a big registry.
+MAX_PAGES: Final = 100_000
+#: Annotation on the throw-away manifest the dummy-manifest untag pushes.
+UNTAG_ANNOTATION: Final = "io.regsweep.untag"
+#: The OCI empty descriptor's content, the config of the throw-away manifest.
+EMPTY_CONFIG: Final = b"{}"
+
+_DIGEST: Final = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_LINK_NEXT: Final = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
+_HASHES: Final = frozenset({"sha256", "sha512"})
+
+#: Called after every HTTP exchange: (method, path template, status or None on a
+#: transport error, seconds). Where Prometheus metrics plug in.
+ResponseHook = Callable[[str, str, int | None, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRef:
+    """What a manifest HEAD tells: its digest, media type and size, without the body."""
+
+    digest: Digest
+    media_type: str
+    size: int
+
+
+def is_digest(reference: str) -> bool:
+    """Whether a manifest reference is a digest (``algorithm:hex``) rather than a tag."""
+    return _DIGEST.match(reference) is not None
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
+    """The content digest of ``data``."""
+    if algorithm not in _HASHES:
+        raise RegistryProtocolError(f"unsupported digest algorithm {algorithm!r}")
+    return Digest(f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}")
+
+
+def error_codes(response: httpx.Response) -> list[str]:
+    """The ``errors[].code`` values of a distribution error body (empty if it has none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return []
+    return [str(e.get("code")) for e in errors if isinstance(e, dict) and e.get("code")]
+
+
+def next_link(response: httpx.Response) -> httpx.URL | None:
+    """The ``Link: <...>; rel="next"`` target, resolved against the request URL."""
+    match = _LINK_NEXT.search(response.headers.get("Link", ""))
+    return response.url.join(match.group(1)) if match else None
+
+
+def error_for(response: httpx.Response, what: str) -> RegistryError:
+    """The :mod:`worker.errors` type for an answer the caller did not expect."""
+    status = response.status_code
+    codes = error_codes(response)
+    message = f"{what}: {status} {' '.join(codes)}".rstrip()
+    if status in (401, 403):
+        return RegistryAuthError(message, status=status)
+    if status == 405:
+        if "UNSUPPORTED" in codes:
+            return DeletesDisabled(f"{message} (storage.delete.enabled is false)", status=status)
+        if "Allow" in response.headers and not codes:
+            return RegistryReadOnly(f"{message} (read-only maintenance mode)", status=status)
+    if status == 404:
+        return ManifestUnknown(message, status=status)
+    if status == 429 or status >= 500:
+        return RegistryUnavailable(message, status=status)
+    return RegistryProtocolError(message, status=status)
+
+
+def untag_manifest(config: Descriptor) -> bytes:
+    """A unique throw-away OCI manifest; the nonce makes its digest nobody else's."""
+    body = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {
+            "mediaType": config.media_type,
+            "digest": config.digest,
+            "size": config.size,
+        },
+        "layers": [],
+        "annotations": {UNTAG_ANNOTATION: secrets.token_hex(16)},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """TLS verification always on; ``ca_file`` adds the registry's CA to the defaults."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"registry.ca_file: cannot load {ca_file}: {exc}") from exc
+
+
+class RegistryClient:
+    """Async client for one registry; make one per process and share it."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        concurrency: int,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        on_response: ResponseHook | None = None,
+    ) -> None:
+        self._http = http
+        self._slots = asyncio.Semaphore(concurrency)
+        self._retries = max(1, retries)
+        self._backoff = backoff
+        self._on_response = on_response
+        #: Whether ``DELETE /v2/<name>/manifests/<tag>`` works; ``None`` until tried.
+        self.tag_delete_supported: bool | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: RegistrySettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        on_response: ResponseHook | None = None,
+    ) -> RegistryClient:
+        """The process's client for ``settings`` (``transport`` only for tests)."""
+        password = settings.password.reveal() if settings.password else None
+        limits = httpx.Limits(
+            max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+        )
+        http = httpx.AsyncClient(
+            base_url=settings.url,
+            auth=RegistryAuth(settings.username, password),
+            verify=ssl_context(settings.ca_file),
+            timeout=DEFAULT_TIMEOUT,
+            limits=limits,
+            transport=transport,
+            headers={"User-Agent": "regsweep"},
+        )
+        return cls(
+            http,
+            concurrency=settings.concurrency,
+            retries=retries,
+            backoff=backoff,
+            on_response=on_response,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        url = self._http.base_url  # userinfo, if someone put credentials there, stays out
+        return f"<RegistryClient {url.scheme}://{url.host}:{url.port or ''}{url.path}>"
+
+    # -- reads -----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Check the registry answers the API root (and that the credentials work)."""
+        response = await self._request("GET", "/v2/", template="/v2/")
+        if response.status_code != 200:
+            raise error_for(response, "GET /v2/")
+
+    async def catalog(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
+        """Every repository name, following the catalog's pagination."""
+        return await self._paginated("/v2/_catalog", "repositories", page_size, "/v2/_catalog")
+
+    async def tags(self, repo: str, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
+        """Every tag of ``repo``; an empty or unknown repository has none."""
+        path = f"/v2/{repo}/tags/list"
+        return await self._paginated(path, "tags", page_size, "/v2/{name}/tags/list")
+
+    async def head_manifest(self, repo: str, reference: str) -> ManifestRef | None:
+        """Digest, media type and size of a manifest by tag or digest; ``None`` if unknown."""
+        response = await self._manifest_request("HEAD", repo, reference)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise error_for(response, f"HEAD manifest {repo}:{reference}")
+        digest = response.headers.get("Docker-Content-Digest")
+        if not digest:
+            # Some proxies drop the header on HEAD; the body tells the truth.
+            manifest = await self.get_manifest(repo, reference)
+            return ManifestRef(manifest.digest, manifest.media_type, manifest.size)
+        return ManifestRef(
+            digest=Digest(digest),
+            media_type=_media_type(response),
+            size=int(response.headers.get("Content-Length") or 0),
+        )
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        """The manifest by tag or digest, its bytes checked against the digest."""
+        response = await self._manifest_request("GET", repo, reference)
+        what = f"GET manifest {repo}:{reference}"
+        if response.status_code != 200:
+            raise error_for(response, what)
+        raw = response.content
+        digest = _verified_digest(raw, reference, response.headers.get("Docker-Content-Digest"))
+        return parse_manifest(digest, _media_type(response), raw)
+
+    async def get_blob(self, repo: str, digest: str) -> bytes:
+        """A small blob (an image config), following redirects to storage; checked."""
+        response = await self._request(
+            "GET",
+            f"/v2/{repo}/blobs/{digest}",
+            template="/v2/{name}/blobs/{digest}",
+            follow_redirects=True,
+        )
+        if response.status_code != 200:
+            raise error_for(response, f"GET blob {repo}@{digest}")
+        _verified_digest(response.content, digest, None)
+        return response.content
+
+    async def blob_exists(self, repo: str, digest: str) -> bool:
+        response = await self._request(
+            "HEAD",
+            f"/v2/{repo}/blobs/{digest}",
+            template="/v2/{name}/blobs/{digest}",
+            follow_redirects=True,
+        )
+        if response.status_code in (200, 404):
+            return response.status_code == 200
+        raise error_for(response, f"HEAD blob {repo}@{digest}")
+
+    async def referrers(self, repo: str, digest: str) -> list[Descriptor] | None:
+        """Manifests whose ``subject`` is ``digest``; ``None`` if the registry lacks the API."""
+        url: httpx.URL | str | None = f"/v2/{repo}/referrers/{digest}"
+        found: list[Descriptor] = []
+        while url is not None:
+            response = await self._request(
+                "GET",
+                url,
+                template="/v2/{name}/referrers/{digest}",
+                headers={"Accept": mt.OCI_INDEX},
+            )
+            index = _json_object(response)
+            if response.status_code == 404 and not _is_index(index):
+                return None
+            if response.status_code not in (200, 404) or index is None:
+                raise error_for(response, f"GET referrers {repo}@{digest}")
+            found.extend(parse_manifest(digest, mt.OCI_INDEX, response.content).children)
+            url = next_link(response)
+        return found
+
+    # -- writes ----------------------------------------------------------------
+
+    async def upload_blob(self, repo: str, data: bytes) -> Digest:
+        """Upload ``data`` monolithically (POST, then PUT with the digest); its digest."""
+        digest = digest_of(data)
+        start = await self._request(
+            "POST", f"/v2/{repo}/blobs/uploads/", template="/v2/{name}/blobs/uploads/"
+        )
+        location = start.headers.get("Location")
+        if start.status_code != 202 or not location:
+            raise error_for(start, f"POST blob upload {repo}")
+        # The Location carries upload state in its query (2.8's _state); add to it, not replace.
+        target = start.url.join(location).copy_merge_params({"digest": digest})
+        done = await self._request(
+            "PUT",
+            target,
+            template="/v2/{name}/blobs/uploads/{uuid}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if done.status_code != 201:
+            raise error_for(done, f"PUT blob {repo}@{digest}")
+        return digest
+
+    async def put_manifest(self, repo: str, reference: str, media_type: str, raw: bytes) -> Digest:
+        """Store ``raw`` under a tag or its digest; the digest the registry gives it."""
+        response = await self._request(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            template="/v2/{name}/manifests/{reference}",
+            content=raw,
+            headers={"Content-Type": media_type},
+        )
+        if response.status_code != 201:
+            raise error_for(response, f"PUT manifest {repo}:{reference}")
+        return Digest(response.headers.get("Docker-Content-Digest") or digest_of(raw))
+
+    async def delete_manifest(self, repo: str, digest: str) -> bool:
+        """Delete a manifest by digest: ``True`` deleted, ``False`` already gone (success too)."""
+        if not is_digest(digest):
+            raise ValueError(f"delete_manifest needs a digest, not {digest!r}")
+        response = await self._manifest_request("DELETE", repo, digest)
+        if response.status_code in (202, 404):
+            return response.status_code == 202
+        raise error_for(response, f"DELETE manifest {repo}@{digest}")
+
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> bool:
+        """Remove one tag and leave its manifest alone: ``False`` if the tag was already gone.
+
+        Raises :class:`SafetyViolation` when the tag no longer points at
+        ``expected_digest`` (a push moved it since the plan was made).
+        """
+        if is_digest(tag):
+            raise ValueError(f"delete_tag needs a tag, not {tag!r}")
+        current = await self.head_manifest(repo, tag)
+        if current is None:
+            return False
+        if current.digest != expected_digest:
+            raise SafetyViolation(
+                f"{repo}:{tag} now points at {current.digest}, not {expected_digest}; left alone"
+            )
+        if self.tag_delete_supported is not False:
+            deleted = await self._delete_tag_reference(repo, tag)
+            if deleted is not None:
+                return deleted
+        await self._untag_with_dummy(repo, tag)
+        return True
+
+    async def _delete_tag_reference(self, repo: str, tag: str) -> bool | None:
+        """``DELETE /manifests/<tag>`` (3.x); ``None`` when the registry refuses tag references."""
+        response = await self._manifest_request("DELETE", repo, tag)
+        if response.status_code in (202, 404):
+            self.tag_delete_supported = True
+            return response.status_code == 202
+        # 2.8 parses the reference as a digest and answers 400 DIGEST_INVALID.
+        if response.status_code == 400 and "DIGEST_INVALID" in error_codes(response):
+            self.tag_delete_supported = False
+            return None
+        raise error_for(response, f"DELETE tag {repo}:{tag}")
+
+    async def _untag_with_dummy(self, repo: str, tag: str) -> None:
+        """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
+
+        The re-check before this is not atomic with the PUT: a push to the same
+        tag in between would lose that tag (never its manifest).
+        """
+        config = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
+        if not await self.blob_exists(repo, config.digest):
+            await self.upload_blob(repo, EMPTY_CONFIG)
+        dummy = await self.put_manifest(repo, tag, mt.OCI_MANIFEST, untag_manifest(config))
+        await self.delete_manifest(repo, dummy)
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _paginated(self, path: str, key: str, page_size: int, template: str) -> list[str]:
+        items: list[str] = []
+        url: httpx.URL | str | None = path
+        params: dict[str, int] | None = {"n": page_size}
+        for _ in range(MAX_PAGES):
+            if url is None:
+                return items
+            response = await self._request("GET", url, template=template, params=params)
+            if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response):
+                return items
+            body = _json_object(response)
+            if response.status_code != 200 or body is None:
+                raise error_for(response, f"GET {path}")
+            page = body.get(key) or []  # 2.8 answers "tags": null for an emptied repository
+            if not isinstance(page, list):
+                raise RegistryProtocolError(f"GET {path}: {key!r} is not a list")
+            items.extend(str(item) for item in page)
+            # The next link already carries n and last; an empty page ends a buggy loop.
+            url, params = (next_link(response) if page else None), None
+        raise RegistryProtocolError(f"GET {path}: more than {MAX_PAGES} pages")
+
+    async def _manifest_request(self, method: str, repo: str, reference: str) -> httpx.Response:
+        return await self._request(
+            method,
+            f"/v2/{repo}/manifests/{reference}",
+            template="/v2/{name}/manifests/{reference}",
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+        )
+
+    async def _request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        template: str,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        follow_redirects: bool = False,
+    ) -> httpx.Response:
+        """One request with retries: returns any answer below 500, raises the rest."""
+        failure: RegistryError = RegistryUnavailable(f"{method} {template}: not attempted")
+        for attempt in range(1, self._retries + 1):
+            # A fresh request per attempt: the auth flow leaves its header on the old one.
+            request = self._http.build_request(
+                method, url, params=params, headers=headers, content=content
+            )
+            try:
+                response = await self._send(request, template, follow_redirects)
+            except RegistryUnavailable as exc:
+                failure = exc
+            else:
+                if response.status_code < 500:
+                    return response
+                failure = error_for(response, f"{method} {template}")
+            if attempt < self._retries:
+                delay = self._backoff * 2 ** (attempt - 1) * (1 + random.random())
+                log.warning(
+                    "%s %s failed (%s); retry %d in %.2fs",
+                    method,
+                    template,
+                    failure,
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise failure
+
+    async def _send(
+        self, request: httpx.Request, template: str, follow_redirects: bool
+    ) -> httpx.Response:
+        """One exchange under the concurrency limit, timed, httpx errors wrapped."""
+        status: int | None = None
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                response = await self._http.send(request, follow_redirects=follow_redirects)
+                status = response.status_code
+                return response
+            except httpx.TransportError as exc:
+                raise RegistryUnavailable(
+                    f"{request.method} {template}: {type(exc).__name__}: {exc}"
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise RegistryProtocolError(
+                    f"{request.method} {template}: {type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                if self._on_response is not None:
+                    self._on_response(
+                        request.method, template, status, time.perf_counter() - started
+                    )
+
+
+def _media_type(response: httpx.Response) -> str:
+    return str(response.headers.get("Content-Type", "")).split(";")[0].strip()
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _is_index(body: dict[str, Any] | None) -> bool:
+    return body is not None and isinstance(body.get("manifests"), list)
+
+
+def _verified_digest(raw: bytes, reference: str, header: str | None) -> Digest:
+    """The digest of ``raw``; it must match a digest reference and the registry's header."""
+    claimed = reference if is_digest(reference) else header
+    algorithm = claimed.partition(":")[0] if claimed else "sha256"
+    actual = digest_of(raw, algorithm)
+    if claimed and actual != claimed:
+        raise RegistryProtocolError(f"content of {reference} has digest {actual}, not {claimed}")
+    return actual

@@ -1,0 +1,33 @@
+"""One event loop per worker process, so sync Celery tasks can drive the async engine.
+
+Celery tasks are synchronous; the registry client, the tag index and the audit
+stream are asyncio. Rather than ``asyncio.run`` per task (which would throw
+away the connection pool every time), each worker process keeps one loop in a
+daemon thread and the clients made on it live as long as the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class EventLoopThread:
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="regsweep-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (exceptions propagate)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

@@ -1,0 +1,277 @@
+"""State in Redis: delivery dedup keys, the dead-letter list and job records.
+
+Every key starts with one prefix (default ``regsweep:``) so several
+installations, or tests, can share a Redis without touching each other.
+:class:`State` wraps ``redis.asyncio`` for the service; :class:`SyncState` is
+the same over the blocking client for Celery tasks. Both raise only
+:class:`~worker.errors.StateError`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.errors import StateError
+
+DEFAULT_PREFIX: Final = "regsweep:"
+DEDUP_TTL: Final = timedelta(days=7)
+JOB_TTL: Final = timedelta(days=7)
+DEAD_LETTER_CAP: Final = 1000
+#: Short timeouts: a hook answers 503 quickly and the sender retries, rather
+#: than holding the registry's notification queue while Redis is away.
+SOCKET_TIMEOUT: Final = 2.0
+CONNECT_TIMEOUT: Final = 1.0
+RETRIES: Final = 2
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DEFERRED = "deferred"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+# Only the bare minimum on a job record is written by the service; workers add
+# counts, bytes, errors and a plan summary through update_job.
+_UPDATE_IF_EXISTS: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class StateKeys:
+    """Every key regsweep's state uses, under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def delivery(self, source: str, delivery_id: str) -> str:
+        return f"{self.prefix}dedup:{source}:{delivery_id}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}deadletter"
+
+    @property
+    def events_queue(self) -> str:
+        return f"{self.prefix}queue:events"
+
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}queue:jobs"
+
+
+@contextmanager
+def wrapped(operation: str) -> Iterator[None]:
+    """Turn redis' and the socket's exceptions into :class:`StateError`."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise StateError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _dead_letter_entry(source: str, reason: str, body_excerpt: str) -> str:
+    return json.dumps({"time": _now(), "source": source, "reason": reason, "body": body_excerpt})
+
+
+def _new_job(kind: str, params: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    job_id = uuid.uuid4().hex
+    now = _now()
+    record = {
+        "id": job_id,
+        "kind": kind,
+        "params": dict(params),
+        "state": JobState.QUEUED.value,
+        "created": now,
+        "updated": now,
+        "counts": {},
+        "bytes": 0,
+        "errors": [],
+    }
+    return job_id, _encode_fields(record)
+
+
+def _encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    return {key: json.dumps(value) for key, value in fields.items()}
+
+
+def _decode_job(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    return {_text(key): json.loads(value) for key, value in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _update_args(fields: Mapping[str, Any]) -> list[str]:
+    encoded = _encode_fields({**fields, "updated": _now()})
+    flat = [item for pair in encoded.items() for item in pair]
+    return [str(int(JOB_TTL.total_seconds())), *flat]
+
+
+def redis_options() -> dict[str, Any]:
+    return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
+
+
+def async_client(url: str) -> aioredis.Redis:
+    """A ``redis.asyncio`` client that gives up within a few seconds (few, short retries)."""
+    retry = AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
+    return aioredis.Redis.from_url(url, retry=retry, **redis_options())
+
+
+def sync_client(url: str) -> redis.Redis:
+    """The blocking twin of :func:`async_client`."""
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
+    return redis.Redis.from_url(url, retry=retry, **redis_options())
+
+
+class State:
+    """Dedup keys, dead letters and job records over ``redis.asyncio``."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = StateKeys(prefix)
+        self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> State:
+        return cls(async_client(url), prefix=prefix)
+
+    async def aclose(self) -> None:
+        with wrapped("close"):
+            await self.client.aclose()
+
+    async def ping(self) -> None:
+        with wrapped("PING"):
+            await self.client.ping()
+
+    async def claim_delivery(
+        self, source: str, delivery_id: str, ttl: timedelta = DEDUP_TTL
+    ) -> bool:
+        """True the first time a delivery is seen; False for a redelivery."""
+        key = self.keys.delivery(source, delivery_id)
+        with wrapped("SET NX"):
+            return bool(await self.client.set(key, _now(), nx=True, ex=ttl))
+
+    async def release_delivery(self, source: str, delivery_id: str) -> None:
+        """Forget a claim whose event could not be enqueued, so the retry is processed."""
+        with wrapped("DEL"):
+            await self.client.delete(self.keys.delivery(source, delivery_id))
+
+    async def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
+        """Keep an unusable delivery for a person to look at (newest first, capped)."""
+        entry = _dead_letter_entry(source, reason, body_excerpt)
+        with wrapped("LPUSH dead letter"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(self.keys.dead_letters, entry)
+            pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTER_CAP - 1)
+            await pipe.execute()
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        with wrapped("LRANGE dead letters"):
+            raw = await self.client.lrange(self.keys.dead_letters, 0, limit - 1)
+        return [json.loads(item) for item in raw]
+
+    async def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
+        job_id, fields = _new_job(kind, params)
+        key = self.keys.job(job_id)
+        with wrapped("HSET job"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, JOB_TTL)
+            await pipe.execute()
+        return job_id
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with wrapped("HGETALL job"):
+            raw = await self.client.hgetall(self.keys.job(job_id))
+        return _decode_job(raw)
+
+    async def update_job(self, job_id: str, **fields: Any) -> bool:
+        """Set fields of an existing job and renew its TTL; False when the job is unknown."""
+        with wrapped("update job"):
+            result = await self._update_job(keys=[self.keys.job(job_id)], args=_update_args(fields))
+        return bool(result)
+
+    async def delete_job(self, job_id: str) -> None:
+        with wrapped("DEL job"):
+            await self.client.delete(self.keys.job(job_id))
+
+
+class SyncState:
+    """The same state over the blocking client, for Celery tasks."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = StateKeys(prefix)
+        self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> SyncState:
+        return cls(sync_client(url), prefix=prefix)
+
+    def close(self) -> None:
+        with wrapped("close"):
+            self.client.close()
+
+    def claim_delivery(self, source: str, delivery_id: str, ttl: timedelta = DEDUP_TTL) -> bool:
+        key = self.keys.delivery(source, delivery_id)
+        with wrapped("SET NX"):
+            return bool(self.client.set(key, _now(), nx=True, ex=ttl))
+
+    def release_delivery(self, source: str, delivery_id: str) -> None:
+        with wrapped("DEL"):
+            self.client.delete(self.keys.delivery(source, delivery_id))
+
+    def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
+        entry = _dead_letter_entry(source, reason, body_excerpt)
+        with wrapped("LPUSH dead letter"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(self.keys.dead_letters, entry)
+            pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTER_CAP - 1)
+            pipe.execute()
+
+    def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
+        job_id, fields = _new_job(kind, params)
+        key = self.keys.job(job_id)
+        with wrapped("HSET job"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, JOB_TTL)
+            pipe.execute()
+        return job_id
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with wrapped("HGETALL job"):
+            raw = self.client.hgetall(self.keys.job(job_id))
+        return _decode_job(raw)
+
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        with wrapped("update job"):
+            result = self._update_job(keys=[self.keys.job(job_id)], args=_update_args(fields))
+        return bool(result)

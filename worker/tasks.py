@@ -1,0 +1,208 @@
+"""Celery tasks: parse arguments, call one function of :mod:`worker.jobs`, map errors.
+
+Retries are for transient registry trouble only (connection errors, 5xx);
+a read-only registry or a running maintenance window parks the prune until
+the window ends (deferred), it never fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Coroutine
+from typing import Any, Final, TypeVar
+
+from celery import Task, shared_task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from worker import jobs
+from worker.celery_app import (
+    PRUNE_QUEUE,
+    TASK_CI_EVENT,
+    TASK_PRUNE,
+    TASK_REGISTRY_EVENTS,
+    TASK_RESTORE,
+    TASK_SWEEP,
+    TASK_TICK,
+    configured,
+)
+from worker.context import WorkerContext
+from worker.errors import RegistryUnavailable, RegsweepError, StateError
+from worker.events import CiEvent, RegistryEvent
+from worker.plan import Reason
+from worker.planner import TagRequest
+from worker.policy import TagPattern
+from worker.restore import restore
+from worker.runtime import EventLoopThread
+from worker.state import JobState
+
+T = TypeVar("T")
+log = logging.getLogger("regsweep.worker")
+
+#: Transient registry errors: attempts, then the job fails with the error.
+MAX_REGISTRY_RETRIES: Final = 5
+RETRY_BASE_SECONDS: Final = 2.0
+BUSY_RETRY_SECONDS: Final = 5.0
+
+_loop: EventLoopThread | None = None
+_ctx: WorkerContext | None = None
+
+
+def _context() -> tuple[EventLoopThread, WorkerContext]:
+    """This process's loop and clients, made on first use (or at worker_process_init)."""
+    global _loop, _ctx  # noqa: PLW0603 - one per process by design
+    if _loop is None or _ctx is None:
+        _loop = EventLoopThread()
+        _ctx = _loop.run(WorkerContext.open(configured()))
+    return _loop, _ctx
+
+
+def run(make: Any) -> Any:
+    """Run ``make(ctx)`` (a coroutine factory) on this process's loop."""
+    loop, ctx = _context()
+    coro: Coroutine[Any, Any, Any] = make(ctx)
+    return loop.run(coro)
+
+
+@worker_process_init.connect
+def _open_clients(**_: Any) -> None:
+    _context()
+
+
+@worker_process_shutdown.connect
+def _close_clients(**_: Any) -> None:
+    global _loop, _ctx  # noqa: PLW0603
+    if _loop is not None and _ctx is not None:
+        _loop.run(_ctx.aclose())
+        _loop.close()
+    _loop = _ctx = None
+
+
+def _backoff(retries: int) -> float:
+    return float(RETRY_BASE_SECONDS * 2**retries * (0.5 + random.random()))
+
+
+def request_to_json(request: TagRequest) -> dict[str, Any]:
+    return {
+        "patterns": [p.source for p in request.patterns],
+        "rule": request.reason.rule,
+        "detail": request.reason.detail,
+    }
+
+
+def request_from_json(data: dict[str, Any]) -> TagRequest:
+    patterns = tuple(TagPattern.compile(p) for p in data["patterns"])
+    return TagRequest(patterns, Reason(data["rule"], data["detail"]))
+
+
+def enqueue_prune(repository: str, **kwargs: Any) -> None:
+    prune.apply_async(kwargs={"repository": repository, **kwargs}, queue=PRUNE_QUEUE)
+
+
+@shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)
+def registry_events(events: list[dict[str, Any]]) -> None:
+    parsed = [RegistryEvent.from_dict(e) for e in events]
+    repositories = run(lambda ctx: jobs.apply_registry_events(ctx, parsed))
+    for repository in repositories:
+        if run(lambda ctx, r=repository: jobs.claim_prune(ctx, r)):
+            enqueue_prune(repository, trigger="push")
+
+
+@shared_task(name=TASK_CI_EVENT, acks_late=True)
+def ci_event(event: dict[str, Any]) -> None:
+    parsed = CiEvent.from_dict(event)
+    requests = run(lambda ctx: jobs.ci_requests(ctx, parsed))
+    for repository, request in requests.items():
+        enqueue_prune(repository, requests=[request_to_json(request)], trigger=parsed.kind)
+    log.info("ci event %s %s: %d repositories", parsed.source, parsed.kind, len(requests))
+
+
+@shared_task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
+def prune(
+    self: Task[Any, Any],
+    repository: str,
+    *,
+    job_id: str | None = None,
+    requests: list[dict[str, Any]] | None = None,
+    dry_run: bool = False,
+    incremental: bool = True,
+    trigger: str = "api",
+) -> None:
+    params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
+    if job_id is None:
+        job_id = run(lambda ctx: ctx.state.create_job("prune", params))
+    job = jobs.PruneJob(
+        repository,
+        job_id,
+        tuple(request_from_json(r) for r in requests or ()),
+        dry_run,
+        incremental,
+    )
+    _update(job_id, JobState.RUNNING)
+    try:
+        summary = run(lambda ctx: jobs.prune_repository(ctx, job))
+    except jobs.Deferred as exc:
+        kwargs = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
+        run(lambda ctx: jobs.defer(ctx, repository, kwargs))
+        _update(job_id, JobState.DEFERRED, errors=[str(exc)])
+        return
+    except jobs.RepositoryBusy as exc:
+        raise self.retry(countdown=BUSY_RETRY_SECONDS, exc=exc) from exc
+    except RegistryUnavailable as exc:
+        _retry_or_fail(self, job_id, exc)
+        return
+    except RegsweepError as exc:
+        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        return
+    failed = summary.get("outcome") == "failed"
+    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **summary)
+
+
+def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> None:
+    if task.request.retries >= MAX_REGISTRY_RETRIES:
+        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        return
+    _update(job_id, JobState.QUEUED, errors=[f"retrying: {exc}"])
+    raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
+
+
+def _update(job_id: str, state: JobState, **fields: Any) -> None:
+    try:
+        run(lambda ctx: ctx.state.update_job(job_id, state=state.value, **fields))
+    except StateError:
+        log.exception("cannot record job %s as %s", job_id, state.value)
+
+
+@shared_task(name=TASK_SWEEP, acks_late=True)
+def sweep(job_id: str | None = None, repository: str | None = None, dry_run: bool = False) -> None:
+    """Reconcile every policy-covered repository with the live registry: one prune each."""
+    if job_id is None:
+        job_id = run(lambda ctx: ctx.state.create_job("sweep", {"trigger": "beat"}))
+    _update(job_id, JobState.RUNNING)
+    try:
+        names = run(lambda ctx: ctx.pruner.repositories([repository] if repository else []))
+    except RegsweepError as exc:
+        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        return
+    for name in names:
+        enqueue_prune(name, incremental=False, dry_run=dry_run, trigger=f"sweep {job_id}")
+    _update(job_id, JobState.SUCCEEDED, repositories=names)
+
+
+@shared_task(name=TASK_RESTORE, acks_late=True)
+def restore_task(job_id: str, repository: str, digest: str) -> None:
+    _update(job_id, JobState.RUNNING)
+    try:
+        restored = run(lambda ctx: restore(ctx.client, ctx.audit, repository, digest))
+    except RegsweepError as exc:
+        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        return
+    items = [{"digest": r.digest, "tags": list(r.tags), "action": r.action} for r in restored]
+    _update(job_id, JobState.SUCCEEDED, restored=items)
+
+
+@shared_task(name=TASK_TICK, acks_late=True)
+def tick() -> None:
+    """Periodic: release prunes parked during a window that has ended."""
+    for kwargs in run(jobs.release_deferred):
+        enqueue_prune(**kwargs)
