@@ -12,6 +12,8 @@ ratios (regsweep / floor) for docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,9 +56,12 @@ class Sample:
         return statistics.median(self.seconds)
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str], cache: Path | None = None) -> tuple[float, str]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["REGSWEEP_CACHE_DIR"] = str(cache)
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed: {done.stderr[-2000:]}")
@@ -73,37 +78,47 @@ def regsweep_cmd(config: Path, command: str, repos: list[str]) -> list[str]:
     return [PY, "-m", "bench.maxrss", "-c", str(config), command, *repos]
 
 
-def measure(seeded: Path, work: Path, build: Callable[[str, Path], list[str]]) -> tuple[float, str]:
+def measure(
+    seeded: Path, work: Path, build: Callable[[str, Path], list[str]], cache: Path | None = None
+) -> tuple[float, str]:
     registry = fresh_registry(seeded, work)
     try:
         config = work / "regsweep.yaml"
         config.write_text(POLICY.format(url=registry.url, keep=KEEP, audit=work / "audit.jsonl"))
-        return timed(build(registry.url, config))
+        return timed(build(registry.url, config), cache)
     finally:
         registry.stop()
+
+
+def cold_cache(work: Path) -> Path:
+    """An empty cache directory: regsweep must read every image config."""
+    cache = work.parent / "cache-cold"
+    shutil.rmtree(cache, ignore_errors=True)
+    return cache
 
 
 def scenario(
     name: str, seeded: Path, work: Path, repos: list[str], rounds: int
 ) -> list[tuple[str, Sample, Sample]]:
+    resolve = lambda url, cfg: floor_cmd(url, repos, resolve_only=True)  # noqa: E731
+    full = lambda url, cfg: floor_cmd(url, repos, resolve_only=False)  # noqa: E731
+    plan = lambda url, cfg: regsweep_cmd(cfg, "plan", repos)  # noqa: E731
+    prune = lambda url, cfg: regsweep_cmd(cfg, "prune", repos)  # noqa: E731
+    warm = work.parent / "cache-warm"
+    shutil.rmtree(warm, ignore_errors=True)
+    measure(seeded, work, plan, warm)  # fills the build-time cache once, unmeasured
     pairs = [
-        (
-            "list + resolve (floor) vs `regsweep plan`",
-            lambda url, cfg: floor_cmd(url, repos, resolve_only=True),
-            lambda url, cfg: regsweep_cmd(cfg, "plan", repos),
-        ),
-        (
-            "full prune, keep newest 10 (floor) vs `regsweep prune`",
-            lambda url, cfg: floor_cmd(url, repos, resolve_only=False),
-            lambda url, cfg: regsweep_cmd(cfg, "prune", repos),
-        ),
+        ("list + resolve (floor) vs `regsweep plan`, cold cache", resolve, plan, None),
+        ("list + resolve (floor) vs `regsweep plan`, warm cache", resolve, plan, warm),
+        ("full prune, keep newest 10 (floor) vs `regsweep prune`, cold cache", full, prune, None),
+        ("full prune, keep newest 10 (floor) vs `regsweep prune`, warm cache", full, prune, warm),
     ]
     rows = []
-    for label, floor, ours in pairs:
+    for label, floor, ours, cache in pairs:
         f, r = Sample(), Sample()
         for _ in range(rounds):
             f.seconds.append(measure(seeded, work, floor)[0])
-            elapsed, err = measure(seeded, work, ours)
+            elapsed, err = measure(seeded, work, ours, cache or cold_cache(work))
             r.seconds.append(elapsed)
             r.extra.append(_maxrss_mib(err))
         rows.append((f"{name}: {label}", f, r))

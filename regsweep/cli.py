@@ -21,6 +21,7 @@ from worker import env
 from worker.audit import AuditLog, JsonlAuditLog
 from worker.config import load_config
 from worker.errors import ConfigError, RegsweepError
+from worker.inventory import CreatedCache
 from worker.policy import Config
 from worker.pruner import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
@@ -72,6 +73,15 @@ def _audit_log(config: Config) -> AuditLog:
     return JsonlAuditLog(base / DEFAULT_AUDIT_FILE)
 
 
+def _created_cache_path() -> Path:
+    return Path(env.cache_dir(env.current())) / "created.json"
+
+
+def _pruner(config: Config, client: RegistryClient, created: CreatedCache) -> Pruner:
+    """The in-process pruner: JSONL audit, and a persistent cache of image build times."""
+    return Pruner(config, client, audit=_audit_log(config), created_cache=created)
+
+
 async def _check_config(args: argparse.Namespace, config: Config) -> int:
     print(f"{config.source}: ok, {len(config.policies)} policies")
     for policy in config.policies:
@@ -81,9 +91,11 @@ async def _check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _plan(args: argparse.Namespace, config: Config) -> int:
+    created = CreatedCache.load(_created_cache_path())
     async with RegistryClient.from_settings(config.registry) as client:
-        pruner = Pruner(config, client, audit=_audit_log(config))
+        pruner = _pruner(config, client, created)
         planned = await pruner.plan_many(await pruner.repositories(args.repositories))
+    await asyncio.to_thread(created.save, _created_cache_path())
     if args.json:
         json.dump(render.plan_json(planned), sys.stdout, indent=2)
         print()
@@ -102,8 +114,9 @@ def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
 
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
+    created = CreatedCache.load(_created_cache_path())
     async with RegistryClient.from_settings(config.registry) as client:
-        pruner = Pruner(config, client, audit=_audit_log(config))
+        pruner = _pruner(config, client, created)
         repos = await pruner.repositories(args.repositories)
         progress: dict[str, render.Progress] = {}
 
@@ -118,9 +131,10 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
             job_id=job_id,
             on_planned=planned,
             on_progress=lambda repo, d, s: progress[repo].step(
-                f"{s.value} {render.short(d.digest)}"
+                f"{repo}: {s.value} {render.short(d.digest)}"
             ),
         )
+    await asyncio.to_thread(created.save, _created_cache_path())
     failed = False
     for rp, report in results:
         if report is None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,10 +25,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import verify
+from service.celery_sink import CelerySink
 from service.ingest import ingest_ci, ingest_registry, read_registry_delivery, submit_job
 from service.limits import BodyLimit
 from service.metrics import RequestLatency, ServiceMetrics
 from service.sink import EventSink, RedisListSink
+from worker import logs
 from worker.errors import ConfigError, StateError
 from worker.events import (
     BadEvent,
@@ -37,10 +40,11 @@ from worker.events import (
     parse_gitlab,
     parse_job_request,
 )
+from worker.metrics import RedisMetricsCollector
 from worker.policy import Config, HookSettings
-from worker.state import State
+from worker.state import State, sync_client
 
-__all__ = ["EventSink", "RedisListSink", "create_app", "serve"]
+__all__ = ["CelerySink", "EventSink", "RedisListSink", "create_app", "serve"]
 
 log = logging.getLogger("regsweep.service")
 
@@ -185,7 +189,8 @@ class Endpoints:
         return JSONResponse({"ok": True})
 
     async def metrics_text(self, request: Request) -> Response:
-        payload, content_type = self.metrics.render()
+        # The workers' collector reads Redis synchronously: keep it off the loop.
+        payload, content_type = await anyio.to_thread.run_sync(self.metrics.render)
         return Response(payload, headers={"Content-Type": content_type})
 
 
@@ -281,9 +286,13 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
         owned = None
         if endpoints.state_store is None and config.redis_url is not None:
             owned = endpoints.state_store = State.from_url(config.redis_url)
+        collector = _worker_metrics(metrics, config.redis_url)
         try:
             yield
         finally:
+            if collector is not None:
+                metrics.registry.unregister(collector)
+                collector.client.close()
             if owned is not None:
                 endpoints.state_store = None
                 await owned.aclose()
@@ -301,13 +310,37 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
     return app
 
 
+def _worker_metrics(metrics: ServiceMetrics, url: str | None) -> RedisMetricsCollector | None:
+    """Expose the workers' counters (kept in Redis) on this service's /metrics."""
+    if url is None:
+        return None
+    collector = RedisMetricsCollector(sync_client(url))
+    metrics.registry.register(collector)
+    return collector
+
+
+#: uvicorn's own loggers go through the root logger's JSON handler.
+UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {
+        "uvicorn": {"level": "INFO"},
+        # One line per request is the registry's load: metrics count them instead.
+        "uvicorn.access": {"level": "WARNING"},
+    },
+}
+
+
 def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the service under uvicorn until interrupted, enqueueing to Redis lists for now."""
+    """Run the service under uvicorn until interrupted, enqueueing Celery tasks."""
     if config.redis_url is None:
         raise ConfigError("regsweep serve needs redis.url (or REGSWEEP_REDIS_URL)")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    logs.configure()
+    sink = CelerySink.from_config(config)
+    app = create_app(config, sink=sink)
+    try:
+        uvicorn.run(
+            app, host=host, port=port, proxy_headers=False, log_config=UVICORN_LOG_CONFIG
         )
-    sink = RedisListSink.from_url(config.redis_url)
-    uvicorn.run(create_app(config, sink=sink), host=host, port=port, proxy_headers=False)
+    finally:
+        sink.close()

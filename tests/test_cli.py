@@ -26,6 +26,12 @@ def run(*args: str, config: Path | None = None, **env: str) -> subprocess.Comple
     )
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own cache directory, so no test sees another's cached configs."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def write_config(tmp_path: Path, url: str, mode: str = "enforce") -> Path:
     path = tmp_path / "regsweep.yaml"
     path.write_text(

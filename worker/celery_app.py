@@ -13,6 +13,8 @@ it is still running.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
@@ -51,7 +53,51 @@ VISIBILITY_MARGIN: Final = timedelta(hours=1)
 #: How often workers look for deferred prunes to release and crashed windows to recover.
 TICK_EVERY: Final = timedelta(seconds=30)
 
+#: Broker socket timeouts: a publish that cannot reach Redis fails within seconds,
+#: so a hook answers 503 and the sender retries; above kombu's 1 s BRPOP poll.
+BROKER_SOCKET_TIMEOUT: Final = 5.0
+BROKER_CONNECT_TIMEOUT: Final = 2.0
+#: Publishing retries (kombu ``ensure``): a short blip is absorbed, an outage is not.
+PUBLISH_RETRY_POLICY: Final = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.1,
+    "interval_max": 0.2,
+}
+
 _config: Config | None = None
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """A task to send by name: what the service and ``--enqueue`` put on a queue."""
+
+    name: str
+    kwargs: dict[str, Any]
+    queue: str
+
+
+def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessage:
+    """The task that carries out a job the API or the CLI recorded.
+
+    A prune of one repository asked for by a person reads the live registry
+    (``incremental=False``): the tag index may lag, and the point of asking is
+    usually "look again". A prune without a repository is a sweep.
+    """
+    dry_run = bool(params.get("dry_run", False))
+    repository = params.get("repository")
+    if kind == "prune" and repository:
+        kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
+        return TaskMessage(TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE)
+    if kind in ("prune", "sweep"):
+        kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
+        return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)
+    if kind == "gc":
+        return TaskMessage(TASK_GC, {"job_id": job_id, "dry_run": dry_run}, GC_QUEUE)
+    if kind == "restore":
+        kwargs = {"job_id": job_id, "repository": repository, "digest": params.get("digest")}
+        return TaskMessage(TASK_RESTORE, kwargs, PRUNE_QUEUE)
+    raise ConfigError(f"no task carries out jobs of kind {kind!r}")
 
 
 def configured() -> Config:
@@ -103,8 +149,13 @@ def make_celery(config: Config) -> Celery:
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue=EVENTS_QUEUE,
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
-        broker_transport_options={"visibility_timeout": int(visibility.total_seconds())},
+        broker_transport_options={
+            "visibility_timeout": int(visibility.total_seconds()),
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        },
         broker_connection_retry_on_startup=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         timezone="UTC",
         enable_utc=True,
         beat_schedule=_beat_schedule(config),

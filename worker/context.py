@@ -13,10 +13,11 @@ import redis.asyncio as aioredis
 from worker.audit import RedisAuditLog
 from worker.errors import ConfigError
 from worker.inventory import ManifestCache
+from worker.metrics import WorkerMetrics
 from worker.policy import Config
 from worker.pruner import Pruner
 from worker.registry.client import RegistryClient
-from worker.state import State, redis_options
+from worker.state import DEFAULT_PREFIX, State, redis_options
 from worker.tagindex import TagIndex
 
 
@@ -29,19 +30,24 @@ class WorkerContext:
     audit: RedisAuditLog
     state: State
     pruner: Pruner
+    metrics: WorkerMetrics
 
     @classmethod
-    async def open(cls, config: Config, *, prefix: str = "regsweep:") -> WorkerContext:
+    async def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> WorkerContext:
         if config.redis_url is None:
             raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
         redis = aioredis.Redis.from_url(config.redis_url, **redis_options())
-        client = RegistryClient.from_settings(config.registry)
+        metrics = WorkerMetrics(prefix=prefix)
+        client = RegistryClient.from_settings(
+            config.registry, on_response=metrics.registry_response
+        )
         index = TagIndex(redis, prefix=prefix)
         audit = RedisAuditLog(redis, key=f"{prefix}audit")
         pruner = Pruner(config, client, history=index, audit=audit, manifest_cache=ManifestCache())
         state = State(redis, prefix=prefix)
-        return cls(config, redis, client, index, audit, state, pruner)
+        return cls(config, redis, client, index, audit, state, pruner, metrics)
 
     async def aclose(self) -> None:
+        await self.metrics.flush(self.redis)
         await self.client.aclose()
         await self.redis.aclose()

@@ -52,3 +52,18 @@ def secret(environ: Mapping[str, str], name: str) -> Secret | None:
     """The secret held by variable ``name``; ``None`` when it is unset or empty."""
     value = _value(environ, name)
     return None if value is None else Secret(value)
+
+
+CACHE_DIR_VAR: Final = "REGSWEEP_CACHE_DIR"
+
+
+def cache_dir(environ: Mapping[str, str]) -> str:
+    """Where the CLI keeps caches of immutable registry content (``REGSWEEP_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/regsweep``, else ``~/.cache/regsweep``)."""
+    explicit = _value(environ, CACHE_DIR_VAR)
+    if explicit:
+        return explicit
+    base = _value(environ, "XDG_CACHE_HOME") or os.path.join(
+        _value(environ, "HOME") or os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "regsweep")

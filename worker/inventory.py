@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 from worker import mediatypes as mt
@@ -38,11 +40,43 @@ class TagHistory(Protocol):
 MANIFEST_CACHE_SIZE: Final = 50_000
 
 
+#: Entries a persisted created-cache keeps (oldest dropped first).
+CREATED_CACHE_SIZE: Final = 200_000
+
+
 @dataclass
 class CreatedCache:
-    """``created`` of image configs by config digest; safe forever, content never changes."""
+    """``created`` of image configs by config digest; safe forever, content never changes.
+
+    The CLI persists it between runs (:meth:`load` / :meth:`save`), so a repeated
+    ``plan`` reads each image config once in its life, not once per run.
+    """
 
     entries: MutableMapping[str, datetime | None] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CreatedCache:
+        """The cache saved at ``path``; empty when it is missing or unreadable (it is a cache)."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(raw, dict):
+            return cls()
+        return cls({str(k): parse_created(v) for k, v in raw.items()})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically; a failure to write a cache is not an error worth failing for."""
+        items = list(self.entries.items())[-CREATED_CACHE_SIZE:]
+        data = {k: v.isoformat() if v else None for k, v in items}
+        target = Path(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            tmp.replace(target)
+        except OSError:
+            return
 
 
 class ManifestCache:

@@ -56,12 +56,16 @@ class Pruner:
         history: TagHistory | None = None,
         audit: AuditLog,
         manifest_cache: ManifestCache | None = None,
+        created_cache: CreatedCache | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._audit = audit
         self._inventory = InventoryBuilder(
-            client, history=history, created_cache=CreatedCache(), manifest_cache=manifest_cache
+            client,
+            history=history,
+            created_cache=created_cache or CreatedCache(),
+            manifest_cache=manifest_cache,
         )
 
     async def repositories(self, requested: Sequence[str] = ()) -> list[str]:

@@ -1,0 +1,197 @@
+"""Worker-side metrics kept in Redis, so the service's ``/metrics`` can show them.
+
+Worker processes cannot share prometheus_client's in-process registry with
+the service, so each worker buffers its counts in memory (the registry
+client's ``on_response`` hook is synchronous and runs on the event loop) and
+adds them to Redis hashes after every task step: one hash per metric, one
+field per label set (a JSON list of label values). The service reads the
+hashes at scrape time through :class:`RedisMetricsCollector`.
+
+Keys (under the state prefix, default ``regsweep:``)::
+
+    metrics:deletions          ["<policy>", "<reason>"]           -> count
+    metrics:jobs               ["<kind>", "<state>"]              -> count
+    metrics:registry_latency   ["<method>", "<route>", "<le>"]    -> count in that bucket
+                               ["<method>", "<route>", "sum"]     -> seconds (float)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from worker.state import DEFAULT_PREFIX
+
+log = logging.getLogger("regsweep.metrics")
+
+#: Upper bounds of the registry latency histogram, in seconds (+Inf added).
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SUM: Final = "sum"
+
+
+@dataclass(frozen=True)
+class MetricKeys:
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def deletions(self) -> str:
+        return f"{self.prefix}metrics:deletions"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}metrics:jobs"
+
+    @property
+    def registry_latency(self) -> str:
+        return f"{self.prefix}metrics:registry_latency"
+
+
+def _field(*labels: str) -> str:
+    return json.dumps(list(labels))
+
+
+def _labels(field: bytes | str) -> list[str]:
+    text = field.decode() if isinstance(field, bytes) else field
+    value = json.loads(text)
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def bucket_of(seconds: float) -> str:
+    """The ``le`` label of the first bucket ``seconds`` fits in."""
+    for bound in LATENCY_BUCKETS:
+        if seconds <= bound:
+            return repr(bound)
+    return "+Inf"
+
+
+class WorkerMetrics:
+    """In-memory counts of one worker process, added to Redis by :meth:`flush`."""
+
+    def __init__(self, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.keys = MetricKeys(prefix)
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._seconds: Counter[tuple[str, str]] = Counter()
+
+    def deletion(self, policy: str, reason: str, amount: int = 1) -> None:
+        self._counts[(self.keys.deletions, _field(policy, reason))] += amount
+
+    def job(self, kind: str, state: str) -> None:
+        self._counts[(self.keys.jobs, _field(kind, state))] += 1
+
+    def registry_response(
+        self, method: str, route: str, status: int | None, seconds: float
+    ) -> None:
+        """The registry client's ``on_response`` hook: one latency observation."""
+        key = self.keys.registry_latency
+        self._counts[(key, _field(method, route, bucket_of(seconds)))] += 1
+        self._seconds[(key, _field(method, route, _SUM))] += seconds
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._counts or self._seconds)
+
+    async def flush(self, client: aioredis.Redis) -> None:
+        """Add the buffered counts to Redis; kept for the next flush when Redis fails."""
+        if not self.pending:
+            return
+        counts, seconds = self._counts, self._seconds
+        self._counts, self._seconds = Counter(), Counter()
+        pipe = client.pipeline(transaction=False)
+        for (key, field), amount in counts.items():
+            pipe.hincrby(key, field, amount)
+        for (key, field), total in seconds.items():
+            pipe.hincrbyfloat(key, field, total)
+        try:
+            await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            # Metrics are best effort: never fail a task for them.
+            log.warning("metrics not written (kept for the next try): %s", exc)
+            self._counts.update(counts)
+            self._seconds.update(seconds)
+
+
+def _histogram(raw: Mapping[Any, Any]) -> Iterator[tuple[list[str], list[tuple[str, float]], float]]:
+    """Per (method, route): cumulative buckets and the sum, as prometheus wants them."""
+    per_series: dict[tuple[str, str], dict[str, float]] = {}
+    for field, value in raw.items():
+        labels = _labels(field)
+        if len(labels) == 3:
+            per_series.setdefault((labels[0], labels[1]), {})[labels[2]] = float(value)
+    for (method, route), values in sorted(per_series.items()):
+        running = 0.0
+        buckets: list[tuple[str, float]] = []
+        for bound in [*map(repr, LATENCY_BUCKETS), "+Inf"]:
+            running += values.get(bound, 0.0)
+            buckets.append((bound, running))
+        yield [method, route], buckets, values.get(_SUM, 0.0)
+
+
+class RedisMetricsCollector(Collector):
+    """A prometheus collector that reads the workers' hashes at scrape time."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = MetricKeys(prefix)
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing at registration: describing would read Redis before it is needed.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in (self.keys.deletions, self.keys.jobs, self.keys.registry_latency):
+                pipe.hgetall(key)
+            deletions, jobs, latency = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("worker metrics unavailable: %s", exc)
+            return []
+        return [_deletions(deletions), _jobs(jobs), _latency(latency)]
+
+
+def _counter(name: str, doc: str, labels: list[str], raw: Mapping[Any, Any]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for field, value in sorted(raw.items()):
+        values = _labels(field)
+        if len(values) == len(labels):
+            family.add_metric(values, float(value))
+    return family
+
+
+def _deletions(raw: Mapping[Any, Any]) -> Metric:
+    return _counter(
+        "regsweep_deletions",
+        "Manifests and tags deleted by workers, by policy and reason (rule).",
+        ["policy", "reason"],
+        raw,
+    )
+
+
+def _jobs(raw: Mapping[Any, Any]) -> Metric:
+    return _counter(
+        "regsweep_worker_jobs",
+        "Job state changes made by workers (running, succeeded, failed, deferred), by kind.",
+        ["kind", "state"],
+        raw,
+    )
+
+
+def _latency(raw: Mapping[Any, Any]) -> Metric:
+    family = HistogramMetricFamily(
+        "regsweep_registry_request_duration_seconds",
+        "Time workers waited for the registry, by method and route template.",
+        labels=["method", "route"],
+    )
+    for labels, buckets, total in _histogram(raw):
+        family.add_metric(labels, buckets, sum_value=total if math.isfinite(total) else 0.0)
+    return family
