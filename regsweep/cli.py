@@ -17,15 +17,22 @@ from pathlib import Path
 from typing import Any, Final
 
 from regsweep import render
-from worker import env
+from service.app import serve
+from service.celery_sink import CelerySink
+from service.ingest import submit_job
+from worker import env, logs
 from worker.audit import AuditLog, JsonlAuditLog
+from worker.celery_app import QUEUES, make_celery
 from worker.config import load_config
 from worker.errors import ConfigError, RegsweepError
+from worker.events import JobKind, JobRequest
 from worker.inventory import CreatedCache
+from worker.maintenance.command import gc_command
 from worker.policy import Config
 from worker.pruner import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
 from worker.restore import restore
+from worker.state import State
 
 EXIT_OK: Final = 0
 EXIT_RUN_ERROR: Final = 1
@@ -33,6 +40,12 @@ EXIT_USAGE: Final = 2
 DEFAULT_AUDIT_FILE: Final = "regsweep-audit.jsonl"
 
 Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
+#: Long-running commands that own the process (and its signals): no event loop around them.
+Process = Callable[[argparse.Namespace, Config], int]
+#: Commands whose own options go to Celery untouched (``regsweep worker -Q gc -c 1``).
+CELERY_COMMANDS: Final = ("worker", "beat")
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,13 +59,109 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="delete what the policies no longer keep")
     prune.add_argument("repositories", nargs="*", metavar="REPO")
     prune.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
+    prune.add_argument(
+        "--enqueue", action="store_true", help="queue prune jobs for the workers; print job ids"
+    )
     rest = sub.add_parser("restore", help="put a deleted manifest and its tags back (until GC)")
     rest.add_argument("repository", metavar="REPO")
     rest.add_argument("digest", metavar="DIGEST")
     audit = sub.add_parser("audit", help="list audited deletions")
     audit.add_argument("--since", type=_since, help="e.g. 24h, 7d or an ISO timestamp")
     audit.add_argument("--json", action="store_true")
+    gc = sub.add_parser("gc", help="garbage-collect now: pruning paused, registry read-only")
+    gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
+    gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
+    _add_process_commands(sub)
     return parser
+
+
+def _add_process_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service (hooks, job API, metrics)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    sub.add_parser(
+        "worker",
+        help="run a Celery worker (every queue unless -Q); Celery worker options pass through",
+        add_help=False,
+    )
+    sub.add_parser(
+        "beat",
+        help="run Celery beat (sweeps, ticks, GC windows); options pass through",
+        add_help=False,
+    )
+
+
+def split_celery_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """regsweep's own arguments, and what follows ``worker``/``beat`` (Celery's options)."""
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in ("-c", "--config"):
+            i += 2
+        elif args[i].startswith("-"):
+            i += 1
+        elif args[i] in CELERY_COMMANDS:
+            return args[: i + 1], args[i + 1 :]
+        else:
+            break
+    return args, []
+
+
+async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
+    """Record each job in Redis and queue its task for the workers; the job ids.
+
+    What ``--enqueue`` does for every command that has it.
+    """
+    if config.redis_url is None:
+        raise ConfigError("--enqueue needs redis.url (or REGSWEEP_REDIS_URL)")
+    state = State.from_url(config.redis_url)
+    sink = CelerySink.from_config(config)
+    try:
+        return [await submit_job(request, state, sink) for request in requests]
+    finally:
+        sink.close()
+        await state.aclose()
+
+
+async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
+    dry_run = True if args.dry_run else None
+    repositories = args.repositories or [None]
+    requests = [JobRequest(JobKind.PRUNE, repository=r, dry_run=dry_run) for r in repositories]
+    for job_id in await enqueue(config, requests):
+        print(job_id)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    serve(config, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _worker(args: argparse.Namespace, config: Config) -> int:
+    logs.configure()
+    options = list(args.celery_args)
+    if not _given(options, "-Q", "--queues"):
+        options += ["-Q", ",".join(QUEUES)]
+    make_celery(config).worker_main(["worker", *_with_loglevel(options)])
+    return EXIT_OK
+
+
+def _given(options: Sequence[str], short: str, long: str) -> bool:
+    return any(o in (short, long) or o.startswith((f"{long}=", f"{short}=")) for o in options)
+
+
+def _with_loglevel(options: Sequence[str]) -> list[str]:
+    """Celery's default level (WARNING) would hide its own "ready" and task lines."""
+    return list(options) if _given(options, "-l", "--loglevel") else [*options, "-l", "INFO"]
+
+
+def _beat(args: argparse.Namespace, config: Config) -> int:
+    logs.configure()
+    make_celery(config).start(["beat", *_with_loglevel(args.celery_args)])
+    return EXIT_OK
+
+
+PROCESSES: Final[dict[str, Process]] = {"serve": _serve, "worker": _worker, "beat": _beat}
 
 
 def _since(text: str) -> datetime:
@@ -113,6 +222,8 @@ def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
 
 
 async def _prune(args: argparse.Namespace, config: Config) -> int:
+    if args.enqueue:
+        return await _prune_enqueue(args, config)
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     created = CreatedCache.load(_created_cache_path())
     async with RegistryClient.from_settings(config.registry) as client:
@@ -167,7 +278,12 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def _gc(args: argparse.Namespace, config: Config) -> int:
+    return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue)
+
+
 COMMANDS: Final[dict[str, Command]] = {
+    "gc": _gc,
     "check-config": _check_config,
     "plan": _plan,
     "prune": _prune,
@@ -177,7 +293,9 @@ COMMANDS: Final[dict[str, Command]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    own, celery_args = split_celery_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(own)
+    args.celery_args = celery_args
     logging.basicConfig(level=logging.WARNING, format="regsweep: %(levelname)s: %(message)s")
     environ = env.current()
     path = args.config or env.config_path(environ)
@@ -191,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command in PROCESSES:
+            return PROCESSES[args.command](args, config)
         return asyncio.run(COMMANDS[args.command](args, config))
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -319,6 +320,8 @@ def _worker_metrics(metrics: ServiceMetrics, url: str | None) -> RedisMetricsCol
     return collector
 
 
+GIL_SWITCH_INTERVAL: Final = 0.0005
+
 #: uvicorn's own loggers go through the root logger's JSON handler.
 UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
     "version": 1,
@@ -336,11 +339,14 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     if config.redis_url is None:
         raise ConfigError("regsweep serve needs redis.url (or REGSWEEP_REDIS_URL)")
     logs.configure()
+    # The broker publish runs in a thread; with CPython's default 5 ms switch
+    # interval it waits for the GIL behind the event loop on every socket call
+    # (a convoy), which alone capped the registry hook at about a third of its
+    # throughput. 0.5 ms keeps the hand-offs short (bench/ingest_bench.py).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sink = CelerySink.from_config(config)
     app = create_app(config, sink=sink)
     try:
-        uvicorn.run(
-            app, host=host, port=port, proxy_headers=False, log_config=UVICORN_LOG_CONFIG
-        )
+        uvicorn.run(app, host=host, port=port, proxy_headers=False, log_config=UVICORN_LOG_CONFIG)
     finally:
         sink.close()

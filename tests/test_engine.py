@@ -232,6 +232,27 @@ async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
     assert_pullable(builder, repo_name, old)
 
 
+async def test_subject_kept_after_planning_keeps_its_signature(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """Invariants 4+5: a doomed subject re-tagged before execution keeps its signature too."""
+    old = builder.image(repo_name, "old", created=days_ago(9))
+    sig = builder.cosign(repo_name, old, "sig")
+    builder.image(repo_name, "new", created=days_ago(1))
+    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    planned = await eng.plan(repo_name)
+    assert {d.digest for d in planned.plan.deletions} == {old.digest, sig.digest}
+    builder.tag(repo_name, old, "latest")
+    report = await eng.pruner.execute(planned, job_id="j")
+    assert len(report.by_status(Status.SKIPPED)) == 2
+    assert builder.manifest_exists(repo_name, sig.digest)
+    assert_pullable(builder, repo_name, old)
+
+
 async def test_read_only_registry_defers_everything_left(tmp_path: Path, repo_name: str) -> None:
     """Invariant 6: a read-only registry makes the run 'deferred' with nothing deleted or lost."""
     reg = RegistryProcess.create(tmp_path / "ro")

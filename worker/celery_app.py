@@ -20,8 +20,9 @@ from typing import Any, Final
 
 from celery import Celery
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 
+from worker import broker
 from worker.errors import ConfigError
 from worker.policy import Config
 
@@ -37,6 +38,7 @@ TASK_SWEEP: Final = "regsweep.sweep"
 TASK_GC: Final = "regsweep.gc"
 TASK_RESTORE: Final = "regsweep.restore"
 TASK_TICK: Final = "regsweep.tick"
+TASK_MAINTENANCE_CHECK: Final = "regsweep.maintenance_check"
 
 ROUTES: Final = {
     TASK_REGISTRY_EVENTS: EVENTS_QUEUE,
@@ -88,7 +90,9 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
     repository = params.get("repository")
     if kind == "prune" and repository:
         kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
-        return TaskMessage(TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE)
+        return TaskMessage(
+            TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE
+        )
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
         return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)
@@ -122,6 +126,12 @@ def _beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     schedule: dict[str, dict[str, Any]] = {
         "sweep": {"task": TASK_SWEEP, "schedule": config.sweep_every.total_seconds()},
         "tick": {"task": TASK_TICK, "schedule": TICK_EVERY.total_seconds()},
+        # Recovers a crashed maintenance window; a stale check is dropped, not queued up.
+        "maintenance-check": {
+            "task": TASK_MAINTENANCE_CHECK,
+            "schedule": TICK_EVERY.total_seconds(),
+            "options": {"expires": TICK_EVERY.total_seconds()},
+        },
     }
     window = config.maintenance.window_cron
     if window:
@@ -140,13 +150,18 @@ def make_celery(config: Config) -> Celery:
         raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
     _config = config
     app = Celery("regsweep", broker=config.redis_url, set_as_current=True)
+    if config.redis_url.startswith("redis://"):
+        # kombu's Redis transport plus a fix for surviving a Redis restart (worker.broker).
+        app.conf.broker_transport = broker.TRANSPORT
     visibility = config.maintenance.window_duration + VISIBILITY_MARGIN
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(name) for name in QUEUES],
+        # An exchange per queue: without one, Celery binds every queue to the
+        # default exchange with the default key, and a message lands in all three.
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
         task_default_queue=EVENTS_QUEUE,
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
         broker_transport_options={
@@ -161,6 +176,7 @@ def make_celery(config: Config) -> Celery:
         beat_schedule=_beat_schedule(config),
         worker_hijack_root_logger=False,
     )
+    import worker.maintenance.tasks  # noqa: PLC0415 - the GC and recovery tasks
     import worker.tasks  # noqa: F401, PLC0415 - registers the shared tasks on this app
 
     return app

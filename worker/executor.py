@@ -225,6 +225,12 @@ class _LiveGuard:
         self._removed_tags = {t for d in plan.deletions for t in d.tags}
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
+        # Referrers the plan deletes with their subject: if the subject turns out to
+        # be needed after all, its signatures and attestations must stay too.
+        self._referrers: dict[Digest, set[Digest]] = {}
+        for d in plan.deletions:
+            if d.action is Action.REFERRER and d.parent:
+                self._referrers.setdefault(d.parent, set()).add(d.digest)
 
     async def refresh(self) -> frozenset[Digest]:
         repo = self._plan.repository
@@ -237,7 +243,16 @@ class _LiveGuard:
             protected.add(ref.digest)
             if self._known.get(tag) != ref.digest:
                 protected |= await self._graph(Digest(ref.digest))
-        return frozenset(protected)
+        return frozenset(self._with_referrers(protected))
+
+    def _with_referrers(self, protected: set[Digest]) -> set[Digest]:
+        todo = [d for d in protected if d in self._referrers]
+        while todo:
+            for referrer in self._referrers.get(todo.pop(), ()):
+                if referrer not in protected:
+                    protected.add(referrer)
+                    todo.append(referrer)
+        return protected
 
     async def _graph(self, digest: Digest) -> frozenset[Digest]:
         """``digest`` and every manifest below it (children of indexes, recursively)."""

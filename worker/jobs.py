@@ -10,28 +10,40 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from redis.exceptions import LockError, RedisError
 
 from worker.context import WorkerContext
 from worker.errors import RegsweepError, StateError
 from worker.events import CiEvent, RegistryEvent, RegistryEventKind
-from worker.executor import ExecutionReport, Outcome
+from worker.executor import ExecutionReport, Outcome, Status
+from worker.model import Digest
 from worker.plan import Action, Reason
 from worker.planner import TagRequest
 from worker.policy import Policy, TagPattern
 from worker.pruner import RepositoryPlan
 
+T = TypeVar("T")
+
 #: A prune holds its repository for at most this long (the lock's TTL).
 PRUNE_LOCK_TTL: Final = timedelta(minutes=30)
-#: How long a prune waits for another prune of the same repository.
+#: How long a prune waits for another prune of the same repository. Coalescing
+#: keeps at most one prune waiting per repository, so this wait is bounded by
+#: one prune's duration; past it the task is retried later (RepositoryBusy).
 PRUNE_LOCK_WAIT: Final = timedelta(seconds=20)
-#: Pushes within this time of each other coalesce into one prune of the repository.
-PENDING_TTL: Final = timedelta(minutes=10)
+#: A prune scheduled for the end of an ``untagged`` grace runs this much later,
+#: so the digest is surely due (clocks, rounding).
+GRACE_SLACK: Final = timedelta(seconds=1)
+#: How long a sweep's tally of its per-repository prunes is kept.
+SWEEP_TTL: Final = timedelta(days=7)
+#: A queued prune marks its repository pending until it starts; pushes meanwhile
+#: coalesce into it. Short, because a prune lost with Redis (its mark left behind)
+#: would otherwise swallow the pushes that follow for this long.
+PENDING_TTL: Final = timedelta(seconds=60)
 
 
 class Deferred(RegsweepError):
@@ -64,8 +76,38 @@ class Keys:
     def lock_pattern(self) -> str:
         return f"{self.prefix}lock:prune:*"
 
+    @property
+    def reconciled(self) -> str:
+        """Repositories whose index was read from the live registry at least once."""
+        return f"{self.prefix}reconciled"
+
+    def scheduled(self, repository: str) -> str:
+        return f"{self.prefix}scheduled:prune:{repository}"
+
+    def sweep(self, job_id: str) -> str:
+        return f"{self.prefix}sweep:{job_id}"
+
+    def sweep_done(self, job_id: str) -> str:
+        return f"{self.prefix}sweep:{job_id}:done"
+
 
 KEYS: Final = Keys()
+
+# KEYS: tally, done set; ARGV: ttl, child id, then field/amount pairs.
+# Idempotent per child: a redelivered prune does not count twice.
+_CHILD_FINISHED = """
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return -1 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local left = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return left
+"""
+
+
+def keys(ctx: WorkerContext) -> Keys:
+    """The job keys under this context's state prefix."""
+    return Keys(ctx.state.keys.prefix)
 
 
 async def apply_registry_events(ctx: WorkerContext, events: Sequence[RegistryEvent]) -> list[str]:
@@ -87,7 +129,7 @@ async def claim_prune(ctx: WorkerContext, repository: str) -> bool:
     """True when no prune of ``repository`` is already waiting: coalesces bursts of pushes."""
     try:
         return bool(
-            await ctx.redis.set(KEYS.pending(repository), "1", nx=True, px=_ms(PENDING_TTL))
+            await ctx.redis.set(keys(ctx).pending(repository), "1", nx=True, px=_ms(PENDING_TTL))
         )
     except RedisError as exc:
         raise StateError(f"cannot mark a pending prune: {exc}") from exc
@@ -161,9 +203,33 @@ async def ci_requests(ctx: WorkerContext, event: CiEvent) -> dict[str, TagReques
     return out
 
 
+async def next_grace_prune(
+    ctx: WorkerContext, repository: str, horizon: timedelta
+) -> timedelta | None:
+    """When to prune ``repository`` again so an untagged digest goes once its grace ends.
+
+    None when no untagged digest is waiting, when one is already scheduled, or
+    when the grace ends beyond ``horizon`` (the sweep picks those up): a
+    delayed Celery message waits in a worker and must not outlive the broker's
+    visibility timeout.
+    """
+    policy = ctx.config.policy_for(repository)
+    grace = policy.untagged_delete_after if policy else None
+    if grace is None:
+        return None
+    now = datetime.now(UTC)
+    waits = [since + grace - now for since in (await ctx.index.untagged_since(repository)).values()]
+    upcoming = [w for w in waits if timedelta(0) < w <= horizon]
+    if not upcoming:
+        return None
+    delay = min(upcoming) + GRACE_SLACK
+    mark = ctx.redis.set(keys(ctx).scheduled(repository), "1", nx=True, px=_ms(delay))
+    return delay if await _redis(mark, "SET NX scheduled") else None
+
+
 async def maintenance_active(ctx: WorkerContext) -> bool:
     try:
-        return bool(await ctx.redis.exists(KEYS.maintenance))
+        return bool(await ctx.redis.exists(keys(ctx).maintenance))
     except RedisError as exc:
         raise StateError(f"cannot read the maintenance flag: {exc}") from exc
 
@@ -171,7 +237,7 @@ async def maintenance_active(ctx: WorkerContext) -> bool:
 async def defer(ctx: WorkerContext, repository: str, params: dict[str, Any]) -> None:
     """Park a prune until the window ends; released by :func:`release_deferred`."""
     try:
-        await ctx.redis.hset(KEYS.deferred, repository, json.dumps(params))
+        await ctx.redis.hset(keys(ctx).deferred, repository, json.dumps(params))
     except RedisError as exc:
         raise StateError(f"cannot defer the prune of {repository}: {exc}") from exc
 
@@ -182,8 +248,8 @@ async def release_deferred(ctx: WorkerContext) -> list[dict[str, Any]]:
         return []
     try:
         pipe = ctx.redis.pipeline(transaction=True)
-        pipe.hgetall(KEYS.deferred)
-        pipe.delete(KEYS.deferred)
+        pipe.hgetall(keys(ctx).deferred)
+        pipe.delete(keys(ctx).deferred)
         parked, _ = await pipe.execute()
     except RedisError as exc:
         raise StateError(f"cannot release deferred prunes: {exc}") from exc
@@ -200,14 +266,16 @@ class PruneJob:
     incremental: bool = True
 
 
-async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+async def prune_repository(
+    ctx: WorkerContext, job: PruneJob, *, lock_wait: timedelta = PRUNE_LOCK_WAIT
+) -> dict[str, Any]:
     """Plan and (when enforced) prune one repository under its lock; returns the job summary."""
     if await maintenance_active(ctx):
         raise Deferred(f"maintenance window running; {job.repository} waits")
     lock = ctx.redis.lock(
-        KEYS.lock(job.repository),
+        keys(ctx).lock(job.repository),
         timeout=PRUNE_LOCK_TTL.total_seconds(),
-        blocking_timeout=PRUNE_LOCK_WAIT.total_seconds(),
+        blocking_timeout=lock_wait.total_seconds(),
         thread_local=False,
     )
     try:
@@ -218,30 +286,62 @@ async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
         raise RepositoryBusy(f"another prune holds {job.repository}")
     try:
         # A push after this point must trigger a new prune, so the pending mark goes now.
-        await ctx.redis.delete(KEYS.pending(job.repository))
+        await _redis(ctx.redis.delete(keys(ctx).pending(job.repository)), "clear pending")
         return await _prune_locked(ctx, job)
     finally:
         with contextlib.suppress(LockError):  # expired: nothing of ours left to release
             await lock.release()
 
 
+async def _redis(awaitable: Awaitable[T], what: str) -> T:
+    try:
+        return await awaitable
+    except RedisError as exc:
+        raise StateError(f"redis {what} failed: {exc}") from exc
+
+
+async def _known_tags(ctx: WorkerContext, job: PruneJob) -> dict[str, Digest] | None:
+    """The index's tags when an incremental plan can trust them, else None (read live).
+
+    Only a repository read live once (a sweep, an API prune, its first push) is
+    planned from the index: tags pushed before regsweep was listening are
+    otherwise unknown to it and would not count toward ``newest``.
+    """
+    if not job.incremental:
+        return None
+    reconciled = await _redis(
+        ctx.redis.sismember(keys(ctx).reconciled, job.repository), "SISMEMBER"
+    )
+    if not reconciled:
+        return None
+    return await ctx.index.tags(job.repository) or None
+
+
 async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     repository = job.repository
-    known = await ctx.index.tags(repository) if job.incremental else None
-    planned = await ctx.pruner.plan_one(repository, requests=job.requests, known_tags=known or None)
+    known = await _known_tags(ctx, job)
+    planned = await ctx.pruner.plan_one(repository, requests=job.requests, known_tags=known)
     if planned is None:
         return {"repository": repository, "skipped": "no policy matches"}
-    if not known:
+    if known is None:
         await ctx.index.reconcile(repository, planned.inventory.tags, datetime.now(UTC))
-    summary = plan_summary(planned)
+        await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
+    summary = plan_summary(planned) | {"incremental": known is not None}
     if job.dry_run or not planned.enforced or planned.plan.is_empty:
         return summary | {"executed": False}
     report = await ctx.pruner.execute(planned, job_id=job.job_id)
     await _after_execution(ctx, repository, report)
+    _count_deletions(ctx, planned.policy.name, report)
     summary |= report_summary(report)
     if report.outcome is Outcome.DEFERRED:
         raise Deferred(f"registry went read-only while pruning {repository}")
     return summary
+
+
+def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:
+    for deletion, status, _ in report.done:
+        if status is Status.DELETED:
+            ctx.metrics.deletion(policy, deletion.reason.rule)
 
 
 async def _after_execution(ctx: WorkerContext, repository: str, report: ExecutionReport) -> None:
@@ -278,9 +378,62 @@ def report_summary(report: ExecutionReport) -> dict[str, Any]:
     errors = [f"{d.digest}: {detail}" for d, s, detail in report.done if s.value == "error"]
     if report.fatal:
         errors.insert(0, report.fatal)
+    deleted = [d for d, s, _ in report.done if s is Status.DELETED]
     return {
         "executed": True,
         "outcome": report.outcome.value,
         "counts": report.counts(),
+        "bytes": sum(d.size for d in deleted if d.action is not Action.UNTAG),
         "errors": errors,
     }
+
+
+# --- sweeps: one prune per repository, tallied into the sweep's job record ------------
+
+
+async def start_sweep(ctx: WorkerContext, job_id: str, children: Mapping[str, str]) -> None:
+    """Open the tally of a sweep whose prunes (repository -> child job id) are about to run."""
+    tally = keys(ctx).sweep(job_id)
+    pipe = ctx.redis.pipeline(transaction=True)
+    pipe.hset(tally, "remaining", len(children))
+    pipe.expire(tally, SWEEP_TTL)
+    await _redis(pipe.execute(), "open sweep tally")
+
+
+def child_counts(summary: Mapping[str, Any], failed: bool) -> dict[str, int]:
+    """What one repository's prune adds to its sweep's counts."""
+    plan = summary.get("plan", {})
+    counts = {
+        "repositories": 1,
+        "failed": int(failed),
+        "tags_planned": int(plan.get("tags_removed", 0)),
+        "manifests_planned": int(plan.get("manifests_removed", 0)),
+        "bytes": int(summary.get("bytes", 0)),
+    }
+    for status, amount in summary.get("counts", {}).items():
+        counts[status] = int(amount)
+    return counts
+
+
+async def child_finished(
+    ctx: WorkerContext, sweep_id: str, child_id: str, counts: Mapping[str, int]
+) -> dict[str, int] | None:
+    """Add a finished prune to its sweep; the sweep's totals once the last one is in."""
+    k = keys(ctx)
+    script = ctx.redis.register_script(_CHILD_FINISHED)
+    args: list[str | int] = [int(SWEEP_TTL.total_seconds()), child_id]
+    for field, amount in counts.items():
+        args += [field, amount]
+    left = await _redis(
+        script(keys=[k.sweep(sweep_id), k.sweep_done(sweep_id)], args=args), "tally"
+    )
+    if int(left) != 0:
+        return None
+    raw = await _redis(ctx.redis.hgetall(k.sweep(sweep_id)), "HGETALL tally")
+    totals = {_text(f): int(v) for f, v in raw.items()}
+    totals.pop("remaining", None)
+    return totals
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

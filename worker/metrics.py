@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -80,7 +80,7 @@ class WorkerMetrics:
     def __init__(self, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.keys = MetricKeys(prefix)
         self._counts: Counter[tuple[str, str]] = Counter()
-        self._seconds: Counter[tuple[str, str]] = Counter()
+        self._seconds: defaultdict[tuple[str, str], float] = defaultdict(float)
 
     def deletion(self, policy: str, reason: str, amount: int = 1) -> None:
         self._counts[(self.keys.deletions, _field(policy, reason))] += amount
@@ -105,7 +105,7 @@ class WorkerMetrics:
         if not self.pending:
             return
         counts, seconds = self._counts, self._seconds
-        self._counts, self._seconds = Counter(), Counter()
+        self._counts, self._seconds = Counter(), defaultdict(float)
         pipe = client.pipeline(transaction=False)
         for (key, field), amount in counts.items():
             pipe.hincrby(key, field, amount)
@@ -117,10 +117,13 @@ class WorkerMetrics:
             # Metrics are best effort: never fail a task for them.
             log.warning("metrics not written (kept for the next try): %s", exc)
             self._counts.update(counts)
-            self._seconds.update(seconds)
+            for series, total in seconds.items():
+                self._seconds[series] += total
 
 
-def _histogram(raw: Mapping[Any, Any]) -> Iterator[tuple[list[str], list[tuple[str, float]], float]]:
+def _histogram(
+    raw: Mapping[Any, Any],
+) -> Iterator[tuple[list[str], list[tuple[str, float]], float]]:
     """Per (method, route): cumulative buckets and the sum, as prometheus wants them."""
     per_series: dict[tuple[str, str], dict[str, float]] = {}
     for field, value in raw.items():

@@ -43,6 +43,10 @@ class JobState(StrEnum):
     DEFERRED = "deferred"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: Not run: outside the window, too late in it, or another GC already running.
+    SKIPPED = "skipped"
+    #: Its worker died mid-run; the maintenance recovery put the registry back.
+    INTERRUPTED = "interrupted"
 
 
 # Only the bare minimum on a job record is written by the service; workers add

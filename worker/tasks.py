@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Coroutine
 from typing import Any, Final, TypeVar
 
@@ -43,6 +44,10 @@ log = logging.getLogger("regsweep.worker")
 MAX_REGISTRY_RETRIES: Final = 5
 RETRY_BASE_SECONDS: Final = 2.0
 BUSY_RETRY_SECONDS: Final = 5.0
+#: How long a task waits in place for Redis (state and broker) to come back.
+STATE_PATIENCE_SECONDS: Final = 120.0
+STATE_RETRY_FIRST_SECONDS: Final = 0.25
+STATE_RETRY_MAX_SECONDS: Final = 8.0
 
 _loop: EventLoopThread | None = None
 _ctx: WorkerContext | None = None
@@ -58,10 +63,35 @@ def _context() -> tuple[EventLoopThread, WorkerContext]:
 
 
 def run(make: Any) -> Any:
-    """Run ``make(ctx)`` (a coroutine factory) on this process's loop."""
+    """Run ``make(ctx)`` (a coroutine factory) on this process's loop, then flush metrics."""
     loop, ctx = _context()
-    coro: Coroutine[Any, Any, Any] = make(ctx)
-    return loop.run(coro)
+    return loop.run(_flushed(ctx, make(ctx)))
+
+
+def run_patiently(make: Any, patience: float = STATE_PATIENCE_SECONDS) -> Any:
+    """:func:`run`, retried in place while Redis is unreachable, for up to ``patience`` s.
+
+    A Celery retry would need the broker, which is the same Redis: while it is
+    away the task holds its (unacknowledged) message and waits instead.
+    """
+    deadline = time.monotonic() + patience
+    delay = STATE_RETRY_FIRST_SECONDS
+    while True:
+        try:
+            return run(make)
+        except StateError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis unavailable (%s); trying again in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, STATE_RETRY_MAX_SECONDS)
+
+
+async def _flushed(ctx: WorkerContext, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    finally:
+        await ctx.metrics.flush(ctx.redis)
 
 
 @worker_process_init.connect
@@ -102,16 +132,16 @@ def enqueue_prune(repository: str, **kwargs: Any) -> None:
 @shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)
 def registry_events(events: list[dict[str, Any]]) -> None:
     parsed = [RegistryEvent.from_dict(e) for e in events]
-    repositories = run(lambda ctx: jobs.apply_registry_events(ctx, parsed))
+    repositories = run_patiently(lambda ctx: jobs.apply_registry_events(ctx, parsed))
     for repository in repositories:
-        if run(lambda ctx, r=repository: jobs.claim_prune(ctx, r)):
+        if run_patiently(lambda ctx, r=repository: jobs.claim_prune(ctx, r)):
             enqueue_prune(repository, trigger="push")
 
 
 @shared_task(name=TASK_CI_EVENT, acks_late=True)
 def ci_event(event: dict[str, Any]) -> None:
     parsed = CiEvent.from_dict(event)
-    requests = run(lambda ctx: jobs.ci_requests(ctx, parsed))
+    requests = run_patiently(lambda ctx: jobs.ci_requests(ctx, parsed))
     for repository, request in requests.items():
         enqueue_prune(repository, requests=[request_to_json(request)], trigger=parsed.kind)
     log.info("ci event %s %s: %d repositories", parsed.source, parsed.kind, len(requests))
@@ -127,10 +157,11 @@ def prune(
     dry_run: bool = False,
     incremental: bool = True,
     trigger: str = "api",
+    parent: str | None = None,
 ) -> None:
     params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
     if job_id is None:
-        job_id = run(lambda ctx: ctx.state.create_job("prune", params))
+        job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params))
     job = jobs.PruneJob(
         repository,
         job_id,
@@ -140,35 +171,67 @@ def prune(
     )
     _update(job_id, JobState.RUNNING)
     try:
-        summary = run(lambda ctx: jobs.prune_repository(ctx, job))
+        summary = run_patiently(lambda ctx: jobs.prune_repository(ctx, job))
     except jobs.Deferred as exc:
-        kwargs = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
-        run(lambda ctx: jobs.defer(ctx, repository, kwargs))
+        again = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
+        run(lambda ctx: jobs.defer(ctx, repository, again | {"parent": parent}))
         _update(job_id, JobState.DEFERRED, errors=[str(exc)])
         return
     except jobs.RepositoryBusy as exc:
         raise self.retry(countdown=BUSY_RETRY_SECONDS, exc=exc) from exc
     except RegistryUnavailable as exc:
-        _retry_or_fail(self, job_id, exc)
-        return
+        summary = _retry_or_fail(self, job_id, exc)
     except RegsweepError as exc:
-        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        summary = {"errors": [str(exc)], "outcome": "failed"}
+    _finish(job_id, summary, parent)
+    if not dry_run and summary.get("mode") == "enforce":
+        _schedule_grace_prune(repository)
+
+
+def _schedule_grace_prune(repository: str) -> None:
+    """Come back when the next untagged digest's grace ends (instead of the next sweep)."""
+    horizon = configured().maintenance.window_duration  # within the visibility timeout
+    try:
+        delay = run(lambda ctx: jobs.next_grace_prune(ctx, repository, horizon))
+    except StateError:
+        log.warning("cannot schedule the grace prune of %s; the sweep will", repository)
         return
+    if delay is not None:
+        prune.apply_async(
+            kwargs={"repository": repository, "trigger": "untagged grace"},
+            queue=PRUNE_QUEUE,
+            countdown=delay.total_seconds(),
+        )
+
+
+def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
+    """Record a prune's end, and its sweep's end when it was the last one of it."""
     failed = summary.get("outcome") == "failed"
     _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **summary)
-
-
-def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> None:
-    if task.request.retries >= MAX_REGISTRY_RETRIES:
-        _update(job_id, JobState.FAILED, errors=[str(exc)])
+    if parent is None:
         return
+    counts = jobs.child_counts(summary, failed)
+    totals = run(lambda ctx: jobs.child_finished(ctx, parent, job_id, counts))
+    if totals is not None:
+        state = JobState.FAILED if totals.get("failed") else JobState.SUCCEEDED
+        _update(parent, state, kind="sweep", counts=totals, bytes=totals.get("bytes", 0))
+
+
+def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> dict[str, Any]:
+    """Retry later (raises); after the last attempt, the failed job's summary."""
+    if task.request.retries >= MAX_REGISTRY_RETRIES:
+        return {"errors": [str(exc)], "outcome": "failed"}
     _update(job_id, JobState.QUEUED, errors=[f"retrying: {exc}"])
     raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
 
 
-def _update(job_id: str, state: JobState, **fields: Any) -> None:
+def _update(job_id: str, state: JobState, kind: str = "prune", **fields: Any) -> None:
+    def record(ctx: WorkerContext) -> Coroutine[Any, Any, bool]:
+        ctx.metrics.job(kind, state.value)
+        return ctx.state.update_job(job_id, state=state.value, **fields)
+
     try:
-        run(lambda ctx: ctx.state.update_job(job_id, state=state.value, **fields))
+        run(record)
     except StateError:
         log.exception("cannot record job %s as %s", job_id, state.value)
 
@@ -178,27 +241,53 @@ def sweep(job_id: str | None = None, repository: str | None = None, dry_run: boo
     """Reconcile every policy-covered repository with the live registry: one prune each."""
     if job_id is None:
         job_id = run(lambda ctx: ctx.state.create_job("sweep", {"trigger": "beat"}))
-    _update(job_id, JobState.RUNNING)
+    _update(job_id, JobState.RUNNING, kind="sweep")
     try:
         names = run(lambda ctx: ctx.pruner.repositories([repository] if repository else []))
+        children = run(lambda ctx: _child_jobs(ctx, job_id, names, dry_run))
     except RegsweepError as exc:
-        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        _update(job_id, JobState.FAILED, kind="sweep", errors=[str(exc)])
         return
+    if not children:
+        _update(job_id, JobState.SUCCEEDED, kind="sweep", repositories=[], counts={})
+        return
+    _update(job_id, JobState.RUNNING, kind="sweep", repositories=names, children=children)
+    for name, child in children.items():
+        enqueue_prune(
+            name,
+            job_id=child,
+            incremental=False,
+            dry_run=dry_run,
+            trigger=f"sweep {job_id}",
+            parent=job_id,
+        )
+
+
+async def _child_jobs(
+    ctx: WorkerContext, sweep_id: str, names: list[str], dry_run: bool
+) -> dict[str, str]:
+    """A job record per repository of a sweep (repository -> job id), and the sweep's tally."""
+    children: dict[str, str] = {}
     for name in names:
-        enqueue_prune(name, incremental=False, dry_run=dry_run, trigger=f"sweep {job_id}")
-    _update(job_id, JobState.SUCCEEDED, repositories=names)
+        params = {"repository": name, "dry_run": dry_run, "parent": sweep_id}
+        children[name] = await ctx.state.create_job("prune", params)
+    if children:
+        await jobs.start_sweep(ctx, sweep_id, children)
+    return children
 
 
 @shared_task(name=TASK_RESTORE, acks_late=True)
 def restore_task(job_id: str, repository: str, digest: str) -> None:
-    _update(job_id, JobState.RUNNING)
+    _update(job_id, JobState.RUNNING, kind="restore")
     try:
         restored = run(lambda ctx: restore(ctx.client, ctx.audit, repository, digest))
     except RegsweepError as exc:
-        _update(job_id, JobState.FAILED, errors=[str(exc)])
+        _update(job_id, JobState.FAILED, kind="restore", errors=[str(exc)])
         return
     items = [{"digest": r.digest, "tags": list(r.tags), "action": r.action} for r in restored]
-    _update(job_id, JobState.SUCCEEDED, restored=items)
+    _update(
+        job_id, JobState.SUCCEEDED, kind="restore", restored=items, counts={"restored": len(items)}
+    )
 
 
 @shared_task(name=TASK_TICK, acks_late=True)

@@ -1,0 +1,12 @@
+# regsweep: one image for the service, the workers and beat (the command picks the role).
+FROM python:3.12-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY regsweep ./regsweep
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-cache-dir . \
+    && useradd --system --no-create-home regsweep
+USER regsweep
+ENTRYPOINT ["regsweep", "-c", "/etc/regsweep/regsweep.yaml"]
+CMD ["check-config"]

@@ -1,0 +1,404 @@
+"""Maintenance-window test parts: a registry run by shell scripts, Redis DB 10, seeded images.
+
+``ProcessRegistry`` is Debian's 2.8.2 registry restarted by a script with a
+read-write or a read-only config, the way an operator's systemd units would
+run it, and driven by regsweep's process controller. ``RedisSpace`` is a key
+prefix of its own on Redis DB 10, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shlex
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import yaml
+
+from tests.harness.images import ImageBuilder, PushedImage, PushedIndex, random_layer
+from tests.harness.registry import REGISTRY_BINARY, RegistryProcess
+from worker import jobs
+from worker.audit import JsonlAuditLog
+from worker.context import WorkerContext
+from worker.maintenance.controllers import LineCallback, RegistryController
+from worker.maintenance.gc import GcResult
+from worker.maintenance.job import Maintenance, Timing
+from worker.maintenance.lock import MaintenanceKeys
+from worker.maintenance.probe import RegistryProbe
+from worker.policy import (
+    Config,
+    KeepRule,
+    MaintenanceSettings,
+    Mode,
+    Policy,
+    ProcessControllerSettings,
+    RegistrySettings,
+    RepositoryPattern,
+    TagPattern,
+)
+from worker.pruner import Pruner
+from worker.registry.client import RegistryClient
+from worker.state import SyncState
+
+REDIS_URL = "redis://127.0.0.1:6379/10"
+LAYER_SIZE = 128 * 1024
+NOW = dt.datetime.now(dt.UTC)
+#: Short waits for tests; production keeps minutes.
+FAST = Timing(
+    prune_drain=2.0,
+    switch_timeout=20.0,
+    switch_back_attempts=3,
+    switch_back_backoff=0.1,
+    progress_every=0.2,
+    poll=0.05,
+)
+
+# Restarts the registry with the config given as $1, as `systemctl restart` would.
+# The old process is an orphan nobody reaps here, so a zombie counts as gone.
+RESTART_SCRIPT = """#!/bin/sh
+set -eu
+pidfile={pidfile}
+if [ -f "$pidfile" ]; then
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    i=0
+    while [ -r "/proc/$pid/stat" ] && ! grep -q ') Z' "/proc/$pid/stat" && [ $i -lt 200 ]; do
+        sleep 0.05; i=$((i + 1))
+    done
+fi
+OTEL_TRACES_EXPORTER=none nohup {binary} serve "$1" >>{log} 2>&1 </dev/null &
+echo $! >"$pidfile"
+"""
+
+
+def days_ago(n: float) -> dt.datetime:
+    return NOW - dt.timedelta(days=n)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class ProcessRegistry:
+    """A registry restarted by shell scripts: one config read-write, one read-only."""
+
+    root: Path
+    url: str
+    storage: Path
+    config_rw: Path
+    pidfile: Path
+    settings: ProcessControllerSettings
+
+    @classmethod
+    def create(cls, root: Path, gc_command: str | None = None) -> ProcessRegistry:
+        root.mkdir(parents=True, exist_ok=True)
+        proc = RegistryProcess.create(root)
+        # Info level, so the GC's "Deleting blob" lines are there to stream.
+        proc.config["log"]["level"] = "info"
+        config_rw, config_ro = root / "config-rw.yml", root / "config-ro.yml"
+        config_rw.write_text(yaml.safe_dump(proc.config))
+        proc.set_readonly(True)
+        config_ro.write_text(yaml.safe_dump(proc.config))
+        pidfile = root / "registry.pid"
+        script = root / "restart-registry.sh"
+        script.write_text(
+            RESTART_SCRIPT.format(
+                pidfile=shlex.quote(str(pidfile)),
+                binary=shlex.quote(REGISTRY_BINARY),
+                log=shlex.quote(str(root / "registry.log")),
+            )
+        )
+        settings = ProcessControllerSettings(
+            readonly_command=f"sh {script} {config_ro}",
+            readwrite_command=f"sh {script} {config_rw}",
+            gc_command=gc_command or f"{REGISTRY_BINARY} garbage-collect {config_rw}",
+            storage_path=str(proc.storage_path),
+        )
+        return cls(root, proc.url, proc.storage_path, config_rw, pidfile, settings)
+
+    def start(self) -> None:
+        os.system(self.settings.readwrite_command)
+        wait_answers(self.url)
+
+    def stop(self) -> None:
+        if not self.pidfile.exists():
+            return
+        pid = int(self.pidfile.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}").exists() else ""
+            if ") Z" in stat:
+                return
+            time.sleep(0.05)
+
+
+def write_config(
+    path: Path, registry: ProcessRegistry, *, redis_url: str | None = REDIS_URL
+) -> Path:
+    """A policy file for `regsweep` subprocesses: no policies, the process controller."""
+    settings = registry.settings
+    config = {
+        "registry": {"url": registry.url},
+        "policies": [],
+        "maintenance": {
+            "window": {"cron": "0 3 * * sun", "duration": "2h"},
+            "controller": {
+                "kind": "process",
+                "readonly_command": settings.readonly_command,
+                "readwrite_command": settings.readwrite_command,
+                "gc_command": settings.gc_command,
+                "storage_path": settings.storage_path,
+            },
+        },
+    }
+    if redis_url is not None:
+        config["redis"] = {"url": redis_url}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_answers(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/v2/", timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def upload_status(url: str, repository: str = "gc/probe") -> int:
+    """What a push's first step (starting a blob upload) answers now."""
+    response = httpx.post(f"{url}/v2/{repository}/blobs/uploads/", timeout=5.0)
+    if response.status_code == 202:
+        httpx.delete(httpx.URL(url).join(response.headers["Location"]), timeout=5.0)
+    return response.status_code
+
+
+# --------------------------------------------------------------------------- redis
+
+
+@dataclass
+class RedisSpace:
+    """A key prefix of this test's own on Redis DB 10; :meth:`cleanup` deletes it."""
+
+    client: redis.Redis = field(default_factory=lambda: redis.Redis.from_url(REDIS_URL))
+    prefix: str = field(default_factory=lambda: f"rstest-gc:{uuid.uuid4().hex[:8]}:")
+
+    @property
+    def keys(self) -> MaintenanceKeys:
+        return MaintenanceKeys(self.prefix)
+
+    @property
+    def state(self) -> SyncState:
+        return SyncState(self.client, prefix=self.prefix)
+
+    def cleanup(self) -> None:
+        for key in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+            self.client.delete(key)
+        self.client.close()
+
+
+def make_maintenance(
+    space: RedisSpace,
+    controller: RegistryController,
+    url: str,
+    *,
+    settings: MaintenanceSettings | None = None,
+    release: Callable[[], int] | None = None,
+    timing: Timing = FAST,
+    clock: Callable[[], dt.datetime] | None = None,
+) -> Maintenance:
+    m = Maintenance(
+        redis=space.client,
+        state=space.state,
+        controller=controller,
+        probe=RegistryProbe.from_settings(RegistrySettings(url=url)),
+        settings=settings or MaintenanceSettings(),
+        keys=space.keys,
+        release_deferred=release,
+        timing=timing,
+    )
+    if clock is not None:
+        m.clock = clock
+    return m
+
+
+class DuringGc:
+    """A controller that runs ``hook`` while the registry is read-only, just before GC."""
+
+    def __init__(self, inner: RegistryController, hook: Callable[[], None]) -> None:
+        self.inner = inner
+        self.hook = hook
+
+    def set_readonly(self, enabled: bool) -> None:
+        self.inner.set_readonly(enabled)
+
+    def is_readonly(self) -> bool:
+        return self.inner.is_readonly()
+
+    def run_gc(
+        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+    ) -> GcResult:
+        self.hook()
+        return self.inner.run_gc(dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line)
+
+    def storage_bytes(self) -> int | None:
+        return self.inner.storage_bytes()
+
+    def registry_version(self) -> str | None:
+        return self.inner.registry_version()
+
+
+# --------------------------------------------------------------------------- images and prunes
+
+
+def keep_newest(n: int, pattern: str = "gc/**") -> Policy:
+    return Policy(
+        name="gc-test",
+        repositories=(RepositoryPattern.compile(pattern),),
+        mode=Mode.ENFORCE,
+        protect=(),
+        keep=(KeepRule(0, (TagPattern.compile("*"),), newest=n),),
+    )
+
+
+def engine_config(url: str, tmp_path: Path, policy: Policy) -> Config:
+    return Config(
+        registry=RegistrySettings(url=url, concurrency=4),
+        policies=(policy,),
+        redis_url=REDIS_URL,
+        audit_path=str(tmp_path / "audit.jsonl"),
+    )
+
+
+def image(builder: ImageBuilder, repo: str, tag: str | tuple[str, ...], age: float) -> PushedImage:
+    return builder.image(repo, tag, created=days_ago(age), layers=[random_layer(LAYER_SIZE)])
+
+
+def multi_arch(builder: ImageBuilder, repo: str, tag: str, age: float) -> Seeded:
+    amd64 = builder.image(
+        repo, (), created=days_ago(age), layers=[random_layer(LAYER_SIZE)], architecture="amd64"
+    )
+    arm64 = builder.image(
+        repo, (), created=days_ago(age), layers=[random_layer(LAYER_SIZE)], architecture="arm64"
+    )
+    index = builder.index(repo, [amd64, arm64], tag)
+    return Seeded(repo, index, (amd64, arm64))
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """An image as pushed, with the child images of an index."""
+
+    repository: str
+    top: PushedImage | PushedIndex
+    children: tuple[PushedImage, ...] = ()
+
+
+def seed(builder: ImageBuilder) -> tuple[list[Seeded], list[Seeded]]:
+    """Single-arch, multi-arch and signed images, three ages each; (kept, to delete) by
+    a keep-newest-2 policy."""
+    kept: list[Seeded] = []
+    doomed: list[Seeded] = []
+    for age, bucket in ((30, doomed), (20, kept), (10, kept)):
+        bucket.append(Seeded("gc/single", image(builder, "gc/single", f"s{age}", age)))
+        bucket.append(multi_arch(builder, "gc/multi", f"m{age}", age))
+        signed = image(builder, "gc/signed", f"v{age}", age)
+        bucket.append(Seeded("gc/signed", signed))
+        bucket.append(Seeded("gc/signed", builder.cosign("gc/signed", signed, "sig")))
+    return kept, doomed
+
+
+def missing_parts(builder: ImageBuilder, seeded: Seeded) -> list[str]:
+    """Every manifest and blob of ``seeded`` that does not answer 200 (empty: pullable)."""
+    repo = seeded.repository
+    images = [seeded.top, *seeded.children] if isinstance(seeded.top, PushedIndex) else [seeded.top]
+    missing = []
+    for part in images:
+        if not builder.manifest_exists(repo, part.digest):
+            missing.append(f"manifest {part.digest}")
+        if isinstance(part, PushedImage):
+            for blob in (part.config_digest, *part.layer_digests):
+                if not builder.blob_exists(repo, blob):
+                    missing.append(f"blob {blob}")
+    return missing
+
+
+def prune(config: Config, repositories: list[str]) -> None:
+    """Plan and execute the policy in-process, as ``regsweep prune`` does."""
+
+    async def go() -> None:
+        async with RegistryClient.from_settings(config.registry) as client:
+            pruner = Pruner(config, client, audit=JsonlAuditLog(config.audit_path or "a.jsonl"))
+            for repo in repositories:
+                planned = await pruner.plan_one(repo)
+                assert planned is not None
+                report = await pruner.execute(planned, job_id="test-prune")
+                assert report.outcome.value == "done", report
+
+    asyncio.run(go())
+
+
+def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a worker's prune task does with these task kwargs; ``jobs.Deferred`` propagates."""
+
+    async def go() -> dict[str, Any]:
+        ctx = await WorkerContext.open(config, prefix=prefix)
+        try:
+            job = jobs.PruneJob(
+                kwargs["repository"],
+                kwargs["job_id"],
+                dry_run=kwargs.get("dry_run", False),
+                incremental=kwargs.get("incremental", False),
+            )
+            return await jobs.prune_repository(ctx, job)
+        finally:
+            await ctx.aclose()
+
+    return asyncio.run(go())
+
+
+def worker_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
+    """What the prune task does with ``jobs.Deferred``: park the prune."""
+
+    async def go() -> None:
+        ctx = await WorkerContext.open(config, prefix=prefix)
+        try:
+            await jobs.defer(ctx, kwargs["repository"], kwargs)
+        finally:
+            await ctx.aclose()
+
+    asyncio.run(go())
+
+
+def worker_release(config: Config, prefix: str, into: list[dict[str, Any]]) -> Callable[[], int]:
+    """A release callback doing what ``tick`` does, collecting the prunes instead of queueing."""
+
+    def release() -> int:
+        async def go() -> list[dict[str, Any]]:
+            ctx = await WorkerContext.open(config, prefix=prefix)
+            try:
+                return await jobs.release_deferred(ctx)
+            finally:
+                await ctx.aclose()
+
+        released = asyncio.run(go())
+        into.extend(released)
+        return len(released)
+
+    return release

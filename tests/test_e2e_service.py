@@ -1,0 +1,301 @@
+"""End to end with real processes: registry 2.8.2 → `regsweep serve` → Redis → `regsweep worker`.
+
+Pushes go through the registry's API, the registry's own notifications reach
+the service, Celery workers prune, and every deletion is observed on the
+registry itself (HEAD by digest → 404; kept manifests and blobs → 200).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.harness import service as payloads
+from tests.harness import stack as s
+from tests.harness.images import ImageBuilder, PushedImage
+from worker import mediatypes as mt
+
+POLICIES: list[dict[str, Any]] = [
+    {
+        "name": "moved",
+        "repositories": ["e2e/moved-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["*"]}],
+        "untagged": {"delete_after": "0s"},
+    },
+    {
+        "name": "newest",
+        "repositories": ["e2e/newest-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["build-*"], "newest": 2}],
+        "untagged": {"delete_after": "0s"},
+    },
+    {
+        "name": "ci",
+        "repositories": ["e2e/ci-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["*"]}],
+        "on": {"pull_request_closed": ["pr-{number}"], "branch_deleted": ["{branch}"]},
+        "sources": {"github": ["acme/web"], "gitlab": ["acme/web"]},
+    },
+    {
+        "name": "grace",
+        "repositories": ["e2e/grace-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["*"]}],
+        "untagged": {"delete_after": "3s"},
+    },
+    {
+        "name": "api",
+        "repositories": ["e2e/api-*"],
+        "mode": "dry-run",
+        "keep": [{"tags": ["keep-*"]}],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s.Stack]:
+    running = s.Stack(
+        tmp_path_factory.mktemp("e2e"),
+        POLICIES,
+        worker_args=("--concurrency", "2", "--without-mingle", "--without-gossip"),
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def images(stack: s.Stack) -> Iterator[ImageBuilder]:
+    assert stack.registry is not None
+    with ImageBuilder.connect(stack.registry.url) as builder:
+        yield builder
+
+
+@pytest.fixture
+def http(stack: s.Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def state() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(s.REDIS_URL, decode_responses=True)
+    yield client
+    client.close()
+
+
+def unique(kind: str) -> str:
+    return f"e2e/{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def manifest_status(images: ImageBuilder, repository: str, reference: str) -> int:
+    response = images.client.head(
+        f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+    )
+    return response.status_code
+
+
+def assert_intact(images: ImageBuilder, image: PushedImage) -> None:
+    """The image's manifest and every blob it references still answer 200."""
+    assert manifest_status(images, image.repository, image.digest) == 200
+    for blob in (image.config_digest, *image.layer_digests):
+        response = images.client.head(f"/v2/{image.repository}/blobs/{blob}")
+        assert response.status_code == 200, blob
+
+
+def wait_gone(images: ImageBuilder, repository: str, reference: str, stack: s.Stack) -> None:
+    try:
+        s.wait_for(lambda: manifest_status(images, repository, reference) == 404, timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{repository}@{reference} still there\n{stack.logs()}") from exc
+
+
+def indexed_tags(state: redis.Redis, repository: str) -> dict[str, str]:
+    return state.hgetall(f"regsweep:idx:{repository}:tags")  # type: ignore[return-value]
+
+
+def finished_job(http: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        job = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS).json()
+        return job if job["state"] in ("succeeded", "failed") else None
+
+    return s.wait_for(done, timeout=timeout, step=0.1)
+
+
+def post_job(http: httpx.Client, **body: Any) -> str:
+    response = http.post("/api/v1/jobs", json=body, headers=s.API_HEADERS)
+    assert response.status_code == 202, response.text
+    assert response.json()["status_url"] == f"/api/v1/jobs/{response.json()['job_id']}"
+    return str(response.json()["job_id"])
+
+
+def test_moved_tag_leaves_old_digest_deleted(stack: s.Stack, images: ImageBuilder) -> None:
+    """A tag pushed twice to new digests: the superseded digest goes, the new image stays whole."""
+    repository = unique("moved")
+    first = images.image(repository, "v1")
+    second = images.image(repository, "v1")
+    wait_gone(images, repository, first.digest, stack)
+    assert_intact(images, second)
+    assert manifest_status(images, repository, "v1") == 200
+
+
+def test_superseded_digest_waits_for_its_grace_then_goes(
+    stack: s.Stack, images: ImageBuilder, state: redis.Redis
+) -> None:
+    """With `delete_after: 3s` the old digest survives the push's prune and goes once 3 s pass."""
+    repository = unique("grace")
+    first = images.image(repository, "v1")
+    second = images.image(repository, "v1")
+    moved = time.monotonic()
+    s.wait_for(lambda: indexed_tags(state, repository).get("v1") == second.digest)
+    time.sleep(1.0)
+    assert manifest_status(images, repository, first.digest) == 200, "deleted before its grace"
+    wait_gone(images, repository, first.digest, stack)
+    assert time.monotonic() - moved >= 2.5
+    assert_intact(images, second)
+
+
+def test_push_out_of_newest_prunes_right_after(stack: s.Stack, images: ImageBuilder) -> None:
+    """The push that displaces a tag out of `newest: 2` gets the oldest build pruned."""
+    repository = unique("newest")
+    builds = [images.image(repository, f"build-{n}") for n in (1, 2)]
+    assert manifest_status(images, repository, builds[0].digest) == 200
+    third = images.image(repository, "build-3")
+    wait_gone(images, repository, builds[0].digest, stack)
+    assert manifest_status(images, repository, "build-1") == 404
+    for kept in (builds[1], third):
+        assert_intact(images, kept)
+
+
+def test_github_pull_request_closed_deletes_its_tags(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client, state: redis.Redis
+) -> None:
+    """A signed pull_request closed hook deletes `pr-{number}` only; a restore job puts it back."""
+    repository = unique("ci")
+    pr = images.image(repository, "pr-42")
+    main = images.image(repository, "main")
+    s.wait_for(lambda: {"pr-42", "main"} <= set(indexed_tags(state, repository)))
+    body = payloads.github_pull_request("closed", merged=False, number=42)
+    headers = payloads.github_headers(s.GITHUB_SECRET, body, "pull_request")
+    response = http.post("/hooks/github", content=body, headers=headers)
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    wait_gone(images, repository, pr.digest, stack)
+    assert manifest_status(images, repository, "pr-42") == 404
+    assert_intact(images, main)
+    job_id = post_job(http, kind="restore", repository=repository, digest=pr.digest)
+    job = finished_job(http, job_id)
+    assert job["state"] == "succeeded", job
+    assert job["restored"][0]["tags"] == ["pr-42"]
+    assert manifest_status(images, repository, "pr-42") == 200
+    assert_intact(images, pr)
+
+
+def test_gitlab_branch_delete_removes_branch_tags(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client, state: redis.Redis
+) -> None:
+    """A GitLab Push Hook whose `after` is all zeros deletes the `{branch}` tag."""
+    repository = unique("ci")
+    review = images.image(repository, "review")
+    main = images.image(repository, "main")
+    s.wait_for(lambda: {"review", "main"} <= set(indexed_tags(state, repository)))
+    body = payloads.gitlab_push(ref="refs/heads/review")
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gitlab-Event": "Push Hook",
+        "X-Gitlab-Token": s.GITLAB_TOKEN,
+        "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+    }
+    response = http.post("/hooks/gitlab", content=body, headers=headers)
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    wait_gone(images, repository, review.digest, stack)
+    assert_intact(images, main)
+
+
+def test_api_prune_and_sweep_jobs_finish_with_counts(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client, state: redis.Redis
+) -> None:
+    """POST prune and sweep jobs → 202; each job ends succeeded with its plan and counts."""
+    repository = unique("api")
+    images.image(repository, "keep-1")
+    drop = images.image(repository, "drop-1")
+    s.wait_for(lambda: "drop-1" in indexed_tags(state, repository))
+    prune = finished_job(http, post_job(http, kind="prune", repository=repository))
+    assert prune["state"] == "succeeded", prune
+    assert prune["repository"] == repository and prune["mode"] == "dry-run"
+    assert prune["plan"]["tags_removed"] == 1 and prune["executed"] is False
+    assert manifest_status(images, repository, drop.digest) == 200, "dry-run wrote nothing"
+    sweep = finished_job(http, post_job(http, kind="sweep"), timeout=60)
+    assert sweep["state"] == "succeeded", sweep
+    assert repository in sweep["repositories"]
+    assert sweep["counts"]["repositories"] == len(sweep["repositories"])
+    assert sweep["counts"]["tags_planned"] >= 1
+    assert len(sweep["children"]) == len(sweep["repositories"])
+
+
+def test_transient_registry_outage_is_retried(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client
+) -> None:
+    """A prune that meets a stopped registry is retried, and succeeds once it is back."""
+    assert stack.registry is not None
+    repository = unique("api")
+    images.image(repository, "keep-1")
+    stack.registry.stop()
+    try:
+        job_id = post_job(http, kind="prune", repository=repository)
+
+        def retrying() -> bool:
+            job = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS).json()
+            return any("retrying" in e for e in job["errors"])
+
+        s.wait_for(retrying, timeout=30, step=0.2)
+    finally:
+        stack.registry.start()
+    job = finished_job(http, job_id, timeout=60)
+    assert job["state"] == "succeeded", job
+    assert job["plan"]["tags_kept"] == 1
+
+
+def test_metrics_include_worker_counters(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client
+) -> None:
+    """/metrics shows the workers' deletions, job states and registry latency next to events."""
+    repository = unique("moved")
+    first = images.image(repository, "v1")
+    images.image(repository, "v1")
+    wait_gone(images, repository, first.digest, stack)
+
+    def scraped() -> str | None:
+        text = http.get("/metrics").text
+        return (
+            text if 'regsweep_deletions_total{policy="moved",reason="untagged"}' in text else None
+        )
+
+    text = s.wait_for(scraped, timeout=10)
+    assert 'regsweep_worker_jobs_total{kind="prune",state="succeeded"}' in text
+    assert 'regsweep_registry_request_duration_seconds_bucket{le="+Inf",method="DELETE"' in text
+    assert 'regsweep_events_total{outcome="accepted",source="registry"}' in text
+
+
+def test_service_and_worker_log_json_without_secrets(stack: s.Stack) -> None:
+    """serve and worker log JSON lines, and no configured secret appears in any log."""
+    assert stack.service is not None and stack.worker is not None
+    for process in (stack.service, stack.worker):
+        text = process.log.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert records, f"no JSON log lines from {process.name}"
+        assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+        for secret in s.SECRETS:
+            assert secret not in text
+    service_log = stack.service.log.read_text()
+    assert "/hooks/registry enabled" in service_log

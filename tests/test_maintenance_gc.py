@@ -1,0 +1,375 @@
+"""The maintenance window on the real 2.8.2 registry, driven by the process controller."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from regsweep import cli
+from tests.harness.images import ImageBuilder, PushError, random_layer
+from tests.harness.maintenance import (
+    FAST,
+    REDIS_URL,
+    DuringGc,
+    ProcessRegistry,
+    RedisSpace,
+    engine_config,
+    image,
+    keep_newest,
+    make_maintenance,
+    missing_parts,
+    multi_arch,
+    prune,
+    seed,
+    upload_status,
+    worker_defer,
+    worker_prune,
+    worker_release,
+    write_config,
+)
+from tests.harness.registry import REGISTRY_BINARY
+from worker import jobs
+from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
+from worker.maintenance.lock import MaintenanceKeys
+from worker.maintenance.recovery import recover_crashed_window
+from worker.policy import ProcessControllerSettings
+from worker.state import JobState
+
+
+@pytest.fixture
+def space() -> Iterator[RedisSpace]:
+    made = RedisSpace()
+    yield made
+    made.cleanup()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
+    made = ProcessRegistry.create(tmp_path / "registry")
+    made.start()
+    yield made
+    made.stop()
+
+
+def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
+    registry: ProcessRegistry, space: RedisSpace, tmp_path: Path
+) -> None:
+    """Prune, then GC read-only: bytes come back, every kept tag (children, signatures, blobs)
+    still answers 200, a push during the window gets 405 and works after it, a second GC
+    request gets the running job's id, and a prune asked for meanwhile runs after the window."""
+    config = engine_config(registry.url, tmp_path, keep_newest(2))
+    with ImageBuilder.connect(registry.url) as builder:
+        kept, doomed = seed(builder)
+        for age in (30, 20, 10):
+            image(builder, "gc/later", f"d{age}", age)
+        prune(config, ["gc/single", "gc/multi", "gc/signed"])
+        assert all(missing_parts(builder, s) for s in doomed if s.top.tags)
+
+        released: list[dict[str, Any]] = []
+        seen: dict[str, Any] = {}
+        m = make_maintenance(
+            space,
+            SessionTrackedController(registry.settings),
+            registry.url,
+            release=worker_release(config, space.prefix, released),
+        )
+        job_id = space.state.create_job("gc", {})
+        second_id = space.state.create_job("gc", {})
+
+        def during_gc() -> None:
+            seen["upload"] = upload_status(registry.url)
+            with pytest.raises(PushError) as refused:
+                builder.image("gc/single", "pushed-in-window", layers=[random_layer()])
+            seen["push"] = refused.value.status
+            seen["second"] = run_gc(m, GcRequest(second_id))
+            later = {"repository": "gc/later", "job_id": "p1", "incremental": False}
+            with pytest.raises(jobs.Deferred):
+                worker_prune(config, space.prefix, later)
+            worker_defer(config, space.prefix, later)
+
+        m.controller = DuringGc(m.controller, during_gc)
+        outcome = run_gc(m, GcRequest(job_id))
+
+        report = outcome.report
+        assert outcome.status == "done", report and report.errors
+        assert report is not None and report.gc is not None
+        assert (seen["upload"], seen["push"]) == (405, 405)
+        assert (seen["second"].status, seen["second"].job_id) == ("busy", job_id)
+        assert space.state.get_job(second_id)["running_job_id"] == job_id
+        assert report.bytes_reclaimed is not None and report.bytes_reclaimed > 0
+        assert report.gc.blobs_deleted >= 9 and report.gc.blobs_deleted == report.gc.blobs_eligible
+        assert report.writes_while_readonly == "read-only" and report.writes_after == "writable"
+        assert report.readonly_seconds is not None and report.gc_seconds is not None
+        assert report.readonly_seconds >= report.gc_seconds
+        assert not report.delete_untagged and report.registry_version == "2.8.2"
+        assert not report.overran
+
+        for s in kept:
+            assert missing_parts(builder, s) == [], s
+        assert not builder.blob_exists("gc/single", doomed[0].top.layer_digests[0])  # type: ignore[union-attr]
+        assert builder.image("gc/single", "pushed-after", layers=[random_layer()]).digest
+
+        assert space.client.get(space.keys.flag) is None
+        assert report.deferred_released == 1 and released[0]["repository"] == "gc/later"
+        summary = worker_prune(config, space.prefix, released[0])
+        assert summary["counts"]["deleted"] == 1
+        assert builder.tags("gc/later") == ["d10", "d20"]
+
+    record = space.state.get_job(job_id)
+    assert record is not None and record["state"] == JobState.SUCCEEDED.value
+    assert record["bytes"] == report.bytes_reclaimed > 0
+    assert record["counts"]["blobs_deleted"] == report.gc.blobs_deleted
+    assert record["report"]["overran_window"] is False
+    assert int(space.client.hget(space.keys.metrics, "bytes_reclaimed") or 0) > 0
+
+
+def test_delete_untagged_on_2_8_breaks_multi_arch_but_regsweeps_gc_does_not(
+    tmp_path: Path, space: RedisSpace
+) -> None:
+    """distribution#3178 on the real 2.8.2: `garbage-collect --delete-untagged` deletes the
+    children of a tagged index; regsweep's GC (delete_untagged: auto, so no flag on 2.8)
+    leaves every child manifest and blob in place."""
+    bare = ProcessRegistry.create(tmp_path / "bare")
+    ours = ProcessRegistry.create(tmp_path / "ours")
+    try:
+        for reg in (bare, ours):
+            reg.start()
+            with ImageBuilder.connect(reg.url) as builder:
+                reg_index = multi_arch(builder, "gc/multi", "latest", 1)
+            if reg is bare:
+                bare_index = reg_index
+            else:
+                our_index = reg_index
+
+        done = _bare_gc(bare, "--delete-untagged")
+        assert done.returncode == 0, done.stderr
+        bare.start()  # a restart, as after any GC: the blob-descriptor cache is emptied
+        with ImageBuilder.connect(bare.url) as builder:
+            broken = missing_parts(builder, bare_index)
+        assert any(part.startswith("manifest") for part in broken), broken
+
+        m = make_maintenance(space, SessionTrackedController(ours.settings), ours.url)
+        outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
+        assert outcome.status == "done" and outcome.report is not None
+        assert outcome.report.delete_untagged is False
+        with ImageBuilder.connect(ours.url) as builder:
+            assert missing_parts(builder, our_index) == []
+    finally:
+        bare.stop()
+        ours.stop()
+
+
+def _bare_gc(reg: ProcessRegistry, *flags: str) -> Any:
+    import subprocess
+
+    return subprocess.run(
+        [REGISTRY_BINARY, "garbage-collect", *flags, str(reg.config_rw)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_dry_run_reports_without_switching_or_pausing(
+    registry: ProcessRegistry, space: RedisSpace
+) -> None:
+    """A dry run counts what GC would remove, never sets the flag or switches read-only,
+    and deletes nothing."""
+    with ImageBuilder.connect(registry.url) as builder:
+        gone = image(builder, "gc/dry", "old", 5)
+        image(builder, "gc/dry", "new", 1)
+        assert builder.client.delete(f"/v2/gc/dry/manifests/{gone.digest}").status_code == 202
+
+        flags: list[bytes | None] = []
+        m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+        m.controller = DuringGc(
+            m.controller,
+            lambda: flags.append(space.client.get(space.keys.flag)) or None,  # type: ignore[func-returns-value]
+        )
+        outcome = run_gc(m, GcRequest(space.state.create_job("gc", {}), dry_run=True))
+        report = outcome.report
+        assert outcome.status == "done" and report is not None and report.gc is not None
+        assert report.gc.dry_run and report.gc.blobs_eligible >= 3
+        assert report.gc.blobs_deleted == 0 and report.readonly_seconds is None
+        assert flags == [None]
+        assert upload_status(registry.url) == 202
+        assert builder.blob_exists("gc/dry", gone.layer_digests[0])
+
+
+def test_failed_gc_still_switches_back_and_resumes_pruning(
+    tmp_path: Path, space: RedisSpace
+) -> None:
+    """A GC that exits 1 fails the job, and the registry is read-write again, the flag
+    cleared."""
+    reg = ProcessRegistry.create(
+        tmp_path, gc_command=f"{REGISTRY_BINARY} garbage-collect {tmp_path / 'missing.yml'}"
+    )
+    reg.start()
+    try:
+        m = make_maintenance(space, SessionTrackedController(reg.settings), reg.url)
+        job_id = space.state.create_job("gc", {})
+        outcome = run_gc(m, GcRequest(job_id))
+        assert outcome.status == "failed" and outcome.report is not None
+        assert "garbage-collect exited with 1" in outcome.report.errors[-1]
+        assert upload_status(reg.url) == 202
+        assert space.client.get(space.keys.flag) is None
+        assert space.state.get_job(job_id)["state"] == JobState.FAILED.value
+    finally:
+        reg.stop()
+
+
+def test_switch_back_is_retried_and_then_recovered(tmp_path: Path, space: RedisSpace) -> None:
+    """A switch back that fails every retry leaves the flag set, is alerted (metric, job),
+    and the recovery check puts the registry back once the controller works again; a
+    switch back that fails once is only a warning."""
+    reg = ProcessRegistry.create(tmp_path)
+    reg.start()
+    _one_image(reg)
+    counter = tmp_path / "failures"
+    counter.write_text("0")
+    # Fails while the counter is below the limit given as $1, then really restarts.
+    flaky = (
+        f'n=$(cat {counter}); echo $((n + 1)) > {counter}; [ "$n" -ge "$LIMIT" ] || '
+        f"{{ echo 'unit busy' >&2; exit 1; }}; {reg.settings.readwrite_command}"
+    )
+    try:
+        for limit, expected in ((1, "done"), (99, "failed")):
+            counter.write_text("0")
+            settings = _with(reg.settings, readwrite_command=f"LIMIT={limit}; {flaky}")
+            m = make_maintenance(space, SessionTrackedController(settings), reg.url)
+            job_id = space.state.create_job("gc", {})
+            outcome = run_gc(m, GcRequest(job_id))
+            assert outcome.status == expected, outcome.report and outcome.report.errors
+            assert outcome.report is not None
+            assert "attempt 1: readwrite_command exited with 1" in outcome.report.warnings[0]
+
+        assert outcome.report.left_readonly
+        assert upload_status(reg.url) == 405
+        assert space.client.get(space.keys.flag) == job_id.encode()
+        assert space.client.hget(space.keys.metrics, "switch_back_failures") == b"1"
+        assert space.state.get_job(job_id)["report"]["left_readonly"] is True
+
+        m = make_maintenance(space, SessionTrackedController(reg.settings), reg.url)
+        recovered = recover_crashed_window(m)
+        assert recovered is not None and recovered.registry_writable
+        assert upload_status(reg.url) == 202
+        assert space.client.get(space.keys.flag) is None
+        record = space.state.get_job(job_id)
+        assert record["state"] == JobState.FAILED.value and "recovered" in record
+    finally:
+        reg.stop()
+
+
+def test_failed_switch_to_readonly_is_undone(tmp_path: Path, space: RedisSpace) -> None:
+    """When the switch to read-only fails, GC does not run, the registry is switched back
+    and the flag cleared."""
+    reg = ProcessRegistry.create(tmp_path)
+    reg.start()
+    try:
+        settings = _with(reg.settings, readonly_command="echo 'no such unit' >&2; exit 5")
+        m = make_maintenance(space, SessionTrackedController(settings), reg.url)
+        outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
+        assert outcome.status == "failed" and outcome.report is not None
+        assert outcome.report.gc is None
+        assert "readonly_command exited with 5" in outcome.report.errors[0]
+        assert upload_status(reg.url) == 202
+        assert space.client.get(space.keys.flag) is None
+    finally:
+        reg.stop()
+
+
+def test_running_gc_records_its_session(registry: ProcessRegistry, space: RedisSpace) -> None:
+    """The process controller's GC names its session (for a recovery to kill an orphan),
+    and the key is gone once the window ends."""
+    _one_image(registry)
+    sessions: list[dict[str, Any]] = []
+    m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+    m.controller = DuringGc(m.controller, lambda: None)
+    inner_run = m.controller.run_gc
+
+    def run_and_look(**kwargs: Any) -> Any:
+        result = inner_run(**kwargs)
+        sessions.append(json.loads(space.client.get(space.keys.gc_session) or b"{}"))
+        return result
+
+    m.controller.run_gc = run_and_look  # type: ignore[method-assign]
+    assert run_gc(m, GcRequest(space.state.create_job("gc", {}))).status == "done"
+    assert sessions and sessions[0]["pid"] > 0 and sessions[0]["started"]
+    assert space.client.get(space.keys.gc_session) is None
+
+
+def _one_image(reg: ProcessRegistry) -> None:
+    """GC on a registry that never stored anything fails (no repositories directory)."""
+    with ImageBuilder.connect(reg.url) as builder:
+        image(builder, "gc/one", "t", 1)
+
+
+def _with(settings: ProcessControllerSettings, **changes: str) -> ProcessControllerSettings:
+    return replace(settings, **changes)
+
+
+@pytest.fixture
+def db10_new_keys() -> Iterator[redis.Redis]:
+    """Redis DB 10 for code that uses the production prefix; keys it adds are deleted after."""
+    client = redis.Redis.from_url(REDIS_URL)
+    before = set(client.keys("*"))
+    yield client
+    for key in set(client.keys("*")) - before:
+        client.delete(key)
+    client.close()
+
+
+def test_cli_gc_runs_in_process_and_says_it_needs_redis(
+    registry: ProcessRegistry,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    db10_new_keys: redis.Redis,
+) -> None:
+    """`regsweep gc --dry-run` prints the report of a GC run in-process; without Redis
+    configured it exits 2 and says why."""
+    monkeypatch.delenv("REGSWEEP_REDIS_URL", raising=False)
+    _one_image(registry)
+    no_redis = write_config(tmp_path / "no-redis.yaml", registry, redis_url=None)
+    assert cli.main(["-c", str(no_redis), "gc"]) == 2
+    assert "regsweep gc needs Redis" in capsys.readouterr().err
+
+    config = write_config(tmp_path / "regsweep.yaml", registry)
+    assert cli.main(["-c", str(config), "gc", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: GC would remove 0 blobs and 0 manifests" in out
+    assert "overran the window: no" in out
+    assert db10_new_keys.get(MaintenanceKeys().gc_lock) is None
+
+
+def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
+    tmp_path: Path, space: RedisSpace
+) -> None:
+    """When the GC lock expires under a running GC (a recovery elsewhere may now switch the
+    registry read-write), the GC process is killed at its next output line, the registry
+    switched back and the job failed."""
+    pidfile = tmp_path / "gc.pid"
+    slow = f"echo $$ > {pidfile}; while :; do echo marking; sleep 0.1; done"
+    reg = ProcessRegistry.create(tmp_path / "registry", gc_command=slow)
+    reg.start()
+    try:
+        timing = replace(FAST, lock_extend_every=timedelta(seconds=0.1))
+        m = make_maintenance(space, SessionTrackedController(reg.settings), reg.url, timing=timing)
+        m.controller = DuringGc(m.controller, lambda: space.client.delete(space.keys.gc_lock))
+        job_id = space.state.create_job("gc", {})
+        outcome = run_gc(m, GcRequest(job_id))
+        assert outcome.status == "failed" and outcome.report is not None
+        assert "lost its lock" in outcome.report.errors[0]
+        assert not Path(f"/proc/{pidfile.read_text().strip()}/cmdline").exists()
+        assert upload_status(reg.url) == 202
+        assert space.client.get(space.keys.flag) is None
+        assert space.state.get_job(job_id)["state"] == JobState.FAILED.value
+    finally:
+        reg.stop()

@@ -1,0 +1,250 @@
+"""Job functions and Celery tasks against a real 2.8.2 registry and Redis DB 11.
+
+Tasks run in this process (``Task.apply``) on the worker's own context, so
+their effects are asserted directly; messages they enqueue are read off the
+broker's Redis list. DB 11 is flushed at the start and end of the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from tests.harness import stack as s
+from tests.harness.images import ImageBuilder
+from tests.harness.registry import RegistryProcess
+from worker import jobs, tasks
+from worker import mediatypes as mt
+from worker.celery_app import make_celery
+from worker.config import load_config
+from worker.context import WorkerContext
+from worker.policy import Config
+
+POLICY = {
+    "name": "jobs",
+    "repositories": ["w/**"],
+    "mode": "enforce",
+    "keep": [{"tags": ["keep-*"]}],
+}
+
+
+@pytest.fixture(scope="module")
+def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """A registry of this module's own, so a test may restart it read-only."""
+    registry = RegistryProcess.create(tmp_path_factory.mktemp("jobs-registry"))
+    registry.start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory, own_registry: RegistryProcess) -> Config:
+    path = s.policy_file(
+        tmp_path_factory.mktemp("jobs-config") / "regsweep.yaml",
+        own_registry.url,
+        [POLICY],
+        s.REDIS_URL,
+    )
+    return load_config(path, {})
+
+
+@pytest.fixture(scope="module")
+def broker(config: Config) -> Iterator[redis.Redis]:
+    """DB 11 (flushed) and the tasks' Celery app and per-process context made for ``config``."""
+    s.flush()
+    make_celery(config)
+    client = redis.Redis.from_url(s.REDIS_URL, decode_responses=True)
+    yield client
+    tasks._close_clients()
+    client.close()
+    s.flush()
+
+
+@pytest.fixture
+async def ctx(config: Config, broker: redis.Redis) -> AsyncIterator[WorkerContext]:
+    context = await WorkerContext.open(config)
+    yield context
+    await context.aclose()
+
+
+@pytest.fixture
+def images(own_registry: RegistryProcess) -> Iterator[ImageBuilder]:
+    with ImageBuilder.connect(own_registry.url) as builder:
+        yield builder
+
+
+def status(images: ImageBuilder, repository: str, reference: str) -> int:
+    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    return images.client.head(
+        f"/v2/{repository}/manifests/{reference}", headers=headers
+    ).status_code
+
+
+def queued(broker: redis.Redis, queue: str = "prune") -> list[dict[str, Any]]:
+    """The kwargs of each task message waiting on ``queue`` (Celery protocol 2)."""
+    out = []
+    for raw in reversed(broker.lrange(queue, 0, -1)):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        out.append(body[1])
+    return out
+
+
+def job(broker: redis.Redis, job_id: str) -> dict[str, Any]:
+    raw = broker.hgetall(f"regsweep:job:{job_id}")
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+@pytest.mark.anyio
+async def test_held_lock_makes_prune_busy_and_nothing_is_deleted(
+    ctx: WorkerContext, images: ImageBuilder, repo_name: str
+) -> None:
+    """While another holder has the repository's lock, a prune gives up with RepositoryBusy."""
+    repository = f"w/{repo_name}"
+    drop = images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    other = ctx.redis.lock(jobs.keys(ctx).lock(repository), timeout=30, thread_local=False)
+    assert await other.acquire()
+    with pytest.raises(jobs.RepositoryBusy):
+        job = jobs.PruneJob(repository, "busy")
+        await jobs.prune_repository(ctx, job, lock_wait=timedelta(seconds=0.3))
+    assert status(images, repository, drop.digest) == 200
+    await other.release()
+    summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "free"))
+    assert summary["counts"]["deleted"] == 1
+    assert status(images, repository, drop.digest) == 404
+
+
+@pytest.mark.anyio
+async def test_concurrent_prunes_of_one_repository_run_one_after_the_other(
+    ctx: WorkerContext, images: ImageBuilder, repo_name: str
+) -> None:
+    """Two prunes started together serialize: the second plans after the first deleted."""
+    repository = f"w/{repo_name}"
+    images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    first, second = await asyncio.gather(
+        jobs.prune_repository(ctx, jobs.PruneJob(repository, "a", incremental=False)),
+        jobs.prune_repository(ctx, jobs.PruneJob(repository, "b", incremental=False)),
+    )
+    removed = sorted(r["plan"]["tags_removed"] for r in (first, second))
+    assert removed == [0, 1], "interleaved prunes would both have planned the deletion"
+
+
+@pytest.mark.anyio
+async def test_pushes_coalesce_until_the_prune_starts(
+    ctx: WorkerContext, images: ImageBuilder, repo_name: str
+) -> None:
+    """Only the first push claims a prune; once it starts, the next push claims a new one."""
+    repository = f"w/{repo_name}"
+    images.image(repository, "keep-1")
+    assert await jobs.claim_prune(ctx, repository) is True
+    assert await jobs.claim_prune(ctx, repository) is False
+    await jobs.prune_repository(ctx, jobs.PruneJob(repository, "c"))
+    assert await jobs.claim_prune(ctx, repository) is True
+
+
+@pytest.mark.anyio
+async def test_incremental_plan_only_after_a_live_read(
+    ctx: WorkerContext, images: ImageBuilder, repo_name: str
+) -> None:
+    """The first prune of a repository reads the registry; later ones plan from the index."""
+    repository = f"w/{repo_name}"
+    images.image(repository, "keep-1")
+    first = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "d"))
+    second = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "e"))
+    assert (first["incremental"], second["incremental"]) == (False, True)
+    assert await ctx.index.tags(repository) == {"keep-1": images_digest(images, repository)}
+
+
+def images_digest(images: ImageBuilder, repository: str) -> str:
+    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    response = images.client.head(f"/v2/{repository}/manifests/keep-1", headers=headers)
+    return response.headers["Docker-Content-Digest"]
+
+
+def test_maintenance_flag_defers_and_tick_releases(
+    broker: redis.Redis, images: ImageBuilder, repo_name: str
+) -> None:
+    """With the maintenance flag set a prune is deferred (not failed); tick re-queues it after."""
+    repository = f"w/{repo_name}"
+    drop = images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    job_id = tasks.run(lambda ctx: ctx.state.create_job("prune", {"repository": repository}))
+    broker.set("regsweep:maintenance", "gc")
+    try:
+        tasks.prune.apply(kwargs={"repository": repository, "job_id": job_id})
+        assert job(broker, job_id)["state"] == "deferred"
+        assert repository in broker.hgetall("regsweep:deferred")
+        tasks.tick.apply()
+        assert queued(broker) == [], "nothing is released while the window runs"
+    finally:
+        broker.delete("regsweep:maintenance")
+    assert status(images, repository, drop.digest) == 200
+    tasks.tick.apply()
+    (message,) = queued(broker)
+    broker.delete("prune")
+    assert message["repository"] == repository and message["job_id"] == job_id
+    tasks.prune.apply(kwargs=message)
+    assert job(broker, job_id)["state"] == "succeeded"
+    assert status(images, repository, drop.digest) == 404
+
+
+def test_read_only_registry_defers_the_prune(
+    broker: redis.Redis, images: ImageBuilder, own_registry: RegistryProcess, repo_name: str
+) -> None:
+    """A registry in read-only mode during a prune defers the job; it is not failed."""
+    repository = f"w/{repo_name}"
+    drop = images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    job_id = tasks.run(lambda ctx: ctx.state.create_job("prune", {"repository": repository}))
+    own_registry.set_readonly(True)
+    own_registry.restart()
+    try:
+        tasks.prune.apply(kwargs={"repository": repository, "job_id": job_id})
+    finally:
+        own_registry.set_readonly(False)
+        own_registry.restart()
+    record = job(broker, job_id)
+    assert record["state"] == "deferred", record
+    assert "read-only" in record["errors"][0]
+    assert json.loads(broker.hget("regsweep:deferred", repository) or "{}")["job_id"] == job_id
+    assert status(images, repository, drop.digest) == 200
+    broker.delete("regsweep:deferred")
+
+
+def test_sweep_tallies_its_prunes(
+    broker: redis.Redis, images: ImageBuilder, repo_name: str
+) -> None:
+    """A sweep queues one prune per repository; the last one to finish closes the sweep."""
+    repository = f"w/{repo_name}"
+    images.image(repository, "drop-1")
+    sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
+    tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
+    (message,) = queued(broker)
+    broker.delete("prune")
+    assert message["parent"] == sweep_id and message["incremental"] is False
+    assert job(broker, sweep_id)["state"] == "running"
+    tasks.prune.apply(kwargs=message)
+    tasks.prune.apply(kwargs=message)  # a redelivery must not count twice
+    sweep = job(broker, sweep_id)
+    assert sweep["state"] == "succeeded"
+    assert sweep["counts"]["repositories"] == 1 and sweep["counts"]["deleted"] == 1
+
+
+def test_metrics_flushed_by_tasks(broker: redis.Redis) -> None:
+    """Task steps add the worker's counts to Redis hashes the service's collector reads."""
+    tasks.run(_count)
+    assert broker.hget("regsweep:metrics:jobs", '["prune", "succeeded"]') is not None
+    assert broker.hget("regsweep:metrics:deletions", '["p", "untagged"]') == "2"
+
+
+async def _count(ctx: WorkerContext) -> None:
+    ctx.metrics.deletion("p", "untagged", 2)
+    ctx.metrics.job("prune", "succeeded")

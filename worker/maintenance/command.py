@@ -1,0 +1,86 @@
+"""``regsweep gc [--dry-run] [--enqueue]``.
+
+Without ``--enqueue`` the window runs in this process, right now (a manual
+GC is not held to the window; see :mod:`worker.maintenance.window`), and the
+report is printed. It still needs Redis: the cluster-wide GC lock and the
+maintenance flag that pauses the workers' prunes live there. The prunes
+parked meanwhile are released by the workers' next tick (within 30 s).
+
+With ``--enqueue`` a job is recorded and ``regsweep.gc`` is sent to the
+``gc`` queue; the job id is printed. Both print the running GC's job id
+instead when a GC is already running.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Final
+
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from worker.celery_app import GC_QUEUE, TASK_GC, make_celery
+from worker.errors import ConfigError, StateError
+from worker.maintenance.job import GcRequest, open_maintenance, run_gc
+from worker.maintenance.lock import GcLock, MaintenanceKeys
+from worker.policy import Config
+from worker.state import SyncState, sync_client
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+TRIGGER: Final = "cli"
+
+Printer = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def gc_command(
+    config: Config, *, dry_run: bool, enqueue: bool, out: Printer = print, err: Printer = _stderr
+) -> int:
+    """Run or enqueue one GC; the exit code (0 done, enqueued or already running; 1 failed)."""
+    if config.redis_url is None:
+        raise ConfigError(
+            "regsweep gc needs Redis (redis.url or REGSWEEP_REDIS_URL): the GC lock and the "
+            "maintenance flag that pauses pruning are kept there"
+        )
+    if enqueue:
+        return _enqueue(config, config.redis_url, dry_run, out, err)
+    with open_maintenance(config) as m:
+        job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
+        outcome = run_gc(m, GcRequest(job_id, dry_run, TRIGGER))
+    if outcome.report is None:
+        err(f"regsweep: GC not run: {outcome.reason}; job {outcome.job_id}")
+        out(outcome.job_id)
+        return EXIT_OK
+    for line in outcome.report.lines():
+        out(line)
+    if outcome.report.deferred_released is None and not dry_run:
+        out("prunes deferred during the window: released by the workers' next tick")
+    return EXIT_OK if outcome.status == "done" else EXIT_FAILED
+
+
+def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer) -> int:
+    client = sync_client(url)
+    try:
+        holder = GcLock(client, MaintenanceKeys()).holder()
+        if holder is not None:
+            err(f"regsweep: a GC is already running: job {holder.job_id}")
+            out(holder.job_id)
+            return EXIT_OK
+        job_id = SyncState(client).create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
+    finally:
+        client.close()
+    app = make_celery(config)
+    kwargs = {"job_id": job_id, "dry_run": dry_run, "trigger": TRIGGER}
+    try:
+        app.send_task(TASK_GC, kwargs=kwargs, queue=GC_QUEUE)
+    except (KombuError, RedisError, OSError) as exc:
+        raise StateError(f"broker refused {TASK_GC}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        app.close()
+    out(job_id)
+    return EXIT_OK

@@ -1,0 +1,489 @@
+"""The GC job: one maintenance window, from pausing prunes to the report.
+
+    set the maintenance flag ─► prunes defer themselves (jobs.prune_repository)
+    wait for the per-repository prune locks to drain (bounded)
+    switch read-only ─► wait: reads answer, a write gets 405 ─┐
+    run garbage-collect, streaming its output                 │ finally:
+    switch read-write (retried with backoff, alerted) ◄───────┘
+      └ this restart also empties the blob-descriptor cache, which would
+        otherwise answer for swept blobs and break re-pushes (distribution#1803, #3743)
+    wait: a write is accepted ─► clear the flag ─► release the deferred prunes
+    report on the job and in metrics
+
+Exactly one GC runs in the cluster (:class:`~worker.maintenance.lock.GcLock`).
+Everything after the flag is set is undone in a ``finally``. When the switch
+back fails every retry, the flag stays set (prunes keep deferring instead of
+meeting 405s) and the recovery check (:mod:`worker.maintenance.recovery`)
+keeps trying. ``dry_run`` runs ``garbage-collect --dry-run`` on the registry
+as it is: it only reads, so nothing is paused or switched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import redis
+from redis.exceptions import RedisError
+
+from worker.errors import ConfigError, ControllerError, RegsweepError, StateError
+from worker.maintenance.controllers import (
+    LineCallback,
+    ProcessController,
+    RegistryController,
+    make_controller,
+)
+from worker.maintenance.gc import GcResult
+from worker.maintenance.lock import (
+    EXTEND_EVERY,
+    LOCK_TTL,
+    GcLock,
+    MaintenanceKeys,
+    ProcessIdentity,
+)
+from worker.maintenance.probe import RegistryProbe
+from worker.maintenance.report import GcReport, MaintenanceMetrics
+from worker.maintenance.window import WINDOW_TRIGGER, may_start
+from worker.policy import Config, MaintenanceSettings, ProcessControllerSettings
+from worker.state import JobState, SyncState, sync_client
+
+log = logging.getLogger("regsweep.gc")
+
+#: First line a process controller's GC prints: its session id, so a recovery can kill it.
+SESSION_MARKER: Final = "regsweep-gc-session"
+#: Registry major version from which ``--delete-untagged`` keeps index children (#3178).
+SAFE_DELETE_UNTAGGED_MAJOR: Final = 3
+
+Status = Literal["done", "failed", "busy", "skipped"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each wait of a window may last. Defaults for production; tests shorten them."""
+
+    prune_drain: float = 300.0
+    switch_timeout: float = 60.0
+    switch_back_attempts: int = 5
+    switch_back_backoff: float = 2.0
+    lock_ttl: timedelta = LOCK_TTL
+    lock_extend_every: timedelta = EXTEND_EVERY
+    progress_every: float = 5.0
+    poll: float = 0.5
+
+
+@dataclass
+class Maintenance:
+    """What a window works with, made once by the caller (a Celery task, the CLI, a test)."""
+
+    redis: redis.Redis
+    state: SyncState
+    controller: RegistryController
+    probe: RegistryProbe
+    settings: MaintenanceSettings
+    keys: MaintenanceKeys = field(default_factory=MaintenanceKeys)
+    #: Enqueues the prunes parked during the window; ``None``: the workers' tick does it.
+    release_deferred: Callable[[], int] | None = None
+    timing: Timing = field(default_factory=Timing)
+    clock: Callable[[], datetime] = _utcnow
+    sleep: Callable[[float], None] = time.sleep
+
+    @property
+    def metrics(self) -> MaintenanceMetrics:
+        return MaintenanceMetrics(self.redis, self.keys)
+
+    def lock(self) -> GcLock:
+        t = self.timing
+        return GcLock(self.redis, self.keys, ttl=t.lock_ttl, extend_every=t.lock_extend_every)
+
+
+@contextmanager
+def open_maintenance(
+    config: Config,
+    *,
+    release_deferred: Callable[[], int] | None = None,
+    prefix: str = "regsweep:",
+) -> Iterator[Maintenance]:
+    """The production :class:`Maintenance` for ``config``, closed afterwards."""
+    if config.redis_url is None:
+        raise ConfigError(
+            "GC needs Redis (redis.url or REGSWEEP_REDIS_URL): for the cluster-wide GC lock "
+            "and the maintenance flag that pauses pruning"
+        )
+    client = sync_client(config.redis_url)
+    probe = RegistryProbe.from_settings(config.registry)
+    try:
+        yield Maintenance(
+            redis=client,
+            state=SyncState(client, prefix=prefix),
+            controller=controller_for(config.maintenance),
+            probe=probe,
+            settings=config.maintenance,
+            keys=MaintenanceKeys(prefix),
+            release_deferred=release_deferred,
+        )
+    finally:
+        probe.close()
+        client.close()
+
+
+def controller_for(settings: MaintenanceSettings) -> RegistryController:
+    """The configured controller; a process controller's GC is made to name its session."""
+    if settings.controller is None:
+        raise ConfigError(
+            "maintenance.controller is not configured: regsweep cannot switch the registry "
+            "read-only or run its garbage collector"
+        )
+    if isinstance(settings.controller, ProcessControllerSettings):
+        return SessionTrackedController(settings.controller)
+    return make_controller(settings.controller)
+
+
+class SessionTrackedController:
+    """A :class:`ProcessController` whose GC first prints its session id.
+
+    The GC runs in a session of its own and would outlive a worker killed
+    with SIGKILL; the recovery check kills that session before it switches
+    the registry back to read-write. Version, switches and sizes come from the
+    untouched command (``--version`` is asked of the GC command's first word).
+    """
+
+    def __init__(self, settings: ProcessControllerSettings) -> None:
+        self._plain = ProcessController(settings)
+        command = f"echo {SESSION_MARKER} $$; {settings.gc_command}"
+        self._marked = ProcessController(replace(settings, gc_command=command))
+
+    def set_readonly(self, enabled: bool) -> None:
+        self._plain.set_readonly(enabled)
+
+    def is_readonly(self) -> bool:
+        return self._plain.is_readonly()
+
+    def run_gc(
+        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+    ) -> GcResult:
+        return self._marked.run_gc(
+            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line
+        )
+
+    def storage_bytes(self) -> int | None:
+        return self._plain.storage_bytes()
+
+    def registry_version(self) -> str | None:
+        return self._plain.registry_version()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class GcRequest:
+    job_id: str
+    dry_run: bool = False
+    #: ``window`` (beat, at the window's start), ``api``, ``cli``.
+    trigger: str = "api"
+
+
+@dataclass(frozen=True)
+class GcOutcome:
+    """How a request ended. ``busy``: ``job_id`` is the GC already running (or started)."""
+
+    status: Status
+    job_id: str
+    reason: str = ""
+    report: GcReport | None = None
+
+
+class GcLockLost(BaseException):
+    """The GC lock expired under a running GC: stop it before a recovery switches read-write.
+
+    A BaseException, so the controller's output-listener guard (which keeps a GC
+    running through a listener's ordinary errors) lets it through and kills the GC.
+    """
+
+
+def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
+    """One GC, if the window rules and the cluster-wide lock allow it now."""
+    decision = may_start(m.settings, request.trigger, m.clock())
+    if not decision.allowed:
+        return _not_run(m, request, "skipped", request.job_id, decision.reason)
+    lock = m.lock()
+    if request.trigger == WINDOW_TRIGGER and decision.window is not None:
+        claimer = lock.claim_window(decision.window.key, request.job_id)
+        if claimer is not None:
+            return _not_run(m, request, "busy", claimer, "this window's GC was already started")
+    holder = lock.acquire(request.job_id)
+    if holder is not None:
+        return _not_run(m, request, "busy", holder.job_id, "a GC is already running")
+    with lock.held():
+        report = _run_locked(m, request, decision.deadline, lock)
+    status: Status = "done" if report.ok else "failed"
+    state = JobState.SUCCEEDED if report.ok else JobState.FAILED
+    _update(m, request.job_id, state=state.value, **report.job_fields())
+    m.metrics.job_state(state.value)
+    m.metrics.window(report)
+    log.info("GC job %s %s: %s", request.job_id, status, "; ".join(report.lines()[1:]))
+    return GcOutcome(status, request.job_id, report=report)
+
+
+def _not_run(
+    m: Maintenance, request: GcRequest, status: Status, job_id: str, reason: str
+) -> GcOutcome:
+    log.info("GC job %s not run: %s (job %s)", request.job_id, reason, job_id)
+    fields: dict[str, Any] = {"reason": reason}
+    if status == "busy":
+        fields["running_job_id"] = job_id
+    _update(m, request.job_id, state=JobState.SKIPPED.value, **fields)
+    m.metrics.job_state(JobState.SKIPPED.value)
+    return GcOutcome(status, job_id, reason)
+
+
+def _run_locked(
+    m: Maintenance, request: GcRequest, deadline: datetime | None, lock: GcLock
+) -> GcReport:
+    report = GcReport(request.job_id, request.trigger, request.dry_run, m.clock(), deadline)
+    _update(m, request.job_id, state=JobState.RUNNING.value, started=report.started.isoformat())
+    m.metrics.job_state(JobState.RUNNING.value)
+    try:
+        report.registry_version = registry_version(m)
+        report.delete_untagged = delete_untagged(
+            m.settings.gc_delete_untagged, report.registry_version
+        )
+        listener = GcListener(m, request.job_id, lock)
+        if request.dry_run:
+            report.gc = m.controller.run_gc(
+                dry_run=True, delete_untagged=report.delete_untagged, on_line=listener
+            )
+        else:
+            _window(m, report, listener)
+    except (RegsweepError, GcLockLost) as exc:
+        # GcLockLost has stopped the GC and the finally blocks have switched back by now.
+        log.error("GC job %s: %s", request.job_id, exc)
+        report.errors.append(str(exc))
+    if report.gc is not None and not report.gc.ok:
+        report.errors.append(gc_failure(report.gc))
+    report.finish(m.clock())
+    return report
+
+
+def _window(m: Maintenance, report: GcReport, listener: GcListener) -> None:
+    """Pause pruning, GC read-only, resume; the pause always ends unless the registry is stuck."""
+    set_flag(m, report.job_id)
+    try:
+        report.prunes_still_running = wait_for_prunes(m)
+        report.bytes_before = _storage_bytes(m)
+        _readonly_gc(m, report, listener)
+        report.bytes_after = _storage_bytes(m)
+    finally:
+        if not report.left_readonly:
+            report.deferred_released = end_pause(m)
+
+
+def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None:
+    started = time.monotonic()
+    try:
+        m.controller.set_readonly(True)
+        report.writes_while_readonly = m.probe.wait_readonly(m.timing.switch_timeout).value
+        report.gc = m.controller.run_gc(
+            dry_run=False, delete_untagged=report.delete_untagged, on_line=listener
+        )
+    finally:
+        writes = switch_back(m, report.warnings)
+        report.readonly_seconds = time.monotonic() - started
+        report.writes_after = writes
+        report.left_readonly = writes is None
+        if writes is None:
+            report.errors.append("the registry is left read-only: every switch back failed")
+
+
+def switch_back(m: Maintenance, failures: list[str]) -> str | None:
+    """Read-write again and accepting writes, retried with backoff; the write state, or None.
+
+    Each failed attempt is appended to ``failures``. Never raises: it runs in
+    ``finally`` blocks, and a failure here is the one thing that must not stay
+    quiet (error log, metric, job field).
+    """
+    delay = m.timing.switch_back_backoff
+    attempts = m.timing.switch_back_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            m.controller.set_readonly(False)
+            return m.probe.wait_writable(m.timing.switch_timeout).value
+        except Exception as exc:  # any failure is retried, then alerted
+            log.error(
+                "switch back to read-write failed (attempt %d/%d): %s", attempt, attempts, exc
+            )
+            failures.append(f"switch back to read-write, attempt {attempt}: {exc}")
+        if attempt < attempts:
+            m.sleep(delay)
+            delay *= 2
+    log.error(
+        "ALERT: the registry is left read-only after %d attempts; the recovery check "
+        "keeps trying, pruning stays paused",
+        attempts,
+    )
+    m.metrics.alert("switch_back_failures")
+    return None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def set_flag(m: Maintenance, job_id: str) -> None:
+    try:
+        m.redis.set(m.keys.flag, job_id)
+    except RedisError as exc:
+        raise StateError(f"cannot set the maintenance flag: {exc}") from exc
+
+
+def maintenance_flag(client: redis.Redis, keys: MaintenanceKeys) -> str | None:
+    """The job id of the window in progress (or crashed), ``None`` when pruning runs freely."""
+    try:
+        raw = client.get(keys.flag)
+    except RedisError as exc:
+        raise StateError(f"cannot read the maintenance flag: {exc}") from exc
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def end_pause(m: Maintenance) -> int | None:
+    """Clear the flag and let the parked prunes go; how many were released (None: by tick)."""
+    try:
+        m.redis.delete(m.keys.flag, m.keys.gc_session)
+    except RedisError as exc:
+        # The recovery check finds the flag without a lock owner and clears it.
+        log.error("cannot clear the maintenance flag: %s", exc)
+        return None
+    if m.release_deferred is None:
+        return None
+    try:
+        return m.release_deferred()
+    except RegsweepError as exc:
+        log.warning("deferred prunes not released now (the next tick does it): %s", exc)
+        return None
+
+
+def wait_for_prunes(m: Maintenance) -> list[str]:
+    """Wait (bounded) until no prune holds its repository; those still holding one.
+
+    A prune still running when the wait ends meets the read-only registry's
+    405 and defers the rest of its work: late, never lost.
+    """
+    prefix = m.keys.prune_locks.removesuffix("*")
+    deadline = time.monotonic() + m.timing.prune_drain
+    while True:
+        try:
+            held = [_text(k) for k in m.redis.scan_iter(match=m.keys.prune_locks, count=1000)]
+        except RedisError as exc:
+            raise StateError(f"cannot list the prune locks: {exc}") from exc
+        if not held or time.monotonic() >= deadline:
+            if held:
+                log.warning("%d prunes still running after %gs", len(held), m.timing.prune_drain)
+            return sorted(k.removeprefix(prefix) for k in held)
+        m.sleep(m.timing.poll)
+
+
+def _storage_bytes(m: Maintenance) -> int | None:
+    try:
+        return m.controller.storage_bytes()
+    except ControllerError as exc:
+        log.warning("storage size not measured: %s", exc)
+        return None
+
+
+def registry_version(m: Maintenance) -> str | None:
+    """From the controller (image label, ``--version``), else ``maintenance.registry_version``."""
+    try:
+        found = m.controller.registry_version()
+    except RegsweepError as exc:
+        log.warning("registry version not found by the controller: %s", exc)
+        found = None
+    return found or m.settings.registry_version
+
+
+def delete_untagged(mode: str, version: str | None) -> bool:
+    """Whether to pass ``--delete-untagged``.
+
+    2.8's deletes the children of tagged multi-arch indexes (distribution#3178),
+    so ``auto`` passes it only to a registry known to be 3.0 or later; regsweep's
+    own planner removes untagged manifests safely instead.
+    """
+    if mode == "always":
+        if version is None or _major(version) < SAFE_DELETE_UNTAGGED_MAJOR:
+            log.warning("gc.delete_untagged is on for registry %s: see distribution#3178", version)
+        return True
+    if mode == "never" or version is None:
+        return False
+    return _major(version) >= SAFE_DELETE_UNTAGGED_MAJOR
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def gc_failure(result: GcResult) -> str:
+    detail = result.error or (result.lines_tail[-1] if result.lines_tail else "no output")
+    if not result.completed and result.exit_code == 0:
+        return f"garbage-collect did not finish its mark phase: {detail}"
+    return f"garbage-collect exited with {result.exit_code}: {detail}"
+
+
+def _update(m: Maintenance, job_id: str, **fields: Any) -> None:
+    try:
+        m.state.update_job(job_id, **fields)
+    except StateError as exc:
+        log.error("cannot record GC job %s: %s", job_id, exc)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --------------------------------------------------------------------------- GC output
+
+
+class GcListener:
+    """Sees every GC output line: stops a GC whose lock is lost, records its session,
+    logs at debug and puts the progress on the job now and then."""
+
+    def __init__(self, m: Maintenance, job_id: str, lock: GcLock) -> None:
+        self._m = m
+        self._job_id = job_id
+        self._lock = lock
+        self.lines = 0
+        self._last_progress = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        if self._lock.lost.is_set():
+            raise GcLockLost(f"GC job {self._job_id} lost its lock; stopping the GC")
+        if line.startswith(SESSION_MARKER):
+            self._record_session(line)
+            return
+        self.lines += 1
+        log.debug("gc: %s", line)
+        now = time.monotonic()
+        if now - self._last_progress >= self._m.timing.progress_every:
+            self._last_progress = now
+            progress = {"gc_lines": self.lines, "last_line": line[-200:]}
+            _update(self._m, self._job_id, progress=progress)
+
+    def _record_session(self, line: str) -> None:
+        _, _, pid = line.partition(" ")
+        if not pid.strip().isdigit():
+            return
+        identity = ProcessIdentity.of(int(pid))
+        try:
+            self._m.redis.set(self._m.keys.gc_session, json.dumps(asdict(identity)))
+        except RedisError as exc:
+            log.warning("GC session not recorded: %s", exc)

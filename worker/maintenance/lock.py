@@ -1,0 +1,304 @@
+"""One GC in the whole cluster: a Redis lock with an owner, a TTL and a watchdog.
+
+The lock's value names its holder: the GC job's id and the process that runs
+it (host, PID namespace, boot, pid, start time). So:
+
+- a second GC request reads the running job's id instead of starting a GC;
+- a crashed holder is noticed either when the TTL runs out (the watchdog that
+  kept extending it died with the process) or, on the holder's own machine,
+  at once: its pid is gone, or is another process now;
+- the periodic check (:func:`worker.maintenance.recovery.recover_crashed_window`) can tell "a GC is
+  running" from "a GC crashed and left the registry read-only".
+
+Two beat processes firing the same window both send a GC; :meth:`GcLock.claim_window`
+(``SET NX`` on a key named after the window's start) lets exactly one start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import redis
+from redis.exceptions import LockError, RedisError
+from redis.lock import Lock
+
+from worker.errors import StateError
+from worker.jobs import Keys
+
+log = logging.getLogger(__name__)
+
+#: A crashed GC holds the lock at most this long; the watchdog renews it well before.
+LOCK_TTL: Final = timedelta(seconds=30)
+EXTEND_EVERY: Final = timedelta(seconds=5)
+#: A window's "GC started" claim outlives any window's retries of the beat message.
+WINDOW_CLAIM_TTL: Final = timedelta(days=1)
+UNKNOWN_JOB: Final = "unknown"
+
+_PROC: Final = Path("/proc")
+_DELETE_IF_VALUE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class MaintenanceKeys:
+    """The keys the maintenance window uses; flag, deferred and prune locks are jobs.Keys'."""
+
+    prefix: str = "regsweep:"
+
+    @property
+    def jobs(self) -> Keys:
+        return Keys(self.prefix)
+
+    @property
+    def flag(self) -> str:
+        return self.jobs.maintenance
+
+    @property
+    def deferred(self) -> str:
+        return self.jobs.deferred
+
+    @property
+    def prune_locks(self) -> str:
+        return self.jobs.lock_pattern
+
+    @property
+    def gc_lock(self) -> str:
+        return f"{self.prefix}lock:gc"
+
+    @property
+    def gc_session(self) -> str:
+        return f"{self.prefix}gc:session"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}metrics:gc"
+
+    def window(self, key: str) -> str:
+        return f"{self.prefix}gc:window:{key}"
+
+
+# --------------------------------------------------------------------------- process identity
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process, named so that another process can tell whether it is still alive."""
+
+    host: str
+    pid: int
+    #: ``/proc/<pid>/stat`` field 22: tells a reused pid from the original.
+    started: str = ""
+    #: Two containers can share a host name but not a PID namespace and boot id.
+    pid_namespace: str = ""
+    boot_id: str = ""
+
+    @classmethod
+    def of(cls, pid: int | None = None) -> ProcessIdentity:
+        pid = os.getpid() if pid is None else pid
+        return cls(socket.gethostname(), pid, _start_time(pid) or "", _pid_namespace(), _boot_id())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProcessIdentity:
+        return cls(
+            host=str(data.get("host", "")),
+            pid=int(data.get("pid", 0)),
+            started=str(data.get("started", "")),
+            pid_namespace=str(data.get("pid_namespace", "")),
+            boot_id=str(data.get("boot_id", "")),
+        )
+
+    def is_local(self) -> bool:
+        """Whether this process can see the other's pid (same host, namespace and boot)."""
+        here = ProcessIdentity.of()
+        same = (self.host, self.pid_namespace, self.boot_id)
+        return bool(self.pid_namespace) and same == (here.host, here.pid_namespace, here.boot_id)
+
+    def is_alive(self) -> bool:
+        """False only when provably dead; a process elsewhere counts as alive."""
+        if not self.is_local():
+            return True
+        return bool(self.started) and _start_time(self.pid) == self.started
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat``; ``None`` for a process gone or a zombie."""
+    stat = _read(_PROC / str(pid) / "stat")
+    if stat is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] == "Z":
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink(_PROC / "self" / "ns" / "pid")
+    except OSError:
+        return ""
+
+
+def _boot_id() -> str:
+    return (_read(_PROC / "sys" / "kernel" / "random" / "boot_id") or "").strip()
+
+
+def kill_session(identity: ProcessIdentity) -> bool:
+    """SIGKILL the process group ``identity`` leads, if it is provably that process and alive.
+
+    A process controller's GC runs in a session of its own and outlives a
+    worker killed with SIGKILL; left running after the switch back to
+    read-write it would delete blobs pushed meanwhile.
+    """
+    if not identity.is_local() or _start_time(identity.pid) != identity.started:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(identity.pid, signal.SIGKILL)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds the GC lock: the job and the process running it."""
+
+    job_id: str
+    owner: ProcessIdentity
+    nonce: str = ""
+    #: The lock's value exactly as stored, for compare-and-delete.
+    raw: str = ""
+
+    def token(self) -> str:
+        return json.dumps({"job_id": self.job_id, "owner": asdict(self.owner), "nonce": self.nonce})
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> LockHolder:
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        try:
+            data = json.loads(text)
+            owner = ProcessIdentity.from_json(data["owner"])
+            return cls(str(data["job_id"]), owner, str(data["nonce"]), text)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Unreadable: someone holds it, nobody can say who; the TTL will tell.
+            return cls(UNKNOWN_JOB, ProcessIdentity(host="", pid=0), raw=text)
+
+
+class GcLock:
+    """The cluster-wide GC lock. Not reentrant; one instance per GC attempt."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: MaintenanceKeys,
+        *,
+        ttl: timedelta = LOCK_TTL,
+        extend_every: timedelta = EXTEND_EVERY,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl.total_seconds()
+        self._extend_every = extend_every.total_seconds()
+        # thread_local=False: the watchdog thread extends with the token the task thread set.
+        self._lock = Lock(client, keys.gc_lock, timeout=self._ttl, thread_local=False)
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    def acquire(self, job_id: str) -> LockHolder | None:
+        """Take the lock for ``job_id``; ``None`` on success, else who holds it."""
+        holder = LockHolder(job_id, ProcessIdentity.of(), uuid.uuid4().hex)
+        try:
+            if self._lock.acquire(blocking=False, token=holder.token()):
+                return None
+        except RedisError as exc:
+            raise StateError(f"cannot take the GC lock: {exc}") from exc
+        return self.holder() or LockHolder(UNKNOWN_JOB, ProcessIdentity(host="", pid=0))
+
+    def holder(self) -> LockHolder | None:
+        """Who holds the lock now; ``None`` when nobody does."""
+        try:
+            raw = self._client.get(self._keys.gc_lock)
+        except RedisError as exc:
+            raise StateError(f"cannot read the GC lock: {exc}") from exc
+        return None if raw is None else LockHolder.parse(raw)
+
+    def break_if_dead(self, holder: LockHolder) -> bool:
+        """Delete the lock if ``holder`` (still) holds it and is provably dead."""
+        if holder.owner.is_alive():
+            return False
+        try:
+            value = holder.raw or holder.token()
+            deleted = self._client.eval(_DELETE_IF_VALUE, 1, self._keys.gc_lock, value)
+        except RedisError as exc:
+            raise StateError(f"cannot break the GC lock: {exc}") from exc
+        if deleted:
+            log.warning("broke the GC lock of job %s: its process is gone", holder.job_id)
+        return bool(deleted)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=self._extend_every + 5)
+        try:
+            self._lock.release()
+        except LockError:
+            log.error("the GC lock had already expired or been taken over when released")
+        except RedisError:
+            log.exception("could not release the GC lock; it expires by itself")
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[GcLock]:
+        """Keep the lock alive while the block runs; release it afterwards."""
+        self._watchdog = threading.Thread(target=self._renew, name="regsweep-gc-lock", daemon=True)
+        self._watchdog.start()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._extend_every):
+            try:
+                self._lock.extend(self._ttl, replace_ttl=True)
+            except LockError:
+                log.error("lost the GC lock: another process may think this GC crashed")
+                self.lost.set()
+                return
+            except RedisError:
+                # Transient: the TTL leaves several more chances before the lock expires.
+                log.warning("could not extend the GC lock; retrying", exc_info=True)
+
+    def claim_window(self, window_key: str, job_id: str) -> str | None:
+        """Claim the GC of one window occurrence; ``None`` when claimed, else the claimer's job."""
+        key = self._keys.window(window_key)
+        try:
+            if self._client.set(key, job_id, nx=True, ex=WINDOW_CLAIM_TTL):
+                return None
+            raw = self._client.get(key)
+        except RedisError as exc:
+            raise StateError(f"cannot claim the window's GC: {exc}") from exc
+        return raw.decode() if isinstance(raw, bytes) else str(raw or UNKNOWN_JOB)

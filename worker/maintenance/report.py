@@ -1,0 +1,210 @@
+"""What one maintenance window did: the GC job's report, and the counters kept for metrics.
+
+The report goes on the job record (``GET /api/v1/jobs/{id}``) and is what
+``regsweep gc`` prints. Counters go to Redis hashes next to the other worker
+metrics (:mod:`worker.metrics`): ``metrics:jobs`` gets the GC job's state
+changes in its format, ``metrics:gc`` holds GC totals and alerts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import redis
+from redis.exceptions import RedisError
+
+from worker.maintenance.gc import GcResult
+from worker.maintenance.lock import MaintenanceKeys
+from worker.maintenance.window import overran
+
+log = logging.getLogger(__name__)
+
+JOB_KIND: Final = "gc"
+
+
+@dataclass
+class GcReport:
+    """Filled in step by step while the window runs; whatever was reached is reported."""
+
+    job_id: str
+    trigger: str
+    dry_run: bool
+    started: datetime
+    deadline: datetime | None = None
+    registry_version: str | None = None
+    delete_untagged: bool = False
+    #: Repositories whose prune still held its lock when the wait for them ended.
+    prunes_still_running: list[str] = field(default_factory=list)
+    #: How the write probe answered while read-only / after the switch back.
+    writes_while_readonly: str | None = None
+    writes_after: str | None = None
+    gc: GcResult | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    readonly_seconds: float | None = None
+    deferred_released: int | None = None
+    #: The switch back failed every retry: the recovery check keeps trying.
+    left_readonly: bool = False
+    finished: datetime | None = None
+    errors: list[str] = field(default_factory=list)
+    #: Trouble that was overcome (a switch back that worked at the second attempt).
+    warnings: list[str] = field(default_factory=list)
+
+    def finish(self, at: datetime) -> None:
+        self.finished = at
+
+    @property
+    def overran(self) -> bool:
+        return self.finished is not None and overran(self.deadline, self.finished)
+
+    @property
+    def bytes_reclaimed(self) -> int | None:
+        if self.bytes_before is None or self.bytes_after is None:
+            return None
+        return self.bytes_before - self.bytes_after
+
+    @property
+    def gc_seconds(self) -> float | None:
+        return None if self.gc is None else self.gc.duration_s
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.gc is not None and self.gc.ok
+
+    def counts(self) -> dict[str, int]:
+        gc = self.gc
+        if gc is None:
+            return {}
+        return {
+            "blobs_eligible": gc.blobs_eligible,
+            "manifests_eligible": gc.manifests_eligible,
+            "blobs_deleted": gc.blobs_deleted,
+            "manifests_deleted": gc.manifests_deleted,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able, for the job record and ``--json`` output."""
+        gc = self.gc
+        return {
+            "trigger": self.trigger,
+            "dry_run": self.dry_run,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat() if self.finished else None,
+            "deadline": self.deadline.isoformat() if self.deadline else None,
+            "overran_window": self.overran,
+            "registry_version": self.registry_version,
+            "delete_untagged": self.delete_untagged,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bytes_reclaimed": self.bytes_reclaimed,
+            "readonly_seconds": _round(self.readonly_seconds),
+            "gc_seconds": _round(self.gc_seconds),
+            "gc_exit_code": gc.exit_code if gc else None,
+            "gc_ok": gc.ok if gc else None,
+            "gc_output_tail": list(gc.lines_tail[-10:]) if gc else [],
+            "prunes_still_running": self.prunes_still_running,
+            "writes_while_readonly": self.writes_while_readonly,
+            "writes_after": self.writes_after,
+            "deferred_released": self.deferred_released,
+            "left_readonly": self.left_readonly,
+            "warnings": self.warnings,
+        }
+
+    def job_fields(self) -> dict[str, Any]:
+        """The fields :meth:`SyncState.update_job` stores (``counts``, ``bytes``, ``errors``...)."""
+        return {
+            "counts": self.counts(),
+            "bytes": self.bytes_reclaimed or 0,
+            "errors": list(self.errors),
+            "report": self.summary(),
+        }
+
+    def lines(self) -> list[str]:
+        """The report as a person reads it (``regsweep gc``)."""
+        what = "dry run: GC would remove" if self.dry_run else "GC removed"
+        counts = self.counts()
+        out = [
+            f"job {self.job_id} ({self.trigger})",
+            f"{what} {counts.get('blobs_eligible', 0)} blobs and "
+            f"{counts.get('manifests_eligible', 0)} manifests",
+        ]
+        if not self.dry_run:
+            out.append(f"bytes reclaimed: {_maybe(self.bytes_reclaimed)}")
+            out.append(
+                f"read-only for {_maybe(_round(self.readonly_seconds))} s, "
+                f"GC took {_maybe(_round(self.gc_seconds))} s"
+            )
+        out.append(f"overran the window: {'yes' if self.overran else 'no'}")
+        out += [f"error: {e}" for e in self.errors]
+        if self.left_readonly:
+            out.append("ALERT: the registry is still read-only; the recovery check retries")
+        return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _maybe(value: object) -> str:
+    return "unknown" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MaintenanceMetrics:
+    """Best-effort counters in Redis; a metric never fails a window."""
+
+    def __init__(self, client: redis.Redis, keys: MaintenanceKeys) -> None:
+        self._client = client
+        self._keys = keys
+
+    def job_state(self, state: str) -> None:
+        # Same hash and field format as worker.metrics.WorkerMetrics.job.
+        self._write(lambda p: p.hincrby(f"{self._keys.prefix}metrics:jobs", _field(state), 1))
+
+    def window(self, report: GcReport) -> None:
+        key = self._keys.metrics
+        gc = report.gc
+
+        def write(pipe: Any) -> None:
+            pipe.hincrby(key, "runs_dry" if report.dry_run else "runs", 1)
+            pipe.hincrby(key, "runs_failed", 0 if report.ok else 1)
+            pipe.hincrby(key, "runs_overran", 1 if report.overran else 0)
+            if gc is not None and not report.dry_run:
+                pipe.hincrby(key, "blobs_deleted", gc.blobs_deleted)
+                pipe.hincrby(key, "manifests_deleted", gc.manifests_deleted)
+                pipe.hset(key, "last_gc_seconds", gc.duration_s)
+            if report.bytes_reclaimed is not None:
+                pipe.hincrby(key, "bytes_reclaimed", report.bytes_reclaimed)
+            if report.readonly_seconds is not None:
+                pipe.hset(key, "last_readonly_seconds", report.readonly_seconds)
+
+        self._write(write)
+
+    def alert(self, name: str) -> None:
+        """``switch_back_failures``, ``recoveries``: counted, and logged by the caller."""
+        self._write(lambda p: p.hincrby(self._keys.metrics, name, 1))
+
+    def _write(self, fill: Any) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            fill(pipe)
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("maintenance metrics not written: %s", exc)
+
+
+def _field(state: str) -> str:
+    return json.dumps([JOB_KIND, state])
+
+
+def result_dict(result: GcResult) -> dict[str, Any]:
+    """A GcResult as JSON-able data (tests and the bench print it)."""
+    data = asdict(result)
+    data["lines_tail"] = list(result.lines_tail)
+    return data
