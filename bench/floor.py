@@ -10,29 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import httpx
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+CONCURRENCY = 8
 
 
-async def prune(client: httpx.AsyncClient, repo: str, keep: int, resolve_only: bool) -> int:
-    tags = sorted((await client.get(f"/v2/{repo}/tags/list")).json()["tags"] or [])
-    doomed = tags[:-keep] if keep else tags
-    heads = await asyncio.gather(
-        *(client.head(f"/v2/{repo}/manifests/{t}", headers={"Accept": ACCEPT}) for t in tags)
-    )
-    digests = {t: h.headers["Docker-Content-Digest"] for t, h in zip(tags, heads, strict=True)}
-    if resolve_only:
-        return 0
-    await asyncio.gather(*(client.delete(f"/v2/{repo}/manifests/{digests[t]}") for t in doomed))
-    return len(doomed)
+class Floor:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        # A semaphore, not only the pool limit: thousands of requests queued inside
+        # httpx's connection pool cost quadratic time there, which would flatter regsweep
+        # (regsweep's client gates its requests the same way).
+        self.gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async with self.gate:
+            return await self.client.request(method, path, **kwargs)
+
+    async def prune(self, repo: str, keep: int, resolve_only: bool) -> int:
+        listed = await self.request("GET", f"/v2/{repo}/tags/list")
+        tags = sorted(listed.json()["tags"] or [])
+        doomed = tags[:-keep] if keep else tags
+        heads = await asyncio.gather(
+            *(
+                self.request("HEAD", f"/v2/{repo}/manifests/{t}", headers={"Accept": ACCEPT})
+                for t in tags
+            )
+        )
+        digests = {t: h.headers["Docker-Content-Digest"] for t, h in zip(tags, heads, strict=True)}
+        if resolve_only:
+            return 0
+        await asyncio.gather(
+            *(self.request("DELETE", f"/v2/{repo}/manifests/{digests[t]}") for t in doomed)
+        )
+        return len(doomed)
 
 
 async def main(url: str, keep: int, repos: list[str], resolve_only: bool) -> None:
-    limits = httpx.Limits(max_connections=8)
+    limits = httpx.Limits(max_connections=CONCURRENCY)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
-        counts = await asyncio.gather(*(prune(client, r, keep, resolve_only) for r in repos))
+        floor = Floor(client)
+        counts = await asyncio.gather(*(floor.prune(r, keep, resolve_only) for r in repos))
     print(sum(counts))
 
 

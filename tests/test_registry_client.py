@@ -452,9 +452,18 @@ async def test_deletes_disabled_registry(tmp_path: Path) -> None:
 async def test_referrers_absent_on_2_8(
     client: RegistryClient, registry: RegistryProcess, repo_name: str
 ) -> None:
-    """2.8 has no referrers API (plain 404): the client says None, not "no referrers"."""
+    """2.8 has no referrers API (plain 404): the client says None, and asks only once."""
     digest, _ = push_image(registry.url, repo_name, "v1")
-    assert await client.referrers(repo_name, digest) is None
+    asked: list[str] = []
+
+    def hook(method: str, path: str, status: int | None, seconds: float) -> None:
+        asked.append(path)
+
+    settings = RegistrySettings(url=registry.url)
+    async with RegistryClient.from_settings(settings, on_response=hook) as c:
+        assert await c.referrers(repo_name, digest) is None
+        assert await c.referrers(repo_name, digest) is None
+    assert asked.count("/v2/{name}/referrers/{digest}") == 1
 
 
 async def test_referrers_api_pages_and_empty_404() -> None:

@@ -80,7 +80,7 @@ def policy_file(
 
 
 def notifying_registry(root: Path, hook_url: str) -> RegistryProcess:
-    """A 2.8.2 registry that notifies ``hook_url`` (pulls ignored, as docs/webhooks.md says)."""
+    """A 2.8.2 registry that notifies ``hook_url`` (pulls and blob pushes ignored, as docs/webhooks.md says)."""
     endpoint = {
         "name": "regsweep",
         "url": hook_url,
@@ -88,7 +88,7 @@ def notifying_registry(root: Path, hook_url: str) -> RegistryProcess:
         "timeout": "2s",
         "threshold": 3,
         "backoff": "200ms",
-        "ignore": {"actions": ["pull"]},
+        "ignore": {"actions": ["pull"], "mediatypes": ["application/octet-stream"]},
     }
     return RegistryProcess.create(root, {"notifications": {"endpoints": [endpoint]}})
 

@@ -184,6 +184,9 @@ class RegistryClient:
         self._on_response = on_response
         #: Whether ``DELETE /v2/<name>/manifests/<tag>`` works; ``None`` until tried.
         self.tag_delete_supported: bool | None = None
+        #: Whether the registry has the OCI referrers API (3.x does, 2.8 does not);
+        #: learnt from the first answer, so a 2.8 registry is asked once per process.
+        self.referrers_supported: bool | None = None
 
     @classmethod
     def from_settings(
@@ -306,6 +309,8 @@ class RegistryClient:
 
     async def referrers(self, repo: str, digest: str) -> list[Descriptor] | None:
         """Manifests whose ``subject`` is ``digest``; ``None`` if the registry lacks the API."""
+        if self.referrers_supported is False:
+            return None
         url: httpx.URL | str | None = f"/v2/{repo}/referrers/{digest}"
         found: list[Descriptor] = []
         while url is not None:
@@ -317,7 +322,9 @@ class RegistryClient:
             )
             index = _json_object(response)
             if response.status_code == 404 and not _is_index(index):
+                self.referrers_supported = False
                 return None
+            self.referrers_supported = True
             if response.status_code not in (200, 404) or index is None:
                 raise error_for(response, f"GET referrers {repo}@{digest}")
             found.extend(parse_manifest(digest, mt.OCI_INDEX, response.content).children)
