@@ -258,16 +258,28 @@ def run(seconds: int, connections: int, rate: float, rate_seconds: float, rounds
         for name, url in urls.items():
             results[f"latency_{name}"] = asyncio.run(fixed_rate(url, rate, rate_seconds))
     s.flush()
-    bare = statistics.fmean(r["rps"] for r in results["throughput"]["bare"])
-    full = statistics.fmean(r["rps"] for r in results["throughput"]["regsweep"])
-    results["summary"] = {
-        "bare_rps": round(bare),
-        "regsweep_rps": round(full),
-        "ratio": round(full / bare, 3),
-        "p99_ms_at_rate": results["latency_regsweep"]["p99_ms"],
+    results["summary"] = summary(results["throughput"], rate, results["latency_regsweep"])
+    print(json.dumps(results, indent=2))
+
+
+def summary(
+    throughput: dict[str, list[dict[str, Any]]], rate: float, latency: dict[str, Any]
+) -> dict[str, Any]:
+    """Medians, and the ratio of each round's pair: the two ran back to back, so a
+    pair's ratio is less moved by the shared machine's load than either figure."""
+    bare = [r["rps"] for r in throughput["bare"]]
+    full = [r["rps"] for r in throughput["regsweep"]]
+    ratios = [round(f / b, 3) for f, b in zip(full, bare, strict=True)]
+    return {
+        "bare_rps_median": round(statistics.median(bare)),
+        "regsweep_rps_median": round(statistics.median(full)),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratios": ratios,
+        "bare_rps_range": [round(min(bare)), round(max(bare))],
+        "regsweep_rps_range": [round(min(full)), round(max(full))],
+        "p99_ms_at_rate": latency["p99_ms"],
         "rate": rate,
     }
-    print(json.dumps(results, indent=2))
 
 
 def main() -> None:

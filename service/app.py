@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from service import verify
 from service.celery_sink import CelerySink
-from service.ingest import ingest_ci, ingest_registry, read_registry_delivery, submit_job
+from service.ingest import RegistryIngest, ingest_ci, read_registry_delivery, submit_job
 from service.limits import BodyLimit
 from service.metrics import RequestLatency, ServiceMetrics
 from service.sink import EventSink, RedisListSink
@@ -100,12 +100,21 @@ class Endpoints:
         self.metrics = metrics
         #: Set by the lifespan when the app makes its own Redis client.
         self.state_store = state
+        self._registry_ingest: RegistryIngest | None = None
 
     @property
     def state(self) -> State:
         if self.state_store is None:
             raise StateError("the service has not started: no Redis client")
         return self.state_store
+
+    @property
+    def registry_ingest(self) -> RegistryIngest:
+        """One group committer per state store, made when the first delivery needs it."""
+        state = self.state
+        if self._registry_ingest is None or self._registry_ingest.state is not state:
+            self._registry_ingest = RegistryIngest(state, self.sink)
+        return self._registry_ingest
 
     async def registry(self, request: Request) -> Response:
         secret = self.config.hooks.registry_token
@@ -114,9 +123,9 @@ class Endpoints:
         body = await request.body()
         verify.check_bearer(secret, request.headers.get("authorization"))
         envelope = read_registry_delivery(_media_type(request), body)
-        outcome = await ingest_registry(envelope, self.state, self.sink)
+        outcome = await self.registry_ingest.ingest(envelope)
         self.metrics.count_many("registry", outcome.metric_counts())
-        return JSONResponse(outcome.as_dict(), status_code=202)
+        return Response(outcome.as_json(), status_code=202, media_type="application/json")
 
     async def github(self, request: Request) -> Response:
         secret = self.config.hooks.github_secret
@@ -297,6 +306,8 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
             if owned is not None:
                 endpoints.state_store = None
                 await owned.aclose()
+            if isinstance(sink, CelerySink):
+                await sink.aclose()
 
     app = Starlette(
         routes=_routes(endpoints),

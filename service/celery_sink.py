@@ -2,29 +2,32 @@
 
 Celery's ``send_task`` blocks on the broker, so it runs in a worker thread
 and the event loop keeps answering other deliveries meanwhile. Registry
-events are group-committed: deliveries that arrive while one publish is in
-flight go out together in the next ``regsweep.registry_events`` message, and
-each delivery is answered once the message carrying it is on the broker.
-Building and sending a Celery message costs far more than one event, so
-under load this is what keeps the hook fast; alone, a delivery is sent at
-once (no timer, no added latency). A broker that
-cannot take the message raises :class:`~worker.errors.StateError`: the
-service answers 503, releases the dedup key, and the sender's retry is
-processed later (the registry retries forever).
+events arrive group-committed (:class:`service.ingest.RegistryIngest`): the
+events of every delivery that waited for one commit go out in one
+``regsweep.registry_events`` message. On a plain ``redis://`` broker that
+message is LPUSHed from the event loop (:func:`redis_envelope`): no thread,
+no kombu connection machinery, a fraction of ``send_task``'s cost on the
+hook's hot path. A broker that cannot take the message
+raises :class:`~worker.errors.StateError`: the service answers 503, releases
+the dedup keys, and the sender's retry is processed later (the registry
+retries forever).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
 import anyio.to_thread
 import redis
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu.exceptions import KombuError
+from kombu.utils.json import dumps
 
 from worker.celery_app import (
     EVENTS_QUEUE,
@@ -37,65 +40,58 @@ from worker.celery_app import (
 from worker.errors import StateError
 from worker.events import CiEvent, RegistryEvent
 from worker.policy import Config
+from worker.state import async_client
 
-#: Most events in one ``regsweep.registry_events`` message.
-MAX_BATCH_EVENTS: Final = 256
-
-
-@dataclass
-class _Waiting:
-    events: list[dict[str, Any]]
-    done: asyncio.Future[None]
+#: kombu's ``delivery_mode`` for a message Redis keeps (``PERSISTENT_DELIVERY_MODE``).
+PERSISTENT: Final = 2
 
 
 class CelerySink:
     """Sends ``regsweep.*`` tasks by name; the service never imports a task's code."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, broker_url: str | None = None) -> None:
         self.app = app
-        self._waiting: list[_Waiting] = []
-        self._publishing = False
+        #: Set when the broker is plain Redis: registry events are LPUSHed directly.
+        self.broker_url = broker_url
+        self._broker: aioredis.Redis | None = None
+        self._broker_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> CelerySink:
-        return cls(make_celery(config))
+        url = config.redis_url
+        direct = url if url is not None and url.startswith("redis://") else None
+        return cls(make_celery(config), direct)
 
     async def registry_events(self, events: list[RegistryEvent]) -> None:
+        """One ``regsweep.registry_events`` message for all ``events`` (group-committed
+        by :class:`service.ingest.RegistryIngest`)."""
         if not events:
             return
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting([event_payload(e) for e in events], done))
-        if not self._publishing:
-            self._publishing = True
-            asyncio.create_task(self._publish_waiting())  # noqa: RUF006 - awaited via futures
-        await done
-
-    async def _publish_waiting(self) -> None:
-        """Publish what waits, batch after batch, until nothing does."""
+        payload = [event_payload(e) for e in events]
+        message = TaskMessage(TASK_REGISTRY_EVENTS, {"events": payload}, EVENTS_QUEUE)
+        kwargsrepr = f"{{'events': <{len(payload)} events>}}"
+        if self.broker_url is None:
+            await self.send(message, kwargsrepr=kwargsrepr)
+            return
+        envelope = redis_envelope(self.app, message, kwargsrepr)
         try:
-            while self._waiting:
-                batch = self._take_batch()
-                payload = [event for waiting in batch for event in waiting.events]
-                message = TaskMessage(TASK_REGISTRY_EVENTS, {"events": payload}, EVENTS_QUEUE)
-                try:
-                    await self.send(message)
-                except Exception as exc:  # every waiting request must get an answer
-                    _settle(batch, exc)
-                else:
-                    _settle(batch, None)
-        finally:
-            self._publishing = False
+            await self._broker_client().lpush(message.queue, envelope)
+        except (redis.RedisError, OSError) as exc:
+            raise StateError(f"broker refused {message.name}: {type(exc).__name__}: {exc}") from exc
 
-    def _take_batch(self) -> list[_Waiting]:
-        taken: list[_Waiting] = []
-        size = 0
-        while self._waiting and (
-            not taken or size + len(self._waiting[0].events) <= MAX_BATCH_EVENTS
-        ):
-            waiting = self._waiting.pop(0)
-            taken.append(waiting)
-            size += len(waiting.events)
-        return taken
+    def _broker_client(self) -> aioredis.Redis:
+        """The asyncio client of the running loop (a client's connections belong to one)."""
+        loop = asyncio.get_running_loop()
+        if self._broker is None or self._broker_loop is not loop:
+            assert self.broker_url is not None
+            self._broker, self._broker_loop = async_client(self.broker_url), loop
+        return self._broker
+
+    async def aclose(self) -> None:
+        """Close the event loop's broker client (the service's lifespan calls this)."""
+        if self._broker is not None and self._broker_loop is asyncio.get_running_loop():
+            await self._broker.aclose()
+        self._broker = self._broker_loop = None
 
     async def ci_event(self, event: CiEvent) -> None:
         await self.send(TaskMessage(TASK_CI_EVENT, {"event": event.to_dict()}, EVENTS_QUEUE))
@@ -103,13 +99,24 @@ class CelerySink:
     async def job(self, job_id: str, kind: str, params: Mapping[str, Any]) -> None:
         await self.send(job_message(job_id, kind, params))
 
-    async def send(self, message: TaskMessage) -> None:
+    async def send(self, message: TaskMessage, *, kwargsrepr: str | None = None) -> None:
         """Publish ``message`` from a worker thread; StateError when the broker refuses."""
-        await anyio.to_thread.run_sync(partial(self.send_blocking, message))
+        await anyio.to_thread.run_sync(partial(self.send_blocking, message, kwargsrepr=kwargsrepr))
 
-    def send_blocking(self, message: TaskMessage) -> None:
+    def send_blocking(self, message: TaskMessage, *, kwargsrepr: str | None = None) -> None:
+        """Publish ``message``; ``kwargsrepr`` replaces the repr Celery would compute.
+
+        That repr (``saferepr`` over every event, for logs and Flower) was half
+        the cost of ``send_task`` for a group-committed batch.
+        """
         try:
-            self.app.send_task(message.name, kwargs=message.kwargs, queue=message.queue)
+            self.app.send_task(
+                message.name,
+                kwargs=message.kwargs,
+                queue=message.queue,
+                argsrepr="()" if kwargsrepr is not None else None,
+                kwargsrepr=kwargsrepr,
+            )
         except (KombuError, redis.RedisError, OSError) as exc:
             raise StateError(f"broker refused {message.name}: {type(exc).__name__}: {exc}") from exc
 
@@ -117,17 +124,45 @@ class CelerySink:
         self.app.close()
 
 
+def redis_envelope(app: Celery, message: TaskMessage, kwargsrepr: str) -> str:
+    """What ``app.send_task`` would LPUSH for ``message`` through kombu's Redis transport.
+
+    Celery builds the task message (protocol 2, its public ``create_task_message``);
+    the wrapping is ``kombu.transport.virtual.Channel.basic_publish`` for the anonymous
+    exchange (``send_task(queue=name)`` publishes there): base64 body, a delivery tag,
+    the queue as routing key, priority 0 so the key is the queue's own name.
+    ``tests/test_service_ingest.py`` compares it with a real ``send_task`` message.
+    """
+    task_id = str(uuid.uuid4())
+    headers, properties, body, _ = app.amqp.create_task_message(
+        task_id,
+        message.name,
+        (),
+        message.kwargs,
+        reply_to=app.thread_oid,
+        ignore_result=None,
+        argsrepr="()",
+        kwargsrepr=kwargsrepr,
+    )
+    delivery = {"exchange": "", "routing_key": message.queue}
+    envelope = {
+        "body": base64.b64encode(dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": PERSISTENT,
+            "delivery_info": delivery,
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return str(dumps(envelope))
+
+
 def event_payload(event: RegistryEvent) -> dict[str, Any]:
     """``event.to_dict()`` without ``dataclasses.asdict``'s deep copy (every field is a
     str, int, None or the timestamp), which cost more than the rest of the hook."""
     return {**vars(event), "timestamp": event.timestamp.isoformat()}
-
-
-def _settle(batch: list[_Waiting], error: Exception | None) -> None:
-    for waiting in batch:
-        if waiting.done.done():  # the delivery's request went away meanwhile
-            continue
-        if error is None:
-            waiting.done.set_result(None)
-        else:
-            waiting.done.set_exception(error)

@@ -8,6 +8,9 @@ duplicate (a rare double delivery is harmless; a lost one is not).
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +45,10 @@ class RegistryOutcome:
     ignored: int
     dead_lettered: int
 
+    def as_json(self) -> bytes:
+        """The answer's body; a handful of outcomes cover nearly every delivery."""
+        return _outcome_json(self)
+
     def as_dict(self) -> dict[str, int]:
         return {
             "accepted": self.accepted,
@@ -60,6 +67,11 @@ class RegistryOutcome:
         }
 
 
+@functools.lru_cache(maxsize=64)
+def _outcome_json(outcome: RegistryOutcome) -> bytes:
+    return json.dumps(outcome.as_dict(), separators=(",", ":")).encode()
+
+
 def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
     """Parse a registry delivery; a content type it cannot be in makes it one dead letter."""
     if media_type not in REGISTRY_MEDIA_TYPES:
@@ -68,27 +80,121 @@ def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
     return parse_registry_envelope(body)
 
 
-async def ingest_registry(
-    envelope: RegistryEnvelope, state: State, sink: EventSink
-) -> RegistryOutcome:
-    """Dead-letter the unusable events, hand the new ones to the sink once each."""
-    for dead in envelope.dead:
-        log.warning("registry event %s dead-lettered: %s", dead.event_id, dead.reason)
-        await state.dead_letter("registry", dead.reason, dead.excerpt)
-    claimed = await _claim_all(state, "registry", [e.id for e in envelope.events])
-    fresh = _first_of_each(envelope.events, claimed)
-    if fresh:
+#: Most events claimed and handed on in one group commit.
+MAX_COMMIT_EVENTS: Final = 256
+#: Commits in flight at once: while one waits for the broker, the next claims.
+MAX_COMMITS_IN_FLIGHT: Final = 2
+
+
+@dataclass
+class _Delivery:
+    events: tuple[RegistryEvent, ...]
+    done: asyncio.Future[list[RegistryEvent]]
+
+
+class RegistryIngest:
+    """Claims and hands on registry events, group-committing concurrent deliveries.
+
+    A delivery that arrives while a commit is in flight waits for the next
+    one, which claims every waiting event in one Redis round trip and hands
+    the fresh ones to the sink in one call; each delivery is answered once
+    that call returned. Under load this is what keeps the hook fast (a round
+    trip and a broker publish cost far more than one event); alone, a
+    delivery is committed at once. When the sink fails, every claim of the
+    commit is released and every delivery in it gets the error (503), so the
+    registry's retries are processed, not swallowed as duplicates.
+    """
+
+    def __init__(self, state: State, sink: EventSink) -> None:
+        self.state = state
+        self.sink = sink
+        self._waiting: list[_Delivery] = []
+        self._committers: set[asyncio.Task[None]] = set()
+
+    async def ingest(self, envelope: RegistryEnvelope) -> RegistryOutcome:
+        """Dead-letter the unusable events, hand the new ones to the sink once each."""
+        for dead in envelope.dead:
+            log.warning("registry event %s dead-lettered: %s", dead.event_id, dead.reason)
+            await self.state.dead_letter("registry", dead.reason, dead.excerpt)
+        fresh = await self._commit(envelope.events) if envelope.events else []
+        return RegistryOutcome(
+            accepted=len(fresh),
+            duplicates=len(envelope.events) - len(fresh),
+            ignored=envelope.ignored,
+            dead_lettered=len(envelope.dead),
+        )
+
+    async def _commit(self, events: tuple[RegistryEvent, ...]) -> list[RegistryEvent]:
+        done: asyncio.Future[list[RegistryEvent]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Delivery(events, done))
+        if len(self._committers) < MAX_COMMITS_IN_FLIGHT:
+            self._committers.add(asyncio.create_task(self._commit_waiting()))
+        return await done
+
+    async def _commit_waiting(self) -> None:
         try:
-            await sink.registry_events(fresh)
-        except Exception:
-            await _release_all(state, "registry", claimed)
-            raise
-    return RegistryOutcome(
-        accepted=len(fresh),
-        duplicates=len(envelope.events) - len(fresh),
-        ignored=envelope.ignored,
-        dead_lettered=len(envelope.dead),
-    )
+            while self._waiting:
+                # One turn of the loop first: deliveries already read off their
+                # sockets reach this point and join the batch.
+                await asyncio.sleep(0)
+                batch = _take(self._waiting, MAX_COMMIT_EVENTS)
+                try:
+                    fresh = await self._commit_batch(batch)
+                except BaseException as exc:  # every waiting delivery must get an answer
+                    _settle(batch, error=exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    _settle(batch, results=fresh)
+        finally:
+            # No await between the empty check and this: a delivery queued
+            # after it starts a committer of its own.
+            self._committers.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+
+    async def _commit_batch(self, batch: list[_Delivery]) -> list[list[RegistryEvent]]:
+        """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery."""
+        ids = [event.id for delivery in batch for event in delivery.events]
+        claimed = set(await self.state.claim_deliveries("registry", ids))
+        fresh: list[list[RegistryEvent]] = []
+        position = 0
+        for delivery in batch:
+            chosen = [e for i, e in enumerate(delivery.events, position) if i in claimed]
+            fresh.append(chosen)
+            position += len(delivery.events)
+        published = [event for chosen in fresh for event in chosen]
+        if published:
+            try:
+                await self.sink.registry_events(published)
+            except BaseException:
+                await _release_all(self.state, "registry", [e.id for e in published])
+                raise
+        return fresh
+
+
+def _take(waiting: list[_Delivery], limit: int) -> list[_Delivery]:
+    """The oldest waiting deliveries, at most ``limit`` events (at least one delivery)."""
+    taken: list[_Delivery] = []
+    size = 0
+    while waiting and (not taken or size + len(waiting[0].events) <= limit):
+        delivery = waiting.pop(0)
+        taken.append(delivery)
+        size += len(delivery.events)
+    return taken
+
+
+def _settle(
+    batch: list[_Delivery],
+    *,
+    results: list[list[RegistryEvent]] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    for index, delivery in enumerate(batch):
+        if delivery.done.done():  # the delivery's request went away meanwhile
+            continue
+        if results is not None:
+            delivery.done.set_result(results[index])
+        else:
+            delivery.done.set_exception(error or StateError("registry events not committed"))
 
 
 async def ingest_ci(event: CiEvent, state: State, sink: EventSink) -> bool:
@@ -117,31 +223,10 @@ async def submit_job(request: JobRequest, state: State, sink: EventSink) -> str:
     return job_id
 
 
-def _first_of_each(events: Iterable[RegistryEvent], ids: set[str]) -> list[RegistryEvent]:
-    chosen: dict[str, RegistryEvent] = {}
-    for event in events:
-        if event.id in ids:
-            chosen.setdefault(event.id, event)
-    return list(chosen.values())
-
-
-async def _claim_all(state: State, source: str, delivery_ids: Iterable[str]) -> set[str]:
-    claimed: set[str] = set()
-    try:
-        for delivery_id in delivery_ids:
-            if delivery_id not in claimed and await state.claim_delivery(source, delivery_id):
-                claimed.add(delivery_id)
-    except StateError:
-        await _release_all(state, source, claimed)
-        raise
-    return claimed
-
-
 async def _release_all(state: State, source: str, delivery_ids: Iterable[str]) -> None:
-    for delivery_id in delivery_ids:
-        try:
-            await state.release_delivery(source, delivery_id)
-        except StateError:
-            # Redis itself is away: the claim may outlive this request and the
-            # retry will look like a duplicate until the key expires.
-            log.error("dedup key %s:%s could not be released", source, delivery_id)
+    try:
+        await state.release_deliveries(source, delivery_ids)
+    except StateError:
+        # Redis itself is away: the claims may outlive this request and the
+        # retries will look like duplicates until the keys expire.
+        log.error("%s dedup keys could not be released", source)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,6 +56,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
+"""
+
+# Claims many delivery ids in one round trip; answers the 1-based positions of
+# the keys it set, so a repeated id (in one envelope or across the deliveries
+# of one group commit) counts once, for its first occurrence.
+_CLAIM_MANY: Final = """
+local claimed = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[2], 'NX', 'EX', ARGV[1]) then claimed[#claimed + 1] = i end
+end
+return claimed
 """
 
 
@@ -161,6 +172,7 @@ class State:
         self.client = client
         self.keys = StateKeys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+        self._claim_many = client.register_script(_CLAIM_MANY)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> State:
@@ -182,10 +194,31 @@ class State:
         with wrapped("SET NX"):
             return bool(await self.client.set(key, _now(), nx=True, ex=ttl))
 
+    async def claim_deliveries(
+        self, source: str, delivery_ids: Sequence[str], ttl: timedelta = DEDUP_TTL
+    ) -> list[int]:
+        """Claim every id in one round trip; the positions (0-based) seen for the first time.
+
+        An id repeated in ``delivery_ids`` is claimed at its first position only.
+        """
+        if not delivery_ids:
+            return []
+        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
+        args: list[str | int] = [int(ttl.total_seconds()), _now()]
+        with wrapped("claim deliveries"):
+            positions = await self._claim_many(keys=keys, args=args)
+        return [int(position) - 1 for position in positions]
+
     async def release_delivery(self, source: str, delivery_id: str) -> None:
         """Forget a claim whose event could not be enqueued, so the retry is processed."""
-        with wrapped("DEL"):
-            await self.client.delete(self.keys.delivery(source, delivery_id))
+        await self.release_deliveries(source, [delivery_id])
+
+    async def release_deliveries(self, source: str, delivery_ids: Iterable[str]) -> None:
+        """Forget many claims in one round trip (see :meth:`release_delivery`)."""
+        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
+        if keys:
+            with wrapped("DEL"):
+                await self.client.delete(*keys)
 
     async def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
         """Keep an unusable delivery for a person to look at (newest first, capped)."""

@@ -1,0 +1,239 @@
+"""Group commit of registry deliveries (batched claims, one sink call per batch,
+all-or-nothing) and the Celery sink's direct publish of registry events.
+
+Real Redis (DB 9, keys under a unique prefix) and real uvicorn: the deliveries
+must really overlap for a group commit to happen, so the sink below is the
+real RedisListSink made slower, not a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from service.app import RedisListSink, create_app
+from service.celery_sink import CelerySink, event_payload
+from tests.harness import service as h
+from tests.harness.registry import free_port
+from worker.celery_app import EVENTS_QUEUE, TASK_REGISTRY_EVENTS, TaskMessage
+from worker.errors import StateError
+from worker.events import RegistryEvent
+from worker.policy import Config, HookSettings, RegistrySettings, Secret
+from worker.state import State
+
+REDIS_URL = "redis://127.0.0.1:6379/9"
+TOKEN = "ingest-token-Rt5"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": h.V1}
+CONCURRENT = 24
+
+
+class SlowSink(RedisListSink):
+    """The real Redis-list sink, 50 ms slower per call, counting its calls; can be made to fail."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str, fail: bool = False) -> None:
+        super().__init__(client, prefix=prefix)
+        self.calls: list[int] = []
+        self.fail = fail
+
+    async def registry_events(self, events: list[RegistryEvent]) -> None:
+        self.calls.append(len(events))
+        await asyncio.sleep(0.05)
+        if self.fail:
+            raise StateError("broker refused regsweep.registry_events")
+        await super().registry_events(events)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = h.unique_prefix()
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    h.delete_prefix(client, value)
+    client.close()
+
+
+def _keys(prefix: str, pattern: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return sorted(k.decode() for k in client.scan_iter(match=f"{prefix}{pattern}"))
+    finally:
+        client.close()
+
+
+def _queued_ids(prefix: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        raw: list[bytes] = client.lrange(f"{prefix}queue:events", 0, -1)  # type: ignore[assignment]
+    finally:
+        client.close()
+    return sorted(json.loads(item)["event"]["id"] for item in raw)
+
+
+def _post_all(url: str, bodies: list[bytes]) -> list[httpx.Response]:
+    async def post_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client:
+            posts = [client.post("/hooks/registry", content=b, headers=HEADERS) for b in bodies]
+            return list(await asyncio.gather(*posts))
+
+    return asyncio.run(post_all())
+
+
+def _serve(prefix: str) -> tuple[Config, State]:
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"),
+        hooks=HookSettings(registry_token=Secret(TOKEN)),
+    )
+    return config, State.from_url(REDIS_URL, prefix=prefix)
+
+
+async def _claims(prefix: str) -> tuple[list[int], list[int], int]:
+    state = State.from_url(REDIS_URL, prefix=prefix)
+    try:
+        first = await state.claim_deliveries("registry", ["a", "b", "a"], ttl=timedelta(hours=1))
+        second = await state.claim_deliveries("registry", ["a", "c"])
+        ttl = await state.client.ttl(state.keys.delivery("registry", "a"))
+        await state.release_deliveries("registry", ["a", "b", "c"])
+        return first, second, int(ttl)
+    finally:
+        await state.aclose()
+
+
+def test_claim_deliveries_claims_each_id_once_in_one_call(prefix: str) -> None:
+    """A batched claim sets each new id once (first position only), keeps its TTL, and
+    a batched release forgets them all."""
+    first, second, ttl = asyncio.run(_claims(prefix))
+    assert first == [0, 1]
+    assert second == [1]
+    assert 3500 < ttl <= 3600
+    assert _keys(prefix, "dedup:*") == []
+
+
+def test_concurrent_deliveries_share_sink_calls(prefix: str) -> None:
+    """Deliveries that overlap are committed together (fewer sink calls than deliveries),
+    each answered 202 as accepted, each event enqueued exactly once."""
+    sink = SlowSink(aioredis.Redis.from_url(REDIS_URL), prefix=prefix)
+    config, state = _serve(prefix)
+    ids = [f"ev-{i}" for i in range(CONCURRENT)]
+    bodies = [h.envelope(h.registry_event(event_id=i, tag=f"t{n}")) for n, i in enumerate(ids)]
+    with h.running(create_app(config, sink=sink, state=state)) as url:
+        responses = _post_all(url, bodies)
+    assert [r.status_code for r in responses] == [202] * CONCURRENT
+    assert all(r.json()["accepted"] == 1 for r in responses)
+    assert _queued_ids(prefix) == sorted(ids)
+    assert sum(sink.calls) == CONCURRENT and len(sink.calls) < CONCURRENT
+
+
+def test_one_event_id_in_concurrent_deliveries_is_accepted_once(prefix: str) -> None:
+    """The same event id delivered many times at once is accepted by exactly one
+    delivery and enqueued once; every other delivery is a 202 duplicate."""
+    sink = SlowSink(aioredis.Redis.from_url(REDIS_URL), prefix=prefix)
+    config, state = _serve(prefix)
+    body = h.envelope(h.registry_event(event_id="same"))
+    with h.running(create_app(config, sink=sink, state=state)) as url:
+        responses = _post_all(url, [body] * 8)
+    assert [r.status_code for r in responses] == [202] * 8
+    assert sorted(r.json()["accepted"] for r in responses) == [0] * 7 + [1]
+    assert _queued_ids(prefix) == ["same"]
+
+
+def test_failed_commit_answers_503_to_every_delivery_and_releases_claims(prefix: str) -> None:
+    """When the sink fails, every delivery of the commit gets 503 and no dedup key is
+    left behind, so the registry's retries are processed, not swallowed."""
+    sink = SlowSink(aioredis.Redis.from_url(REDIS_URL), prefix=prefix, fail=True)
+    config, state = _serve(prefix)
+    bodies = [h.envelope(h.registry_event(event_id=f"lost-{i}")) for i in range(CONCURRENT)]
+    with h.running(create_app(config, sink=sink, state=state)) as url:
+        responses = _post_all(url, bodies)
+        sink.fail = False
+        retry = httpx.post(f"{url}/hooks/registry", content=bodies[0], headers=HEADERS)
+    assert [r.status_code for r in responses] == [503] * CONCURRENT
+    assert retry.status_code == 202 and retry.json()["accepted"] == 1
+    assert _queued_ids(prefix) == ["lost-0"]
+    assert _keys(prefix, "dedup:*") == [f"{prefix}dedup:registry:lost-0"]
+
+
+# --- the Celery sink's direct publish -------------------------------------------------
+
+#: Per-message ids, and the repr the direct publish writes short on purpose.
+VOLATILE_HEADERS = ("id", "root_id", "kwargsrepr")
+VOLATILE_PROPERTIES = ("correlation_id", "delivery_tag")
+
+
+def _comparable(raw: bytes) -> dict[str, Any]:
+    """A broker message with its per-message ids removed and its body decoded."""
+    message: dict[str, Any] = json.loads(raw)
+    for name in VOLATILE_HEADERS:
+        message["headers"].pop(name)
+    for name in VOLATILE_PROPERTIES:
+        message["properties"].pop(name)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    return message
+
+
+def _push_event(sink: CelerySink) -> None:
+    event = RegistryEvent(
+        id="e1",
+        action="push",
+        repository="a/b",
+        digest=h.digest_of("a/b:v1"),
+        tag="v1",
+        media_type=h.OCI_MANIFEST,
+        size=528,
+        timestamp=datetime(2025, 3, 1, 10, 0, tzinfo=UTC),
+    )
+
+    async def push() -> None:
+        try:
+            await sink.registry_events([event])
+        finally:
+            await sink.aclose()
+
+    anyio.run(push)
+    kwargs = {"events": [event_payload(event)]}
+    sink.send_blocking(TaskMessage(TASK_REGISTRY_EVENTS, kwargs, EVENTS_QUEUE))
+
+
+def test_direct_publish_matches_send_task_message() -> None:
+    """The registry-events message LPUSHed from the event loop is, ids aside, the one
+    Celery's send_task puts on the same queue (so a kombu upgrade that changes the
+    wire format fails here, not in production)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    queue = EVENTS_QUEUE
+    client.delete(queue)
+    sink = CelerySink.from_config(
+        Config(registry=RegistrySettings(url="http://x"), redis_url=REDIS_URL)
+    )
+    try:
+        assert sink.broker_url == REDIS_URL
+        _push_event(sink)
+        raw: list[bytes] = client.lrange(queue, 0, -1)  # type: ignore[assignment]
+        newer, older = raw
+    finally:
+        sink.close()
+        client.delete(queue)
+        client.close()
+    assert _comparable(older) == _comparable(newer)
+    assert json.loads(older)["headers"]["kwargsrepr"] == "{'events': <1 events>}"
+
+
+def test_direct_publish_with_broker_down_raises_state_error_quickly() -> None:
+    """The direct publish to a broker that is not there is a StateError within seconds."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    sink = CelerySink.from_config(Config(registry=RegistrySettings(url="http://x"), redis_url=url))
+    started = time.monotonic()
+    with pytest.raises(StateError, match=r"broker refused regsweep\.registry_events"):
+        _push_event(sink)
+    assert time.monotonic() - started < 5
+    sink.close()
