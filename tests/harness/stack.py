@@ -80,7 +80,7 @@ def policy_file(
 
 
 def notifying_registry(root: Path, hook_url: str) -> RegistryProcess:
-    """A 2.8.2 registry that notifies ``hook_url`` (pulls and blob pushes ignored, as docs/webhooks.md says)."""
+    """A 2.8.2 registry notifying ``hook_url``; pulls and blob pushes ignored (docs/webhooks.md)."""
     endpoint = {
         "name": "regsweep",
         "url": hook_url,
