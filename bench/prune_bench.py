@@ -98,7 +98,7 @@ def cold_cache(work: Path) -> Path:
 
 
 def scenario(
-    name: str, seeded: Path, work: Path, repos: list[str], rounds: int
+    name: str, seeded: Path, work: Path, repos: list[str], rounds: int, *, only: str = ""
 ) -> list[tuple[str, Sample, Sample]]:
     resolve = lambda url, cfg: floor_cmd(url, repos, resolve_only=True)  # noqa: E731
     full = lambda url, cfg: floor_cmd(url, repos, resolve_only=False)  # noqa: E731
@@ -115,6 +115,8 @@ def scenario(
     ]
     rows = []
     for label, floor, ours, cache in pairs:
+        if only and only not in label:
+            continue
         f, r = Sample(), Sample()
         for _ in range(rounds):
             f.seconds.append(measure(seeded, work, floor)[0])
@@ -139,13 +141,18 @@ def main() -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "regsweep-bench"
     )
+    parser.add_argument("--scenario", choices=["big", "many", "all"], default="all")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    big = seeded_storage(args.cache, "big", BIG)
-    many = seeded_storage(args.cache, "many", MANY)
     work = args.cache / "work"
-    rows = scenario("2,000 tags", big, work, list(BIG), args.rounds)
-    rows += scenario("20 x 200 tags", many, work, list(MANY), args.rounds)
+    rows = []
+    if args.scenario in ("big", "all"):
+        big = seeded_storage(args.cache, "big", BIG)
+        rows += scenario("2,000 tags", big, work, list(BIG), args.rounds, only=args.only)
+    if args.scenario in ("many", "all"):
+        many = seeded_storage(args.cache, "many", MANY)
+        rows += scenario("20 x 200 tags", many, work, list(MANY), args.rounds, only=args.only)
     print("| scenario | floor (median s) | regsweep (median s) | ratio | regsweep peak RSS |")
     print("|---|---|---|---|---|")
     for label, f, r in rows:

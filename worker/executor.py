@@ -13,6 +13,7 @@ its raw manifest bytes (invariant 8).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,13 @@ from worker.registry.client import RegistryClient
 #: Deletions per wave, as a multiple of the registry concurrency: the live
 #: re-check costs one tag list plus a HEAD per kept tag, paid once per wave.
 WAVE_FACTOR: Final = 4
+#: Waves whose DELETEs may be in flight at once: the one draining and the next.
+MAX_WAVES_IN_FLIGHT: Final = 2
+#: A live re-check younger than this is reused for the next wave. On a small
+#: repository a wave of DELETEs takes a few milliseconds and re-reading every kept
+#: tag per wave would cost more than the deletes; on a large one (2.8's DELETE reads
+#: every tag link) a wave outlasts this and every wave is re-checked.
+RECHECK_MAX_AGE: Final = 0.5
 
 
 class Outcome(StrEnum):
@@ -114,7 +122,20 @@ class Executor:
         report = ExecutionReport(plan.repository, job_id)
         run = _Run(plan, manifests, job_id)
         guard = _LiveGuard(self._client, plan)
-        for wave in _waves(plan.deletions, self._wave_size):
+        for group in _by_action(plan.deletions):
+            await self._run_group(run, guard, group, report)
+        report.fatal = run.fatal
+        return report
+
+    async def _run_group(
+        self, run: _Run, guard: _LiveGuard, group: list[Deletion], report: ExecutionReport
+    ) -> None:
+        """One action's deletions, wave by wave. The next wave's re-check is sent while the
+        current wave's DELETEs drain (the client's gate queues it behind them), so the
+        registry never idles at a wave's tail; a wave never starts before its own re-check
+        has answered. Actions never overlap: referrers finish before subjects start."""
+        in_flight: list[asyncio.Task[None]] = []
+        for wave in _waves(group, self._wave_size):
             if run.stopped:
                 self._mark(report, wave, Status.DEFERRED, "registry refused writes")
                 continue
@@ -123,11 +144,17 @@ class Executor:
             except RegistryError as exc:
                 self._mark(report, wave, Status.ERROR, f"live re-check failed: {exc}")
                 continue
-            results = await asyncio.gather(*(self._one(run, d, protected) for d in wave))
-            for deletion, (status, detail) in zip(wave, results, strict=True):
-                self._note(report, deletion, status, detail)
-        report.fatal = run.fatal
-        return report
+            in_flight.append(asyncio.create_task(self._wave(run, wave, protected, report)))
+            if len(in_flight) > MAX_WAVES_IN_FLIGHT - 1:
+                await in_flight.pop(0)
+        await asyncio.gather(*in_flight)
+
+    async def _wave(
+        self, run: _Run, wave: list[Deletion], protected: frozenset[Digest], report: ExecutionReport
+    ) -> None:
+        results = await asyncio.gather(*(self._one(run, d, protected) for d in wave))
+        for deletion, (status, detail) in zip(wave, results, strict=True):
+            self._note(report, deletion, status, detail)
 
     def _mark(
         self, report: ExecutionReport, wave: Sequence[Deletion], status: Status, detail: str
@@ -177,17 +204,20 @@ class Executor:
         return Status.DELETED if deleted else Status.ALREADY_GONE
 
 
-def _waves(deletions: Sequence[Deletion], size: int) -> list[list[Deletion]]:
-    """Chunks of at most ``size``, never mixing actions, so referrers go before subjects
-    and an index before its children."""
-    waves: list[list[Deletion]] = []
+def _by_action(deletions: Sequence[Deletion]) -> list[list[Deletion]]:
+    """Runs of one action, in plan order: referrers, untags, manifests, children."""
+    groups: list[list[Deletion]] = []
     for deletion in deletions:
-        last = waves[-1] if waves else None
-        if last and len(last) < size and last[0].action is deletion.action:
-            last.append(deletion)
+        if groups and groups[-1][0].action is deletion.action:
+            groups[-1].append(deletion)
         else:
-            waves.append([deletion])
-    return waves
+            groups.append([deletion])
+    return groups
+
+
+def _waves(deletions: Sequence[Deletion], size: int) -> list[list[Deletion]]:
+    """Chunks of at most ``size``."""
+    return [list(deletions[i : i + size]) for i in range(0, len(deletions), size)]
 
 
 def _audit_entry(run: _Run, deletion: Deletion) -> AuditEntry:
@@ -225,6 +255,7 @@ class _LiveGuard:
         self._removed_tags = {t for d in plan.deletions for t in d.tags}
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
+        self._last: tuple[float, frozenset[Digest]] | None = None
         # Referrers the plan deletes with their subject: if the subject turns out to
         # be needed after all, its signatures and attestations must stay too.
         self._referrers: dict[Digest, set[Digest]] = {}
@@ -233,6 +264,15 @@ class _LiveGuard:
                 self._referrers.setdefault(d.parent, set()).add(d.digest)
 
     async def refresh(self) -> frozenset[Digest]:
+        """The protected set as the registry says now; reused while under RECHECK_MAX_AGE."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < RECHECK_MAX_AGE:
+            return self._last[1]
+        protected = await self._read_live()
+        self._last = (now, protected)
+        return protected
+
+    async def _read_live(self) -> frozenset[Digest]:
         repo = self._plan.repository
         live = [t for t in await self._client.tags(repo) if t not in self._removed_tags]
         refs = await asyncio.gather(*(self._client.head_manifest(repo, t) for t in live))

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Final
 
 from worker.audit import AuditLog
-from worker.executor import ExecutionReport, Executor, ProgressCallback, Status
+from worker.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCallback, Status
 from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, TagHistory
 from worker.model import Digest, Inventory
 from worker.plan import Deletion, Plan
@@ -113,7 +113,7 @@ class Pruner:
         executor = Executor(
             self._client,
             self._audit,
-            wave_size=self._config.registry.concurrency * 4,
+            wave_size=self._config.registry.concurrency * WAVE_FACTOR,
             on_progress=on_progress,
         )
         return await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
