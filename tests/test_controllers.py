@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shlex
-import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +12,6 @@ import docker
 import docker.errors
 import httpx
 import pytest
-import yaml
 
 from tests.harness.docker import (
     CONFIG_PATH,
@@ -26,7 +21,8 @@ from tests.harness.docker import (
     remove_with_volumes,
 )
 from tests.harness.images import ImageBuilder, PushedImage, PushError, random_layer
-from tests.harness.registry import REGISTRY_BINARY, RegistryProcess
+from tests.harness.maintenance import ProcessRegistry
+from tests.harness.registry import REGISTRY_BINARY
 from worker.errors import ControllerError
 from worker.maintenance.controllers import (
     BACKUP_SUFFIX,
@@ -40,23 +36,6 @@ from worker.maintenance.gc import GcResult, parse_gc_output
 from worker.policy import DockerControllerSettings, ProcessControllerSettings
 
 LAYER_SIZE = 256 * 1024
-
-# Restarts the test registry with the config given as $1, as `systemctl restart` would.
-# The old process is an orphan nobody reaps here, so a zombie counts as gone.
-RESTART_SCRIPT = """#!/bin/sh
-set -eu
-pidfile={pidfile}
-if [ -f "$pidfile" ]; then
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null || true
-    i=0
-    while [ -r "/proc/$pid/stat" ] && ! grep -q ') Z' "/proc/$pid/stat" && [ $i -lt 200 ]; do
-        sleep 0.05; i=$((i + 1))
-    done
-fi
-OTEL_TRACES_EXPORTER=none nohup {binary} serve "$1" >>{log} 2>&1 </dev/null &
-echo $! >"$pidfile"
-"""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -121,61 +100,11 @@ def assert_collected(result: GcResult, seen: list[str]) -> None:
 # --------------------------------------------------------------------------- process
 
 
-@dataclass
-class ProcessRegistry:
-    """A registry run by shell scripts, the way an operator's systemd units would run it."""
-
-    url: str
-    storage: Path
-    config_rw: Path
-    pidfile: Path
-    settings: ProcessControllerSettings
-
-    def stop(self) -> None:
-        if not self.pidfile.exists():
-            return
-        pid = int(self.pidfile.read_text())
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return ") Z" not in stat
-
-
 @pytest.fixture
 def process_registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
     """Two configs (read-write, read-only) on one storage and a restart script for each."""
-    proc = RegistryProcess.create(tmp_path)
-    config_rw, config_ro = tmp_path / "config-rw.yml", tmp_path / "config-ro.yml"
-    config_rw.write_text(yaml.safe_dump(proc.config))
-    proc.set_readonly(True)
-    config_ro.write_text(yaml.safe_dump(proc.config))
-    pidfile = tmp_path / "registry.pid"
-    script = tmp_path / "restart-registry.sh"
-    script.write_text(
-        RESTART_SCRIPT.format(
-            pidfile=shlex.quote(str(pidfile)),
-            binary=shlex.quote(REGISTRY_BINARY),
-            log=shlex.quote(str(tmp_path / "registry.log")),
-        )
-    )
-    settings = ProcessControllerSettings(
-        readonly_command=f"sh {script} {config_ro}",
-        readwrite_command=f"sh {script} {config_rw}",
-        gc_command=f"{REGISTRY_BINARY} garbage-collect {config_rw}",
-        storage_path=str(proc.storage_path),
-    )
-    made = ProcessRegistry(proc.url, proc.storage_path, config_rw, pidfile, settings)
+    # Warn level, as Debian ships it: the GC's per-blob lines are not printed.
+    made = ProcessRegistry.create(tmp_path, log_level="warn")
     yield made
     made.stop()
 

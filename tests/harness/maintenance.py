@@ -99,11 +99,13 @@ class ProcessRegistry:
     settings: ProcessControllerSettings
 
     @classmethod
-    def create(cls, root: Path, gc_command: str | None = None) -> ProcessRegistry:
+    def create(
+        cls, root: Path, gc_command: str | None = None, *, log_level: str = "info"
+    ) -> ProcessRegistry:
+        """Info level by default, so the GC's "Deleting blob" lines are there to stream."""
         root.mkdir(parents=True, exist_ok=True)
         proc = RegistryProcess.create(root)
-        # Info level, so the GC's "Deleting blob" lines are there to stream.
-        proc.config["log"]["level"] = "info"
+        proc.config["log"]["level"] = log_level
         config_rw, config_ro = root / "config-rw.yml", root / "config-ro.yml"
         config_rw.write_text(yaml.safe_dump(proc.config))
         proc.set_readonly(True)
