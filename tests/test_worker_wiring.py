@@ -29,7 +29,7 @@ from tests.harness.registry import free_port
 from worker.celery_app import job_message
 from worker.errors import StateError
 from worker.events import CiEvent, RegistryEvent
-from worker.metrics import WorkerMetrics, bucket_of
+from worker.metrics import MetricKeys, WorkerMetrics, bucket_of
 from worker.policy import Config, HookSettings, RegistrySettings, Secret
 
 
@@ -185,6 +185,8 @@ def test_service_metrics_show_worker_counters(broker: redis.Redis) -> None:
 
     anyio.run(flush)
     assert not metrics.pending and bucket_of(30.0) == "+Inf"
+    gc_key = MetricKeys().gc
+    broker.hset(gc_key, mapping={"runs": 2, "blobs_deleted": 7, "last_readonly_seconds": 1.5})
     cfg = Config(
         registry=RegistrySettings(url="http://127.0.0.1:1"),
         redis_url=s.REDIS_URL,
@@ -200,3 +202,7 @@ def test_service_metrics_show_worker_counters(broker: redis.Redis) -> None:
     assert f'regsweep_registry_request_duration_seconds_bucket{{le="0.5",{route}}} 3.0' in text
     assert f'regsweep_registry_request_duration_seconds_bucket{{le="+Inf",{route}}} 4.0' in text
     assert f"regsweep_registry_request_duration_seconds_count{{{route}}} 4.0" in text
+    assert 'regsweep_gc_runs_total{outcome="completed"} 2.0' in text
+    assert "regsweep_gc_blobs_deleted_total 7.0" in text
+    assert "regsweep_gc_last_readonly_seconds 1.5" in text
+    assert "regsweep_gc_switch_back_failures_total 0.0" in text

@@ -27,7 +27,12 @@ from typing import Any, Final
 
 import redis
 import redis.asyncio as aioredis
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from worker.state import DEFAULT_PREFIX
@@ -54,6 +59,11 @@ class MetricKeys:
     @property
     def registry_latency(self) -> str:
         return f"{self.prefix}metrics:registry_latency"
+
+    @property
+    def gc(self) -> str:
+        """GC totals and alerts, written by worker.maintenance.report."""
+        return f"{self.prefix}metrics:gc"
 
 
 def _field(*labels: str) -> str:
@@ -153,13 +163,14 @@ class RedisMetricsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         try:
             pipe = self.client.pipeline(transaction=False)
-            for key in (self.keys.deletions, self.keys.jobs, self.keys.registry_latency):
+            keys = (self.keys.deletions, self.keys.jobs, self.keys.registry_latency, self.keys.gc)
+            for key in keys:
                 pipe.hgetall(key)
-            deletions, jobs, latency = pipe.execute()
+            deletions, jobs, latency, gc = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("worker metrics unavailable: %s", exc)
             return []
-        return [_deletions(deletions), _jobs(jobs), _latency(latency)]
+        return [_deletions(deletions), _jobs(jobs), _latency(latency), *_gc(gc)]
 
 
 def _counter(name: str, doc: str, labels: list[str], raw: Mapping[Any, Any]) -> Metric:
@@ -198,3 +209,43 @@ def _latency(raw: Mapping[Any, Any]) -> Metric:
     for labels, buckets, total in _histogram(raw):
         family.add_metric(labels, buckets, sum_value=total if math.isfinite(total) else 0.0)
     return family
+
+
+#: GC hash fields that are running totals, and the counter each one feeds.
+_GC_COUNTERS: Final = {
+    "blobs_deleted": ("regsweep_gc_blobs_deleted", "Blobs garbage collection deleted."),
+    "manifests_deleted": ("regsweep_gc_manifests_deleted", "Manifests GC deleted."),
+    "bytes_reclaimed": ("regsweep_gc_bytes_reclaimed", "Storage bytes GC gave back."),
+    "switch_back_failures": (
+        "regsweep_gc_switch_back_failures",
+        "Times switching the registry back to read-write failed (alert).",
+    ),
+    "recoveries": ("regsweep_gc_recoveries", "Crashed maintenance windows recovered."),
+}
+_GC_RUNS: Final = {
+    "runs": "completed",
+    "runs_dry": "dry_run",
+    "runs_failed": "failed",
+    "runs_overran": "overran",
+}
+_GC_GAUGES: Final = {
+    "last_gc_seconds": ("regsweep_gc_last_duration_seconds", "How long the last GC ran."),
+    "last_readonly_seconds": (
+        "regsweep_gc_last_readonly_seconds",
+        "How long the registry was read-only in the last window.",
+    ),
+}
+
+
+def _gc(raw: Mapping[Any, Any]) -> list[Metric]:
+    values = {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in raw.items()}
+    runs = CounterMetricFamily("regsweep_gc_runs", "GC runs, by outcome.", labels=["outcome"])
+    for field, outcome in _GC_RUNS.items():
+        runs.add_metric([outcome], values.get(field, 0.0))
+    out: list[Metric] = [runs]
+    for field, (name, doc) in _GC_COUNTERS.items():
+        out.append(CounterMetricFamily(name, doc, value=values.get(field, 0.0)))
+    for field, (name, doc) in _GC_GAUGES.items():
+        if field in values:
+            out.append(GaugeMetricFamily(name, doc, value=values[field]))
+    return out
