@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,6 +93,15 @@ def engine(registry_url: str, client: RegistryClient, pol: Policy, tmp_path: Pat
     return Engine(make_config(registry_url, pol, tmp_path), client)
 
 
+MakeEngine = Callable[[Policy], Engine]
+
+
+@pytest.fixture
+def make_engine(registry: RegistryProcess, client: RegistryClient, tmp_path: Path) -> MakeEngine:
+    """An engine on the session registry for a given policy (audit log in tmp_path)."""
+    return lambda pol: engine(registry.url, client, pol, tmp_path)
+
+
 def assert_pullable(builder: ImageBuilder, repo: str, image: PushedImage) -> None:
     assert builder.manifest_exists(repo, image.digest)
     for blob in (image.config_digest, *image.layer_digests):
@@ -100,16 +109,12 @@ def assert_pullable(builder: ImageBuilder, repo: str, image: PushedImage) -> Non
 
 
 async def test_keep_newest_deletes_the_rest_and_kept_images_stay_whole(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """newest: 2 keeps the two newest and `latest`; the rest go by digest; kept blobs stay."""
     images = [builder.image(repo_name, f"b{i}", created=days_ago(10 - i)) for i in range(5)]
     builder.tag(repo_name, images[0], "latest")
-    eng = engine(registry.url, client, policy(keep=(newest(2),)), tmp_path)
+    eng = make_engine(policy(keep=(newest(2),)))
     planned = await eng.plan(repo_name)
     assert {k.tag for k in planned.plan.kept} == {"b3", "b4", "latest"}
     report = await eng.pruner.execute(planned, job_id="j1")
@@ -123,16 +128,12 @@ async def test_keep_newest_deletes_the_rest_and_kept_images_stay_whole(
 
 
 async def test_tag_sharing_a_kept_digest_is_removed_as_a_tag_only(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 2: the doomed tag goes via the dummy manifest; the shared digest survives."""
     image = builder.image(repo_name, ["keep-me", "pr-1"], created=days_ago(1))
     keep = (KeepRule(0, (TagPattern.compile("keep-*"),)),)
-    eng = engine(registry.url, client, policy(keep=keep), tmp_path)
+    eng = make_engine(policy(keep=keep))
     planned = await eng.plan(repo_name)
     (deletion,) = planned.plan.deletions
     assert deletion.action is Action.UNTAG
@@ -143,11 +144,7 @@ async def test_tag_sharing_a_kept_digest_is_removed_as_a_tag_only(
 
 
 async def test_multi_arch_index_goes_with_unshared_children_only(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 3: an old index's own children go; a child shared with a kept index stays."""
     shared = builder.image(repo_name, created=days_ago(30), architecture="arm64")
@@ -155,7 +152,7 @@ async def test_multi_arch_index_goes_with_unshared_children_only(
     new_amd = builder.image(repo_name, created=days_ago(1))
     old = builder.index(repo_name, [old_amd, shared], "old", fmt="docker", attest=True)
     new = builder.index(repo_name, [new_amd, shared], "new")
-    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     report = await eng.pruner.execute(planned, job_id="j")
     assert report.outcome is Outcome.DONE
@@ -169,11 +166,7 @@ async def test_multi_arch_index_goes_with_unshared_children_only(
 
 
 async def test_signatures_and_referrers_follow_their_subject(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 4: cosign tags and OCI referrers of a deleted subject go; a kept one's stay."""
     old = builder.image(repo_name, "old", created=days_ago(20))
@@ -182,7 +175,7 @@ async def test_signatures_and_referrers_follow_their_subject(
     old_sbom = builder.referrer(repo_name, old)
     new_sig = builder.cosign(repo_name, new, "sig")
     new_att = builder.cosign(repo_name, new, "att")
-    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert {k.tag for k in planned.plan.kept if not k.tag.startswith("sha256-")} == {"new"}
     await eng.pruner.execute(planned, job_id="j")
@@ -194,17 +187,13 @@ async def test_signatures_and_referrers_follow_their_subject(
 
 
 async def test_dry_run_policy_writes_nothing(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 7: a dry-run policy is planned but prune_many never calls the executor."""
     for i in range(3):
         builder.image(repo_name, f"v{i}", created=days_ago(5 - i))
     before = builder.tags(repo_name)
-    eng = engine(registry.url, client, policy(keep=(newest(1),), mode=Mode.DRY_RUN), tmp_path)
+    eng = make_engine(policy(keep=(newest(1),), mode=Mode.DRY_RUN))
     results = await eng.pruner.prune_many([repo_name], dry_run=False, job_id="j")
     ((planned, report),) = results
     assert report is None
@@ -214,16 +203,12 @@ async def test_dry_run_policy_writes_nothing(
 
 
 async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 5: a push between plan and DELETE that makes a kept tag need the digest wins."""
     old = builder.image(repo_name, "old", created=days_ago(9))
     builder.image(repo_name, "new", created=days_ago(1))
-    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert [d.digest for d in planned.plan.deletions] == [old.digest]
     builder.tag(repo_name, old, "latest")  # protected, pushed after the plan
@@ -233,17 +218,13 @@ async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
 
 
 async def test_subject_kept_after_planning_keeps_its_signature(
-    registry: RegistryProcess,
-    client: RegistryClient,
-    builder: ImageBuilder,
-    repo_name: str,
-    tmp_path: Path,
+    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariants 4+5: a doomed subject re-tagged before execution keeps its signature too."""
     old = builder.image(repo_name, "old", created=days_ago(9))
     sig = builder.cosign(repo_name, old, "sig")
     builder.image(repo_name, "new", created=days_ago(1))
-    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert {d.digest for d in planned.plan.deletions} == {old.digest, sig.digest}
     builder.tag(repo_name, old, "latest")
