@@ -1,6 +1,10 @@
 """The ``regsweep`` command. Each subcommand parses, calls one core function, maps errors.
 
 Exit codes: 0 ok, 1 run error, 2 usage or config error.
+
+The service, Celery and the maintenance controllers (Docker SDK) are imported
+by the commands that use them: ``plan`` and ``prune`` start in half the time
+without them.
 """
 
 from __future__ import annotations
@@ -17,22 +21,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from regsweep import render
-from service.app import serve
-from service.celery_sink import CelerySink
-from service.ingest import submit_job
 from worker import env, logs
 from worker.audit import AuditLog, JsonlAuditLog
-from worker.celery_app import QUEUES, make_celery
 from worker.config import load_config
 from worker.errors import ConfigError, RegsweepError
 from worker.events import JobKind, JobRequest
 from worker.inventory import CreatedCache
-from worker.maintenance.command import gc_command
 from worker.policy import Config
 from worker.pruner import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
 from worker.restore import restore
-from worker.state import State
 
 EXIT_OK: Final = 0
 EXIT_RUN_ERROR: Final = 1
@@ -112,6 +110,10 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
 
     What ``--enqueue`` does for every command that has it.
     """
+    from service.celery_sink import CelerySink
+    from service.ingest import submit_job
+    from worker.state import State
+
     if config.redis_url is None:
         raise ConfigError("--enqueue needs redis.url (or REGSWEEP_REDIS_URL)")
     state = State.from_url(config.redis_url)
@@ -133,11 +135,15 @@ async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
+    from service.app import serve
+
     serve(config, host=args.host, port=args.port)
     return EXIT_OK
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
+    from worker.celery_app import QUEUES, make_celery
+
     logs.configure()
     options = list(args.celery_args)
     if not _given(options, "-Q", "--queues"):
@@ -156,6 +162,8 @@ def _with_loglevel(options: Sequence[str]) -> list[str]:
 
 
 def _beat(args: argparse.Namespace, config: Config) -> int:
+    from worker.celery_app import make_celery
+
     logs.configure()
     make_celery(config).start(["beat", *_with_loglevel(args.celery_args)])
     return EXIT_OK
@@ -279,6 +287,8 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _gc(args: argparse.Namespace, config: Config) -> int:
+    from worker.maintenance.command import gc_command
+
     return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue)
 
 

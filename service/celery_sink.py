@@ -40,7 +40,7 @@ from worker.celery_app import (
 from worker.errors import StateError
 from worker.events import CiEvent, RegistryEvent
 from worker.policy import Config
-from worker.state import async_client
+from worker.state import Push, async_client, server_of
 
 #: kombu's ``delivery_mode`` for a message Redis keeps (``PERSISTENT_DELIVERY_MODE``).
 PERSISTENT: Final = 2
@@ -67,17 +67,25 @@ class CelerySink:
         by :class:`service.ingest.RegistryIngest`)."""
         if not events:
             return
-        payload = [event_payload(e) for e in events]
-        message = TaskMessage(TASK_REGISTRY_EVENTS, {"events": payload}, EVENTS_QUEUE)
-        kwargsrepr = f"{{'events': <{len(payload)} events>}}"
-        if self.broker_url is None:
+        push = self.registry_push(events)
+        if push is None:
+            message, kwargsrepr = _registry_message(events)
             await self.send(message, kwargsrepr=kwargsrepr)
             return
-        envelope = redis_envelope(self.app, message, kwargsrepr)
         try:
-            await self._broker_client().lpush(message.queue, envelope)
+            await self._broker_client().lpush(push.key, *push.values)
         except (redis.RedisError, OSError) as exc:
-            raise StateError(f"broker refused {message.name}: {type(exc).__name__}: {exc}") from exc
+            raise StateError(
+                f"broker refused {TASK_REGISTRY_EVENTS}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def registry_push(self, events: list[RegistryEvent]) -> Push | None:
+        """On a plain ``redis://`` broker: the LPUSH of the events' one message."""
+        if self.broker_url is None:
+            return None
+        message, kwargsrepr = _registry_message(events)
+        envelope = redis_envelope(self.app, message, kwargsrepr)
+        return Push(server_of(self._broker_client()), message.queue, (envelope,))
 
     def _broker_client(self) -> aioredis.Redis:
         """The asyncio client of the running loop (a client's connections belong to one)."""
@@ -122,6 +130,13 @@ class CelerySink:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _registry_message(events: list[RegistryEvent]) -> tuple[TaskMessage, str]:
+    """The task message for ``events``, and the short ``kwargsrepr`` it is sent with."""
+    payload = [event_payload(e) for e in events]
+    message = TaskMessage(TASK_REGISTRY_EVENTS, {"events": payload}, EVENTS_QUEUE)
+    return message, f"{{'events': <{len(payload)} events>}}"
 
 
 def redis_envelope(app: Celery, message: TaskMessage, kwargsrepr: str) -> str:

@@ -152,15 +152,31 @@ class RegistryIngest:
             self._committers.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
 
     async def _commit_batch(self, batch: list[_Delivery]) -> list[list[RegistryEvent]]:
-        """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery."""
-        ids = [event.id for delivery in batch for event in delivery.events]
-        claimed = set(await self.state.claim_deliveries("registry", ids))
-        fresh: list[list[RegistryEvent]] = []
-        position = 0
-        for delivery in batch:
-            chosen = [e for i, e in enumerate(delivery.events, position) if i in claimed]
-            fresh.append(chosen)
-            position += len(delivery.events)
+        """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery.
+
+        When the sink's publish is one LPUSH to the state store's own Redis, it
+        goes in the claim's round trip, taken back out of it only when some
+        event turns out to be a duplicate (then the fresh ones go in a second).
+        """
+        events = [event for delivery in batch for event in delivery.events]
+        ids = [event.id for event in events]
+        push = self.sink.registry_push(events)
+        if push is not None and push.server != self.state.server:
+            push = None  # the broker is another Redis: claim here, publish there
+        try:
+            if push is None:
+                claimed = await self.state.claim_deliveries("registry", ids)
+            else:
+                claimed = await self.state.claim_deliveries_then_push("registry", ids, push)
+        except StateError:
+            # Redis may have done it all and only the answer was lost: forget every
+            # claim, so the sender's retry is processed (at worst twice), not
+            # swallowed as a duplicate.
+            await _release_all(self.state, "registry", ids)
+            raise
+        if push is not None and len(claimed) == len(ids):
+            return [list(delivery.events) for delivery in batch]
+        fresh = _split(batch, set(claimed))
         published = [event for chosen in fresh for event in chosen]
         if published:
             try:
@@ -169,6 +185,16 @@ class RegistryIngest:
                 await _release_all(self.state, "registry", [e.id for e in published])
                 raise
         return fresh
+
+
+def _split(batch: list[_Delivery], claimed: set[int]) -> list[list[RegistryEvent]]:
+    """Per delivery, its events whose position in the whole batch is in ``claimed``."""
+    fresh: list[list[RegistryEvent]] = []
+    position = 0
+    for delivery in batch:
+        fresh.append([e for i, e in enumerate(delivery.events, position) if i in claimed])
+        position += len(delivery.events)
+    return fresh
 
 
 def _take(waiting: list[_Delivery], limit: int) -> list[_Delivery]:

@@ -11,7 +11,6 @@ exception handler renders it.
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,13 +22,17 @@ class BodyTooLarge(HTTPException):
 
 
 def _declared_length(scope: Scope) -> int | None:
-    value = Headers(scope=scope).get("content-length")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+    """The body length a request declares; None when it is chunked or says nothing usable."""
+    length = None
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return None  # chunked: framed by the chunks, whatever Content-Length says
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+    return length
 
 
 class BodyLimit:
@@ -48,6 +51,11 @@ class BodyLimit:
             error = BodyTooLarge(self.limit)
             response = JSONResponse({"error": error.detail}, status_code=413)
             await response(scope, receive, send)
+            return
+        if declared is not None:
+            # The server reads exactly the declared length (h11 and httptools both
+            # frame the body by it): there is nothing more to count.
+            await self.app(scope, receive, send)
             return
         await self.app(scope, self._counting(receive), send)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
@@ -37,8 +38,24 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        # Label children by their values: ``labels()`` costs a lock and a tuple
+        # per call, and the hot path counts every delivery.
+        self._event_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[tuple[str, str, str], Any] = {}
+
     def count(self, source: str, outcome: str, amount: int = 1) -> None:
-        self.events.labels(source, outcome).inc(amount)
+        key = (source, outcome)
+        child = self._event_children.get(key)
+        if child is None:
+            child = self._event_children[key] = self.events.labels(source, outcome)
+        child.inc(amount)
+
+    def observe_latency(self, route: str, method: str, status: str, seconds: float) -> None:
+        key = (route, method, status)
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children[key] = self.http_latency.labels(*key)
+        child.observe(seconds)
 
     def count_many(self, source: str, outcomes: Mapping[str, int]) -> None:
         for outcome, amount in outcomes.items():
@@ -76,6 +93,6 @@ class RequestLatency:
             route = scope.get("route")
             # Label by template so /api/v1/jobs/<id> does not make one series per job.
             template = getattr(route, "path", "unmatched")
-            self.metrics.http_latency.labels(template, scope["method"], str(status)).observe(
-                time.perf_counter() - started
+            self.metrics.observe_latency(
+                template, scope["method"], str(status), time.perf_counter() - started
             )

@@ -30,7 +30,7 @@ from worker.celery_app import EVENTS_QUEUE, TASK_REGISTRY_EVENTS, TaskMessage
 from worker.errors import StateError
 from worker.events import RegistryEvent
 from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from worker.state import Push, State
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 TOKEN = "ingest-token-Rt5"
@@ -237,3 +237,157 @@ def test_direct_publish_with_broker_down_raises_state_error_quickly() -> None:
         _push_event(sink)
     assert time.monotonic() - started < 5
     sink.close()
+
+
+# --- claim and publish in one round trip ----------------------------------------------
+
+
+def _celery_serve(prefix: str, state_url: str = REDIS_URL) -> tuple[Config, State, CelerySink]:
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"),
+        hooks=HookSettings(registry_token=Secret(TOKEN)),
+        redis_url=REDIS_URL,
+    )
+    return config, State.from_url(state_url, prefix=prefix), CelerySink.from_config(config)
+
+
+def _queued_celery_ids() -> list[str]:
+    """Event ids in the Celery ``events`` queue of REDIS_URL, every message decoded."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        raw: list[bytes] = client.lrange(EVENTS_QUEUE, 0, -1)  # type: ignore[assignment]
+    finally:
+        client.close()
+    ids = []
+    for item in raw:
+        message = _comparable(item)
+        assert message["headers"]["task"] == TASK_REGISTRY_EVENTS
+        ids += [event["id"] for event in message["body"][1]["events"]]
+    return sorted(ids)
+
+
+@pytest.fixture
+def events_queue() -> Iterator[None]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(EVENTS_QUEUE)
+    yield
+    client.delete(EVENTS_QUEUE)
+    client.close()
+
+
+async def _claim_then_push(prefix: str) -> tuple[list[int], list[int], list[bytes]]:
+    state = State.from_url(REDIS_URL, prefix=prefix)
+    key = f"{prefix}list"
+    try:
+        push = Push(state.server, key, ("m1",))
+        first = await state.claim_deliveries_then_push("registry", ["a", "b"], push)
+        again = await state.claim_deliveries_then_push("registry", ["b", "c"], push)
+        elsewhere = Push("elsewhere/0", key, ("m",))
+        with pytest.raises(ValueError, match="not on"):
+            await state.claim_deliveries_then_push("registry", ["d"], elsewhere)
+        pushed: list[bytes] = await state.client.lrange(key, 0, -1)
+        return first, again, pushed
+    finally:
+        await state.aclose()
+
+
+def test_claim_then_push_pushes_only_when_every_id_is_new(prefix: str) -> None:
+    """All ids new: claimed and pushed in one call. One already claimed: the new ones
+    are claimed, nothing is pushed (the caller publishes the fresh ones itself). A push
+    for another Redis server is refused."""
+    first, again, pushed = asyncio.run(_claim_then_push(prefix))
+    assert first == [0, 1]
+    assert again == [1]
+    assert pushed == [b"m1"]
+    assert _keys(prefix, "dedup:*") == [f"{prefix}dedup:registry:{i}" for i in "abc"]
+
+
+def test_celery_sink_commits_claims_and_message_together(prefix: str, events_queue: None) -> None:
+    """With the broker on the state store's Redis, concurrent deliveries are claimed and
+    published by the same calls: every event queued once, every delivery 202 accepted;
+    a replay is a duplicate and queues nothing."""
+    config, state, sink = _celery_serve(prefix)
+    ids = [f"fused-{i}" for i in range(CONCURRENT)]
+    bodies = [h.envelope(h.registry_event(event_id=i, tag=f"t{n}")) for n, i in enumerate(ids)]
+    try:
+        with h.running(create_app(config, sink=sink, state=state)) as url:
+            responses = _post_all(url, bodies)
+            replay = httpx.post(f"{url}/hooks/registry", content=bodies[0], headers=HEADERS)
+    finally:
+        sink.close()
+    assert [r.status_code for r in responses] == [202] * CONCURRENT
+    assert all(r.json()["accepted"] == 1 for r in responses)
+    assert replay.status_code == 202 and replay.json()["duplicates"] == 1
+    assert _queued_celery_ids() == sorted(ids)
+    assert len(_keys(prefix, "dedup:registry:fused-*")) == CONCURRENT
+
+
+def test_celery_sink_publishes_only_fresh_events_of_a_mixed_delivery(
+    prefix: str, events_queue: None
+) -> None:
+    """A delivery holding an event already seen and a new one: the fused call pushes
+    nothing, then only the new event is published."""
+    config, state, sink = _celery_serve(prefix)
+    seen = h.registry_event(event_id="seen")
+    new = h.registry_event(event_id="new", tag="v2")
+    try:
+        with h.running(create_app(config, sink=sink, state=state)) as url:
+            first = httpx.post(f"{url}/hooks/registry", content=h.envelope(seen), headers=HEADERS)
+            mixed = httpx.post(
+                f"{url}/hooks/registry", content=h.envelope(seen, new), headers=HEADERS
+            )
+    finally:
+        sink.close()
+    assert first.json()["accepted"] == 1
+    assert mixed.status_code == 202
+    assert mixed.json() == {"accepted": 1, "duplicates": 1, "ignored": 0, "dead_lettered": 0}
+    assert _queued_celery_ids() == ["new", "seen"]
+
+
+def test_celery_sink_with_state_on_another_database_claims_and_publishes_apart(
+    prefix: str, events_queue: None
+) -> None:
+    """State store and broker on different databases: claims go to one, the message to
+    the other (two round trips, same outcome)."""
+    other = "redis://127.0.0.1:6379/13"
+    config, state, sink = _celery_serve(prefix, state_url=other)
+    body = h.envelope(h.registry_event(event_id="apart"))
+    try:
+        with h.running(create_app(config, sink=sink, state=state)) as url:
+            response = httpx.post(f"{url}/hooks/registry", content=body, headers=HEADERS)
+    finally:
+        sink.close()
+        client = redis.Redis.from_url(other)
+        claimed = [k.decode() for k in client.scan_iter(match=f"{prefix}dedup:*")]
+        h.delete_prefix(client, prefix)
+        client.close()
+    assert response.status_code == 202 and response.json()["accepted"] == 1
+    assert _queued_celery_ids() == ["apart"]
+    assert claimed == [f"{prefix}dedup:registry:apart"]
+    assert _keys(prefix, "dedup:*") == []
+
+
+def test_failed_fused_commit_answers_503_and_leaves_no_claim(
+    prefix: str, events_queue: None
+) -> None:
+    """The broker list cannot take the message (here: the key holds a string, so the
+    LPUSH inside the claim script fails): 503, no dedup key left, and once the broker
+    is fixed the sender's retry is accepted, not swallowed as a duplicate."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(EVENTS_QUEUE, "not a list")
+    config, state, sink = _celery_serve(prefix)
+    body = h.envelope(h.registry_event(event_id="retried"))
+    try:
+        with h.running(create_app(config, sink=sink, state=state)) as url:
+            refused = httpx.post(f"{url}/hooks/registry", content=body, headers=HEADERS)
+            left = _keys(prefix, "dedup:*")
+            client.delete(EVENTS_QUEUE)
+            retry = httpx.post(f"{url}/hooks/registry", content=body, headers=HEADERS)
+    finally:
+        sink.close()
+        client.close()
+    assert refused.status_code == 503
+    assert refused.json() == {"error": "state store unavailable, retry later"}
+    assert left == []
+    assert retry.status_code == 202 and retry.json()["accepted"] == 1
+    assert _queued_celery_ids() == ["retried"]

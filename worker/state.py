@@ -69,6 +69,19 @@ end
 return claimed
 """
 
+# The same claim, and when every key was new, the LPUSH that hands the events on
+# (the values after the TTL and the time): a group commit whose events are all
+# fresh, the usual case, is one round trip. KEYS: the delivery keys, then the list.
+_CLAIM_MANY_THEN_PUSH: Final = """
+local n = #KEYS - 1
+local claimed = {}
+for i = 1, n do
+  if redis.call('SET', KEYS[i], ARGV[2], 'NX', 'EX', ARGV[1]) then claimed[#claimed + 1] = i end
+end
+if #claimed == n then redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 3)) end
+return claimed
+"""
+
 
 @dataclass(frozen=True)
 class StateKeys:
@@ -93,6 +106,22 @@ class StateKeys:
     @property
     def jobs_queue(self) -> str:
         return f"{self.prefix}queue:jobs"
+
+
+@dataclass(frozen=True)
+class Push:
+    """Values to LPUSH onto one list of one Redis server (named by :func:`server_of`)."""
+
+    server: str
+    key: str
+    values: tuple[str, ...]
+
+
+def server_of(client: aioredis.Redis) -> str:
+    """Which Redis server and database ``client`` talks to, as one comparable string."""
+    options = client.connection_pool.connection_kwargs
+    where = options.get("path") or f"{options.get('host')}:{options.get('port')}"
+    return f"{where}/{options.get('db', 0)}"
 
 
 @contextmanager
@@ -173,6 +202,8 @@ class State:
         self.keys = StateKeys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
         self._claim_many = client.register_script(_CLAIM_MANY)
+        self._claim_many_then_push = client.register_script(_CLAIM_MANY_THEN_PUSH)
+        self.server = server_of(client)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> State:
@@ -207,6 +238,22 @@ class State:
         args: list[str | int] = [int(ttl.total_seconds()), _now()]
         with wrapped("claim deliveries"):
             positions = await self._claim_many(keys=keys, args=args)
+        return [int(position) - 1 for position in positions]
+
+    async def claim_deliveries_then_push(
+        self, source: str, delivery_ids: Sequence[str], push: Push, ttl: timedelta = DEDUP_TTL
+    ) -> list[int]:
+        """:meth:`claim_deliveries`, and ``push`` in the same round trip when every id was
+        new (the answer then lists every position); otherwise nothing is pushed.
+
+        ``push`` must be for this state's own server (``push.server == self.server``).
+        """
+        if push.server != self.server:
+            raise ValueError(f"{push.key} is on {push.server}, not on {self.server}")
+        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
+        args: list[str | int] = [int(ttl.total_seconds()), _now(), *push.values]
+        with wrapped("claim deliveries and LPUSH"):
+            positions = await self._claim_many_then_push(keys=[*keys, push.key], args=args)
         return [int(position) - 1 for position in positions]
 
     async def release_delivery(self, source: str, delivery_id: str) -> None:

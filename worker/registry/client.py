@@ -466,7 +466,7 @@ class RegistryClient:
         follow_redirects: bool = False,
     ) -> httpx.Response:
         """One request with retries: returns any answer below 500, raises the rest."""
-        failure: RegistryError = RegistryUnavailable(f"{method} {template}: not attempted")
+        failure: RegistryError | None = None
         for attempt in range(1, self._retries + 1):
             # A fresh request per attempt: the auth flow leaves its header on the old one.
             request = self._http.build_request(
@@ -491,7 +491,7 @@ class RegistryClient:
                     delay,
                 )
                 await asyncio.sleep(delay)
-        raise failure
+        raise failure or RegistryUnavailable(f"{method} {template}: not attempted")
 
     async def _send(
         self, request: httpx.Request, template: str, follow_redirects: bool
