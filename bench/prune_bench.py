@@ -68,9 +68,10 @@ def timed(cmd: list[str], cache: Path | None = None) -> tuple[float, str]:
     return elapsed, done.stderr
 
 
-def floor_cmd(url: str, repos: list[str], resolve_only: bool) -> list[str]:
-    return [PY, "-m", "bench.floor", url, str(KEEP), *repos] + (
-        ["--resolve-only"] if resolve_only else []
+def floor_cmd(url: str, repos: list[str], resolve_only: bool, configs: bool = False) -> list[str]:
+    flags = ["--resolve-only"] if resolve_only else []
+    return [PY, "-m", "bench.floor", url, str(KEEP), *repos, *flags] + (
+        ["--configs"] if configs else []
     )
 
 
@@ -102,6 +103,9 @@ def scenario(
 ) -> list[tuple[str, Sample, Sample]]:
     resolve = lambda url, cfg: floor_cmd(url, repos, resolve_only=True)  # noqa: E731
     full = lambda url, cfg: floor_cmd(url, repos, resolve_only=False)  # noqa: E731
+    # The floor of a pruner that must learn push times: GETs manifests and configs.
+    resolve_c = lambda url, cfg: floor_cmd(url, repos, resolve_only=True, configs=True)  # noqa: E731
+    full_c = lambda url, cfg: floor_cmd(url, repos, resolve_only=False, configs=True)  # noqa: E731
     plan = lambda url, cfg: regsweep_cmd(cfg, "plan", repos)  # noqa: E731
     prune = lambda url, cfg: regsweep_cmd(cfg, "prune", repos)  # noqa: E731
     warm = work.parent / "cache-warm"
@@ -112,6 +116,8 @@ def scenario(
         ("list + resolve (floor) vs `regsweep plan`, warm cache", resolve, plan, warm),
         ("full prune, keep newest 10 (floor) vs `regsweep prune`, cold cache", full, prune, None),
         ("full prune, keep newest 10 (floor) vs `regsweep prune`, warm cache", full, prune, warm),
+        ("list + resolve + configs (floor) vs `regsweep plan`, cold cache", resolve_c, plan, None),
+        ("full prune + configs (floor) vs `regsweep prune`, cold cache", full_c, prune, None),
     ]
     rows = []
     for label, floor, ours, cache in pairs:
