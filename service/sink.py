@@ -49,7 +49,7 @@ class RedisListSink:
             await self.client.aclose()
 
     def registry_push(self, events: list[RegistryEvent]) -> Push | None:
-        return None  # the tests' sinks override registry_events: always call it
+        return None  # publishes through registry_events only (subclasses extend that)
 
     async def registry_events(self, events: list[RegistryEvent]) -> None:
         messages = [json.dumps({"type": "registry", "event": e.to_dict()}) for e in events]
