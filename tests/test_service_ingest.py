@@ -222,7 +222,8 @@ def test_direct_publish_matches_send_task_message() -> None:
         newer, older = raw
     finally:
         sink.close()
-        client.delete(queue)
+        # send_task also leaves kombu's queue bindings behind.
+        client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         client.close()
     assert _comparable(older) == _comparable(newer)
     assert json.loads(older)["headers"]["kwargsrepr"] == "{'events': <1 events>}"
