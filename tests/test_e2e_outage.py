@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import service as payloads
 from tests.harness import stack as s
@@ -99,6 +100,16 @@ def _running_prune(state: redis.Redis) -> bool:
     return False
 
 
+def _unavailable_answers(http: httpx.Client) -> float:
+    """How many registry deliveries the service answered 503, from its /metrics."""
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            labels = {"source": "registry", "outcome": "unavailable"}
+            if sample.name == "regsweep_events_total" and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
 def test_push_during_redis_outage_is_delivered_by_registry_retry(
     outage_stack: s.Stack, durable_redis: DurableRedis
 ) -> None:
@@ -125,7 +136,9 @@ def test_push_during_redis_outage_is_delivered_by_registry_retry(
         down = http.post("/hooks/registry", content=probe, headers=headers)
         assert down.status_code == 503 and time.monotonic() - started < 5
         second = images.image(repository, "v1")  # its notification now fails and is retried
-        time.sleep(1.0)
+        # The registry has tried to deliver that push and been answered 503 (the probe
+        # above is the first 503).
+        s.wait_for(lambda: _unavailable_answers(http) >= 2, timeout=30)
         durable_redis.start()
         state.delete(lock)
         s.wait_for(
