@@ -60,25 +60,18 @@ return 1
 
 # Claims many delivery ids in one round trip; answers the 1-based positions of
 # the keys it set, so a repeated id (in one envelope or across the deliveries
-# of one group commit) counts once, for its first occurrence.
+# of one group commit) counts once, for its first occurrence. With values after
+# the TTL and the time, the last key is a list, and the values are LPUSHed onto
+# it when every id was new: a group commit whose events are all fresh, the
+# usual case, claims and hands them on in one round trip.
 _CLAIM_MANY: Final = """
-local claimed = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[2], 'NX', 'EX', ARGV[1]) then claimed[#claimed + 1] = i end
-end
-return claimed
-"""
-
-# The same claim, and when every key was new, the LPUSH that hands the events on
-# (the values after the TTL and the time): a group commit whose events are all
-# fresh, the usual case, is one round trip. KEYS: the delivery keys, then the list.
-_CLAIM_MANY_THEN_PUSH: Final = """
-local n = #KEYS - 1
+local pushing = #ARGV > 2
+local n = pushing and #KEYS - 1 or #KEYS
 local claimed = {}
 for i = 1, n do
   if redis.call('SET', KEYS[i], ARGV[2], 'NX', 'EX', ARGV[1]) then claimed[#claimed + 1] = i end
 end
-if #claimed == n then redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 3)) end
+if pushing and #claimed == n then redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 3)) end
 return claimed
 """
 
@@ -202,7 +195,6 @@ class State:
         self.keys = StateKeys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
         self._claim_many = client.register_script(_CLAIM_MANY)
-        self._claim_many_then_push = client.register_script(_CLAIM_MANY_THEN_PUSH)
         self.server = server_of(client)
 
     @classmethod
@@ -234,11 +226,7 @@ class State:
         """
         if not delivery_ids:
             return []
-        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
-        args: list[str | int] = [int(ttl.total_seconds()), _now()]
-        with wrapped("claim deliveries"):
-            positions = await self._claim_many(keys=keys, args=args)
-        return [int(position) - 1 for position in positions]
+        return await self._claim(source, delivery_ids, ttl, None)
 
     async def claim_deliveries_then_push(
         self, source: str, delivery_ids: Sequence[str], push: Push, ttl: timedelta = DEDUP_TTL
@@ -250,10 +238,22 @@ class State:
         """
         if push.server != self.server:
             raise ValueError(f"{push.key} is on {push.server}, not on {self.server}")
+        if not push.values:
+            raise ValueError(f"nothing to push onto {push.key}")
+        return await self._claim(source, delivery_ids, ttl, push)
+
+    async def _claim(
+        self, source: str, delivery_ids: Sequence[str], ttl: timedelta, push: Push | None
+    ) -> list[int]:
         keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
-        args: list[str | int] = [int(ttl.total_seconds()), _now(), *push.values]
-        with wrapped("claim deliveries and LPUSH"):
-            positions = await self._claim_many_then_push(keys=[*keys, push.key], args=args)
+        args: list[str | int] = [int(ttl.total_seconds()), _now()]
+        operation = "claim deliveries"
+        if push is not None:
+            keys.append(push.key)
+            args.extend(push.values)
+            operation += " and LPUSH"
+        with wrapped(operation):
+            positions = await self._claim_many(keys=keys, args=args)
         return [int(position) - 1 for position in positions]
 
     async def release_delivery(self, source: str, delivery_id: str) -> None:
