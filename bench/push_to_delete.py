@@ -117,7 +117,9 @@ def deleted_at() -> dict[str, float]:
     """digest -> when its DELETE returned, from the audit stream."""
     client = redis.Redis.from_url(s.REDIS_URL)
     out: dict[str, float] = {}
-    for _, fields in client.xrange("regsweep:audit"):
+    for _, fields in client.xrange("regsweep:audit") or ():
+        if fields is None:
+            continue
         entry = json.loads(fields[b"entry"])
         out[entry["digest"]] = datetime.fromisoformat(entry["time"]).timestamp()
     client.close()

@@ -27,7 +27,13 @@ from starlette.routing import Route
 
 from service import verify
 from service.celery_sink import CelerySink
-from service.ingest import RegistryIngest, ingest_ci, read_registry_delivery, submit_job
+from service.ingest import (
+    OUTCOME_HEADER,
+    RegistryIngest,
+    ingest_ci,
+    read_registry_delivery,
+    submit_job,
+)
 from service.limits import BodyLimit
 from service.metrics import RequestLatency, ServiceMetrics
 from service.sink import EventSink, RedisListSink
@@ -125,7 +131,7 @@ class Endpoints:
         envelope = read_registry_delivery(_media_type(request), body)
         outcome = await self.registry_ingest.ingest(envelope)
         self.metrics.count_many("registry", outcome.metric_counts())
-        return Response(outcome.as_json(), status_code=202, media_type="application/json")
+        return Response(status_code=202, headers={OUTCOME_HEADER: outcome.header()})
 
     async def github(self, request: Request) -> Response:
         secret = self.config.hooks.github_secret

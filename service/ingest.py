@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +32,9 @@ from worker.state import JobState, State
 
 log = logging.getLogger("regsweep.service")
 
+#: Carries a registry delivery's outcome (see :meth:`RegistryOutcome.header`).
+OUTCOME_HEADER: Final = "Regsweep-Outcome"
+
 REGISTRY_MEDIA_TYPES: Final = frozenset(
     {REGISTRY_EVENTS_V1, REGISTRY_EVENTS_V2, "application/json"}
 )
@@ -45,9 +47,11 @@ class RegistryOutcome:
     ignored: int
     dead_lettered: int
 
-    def as_json(self) -> bytes:
-        """The answer's body; a handful of outcomes cover nearly every delivery."""
-        return _outcome_json(self)
+    def header(self) -> str:
+        """The ``Regsweep-Outcome`` header (an RFC 8941 dictionary): the registry
+        ignores the answer's body, and an empty one costs the server one socket
+        write less per delivery. A handful of outcomes cover nearly every delivery."""
+        return _outcome_header(self)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -68,8 +72,8 @@ class RegistryOutcome:
 
 
 @functools.lru_cache(maxsize=64)
-def _outcome_json(outcome: RegistryOutcome) -> bytes:
-    return json.dumps(outcome.as_dict(), separators=(",", ":")).encode()
+def _outcome_header(outcome: RegistryOutcome) -> str:
+    return ", ".join(f"{key}={count}" for key, count in outcome.as_dict().items())
 
 
 def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
@@ -82,8 +86,6 @@ def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
 
 #: Most events claimed and handed on in one group commit.
 MAX_COMMIT_EVENTS: Final = 256
-#: Commits in flight at once: while one waits for the broker, the next claims.
-MAX_COMMITS_IN_FLIGHT: Final = 2
 
 
 @dataclass
@@ -95,21 +97,23 @@ class _Delivery:
 class RegistryIngest:
     """Claims and hands on registry events, group-committing concurrent deliveries.
 
-    A delivery that arrives while a commit is in flight waits for the next
-    one, which claims every waiting event in one Redis round trip and hands
-    the fresh ones to the sink in one call; each delivery is answered once
-    that call returned. Under load this is what keeps the hook fast (a round
-    trip and a broker publish cost far more than one event); alone, a
-    delivery is committed at once. When the sink fails, every claim of the
-    commit is released and every delivery in it gets the error (503), so the
-    registry's retries are processed, not swallowed as duplicates.
+    One commit is in flight at a time. A delivery that arrives meanwhile
+    waits for the next one, which claims every waiting event in one Redis
+    round trip and hands the fresh ones to the sink in one call; each
+    delivery is answered once that call returned. Under load this is what
+    keeps the hook fast (a round trip and a broker publish cost far more
+    than one event; the event loop parses the next deliveries while a commit
+    waits for Redis); alone, a delivery is committed at once. When the sink
+    fails, every claim of the commit is released and every delivery in it
+    gets the error (503), so the registry's retries are processed, not
+    swallowed as duplicates.
     """
 
     def __init__(self, state: State, sink: EventSink) -> None:
         self.state = state
         self.sink = sink
         self._waiting: list[_Delivery] = []
-        self._committers: set[asyncio.Task[None]] = set()
+        self._committer: asyncio.Task[None] | None = None
 
     async def ingest(self, envelope: RegistryEnvelope) -> RegistryOutcome:
         """Dead-letter the unusable events, hand the new ones to the sink once each."""
@@ -127,8 +131,8 @@ class RegistryIngest:
     async def _commit(self, events: tuple[RegistryEvent, ...]) -> list[RegistryEvent]:
         done: asyncio.Future[list[RegistryEvent]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Delivery(events, done))
-        if len(self._committers) < MAX_COMMITS_IN_FLIGHT:
-            self._committers.add(asyncio.create_task(self._commit_waiting()))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_waiting())
         return await done
 
     async def _commit_waiting(self) -> None:
@@ -148,8 +152,8 @@ class RegistryIngest:
                     _settle(batch, results=fresh)
         finally:
             # No await between the empty check and this: a delivery queued
-            # after it starts a committer of its own.
-            self._committers.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+            # after it starts the next committer.
+            self._committer = None
 
     async def _commit_batch(self, batch: list[_Delivery]) -> list[list[RegistryEvent]]:
         """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery.

@@ -257,7 +257,7 @@ def docker_controller(made: RegistryContainer, **kwargs: Any) -> DockerControlle
 
 
 def _anonymous_volume(attrs: dict[str, Any], destination: str) -> str:
-    return next(m["Name"] for m in attrs["Mounts"] if m["Destination"] == destination)
+    return str(next(m["Name"] for m in attrs["Mounts"] if m["Destination"] == destination))
 
 
 def _kept_settings(attrs: dict[str, Any]) -> dict[str, Any]:

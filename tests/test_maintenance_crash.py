@@ -21,6 +21,7 @@ from tests.harness.maintenance import (
     REDIS_URL,
     ProcessRegistry,
     image,
+    job_record,
     upload_status,
     write_config,
 )
@@ -112,7 +113,7 @@ def test_sigkilled_gc_worker_leaves_the_registry_writable_within_a_minute(
         holder = LockHolder.parse(db10.get(KEYS.gc_lock) or b"")
         session.update(json.loads(db10.get(KEYS.gc_session) or b"{}"))
         assert holder.job_id == job_id and session["pid"] > 0
-        assert SyncState(db10).get_job(job_id)["state"] == JobState.RUNNING.value
+        assert job_record(SyncState(db10), job_id)["state"] == JobState.RUNNING.value
 
         killed_at = time.monotonic()
         if victim == "pool-child":
@@ -126,7 +127,7 @@ def test_sigkilled_gc_worker_leaves_the_registry_writable_within_a_minute(
         _wait(lambda: db10.get(KEYS.flag) is None, 10, "the flag cleared")
         assert not _running(session["pid"])
         _wait(
-            lambda: SyncState(db10).get_job(job_id)["state"] == JobState.INTERRUPTED.value,
+            lambda: job_record(SyncState(db10), job_id)["state"] == JobState.INTERRUPTED.value,
             10,
             "the job marked interrupted",
         )

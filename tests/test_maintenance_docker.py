@@ -15,6 +15,7 @@ from tests.harness.maintenance import (
     RedisSpace,
     engine_config,
     image,
+    job_record,
     keep_newest,
     make_maintenance,
     missing_parts,
@@ -101,4 +102,4 @@ def test_docker_full_cycle(
 
     labels = registry_container.inspect()["Config"]["Labels"]
     assert labels["com.docker.compose.service"] == "registry"
-    assert space.state.get_job(job_id)["state"] == JobState.SUCCEEDED.value
+    assert job_record(space.state, job_id)["state"] == JobState.SUCCEEDED.value

@@ -22,6 +22,7 @@ from tests.harness.maintenance import (
     RedisSpace,
     engine_config,
     image,
+    job_record,
     keep_newest,
     make_maintenance,
     missing_parts,
@@ -102,7 +103,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
         assert report is not None and report.gc is not None
         assert (seen["upload"], seen["push"]) == (405, 405)
         assert (seen["second"].status, seen["second"].job_id) == ("busy", job_id)
-        assert space.state.get_job(second_id)["running_job_id"] == job_id
+        assert job_record(space.state, second_id)["running_job_id"] == job_id
         assert report.bytes_reclaimed is not None and report.bytes_reclaimed > 0
         assert report.gc.blobs_deleted >= 9 and report.gc.blobs_deleted == report.gc.blobs_eligible
         assert report.writes_while_readonly == "read-only" and report.writes_after == "writable"
@@ -187,7 +188,7 @@ def test_dry_run_reports_without_switching_or_pausing(
         image(builder, "gc/dry", "new", 1)
         assert builder.client.delete(f"/v2/gc/dry/manifests/{gone.digest}").status_code == 202
 
-        flags: list[bytes | None] = []
+        flags: list[bytes | str | None] = []
         m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
         m.controller = DuringGc(
             m.controller,
@@ -220,7 +221,7 @@ def test_failed_gc_still_switches_back_and_resumes_pruning(
         assert "garbage-collect exited with 1" in outcome.report.errors[-1]
         assert upload_status(reg.url) == 202
         assert space.client.get(space.keys.flag) is None
-        assert space.state.get_job(job_id)["state"] == JobState.FAILED.value
+        assert job_record(space.state, job_id)["state"] == JobState.FAILED.value
     finally:
         reg.stop()
 
@@ -250,18 +251,18 @@ def test_switch_back_is_retried_and_then_recovered(tmp_path: Path, space: RedisS
             assert outcome.report is not None
             assert "attempt 1: readwrite_command exited with 1" in outcome.report.warnings[0]
 
-        assert outcome.report.left_readonly
+        assert outcome.report is not None and outcome.report.left_readonly
         assert upload_status(reg.url) == 405
         assert space.client.get(space.keys.flag) == job_id.encode()
         assert space.client.hget(space.keys.metrics, "switch_back_failures") == b"1"
-        assert space.state.get_job(job_id)["report"]["left_readonly"] is True
+        assert job_record(space.state, job_id)["report"]["left_readonly"] is True
 
         m = make_maintenance(space, SessionTrackedController(reg.settings), reg.url)
         recovered = recover_crashed_window(m)
         assert recovered is not None and recovered.registry_writable
         assert upload_status(reg.url) == 202
         assert space.client.get(space.keys.flag) is None
-        record = space.state.get_job(job_id)
+        record = job_record(space.state, job_id)
         assert record["state"] == JobState.FAILED.value and "recovered" in record
     finally:
         reg.stop()
@@ -311,7 +312,7 @@ def _one_image(reg: ProcessRegistry) -> None:
         image(builder, "gc/one", "t", 1)
 
 
-def _with(settings: ProcessControllerSettings, **changes: str) -> ProcessControllerSettings:
+def _with(settings: ProcessControllerSettings, **changes: Any) -> ProcessControllerSettings:
     return replace(settings, **changes)
 
 
@@ -370,6 +371,6 @@ def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
         assert not Path(f"/proc/{pidfile.read_text().strip()}/cmdline").exists()
         assert upload_status(reg.url) == 202
         assert space.client.get(space.keys.flag) is None
-        assert space.state.get_job(job_id)["state"] == JobState.FAILED.value
+        assert job_record(space.state, job_id)["state"] == JobState.FAILED.value
     finally:
         reg.stop()

@@ -18,6 +18,7 @@ from tests.harness.maintenance import (
     ProcessRegistry,
     RedisSpace,
     image,
+    job_record,
     make_maintenance,
     upload_status,
 )
@@ -178,7 +179,7 @@ def test_two_beats_firing_one_window_start_one_gc(
     assert run_gc(m, GcRequest(first, trigger="window")).status == "done"
     again = run_gc(m, GcRequest(second, trigger="window"))
     assert (again.status, again.job_id) == ("busy", first)
-    assert space.state.get_job(second)["state"] == JobState.SKIPPED.value
+    assert job_record(space.state, second)["state"] == JobState.SKIPPED.value
 
 
 def test_too_late_in_the_window_nothing_is_switched(
@@ -199,7 +200,7 @@ def test_too_late_in_the_window_nothing_is_switched(
     assert skipped.status == "skipped" and skipped.report is None
     assert space.client.get(space.keys.flag) is None
     assert space.client.get(space.keys.gc_lock) is None
-    assert space.state.get_job(job)["state"] == JobState.SKIPPED.value
+    assert job_record(space.state, job)["state"] == JobState.SKIPPED.value
 
     times = iter([late, late, START + timedelta(hours=2, minutes=1)])
     m.clock = lambda: next(times)
@@ -246,7 +247,7 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     assert space.client.get(space.keys.flag) is None
     assert space.client.get(space.keys.gc_lock) is None
     assert released == [1]
-    assert space.state.get_job(job_id)["state"] == JobState.INTERRUPTED.value
+    assert job_record(space.state, job_id)["state"] == JobState.INTERRUPTED.value
     assert recover_crashed_window(m) is None
 
 
@@ -258,4 +259,5 @@ def test_gc_task_limits_outlast_the_window_but_not_the_visibility_timeout() -> N
     _gc_time_limits(sender=SimpleNamespace(app=app))
     task = app.tasks[TASK_GC]
     visibility = app.conf.broker_transport_options["visibility_timeout"]
+    assert task.soft_time_limit is not None and task.time_limit is not None
     assert 2 * 3600 < task.soft_time_limit < task.time_limit < visibility

@@ -120,8 +120,8 @@ def test_registry_push_reaches_sink_once(svc: Service) -> None:
     first = svc.http.post("/hooks/registry", content=body, headers=REGISTRY_HEADERS)
     replay = svc.http.post("/hooks/registry", content=body, headers=REGISTRY_HEADERS)
     assert first.status_code == 202
-    assert first.json() == {"accepted": 1, "duplicates": 0, "ignored": 0, "dead_lettered": 0}
-    assert replay.status_code == 202 and replay.json()["duplicates"] == 1
+    assert h.outcome(first) == {"accepted": 1, "duplicates": 0, "ignored": 0, "dead_lettered": 0}
+    assert replay.status_code == 202 and h.outcome(replay)["duplicates"] == 1
     (message,) = svc.queue()
     assert message["type"] == "registry"
     assert message["event"]["id"] == "push-1" and message["event"]["tag"] == "v1"
@@ -133,7 +133,7 @@ def test_registry_v2_envelope_and_tag_delete(svc: Service) -> None:
     body = h.envelope(h.registry_event("delete", tag="pr-3", media_type=None))
     headers = {**REGISTRY_HEADERS, "Content-Type": h.V2}
     response = svc.http.post("/hooks/registry", content=body, headers=headers)
-    assert response.status_code == 202 and response.json()["accepted"] == 1
+    assert response.status_code == 202 and h.outcome(response)["accepted"] == 1
     (message,) = svc.queue()
     assert message["event"]["digest"] is None and message["event"]["tag"] == "pr-3"
 
@@ -172,7 +172,7 @@ def test_registry_unusable_input_is_dead_lettered(
     headers = {**REGISTRY_HEADERS, "Content-Type": content_type}
     response = svc.http.post("/hooks/registry", content=content, headers=headers)
     assert response.status_code == 202
-    assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 0, "dead_lettered": 1}
+    assert h.outcome(response) == {"accepted": 0, "duplicates": 0, "ignored": 0, "dead_lettered": 1}
     (dead,) = svc.dead_letters()
     assert dead["source"] == "registry" and reason in dead["reason"]
     svc.assert_nothing_enqueued()
@@ -186,7 +186,7 @@ def test_registry_pulls_and_blob_pushes_touch_nothing(svc: Service) -> None:
         h.registry_event("mount", media_type="application/octet-stream", tag=None),
     )
     response = svc.http.post("/hooks/registry", content=body, headers=REGISTRY_HEADERS)
-    assert response.status_code == 202 and response.json()["ignored"] == 3
+    assert response.status_code == 202 and h.outcome(response)["ignored"] == 3
     assert svc.redis_keys() == []
 
 
@@ -222,7 +222,7 @@ def test_body_just_under_limit_is_read(svc: Service) -> None:
     body = event + b" " * (LIMIT - len(event))
     assert len(body) == LIMIT
     response = svc.http.post("/hooks/registry", content=body, headers=REGISTRY_HEADERS)
-    assert response.status_code == 202 and response.json()["accepted"] == 1
+    assert response.status_code == 202 and h.outcome(response)["accepted"] == 1
 
 
 # --- /hooks/github ----------------------------------------------------------------------

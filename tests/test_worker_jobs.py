@@ -98,7 +98,7 @@ def queued(broker: redis.Redis, queue: str = "prune") -> list[dict[str, Any]]:
 
 def job(broker: redis.Redis, job_id: str) -> dict[str, Any]:
     raw = broker.hgetall(f"regsweep:job:{job_id}")
-    return {k: json.loads(v) for k, v in raw.items()}
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
 
 @pytest.mark.anyio

@@ -240,10 +240,17 @@ def make_maintenance(
     return m
 
 
+def job_record(state: SyncState, job_id: str) -> dict[str, Any]:
+    """The job's record, which the test expects to exist."""
+    record = state.get_job(job_id)
+    assert record is not None, f"no job {job_id}"
+    return record
+
+
 class DuringGc:
     """A controller that runs ``hook`` while the registry is read-only, just before GC."""
 
-    def __init__(self, inner: RegistryController, hook: Callable[[], None]) -> None:
+    def __init__(self, inner: RegistryController, hook: Callable[[], object]) -> None:
         self.inner = inner
         self.hook = hook
 
@@ -329,7 +336,9 @@ def seed(builder: ImageBuilder) -> tuple[list[Seeded], list[Seeded]]:
 def missing_parts(builder: ImageBuilder, seeded: Seeded) -> list[str]:
     """Every manifest and blob of ``seeded`` that does not answer 200 (empty: pullable)."""
     repo = seeded.repository
-    images = [seeded.top, *seeded.children] if isinstance(seeded.top, PushedIndex) else [seeded.top]
+    images: list[PushedImage | PushedIndex] = [seeded.top]
+    if isinstance(seeded.top, PushedIndex):
+        images += seeded.children
     missing = []
     for part in images:
         if not builder.manifest_exists(repo, part.digest):

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import redis
 import uvicorn
 from starlette.applications import Starlette
@@ -136,6 +137,13 @@ def registry_event(
         "actor": {},
         "source": {"addr": "registry:5000", "instanceID": str(uuid.uuid4())},
     }
+
+
+def outcome(response: httpx.Response) -> dict[str, int]:
+    """The counts of a registry delivery's ``Regsweep-Outcome`` header (its body is empty)."""
+    assert response.content == b"", response.content
+    pairs = (item.split("=") for item in response.headers["regsweep-outcome"].split(", "))
+    return {key: int(count) for key, count in pairs}
 
 
 def envelope(*events: dict[str, Any]) -> bytes:
