@@ -9,7 +9,6 @@ duplicate (a rare double delivery is harmless; a lost one is not).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,8 +49,8 @@ class RegistryOutcome:
     def header(self) -> str:
         """The ``Regsweep-Outcome`` header (an RFC 8941 dictionary): the registry
         ignores the answer's body, and an empty one costs the server one socket
-        write less per delivery. A handful of outcomes cover nearly every delivery."""
-        return _outcome_header(self)
+        write less per delivery."""
+        return ", ".join(f"{key}={count}" for key, count in self.as_dict().items())
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -69,11 +68,6 @@ class RegistryOutcome:
             "ignored": self.ignored,
             "dead_letter": self.dead_lettered,
         }
-
-
-@functools.lru_cache(maxsize=64)
-def _outcome_header(outcome: RegistryOutcome) -> str:
-    return ", ".join(f"{key}={count}" for key, count in outcome.as_dict().items())
 
 
 def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:

@@ -178,7 +178,9 @@ def _is_manifest(event: RegistryEvent) -> bool:
 def parse_registry_envelope(body: bytes) -> RegistryEnvelope:
     """Parse a notification envelope (``{"events": [...]}``); never raises."""
     try:
-        document = json.loads(body)
+        # UTF-8, as RFC 8259 requires between systems; decoding it here spares
+        # json.loads its guess at UTF-16 and UTF-32.
+        document = json.loads(body.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         return _dead_envelope(f"body is not JSON: {exc}", body)
     if not isinstance(document, dict) or not isinstance(document.get("events"), list):
