@@ -67,22 +67,54 @@ class AuditLog(Protocol):
 
 
 class JsonlAuditLog:
-    """Append-only JSON lines, fsynced per record so a crash loses no deletion's bytes."""
+    """Append-only JSON lines; ``record`` returns once its line is fsynced, so a crash
+    loses no deletion's bytes.
+
+    Records that arrive while a write is in flight go out together in the next
+    one, with one fsync for all of them (a group commit). The executor deletes
+    several manifests at once and records each right after its DELETE: one
+    fsync per record (0.4 ms on the development VM, serialized) held back every
+    wave of a prune.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._lock = asyncio.Lock()
+        self._pending: list[tuple[str, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def record(self, entry: AuditEntry) -> None:
-        line = entry.to_json() + "\n"
-        async with self._lock:
-            await asyncio.to_thread(self._append, line)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry.to_json() + "\n", written))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_pending())
+        await written
 
-    def _append(self, line: str) -> None:
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._append, "".join(line for line, _ in batch))
+                except BaseException as exc:  # every waiting record must get an answer
+                    for _, written in batch:
+                        if not written.done():
+                            written.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    for _, written in batch:
+                        if not written.done():  # its caller went away meanwhile
+                            written.set_result(None)
+        finally:
+            # No await between the empty check and this: a record queued after it
+            # starts the next writer.
+            self._writer = None
+
+    def _append(self, lines: str) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(line)
+                fh.write(lines)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
