@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.app import UVICORN_LOG_CONFIG
+from service.app import UVICORN_OPTIONS
 from tests.harness import stack as s
 from tests.harness.registry import free_port
 
@@ -101,9 +101,7 @@ bare_app = Starlette(routes=[Route("/hooks/registry", _ok, methods=["POST"])])
 
 def serve_bare(port: int) -> None:
     """The reference: same uvicorn settings as `regsweep serve`, an endpoint that only says 200."""
-    uvicorn.run(
-        bare_app, host="127.0.0.1", port=port, proxy_headers=False, log_config=UVICORN_LOG_CONFIG
-    )
+    uvicorn.run(bare_app, host="127.0.0.1", port=port, **UVICORN_OPTIONS)
 
 
 def _lua_string(text: str) -> str:

@@ -366,11 +366,18 @@ GIL_SWITCH_INTERVAL: Final = 0.0005
 UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
     "version": 1,
     "disable_existing_loggers": False,
-    "loggers": {
-        "uvicorn": {"level": "INFO"},
-        # One line per request is the registry's load: metrics count them instead.
-        "uvicorn.access": {"level": "WARNING"},
-    },
+    "loggers": {"uvicorn": {"level": "INFO"}},
+}
+
+#: How ``regsweep serve`` runs uvicorn (``bench/ingest_bench.py`` runs its reference
+#: endpoint with the same). No access log: one line per request is the registry's
+#: load, and metrics count requests instead. ``access_log=False``, not a quiet
+#: logger: uvicorn formats the client address and path for every request whenever
+#: the access logger has a handler anywhere up the tree, whatever its level.
+UVICORN_OPTIONS: Final[dict[str, Any]] = {
+    "proxy_headers": False,
+    "log_config": UVICORN_LOG_CONFIG,
+    "access_log": False,
 }
 
 
@@ -387,6 +394,6 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     sink = CelerySink.from_config(config)
     app = create_app(config, sink=sink)
     try:
-        uvicorn.run(app, host=host, port=port, proxy_headers=False, log_config=UVICORN_LOG_CONFIG)
+        uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
     finally:
         sink.close()
