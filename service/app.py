@@ -22,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -36,7 +36,7 @@ from service.ingest import (
     read_registry_delivery,
     submit_job,
 )
-from service.limits import BodyLimit
+from service.limits import read_body
 from service.metrics import RequestLatency, ServiceMetrics
 from service.sink import EventSink, RedisListSink
 from worker import logs
@@ -63,20 +63,6 @@ HOOK_SOURCES: Final = {
     "/hooks/gitlab": "gitlab",
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
-
-
-async def read_body(request: Request) -> bytes:
-    """The whole request body, as ``Request.body`` reads it but without its async
-    generator (``aclosing`` and a generator step per chunk), which cost the
-    registry hook more than its Bearer check."""
-    chunks: list[bytes] = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @functools.lru_cache(maxsize=64)
@@ -149,7 +135,7 @@ class Endpoints:
         secret = self.config.hooks.registry_token
         if secret is None:
             return _disabled()
-        body = await read_body(request)
+        body = await read_body(request, self.config.hooks.body_limit)
         verify.check_bearer(secret, request.headers.get("authorization"))
         envelope = read_registry_delivery(_media_type(request), body)
         outcome = await self.registry_ingest.ingest(envelope)
@@ -160,7 +146,7 @@ class Endpoints:
         secret = self.config.hooks.github_secret
         if secret is None:
             return _disabled()
-        body = await read_body(request)
+        body = await read_body(request, self.config.hooks.body_limit)
         verify.check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
         _require_json(request, "GitHub")
         event_name = _header(request, "X-GitHub-Event")
@@ -174,7 +160,7 @@ class Endpoints:
         hooks = self.config.hooks
         if hooks.gitlab_token is None and hooks.gitlab_signing_key is None:
             return _disabled()
-        body = await read_body(request)
+        body = await read_body(request, self.config.hooks.body_limit)
         _verify_gitlab(hooks, request, body)
         _require_json(request, "GitLab")
         event_header = _header(request, "X-Gitlab-Event")
@@ -194,7 +180,7 @@ class Endpoints:
 
     async def create_job(self, request: Request) -> Response:
         self._check_api_token(request)
-        body = await read_body(request)
+        body = await read_body(request, self.config.hooks.body_limit)
         _require_json(request, "Job requests")
         job = parse_job_request(body)
         job_id = await submit_job(job, self.state, self.sink)
@@ -340,10 +326,7 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
 
     app = Starlette(
         routes=_routes(endpoints),
-        middleware=[
-            Middleware(RequestLatency, metrics=metrics),
-            Middleware(BodyLimit, limit=config.hooks.body_limit),
-        ],
+        middleware=[Middleware(RequestLatency, metrics=metrics)],
         exception_handlers=_error_handlers(metrics),
         lifespan=lifespan,
     )

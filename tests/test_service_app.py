@@ -199,6 +199,25 @@ def test_registry_body_over_limit_with_content_length(svc: Service) -> None:
     assert svc.redis_keys() == []
 
 
+@pytest.mark.parametrize("route", ["/hooks/github", "/hooks/gitlab", "/api/v1/jobs"])
+def test_every_route_with_a_body_refuses_one_over_the_limit(svc: Service, route: str) -> None:
+    """The other routes that take a body answer 413 JSON too, declared or chunked, and
+    nothing is enqueued."""
+    body = b'{"kind": "gc", "pad": "' + b" " * LIMIT + b'"}'
+    headers = {
+        "/hooks/github": h.github_headers(GITHUB_SECRET, body, "ping"),
+        "/hooks/gitlab": {"X-Gitlab-Token": GITLAB_TOKEN, "X-Gitlab-Event": "Push Hook"},
+        "/api/v1/jobs": API_HEADERS,
+    }[route] | {"Content-Type": "application/json"}
+    declared = svc.http.post(route, content=body, headers=headers)
+    chunked = svc.http.post(route, content=iter([body[:100], body[100:]]), headers=headers)
+    assert "content-length" not in chunked.request.headers
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert response.json() == {"error": f"request body is larger than {LIMIT} bytes"}
+    assert svc.redis_keys() == []
+
+
 def test_registry_body_over_limit_chunked(svc: Service) -> None:
     """A chunked body (no Content-Length) is cut off with 413 JSON once it passes the limit."""
 
