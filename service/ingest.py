@@ -8,7 +8,6 @@ duplicate (a rare double delivery is harmless; a lost one is not).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from worker.events import (
     excerpt,
     parse_registry_envelope,
 )
+from worker.groupcommit import GroupCommit
 from worker.state import JobState, State
 
 log = logging.getLogger("regsweep.service")
@@ -82,12 +82,6 @@ def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
 MAX_COMMIT_EVENTS: Final = 256
 
 
-@dataclass
-class _Delivery:
-    events: tuple[RegistryEvent, ...]
-    done: asyncio.Future[list[RegistryEvent]]
-
-
 class RegistryIngest:
     """Claims and hands on registry events, group-committing concurrent deliveries.
 
@@ -106,15 +100,16 @@ class RegistryIngest:
     def __init__(self, state: State, sink: EventSink) -> None:
         self.state = state
         self.sink = sink
-        self._waiting: list[_Delivery] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[tuple[RegistryEvent, ...], list[RegistryEvent]] = GroupCommit(
+            self._commit_batch, max_weight=MAX_COMMIT_EVENTS, weight=len
+        )
 
     async def ingest(self, envelope: RegistryEnvelope) -> RegistryOutcome:
         """Dead-letter the unusable events, hand the new ones to the sink once each."""
         for dead in envelope.dead:
             log.warning("registry event %s dead-lettered: %s", dead.event_id, dead.reason)
             await self.state.dead_letter("registry", dead.reason, dead.excerpt)
-        fresh = await self._commit(envelope.events) if envelope.events else []
+        fresh = await self._group.submit(envelope.events) if envelope.events else []
         return RegistryOutcome(
             accepted=len(fresh),
             duplicates=len(envelope.events) - len(fresh),
@@ -122,41 +117,16 @@ class RegistryIngest:
             dead_lettered=len(envelope.dead),
         )
 
-    async def _commit(self, events: tuple[RegistryEvent, ...]) -> list[RegistryEvent]:
-        done: asyncio.Future[list[RegistryEvent]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Delivery(events, done))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_waiting())
-        return await done
-
-    async def _commit_waiting(self) -> None:
-        try:
-            while self._waiting:
-                # One turn of the loop first: deliveries already read off their
-                # sockets reach this point and join the batch.
-                await asyncio.sleep(0)
-                batch = _take(self._waiting, MAX_COMMIT_EVENTS)
-                try:
-                    fresh = await self._commit_batch(batch)
-                except BaseException as exc:  # every waiting delivery must get an answer
-                    _settle(batch, error=exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    _settle(batch, results=fresh)
-        finally:
-            # No await between the empty check and this: a delivery queued
-            # after it starts the next committer.
-            self._committer = None
-
-    async def _commit_batch(self, batch: list[_Delivery]) -> list[list[RegistryEvent]]:
+    async def _commit_batch(
+        self, batch: list[tuple[RegistryEvent, ...]]
+    ) -> list[list[RegistryEvent]]:
         """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery.
 
         When the sink's publish is one LPUSH to the state store's own Redis, it
         goes in the claim's round trip, taken back out of it only when some
         event turns out to be a duplicate (then the fresh ones go in a second).
         """
-        events = [event for delivery in batch for event in delivery.events]
+        events = [event for delivery in batch for event in delivery]
         ids = [event.id for event in events]
         push = self.sink.registry_push(events)
         if push is not None and push.server != self.state.server:
@@ -173,7 +143,7 @@ class RegistryIngest:
             await _release_all(self.state, "registry", ids)
             raise
         if push is not None and len(claimed) == len(ids):
-            return [list(delivery.events) for delivery in batch]
+            return [list(delivery) for delivery in batch]
         fresh = _split(batch, set(claimed))
         published = [event for chosen in fresh for event in chosen]
         if published:
@@ -185,40 +155,14 @@ class RegistryIngest:
         return fresh
 
 
-def _split(batch: list[_Delivery], claimed: set[int]) -> list[list[RegistryEvent]]:
+def _split(batch: list[tuple[RegistryEvent, ...]], claimed: set[int]) -> list[list[RegistryEvent]]:
     """Per delivery, its events whose position in the whole batch is in ``claimed``."""
     fresh: list[list[RegistryEvent]] = []
     position = 0
     for delivery in batch:
-        fresh.append([e for i, e in enumerate(delivery.events, position) if i in claimed])
-        position += len(delivery.events)
+        fresh.append([e for i, e in enumerate(delivery, position) if i in claimed])
+        position += len(delivery)
     return fresh
-
-
-def _take(waiting: list[_Delivery], limit: int) -> list[_Delivery]:
-    """The oldest waiting deliveries, at most ``limit`` events (at least one delivery)."""
-    taken: list[_Delivery] = []
-    size = 0
-    while waiting and (not taken or size + len(waiting[0].events) <= limit):
-        delivery = waiting.pop(0)
-        taken.append(delivery)
-        size += len(delivery.events)
-    return taken
-
-
-def _settle(
-    batch: list[_Delivery],
-    *,
-    results: list[list[RegistryEvent]] | None = None,
-    error: BaseException | None = None,
-) -> None:
-    for index, delivery in enumerate(batch):
-        if delivery.done.done():  # the delivery's request went away meanwhile
-            continue
-        if results is not None:
-            delivery.done.set_result(results[index])
-        else:
-            delivery.done.set_exception(error or StateError("registry events not committed"))
 
 
 async def ingest_ci(event: CiEvent, state: State, sink: EventSink) -> bool:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker.errors import StateError
+from worker.groupcommit import GroupCommit
 
 
 @dataclass(frozen=True)
@@ -79,36 +80,14 @@ class JsonlAuditLog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[str, None] = GroupCommit(self._write)
 
     async def record(self, entry: AuditEntry) -> None:
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry.to_json() + "\n", written))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_pending())
-        await written
+        await self._group.submit(entry.to_json() + "\n")
 
-    async def _write_pending(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await asyncio.to_thread(self._append, "".join(line for line, _ in batch))
-                except BaseException as exc:  # every waiting record must get an answer
-                    for _, written in batch:
-                        if not written.done():
-                            written.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for _, written in batch:
-                        if not written.done():  # its caller went away meanwhile
-                            written.set_result(None)
-        finally:
-            # No await between the empty check and this: a record queued after it
-            # starts the next writer.
-            self._writer = None
+    async def _write(self, lines: list[str]) -> list[None]:
+        await asyncio.to_thread(self._append, "".join(lines))
+        return [None] * len(lines)
 
     def _append(self, lines: str) -> None:
         try:
