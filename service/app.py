@@ -10,6 +10,7 @@ mapping to the exception handlers below: :class:`~service.verify.Unverified`
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import re
 import sys
@@ -353,11 +354,16 @@ UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
 }
 
 #: How ``regsweep serve`` runs uvicorn (``bench/ingest_bench.py`` runs its reference
-#: endpoint with the same). No access log: one line per request is the registry's
-#: load, and metrics count requests instead. ``access_log=False``, not a quiet
-#: logger: uvicorn formats the client address and path for every request whenever
-#: the access logger has a handler anywhere up the tree, whatever its level.
+#: endpoint with the same). httptools and uvloop by name, not uvicorn's "auto": both
+#: are dependencies, and a missing one should fail the start, not silently halve
+#: the throughput (h11 and asyncio's own loop cost ~120 µs more per request).
+#: No access log: one line per request is the registry's load, and metrics count
+#: requests instead. ``access_log=False``, not a quiet logger: uvicorn formats the
+#: client address and path for every request whenever the access logger has a
+#: handler anywhere up the tree, whatever its level.
 UVICORN_OPTIONS: Final[dict[str, Any]] = {
+    "http": "httptools",
+    "loop": "uvloop",
     "proxy_headers": False,
     "log_config": UVICORN_LOG_CONFIG,
     "access_log": False,
@@ -376,6 +382,11 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sink = CelerySink.from_config(config)
     app = create_app(config, sink=sink)
+    # What exists now (modules, the Celery app, the config) lives as long as the
+    # process: take it out of the cyclic GC, whose full collections would walk it
+    # all every few thousand deliveries and stall every request in flight for
+    # ~20 ms (the hook's p99 at saturation, docs/performance.md).
+    gc.freeze()
     try:
         uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
     finally:
