@@ -26,6 +26,7 @@ import redis
 import uvicorn
 from starlette.applications import Starlette
 
+from service.app import UVICORN_OPTIONS
 from tests.harness.registry import free_port
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
@@ -49,9 +50,21 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 @contextmanager
 def running(app: Starlette) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL."""
+    """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL.
+
+    On the HTTP parser and event loop ``regsweep serve`` uses, so bad input meets
+    the parser operators run (its own logging stays the test process's).
+    """
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=UVICORN_OPTIONS["http"],
+        loop=UVICORN_OPTIONS["loop"],
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
