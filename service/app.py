@@ -375,10 +375,11 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     if config.redis_url is None:
         raise ConfigError("regsweep serve needs redis.url (or REGSWEEP_REDIS_URL)")
     logs.configure()
-    # The broker publish runs in a thread; with CPython's default 5 ms switch
-    # interval it waits for the GIL behind the event loop on every socket call
-    # (a convoy), which alone capped the registry hook at about a third of its
-    # throughput. 0.5 ms keeps the hand-offs short (bench/ingest_bench.py).
+    # Publishes that cannot ride the dedup claim's Redis call (CI events, jobs,
+    # a broker on another server) go through Celery in a thread; with CPython's
+    # default 5 ms switch interval that thread waits for the GIL behind the event
+    # loop on every socket call (a convoy), which alone once capped the registry
+    # hook at about a third of its throughput. 0.5 ms keeps the hand-offs short.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     sink = CelerySink.from_config(config)
     app = create_app(config, sink=sink)
