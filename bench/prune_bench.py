@@ -69,10 +69,8 @@ def timed(cmd: list[str], cache: Path | None = None) -> tuple[float, str]:
 
 
 def floor_cmd(url: str, repos: list[str], resolve_only: bool, configs: bool = False) -> list[str]:
-    flags = ["--resolve-only"] if resolve_only else []
-    return [PY, "-m", "bench.floor", url, str(KEEP), *repos, *flags] + (
-        ["--configs"] if configs else []
-    )
+    flags = (["--resolve-only"] if resolve_only else []) + (["--configs"] if configs else [])
+    return [PY, "-m", "bench.floor", url, str(KEEP), *repos, *flags]
 
 
 def regsweep_cmd(config: Path, command: str, repos: list[str]) -> list[str]:
