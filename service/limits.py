@@ -6,9 +6,8 @@ with a plain-text 413, and the contract wants ``{"error": ...}`` on every 4xx.
 Every route that takes a body reads it with :func:`read_body`, which refuses a
 declared-too-large body before reading a byte and stops a chunked one as soon
 as the running total passes the limit, raising :class:`BodyTooLarge` (an
-``HTTPException``) for the app's exception handler to render. (It was a
-middleware until the third session: one ASGI layer more on every request, for a
-check only the routes that read a body need.)
+``HTTPException``) for the app's exception handler to render. Only the routes
+that read a body pay for the check; a middleware would add a layer to every request.
 """
 
 from __future__ import annotations
