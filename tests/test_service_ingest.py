@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from service.app import RedisListSink, create_app
 from service.celery_sink import CelerySink, event_payload
+from tests.harness import redisdb
 from tests.harness import service as h
 from tests.harness.registry import free_port
 from worker.celery_app import EVENTS_QUEUE, TASK_REGISTRY_EVENTS, TaskMessage
@@ -32,7 +33,7 @@ from worker.events import RegistryEvent
 from worker.policy import Config, HookSettings, RegistrySettings, Secret
 from worker.state import Push, State
 
-REDIS_URL = "redis://127.0.0.1:6379/9"
+REDIS_URL = redisdb.url(9)
 TOKEN = "ingest-token-Rt5"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": h.V1}
 CONCURRENT = 24
@@ -350,7 +351,7 @@ def test_celery_sink_with_state_on_another_database_claims_and_publishes_apart(
 ) -> None:
     """State store and broker on different databases: claims go to one, the message to
     the other (two round trips, same outcome)."""
-    other = "redis://127.0.0.1:6379/13"
+    other = redisdb.url(13)
     config, state, sink = _celery_serve(prefix, state_url=other)
     body = h.envelope(h.registry_event(event_id="apart"))
     try:

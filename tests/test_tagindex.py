@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
+from tests.harness import redisdb
 from worker.audit import AuditEntry, RedisAuditLog
 from worker.errors import StateError
 from worker.model import Digest
@@ -22,7 +23,7 @@ A, B, C = (Digest(f"sha256:{c * 64}") for c in "abc")
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/12")
+    client = aioredis.Redis.from_url(redisdb.url(12))
     yield client
     await client.aclose()
 

@@ -24,6 +24,7 @@ import httpx
 import redis
 import yaml
 
+from tests.harness import redisdb
 from tests.harness.images import ImageBuilder, PushedImage, PushedIndex, random_layer
 from tests.harness.registry import REGISTRY_BINARY, RegistryProcess
 from worker import jobs
@@ -49,7 +50,7 @@ from worker.pruner import Pruner
 from worker.registry.client import RegistryClient
 from worker.state import SyncState
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redisdb.url(10)
 LAYER_SIZE = 128 * 1024
 NOW = dt.datetime.now(dt.UTC)
 #: Short waits for tests; production keeps minutes.

@@ -27,9 +27,10 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.app import UVICORN_OPTIONS
+from tests.harness import redisdb
 from tests.harness.registry import free_port
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
+REDIS_TEST_URL = redisdb.url(13)
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_OPTIONS = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
 V1 = "application/vnd.docker.distribution.events.v1+json"

@@ -22,11 +22,12 @@ import httpx
 import redis
 import yaml
 
+from tests.harness import redisdb
 from tests.harness.registry import RegistryProcess, free_port
 
 T = TypeVar("T")
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = redisdb.url(11)
 REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 HOOK_TOKEN = "stack-hook-token-7Hq"
 GITHUB_SECRET = "stack-github-secret-2Lp"
