@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import logging
 import re
 import sys
@@ -23,7 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -64,6 +65,10 @@ HOOK_SOURCES: Final = {
     "/hooks/gitlab": "gitlab",
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
+#: The status a request whose client went away is counted under (nginx's 499); never sent.
+CLIENT_CLOSED_REQUEST: Final = 499
+#: Delivery ids are UUIDs (GitHub, GitLab) or ``msg_...`` (Standard Webhooks).
+MAX_DELIVERY_ID: Final = 128
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,13 +101,36 @@ def _disabled() -> Response:
     return JSONResponse({"error": "hook disabled"}, status_code=404)
 
 
-def gitlab_delivery_id(request: Request) -> str:
-    """GitLab's own id for a delivery, stable across its retries."""
-    for name in ("idempotency-key", "x-gitlab-event-uuid", "webhook-id"):
+def _delivery_id(name: str, value: str) -> str:
+    if len(value) > MAX_DELIVERY_ID or not value.isascii() or not value.isprintable():
+        raise HTTPException(400, f"{name} is not an id of up to {MAX_DELIVERY_ID} characters")
+    return value
+
+
+def gitlab_delivery_id(request: Request, *, signed: bool) -> str:
+    """GitLab's own id for a delivery, stable across its retries.
+
+    With a signing key, the ``webhook-id`` the signature covers, so that a captured
+    delivery replayed under a new unsigned header is still a duplicate (its
+    timestamp must also be within 5 minutes). Without one, the first of
+    ``Idempotency-Key``, ``X-Gitlab-Event-UUID`` and ``webhook-id``.
+    """
+    names = ("webhook-id",) if signed else ("idempotency-key", "x-gitlab-event-uuid", "webhook-id")
+    for name in names:
         value = request.headers.get(name)
         if value:
-            return value
+            return _delivery_id(name, value)
     raise HTTPException(400, "missing Idempotency-Key or X-Gitlab-Event-UUID header")
+
+
+def github_dedup_keys(state: State, delivery_id: str, body: bytes) -> list[str]:
+    """A GitHub delivery is a duplicate if its id or its (signed) body was seen: the
+    signature covers the body only, so a captured delivery replayed under a new
+    ``X-GitHub-Delivery`` is caught by the body's hash."""
+    return [
+        state.keys.delivery("github", delivery_id),
+        state.keys.delivery("github-body", hashlib.sha256(body).hexdigest()),
+    ]
 
 
 class Endpoints:
@@ -139,7 +167,7 @@ class Endpoints:
         body = await read_body(request, self.config.hooks.body_limit)
         verify.check_bearer(secret, request.headers.get("authorization"))
         envelope = read_registry_delivery(_media_type(request), body)
-        outcome = await self.registry_ingest.ingest(envelope)
+        outcome = await self.registry_ingest.ingest(envelope, body)
         self.metrics.count_many("registry", outcome.metric_counts())
         return _registry_answer(outcome)
 
@@ -151,11 +179,12 @@ class Endpoints:
         verify.check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
         _require_json(request, "GitHub")
         event_name = _header(request, "X-GitHub-Event")
-        delivery_id = _header(request, "X-GitHub-Delivery")
+        delivery_id = _delivery_id("X-GitHub-Delivery", _header(request, "X-GitHub-Delivery"))
         if event_name == "ping":
             return JSONResponse({"ok": True, "zen": github_zen(body)})
         event = parse_github(event_name, body, delivery_id)
-        return await self._ci(event, "github", f"GitHub event {event_name[:64]!r}")
+        dedup = github_dedup_keys(self.state, delivery_id, body)
+        return await self._ci(event, "github", f"GitHub event {event_name[:64]!r}", dedup)
 
     async def gitlab(self, request: Request) -> Response:
         hooks = self.config.hooks
@@ -165,15 +194,19 @@ class Endpoints:
         _verify_gitlab(hooks, request, body)
         _require_json(request, "GitLab")
         event_header = _header(request, "X-Gitlab-Event")
-        event = parse_gitlab(event_header, body, gitlab_delivery_id(request))
-        return await self._ci(event, "gitlab", f"GitLab {event_header[:64]!r}")
+        delivery_id = gitlab_delivery_id(request, signed=hooks.gitlab_signing_key is not None)
+        event = parse_gitlab(event_header, body, delivery_id)
+        dedup = [self.state.keys.delivery("gitlab", delivery_id)]
+        return await self._ci(event, "gitlab", f"GitLab {event_header[:64]!r}", dedup)
 
-    async def _ci(self, event: CiEvent | None, source: str, what: str) -> Response:
+    async def _ci(
+        self, event: CiEvent | None, source: str, what: str, dedup: list[str]
+    ) -> Response:
         if event is None:
             self.metrics.count(source, "ignored")
             reason = f"{what} does not delete images"
             return JSONResponse({"status": "ignored", "reason": reason}, status_code=202)
-        if not await ingest_ci(event, self.state, self.sink):
+        if not await ingest_ci(event, self.state, self.sink, dedup):
             self.metrics.count(source, "duplicate")
             return JSONResponse({"status": "duplicate", "delivery": event.delivery_id})
         self.metrics.count(source, "accepted")
@@ -272,6 +305,15 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
         log.error("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"error": "state store unavailable, retry later"}, status_code=503)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # Nobody is left to answer (a body timeout or the sender hung up): no
+        # traceback, and nothing was queued for a body that never arrived whole.
+        count(request, "rejected")
+        log.info(
+            "%s %s: the client went away before its body arrived", request.method, request.url.path
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     async def internal(request: Request, exc: Exception) -> Response:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": "internal error"}, status_code=500)
@@ -281,6 +323,7 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
         BadEvent: bad_event,
         HTTPException: http_error,
         StateError: unavailable,
+        ClientDisconnect: client_gone,
         Exception: internal,
     }
 

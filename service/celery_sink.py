@@ -1,16 +1,17 @@
 """The production sink: verified events and jobs become Celery tasks on the Redis broker.
 
-Celery's ``send_task`` blocks on the broker, so it runs in a worker thread
-and the event loop keeps answering other deliveries meanwhile. Registry
+On a plain ``redis://`` broker every message (registry events, CI events,
+jobs) is LPUSHed from the event loop (:func:`redis_envelope`): no thread, no
+kombu connection machinery, the service's short Redis timeouts, and a
+fraction of ``send_task``'s cost on the hook's hot path; registry and CI
+events go in the same atomic step as their dedup records when the broker is
+the state store's own Redis (:mod:`service.ingest`). Any other broker gets
+Celery's ``send_task``, run in a worker thread because it blocks. Registry
 events arrive group-committed (:class:`service.ingest.RegistryIngest`): the
 events of every delivery that waited for one commit go out in one
-``regsweep.registry_events`` message. On a plain ``redis://`` broker that
-message is LPUSHed from the event loop (:func:`redis_envelope`): no thread,
-no kombu connection machinery, a fraction of ``send_task``'s cost on the
-hook's hot path. A broker that cannot take the message
-raises :class:`~worker.errors.StateError`: the service answers 503, releases
-the dedup keys, and the sender's retry is processed later (the registry
-retries forever).
+``regsweep.registry_events`` message. A broker that cannot take a message
+raises :class:`~worker.errors.StateError`: the service answers 503 and the
+sender's retry is processed later (the registry retries forever).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from worker.state import Push, async_client, server_of
 PERSISTENT: Final = 2
 #: ``json.dumps`` separators without blanks.
 COMPACT: Final = (",", ":")
+#: Celery's own ``kwargsrepr`` is cut at 1024 characters too.
+KWARGSREPR_LIMIT: Final = 1024
 
 
 class CelerySink:
@@ -87,8 +90,7 @@ class CelerySink:
         if self.broker_url is None:
             return None
         message, kwargsrepr = _registry_message(events)
-        envelope = redis_envelope(self.app, message, kwargsrepr)
-        return Push(server_of(self._broker_client()), message.queue, (envelope,))
+        return self.push(message, kwargsrepr)
 
     def _broker_client(self) -> aioredis.Redis:
         """The asyncio client of the running loop (a client's connections belong to one)."""
@@ -105,10 +107,32 @@ class CelerySink:
         self._broker = self._broker_loop = None
 
     async def ci_event(self, event: CiEvent) -> None:
-        await self.send(TaskMessage(TASK_CI_EVENT, {"event": event.to_dict()}, EVENTS_QUEUE))
+        await self.publish(_ci_message(event))
+
+    def ci_push(self, event: CiEvent) -> Push | None:
+        return self.push(_ci_message(event))
 
     async def job(self, job_id: str, kind: str, params: Mapping[str, Any]) -> None:
-        await self.send(job_message(job_id, kind, params))
+        await self.publish(job_message(job_id, kind, params))
+
+    def push(self, message: TaskMessage, kwargsrepr: str | None = None) -> Push | None:
+        """On a plain ``redis://`` broker: the LPUSH that publishes ``message``."""
+        if self.broker_url is None:
+            return None
+        envelope = redis_envelope(self.app, message, kwargsrepr or _kwargsrepr(message))
+        return Push(server_of(self._broker_client()), message.queue, (envelope,))
+
+    async def publish(self, message: TaskMessage) -> None:
+        """LPUSH ``message`` from the event loop when the broker is plain Redis (the
+        service's short timeouts apply), else :meth:`send` it through Celery."""
+        push = self.push(message)
+        if push is None:
+            await self.send(message)
+            return
+        try:
+            await self._broker_client().lpush(push.key, *push.values)
+        except (redis.RedisError, OSError) as exc:
+            raise StateError(f"broker refused {message.name}: {type(exc).__name__}: {exc}") from exc
 
     async def send(self, message: TaskMessage, *, kwargsrepr: str | None = None) -> None:
         """Publish ``message`` from a worker thread; StateError when the broker refuses."""
@@ -133,6 +157,15 @@ class CelerySink:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _ci_message(event: CiEvent) -> TaskMessage:
+    return TaskMessage(TASK_CI_EVENT, {"event": event.to_dict()}, EVENTS_QUEUE)
+
+
+def _kwargsrepr(message: TaskMessage) -> str:
+    """What Celery would log for the message's arguments (its saferepr, kept short)."""
+    return repr(message.kwargs)[:KWARGSREPR_LIMIT]
 
 
 def _registry_message(events: list[RegistryEvent]) -> tuple[TaskMessage, str]:

@@ -1,15 +1,21 @@
 """What the hooks and the job API do once a request is verified and parsed.
 
-At-least-once with dedup: a delivery id is claimed (``SET NX EX``) before the
-event goes to the sink, and released again when the sink fails for any
-reason, so the sender's retry is processed instead of swallowed as a
-duplicate (a rare double delivery is harmless; a lost one is not).
+At-least-once with dedup, and never a delivery swallowed: a delivery is
+recorded as seen (its dedup keys, kept :data:`~worker.state.DEDUP_TTL`) only
+together with its queued message. On the state store's own Redis, which is
+where ``redis.url`` puts the broker, both happen in one atomic step
+(:meth:`State.new_deliveries` with a push), so a failure at any point, an
+answer lost on the way back included, leaves either both (the sender's retry
+is a duplicate of something queued) or neither (the retry is processed). With
+the broker elsewhere the message is published first and the delivery recorded
+after it: a failure between the two makes the retry queue it a second time,
+which is harmless (every task is idempotent).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,15 +25,15 @@ from worker.events import (
     REGISTRY_EVENTS_V1,
     REGISTRY_EVENTS_V2,
     CiEvent,
-    DeadLetter,
     JobRequest,
     RegistryEnvelope,
     RegistryEvent,
+    dead_envelope,
     excerpt,
     parse_registry_envelope,
 )
 from worker.groupcommit import GroupCommit
-from worker.state import JobState, State
+from worker.state import JobState, Push, State
 
 log = logging.getLogger("regsweep.service")
 
@@ -73,8 +79,7 @@ class RegistryOutcome:
 def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
     """Parse a registry delivery; a content type it cannot be in makes it one dead letter."""
     if media_type not in REGISTRY_MEDIA_TYPES:
-        reason = f"unsupported content type {media_type[:100]!r}"
-        return RegistryEnvelope((), 0, (DeadLetter(None, reason, excerpt(body)),))
+        return dead_envelope(f"unsupported content type {media_type[:100]!r}")
     return parse_registry_envelope(body)
 
 
@@ -91,10 +96,9 @@ class RegistryIngest:
     delivery is answered once that call returned. Under load this is what
     keeps the hook fast (a round trip and a broker publish cost far more
     than one event; the event loop parses the next deliveries while a commit
-    waits for Redis); alone, a delivery is committed at once. When the sink
-    fails, every claim of the commit is released and every delivery in it
-    gets the error (503), so the registry's retries are processed, not
-    swallowed as duplicates.
+    waits for Redis); alone, a delivery is committed at once. When the commit
+    fails, every delivery in it gets the error (503); what the registry then
+    retries is a duplicate only if it was queued (see the module's docstring).
     """
 
     def __init__(self, state: State, sink: EventSink) -> None:
@@ -104,77 +108,96 @@ class RegistryIngest:
             self._commit_batch, max_weight=MAX_COMMIT_EVENTS, weight=len
         )
 
-    async def ingest(self, envelope: RegistryEnvelope) -> RegistryOutcome:
+    async def ingest(self, envelope: RegistryEnvelope, body: bytes) -> RegistryOutcome:
         """Dead-letter the unusable events, hand the new ones to the sink once each."""
-        for dead in envelope.dead:
-            log.warning("registry event %s dead-lettered: %s", dead.event_id, dead.reason)
-            await self.state.dead_letter("registry", dead.reason, dead.excerpt)
+        if envelope.dead_count:
+            # One entry and one log line per delivery, however many events it spoils.
+            summary = envelope.dead_summary()
+            count = envelope.dead_count
+            log.warning("registry delivery: %d events dead-lettered: %s", count, summary)
+            await self.state.dead_letter("registry", summary, excerpt(body))
         fresh = await self._group.submit(envelope.events) if envelope.events else []
         return RegistryOutcome(
             accepted=len(fresh),
             duplicates=len(envelope.events) - len(fresh),
             ignored=envelope.ignored,
-            dead_lettered=len(envelope.dead),
+            dead_lettered=envelope.dead_count,
         )
 
     async def _commit_batch(
         self, batch: list[tuple[RegistryEvent, ...]]
     ) -> list[list[RegistryEvent]]:
-        """Claim every event of ``batch``, publish the fresh ones; the fresh per delivery.
-
-        When the sink's publish is one LPUSH to the state store's own Redis, it
-        goes in the claim's round trip, taken back out of it only when some
-        event turns out to be a duplicate (then the fresh ones go in a second).
-        """
+        """Queue the new events of every delivery of ``batch``; the queued ones per delivery."""
         events = [event for delivery in batch for event in delivery]
-        ids = [event.id for event in events]
-        push = self.sink.registry_push(events)
-        if push is not None and push.server != self.state.server:
-            push = None  # the broker is another Redis: claim here, publish there
-        try:
-            if push is None:
-                claimed = await self.state.claim_deliveries("registry", ids)
-            else:
-                claimed = await self.state.claim_deliveries_then_push("registry", ids, push)
-        except StateError:
-            # Redis may have done it all and only the answer was lost: forget every
-            # claim, so the sender's retry is processed (at worst twice), not
-            # swallowed as a duplicate.
-            await _release_all(self.state, "registry", ids)
-            raise
-        if push is not None and len(claimed) == len(ids):
+        keys = [self.state.keys.delivery("registry", event.id) for event in events]
+
+        def push(chosen: list[int]) -> Push | None:
+            return self.sink.registry_push([events[i] for i in chosen])
+
+        async def publish(chosen: list[int]) -> None:
+            await self.sink.registry_events([events[i] for i in chosen])
+
+        queued = await queue_new(self.state, keys, 1, push, publish)
+        if len(queued) == len(events):
             return [list(delivery) for delivery in batch]
-        fresh = _split(batch, set(claimed))
-        published = [event for chosen in fresh for event in chosen]
-        if published:
-            try:
-                await self.sink.registry_events(published)
-            except BaseException:
-                await _release_all(self.state, "registry", [e.id for e in published])
-                raise
-        return fresh
+        return _split(batch, set(queued))
 
 
-def _split(batch: list[tuple[RegistryEvent, ...]], claimed: set[int]) -> list[list[RegistryEvent]]:
-    """Per delivery, its events whose position in the whole batch is in ``claimed``."""
+async def queue_new(
+    state: State,
+    keys: Sequence[str],
+    per_delivery: int,
+    push_for: Callable[[list[int]], Push | None],
+    publish: Callable[[list[int]], Awaitable[None]],
+) -> list[int]:
+    """Queue the deliveries (``per_delivery`` dedup keys each) not seen before; their positions.
+
+    ``push_for(positions)`` is the LPUSH that queues those deliveries on the state
+    store's own Redis, if the sink has one; the deliveries are then recorded in the
+    same atomic step, and when some turn out to be seen the rest are tried again
+    alone. Otherwise ``publish(positions)`` queues them elsewhere and they are
+    recorded after it (see the module's docstring).
+    """
+    pending = list(range(len(keys) // per_delivery))
+
+    def keys_of(positions: list[int]) -> list[str]:
+        return [keys[p * per_delivery + j] for p in positions for j in range(per_delivery)]
+
+    while pending:
+        push = push_for(pending)
+        if push is not None and push.server != state.server:
+            push = None  # the broker is another Redis: check here, publish there
+        flags = await state.new_deliveries(keys_of(pending), per_delivery=per_delivery, push=push)
+        new = [pending[i] for i in flags]
+        if push is None:
+            if new:
+                await publish(new)
+                await state.record_deliveries(keys_of(new))
+            return new
+        if len(new) == len(pending):
+            return new
+        pending = new
+    return []
+
+
+def _split(batch: list[tuple[RegistryEvent, ...]], queued: set[int]) -> list[list[RegistryEvent]]:
+    """Per delivery, its events whose position in the whole batch is in ``queued``."""
     fresh: list[list[RegistryEvent]] = []
     position = 0
     for delivery in batch:
-        fresh.append([e for i, e in enumerate(delivery, position) if i in claimed])
+        fresh.append([e for i, e in enumerate(delivery, position) if i in queued])
         position += len(delivery)
     return fresh
 
 
-async def ingest_ci(event: CiEvent, state: State, sink: EventSink) -> bool:
-    """Hand a CI event to the sink; False when its delivery id was already processed."""
-    if not await state.claim_delivery(event.source, event.delivery_id):
-        return False
-    try:
+async def ingest_ci(event: CiEvent, state: State, sink: EventSink, dedup: Sequence[str]) -> bool:
+    """Queue a CI event; False when one of its ``dedup`` keys shows it was already queued."""
+
+    async def publish(_: list[int]) -> None:
         await sink.ci_event(event)
-    except Exception:
-        await _release_all(state, event.source, [event.delivery_id])
-        raise
-    return True
+
+    queued = await queue_new(state, dedup, len(dedup), lambda _: sink.ci_push(event), publish)
+    return bool(queued)
 
 
 async def submit_job(request: JobRequest, state: State, sink: EventSink) -> str:
@@ -189,12 +212,3 @@ async def submit_job(request: JobRequest, state: State, sink: EventSink) -> str:
             log.warning("job %s could not be marked failed after enqueueing failed", job_id)
         raise
     return job_id
-
-
-async def _release_all(state: State, source: str, delivery_ids: Iterable[str]) -> None:
-    try:
-        await state.release_deliveries(source, delivery_ids)
-    except StateError:
-        # Redis itself is away: the claims may outlive this request and the
-        # retries will look like duplicates until the keys expire.
-        log.error("%s dedup keys could not be released", source)

@@ -29,6 +29,9 @@ class EventSink(Protocol):
     async def ci_event(self, event: CiEvent) -> None:
         """Persist or enqueue a CI event; raise StateError when it cannot."""
 
+    def ci_push(self, event: CiEvent) -> Push | None:
+        """The one LPUSH that :meth:`ci_event` would make, as :meth:`registry_push`."""
+
     async def job(self, job_id: str, kind: str, params: Mapping[str, Any]) -> None:
         """Enqueue a job whose record already exists; raise StateError when it cannot."""
 
@@ -50,6 +53,9 @@ class RedisListSink:
 
     def registry_push(self, events: list[RegistryEvent]) -> Push | None:
         return None  # publishes through registry_events only (subclasses extend that)
+
+    def ci_push(self, event: CiEvent) -> Push | None:
+        return None
 
     async def registry_events(self, events: list[RegistryEvent]) -> None:
         messages = [json.dumps({"type": "registry", "event": e.to_dict()}) for e in events]

@@ -370,18 +370,20 @@ def _gitlab_headers(body: bytes, event: str, delivery: str | None = None) -> dic
 
 
 def test_gitlab_merge_request_merged_once(svc: Service) -> None:
-    """A signed MR merge is enqueued; a retry with the same Idempotency-Key is a duplicate."""
+    """A signed MR merge is enqueued under its signed webhook-id; the same signed delivery
+    replayed with a new Idempotency-Key and X-Gitlab-Event-UUID (unsigned headers) is a
+    duplicate."""
     body = h.gitlab_merge_request("merge", iid=7)
     headers = _gitlab_headers(body, "Merge Request Hook", delivery="idem-1")
     first = svc.http.post("/hooks/gitlab", content=body, headers=headers)
-    retry_headers = headers | {"X-Gitlab-Event-UUID": str(uuid.uuid4())}
-    again = svc.http.post("/hooks/gitlab", content=body, headers=retry_headers)
-    assert first.status_code == 202 and first.json()["delivery"] == "idem-1"
+    replay = headers | {"X-Gitlab-Event-UUID": str(uuid.uuid4()), "Idempotency-Key": "other"}
+    again = svc.http.post("/hooks/gitlab", content=body, headers=replay)
+    assert first.status_code == 202 and first.json()["delivery"] == "msg_idem-1"
     assert again.status_code == 200 and again.json()["status"] == "duplicate"
     (message,) = svc.queue()
     assert message["event"] == {
         "source": "gitlab",
-        "delivery_id": "idem-1",
+        "delivery_id": "msg_idem-1",
         "project": "acme/web",
         "kind": "pull_request_closed",
         "number": 7,
@@ -561,7 +563,7 @@ def test_unexpected_error_is_500_json_without_traceback() -> None:
         assert response.json() == {"error": "internal error"}
         assert "Traceback" not in response.text
         assert_no_secret(response)
-        # The claim was released, so GitHub's redelivery will be processed.
+        # Nothing was recorded, so GitHub's redelivery will be processed.
         assert list(client.scan_iter(match=f"{prefix}dedup:*")) == []
     finally:
         h.delete_prefix(client, prefix)

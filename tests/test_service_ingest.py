@@ -13,7 +13,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -99,28 +99,6 @@ def _serve(prefix: str) -> tuple[Config, State]:
     return config, State.from_url(REDIS_URL, prefix=prefix)
 
 
-async def _claims(prefix: str) -> tuple[list[int], list[int], int]:
-    state = State.from_url(REDIS_URL, prefix=prefix)
-    try:
-        first = await state.claim_deliveries("registry", ["a", "b", "a"], ttl=timedelta(hours=1))
-        second = await state.claim_deliveries("registry", ["a", "c"])
-        ttl = await state.client.ttl(state.keys.delivery("registry", "a"))
-        await state.release_deliveries("registry", ["a", "b", "c"])
-        return first, second, int(ttl)
-    finally:
-        await state.aclose()
-
-
-def test_claim_deliveries_claims_each_id_once_in_one_call(prefix: str) -> None:
-    """A batched claim sets each new id once (first position only), keeps its TTL, and
-    a batched release forgets them all."""
-    first, second, ttl = asyncio.run(_claims(prefix))
-    assert first == [0, 1]
-    assert second == [1]
-    assert 3500 < ttl <= 3600
-    assert _keys(prefix, "dedup:*") == []
-
-
 def test_concurrent_deliveries_share_sink_calls(prefix: str) -> None:
     """Deliveries that overlap are committed together (fewer sink calls than deliveries),
     each answered 202 as accepted, each event enqueued exactly once."""
@@ -149,7 +127,7 @@ def test_one_event_id_in_concurrent_deliveries_is_accepted_once(prefix: str) -> 
     assert _queued_ids(prefix) == ["same"]
 
 
-def test_failed_commit_answers_503_to_every_delivery_and_releases_claims(prefix: str) -> None:
+def test_failed_commit_answers_503_to_every_delivery_and_records_none(prefix: str) -> None:
     """When the sink fails, every delivery of the commit gets 503 and no dedup key is
     left behind, so the registry's retries are processed, not swallowed."""
     sink = SlowSink(aioredis.Redis.from_url(REDIS_URL), prefix=prefix, fail=True)
@@ -277,31 +255,32 @@ def events_queue() -> Iterator[None]:
     client.close()
 
 
-async def _claim_then_push(prefix: str) -> tuple[list[int], list[int], list[bytes | str]]:
+async def _deliver_then_push(prefix: str) -> tuple[list[int], list[int], list[bytes | str]]:
     state = State.from_url(REDIS_URL, prefix=prefix)
     key = f"{prefix}list"
+    dedup = [state.keys.delivery("registry", i) for i in "abcd"]
     try:
         push = Push(state.server, key, ("m1",))
-        first = await state.claim_deliveries_then_push("registry", ["a", "b"], push)
-        again = await state.claim_deliveries_then_push("registry", ["b", "c"], push)
+        first = await state.new_deliveries(dedup[:2], push=push)
+        again = await state.new_deliveries(dedup[1:3], push=push)
         elsewhere = Push("elsewhere/0", key, ("m",))
         with pytest.raises(ValueError, match="not on"):
-            await state.claim_deliveries_then_push("registry", ["d"], elsewhere)
+            await state.new_deliveries(dedup[3:], push=elsewhere)
         pushed: list[bytes | str] = await state.client.lrange(key, 0, -1)
         return first, again, pushed
     finally:
         await state.aclose()
 
 
-def test_claim_then_push_pushes_only_when_every_id_is_new(prefix: str) -> None:
-    """All ids new: claimed and pushed in one call. One already claimed: the new ones
-    are claimed, nothing is pushed (the caller publishes the fresh ones itself). A push
-    for another Redis server is refused."""
-    first, again, pushed = asyncio.run(_claim_then_push(prefix))
+def test_deliveries_are_recorded_only_with_their_push(prefix: str) -> None:
+    """All deliveries new: recorded and pushed in one call. One already recorded: nothing
+    is written at all (the caller pushes the new ones alone). A push for another Redis
+    server is refused."""
+    first, again, pushed = asyncio.run(_deliver_then_push(prefix))
     assert first == [0, 1]
     assert again == [1]
     assert pushed == [b"m1"]
-    assert _keys(prefix, "dedup:*") == [f"{prefix}dedup:registry:{i}" for i in "abc"]
+    assert _keys(prefix, "dedup:*") == [f"{prefix}dedup:registry:{i}" for i in "ab"]
 
 
 def test_celery_sink_commits_claims_and_message_together(prefix: str, events_queue: None) -> None:

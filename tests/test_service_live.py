@@ -92,8 +92,8 @@ def test_redis_down_gives_503_then_recovers(
     assert "/hooks/registry enabled" in caplog.text and TOKEN not in caplog.text
 
 
-def test_sink_failure_releases_the_dedup_key(private_redis: h.RedisServer) -> None:
-    """A sink that cannot persist gives 503 and releases the dedup key, so the retry counts."""
+def test_sink_failure_records_no_dedup_key(private_redis: h.RedisServer) -> None:
+    """A sink that cannot persist gives 503 and records no dedup key, so the retry counts."""
     prefix = h.unique_prefix()
     state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
     sink = RedisListSink(aioredis.Redis.from_url(private_redis.url, socket_connect_timeout=1))

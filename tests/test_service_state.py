@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterator
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -32,21 +31,26 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def test_claim_is_true_once_and_release_reopens(prefix: str) -> None:
-    """A delivery id is claimed once, with a TTL, and claimable again after release."""
+def test_new_deliveries_reads_only_and_records_nothing_without_a_push(prefix: str) -> None:
+    """Without a push the check writes nothing: asked twice, a delivery is new twice; once
+    recorded (for 7 days) it is seen, and a delivery with two keys is seen if either is."""
 
-    async def scenario() -> tuple[bool, bool, bool, int]:
+    async def scenario() -> tuple[list[int], list[int], list[int], list[int], int]:
         state = State.from_url(REDIS_TEST_URL, prefix=prefix)
-        first = await state.claim_delivery("github", "d-1")
-        second = await state.claim_delivery("github", "d-1")
-        ttl = await state.client.ttl(state.keys.delivery("github", "d-1"))
-        await state.release_delivery("github", "d-1")
-        third = await state.claim_delivery("github", "d-1", ttl=timedelta(seconds=5))
+        keys = [state.keys.delivery("github", "d-1"), state.keys.delivery("github-body", "h")]
+        first = await state.new_deliveries(keys[:1])
+        again = await state.new_deliveries(keys[:1])
+        await state.record_deliveries(keys[1:])
+        pair = await state.new_deliveries(keys, per_delivery=2)
+        repeated = await state.new_deliveries([keys[0], keys[0], "other"])
+        ttl = await state.client.ttl(keys[1])
         await state.aclose()
-        return first, second, third, ttl
+        return first, again, pair, repeated, ttl
 
-    first, second, third, ttl = run(scenario())
-    assert (first, second, third) == (True, False, True)
+    first, again, pair, repeated, ttl = run(scenario())
+    assert (first, again) == ([0], [0])
+    assert pair == []
+    assert repeated == [0, 2]
     assert 6 * 86400 < ttl <= 7 * 86400
 
 
@@ -88,8 +92,6 @@ def test_sync_state_reads_what_async_wrote(prefix: str) -> None:
     sync = SyncState.from_url(REDIS_TEST_URL, prefix=prefix)
     assert sync.update_job(job_id, state="running") is True
     assert (sync.get_job(job_id) or {})["state"] == "running"
-    assert sync.claim_delivery("registry", "e") is True
-    assert sync.claim_delivery("registry", "e") is False
     sync.close()
 
 
@@ -117,11 +119,11 @@ def test_unreachable_redis_raises_state_error() -> None:
     async def scenario() -> None:
         state = State.from_url(f"redis://127.0.0.1:{free_port()}/0")
         try:
-            await state.claim_delivery("github", "d")
+            await state.new_deliveries([state.keys.delivery("github", "d")])
         finally:
             await state.client.aclose()
 
-    with pytest.raises(StateError, match="SET NX"):
+    with pytest.raises(StateError, match="check deliveries"):
         run(scenario())
     with pytest.raises(StateError):
         SyncState.from_url(f"redis://127.0.0.1:{free_port()}/0").get_job("x")

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -46,6 +46,33 @@ MANIFEST_TYPES: Final = frozenset(
 ZERO_SHA: Final = "0" * 40
 BRANCH_REF_PREFIX: Final = "refs/heads/"
 EXCERPT_LIMIT: Final = 2048
+
+#: Bounded work per delivery: a registry sends one event per envelope (a few
+#: hundred bytes); events beyond this many are dead-lettered unread.
+MAX_ENVELOPE_EVENTS: Final = 1000
+#: Unusable events of one delivery named one by one in its dead letter; the rest counted.
+MAX_DEAD_EXAMPLES: Final = 5
+#: Longest event id, action, media type and URL taken (distribution's: a UUID,
+#: a word, a media type, one URL); anything longer is not from a registry.
+MAX_ID_LENGTH: Final = 256
+MAX_ACTION_LENGTH: Final = 32
+MAX_MEDIA_TYPE_LENGTH: Final = 255
+MAX_URL_LENGTH: Final = 2048
+MAX_TIMESTAMP_LENGTH: Final = 64
+#: Sizes fit a signed 64-bit integer, as the registry's own do.
+MAX_SIZE: Final = 2**63 - 1
+#: Event times before the first Docker release, or more than this ahead of
+#: regsweep's clock, are no registry's: such an event is dead-lettered, never
+#: recorded as a push time (the tag index could not read it back).
+EARLIEST_EVENT_TIME: Final = datetime(2013, 3, 20, tzinfo=UTC)
+MAX_CLOCK_AHEAD: Final = timedelta(days=1)
+#: CI fields: GitHub and GitLab project paths and git branch names are far shorter.
+MAX_PROJECT_LENGTH: Final = 512
+MAX_BRANCH_LENGTH: Final = 1024
+MAX_NUMBER: Final = 2**31 - 1
+#: Ids: printable ASCII, no blanks (a UUID, ``msg_...``); they become Redis key names.
+_ID: Final = re.compile(r"[\x21-\x7e]+")
+_MEDIA_TYPE: Final = re.compile(r"[\w.+-]+/[\w.+-]+", re.ASCII)
 
 
 class BadEvent(RegsweepError):
@@ -96,16 +123,23 @@ class DeadLetter:
 
     event_id: str | None
     reason: str
-    excerpt: str
 
 
 @dataclass(frozen=True)
 class RegistryEnvelope:
-    """A parsed envelope: events to act on, how many were dropped, and the unusable ones."""
+    """A parsed envelope: events to act on, how many were dropped, and the unusable ones
+    (``dead_count`` of them; ``dead`` names the first :data:`MAX_DEAD_EXAMPLES`)."""
 
     events: tuple[RegistryEvent, ...]
     ignored: int
     dead: tuple[DeadLetter, ...]
+    dead_count: int
+
+    def dead_summary(self) -> str:
+        """One line for the delivery's dead letter and log: what was wrong, how often."""
+        named = "; ".join(f"event {d.event_id or '(no id)'}: {d.reason}" for d in self.dead)
+        more = self.dead_count - len(self.dead)
+        return named + (f"; {more} more unusable events" if more > 0 else "")
 
 
 CiSource = Literal["github", "gitlab"]
@@ -176,38 +210,57 @@ def _is_manifest(event: RegistryEvent) -> bool:
 
 
 def parse_registry_envelope(body: bytes) -> RegistryEnvelope:
-    """Parse a notification envelope (``{"events": [...]}``); never raises."""
+    """Parse a notification envelope (``{"events": [...]}``); never raises.
+
+    At most :data:`MAX_ENVELOPE_EVENTS` events are read; the rest are dead-lettered.
+    """
     try:
         # UTF-8, as RFC 8259 requires between systems; decoding it here spares
         # json.loads its guess at UTF-16 and UTF-32.
         document = json.loads(body.decode())
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _dead_envelope(f"body is not JSON: {exc}", body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return dead_envelope(f"body is not JSON: {_json_error(exc)}")
     if not isinstance(document, dict) or not isinstance(document.get("events"), list):
-        return _dead_envelope('body is not an envelope {"events": [...]}', body)
+        return dead_envelope('body is not an envelope {"events": [...]}')
+    raw_events: list[Any] = document["events"]
     events: list[RegistryEvent] = []
     ignored = 0
     dead: list[DeadLetter] = []
-    for raw in document["events"]:
+    dead_count = 0
+    for raw in raw_events[:MAX_ENVELOPE_EVENTS]:
         try:
             event = parse_registry_event(raw)
         except BadEvent as exc:
-            dead.append(DeadLetter(_raw_id(raw), str(exc), excerpt(json.dumps(raw))))
+            dead_count += 1
+            if len(dead) < MAX_DEAD_EXAMPLES:
+                dead.append(DeadLetter(_raw_id(raw), str(exc)))
             continue
         if event.kind is RegistryEventKind.IGNORED:
             ignored += 1
         else:
             events.append(event)
-    return RegistryEnvelope(tuple(events), ignored, tuple(dead))
+    unread = len(raw_events) - MAX_ENVELOPE_EVENTS
+    if unread > 0:
+        reason = f"{unread} events beyond the first {MAX_ENVELOPE_EVENTS} were not read"
+        dead.append(DeadLetter(None, reason))
+        dead_count += unread
+    return RegistryEnvelope(tuple(events), ignored, tuple(dead), dead_count)
 
 
-def _dead_envelope(reason: str, body: bytes) -> RegistryEnvelope:
-    return RegistryEnvelope((), 0, (DeadLetter(None, reason, excerpt(body)),))
+def dead_envelope(reason: str) -> RegistryEnvelope:
+    """A delivery that is unusable as a whole: one dead letter, no events."""
+    return RegistryEnvelope((), 0, (DeadLetter(None, reason),), 1)
+
+
+def _json_error(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)[:200]
 
 
 def _raw_id(raw: object) -> str | None:
     value = raw.get("id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) else None
+    return value[:MAX_ID_LENGTH] if isinstance(value, str) and _ID.fullmatch(value) else None
 
 
 def parse_registry_event(raw: object) -> RegistryEvent:
@@ -218,22 +271,37 @@ def parse_registry_event(raw: object) -> RegistryEvent:
     if not isinstance(target, dict):
         raise BadEvent("event has no target object")
     return RegistryEvent(
-        id=_required_str(raw, "id"),
-        action=_required_str(raw, "action"),
+        id=_event_id(raw),
+        action=_required_str(raw, "action", limit=MAX_ACTION_LENGTH),
         repository=_repository(target),
         digest=_optional_checked(target, "digest", valid_digest),
         tag=_optional_checked(target, "tag", valid_tag),
-        media_type=_optional_str(target, "mediaType"),
+        media_type=_optional_checked(target, "mediaType", valid_media_type),
         size=_size(target),
         timestamp=_timestamp(raw),
-        url=_optional_str(target, "url"),
+        url=_optional_checked(target, "url", valid_url),
     )
+
+
+def _event_id(raw: Mapping[str, Any]) -> str:
+    value = _required_str(raw, "id", limit=MAX_ID_LENGTH)
+    if _ID.fullmatch(value) is None:
+        raise BadEvent("id is not printable ASCII")
+    return value
+
+
+def valid_media_type(value: str) -> bool:
+    return len(value) <= MAX_MEDIA_TYPE_LENGTH and _MEDIA_TYPE.fullmatch(value) is not None
+
+
+def valid_url(value: str) -> bool:
+    return len(value) <= MAX_URL_LENGTH and _ID.fullmatch(value) is not None
 
 
 def _repository(target: Mapping[str, Any]) -> str:
     name = _required_str(target, "repository", where="target.")
     if not valid_repository(name):
-        raise BadEvent(f"target.repository {name[:300]!r} is not a valid repository name")
+        raise BadEvent(f"target.repository {name[:100]!r} is not a valid repository name")
     return name
 
 
@@ -242,30 +310,48 @@ def _optional_checked(
 ) -> str | None:
     value = _optional_str(target, key)
     if value is not None and not check(value):
-        raise BadEvent(f"target.{key} {value[:300]!r} is not valid")
+        raise BadEvent(f"target.{key} {value[:100]!r} is not valid")
     return value
 
 
 def _size(target: Mapping[str, Any]) -> int:
     value = target.get("size", target.get("length", 0))
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadEvent("target.size is not a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SIZE:
+        raise BadEvent("target.size is not a non-negative 64-bit integer")
     return value
 
 
 def _timestamp(raw: Mapping[str, Any]) -> datetime:
-    value = _required_str(raw, "timestamp")
+    value = _required_str(raw, "timestamp", limit=MAX_TIMESTAMP_LENGTH)
+    return event_time(value)
+
+
+def event_time(value: str, now: datetime | None = None) -> datetime:
+    """An event's RFC 3339 time in UTC, within the range a registry can have sent."""
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise BadEvent(f"timestamp {value[:64]!r} is not an RFC 3339 time") from exc
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        parsed = parsed.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise BadEvent(f"timestamp {value!r} is not an RFC 3339 time") from exc
+    latest = (now or datetime.now(UTC)) + MAX_CLOCK_AHEAD
+    if not EARLIEST_EVENT_TIME <= parsed <= latest:
+        raise BadEvent(
+            f"timestamp {value!r} is before {EARLIEST_EVENT_TIME:%Y-%m-%d} or more than "
+            f"{MAX_CLOCK_AHEAD.days} day ahead of this clock"
+        )
+    return parsed
 
 
-def _required_str(obj: Mapping[str, Any], key: str, *, where: str = "") -> str:
+def _required_str(
+    obj: Mapping[str, Any], key: str, *, where: str = "", limit: int | None = None
+) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
         raise BadEvent(f"{where}{key} is missing or not a string")
+    if limit is not None and len(value) > limit:
+        raise BadEvent(f"{where}{key} is longer than {limit} characters")
     return value
 
 
@@ -284,22 +370,37 @@ def _optional_str(obj: Mapping[str, Any], key: str) -> str | None:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadEvent(f"body is not JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadEvent(f"body is not JSON: {_json_error(exc)}") from exc
     if not isinstance(document, dict):
         raise BadEvent("body is not a JSON object")
     return document
 
 
-def _path(document: Mapping[str, Any], dotted: str, kind: type[Any]) -> Any:
+def _path(document: Mapping[str, Any], dotted: str, kind: type[Any], limit: int = 0) -> Any:
+    """The value at ``dotted``; a str at most ``limit`` characters of text (UTF-8
+    encodable: JSON escapes can spell lone surrogates), an int in 1..MAX_NUMBER."""
     value: Any = document
     for key in dotted.split("."):
         value = value.get(key) if isinstance(value, dict) else None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BadEvent(f"{dotted} is missing or not a {kind.__name__}")
-    if kind is str and not value:
-        raise BadEvent(f"{dotted} is empty")
+    if kind is int and not 1 <= value <= MAX_NUMBER:
+        raise BadEvent(f"{dotted} is not a number between 1 and {MAX_NUMBER}")
+    if kind is str:
+        _check_text(dotted, value, limit or MAX_PROJECT_LENGTH)
     return value
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if not value:
+        raise BadEvent(f"{name} is empty")
+    if len(value) > limit:
+        raise BadEvent(f"{name} is longer than {limit} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise BadEvent(f"{name} is not valid Unicode text") from exc
 
 
 def github_zen(body: bytes) -> str:
@@ -333,7 +434,7 @@ def _github_pull_request(document: Mapping[str, Any], delivery_id: str) -> CiEve
         project=_path(document, "repository.full_name", str),
         kind="pull_request_closed",
         number=_path(document, "pull_request.number", int),
-        branch=_path(document, "pull_request.head.ref", str),
+        branch=_path(document, "pull_request.head.ref", str, MAX_BRANCH_LENGTH),
         merged=document["pull_request"].get("merged") is True,
     )
 
@@ -362,7 +463,7 @@ def _gitlab_merge_request(document: Mapping[str, Any], delivery_id: str) -> CiEv
         project=_path(document, "project.path_with_namespace", str),
         kind="pull_request_closed",
         number=_path(document, "object_attributes.iid", int),
-        branch=_path(document, "object_attributes.source_branch", str),
+        branch=_path(document, "object_attributes.source_branch", str, MAX_BRANCH_LENGTH),
         merged=action == "merge",
     )
 
@@ -370,7 +471,7 @@ def _gitlab_merge_request(document: Mapping[str, Any], delivery_id: str) -> CiEv
 def _pushed_ref_deleted(
     source: CiSource, delivery_id: str, document: Mapping[str, Any], project_path: str
 ) -> CiEvent | None:
-    ref = _path(document, "ref", str)
+    ref = _path(document, "ref", str, MAX_BRANCH_LENGTH)
     if not ref.startswith(BRANCH_REF_PREFIX):
         return None  # a deleted tag, not a branch
     short = {**document, "ref": ref.removeprefix(BRANCH_REF_PREFIX)}
@@ -389,7 +490,7 @@ def _branch_deleted(
         delivery_id=delivery_id,
         project=_path(document, project_path, str),
         kind="branch_deleted",
-        branch=_path(document, branch_path, str),
+        branch=_path(document, branch_path, str, MAX_BRANCH_LENGTH),
     )
 
 

@@ -30,11 +30,16 @@ DEFAULT_PREFIX: Final = "regsweep:"
 DEDUP_TTL: Final = timedelta(days=7)
 JOB_TTL: Final = timedelta(days=7)
 DEAD_LETTER_CAP: Final = 1000
-#: Short timeouts: a hook answers 503 quickly and the sender retries, rather
-#: than holding the registry's notification queue while Redis is away.
+#: Workers' Redis calls: a task waits in place for Redis anyway (worker.tasks).
 SOCKET_TIMEOUT: Final = 2.0
 CONNECT_TIMEOUT: Final = 1.0
 RETRIES: Final = 2
+#: The service's: a hook answers 503 within about a second when Redis is gone or
+#: stalled (a SIGSTOPped server completes the TCP handshake and never answers), so
+#: the sender retries instead of holding the registry's notification queue. Two
+#: attempts of 0.35 s each, both for the connection and for every answer.
+SERVICE_TIMEOUT: Final = 0.35
+SERVICE_RETRIES: Final = 1
 
 
 class JobState(StrEnum):
@@ -58,28 +63,36 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# Claims many delivery ids in one round trip; answers one character per key,
-# "1" where it set the key and "0" where the id was taken, so a repeated id (in
-# one envelope or across the deliveries of one group commit) counts once, for
-# its first occurrence. (One string, not a list of positions: redis-py parses
-# a RESP array element by element, which cost more than the rest of the call.)
-# With values after the TTL and the time, the last key is a list, and the
-# values are LPUSHed onto it when every id was new: a group commit whose events
-# are all fresh, the usual case, claims and hands them on in one round trip.
-_CLAIM_MANY: Final = """
-local pushing = #ARGV > 2
+# Which deliveries (PER keys each: a delivery id, and for GitHub also the body's
+# hash) are new: none of their keys is recorded, nor taken by an earlier delivery
+# of the same call. Answers one character per delivery, "1" new, "0" seen (one
+# string, not a list: redis-py parses a RESP array element by element, which cost
+# more than the rest of the call). Reads only, unless values follow: then, when
+# every delivery is new, the values are LPUSHed onto the last key and every key
+# is recorded, in this one atomic step. A delivery is never recorded without its
+# message queued, so an answer lost on the way back (503) leaves either both
+# (the retry is a duplicate of something queued) or neither (the retry is new).
+# The LPUSH goes first: when it fails (a key of the wrong type) nothing is recorded.
+_DELIVER: Final = """
+local per = tonumber(ARGV[3])
+local pushing = #ARGV > 3
 local n = pushing and #KEYS - 1 or #KEYS
 local flags = {}
+local taken = {}
 local fresh = 0
-for i = 1, n do
-  if redis.call('SET', KEYS[i], ARGV[2], 'NX', 'EX', ARGV[1]) then
-    flags[i] = '1'
-    fresh = fresh + 1
-  else
-    flags[i] = '0'
+for i = 1, n, per do
+  local new = true
+  for j = i, i + per - 1 do
+    if taken[KEYS[j]] or redis.call('EXISTS', KEYS[j]) == 1 then new = false end
+    taken[KEYS[j]] = true
   end
+  if new then fresh = fresh + 1 end
+  flags[#flags + 1] = new and '1' or '0'
 end
-if pushing and fresh == n then redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 3)) end
+if pushing and fresh == #flags then
+  redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 4))
+  for i = 1, n do redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[1]) end
+end
 return table.concat(flags)
 """
 
@@ -184,13 +197,15 @@ def redis_options() -> dict[str, Any]:
 
 
 def async_client(url: str) -> aioredis.Redis:
-    """A ``redis.asyncio`` client that gives up within a few seconds (few, short retries)."""
-    retry = AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
-    return aioredis.Redis.from_url(url, retry=retry, **redis_options())
+    """The service's ``redis.asyncio`` client: gives up within about a second."""
+    retry = AsyncRetry(ExponentialBackoff(cap=0.05, base=0.01), SERVICE_RETRIES)
+    return aioredis.Redis.from_url(
+        url, retry=retry, socket_timeout=SERVICE_TIMEOUT, socket_connect_timeout=SERVICE_TIMEOUT
+    )
 
 
 def sync_client(url: str) -> redis.Redis:
-    """The blocking twin of :func:`async_client`."""
+    """A blocking client for workers and the CLI: gives up within a few seconds."""
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
     return redis.Redis.from_url(url, retry=retry, **redis_options())
 
@@ -202,7 +217,7 @@ class State:
         self.client = client
         self.keys = StateKeys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
-        self._claim_many = client.register_script(_CLAIM_MANY)
+        self._deliver = client.register_script(_DELIVER)
         self.server = server_of(client)
 
     @classmethod
@@ -217,65 +232,43 @@ class State:
         with wrapped("PING"):
             await self.client.ping()
 
-    async def claim_delivery(
-        self, source: str, delivery_id: str, ttl: timedelta = DEDUP_TTL
-    ) -> bool:
-        """True the first time a delivery is seen; False for a redelivery."""
-        key = self.keys.delivery(source, delivery_id)
-        with wrapped("SET NX"):
-            return bool(await self.client.set(key, _now(), nx=True, ex=ttl))
-
-    async def claim_deliveries(
-        self, source: str, delivery_ids: Sequence[str], ttl: timedelta = DEDUP_TTL
+    async def new_deliveries(
+        self, keys: Sequence[str], *, per_delivery: int = 1, push: Push | None = None
     ) -> list[int]:
-        """Claim every id in one round trip; the positions (0-based) seen for the first time.
+        """Positions (0-based) of the deliveries none of whose dedup keys is recorded.
 
-        An id repeated in ``delivery_ids`` is claimed at its first position only.
+        ``keys`` holds ``per_delivery`` keys (:meth:`StateKeys.delivery`) for each
+        delivery; a key repeated in ``keys`` counts for its first delivery only.
+        With ``push`` (for this state's own server): when every delivery is new,
+        ``push`` is LPUSHed and every key recorded for :data:`DEDUP_TTL`, in one
+        atomic step (the answer then lists every position); otherwise nothing is
+        written and the caller publishes the new ones itself.
         """
-        if not delivery_ids:
+        if not keys:
             return []
-        return await self._claim(source, delivery_ids, ttl, None)
-
-    async def claim_deliveries_then_push(
-        self, source: str, delivery_ids: Sequence[str], push: Push, ttl: timedelta = DEDUP_TTL
-    ) -> list[int]:
-        """:meth:`claim_deliveries`, and ``push`` in the same round trip when every id was
-        new (the answer then lists every position); otherwise nothing is pushed.
-
-        ``push`` must be for this state's own server (``push.server == self.server``).
-        """
-        if push.server != self.server:
-            raise ValueError(f"{push.key} is on {push.server}, not on {self.server}")
-        if not push.values:
-            raise ValueError(f"nothing to push onto {push.key}")
-        return await self._claim(source, delivery_ids, ttl, push)
-
-    async def _claim(
-        self, source: str, delivery_ids: Sequence[str], ttl: timedelta, push: Push | None
-    ) -> list[int]:
-        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
-        args: list[str | int] = [int(ttl.total_seconds()), _now()]
-        operation = "claim deliveries"
+        args: list[str | int] = [int(DEDUP_TTL.total_seconds()), _now(), per_delivery]
+        operation = "check deliveries"
         if push is not None:
-            keys.append(push.key)
+            if push.server != self.server:
+                raise ValueError(f"{push.key} is on {push.server}, not on {self.server}")
+            if not push.values:
+                raise ValueError(f"nothing to push onto {push.key}")
+            keys = [*keys, push.key]
             args.extend(push.values)
-            operation += " and LPUSH"
+            operation = "record deliveries and LPUSH"
         with wrapped(operation):
-            flags = await self._claim_many(keys=keys, args=args)
+            flags = await self._deliver(keys=keys, args=args)
         if isinstance(flags, bytes):
             flags = flags.decode()
         return [position for position, flag in enumerate(flags) if flag == "1"]
 
-    async def release_delivery(self, source: str, delivery_id: str) -> None:
-        """Forget a claim whose event could not be enqueued, so the retry is processed."""
-        await self.release_deliveries(source, [delivery_id])
-
-    async def release_deliveries(self, source: str, delivery_ids: Iterable[str]) -> None:
-        """Forget many claims in one round trip (see :meth:`release_delivery`)."""
-        keys = [self.keys.delivery(source, delivery_id) for delivery_id in delivery_ids]
-        if keys:
-            with wrapped("DEL"):
-                await self.client.delete(*keys)
+    async def record_deliveries(self, keys: Iterable[str]) -> None:
+        """Record deliveries whose messages went to a broker elsewhere (after they did)."""
+        pipe = self.client.pipeline(transaction=True)
+        for key in keys:
+            pipe.set(key, _now(), ex=DEDUP_TTL)
+        with wrapped("record deliveries"):
+            await pipe.execute()
 
     async def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
         """Keep an unusable delivery for a person to look at (newest first, capped)."""
@@ -332,15 +325,6 @@ class SyncState:
     def close(self) -> None:
         with wrapped("close"):
             self.client.close()
-
-    def claim_delivery(self, source: str, delivery_id: str, ttl: timedelta = DEDUP_TTL) -> bool:
-        key = self.keys.delivery(source, delivery_id)
-        with wrapped("SET NX"):
-            return bool(self.client.set(key, _now(), nx=True, ex=ttl))
-
-    def release_delivery(self, source: str, delivery_id: str) -> None:
-        with wrapped("DEL"):
-            self.client.delete(self.keys.delivery(source, delivery_id))
 
     def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
         entry = _dead_letter_entry(source, reason, body_excerpt)
