@@ -200,6 +200,13 @@ def _pruner(config: Config, client: RegistryClient, created: CreatedCache) -> Pr
 
 
 async def _check_config(args: argparse.Namespace, config: Config) -> int:
+    # The service starts with these hooks off (404); a check says so and fails.
+    off = [
+        f"{config.source}: {key}: names a variable that is not set" for key in config.hooks.unset
+    ]
+    if off:
+        print("\n".join(off), file=sys.stderr)
+        return EXIT_USAGE
     print(f"{config.source}: ok, {len(config.policies)} policies")
     for policy in config.policies:
         repos = ", ".join(p.source for p in policy.repositories)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import textwrap
 from datetime import timedelta
@@ -644,6 +645,57 @@ def test_hook_secrets_come_from_named_variables() -> None:
     assert config.hooks.api_token.reveal() == "api-secret"
 
 
+def test_configured_hooks_with_unset_variables_are_listed() -> None:
+    """A hooks.*_env key whose variable is unset (or empty) is named in hooks.unset, which
+    check-config refuses; keys the file leaves out are not."""
+    text = REGISTRY + "hooks:\n  registry_token_env: HOOK_TOKEN\n  github_secret_env: GH\n"
+    config = _parse(text, {"GH": ""})
+    assert config.hooks.unset == ("hooks.github_secret_env", "hooks.registry_token_env")
+    assert _parse(REGISTRY, {}).hooks.unset == ()
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["whsec_", "whsec_not base64!", "whsec_c2hvcnQ=", "plain text", "whsec_" + "A" * 21],
+    ids=["empty", "not-base64", "too-short", "text", "bad-padding"],
+)
+def test_signing_key_that_cannot_verify_anything_is_refused(key: str) -> None:
+    """A GitLab signing key that is not whsec_ + base64 of at least 16 bytes would make
+    every signed delivery 401: refused at load, its value never echoed."""
+    text = REGISTRY + "hooks: {gitlab_signing_key_env: GLKEY}\n"
+    problems = _problems(text, {"GLKEY": key})
+    assert problems == [
+        "p.yaml: hooks.gitlab_signing_key_env: names a variable that does not hold a "
+        "Standard Webhooks key (whsec_ and base64)"
+    ]
+    good = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    assert _parse(text, {"GLKEY": good}).hooks.gitlab_signing_key == Secret(good)
+
+
+@pytest.mark.parametrize(
+    ("cron", "problem"),
+    [
+        ("0 0 30 2 *", "never fires"),
+        ("H 3 * * *", "is not a 5-field cron expression"),
+        ("0 3 * * * *", "is not a 5-field cron expression"),
+    ],
+)
+def test_cron_the_scheduler_cannot_run_is_refused(cron: str, problem: str) -> None:
+    """A cron expression is refused unless croniter (beat's engine too) finds fire times."""
+    text = REGISTRY + f"maintenance:\n  window: {{cron: '{cron}', duration: 2h}}\n"
+    (line,) = _problems(text)
+    assert line.startswith("p.yaml: maintenance.window.cron:") and problem in line
+
+
+def test_window_no_longer_than_the_default_margin_is_refused() -> None:
+    """A 10-minute window with the default 10-minute margin would never start a GC."""
+    text = REGISTRY + "maintenance:\n  window: {cron: '0 3 * * *', duration: 10m}\n"
+    (line,) = _problems(text)
+    assert line.startswith("p.yaml: maintenance.window.duration: must be longer than the margin")
+    allowed = text.replace("duration: 10m", "duration: 10m, margin: 5m")
+    assert _parse(allowed, {}).maintenance.window_margin == timedelta(minutes=5)
+
+
 def test_registry_password_comes_from_its_variable() -> None:
     """registry.password_env names the variable holding the password."""
     text = "registry: {url: 'http://h', username: bot, password_env: REG_PW}\n"
@@ -685,7 +737,7 @@ SECRETS = {
     "HOOK": "hook-Zq82",
     "GH": "gh-Zq83",
     "GL": "gl-Zq84",
-    "GLKEY": "whsec_Zq85",
+    "GLKEY": "whsec_Zq85Zq85Zq85Zq85Zq85Zq85",
     "API": "api-Zq86",
     "REGSWEEP_REDIS_URL": "redis://:redispw-Zq87@127.0.0.1:6379/0",
 }
@@ -699,7 +751,7 @@ def test_secrets_never_in_repr_or_str_of_config() -> None:
         " gitlab_signing_key_env: GLKEY, api_token_env: API}\n"
     )
     config = _parse(text, SECRETS)
-    assert config.hooks.gitlab_signing_key == Secret("whsec_Zq85")
+    assert config.hooks.gitlab_signing_key == Secret(SECRETS["GLKEY"])
     shown = repr(config) + str(config) + repr(config.hooks) + repr(config.registry)
     assert "Zq8" not in shown
     assert "Secret('**********')" in shown

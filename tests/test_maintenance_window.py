@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import pickle
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,12 +24,12 @@ from tests.harness.maintenance import (
     make_maintenance,
     upload_status,
 )
-from worker.celery_app import TASK_GC, make_celery
+from worker.celery_app import TASK_GC, CronSchedule, make_celery
 from worker.maintenance.job import GcRequest, SessionTrackedController, delete_untagged, run_gc
 from worker.maintenance.lock import GcLock, LockHolder, ProcessIdentity
 from worker.maintenance.recovery import recover_crashed_window
 from worker.maintenance.tasks import _gc_time_limits
-from worker.maintenance.window import current_window, may_start
+from worker.maintenance.window import current_window, latest_window, may_start
 from worker.policy import Config, MaintenanceSettings, RegistrySettings
 from worker.state import JobState
 
@@ -37,6 +39,7 @@ WINDOW = MaintenanceSettings(
 )
 #: A Sunday.
 START = datetime(2024, 1, 7, 3, 0, tzinfo=UTC)
+JUST_BEFORE = timedelta(microseconds=1)
 
 
 @pytest.fixture
@@ -89,6 +92,39 @@ def test_window_trigger_respects_the_margin_and_manual_runs_anywhere() -> None:
     assert outside.allowed and outside.deadline is None
     inside = may_start(WINDOW, "api", late)
     assert inside.allowed and inside.deadline == START + timedelta(hours=2)
+
+
+@pytest.mark.parametrize(
+    "cron", ["0 3 L * *", "0 3 * * sun#1", "0 3 1-7 * sun", "30 2 * * mon-fri", SUNDAY_3AM]
+)
+def test_beat_fires_exactly_when_a_window_opens(cron: str) -> None:
+    """Beat's schedule for the window (made by make_celery from the config) and the window
+    rules read the cron alike, ``L``, ``#`` and day-of-month with day-of-week included:
+    over a year of beat ticks, every fire is the start of a window the rules call open,
+    and no window start is missed."""
+    settings = MaintenanceSettings(window_cron=cron, window_duration=timedelta(hours=1))
+    config = Config(
+        registry=RegistrySettings(url="http://x"), redis_url="redis://x", maintenance=settings
+    )
+    clock = [datetime(2025, 1, 1, tzinfo=UTC)]
+    app = make_celery(config)
+    schedule = app.conf.beat_schedule["gc-window"]["schedule"]
+    beat = CronSchedule(schedule.expression, app=app, nowfun=lambda: clock[0])
+    assert pickle.loads(pickle.dumps(beat)) == beat == schedule
+    fired, last_run = [], clock[0]
+    while clock[0] < datetime(2026, 1, 1, tzinfo=UTC):
+        due, wait = beat.is_due(last_run)
+        if due:
+            fired.append(clock[0])
+            last_run = clock[0]
+        clock[0] += timedelta(seconds=wait)
+    assert len(fired) >= 12
+    for fire in fired:
+        window = current_window(settings, fire)
+        assert window is not None and window.start == fire
+    for earlier, later in itertools.pairwise(fired):
+        # No window started between two fires: the last one before `later` is `earlier`.
+        assert latest_window(cron, settings.window_duration, later - JUST_BEFORE).start == earlier
 
 
 @pytest.mark.parametrize(

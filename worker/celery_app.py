@@ -13,13 +13,14 @@ it is still running.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from celery import Celery
-from celery.schedules import crontab
+from celery.schedules import BaseSchedule, schedstate
+from croniter import croniter
 from kombu import Exchange, Queue
 
 from worker import broker
@@ -111,15 +112,54 @@ def configured() -> Config:
     return _config
 
 
-def crontab_from(expression: str) -> crontab:
-    minute, hour, day_of_month, month_of_year, day_of_week = expression.split()
-    return crontab(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month_of_year,
-        day_of_week=day_of_week,
-    )
+class CronSchedule(BaseSchedule):
+    """A beat schedule that fires when a cron expression does, by croniter.
+
+    The same engine computes the maintenance window (worker.maintenance.window)
+    and validates ``maintenance.window.cron`` (worker.config), so whatever
+    check-config accepts, beat runs, with the same meaning. Celery's own
+    ``crontab`` disagrees with croniter on ``L``, ``sun#1`` and on a day of
+    month together with a day of week (croniter: either, like cron; crontab: both).
+    """
+
+    def __init__(
+        self,
+        expression: str,
+        app: Celery | None = None,
+        nowfun: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__(nowfun=nowfun, app=app)
+        self.expression = expression
+
+    def next_fire(self, after: datetime) -> datetime:
+        fire: datetime = croniter(self.expression, self.maybe_make_aware(after)).get_next(datetime)
+        return fire
+
+    def remaining_estimate(self, last_run_at: datetime) -> timedelta:
+        return self.next_fire(last_run_at) - self.now()
+
+    def is_due(self, last_run_at: datetime) -> schedstate:
+        """Due once the first fire time after the last run has come; then, when to look again."""
+        remaining = self.remaining_estimate(last_run_at).total_seconds()
+        if remaining > 0:
+            return schedstate(False, remaining)
+        now = self.now()
+        return schedstate(True, (self.next_fire(now) - now).total_seconds())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CronSchedule):
+            return self.expression == other.expression
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.expression)
+
+    def __reduce__(self) -> tuple[type[CronSchedule], tuple[str]]:
+        # beat keeps its entries in a shelve file: pickled by expression.
+        return (self.__class__, (self.expression,))
+
+    def __repr__(self) -> str:
+        return f"<cron {self.expression}>"
 
 
 def _beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
@@ -137,7 +177,7 @@ def _beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     if window:
         schedule["gc-window"] = {
             "task": TASK_GC,
-            "schedule": crontab_from(window),
+            "schedule": CronSchedule(window),
             "kwargs": {"trigger": "window"},
         }
     return schedule

@@ -12,6 +12,8 @@ even the name in ``*_env`` (people paste the secret itself there by mistake).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import os
 import re
@@ -19,7 +21,7 @@ import shlex
 import string
 import urllib.parse
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -57,6 +59,9 @@ _T = TypeVar("_T")
 
 MAX_CONCURRENCY: Final = 64
 MIN_BODY_LIMIT: Final = 1024
+#: Standard Webhooks signing keys: ``whsec_`` and the base64 of 24 to 64 random bytes.
+SIGNING_KEY_PREFIX: Final = "whsec_"
+MIN_SIGNING_KEY_BYTES: Final = 16
 
 _TOP_KEYS: Final = ("registry", "redis", "sweep", "hooks", "policies", "maintenance", "audit")
 _REGISTRY_KEYS: Final = ("url", "username", "password_env", "ca_file", "concurrency")
@@ -467,20 +472,43 @@ def _sweep_every(top: _Section) -> timedelta:
 
 def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
     section = top.section("hooks", _HOOK_KEYS)
+    unset: list[str] = []
 
     def secret(key: str) -> Secret | None:
-        # An unset variable disables its hook (404); that is a choice, not an error.
+        # An unset variable disables its hook (404): the service starts, check-config
+        # says so (HookSettings.unset).
         name = section.variable(key)
-        return None if name is None else env.secret(environ, name)
+        value = None if name is None else env.secret(environ, name)
+        if name is not None and value is None:
+            unset.append(f"hooks.{key}")
+        return value
 
+    signing_key = secret("gitlab_signing_key_env")
+    if signing_key is not None and not valid_signing_key(signing_key):
+        # Every signed delivery would then be refused; never echo the value.
+        section.problem(
+            "gitlab_signing_key_env",
+            "names a variable that does not hold a Standard Webhooks key (whsec_ and base64)",
+        )
+        signing_key = None
     return HookSettings(
         registry_token=secret("registry_token_env"),
         github_secret=secret("github_secret_env"),
         gitlab_token=secret("gitlab_token_env"),
-        gitlab_signing_key=secret("gitlab_signing_key_env"),
+        gitlab_signing_key=signing_key,
         api_token=secret("api_token_env"),
         body_limit=section.integer("body_limit", low=MIN_BODY_LIMIT) or DEFAULT_BODY_LIMIT,
+        unset=tuple(sorted(unset)),
     )
+
+
+def valid_signing_key(key: Secret) -> bool:
+    """``whsec_<base64>`` (the prefix optional), at least 16 bytes once decoded."""
+    value = key.reveal().removeprefix(SIGNING_KEY_PREFIX)
+    try:
+        return len(base64.b64decode(value, validate=True)) >= MIN_SIGNING_KEY_BYTES
+    except binascii.Error:
+        return False
 
 
 # -- policies -----------------------------------------------------------------------------
@@ -681,6 +709,13 @@ def _maintenance(top: _Section) -> MaintenanceSettings:
     margin = window.duration("margin", zero_ok=True)
     if margin is not None and margin >= duration:
         window.problem("margin", "must be shorter than the window's duration")
+    elif margin is None and duration <= DEFAULT_WINDOW_MARGIN:
+        # Beat's GC starts only with the margin left: such a window never runs one.
+        window.problem(
+            "duration",
+            f"must be longer than the margin ({DEFAULT_WINDOW_MARGIN.seconds // 60}m "
+            "unless maintenance.window.margin says otherwise)",
+        )
     return MaintenanceSettings(
         window_cron=_cron(window),
         window_duration=duration,
@@ -699,7 +734,22 @@ def _cron(window: _Section) -> str | None:
     if len(expression.split()) != 5 or not croniter.is_valid(expression):
         window.problem("cron", f"{expression!r} is not a 5-field cron expression (UTC)")
         return None
+    if not _cron_runs(expression):
+        window.problem("cron", f"{expression!r} never fires")
+        return None
     return expression
+
+
+def _cron_runs(expression: str) -> bool:
+    """Whether croniter, which both beat and the window rules use, finds a fire time of
+    ``expression`` before and after now (``0 0 30 2 *`` parses and never fires)."""
+    try:
+        now = datetime.now(UTC)
+        croniter(expression, now).get_next(datetime)
+        croniter(expression, now).get_prev(datetime)
+    except (ValueError, KeyError, TypeError):  # croniter's own errors are ValueErrors
+        return False
+    return True
 
 
 def _delete_untagged(section: _Section) -> Literal["auto", "always", "never"]:

@@ -176,6 +176,8 @@ class HookSettings:
     gitlab_signing_key: Secret | None = None
     api_token: Secret | None = None
     body_limit: int = DEFAULT_BODY_LIMIT
+    #: ``hooks.*_env`` keys the file sets whose variable is not set (their hook is off).
+    unset: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
