@@ -79,6 +79,20 @@ def test_check_config_ok_and_broken(tmp_path: Path) -> None:
     assert "policies[0] (p).keep[0].tags[0]" in result.stderr
 
 
+def test_check_config_refuses_a_configured_hook_whose_variable_is_unset(tmp_path: Path) -> None:
+    """A hook the file configures but whose secret variable is unset would answer 404:
+    check-config names its key and exits 2; with the variable set it passes."""
+    path = write_config(tmp_path, "http://127.0.0.1:1")
+    path.write_text(path.read_text() + "hooks:\n  github_secret_env: REGSWEEP_TEST_GH\n")
+    result = run("check-config", config=path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"{path}: hooks.github_secret_env: names a variable that is not set"
+    )
+    assert run("check-config", config=path, REGSWEEP_TEST_GH="s3cret").returncode == 0
+
+
 def test_missing_config_is_a_usage_error() -> None:
     """Without -c or REGSWEEP_CONFIG the command says how to give one and exits 2."""
     result = run("plan")
