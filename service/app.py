@@ -14,19 +14,21 @@ import gc
 import hashlib
 import logging
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-import anyio.to_thread
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import verify
 from service.celery_sink import CelerySink
@@ -39,7 +41,8 @@ from service.ingest import (
     submit_job,
 )
 from service.limits import read_body
-from service.metrics import RequestLatency, ServiceMetrics
+from service.metrics import RequestLatency, Scrapes, ServiceMetrics
+from service.protocol import RequestLimits, bounded_protocol
 from service.sink import EventSink, RedisListSink
 from worker import logs
 from worker.errors import ConfigError, StateError
@@ -51,9 +54,9 @@ from worker.events import (
     parse_gitlab,
     parse_job_request,
 )
-from worker.metrics import RedisMetricsCollector
+from worker.metrics import WorkerMetricsSnapshot
 from worker.policy import Config, HookSettings
-from worker.state import State, sync_client
+from worker.state import State, async_client
 
 __all__ = ["CelerySink", "EventSink", "RedisListSink", "create_app", "serve"]
 
@@ -65,6 +68,8 @@ HOOK_SOURCES: Final = {
     "/hooks/gitlab": "gitlab",
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
+#: Configured but unset, this key turns /metrics off (404), as an unset hook secret does.
+METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.
 CLIENT_CLOSED_REQUEST: Final = 499
 #: Delivery ids are UUIDs (GitHub, GitLab) or ``msg_...`` (Standard Webhooks).
@@ -142,6 +147,8 @@ class Endpoints:
         self.config = config
         self.sink = sink
         self.metrics = metrics
+        #: Renewed by the lifespan with the workers' metrics when Redis is configured.
+        self.scrapes = Scrapes(metrics, None)
         #: Set by the lifespan when the app makes its own Redis client.
         self.state_store = state
         self._registry_ingest: RegistryIngest | None = None
@@ -248,9 +255,13 @@ class Endpoints:
         return JSONResponse({"ok": True})
 
     async def metrics_text(self, request: Request) -> Response:
-        # The workers' collector reads Redis synchronously: keep it off the loop.
-        payload, content_type = await anyio.to_thread.run_sync(self.metrics.render)
-        return Response(payload, headers={"Content-Type": content_type})
+        hooks = self.config.hooks
+        if METRICS_TOKEN_KEY in hooks.unset:
+            raise HTTPException(404, "metrics disabled: hooks.metrics_token_env is not set")
+        if hooks.metrics_token is not None:
+            verify.check_bearer(hooks.metrics_token, request.headers.get("authorization"))
+        payload = await self.scrapes.payload()
+        return Response(payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _verify_gitlab(hooks: HookSettings, request: Request, body: bytes) -> None:
@@ -356,21 +367,26 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
         if endpoints.state_store is None and config.redis_url is not None:
             owned = endpoints.state_store = State.from_url(config.redis_url)
         collector = _worker_metrics(metrics, config.redis_url)
+        endpoints.scrapes = Scrapes(metrics, collector)
         try:
             yield
         finally:
             if collector is not None:
                 metrics.registry.unregister(collector)
-                collector.client.close()
+                await collector.client.aclose()
             if owned is not None:
                 endpoints.state_store = None
                 await owned.aclose()
             if isinstance(sink, CelerySink):
                 await sink.aclose()
 
+    middleware = [Middleware(RequestLatency, metrics=metrics)]
+    if config.hooks.metrics_listen is not None:
+        _, metrics_port = split_address(config.hooks.metrics_listen)
+        middleware.append(Middleware(MetricsApart, port=metrics_port))
     app = Starlette(
         routes=_routes(endpoints),
-        middleware=[Middleware(RequestLatency, metrics=metrics)],
+        middleware=middleware,
         exception_handlers=_error_handlers(metrics),
         lifespan=lifespan,
     )
@@ -378,11 +394,11 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
     return app
 
 
-def _worker_metrics(metrics: ServiceMetrics, url: str | None) -> RedisMetricsCollector | None:
+def _worker_metrics(metrics: ServiceMetrics, url: str | None) -> WorkerMetricsSnapshot | None:
     """Expose the workers' counters (kept in Redis) on this service's /metrics."""
     if url is None:
         return None
-    collector = RedisMetricsCollector(sync_client(url))
+    collector = WorkerMetricsSnapshot(async_client(url))
     metrics.registry.register(collector)
     return collector
 
@@ -418,8 +434,8 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     if config.redis_url is None:
         raise ConfigError("regsweep serve needs redis.url (or REGSWEEP_REDIS_URL)")
     logs.configure()
-    # Publishes that cannot ride the dedup claim's Redis call (CI events, jobs,
-    # a broker on another server) go through Celery in a thread; with CPython's
+    # Publishes to a broker that is not plain Redis go through Celery in a
+    # thread (the rest are LPUSHed from the loop); with CPython's
     # default 5 ms switch interval that thread waits for the GIL behind the event
     # loop on every socket call (a convoy), which alone once capped the registry
     # hook at about a third of its throughput. 0.5 ms keeps the hand-offs short.
@@ -431,7 +447,50 @@ def serve(config: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
     # all every few thousand deliveries and stall every request in flight for
     # ~20 ms (the hook's p99 at saturation, docs/performance.md).
     gc.freeze()
+    server = uvicorn_server(app, config.hooks, host, port)
     try:
-        uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
+        server.run(sockets=listening_sockets(server.config, config.hooks))
     finally:
         sink.close()
+
+
+def uvicorn_server(app: ASGIApp, hooks: HookSettings, host: str, port: int) -> uvicorn.Server:
+    """uvicorn on httptools and uvloop, each connection bounded by ``hooks``' limits."""
+    options = UVICORN_OPTIONS | {"http": bounded_protocol(RequestLimits.of(hooks))}
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+
+
+def listening_sockets(config: uvicorn.Config, hooks: HookSettings) -> list[socket.socket]:
+    """The hooks' socket, and /metrics' own when ``hooks.metrics_listen`` is set."""
+    sockets = [config.bind_socket()]
+    if hooks.metrics_listen is not None:
+        host, port = split_address(hooks.metrics_listen)
+        if port == config.port:
+            raise ConfigError("hooks.metrics_listen must not use the port the service serves on")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sockets.append(socket.create_server((host, port), family=family))
+    return sockets
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (validated by the config) as (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class MetricsApart:
+    """With ``hooks.metrics_listen``, ``/metrics`` answers on that port only, and nothing
+    else does: the scrape address can be one the hooks' clients never reach."""
+
+    def __init__(self, app: ASGIApp, port: int) -> None:
+        self.app = app
+        self.port = port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server")
+            on_metrics_port = server is not None and server[1] == self.port
+            if on_metrics_port != (scope["path"] == "/metrics"):
+                await JSONResponse({"error": "Not Found"}, status_code=404)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.metrics import WorkerMetricsSnapshot
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: A scrape answered within this long of the last one gets that one's payload.
+SCRAPE_INTERVAL: Final = 1.0
 
 
 class ServiceMetrics:
@@ -62,9 +68,50 @@ class ServiceMetrics:
             if amount:
                 self.count(source, outcome, amount)
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self) -> bytes:
+        """The exposition text (``CONTENT_TYPE_LATEST``)."""
+        return generate_latest(self.registry)
+
+
+class Scrapes:
+    """``/metrics``' payload, made at most once per ``interval`` however often it is asked
+    for; asks that come while it is being made share that one.
+
+    So a flood of scrapes costs about what a flood of ``/healthz`` does: the render
+    (every histogram bucket of every route) and the workers' read from Redis happen
+    once a second at most, on the event loop, with the service's short Redis timeouts.
+    """
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        workers: WorkerMetricsSnapshot | None,
+        interval: float = SCRAPE_INTERVAL,
+    ) -> None:
+        self.metrics = metrics
+        self.workers = workers
+        self.interval = interval
+        self._payload = b""
+        self._made = -math.inf
+        self._making: asyncio.Future[bytes] | None = None
+
+    async def payload(self) -> bytes:
+        if time.monotonic() - self._made < self.interval:
+            return self._payload
+        if self._making is None:
+            self._making = asyncio.ensure_future(self._make())
+            self._making.add_done_callback(self._made_one)
+        return await asyncio.shield(self._making)
+
+    async def _make(self) -> bytes:
+        if self.workers is not None:
+            await self.workers.refresh()
+        self._payload = self.metrics.render()
+        self._made = time.monotonic()
+        return self._payload
+
+    def _made_one(self, _: asyncio.Future[bytes]) -> None:
+        self._making = None
 
 
 class RequestLatency:

@@ -34,7 +34,11 @@ from worker import env
 from worker.errors import ConfigError
 from worker.policy import (
     DEFAULT_BODY_LIMIT,
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_CONCURRENCY,
+    DEFAULT_HEAD_LIMIT,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SWEEP_EVERY,
     DEFAULT_WINDOW_DURATION,
     DEFAULT_WINDOW_MARGIN,
@@ -59,6 +63,8 @@ _T = TypeVar("_T")
 
 MAX_CONCURRENCY: Final = 64
 MIN_BODY_LIMIT: Final = 1024
+#: A head smaller than this cannot carry a signed webhook's headers.
+MIN_HEAD_LIMIT: Final = 4096
 #: Standard Webhooks signing keys: ``whsec_`` and the base64 of 24 to 64 random bytes.
 SIGNING_KEY_PREFIX: Final = "whsec_"
 MIN_SIGNING_KEY_BYTES: Final = 16
@@ -72,7 +78,16 @@ _HOOK_SECRET_KEYS: Final = (
     "gitlab_signing_key_env",
     "api_token_env",
 )
-_HOOK_KEYS: Final = (*_HOOK_SECRET_KEYS, "body_limit")
+_HOOK_KEYS: Final = (
+    *_HOOK_SECRET_KEYS,
+    "metrics_token_env",
+    "metrics_listen",
+    "body_limit",
+    "head_limit",
+    "head_timeout",
+    "body_timeout",
+    "max_connections",
+)
 _POLICY_KEYS: Final = (
     "name",
     "repositories",
@@ -497,9 +512,27 @@ def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
         gitlab_token=secret("gitlab_token_env"),
         gitlab_signing_key=signing_key,
         api_token=secret("api_token_env"),
+        metrics_token=secret("metrics_token_env"),
+        metrics_listen=_listen_address(section, "metrics_listen"),
         body_limit=section.integer("body_limit", low=MIN_BODY_LIMIT) or DEFAULT_BODY_LIMIT,
+        head_limit=section.integer("head_limit", low=MIN_HEAD_LIMIT) or DEFAULT_HEAD_LIMIT,
+        head_timeout=section.duration("head_timeout") or DEFAULT_HEAD_TIMEOUT,
+        body_timeout=section.duration("body_timeout") or DEFAULT_BODY_TIMEOUT,
+        max_connections=section.integer("max_connections", low=1) or DEFAULT_MAX_CONNECTIONS,
         unset=tuple(sorted(unset)),
     )
+
+
+def _listen_address(section: _Section, key: str) -> str | None:
+    """``host:port`` (``[v6]:port`` for IPv6), port 1-65535."""
+    value = section.text(key)
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        section.problem(key, "must be host:port, like 127.0.0.1:9100 or [::1]:9100")
+        return None
+    return value
 
 
 def valid_signing_key(key: Secret) -> bool:

@@ -5,7 +5,7 @@ the service, so each worker buffers its counts in memory (the registry
 client's ``on_response`` hook is synchronous and runs on the event loop) and
 adds them to Redis hashes after every task step: one hash per metric, one
 field per label set (a JSON list of label values). The service reads the
-hashes at scrape time through :class:`RedisMetricsCollector`.
+hashes at scrape time through :class:`WorkerMetricsSnapshot`.
 
 Keys (under the state prefix, default ``regsweep:``)::
 
@@ -149,28 +149,38 @@ def _histogram(
         yield [method, route], buckets, values.get(_SUM, 0.0)
 
 
-class RedisMetricsCollector(Collector):
-    """A prometheus collector that reads the workers' hashes at scrape time."""
+class WorkerMetricsSnapshot(Collector):
+    """A prometheus collector of the workers' hashes as :meth:`refresh` last read them.
 
-    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+    The service refreshes it at scrape time, on its event loop (no thread, no
+    blocking client), then renders: ``collect`` itself reads nothing.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client
         self.keys = MetricKeys(prefix)
+        self._families: list[Metric] = []
 
     def describe(self) -> Iterable[Metric]:
         # Nothing at registration: describing would read Redis before it is needed.
         return []
 
     def collect(self) -> Iterable[Metric]:
+        return self._families
+
+    async def refresh(self) -> None:
+        """Read the hashes; on a Redis failure the workers' metrics are left out this time."""
         try:
             pipe = self.client.pipeline(transaction=False)
             keys = (self.keys.deletions, self.keys.jobs, self.keys.registry_latency, self.keys.gc)
             for key in keys:
                 pipe.hgetall(key)
-            deletions, jobs, latency, gc = pipe.execute()
+            deletions, jobs, latency, gc = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("worker metrics unavailable: %s", exc)
-            return []
-        return [_deletions(deletions), _jobs(jobs), _latency(latency), *_gc(gc)]
+            self._families = []
+            return
+        self._families = [_deletions(deletions), _jobs(jobs), _latency(latency), *_gc(gc)]
 
 
 def _counter(name: str, doc: str, labels: list[str], raw: Mapping[Any, Any]) -> Metric:

@@ -21,6 +21,10 @@ DEFAULT_WINDOW_DURATION: Final = timedelta(hours=2)
 #: A GC does not start when less than this much of the window is left.
 DEFAULT_WINDOW_MARGIN: Final = timedelta(minutes=10)
 DEFAULT_BODY_LIMIT: Final = 1024 * 1024
+DEFAULT_HEAD_LIMIT: Final = 64 * 1024
+DEFAULT_HEAD_TIMEOUT: Final = timedelta(seconds=10)
+DEFAULT_BODY_TIMEOUT: Final = timedelta(seconds=30)
+DEFAULT_MAX_CONNECTIONS: Final = 512
 DEFAULT_CONFIG_PATH: Final = "/etc/docker/registry/config.yml"
 
 _REGEX_PREFIX: Final = "re:"
@@ -176,6 +180,17 @@ class HookSettings:
     gitlab_signing_key: Secret | None = None
     api_token: Secret | None = None
     body_limit: int = DEFAULT_BODY_LIMIT
+    #: Request line and headers, in bytes (431 beyond).
+    head_limit: int = DEFAULT_HEAD_LIMIT
+    #: To receive the head (from the connection or the head's first byte), then the body (408).
+    head_timeout: timedelta = DEFAULT_HEAD_TIMEOUT
+    body_timeout: timedelta = DEFAULT_BODY_TIMEOUT
+    #: Open connections; one more is answered 503 and closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: ``/metrics`` wants ``Authorization: Bearer`` with it when set.
+    metrics_token: Secret | None = None
+    #: ``host:port`` to serve ``/metrics`` on instead of the hooks' address.
+    metrics_listen: str | None = None
     #: ``hooks.*_env`` keys the file sets whose variable is not set (their hook is off).
     unset: tuple[str, ...] = ()
 

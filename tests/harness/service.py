@@ -26,9 +26,11 @@ import redis
 import uvicorn
 from starlette.applications import Starlette
 
-from service.app import UVICORN_OPTIONS
+from service.app import UVICORN_OPTIONS, listening_sockets
+from service.protocol import RequestLimits, bounded_protocol
 from tests.harness import redisdb
 from tests.harness.registry import free_port
+from worker.policy import HookSettings
 
 REDIS_TEST_URL = redisdb.url(13)
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -50,12 +52,15 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 @contextmanager
-def running(app: Starlette) -> Iterator[str]:
+def running(app: Starlette, hooks: HookSettings | None = None) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL.
 
-    On the HTTP parser and event loop ``regsweep serve`` uses, so bad input meets
-    the parser operators run (its own logging stays the test process's).
+    On the HTTP parser, request bounds and event loop ``regsweep serve`` uses
+    (``hooks``' limits, and /metrics' own socket when ``hooks.metrics_listen``
+    is set), so bad input meets what operators run (its own logging stays the
+    test process's).
     """
+    hooks = hooks or HookSettings()
     port = free_port()
     config = uvicorn.Config(
         app,
@@ -63,11 +68,12 @@ def running(app: Starlette) -> Iterator[str]:
         port=port,
         log_level="warning",
         lifespan="on",
-        http=UVICORN_OPTIONS["http"],
+        http=bounded_protocol(RequestLimits.of(hooks)),
         loop=UVICORN_OPTIONS["loop"],
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    sockets = listening_sockets(config, hooks)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -79,6 +85,8 @@ def running(app: Starlette) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
