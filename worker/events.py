@@ -137,7 +137,9 @@ class RegistryEnvelope:
 
     def dead_summary(self) -> str:
         """One line for the delivery's dead letter and log: what was wrong, how often."""
-        named = "; ".join(f"event {d.event_id or '(no id)'}: {d.reason}" for d in self.dead)
+        named = "; ".join(
+            d.reason if d.event_id is None else f"event {d.event_id}: {d.reason}" for d in self.dead
+        )
         more = self.dead_count - len(self.dead)
         return named + (f"; {more} more unusable events" if more > 0 else "")
 
