@@ -11,9 +11,12 @@ is never later taken for a duplicate of something that was not queued.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -181,3 +184,36 @@ def test_broker_elsewhere_cut_after_the_publish_queues_again_never_swallows(
         assert h.outcome(retry)["duplicates" if after else "accepted"] == 1
         queued = [i for i in rig.registry_ids() if i == "apart-1"]
         assert len(queued) == (1 if after else 2)
+
+
+def test_frozen_redis_answers_503_promptly_and_the_retry_after_thaw_is_queued_once(
+    redis_server: h.RedisServer,
+) -> None:
+    """Redis SIGSTOPped (connections accepted, nothing answered): twenty concurrent
+    deliveries and /readyz are all answered 503 well within the client's 5 s patience
+    (the service's Redis timeouts); after SIGCONT the registry's retries are queued, each
+    event once."""
+    for rig in _rig(redis_server):
+        assert redis_server.proc is not None
+        bodies = [h.envelope(h.registry_event(event_id=f"frozen-{i}")) for i in range(20)]
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            answers = _post_concurrently(rig.http.base_url, bodies, timeout=5.0)
+            ready = rig.http.get("/readyz", timeout=5.0)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert [a.status_code for a in answers] == [503] * 20
+        assert ready.status_code == 503
+        retries = _post_concurrently(rig.http.base_url, bodies, timeout=5.0)
+        assert [r.status_code for r in retries] == [202] * 20
+        assert rig.registry_ids() == sorted([f"frozen-{i}" for i in range(20)] + ["warm-up"])
+
+
+def _post_concurrently(url: httpx.URL, bodies: list[bytes], timeout: float) -> list[httpx.Response]:
+    async def post_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+            posts = [client.post("/hooks/registry", content=b, headers=HEADERS) for b in bodies]
+            return list(await asyncio.gather(*posts))
+
+    return asyncio.run(post_all())
