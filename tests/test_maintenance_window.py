@@ -25,8 +25,9 @@ from tests.harness.maintenance import (
     upload_status,
 )
 from worker.celery_app import TASK_GC, CronSchedule, make_celery
+from worker.identity import ProcessIdentity
 from worker.maintenance.job import GcRequest, SessionTrackedController, delete_untagged, run_gc
-from worker.maintenance.lock import GcLock, LockHolder, ProcessIdentity
+from worker.maintenance.lock import GcLock, LockHolder
 from worker.maintenance.recovery import recover_crashed_window
 from worker.maintenance.tasks import _gc_time_limits
 from worker.maintenance.window import current_window, latest_window, may_start

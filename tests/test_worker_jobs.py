@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +28,9 @@ from worker import mediatypes as mt
 from worker.celery_app import make_celery
 from worker.config import load_config
 from worker.context import WorkerContext
+from worker.identity import ProcessIdentity
 from worker.policy import Config
+from worker.prunelock import PruneLock
 
 POLICY = {
     "name": "jobs",
@@ -102,18 +107,18 @@ def job(broker: redis.Redis, job_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_held_lock_makes_prune_busy_and_nothing_is_deleted(
+async def test_held_lock_makes_prune_busy_at_once_and_nothing_is_deleted(
     ctx: WorkerContext, images: ImageBuilder, repo_name: str
 ) -> None:
-    """While another holder has the repository's lock, a prune gives up with RepositoryBusy."""
+    """While a live process holds the repository's lock, a prune gives up at once with
+    RepositoryBusy (its task retries later, holding no worker slot); released, it runs."""
     repository = f"w/{repo_name}"
     drop = images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    other = ctx.redis.lock(jobs.keys(ctx).lock(repository), timeout=30, thread_local=False)
+    other = PruneLock(ctx.redis, jobs.keys(ctx).lock(repository))
     assert await other.acquire()
     with pytest.raises(jobs.RepositoryBusy):
-        job = jobs.PruneJob(repository, "busy")
-        await jobs.prune_repository(ctx, job, lock_wait=timedelta(seconds=0.3))
+        await jobs.prune_repository(ctx, jobs.PruneJob(repository, "busy"))
     assert status(images, repository, drop.digest) == 200
     await other.release()
     summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "free"))
@@ -122,19 +127,65 @@ async def test_held_lock_makes_prune_busy_and_nothing_is_deleted(
 
 
 @pytest.mark.anyio
-async def test_concurrent_prunes_of_one_repository_run_one_after_the_other(
+async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_ttl(
     ctx: WorkerContext, images: ImageBuilder, repo_name: str
 ) -> None:
-    """Two prunes started together serialize: the second plans after the first deleted."""
+    """A lock naming a process of this machine that has exited is broken by the next prune
+    at once; one naming a process on another host is respected (busy) until it expires."""
+    repository = f"w/{repo_name}"
+    drop = images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    key = jobs.keys(ctx).lock(repository)
+    gone = subprocess.Popen(["sleep", "30"])
+    dead = ProcessIdentity.of(gone.pid)
+    gone.kill()
+    gone.wait()
+    elsewhere = replace(ProcessIdentity.of(), host="another-host")
+    await ctx.redis.set(key, json.dumps({"owner": asdict(elsewhere), "nonce": "x"}), px=30_000)
+    with pytest.raises(jobs.RepositoryBusy):
+        await jobs.prune_repository(ctx, jobs.PruneJob(repository, "elsewhere"))
+    await ctx.redis.set(key, json.dumps({"owner": asdict(dead), "nonce": "y"}), px=30_000)
+    summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "after-death"))
+    assert summary["counts"]["deleted"] == 1
+    assert status(images, repository, drop.digest) == 404
+    assert await ctx.redis.exists(key) == 0
+
+
+@pytest.mark.anyio
+async def test_prune_lock_is_renewed_while_held_and_loss_is_noticed(ctx: WorkerContext) -> None:
+    """A 1 s lock renewed every 0.2 s outlives 2.5 s of work; taken away, the renewal
+    notices and says so."""
+    key = f"{jobs.keys(ctx).prefix}lock:prune:renewal-test"
+    lock = PruneLock(ctx.redis, key, ttl=timedelta(seconds=1), renew_every=timedelta(seconds=0.2))
+    assert await lock.acquire()
+    async with lock.held():
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            assert await ctx.redis.exists(key) == 1
+            await asyncio.sleep(0.1)
+        await ctx.redis.delete(key)
+        while not lock.lost:
+            await asyncio.sleep(0.05)
+    assert await ctx.redis.exists(key) == 0
+
+
+@pytest.mark.anyio
+async def test_concurrent_prunes_of_one_repository_never_overlap(
+    ctx: WorkerContext, images: ImageBuilder, repo_name: str
+) -> None:
+    """Two prunes started together: one runs, the other is busy (and would be retried)."""
     repository = f"w/{repo_name}"
     images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    first, second = await asyncio.gather(
+    outcomes = await asyncio.gather(
         jobs.prune_repository(ctx, jobs.PruneJob(repository, "a", incremental=False)),
         jobs.prune_repository(ctx, jobs.PruneJob(repository, "b", incremental=False)),
+        return_exceptions=True,
     )
-    removed = sorted(r["plan"]["tags_removed"] for r in (first, second))
-    assert removed == [0, 1], "interleaved prunes would both have planned the deletion"
+    busy = [o for o in outcomes if isinstance(o, jobs.RepositoryBusy)]
+    done = [o for o in outcomes if isinstance(o, dict)]
+    assert len(busy) == 1 and len(done) == 1
+    assert done[0]["plan"]["tags_removed"] == 1
 
 
 @pytest.mark.anyio

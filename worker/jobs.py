@@ -7,7 +7,6 @@ idempotent (404 is success), the per-repository lock has an owner and a TTL.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Awaitable, Mapping, Sequence
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from worker.context import WorkerContext
 from worker.errors import RegsweepError, StateError
@@ -25,16 +24,11 @@ from worker.model import Digest
 from worker.plan import Action, Reason
 from worker.planner import TagRequest
 from worker.policy import Policy, TagPattern
+from worker.prunelock import PruneLock
 from worker.pruner import RepositoryPlan
 
 T = TypeVar("T")
 
-#: A prune holds its repository for at most this long (the lock's TTL).
-PRUNE_LOCK_TTL: Final = timedelta(minutes=30)
-#: How long a prune waits for another prune of the same repository. Coalescing
-#: keeps at most one prune waiting per repository, so this wait is bounded by
-#: one prune's duration; past it the task is retried later (RepositoryBusy).
-PRUNE_LOCK_WAIT: Final = timedelta(seconds=20)
 #: A prune scheduled for the end of an ``untagged`` grace runs this much later,
 #: so the digest is surely due (clocks, rounding).
 GRACE_SLACK: Final = timedelta(seconds=1)
@@ -266,31 +260,21 @@ class PruneJob:
     incremental: bool = True
 
 
-async def prune_repository(
-    ctx: WorkerContext, job: PruneJob, *, lock_wait: timedelta = PRUNE_LOCK_WAIT
-) -> dict[str, Any]:
-    """Plan and (when enforced) prune one repository under its lock; returns the job summary."""
+async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+    """Plan and (when enforced) prune one repository under its lock; returns the job summary.
+
+    Never waits for another prune of the repository (:class:`RepositoryBusy`: the task
+    is retried later); a lock whose holder died is taken over (:mod:`worker.prunelock`).
+    """
     if await maintenance_active(ctx):
         raise Deferred(f"maintenance window running; {job.repository} waits")
-    lock = ctx.redis.lock(
-        keys(ctx).lock(job.repository),
-        timeout=PRUNE_LOCK_TTL.total_seconds(),
-        blocking_timeout=lock_wait.total_seconds(),
-        thread_local=False,
-    )
-    try:
-        acquired = await lock.acquire()
-    except RedisError as exc:
-        raise StateError(f"cannot lock {job.repository}: {exc}") from exc
-    if not acquired:
+    lock = PruneLock(ctx.redis, keys(ctx).lock(job.repository))
+    if not await lock.acquire():
         raise RepositoryBusy(f"another prune holds {job.repository}")
-    try:
+    async with lock.held():
         # A push after this point must trigger a new prune, so the pending mark goes now.
         await _redis(ctx.redis.delete(keys(ctx).pending(job.repository)), "clear pending")
         return await _prune_locked(ctx, job)
-    finally:
-        with contextlib.suppress(LockError):  # expired: nothing of ours left to release
-            await lock.release()
 
 
 async def _redis(awaitable: Awaitable[T], what: str) -> T:

@@ -33,6 +33,7 @@ import redis
 from redis.exceptions import RedisError
 
 from worker.errors import ConfigError, ControllerError, RegsweepError, StateError
+from worker.identity import ProcessIdentity
 from worker.maintenance.controllers import (
     LineCallback,
     ProcessController,
@@ -45,7 +46,6 @@ from worker.maintenance.lock import (
     LOCK_TTL,
     GcLock,
     MaintenanceKeys,
-    ProcessIdentity,
 )
 from worker.maintenance.probe import RegistryProbe
 from worker.maintenance.report import GcReport, MaintenanceMetrics

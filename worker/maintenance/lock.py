@@ -21,20 +21,19 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import redis
 from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
 from worker.errors import StateError
+from worker.identity import ProcessIdentity, start_time
 from worker.jobs import Keys
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ EXTEND_EVERY: Final = timedelta(seconds=5)
 WINDOW_CLAIM_TTL: Final = timedelta(days=1)
 UNKNOWN_JOB: Final = "unknown"
 
-_PROC: Final = Path("/proc")
 _DELETE_IF_VALUE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -91,79 +89,6 @@ class MaintenanceKeys:
         return f"{self.prefix}gc:window:{key}"
 
 
-# --------------------------------------------------------------------------- process identity
-
-
-@dataclass(frozen=True)
-class ProcessIdentity:
-    """A process, named so that another process can tell whether it is still alive."""
-
-    host: str
-    pid: int
-    #: ``/proc/<pid>/stat`` field 22: tells a reused pid from the original.
-    started: str = ""
-    #: Two containers can share a host name but not a PID namespace and boot id.
-    pid_namespace: str = ""
-    boot_id: str = ""
-
-    @classmethod
-    def of(cls, pid: int | None = None) -> ProcessIdentity:
-        pid = os.getpid() if pid is None else pid
-        return cls(socket.gethostname(), pid, _start_time(pid) or "", _pid_namespace(), _boot_id())
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ProcessIdentity:
-        return cls(
-            host=str(data.get("host", "")),
-            pid=int(data.get("pid", 0)),
-            started=str(data.get("started", "")),
-            pid_namespace=str(data.get("pid_namespace", "")),
-            boot_id=str(data.get("boot_id", "")),
-        )
-
-    def is_local(self) -> bool:
-        """Whether this process can see the other's pid (same host, namespace and boot)."""
-        here = ProcessIdentity.of()
-        same = (self.host, self.pid_namespace, self.boot_id)
-        return bool(self.pid_namespace) and same == (here.host, here.pid_namespace, here.boot_id)
-
-    def is_alive(self) -> bool:
-        """False only when provably dead; a process elsewhere counts as alive."""
-        if not self.is_local():
-            return True
-        return bool(self.started) and _start_time(self.pid) == self.started
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _start_time(pid: int) -> str | None:
-    """Field 22 of ``/proc/<pid>/stat``; ``None`` for a process gone or a zombie."""
-    stat = _read(_PROC / str(pid) / "stat")
-    if stat is None:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = stat.rpartition(")")[2].split()
-    if not fields or fields[0] == "Z":
-        return None
-    return fields[19] if len(fields) > 19 else None
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink(_PROC / "self" / "ns" / "pid")
-    except OSError:
-        return ""
-
-
-def _boot_id() -> str:
-    return (_read(_PROC / "sys" / "kernel" / "random" / "boot_id") or "").strip()
-
-
 def kill_session(identity: ProcessIdentity) -> bool:
     """SIGKILL the process group ``identity`` leads, if it is provably that process and alive.
 
@@ -171,7 +96,7 @@ def kill_session(identity: ProcessIdentity) -> bool:
     worker killed with SIGKILL; left running after the switch back to
     read-write it would delete blobs pushed meanwhile.
     """
-    if not identity.is_local() or _start_time(identity.pid) != identity.started:
+    if not identity.is_local() or start_time(identity.pid) != identity.started:
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(identity.pid, signal.SIGKILL)

@@ -28,8 +28,9 @@ from datetime import UTC, datetime
 from redis.exceptions import RedisError
 
 from worker.errors import StateError
+from worker.identity import ProcessIdentity
 from worker.maintenance.job import Maintenance, end_pause, maintenance_flag, switch_back
-from worker.maintenance.lock import ProcessIdentity, kill_session
+from worker.maintenance.lock import kill_session
 from worker.state import JobState
 
 log = logging.getLogger("regsweep.gc")
