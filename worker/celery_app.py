@@ -216,6 +216,7 @@ def make_celery(config: Config) -> Celery:
         beat_schedule=_beat_schedule(config),
         worker_hijack_root_logger=False,
     )
+    import worker.leases  # noqa: PLC0415 - a dead worker's messages given back promptly
     import worker.maintenance.tasks  # noqa: PLC0415 - the GC and recovery tasks
     import worker.tasks  # noqa: F401, PLC0415 - registers the shared tasks on this app
 

@@ -114,7 +114,8 @@ class RegistryEvent:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RegistryEvent:
-        return cls(**{**data, "timestamp": datetime.fromisoformat(data["timestamp"])})
+        """The event :meth:`to_dict` gave; its time checked again (:func:`event_time`)."""
+        return cls(**{**data, "timestamp": event_time(data["timestamp"])})
 
 
 @dataclass(frozen=True)

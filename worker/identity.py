@@ -86,3 +86,16 @@ def _pid_namespace() -> str:
 
 def _boot_id() -> str:
     return (_read(_PROC / "sys" / "kernel" / "random" / "boot_id") or "").strip()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count)."""
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _read(entry / "stat")
+        fields = stat.rpartition(")")[2].split() if stat else []
+        # After the command name: state, ppid, pgrp.
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False

@@ -54,6 +54,24 @@ class JobState(StrEnum):
     INTERRUPTED = "interrupted"
 
 
+# KEYS: the job; ARGV: ttl, then field/value pairs. Creates the record unless it exists.
+_CREATE_JOB: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: the job; ARGV: ttl, then field/value pairs. The update_job script that also
+# answers the state the job had before (nil when the job is unknown).
+_START_JOB: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local before = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return before
+"""
+
 # Only the bare minimum on a job record is written by the service; workers add
 # counts, bytes, errors and a plan summary through update_job.
 _UPDATE_IF_EXISTS: Final = """
@@ -155,8 +173,10 @@ def _dead_letter_entry(source: str, reason: str, body_excerpt: str) -> str:
     return json.dumps({"time": _now(), "source": source, "reason": reason, "body": body_excerpt})
 
 
-def _new_job(kind: str, params: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
-    job_id = uuid.uuid4().hex
+def _new_job(
+    kind: str, params: Mapping[str, Any], job_id: str | None = None
+) -> tuple[str, dict[str, str]]:
+    job_id = job_id or uuid.uuid4().hex
     now = _now()
     record = {
         "id": job_id,
@@ -217,6 +237,8 @@ class State:
         self.client = client
         self.keys = StateKeys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+        self._create_job = client.register_script(_CREATE_JOB)
+        self._start_job = client.register_script(_START_JOB)
         self._deliver = client.register_script(_DELIVER)
         self.server = server_of(client)
 
@@ -284,15 +306,25 @@ class State:
             raw = await self.client.lrange(self.keys.dead_letters, 0, limit - 1)
         return [json.loads(item) for item in raw]
 
-    async def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
-        job_id, fields = _new_job(kind, params)
-        key = self.keys.job(job_id)
-        with wrapped("HSET job"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.expire(key, JOB_TTL)
-            await pipe.execute()
+    async def create_job(
+        self, kind: str, params: Mapping[str, Any], *, job_id: str | None = None
+    ) -> str:
+        """A new job record; with ``job_id``, the existing one when there is one (a task
+        delivered again keeps the record of its first delivery)."""
+        job_id, fields = _new_job(kind, params, job_id)
+        args = [str(int(JOB_TTL.total_seconds())), *(x for pair in fields.items() for x in pair)]
+        with wrapped("create job"):
+            await self._create_job(keys=[self.keys.job(job_id)], args=args)
         return job_id
+
+    async def start_job(self, job_id: str, **fields: Any) -> str | None:
+        """Mark a job running (with ``fields``); the state it had before, None if unknown."""
+        with wrapped("start job"):
+            before = await self._start_job(
+                keys=[self.keys.job(job_id)],
+                args=_update_args({**fields, "state": JobState.RUNNING.value}),
+            )
+        return None if before is None else str(json.loads(before))
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
         with wrapped("HGETALL job"):

@@ -7,10 +7,13 @@ the window ends (deferred), it never fails it.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from celery import Task, shared_task
@@ -29,7 +32,7 @@ from worker.celery_app import (
 )
 from worker.context import WorkerContext
 from worker.errors import RegistryUnavailable, RegsweepError, StateError
-from worker.events import CiEvent, RegistryEvent
+from worker.events import BadEvent, CiEvent, RegistryEvent, excerpt
 from worker.plan import Reason
 from worker.planner import TagRequest
 from worker.policy import TagPattern
@@ -131,11 +134,53 @@ def enqueue_prune(repository: str, **kwargs: Any) -> None:
 
 @shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)
 def registry_events(events: list[dict[str, Any]]) -> None:
-    parsed = [RegistryEvent.from_dict(e) for e in events]
-    repositories = run_patiently(lambda ctx: jobs.apply_registry_events(ctx, parsed))
+    parsed = _usable_events(events)
+    try:
+        repositories = run_patiently(lambda ctx: jobs.apply_registry_events(ctx, parsed))
+    except Exception:  # not Redis: some event of the batch; the others must not go with it
+        log.exception("applying %d registry events failed; applying them one by one", len(parsed))
+        repositories = _apply_one_by_one(parsed)
     for repository in repositories:
         if run_patiently(lambda ctx, r=repository: jobs.claim_prune(ctx, r)):
             enqueue_prune(repository, trigger="push")
+
+
+def _usable_events(events: list[dict[str, Any]]) -> list[RegistryEvent]:
+    """The events of a message that parse; the others dead-lettered (one entry for all).
+
+    The service validated them, but a message may be older than its checks."""
+    parsed: list[RegistryEvent] = []
+    bad: list[str] = []
+    for raw in events:
+        try:
+            parsed.append(RegistryEvent.from_dict(raw))
+        except (BadEvent, ValueError, TypeError, KeyError, OverflowError) as exc:
+            bad.append(f"{str(raw.get('id'))[:100] if isinstance(raw, dict) else '?'}: {exc}")
+    if bad:
+        _dead_letter(f"{len(bad)} queued events unusable: {'; '.join(bad[:5])}", events)
+    return parsed
+
+
+def _apply_one_by_one(events: list[RegistryEvent]) -> list[str]:
+    """Apply each event alone, dead-lettering the ones that fail: one bad event never
+    keeps the others (or its repository's later events) from the tag index."""
+    repositories: list[str] = []
+    for event in events:
+        try:
+            repositories += run_patiently(lambda ctx, e=event: jobs.apply_registry_events(ctx, [e]))
+        except StateError:
+            raise  # Redis stayed away: the message is delivered again
+        except Exception as exc:
+            _dead_letter(f"event {event.id} not applied: {type(exc).__name__}: {exc}", [])
+    return list(dict.fromkeys(repositories))
+
+
+def _dead_letter(reason: str, raw: object) -> None:
+    log.warning("registry events dead-lettered: %s", reason)
+    try:
+        run(lambda ctx: ctx.state.dead_letter("registry", reason[:2000], excerpt(json.dumps(raw))))
+    except StateError as exc:
+        log.error("dead letter not kept: %s", exc)
 
 
 @shared_task(name=TASK_CI_EVENT, acks_late=True)
@@ -161,7 +206,9 @@ def prune(
 ) -> None:
     params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
     if job_id is None:
-        job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params))
+        # One record per task, however often it is delivered: a redelivery resumes it.
+        own = _job_id_of(self)
+        job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params, job_id=own))
     job = jobs.PruneJob(
         repository,
         job_id,
@@ -169,7 +216,7 @@ def prune(
         dry_run,
         incremental,
     )
-    _update(job_id, JobState.RUNNING)
+    _start(job_id)
     try:
         summary = run_patiently(lambda ctx: jobs.prune_repository(ctx, job))
     except jobs.Deferred as exc:
@@ -178,11 +225,16 @@ def prune(
         _update(job_id, JobState.DEFERRED, errors=[str(exc)])
         return
     except jobs.RepositoryBusy as exc:
+        # Waits in the broker, not in a worker slot; the prune holding it may take long.
+        _update(job_id, JobState.QUEUED, waiting=str(exc))
         raise self.retry(countdown=BUSY_RETRY_SECONDS, exc=exc) from exc
     except RegistryUnavailable as exc:
         summary = _retry_or_fail(self, job_id, exc)
     except RegsweepError as exc:
         summary = {"errors": [str(exc)], "outcome": "failed"}
+    except Exception as exc:  # a bug: the job (and its sweep) must still end
+        log.exception("prune of %s failed", repository)
+        summary = {"errors": [_internal(exc)], "outcome": "failed"}
     _finish(job_id, summary, parent)
     if not dry_run and summary.get("mode") == "enforce":
         _schedule_grace_prune(repository)
@@ -217,6 +269,36 @@ def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
         _update(parent, state, kind="sweep", counts=totals, bytes=totals.get("bytes", 0))
 
 
+def _job_id_of(task: Task[Any, Any]) -> str | None:
+    """The job id a task without one keeps across deliveries: its task id's hex."""
+    try:
+        return uuid.UUID(str(task.request.id)).hex
+    except ValueError:
+        return None
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"[:500]
+
+
+def _start(job_id: str, kind: str = "prune") -> None:
+    """Mark a job running; when it already was, an earlier attempt died mid-way: say so."""
+
+    async def start(ctx: WorkerContext) -> None:
+        ctx.metrics.job(kind, JobState.RUNNING.value)
+        if await ctx.state.start_job(job_id) != JobState.RUNNING.value:
+            return
+        job = await ctx.state.get_job(job_id) or {}
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        note = f"{when}: an earlier attempt did not finish (its worker died); resumed"
+        await ctx.state.update_job(job_id, interruptions=[*job.get("interruptions", []), note])
+
+    try:
+        run(start)
+    except StateError:
+        log.exception("cannot record job %s as running", job_id)
+
+
 def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> dict[str, Any]:
     """Retry later (raises); after the last attempt, the failed job's summary."""
     if task.request.retries >= MAX_REGISTRY_RETRIES:
@@ -247,6 +329,10 @@ def sweep(job_id: str | None = None, repository: str | None = None, dry_run: boo
         children = run(lambda ctx: _child_jobs(ctx, job_id, names, dry_run))
     except RegsweepError as exc:
         _update(job_id, JobState.FAILED, kind="sweep", errors=[str(exc)])
+        return
+    except Exception as exc:  # a bug: the job must still end
+        log.exception("sweep %s failed", job_id)
+        _update(job_id, JobState.FAILED, kind="sweep", errors=[_internal(exc)])
         return
     if not children:
         _update(job_id, JobState.SUCCEEDED, kind="sweep", repositories=[], counts={})
@@ -283,6 +369,10 @@ def restore_task(job_id: str, repository: str, digest: str) -> None:
         restored = run(lambda ctx: restore(ctx.client, ctx.audit, repository, digest))
     except RegsweepError as exc:
         _update(job_id, JobState.FAILED, kind="restore", errors=[str(exc)])
+        return
+    except Exception as exc:  # a bug: the job must still end
+        log.exception("restore job %s failed", job_id)
+        _update(job_id, JobState.FAILED, kind="restore", errors=[_internal(exc)])
         return
     items = [{"digest": r.digest, "tags": list(r.tags), "action": r.action} for r in restored]
     _update(

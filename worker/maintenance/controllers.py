@@ -131,10 +131,13 @@ class ProcessController:
         *,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         readonly: bool = False,
+        on_switch: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings
         self._command_timeout = command_timeout
         self._readonly = readonly
+        #: Told the session id of each switch command as it starts (see worker.maintenance).
+        self._on_switch = on_switch
 
     def set_readonly(self, enabled: bool) -> None:
         name, command = (
@@ -143,7 +146,7 @@ class ProcessController:
             else ("readwrite_command", self._settings.readwrite_command)
         )
         self._readonly = True
-        _run_shell(name, command, self._command_timeout)
+        _run_shell(name, command, self._command_timeout, self._on_switch)
         self._readonly = enabled
 
     def is_readonly(self) -> bool:
@@ -213,9 +216,13 @@ def _spawn_shell(name: str, command: str, *, merge_stderr: bool) -> subprocess.P
         raise ControllerError(f"{name} could not start: {exc}") from exc
 
 
-def _run_shell(name: str, command: str, timeout: float) -> None:
+def _run_shell(
+    name: str, command: str, timeout: float, on_spawn: Callable[[int], None] | None = None
+) -> None:
     """Run a switch command; its text is never put in an error (it may hold credentials)."""
     proc = _spawn_shell(name, command, merge_stderr=False)
+    if on_spawn is not None:
+        on_spawn(proc.pid)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:

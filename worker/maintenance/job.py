@@ -120,15 +120,18 @@ def open_maintenance(
             "and the maintenance flag that pauses pruning"
         )
     client = sync_client(config.redis_url)
+    keys = MaintenanceKeys(prefix)
     probe = RegistryProbe.from_settings(config.registry)
     try:
         yield Maintenance(
             redis=client,
             state=SyncState(client, prefix=prefix),
-            controller=controller_for(config.maintenance),
+            controller=controller_for(
+                config.maintenance, on_switch=lambda pid: record_session(client, keys, pid)
+            ),
             probe=probe,
             settings=config.maintenance,
-            keys=MaintenanceKeys(prefix),
+            keys=keys,
             release_deferred=release_deferred,
         )
     finally:
@@ -136,29 +139,41 @@ def open_maintenance(
         client.close()
 
 
-def controller_for(settings: MaintenanceSettings) -> RegistryController:
-    """The configured controller; a process controller's GC is made to name its session."""
+def controller_for(
+    settings: MaintenanceSettings, *, on_switch: Callable[[int], None] | None = None
+) -> RegistryController:
+    """The configured controller; a process controller's GC is made to name its session,
+    and its switch commands' sessions are told to ``on_switch``."""
     if settings.controller is None:
         raise ConfigError(
             "maintenance.controller is not configured: regsweep cannot switch the registry "
             "read-only or run its garbage collector"
         )
     if isinstance(settings.controller, ProcessControllerSettings):
-        return SessionTrackedController(settings.controller)
+        return SessionTrackedController(settings.controller, on_switch=on_switch)
     return make_controller(settings.controller)
 
 
 class SessionTrackedController:
-    """A :class:`ProcessController` whose GC first prints its session id.
+    """A :class:`ProcessController` whose GC first prints its session id, and whose switch
+    commands' sessions go to ``on_switch``.
 
-    The GC runs in a session of its own and would outlive a worker killed
-    with SIGKILL; the recovery check kills that session before it switches
-    the registry back to read-write. Version, switches and sizes come from the
-    untouched command (``--version`` is asked of the GC command's first word).
+    The GC and the switch commands run in sessions of their own and outlive a
+    worker killed with SIGKILL; the recovery check kills the one that was
+    running before it switches the registry back to read-write (a GC left
+    sweeping would delete blobs pushed meanwhile; a read-only switch left
+    running would restart the registry read-only under the recovery's feet).
+    Version, switches and sizes come from the untouched commands (``--version``
+    is asked of the GC command's first word).
     """
 
-    def __init__(self, settings: ProcessControllerSettings) -> None:
-        self._plain = ProcessController(settings)
+    def __init__(
+        self,
+        settings: ProcessControllerSettings,
+        *,
+        on_switch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._plain = ProcessController(settings, on_switch=on_switch)
         command = f"echo {SESSION_MARKER} $$; {settings.gc_command}"
         self._marked = ProcessController(replace(settings, gc_command=command))
 
@@ -480,10 +495,13 @@ class GcListener:
 
     def _record_session(self, line: str) -> None:
         _, _, pid = line.partition(" ")
-        if not pid.strip().isdigit():
-            return
-        identity = ProcessIdentity.of(int(pid))
-        try:
-            self._m.redis.set(self._m.keys.gc_session, json.dumps(asdict(identity)))
-        except RedisError as exc:
-            log.warning("GC session not recorded: %s", exc)
+        if pid.strip().isdigit():
+            record_session(self._m.redis, self._m.keys, int(pid))
+
+
+def record_session(client: redis.Redis, keys: MaintenanceKeys, pid: int) -> None:
+    """Name the session of the GC or switch command now running, for a recovery to kill."""
+    try:
+        client.set(keys.gc_session, json.dumps(asdict(ProcessIdentity.of(pid))))
+    except RedisError as exc:
+        log.warning("session of the running maintenance command not recorded: %s", exc)

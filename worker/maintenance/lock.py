@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
 from worker.errors import StateError
-from worker.identity import ProcessIdentity, start_time
+from worker.identity import ProcessIdentity, group_alive, start_time
 from worker.jobs import Keys
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ EXTEND_EVERY: Final = timedelta(seconds=5)
 #: A window's "GC started" claim outlives any window's retries of the beat message.
 WINDOW_CLAIM_TTL: Final = timedelta(days=1)
 UNKNOWN_JOB: Final = "unknown"
+#: How long a killed session's processes may take to be gone.
+SESSION_EXIT_WAIT: Final = 10.0
 
 _DELETE_IF_VALUE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -92,16 +95,23 @@ class MaintenanceKeys:
 def kill_session(identity: ProcessIdentity) -> bool:
     """SIGKILL the process group ``identity`` leads, if it is provably that process and alive.
 
-    A process controller's GC runs in a session of its own and outlives a
-    worker killed with SIGKILL; left running after the switch back to
-    read-write it would delete blobs pushed meanwhile.
+    A process controller's GC and switch commands run in sessions of their own
+    and outlive a worker killed with SIGKILL: a GC left running after the switch
+    back to read-write would delete blobs pushed meanwhile, a read-only switch
+    would race the recovery's own restart. Returns once the group is gone.
     """
     if not identity.is_local() or start_time(identity.pid) != identity.started:
         return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(identity.pid, signal.SIGKILL)
-        return True
-    return False
+    except (ProcessLookupError, PermissionError):
+        return False
+    # Gone before anything else runs: a registry the killed command had started still
+    # holds its port for a moment, and a restart now would fail to bind.
+    deadline = time.monotonic() + SESSION_EXIT_WAIT
+    while group_alive(identity.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
 
 
 # --------------------------------------------------------------------------- the lock

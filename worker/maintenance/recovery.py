@@ -7,10 +7,13 @@ every ~30 s (``regsweep.maintenance_check``); whichever process finds the
 crash first takes the GC lock (so no GC starts meanwhile and no second
 checker joins in) and:
 
-1. kills the crashed GC's process group if it is still running on this
-   machine (a process controller's GC outlives its worker; left running on a
-   read-write registry it would delete blobs pushed meanwhile) — and backs
-   off when that GC ran on another machine, which only that one can check;
+1. kills the crashed window's command if it is still running on this
+   machine, and waits until it is gone: a process controller's GC or switch
+   command outlives its worker (a GC left running on a read-write registry
+   would delete blobs pushed meanwhile; a read-only switch left running would
+   restart the registry read-only while the recovery switches it back, and
+   whichever lost the race for the port would leave the other one up) — and
+   backs off when it ran on another machine, which only that one can check;
 2. switches the registry read-write through the controller and waits until
    writes work (retried with backoff; on failure the flag stays and the next
    check tries again);

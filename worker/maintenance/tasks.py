@@ -62,7 +62,13 @@ def gc(job_id: str | None = None, dry_run: bool = False, trigger: str = "api") -
                 log.warning("GC job %s was delivered again (state %s)", job_id, job.get("state"))
                 recover_crashed_window(m)
                 return
-        outcome = run_gc(m, GcRequest(job_id, dry_run, trigger))
+        try:
+            outcome = run_gc(m, GcRequest(job_id, dry_run, trigger))
+        except Exception as exc:  # a bug or a time limit: the window is undone, end the job
+            log.exception("GC job %s failed", job_id)
+            error = f"internal error: {type(exc).__name__}: {exc}"[:500]
+            m.state.update_job(job_id, state=JobState.FAILED.value, errors=[error])
+            return
     log.info("GC job %s: %s %s", job_id, outcome.status, outcome.reason)
 
 

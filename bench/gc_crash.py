@@ -1,0 +1,240 @@
+"""GC-worker kills at every point of the maintenance window, and how long recovery takes.
+
+    PYTHONPATH=. .venv/bin/python -m bench.gc_crash [--kills 20] [--victim both]
+
+Per kill: a fresh process-controlled registry (Debian's 2.8.2, restarted by a
+script as systemd would), Redis DB 10 (``$REGSWEEP_TEST_REDIS``), and a real
+``regsweep worker -Q gc -c 1``. A GC job is enqueued and the worker SIGKILLed
+at one point of the window, in turn:
+
+- ``before-readonly``: the flag is set, the window waits for a running prune
+  (a prune lock held by this script) before switching;
+- ``switching-readonly``: while the read-only restart command runs;
+- ``during-gc``: while ``garbage-collect`` runs;
+- ``switching-back``: while the read-write restart command runs.
+
+The victim is the whole worker (its process group; a new worker is started
+at once, as a supervisor would) or only the pool process running the task
+(``--victim``: ``whole-worker``, ``pool-child`` or ``both``, alternating).
+Recovery time: from the SIGKILL until the registry accepts a write, the
+maintenance flag is gone and the job is no longer running. Target (issue 12):
+every one under 30 s. Runs slower than 10 s leave their logs in ``bench/out/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import redis
+
+from tests.harness.images import ImageBuilder
+from tests.harness.maintenance import REDIS_URL, ProcessRegistry, image, upload_status
+from tests.harness.registry import REGISTRY_BINARY
+from worker.identity import ProcessIdentity
+from worker.maintenance.lock import LockHolder, MaintenanceKeys
+
+REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
+KEYS = MaintenanceKeys()
+POINTS = ("before-readonly", "switching-readonly", "during-gc", "switching-back")
+TARGET_SECONDS = 30.0
+SLOW_SECONDS = 10.0
+OUT = Path(__file__).with_name("out")
+#: A prune that "runs" through the window's start: the window waits for its lock.
+HELD_PRUNE = "regsweep:lock:prune:bench/held"
+
+
+@dataclass
+class Kill:
+    point: str
+    victim: str
+    recovery: float
+    state: str
+
+
+class Worker:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [REGSWEEP, "-c", str(config), "worker", "-Q", "gc", "-c", "1", "--without-heartbeat"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.log.close()
+
+
+def registry_for(root: Path) -> ProcessRegistry:
+    """A registry whose switch and GC commands say when they run and take a moment."""
+    registry = ProcessRegistry.create(root / "registry")
+    settings = registry.settings
+    ro, rw = settings.readonly_command, settings.readwrite_command
+    registry.settings = type(settings)(
+        readonly_command=f"touch {root}/switching-readonly; sleep 1; {ro}",
+        readwrite_command=f"touch {root}/switching-back; sleep 1; {rw}",
+        gc_command=(
+            f"touch {root}/during-gc; sleep 2; "
+            f"{REGISTRY_BINARY} garbage-collect {registry.config_rw}"
+        ),
+        storage_path=settings.storage_path,
+    )
+    return registry
+
+
+def write_config(path: Path, registry: ProcessRegistry) -> Path:
+    s = registry.settings
+    document = {
+        "registry": {"url": registry.url},
+        "redis": {"url": REDIS_URL},
+        "policies": [],
+        "maintenance": {
+            "window": {"cron": "0 3 * * sun", "duration": "2h"},
+            "controller": {
+                "kind": "process",
+                "readonly_command": s.readonly_command,
+                "readwrite_command": s.readwrite_command,
+                "gc_command": s.gc_command,
+                "storage_path": s.storage_path,
+            },
+        },
+    }
+    path.write_text(json.dumps(document))
+    return path
+
+
+def wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not happen within {timeout}s")
+
+
+def writable(url: str) -> bool:
+    try:
+        return upload_status(url) == 202
+    except httpx.TransportError:
+        return False
+
+
+def job_state(client: redis.Redis, job_id: str) -> str:
+    raw = client.hget(f"regsweep:job:{job_id}", "state")
+    return json.loads(raw) if raw else "missing"
+
+
+def one_kill(point: str, victim: str, root: Path, client: redis.Redis) -> Kill:
+    registry = registry_for(root)
+    os.system(registry.settings.readwrite_command)
+    for marker in POINTS:
+        (root / marker).unlink(missing_ok=True)
+    config = write_config(root / "regsweep.yaml", registry)
+    workers = [Worker(config, root / "worker.log")]
+    try:
+        wait(lambda: writable(registry.url), 20, "the registry")
+        with ImageBuilder.connect(registry.url) as builder:
+            image(builder, "bench/crash", "t", 1)
+        if point == "before-readonly":
+            holder = json.dumps({"owner": asdict(ProcessIdentity.of()), "nonce": "bench"})
+            client.set(HELD_PRUNE, holder, ex=120)
+        job_id = subprocess.run(
+            [REGSWEEP, "-c", str(config), "gc", "--enqueue"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if point == "before-readonly":
+            wait(lambda: client.get(KEYS.flag) is not None, 60, "the flag")
+        else:
+            wait((root / point).exists, 60, point)
+        holder_raw = client.get(KEYS.gc_lock) or b""
+        killed = time.monotonic()
+        if victim == "pool-child":
+            os.kill(LockHolder.parse(holder_raw).owner.pid, signal.SIGKILL)
+        else:
+            workers[0].kill()
+            workers.append(Worker(config, root / "worker.log"))
+        client.delete(HELD_PRUNE)
+
+        def recovered() -> bool:
+            running = job_state(client, job_id) in ("queued", "running")
+            return not running and client.get(KEYS.flag) is None and writable(registry.url)
+
+        wait(recovered, 180, "recovery")
+        return Kill(point, victim, time.monotonic() - killed, job_state(client, job_id))
+    finally:
+        for worker in workers:
+            worker.stop()
+        registry.stop()
+
+
+def clean(client: redis.Redis) -> None:
+    for pattern in ("regsweep:*", "gc", "unacked*", "_kombu.*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--victim", choices=("whole-worker", "pool-child", "both"), default="both")
+    args = parser.parse_args()
+    victims = ("whole-worker", "pool-child") if args.victim == "both" else (args.victim,)
+    client = redis.Redis.from_url(REDIS_URL)
+    OUT.mkdir(exist_ok=True)
+    kills: list[Kill] = []
+    for n in range(args.kills):
+        point, victim = POINTS[n % len(POINTS)], victims[(n // len(POINTS)) % len(victims)]
+        clean(client)
+        root = Path(tempfile.mkdtemp(prefix="gc-crash-"))
+        kill = one_kill(point, victim, root, client)
+        kills.append(kill)
+        print(f"{n + 1:2d} {point:19s} {victim:12s} {kill.recovery:6.1f}s  job {kill.state}")
+        if kill.recovery > SLOW_SECONDS:
+            for name in ("worker.log", "registry/registry.log"):
+                if (root / name).exists():
+                    shutil.copy(root / name, OUT / f"gc-crash-{n + 1}-{name.replace('/', '-')}")
+        shutil.rmtree(root, ignore_errors=True)
+    clean(client)
+    times = [k.recovery for k in kills]
+    print()
+    print("| kills | median | p90 | max | over 30 s |")
+    print("|---:|---:|---:|---:|---:|")
+    p90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
+    over = sum(t > TARGET_SECONDS for t in times)
+    print(
+        f"| {len(times)} | {statistics.median(times):.1f} s | {p90:.1f} s | {max(times):.1f} s | {over} |"
+    )
+    for point in POINTS:
+        mine = [k.recovery for k in kills if k.point == point]
+        if mine:
+            print(f"  {point}: max {max(mine):.1f} s over {len(mine)}")
+
+
+if __name__ == "__main__":
+    main()
