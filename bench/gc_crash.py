@@ -203,13 +203,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--victim", choices=("whole-worker", "pool-child", "both"), default="both")
+    parser.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS))
     args = parser.parse_args()
+    points = tuple(args.points)
     victims = ("whole-worker", "pool-child") if args.victim == "both" else (args.victim,)
     client = redis.Redis.from_url(REDIS_URL)
     OUT.mkdir(exist_ok=True)
     kills: list[Kill] = []
     for n in range(args.kills):
-        point, victim = POINTS[n % len(POINTS)], victims[(n // len(POINTS)) % len(victims)]
+        point, victim = points[n % len(points)], victims[(n // len(points)) % len(victims)]
         clean(client)
         root = Path(tempfile.mkdtemp(prefix="gc-crash-"))
         kill = one_kill(point, victim, root, client)

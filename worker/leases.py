@@ -47,7 +47,7 @@ log = logging.getLogger("regsweep.worker")
 
 ALIVE_TTL: Final = timedelta(seconds=20)
 BEAT_EVERY: Final = timedelta(seconds=5)
-REAP_EVERY: Final = timedelta(seconds=10)
+REAP_EVERY: Final = timedelta(seconds=5)
 REAP_ROUNDS: Final = int(REAP_EVERY / BEAT_EVERY)
 #: A lease outlives any message it can describe (the visibility timeout is hours).
 LEASES_TTL: Final = timedelta(days=2)

@@ -1,4 +1,5 @@
-"""A TCP proxy in front of a real server that cuts connections at a chosen moment.
+"""A TCP proxy in front of a real server that cuts connections at a chosen moment, or
+slows every request down.
 
 Redis cannot be made to lose one answer, or to go away exactly between two
 commands of one request; this proxy can. It forwards bytes both ways until a
@@ -16,6 +17,7 @@ import contextlib
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from tests.harness.registry import free_port
@@ -36,8 +38,11 @@ class Fault:
 class FaultProxy:
     """``127.0.0.1:<port>`` forwarding to ``127.0.0.1:<upstream>``; start, arm, restore, stop."""
 
-    def __init__(self, upstream: int) -> None:
+    def __init__(self, upstream: int, *, delay: float = 0.0, slow: bytes = b"") -> None:
         self.upstream = upstream
+        #: Seconds every client chunk holding ``slow`` waits before it is forwarded.
+        self.delay = delay
+        self.slow = slow
         self.port = free_port()
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._listener.setblocking(False)
@@ -126,6 +131,8 @@ class FaultProxy:
         if sock in self._clients and self._strikes(data):
             self._cut(peer, data)
             return
+        if sock in self._clients and self.delay and self.slow in data:
+            time.sleep(self.delay)
         with contextlib.suppress(OSError):
             peer.setblocking(True)
             peer.sendall(data)
