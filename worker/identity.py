@@ -90,6 +90,8 @@ def _boot_id() -> str:
 
 def group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs (zombies do not count)."""
+    if pgid <= 0:
+        return False  # no group (kernel threads are "group 0")
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue

@@ -16,7 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,30 @@ class ProcessRegistry:
             if ") Z" in stat:
                 return
             time.sleep(0.05)
+
+
+#: The points of a maintenance window at which a test or bench kills the GC worker.
+KILL_POINTS = ("before-readonly", "switching-readonly", "during-gc", "switching-back")
+
+
+def marked_registry(
+    root: Path, *, switch_seconds: float = 1.0, gc_seconds: float = 2.0
+) -> ProcessRegistry:
+    """A :class:`ProcessRegistry` whose switch and GC commands first touch a marker file
+    named after their point of the window (``root/<point>``, see :data:`KILL_POINTS`) and
+    take a moment, so a worker can be killed while each one runs."""
+    registry = ProcessRegistry.create(root / "registry")
+    s = registry.settings
+    registry.settings = replace(
+        s,
+        readonly_command=f"touch {root}/switching-readonly; sleep {switch_seconds}; "
+        f"{s.readonly_command}",
+        readwrite_command=f"touch {root}/switching-back; sleep {switch_seconds}; "
+        f"{s.readwrite_command}",
+        gc_command=f"touch {root}/during-gc; sleep {gc_seconds}; "
+        f"{REGISTRY_BINARY} garbage-collect {registry.config_rw}",
+    )
+    return registry
 
 
 def write_config(
