@@ -52,6 +52,10 @@ class FaultProxy:
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._fault: Fault | None = None
+        #: While set, client chunks holding it wait here (in order) until release().
+        self._gate = b""
+        self._held: list[tuple[socket.socket, bytes]] = []
+        self._open_gate = threading.Event()
         self._down = False
         self._stopping = False
         self.cuts = 0
@@ -77,6 +81,16 @@ class FaultProxy:
         with self._lock:
             self._fault = Fault(marker, after, skip)
 
+    def hold(self, marker: bytes) -> None:
+        """Stop forwarding client chunks that hold ``marker`` until :meth:`release`: the
+        requests about one thing hang, everything else flows."""
+        with self._lock:
+            self._gate = marker
+
+    def release(self) -> None:
+        """Forward what :meth:`hold` kept back, in order, and hold nothing any more."""
+        self._open_gate.set()
+
     def restore(self) -> None:
         """Accept connections again (and disarm a fault that has not struck)."""
         with self._lock:
@@ -89,6 +103,8 @@ class FaultProxy:
 
     def _run(self) -> None:
         while not self._stopping:
+            if self._open_gate.is_set():
+                self._flush_held()
             for key, _ in self._selector.select(timeout=0.05):
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
@@ -131,12 +147,26 @@ class FaultProxy:
         if sock in self._clients and self._strikes(data):
             self._cut(peer, data)
             return
+        if sock in self._clients and self._gate and self._gate in data:
+            self._held.append((peer, data))
+            return
         if sock in self._clients and self.delay and self.slow in data:
             time.sleep(self.delay)
         with contextlib.suppress(OSError):
             peer.setblocking(True)
             peer.sendall(data)
             peer.setblocking(False)
+
+    def _flush_held(self) -> None:
+        with self._lock:
+            self._gate = b""
+            self._open_gate.clear()
+        held, self._held = self._held, []
+        for peer, data in held:
+            with contextlib.suppress(OSError):
+                peer.setblocking(True)
+                peer.sendall(data)
+                peer.setblocking(False)
 
     def _strikes(self, data: bytes) -> bool:
         with self._lock:
