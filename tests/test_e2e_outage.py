@@ -93,9 +93,11 @@ def outage_stack(tmp_path: Path, durable_redis: DurableRedis) -> Iterator[s.Stac
         running.stop()
 
 
-def _running_prune(state: redis.Redis) -> bool:
+def _prune_waiting_for_the_lock(state: redis.Redis) -> bool:
+    """A prune found the repository busy and is retried with a countdown (its message
+    waits in the worker, unacknowledged)."""
     for key in state.scan_iter(match="regsweep:job:*"):
-        if state.hget(key, "state") == '"running"':
+        if state.hget(key, "waiting") is not None:
             return True
     return False
 
@@ -124,11 +126,11 @@ def test_push_during_redis_outage_is_delivered_by_registry_retry(
         httpx.Client(base_url=outage_stack.url, timeout=10) as http,
     ):
         # Someone else "holds" the repository, so the push's prune is in flight
-        # (waiting for the lock, unacknowledged) when Redis goes away.
+        # (retried with a countdown, unacknowledged) when Redis goes away.
         state.set(lock, "held-by-the-test", ex=120)
         first = images.image(repository, "v1")
         s.wait_for(lambda: state.hget(f"regsweep:idx:{repository}:tags", "v1") == first.digest)
-        s.wait_for(lambda: _running_prune(state))
+        s.wait_for(lambda: _prune_waiting_for_the_lock(state))
         durable_redis.stop()
         probe = payloads.envelope(payloads.registry_event(repository=repository, tag="probe"))
         headers = {"Authorization": f"Bearer {s.HOOK_TOKEN}", "Content-Type": payloads.V1}

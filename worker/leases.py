@@ -14,7 +14,10 @@ worker process that consumes (Celery's main process):
 - every :data:`REAP_EVERY` (and once when it starts) gives back, through
   kombu's own restore, the messages of workers that are provably dead (same
   machine and namespace: the pid is gone; elsewhere: the liveness key has
-  expired), marks their jobs, and forgets the leases of acknowledged messages.
+  expired) and its own that it dropped without acknowledging them (Celery
+  forgets what it held when the broker connection is lost, and kombu cannot
+  put it back while Redis is away), marks their jobs, and forgets the leases
+  of acknowledged messages.
 
 So a prune whose worker died runs again within about ``ALIVE_TTL + REAP_EVERY``
 (at once when the worker is restarted on the same machine). A pool process
@@ -36,6 +39,7 @@ from typing import Any, Final
 import redis
 from celery import Celery
 from celery.signals import task_received, worker_init, worker_ready, worker_shutdown
+from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
 from worker.celery_app import TASK_PRUNE, configured
@@ -94,10 +98,11 @@ class Lease:
 
 @dataclass(frozen=True)
 class GivenBack:
-    """A message a dead worker held, put back on its queue."""
+    """A message put back on its queue: its worker died, or dropped it (``dropped``)."""
 
     tag: str
     lease: Lease
+    dropped: bool = False
 
 
 class Leases:
@@ -111,6 +116,8 @@ class Leases:
         self.worker_id = uuid.uuid4().hex
         self.identity = ProcessIdentity.of()
         self._rounds = 0
+        #: This worker's unacknowledged messages it did not hold at the last reap.
+        self._suspects: set[str] = set()
 
     def take(self, tag: str, task: str, task_id: str, job_id: str | None) -> None:
         """Record that this worker holds the message ``tag`` (never raises: best effort)."""
@@ -129,11 +136,13 @@ class Leases:
         )
 
     def reap(self) -> list[GivenBack]:
-        """Give back the messages of dead workers; forget leases of acknowledged ones."""
+        """Give back the messages of dead workers, and this worker's own that it no longer
+        holds; forget leases of acknowledged ones."""
         raw = self.client.hgetall(self.keys.leases)
         if not raw:
             return []
         given: list[GivenBack] = []
+        suspects: set[str] = set()
         with self.app.connection_for_write() as connection:
             # kombu's Redis channel (its QoS is what restores unacknowledged messages).
             channel: Any = connection.default_channel
@@ -142,15 +151,34 @@ class Leases:
                 lease = Lease.loads(value)
                 if lease is None or not self.client.hexists(channel.unacked_key, tag):
                     self.client.hdel(self.keys.leases, tag)  # acknowledged (or unreadable)
-                elif lease.worker != self.worker_id and self._dead(lease):
-                    # kombu's own restore: atomic, and a message restored twice is
-                    # restored once; to the consuming end, so it runs next.
-                    channel.qos.restore_by_tag(tag, leftmost=False)
-                    self.client.hdel(self.keys.leases, tag)
-                    given.append(GivenBack(tag, lease))
+                    continue
+                if lease.worker == self.worker_id:
+                    if not self._lost(lease, tag, suspects):
+                        continue
+                elif not self._dead(lease):
+                    continue
+                # kombu's own restore: atomic, and a message restored twice is restored
+                # once; to the consuming end, so it runs next.
+                channel.qos.restore_by_tag(tag, leftmost=False)
+                self.client.hdel(self.keys.leases, tag)
+                given.append(GivenBack(tag, lease, dropped=lease.worker == self.worker_id))
+        self._suspects = suspects
         for back in given:
             self._note(back)
         return given
+
+    def _lost(self, lease: Lease, tag: str, suspects: set[str]) -> bool:
+        """Whether this worker dropped a message it received without acknowledging it.
+
+        On a lost broker connection Celery forgets the messages it held (countdown
+        retries waiting for their time, most often) and kombu's attempt to put them
+        back fails while Redis is away: they would wait for the visibility timeout.
+        A message unknown to this worker at two reaps in a row is taken for lost (one
+        just finished is acknowledged before the next reap)."""
+        if lease.task_id in worker_state.requests:
+            return False
+        suspects.add(tag)
+        return tag in self._suspects
 
     def _dead(self, lease: Lease) -> bool:
         if lease.owner.is_local():
@@ -160,9 +188,11 @@ class Leases:
     def _note(self, back: GivenBack) -> None:
         lease = back.lease
         where = f"{lease.owner.host} pid {lease.owner.pid}"
+        what = "lost its broker connection" if back.dropped else "died"
         log.warning(
-            "worker %s died holding %s %s (job %s); put back on its queue",
+            "worker %s %s holding %s %s (job %s); put back on its queue",
             where,
+            what,
             lease.task,
             lease.task_id,
             lease.job_id or "-",
@@ -170,7 +200,7 @@ class Leases:
         if lease.job_id is None:
             return
         when = datetime.now(UTC).isoformat(timespec="seconds")
-        note = f"{when}: its worker ({where}) died; the task was put back on its queue"
+        note = f"{when}: its worker ({where}) {what}; the task was put back on its queue"
         try:
             job = self.state.get_job(lease.job_id)
             if job is None or job.get("state") not in _UNFINISHED:
