@@ -255,8 +255,9 @@ def test_transient_registry_outage_is_retried(
         job_id = post_job(http, kind="prune", repository=repository)
 
         def retrying() -> bool:
-            job = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS).json()
-            return any("retrying" in e for e in job["errors"])
+            response = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS)
+            assert response.status_code == 200, response.text
+            return any("retrying" in e for e in response.json().get("errors", []))
 
         s.wait_for(retrying, timeout=30, step=0.2)
     finally:

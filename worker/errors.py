@@ -11,6 +11,9 @@
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
     ├── SafetyViolation              a re-check before DELETE found a kept image in the way
+    ├── RestoreError                 a restore cannot be done as asked
+    │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
+    │   └── RestoreConflict          a tag to put back now points at another digest
     └── ControllerError              switching the registry or running GC failed
 
 Third-party exceptions (httpx, redis, docker) are wrapped where their client is
@@ -70,6 +73,18 @@ class StateError(RegsweepError):
 
 class SafetyViolation(RegsweepError):
     """A re-check right before a DELETE found that a kept image needs the digest."""
+
+
+class RestoreError(RegsweepError):
+    """A restore cannot be done as asked; nothing was written."""
+
+
+class NothingToRestore(RestoreError):
+    """The audit has no deletion of that digest in that repository (or the prefix is ambiguous)."""
+
+
+class RestoreConflict(RestoreError):
+    """A tag to restore now points at another digest (``--force`` moves it back)."""
 
 
 class ControllerError(RegsweepError):

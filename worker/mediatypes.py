@@ -24,3 +24,5 @@ CONFIG_TYPES: Final = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 BUILDKIT_REFERENCE_TYPE: Final = "vnd.docker.reference.type"
 #: Annotation carrying the image build time when the config has none.
 CREATED_ANNOTATION: Final = "org.opencontainers.image.created"
+#: Annotation on the throw-away manifest a tag-only removal pushes (the dummy-manifest method).
+UNTAG_ANNOTATION: Final = "io.regsweep.untag"

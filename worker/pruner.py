@@ -1,7 +1,9 @@
 """Plan and prune repositories: inventory → plan → (executor), for one or many repositories.
 
 This is the one core function the CLI and the Celery tasks call. Dry-run is
-"don't call the executor" (invariant 7), decided here and nowhere else.
+"don't call the executor" (invariant 7). One repository that cannot be read
+(a manifest that is not JSON, a registry 5xx on one tag) is reported with what
+went wrong and left alone; the others are planned and pruned.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from functools import partial
 from typing import Final
 
 from worker.audit import AuditLog
+from worker.errors import RegistryError, StateError
 from worker.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCallback, Status
-from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, TagHistory
+from worker.history import History
+from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache
 from worker.model import Digest, Inventory
 from worker.plan import Deletion, Plan
 from worker.planner import TagRequest, plan
 from worker.policy import Config, Mode, Policy
 from worker.registry.client import RegistryClient
+from worker.storage import RegistryStorage
 
 #: Repositories planned at once in a multi-repository run; the registry
 #: concurrency limit still caps requests in flight across all of them.
@@ -42,9 +47,12 @@ class RepositoryPlan:
         return self.policy.mode is Mode.ENFORCE
 
 
-def needs_push_times(policy: Policy) -> bool:
-    """Only ``newest`` and ``pushed_within`` rules look at push times."""
-    return any(r.newest is not None or r.pushed_within is not None for r in policy.keep or ())
+@dataclass(frozen=True)
+class RepositoryFailure:
+    """A repository that could not be planned (nothing of it was deleted), and why."""
+
+    repository: str
+    error: str
 
 
 class Pruner:
@@ -53,7 +61,7 @@ class Pruner:
         config: Config,
         client: RegistryClient,
         *,
-        history: TagHistory | None = None,
+        history: History | None = None,
         audit: AuditLog,
         manifest_cache: ManifestCache | None = None,
         created_cache: CreatedCache | None = None,
@@ -61,9 +69,12 @@ class Pruner:
         self._config = config
         self._client = client
         self._audit = audit
+        storage_path = config.registry.storage_path
         self._inventory = InventoryBuilder(
             client,
             history=history,
+            storage=RegistryStorage(storage_path) if storage_path else None,
+            audit=audit,
             created_cache=created_cache or CreatedCache(),
             manifest_cache=manifest_cache,
         )
@@ -86,21 +97,27 @@ class Pruner:
         if policy is None:
             return None
         now = now or datetime.now(UTC)
-        inventory = await self._inventory.take(
-            repository, need_push_times=needs_push_times(policy), now=now, known_tags=known_tags
-        )
+        inventory = await self._inventory.take(repository, policy, now=now, known_tags=known_tags)
         return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
 
-    async def plan_many(self, repositories: Sequence[str]) -> list[RepositoryPlan]:
+    async def plan_many(
+        self, repositories: Sequence[str]
+    ) -> list[RepositoryPlan | RepositoryFailure]:
         """Plan several repositories concurrently, a few at a time, in the given order."""
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
-        async def one(name: str) -> RepositoryPlan | None:
+        async def one(name: str) -> RepositoryPlan | RepositoryFailure | None:
             async with gate:
-                return await self.plan_one(name)
+                return await self._plan_or_failure(name)
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+    async def _plan_or_failure(self, repository: str) -> RepositoryPlan | RepositoryFailure | None:
+        try:
+            return await self.plan_one(repository)
+        except (RegistryError, StateError) as exc:
+            return RepositoryFailure(repository, str(exc))
 
     async def execute(
         self,
@@ -126,7 +143,7 @@ class Pruner:
         job_id: str,
         on_planned: PlannedCallback | None = None,
         on_progress: RepositoryProgress | None = None,
-    ) -> list[tuple[RepositoryPlan, ExecutionReport | None]]:
+    ) -> list[tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure]:
         """Plan and prune repositories concurrently, a few at a time.
 
         A plan is executed only when its policy is ``enforce`` and ``dry_run``
@@ -134,11 +151,13 @@ class Pruner:
         """
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
-        async def one(name: str) -> tuple[RepositoryPlan, ExecutionReport | None] | None:
+        async def one(
+            name: str,
+        ) -> tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure | None:
             async with gate:
-                planned = await self.plan_one(name)
-                if planned is None:
-                    return None
+                planned = await self._plan_or_failure(name)
+                if not isinstance(planned, RepositoryPlan):
+                    return planned
                 if on_planned:
                     on_planned(planned)
                 if dry_run or not planned.enforced or planned.plan.is_empty:

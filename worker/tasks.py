@@ -280,11 +280,23 @@ async def _child_jobs(
 def restore_task(job_id: str, repository: str, digest: str) -> None:
     _update(job_id, JobState.RUNNING, kind="restore")
     try:
-        restored = run(lambda ctx: restore(ctx.client, ctx.audit, repository, digest))
+        restored = run(
+            lambda ctx: restore(
+                ctx.client,
+                ctx.audit,
+                ctx.index,
+                repository,
+                digest,
+                hold_for=ctx.config.restore_hold,
+            )
+        )
     except RegsweepError as exc:
         _update(job_id, JobState.FAILED, kind="restore", errors=[str(exc)])
         return
-    items = [{"digest": r.digest, "tags": list(r.tags), "action": r.action} for r in restored]
+    items = [
+        {"digest": r.digest, "tags": list(r.tags), "action": r.action, "pushed": r.pushed}
+        for r in restored
+    ]
     _update(
         job_id, JobState.SUCCEEDED, kind="restore", restored=items, counts={"restored": len(items)}
     )

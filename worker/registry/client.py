@@ -34,8 +34,9 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -69,8 +70,6 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
 DEFAULT_PAGE_SIZE: Final = 1000
 #: A pagination loop longer than this is a registry bug, not a big registry.
 MAX_PAGES: Final = 100_000
-#: Annotation on the throw-away manifest the dummy-manifest untag pushes.
-UNTAG_ANNOTATION: Final = "io.regsweep.untag"
 #: The OCI empty descriptor's content, the config of the throw-away manifest.
 EMPTY_CONFIG: Final = b"{}"
 
@@ -81,6 +80,21 @@ _HASHES: Final = frozenset({"sha256", "sha512"})
 #: Called after every HTTP exchange: (method, path template, status or None on a
 #: transport error, seconds). Where Prometheus metrics plug in.
 ResponseHook = Callable[[str, str, int | None, float], None]
+
+
+class Removal(StrEnum):
+    """What a DELETE did."""
+
+    DELETED = "deleted"
+    #: The answer was lost (a dropped connection, a 5xx, a restart in between) and a
+    #: HEAD afterwards found the manifest or tag gone: this DELETE removed it.
+    DELETED_UNANSWERED = "deleted, answer lost"
+    #: It was gone before this DELETE (404 at the first attempt).
+    ABSENT = "already gone"
+
+    @property
+    def removed(self) -> bool:
+        return self is not Removal.ABSENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +166,7 @@ def untag_manifest(config: Descriptor) -> bytes:
             "size": config.size,
         },
         "layers": [],
-        "annotations": {UNTAG_ANNOTATION: secrets.token_hex(16)},
+        "annotations": {mt.UNTAG_ANNOTATION: secrets.token_hex(16)},
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -368,17 +382,24 @@ class RegistryClient:
             raise error_for(response, f"PUT manifest {repo}:{reference}")
         return Digest(response.headers.get("Docker-Content-Digest") or digest_of(raw))
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Delete a manifest by digest: ``True`` deleted, ``False`` already gone (success too)."""
+    async def delete_manifest(self, repo: str, digest: str) -> Removal:
+        """Delete a manifest by digest; 404 (already gone) is success too.
+
+        A DELETE whose answer is lost (the connection dropped, a 5xx, a retry met
+        404 or the registry's read-only 405 after a restart) is settled by looking:
+        a HEAD that finds the manifest gone means this DELETE removed it, and the
+        result says so; one that finds it still there means it is tried again.
+        """
         if not is_digest(digest):
             raise ValueError(f"delete_manifest needs a digest, not {digest!r}")
-        response = await self._manifest_request("DELETE", repo, digest)
-        if response.status_code in (202, 404):
-            return response.status_code == 202
-        raise error_for(response, f"DELETE manifest {repo}@{digest}")
 
-    async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> bool:
-        """Remove one tag and leave its manifest alone: ``False`` if the tag was already gone.
+        async def gone() -> bool:
+            return await self.head_manifest(repo, digest) is None
+
+        return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
+
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> Removal:
+        """Remove one tag and leave its manifest alone (:attr:`Removal.ABSENT`: already gone).
 
         Raises :class:`SafetyViolation` when the tag no longer points at
         ``expected_digest`` (a push moved it since the plan was made).
@@ -387,31 +408,69 @@ class RegistryClient:
             raise ValueError(f"delete_tag needs a tag, not {tag!r}")
         current = await self.head_manifest(repo, tag)
         if current is None:
-            return False
+            return Removal.ABSENT
         if current.digest != expected_digest:
             raise SafetyViolation(
                 f"{repo}:{tag} now points at {current.digest}, not {expected_digest}; left alone"
             )
         if self.tag_delete_supported is not False:
-            deleted = await self._delete_tag_reference(repo, tag)
-            if deleted is not None:
-                return deleted
-        await self._untag_with_dummy(repo, tag)
-        return True
+            removed = await self._delete_tag_reference(repo, tag, expected_digest)
+            if removed is not None:
+                return removed
+        return await self._untag_with_dummy(repo, tag)
 
-    async def _delete_tag_reference(self, repo: str, tag: str) -> bool | None:
+    async def _delete_tag_reference(
+        self, repo: str, tag: str, expected_digest: str
+    ) -> Removal | None:
         """``DELETE /manifests/<tag>`` (3.x); ``None`` when the registry refuses tag references."""
-        response = await self._manifest_request("DELETE", repo, tag)
-        if response.status_code in (202, 404):
-            self.tag_delete_supported = True
-            return response.status_code == 202
-        # 2.8 parses the reference as a digest and answers 400 DIGEST_INVALID.
-        if response.status_code == 400 and "DIGEST_INVALID" in error_codes(response):
-            self.tag_delete_supported = False
-            return None
-        raise error_for(response, f"DELETE tag {repo}:{tag}")
 
-    async def _untag_with_dummy(self, repo: str, tag: str) -> None:
+        async def gone() -> bool:
+            now = await self.head_manifest(repo, tag)
+            return now is None or now.digest != expected_digest
+
+        try:
+            removal = await self._settled_delete(f"/v2/{repo}/manifests/{tag}", gone)
+        except RegistryProtocolError as exc:
+            # 2.8 parses the reference as a digest and answers 400 DIGEST_INVALID.
+            if exc.status == 400 and "DIGEST_INVALID" in str(exc):
+                self.tag_delete_supported = False
+                return None
+            raise
+        self.tag_delete_supported = True
+        return removal
+
+    async def _settled_delete(self, path: str, gone: Callable[[], Awaitable[bool]]) -> Removal:
+        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`)."""
+        lost = False
+        for attempt in range(1, self._retries + 1):
+            try:
+                response = await self._request(
+                    "DELETE",
+                    path,
+                    template="/v2/{name}/manifests/{reference}",
+                    headers={"Accept": mt.MANIFEST_ACCEPT},
+                    attempts=1,
+                )
+            except RegistryUnavailable:
+                lost = True  # the request may have been carried out
+            else:
+                if response.status_code == 202:
+                    return Removal.DELETED
+                if response.status_code == 404:
+                    return Removal.DELETED_UNANSWERED if lost else Removal.ABSENT
+                failure = error_for(response, f"DELETE {path}")
+                # Read-only after a lost attempt: the registry may have restarted read-only
+                # right after carrying out our DELETE.
+                if isinstance(failure, RegistryReadOnly) and lost and await gone():
+                    return Removal.DELETED_UNANSWERED
+                raise failure
+            if await gone():
+                return Removal.DELETED_UNANSWERED
+            if attempt < self._retries:
+                await asyncio.sleep(self._delay(attempt))
+        raise RegistryUnavailable(f"DELETE {path}: no answer after {self._retries} attempts")
+
+    async def _untag_with_dummy(self, repo: str, tag: str) -> Removal:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
 
         The re-check before this is not atomic with the PUT: a push to the same
@@ -422,6 +481,7 @@ class RegistryClient:
             await self.upload_blob(repo, EMPTY_CONFIG)
         dummy = await self.put_manifest(repo, tag, mt.OCI_MANIFEST, untag_manifest(config))
         await self.delete_manifest(repo, dummy)
+        return Removal.DELETED
 
     # -- plumbing --------------------------------------------------------------
 
@@ -464,10 +524,12 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
         follow_redirects: bool = False,
+        attempts: int | None = None,
     ) -> httpx.Response:
         """One request with retries: returns any answer below 500, raises the rest."""
         failure: RegistryError | None = None
-        for attempt in range(1, self._retries + 1):
+        attempts = attempts or self._retries
+        for attempt in range(1, attempts + 1):
             # A fresh request per attempt: the auth flow leaves its header on the old one.
             request = self._http.build_request(
                 method, url, params=params, headers=headers, content=content
@@ -480,8 +542,8 @@ class RegistryClient:
                 if response.status_code < 500:
                     return response
                 failure = error_for(response, f"{method} {template}")
-            if attempt < self._retries:
-                delay = self._backoff * 2 ** (attempt - 1) * (1 + random.random())
+            if attempt < attempts:
+                delay = self._delay(attempt)
                 log.warning(
                     "%s %s failed (%s); retry %d in %.2fs",
                     method,
@@ -492,6 +554,10 @@ class RegistryClient:
                 )
                 await asyncio.sleep(delay)
         raise failure or RegistryUnavailable(f"{method} {template}: not attempted")
+
+    def _delay(self, attempt: int) -> float:
+        """Backoff before retry ``attempt + 1``: exponential, with up to 100 % jitter."""
+        return float(self._backoff * 2 ** (attempt - 1) * (1 + random.random()))
 
     async def _send(
         self, request: httpx.Request, template: str, follow_redirects: bool
