@@ -101,18 +101,18 @@ async def test_listings_bound_when_each_tag_appeared(index: TagIndex) -> None:
     first, first_end = T0, T0 + timedelta(seconds=2)
     await index.record_listing("r", {"a": A}, first, first_end)
     history = await index.snapshot("r")
-    assert history.sightings == {"a": Sighting(A, None, first_end)}
+    assert history.sightings == {"a": Sighting(A, None, first_end, first)}
     assert history.listed_at == first
     second, second_end = T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=1)
     await index.record_listing("r", {"a": B, "b": C}, second, second_end)
     history = await index.snapshot("r")
     assert history.sightings == {
-        "a": Sighting(B, first, second_end),
-        "b": Sighting(C, first, second_end),
+        "a": Sighting(B, first, second_end, second),
+        "b": Sighting(C, first, second_end, second),
     }
     third = T0 + timedelta(hours=2)
     await index.record_listing("r", {"b": C}, third, third)
-    assert (await index.snapshot("r")).sightings == {"b": Sighting(C, first, second_end)}
+    assert (await index.snapshot("r")).sightings == {"b": Sighting(C, first, second_end, second)}
 
 
 async def test_an_older_listing_finishing_late_changes_nothing(index: TagIndex) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -40,12 +40,15 @@ CLOCK_SKEW: Final = timedelta(minutes=5)
 
 @dataclass(frozen=True, slots=True)
 class Sighting:
-    """A tag regsweep saw on ``digest`` in a listing finished at ``latest``; the listing
-    before, which lacked it (or showed another digest), started at ``earliest``."""
+    """A tag regsweep first saw on ``digest`` in a listing that started at ``shown`` and
+    finished at ``latest``; the listing before, which lacked it (or showed another digest),
+    started at ``earliest``."""
 
     digest: Digest
     earliest: datetime | None
     latest: datetime
+    #: None for sightings recorded before this was kept: ``latest`` stands in.
+    shown: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,19 @@ def push_times(
 
 def push_time(item: TagEvidence, now: datetime, *, use_build_time: bool) -> PushTime:
     """One tag's push time from its evidence, most trusted source first."""
+    seen = item.sighting if item.sighting and item.sighting.digest == item.digest else None
+    found = _most_trusted(item, seen, now, use_build_time)
+    if seen is None:
+        return found
+    return replace(found, listed=seen.shown or seen.latest)
+
+
+def _most_trusted(
+    item: TagEvidence, seen: Sighting | None, now: datetime, use_build_time: bool
+) -> PushTime:
     exact = _exact(item, now)
     if exact is not None:
         return exact
-    seen = item.sighting if item.sighting and item.sighting.digest == item.digest else None
     if seen is not None and seen.earliest is not None:
         return PushTime(PushSource.FIRST_SEEN, seen.earliest, _clamped(seen.latest, now))
     built = item.built if use_build_time else None

@@ -54,6 +54,10 @@ class RepositoryHistory:
 class History(Protocol):
     """The state store as inventories and ``hold`` see it."""
 
+    #: Whether the registry's notifications feed it (they tell of indexes pushed by digest
+    #: only, which no listing shows).
+    notified: bool
+
     async def snapshot(self, repository: str) -> RepositoryHistory: ...
 
     async def record_listing(
@@ -73,6 +77,7 @@ def new_sightings(
     known: Mapping[str, Sighting],
     last_listed: datetime | None,
     live: Mapping[str, Digest],
+    started: datetime,
     finished: datetime,
 ) -> dict[str, Sighting]:
     """The sightings after a listing: kept for tags still on the same digest, new for tags
@@ -83,7 +88,7 @@ def new_sightings(
         out[tag] = (
             seen
             if seen is not None and seen.digest == digest
-            else Sighting(digest, last_listed, finished)
+            else Sighting(digest, last_listed, finished, started)
         )
     return out
 
@@ -99,19 +104,28 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
+def _sighting(value: list[Any]) -> Sighting:
+    digest, earliest, latest, *rest = value
+    return Sighting(
+        Digest(digest),
+        _dt(earliest),
+        _dt(latest) or datetime.now(UTC),
+        _dt(rest[0] if rest else None),
+    )
+
+
 class LocalHistory:
     """:class:`History` in a JSON file (the CLI without Redis), rewritten atomically under
     an exclusive lock, so two CLI runs never lose each other's updates."""
+
+    notified = False
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     async def snapshot(self, repository: str) -> RepositoryHistory:
         repo = self._read().get("repositories", {}).get(repository, {})
-        sightings = {
-            tag: Sighting(Digest(d), _dt(e), _dt(latest) or datetime.now(UTC))
-            for tag, (d, e, latest) in repo.get("seen", {}).items()
-        }
+        sightings = {tag: _sighting(v) for tag, v in repo.get("seen", {}).items()}
         holds = {
             tag: Hold(tag, _dt(h["until"]) or datetime.now(UTC), str(h.get("reason", "")))
             for tag, h in repo.get("holds", {}).items()
@@ -132,12 +146,11 @@ class LocalHistory:
             last = _dt(repo.get("listed"))
             if last is not None and started < last:
                 return  # an older listing finishing late: the newer one already counted
-            known = {
-                tag: Sighting(Digest(d), _dt(e), _dt(latest) or finished)
-                for tag, (d, e, latest) in repo.get("seen", {}).items()
+            known = {tag: _sighting(v) for tag, v in repo.get("seen", {}).items()}
+            seen = new_sightings(known, last, live, started, finished)
+            repo["seen"] = {
+                t: [s.digest, _ts(s.earliest), _ts(s.latest), _ts(s.shown)] for t, s in seen.items()
             }
-            seen = new_sightings(known, last, live, finished)
-            repo["seen"] = {t: [s.digest, _ts(s.earliest), _ts(s.latest)] for t, s in seen.items()}
             untagged = repo.setdefault("untagged", {})
             still = set(live.values())
             for tag, old in known.items():

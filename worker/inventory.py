@@ -178,7 +178,9 @@ class InventoryBuilder:
             started = datetime.now(UTC)
             await self._read_tags(snap)
             finished = datetime.now(UTC)
-            sightings = new_sightings(sightings, snap.history.listed_at, snap.tags, finished)
+            sightings = new_sightings(
+                sightings, snap.history.listed_at, snap.tags, started, finished
+            )
             if self._history is not None:
                 await self._history.record_listing(repository, snap.tags, started, finished)
         else:
@@ -190,7 +192,7 @@ class InventoryBuilder:
         await self._find_missing_subjects(snap)
         taken_at = now or datetime.now(UTC)
         evidence = await self._evidence(snap, sightings, policy)
-        if self._storage is None and self._history is None:
+        if self._storage is None and not (self._history and self._history.notified):
             snap.notes.append(UNTAGGED_UNSEEN)
         return Inventory(
             repository=repository,

@@ -36,21 +36,22 @@ class PushSource(StrEnum):
 @dataclass(frozen=True, slots=True)
 class PushTime:
     """The push happened no earlier than ``earliest`` and no later than ``latest``
-    (``None``: no bound known)."""
+    (``None``: no bound known).
+
+    ``listed`` is when the first listing that showed the tag started: the push came
+    before that listing read the tag list. A tag that same listing *lacked* (``first
+    seen``, with ``earliest`` that listing's start) was pushed after that read, so it
+    provably follows, although the two intervals overlap by the listing's duration.
+    """
 
     source: PushSource
     earliest: datetime | None = None
     latest: datetime | None = None
+    listed: datetime | None = None
 
     @classmethod
     def exact(cls, source: PushSource, at: datetime) -> PushTime:
         return cls(source, at, at)
-
-    def before(self, other: PushTime) -> bool:
-        """Whether this push provably happened before ``other``."""
-        return (
-            self.latest is not None and other.earliest is not None and self.latest < other.earliest
-        )
 
     def older_than(self, cutoff: datetime) -> bool:
         """Whether this push provably happened before ``cutoff``."""

@@ -43,7 +43,7 @@ more (the plan is a fixpoint).
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -263,14 +263,29 @@ def _pushed_later(
     rule: KeepRule, candidates: list[str], pushed: Mapping[str, PushTime]
 ) -> dict[str, int]:
     """For each tag matching ``rule``: how many other matching tags were provably pushed
-    after it (their earliest possible push after its latest possible one)."""
+    after it — their earliest possible push after its latest possible one, or first seen
+    after the very listing that first showed this tag (one listing reads the tag list at
+    one instant: what it showed came before what it lacked)."""
     matching = [tag for tag in candidates if any_match(rule.tags, tag) is not None]
     starts = sorted(e for tag in matching if (e := pushed[tag].earliest) is not None)
+    lacked_by = Counter(e for tag in matching if (e := _lacked_by(pushed[tag])) is not None)
     counts: dict[str, int] = {}
     for tag in matching:
-        latest = pushed[tag].latest
-        counts[tag] = 0 if latest is None else len(starts) - bisect_right(starts, latest)
+        own = pushed[tag]
+        if own.latest is None:
+            counts[tag] = 0
+            continue
+        later = len(starts) - bisect_right(starts, own.latest)
+        # Those first seen after this tag's listing, unless the time rule counted them.
+        if own.listed is not None and own.listed <= own.latest:
+            later += lacked_by[own.listed]
+        counts[tag] = later
     return counts
+
+
+def _lacked_by(pushed: PushTime) -> datetime | None:
+    """The start of the listing a first-seen tag was absent from, if that is its evidence."""
+    return pushed.earliest if pushed.source is PushSource.FIRST_SEEN else None
 
 
 def _judge(

@@ -83,13 +83,20 @@ class RegistryStorage:
         return found
 
     def revisions(self, repository: str) -> list[Digest]:
-        """Every manifest the repository stores (tagged or not), by digest."""
+        """Every manifest the repository stores (tagged or not), by digest.
+
+        A manifest deleted through the API loses its revision's ``link`` but keeps the
+        directory (until garbage collection): only revisions with a link count."""
         base = self._manifests(repository) / "revisions" / "sha256"
         try:
             names = os.listdir(base)
         except FileNotFoundError:
             return []
-        return sorted(Digest(f"sha256:{n}") for n in names if len(n) == 64 and set(n) <= _HEX)
+        return sorted(
+            Digest(f"sha256:{n}")
+            for n in names
+            if len(n) == 64 and set(n) <= _HEX and (base / n / "link").exists()
+        )
 
     def blob(self, digest: str) -> bytes | None:
         """A blob's content (a manifest's bytes), or None when it is not stored."""

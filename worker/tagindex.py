@@ -92,7 +92,8 @@ for tag, _ in pairs(known) do
 end
 for tag, digest in pairs(live) do
   if known[tag] ~= digest then
-    redis.call('HSET', KEYS[4], tag, digest .. '|' .. (last or '') .. '|' .. ARGV[3])
+    local since = digest .. '|' .. (last or '')
+    redis.call('HSET', KEYS[4], tag, since .. '|' .. ARGV[3] .. '|' .. ARGV[2])
   end
 end
 local indexed = redis.call('HGETALL', KEYS[1])
@@ -124,8 +125,14 @@ def _dt(value: str | bytes) -> datetime:
 
 
 def _sighting(value: str | bytes) -> Sighting:
-    digest, earliest, latest = _text(value).split("|")
-    return Sighting(Digest(digest), _dt(earliest) if earliest else None, _dt(latest))
+    """``digest|earliest|latest|shown`` (``earliest`` empty: no earlier listing)."""
+    digest, earliest, latest, *shown = _text(value).split("|")
+    return Sighting(
+        Digest(digest),
+        _dt(earliest) if earliest else None,
+        _dt(latest),
+        _dt(shown[0]) if shown and shown[0] else None,
+    )
 
 
 def _hold(tag: str, value: str | bytes) -> Hold:
@@ -139,6 +146,8 @@ def _text(value: str | bytes) -> str:
 
 class TagIndex:
     """Async Redis tag index; every Redis failure surfaces as :class:`StateError`."""
+
+    notified = True
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
