@@ -34,6 +34,7 @@ from worker.policy import Config
 from worker.pruner import Pruner, RepositoryFailure, RepositoryPlan
 from worker.registry.client import RegistryClient
 from worker.restore import restore
+from worker.storage import check_storage_root
 from worker.stores import Stores, audit_file
 
 EXIT_OK: Final = 0
@@ -226,9 +227,14 @@ def _pruner(
 
 
 async def _check_config(args: argparse.Namespace, config: Config) -> int:
-    problem = _audit_unwritable(config)
-    if problem is not None:
-        print(f"{config.source}: audit.path: {problem}", file=sys.stderr)
+    problems = [f"audit.path: {p}" for p in [_audit_unwritable(config)] if p]
+    if config.registry.storage_path is not None:
+        storage = check_storage_root(config.registry.storage_path)
+        if storage is not None:
+            problems.append(f"registry.storage_path: {config.registry.storage_path} {storage}")
+    if problems:
+        for problem in problems:
+            print(f"{config.source}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{config.source}: ok, {len(config.policies)} policies")
     for policy in config.policies:

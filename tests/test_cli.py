@@ -175,3 +175,17 @@ def test_restore_of_unknown_digest_is_a_run_error(
     result = run("restore", "t/none", "sha256:" + "0" * 64, config=config)
     assert result.returncode == 1
     assert "the audit has no deletion of" in result.stderr
+
+
+def test_check_config_refuses_storage_it_cannot_read(tmp_path: Path) -> None:
+    """check-config names a registry.storage_path that is no directory, and one that belongs
+    to a pull-through cache, and exits 2."""
+    config = tmp_path / "regsweep.yaml"
+    config.write_text(f"registry: {{url: 'http://r:5000', storage_path: '{tmp_path / 'no'}'}}\n")
+    missing = run("check-config", config=config)
+    assert missing.returncode == 2
+    assert "registry.storage_path" in missing.stderr and "not a directory" in missing.stderr
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no" / "scheduler-state.json").write_text("{}")
+    proxy = run("check-config", config=config)
+    assert proxy.returncode == 2 and "pull-through cache" in proxy.stderr

@@ -24,6 +24,7 @@ from worker.policy import (
     ProcessControllerSettings,
     Secret,
 )
+from worker.storage import RegistryStorage, check_storage_root
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "regsweep.yaml"
 REGISTRY = "registry:\n  url: http://127.0.0.1:5000\n"
@@ -734,20 +735,19 @@ def test_secrets_never_in_error_messages() -> None:
     assert not any("Zq8" in line for line in problems)
 
 
-def test_storage_path_must_be_a_readable_directory_and_not_a_pull_through_cache(
-    tmp_path: Path,
-) -> None:
-    """registry.storage_path is checked at load: a missing directory and a pull-through
-    cache's storage (its scheduler-state.json) are refused with the key named."""
+def test_storage_path_is_made_absolute_and_checked_where_it_is_read(tmp_path: Path) -> None:
+    """The loader only takes the path (the service shares the file, not the registry's
+    volume); reading a missing directory or a pull-through cache's storage is refused with
+    the key named."""
     good = tmp_path / "registry"
     good.mkdir()
     config = _parse(f"registry: {{url: 'http://r:5000', storage_path: '{good}'}}\n")
     assert config.registry.storage_path == str(good)
-    (missing,) = _problems(f"registry: {{url: 'http://r:5000', storage_path: '{good}/nope'}}\n")
-    assert "registry.storage_path" in missing and "is not a directory" in missing
+    assert check_storage_root(str(good)) is None
+    assert "is not a directory" in (check_storage_root(str(good / "nope")) or "")
     (good / "scheduler-state.json").write_text("{}")
-    (proxy,) = _problems(f"registry: {{url: 'http://r:5000', storage_path: '{good}'}}\n")
-    assert "pull-through cache" in proxy
+    with pytest.raises(ConfigError, match=r"registry\.storage_path .*pull-through cache"):
+        RegistryStorage(good)
 
 
 def test_age_from_and_restore_hold() -> None:

@@ -72,7 +72,7 @@ class Engine:
         self.client = client
         audit_path = Path(config.audit_path or "audit.jsonl")
         self.audit = JsonlAuditLog(audit_path)
-        self.history = LocalHistory(audit_path.with_name("state.json"))
+        self.history = LocalHistory(audit_path.with_name("state"))
         self.pruner = Pruner(config, client, history=self.history, audit=self.audit)
 
     async def plan(self, repo: str) -> RepositoryPlan:

@@ -74,7 +74,7 @@ class Engine:
 
     def __init__(self, client: RegistryClient, config: Config, root: Path) -> None:
         self.audit = JsonlAuditLog(root / "audit.jsonl")
-        self.history = LocalHistory(root / "state.json")
+        self.history = LocalHistory(root / "state")
         self.pruner = Pruner(config, client, history=self.history, audit=self.audit)
 
     async def plan(self, repository: str) -> RepositoryPlan:

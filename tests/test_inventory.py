@@ -71,7 +71,8 @@ async def test_snapshot_reads_graph_and_build_times(
         inv = await InventoryBuilder(client).take(repo_name, BUILD_TIME)
     assert inv.tags["multi"] == index.digest
     assert {amd.digest, arm.digest, sig.digest} <= set(inv.manifests)
-    assert inv.push_time("multi") == PushTime.exact(PushSource.BUILD_TIME, T0)
+    pushed = inv.push_time("multi")
+    assert (pushed.source, pushed.earliest, pushed.latest) == (PushSource.BUILD_TIME, T0, T0)
     assert inv.missing == frozenset()
 
 

@@ -55,7 +55,6 @@ from worker.policy import (
     Sources,
     TagPattern,
 )
-from worker.storage import check_storage_root
 
 _T = TypeVar("_T")
 
@@ -424,14 +423,10 @@ def _registry(top: _Section, environ: Mapping[str, str]) -> RegistrySettings:
 
 
 def _storage_path(section: _Section) -> str | None:
+    """Only its form here: the service shares the file but not the registry's volume, so the
+    directory is checked where it is read (the CLI, the workers) and by ``check-config``."""
     path = section.text("storage_path")
-    if path is None:
-        return None
-    problem = check_storage_root(path)
-    if problem is not None:
-        section.problem("storage_path", f"{path} {problem}")
-        return None
-    return os.path.abspath(path)
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _audit_path(top: _Section, source: str) -> str:

@@ -9,16 +9,17 @@ by digest only, and held tags. Two stores keep it behind one interface,
 - :class:`worker.tagindex.TagIndex`, in Redis, when ``redis.url`` is set: the
   service and workers write it, and the CLI reads and writes the same one, so
   every process decides from the same history;
-- :class:`LocalHistory`, a JSON file next to the audit log, for the CLI without Redis.
+- :class:`LocalHistory`, JSON files next to the audit log, for the CLI without Redis.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +29,8 @@ from worker.errors import StateError
 from worker.evidence import Sighting
 from worker.model import Digest, Hold
 
-STATE_FILE: Final = "regsweep-state.json"
+#: Beside the audit file: the CLI's history without Redis, one file per repository.
+STATE_DIRECTORY: Final = "regsweep-state"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class History(Protocol):
     async def unhold(self, repository: str, tag: str) -> bool: ...
 
     async def all_holds(self) -> dict[str, list[Hold]]: ...
+
+    async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
+        """regsweep removed these tags and manifests: no untagged grace to wait out for them."""
 
 
 def new_sightings(
@@ -115,42 +120,38 @@ def _sighting(value: list[Any]) -> Sighting:
 
 
 class LocalHistory:
-    """:class:`History` in a JSON file (the CLI without Redis), rewritten atomically under
-    an exclusive lock, so two CLI runs never lose each other's updates."""
+    """:class:`History` in files (the CLI without Redis): one JSON file per repository in
+    a directory, each rewritten atomically under an exclusive lock, so two CLI runs never
+    lose each other's updates. File work runs in a thread, off the event loop."""
 
     notified = False
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, repository: str) -> Path:
+        return self.directory / (urllib.parse.quote(repository, safe="") + ".json")
 
     async def snapshot(self, repository: str) -> RepositoryHistory:
-        repo = self._read().get("repositories", {}).get(repository, {})
-        sightings = {tag: _sighting(v) for tag, v in repo.get("seen", {}).items()}
-        holds = {
-            tag: Hold(tag, _dt(h["until"]) or datetime.now(UTC), str(h.get("reason", "")))
-            for tag, h in repo.get("holds", {}).items()
-        }
+        repo = await asyncio.to_thread(_read, self._path(repository))
         untagged = {Digest(d): _dt(t) for d, t in repo.get("untagged", {}).items()}
         return RepositoryHistory(
-            sightings=sightings,
+            sightings={tag: _sighting(v) for tag, v in repo.get("seen", {}).items()},
             untagged_since={d: t for d, t in untagged.items() if t is not None},
-            holds=holds,
+            holds=_holds(repo),
             listed_at=_dt(repo.get("listed")),
         )
 
     async def record_listing(
         self, repository: str, live: Mapping[str, Digest], started: datetime, finished: datetime
     ) -> None:
-        with self._update() as data:
-            repo = data.setdefault("repositories", {}).setdefault(repository, {})
+        def change(repo: dict[str, Any]) -> None:
             last = _dt(repo.get("listed"))
             if last is not None and started < last:
                 return  # an older listing finishing late: the newer one already counted
             known = {tag: _sighting(v) for tag, v in repo.get("seen", {}).items()}
             seen = new_sightings(known, last, live, started, finished)
-            repo["seen"] = {
-                t: [s.digest, _ts(s.earliest), _ts(s.latest), _ts(s.shown)] for t, s in seen.items()
-            }
+            repo["seen"] = {t: _sighting_json(s) for t, s in seen.items()}
             untagged = repo.setdefault("untagged", {})
             still = set(live.values())
             for tag, old in known.items():
@@ -160,69 +161,95 @@ class LocalHistory:
                 untagged.pop(digest, None)
             repo["listed"] = _ts(started)
 
+        await asyncio.to_thread(self._update, repository, change)
+
+    async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
+        gone_tags, gone = set(tags), set(digests)
+
+        def change(repo: dict[str, Any]) -> None:
+            for tag in gone_tags:
+                repo.get("seen", {}).pop(tag, None)
+            for digest in gone:
+                repo.get("untagged", {}).pop(digest, None)
+
+        await asyncio.to_thread(self._update, repository, change)
+
     async def hold(self, repository: str, hold: Hold) -> None:
-        with self._update() as data:
-            repo = data.setdefault("repositories", {}).setdefault(repository, {})
-            entry = {"until": _ts(hold.until), "reason": hold.reason}
+        entry = {"until": _ts(hold.until), "reason": hold.reason}
+
+        def change(repo: dict[str, Any]) -> None:
             repo.setdefault("holds", {})[hold.tag] = entry
 
+        await asyncio.to_thread(self._update, repository, change)
+
     async def unhold(self, repository: str, tag: str) -> bool:
-        with self._update() as data:
-            holds = data.get("repositories", {}).get(repository, {}).get("holds", {})
-            return holds.pop(tag, None) is not None
+        ended: list[bool] = []
+
+        def change(repo: dict[str, Any]) -> None:
+            ended.append(repo.get("holds", {}).pop(tag, None) is not None)
+
+        await asyncio.to_thread(self._update, repository, change)
+        return ended[0]
 
     async def all_holds(self) -> dict[str, list[Hold]]:
-        out: dict[str, list[Hold]] = {}
-        for name, repo in self._read().get("repositories", {}).items():
-            held = [
-                Hold(tag, _dt(h["until"]) or datetime.now(UTC), str(h.get("reason", "")))
-                for tag, h in repo.get("holds", {}).items()
-            ]
-            if held:
-                out[name] = sorted(held, key=lambda h: h.tag)
-        return out
+        def scan() -> dict[str, list[Hold]]:
+            out: dict[str, list[Hold]] = {}
+            for path in sorted(self.directory.glob("*.json")):
+                held = sorted(_holds(_read(path)).values(), key=lambda h: h.tag)
+                if held:
+                    out[urllib.parse.unquote(path.stem)] = held
+            return out
 
-    def forget_untagged(self, repository: str, digests: list[str]) -> None:
-        with self._update() as data:
-            untagged = data.get("repositories", {}).get(repository, {}).get("untagged", {})
-            for digest in digests:
-                untagged.pop(digest, None)
+        return await asyncio.to_thread(scan)
 
-    def _read(self) -> dict[str, Any]:
+    def _update(self, repository: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read the repository's file, let ``change`` edit it, write it back atomically;
+        one writer at a time."""
+        path = self._path(repository)
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = path.with_name(path.name + ".lock").open("a")
         except OSError as exc:
-            raise StateError(f"cannot read {self.path}: {exc.strerror}") from exc
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise StateError(f"{self.path} is not regsweep state (JSON): {exc}") from exc
-        return data if isinstance(data, dict) else {}
-
-    @contextlib.contextmanager
-    def _update(self) -> Iterator[dict[str, Any]]:
-        """Read, let the caller change, write back atomically; one writer at a time."""
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = lock_path.open("a")
-        except OSError as exc:
-            raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc
+            raise StateError(f"cannot write {path}: {exc.strerror}") from exc
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self._read()
-            yield data
-            self._write(data)
+            repo = _read(path)
+            change(repo)
+            _write(path, repo)
 
-    def _write(self, data: Mapping[str, Any]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            with tmp.open("w", encoding="utf-8") as fh:
-                json.dump(data, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.path)
-        except OSError as exc:
-            raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+def _sighting_json(s: Sighting) -> list[Any]:
+    return [s.digest, _ts(s.earliest), _ts(s.latest), _ts(s.shown)]
+
+
+def _holds(repo: Mapping[str, Any]) -> dict[str, Hold]:
+    return {
+        tag: Hold(tag, _dt(h["until"]) or datetime.now(UTC), str(h.get("reason", "")))
+        for tag, h in repo.get("holds", {}).items()
+    }
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StateError(f"{path} is not regsweep state (JSON): {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror}") from exc

@@ -173,18 +173,11 @@ class InventoryBuilder:
         from cache; the executor's live re-check still guards every DELETE."""
         history = await self._history.snapshot(repository) if self._history else None
         snap = _Snapshot(repository, history or RepositoryHistory())
-        sightings = snap.history.sightings
         if known_tags is None:
-            started = datetime.now(UTC)
-            await self._read_tags(snap)
-            finished = datetime.now(UTC)
-            sightings = new_sightings(
-                sightings, snap.history.listed_at, snap.tags, started, finished
-            )
-            if self._history is not None:
-                await self._history.record_listing(repository, snap.tags, started, finished)
+            sightings = await self._list(snap)
         else:
             await self._adopt_tags(snap, known_tags)
+            sightings = dict(snap.history.sightings)
         await self._read_storage(snap)
         await self._read_remembered(snap)
         await self._read_graph(snap)
@@ -211,6 +204,16 @@ class InventoryBuilder:
             holds=snap.history.active_holds(taken_at),
             notes=tuple(snap.notes),
         )
+
+    async def _list(self, snap: _Snapshot) -> dict[str, Sighting]:
+        """Read the live tags; record the listing in the history; the sightings after it."""
+        started = datetime.now(UTC)
+        await self._read_tags(snap)
+        finished = datetime.now(UTC)
+        if self._history is not None:
+            await self._history.record_listing(snap.repository, snap.tags, started, finished)
+        known = snap.history.sightings
+        return new_sightings(known, snap.history.listed_at, snap.tags, started, finished)
 
     async def _read_tags(self, snap: _Snapshot) -> None:
         tags = await self._client.tags(snap.repository)

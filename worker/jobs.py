@@ -337,7 +337,6 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     if job.dry_run or not planned.enforced or planned.plan.is_empty:
         return summary | {"executed": False}
     report = await ctx.pruner.execute(planned, job_id=job.job_id)
-    await _after_execution(ctx, repository, report)
     _count_deletions(ctx, planned.policy.name, report)
     summary |= report_summary(report)
     if report.outcome is RunOutcome.DEFERRED:
@@ -349,20 +348,6 @@ def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -
     for deletion, status, _ in report.done:
         if status is Status.DELETED:
             ctx.metrics.deletion(policy, deletion.reason.rule)
-
-
-async def _after_execution(ctx: WorkerContext, repository: str, report: ExecutionReport) -> None:
-    """Keep the index in step without waiting for the registry's own delete events."""
-    now = datetime.now(UTC)
-    gone = [d for d, s, _ in report.done if s.value in ("deleted", "already-gone")]
-    for deletion in gone:
-        if deletion.action is Action.UNTAG:
-            await ctx.index.record_delete(repository, digest=None, tag=deletion.tags[0], at=now)
-        else:
-            await ctx.index.record_delete(repository, digest=deletion.digest, tag=None, at=now)
-    await ctx.index.forget_untagged(
-        repository, [d.digest for d in gone if d.action is not Action.UNTAG]
-    )
 
 
 def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from worker.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCall
 from worker.history import History
 from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache
 from worker.model import Digest, Inventory
-from worker.plan import Deletion, Plan
+from worker.plan import Action, Deletion, Plan
 from worker.planner import TagRequest, plan
 from worker.policy import Config, Mode, Policy
 from worker.registry.client import RegistryClient
@@ -69,6 +69,7 @@ class Pruner:
         self._config = config
         self._client = client
         self._audit = audit
+        self._history = history
         storage_path = config.registry.storage_path
         self._inventory = InventoryBuilder(
             client,
@@ -133,7 +134,10 @@ class Pruner:
             wave_size=self._config.registry.concurrency * WAVE_FACTOR,
             on_progress=on_progress,
         )
-        return await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+        report = await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+        if self._history is not None:
+            await _forget(self._history, planned.plan.repository, report)
+        return report
 
     async def prune_many(
         self,
@@ -167,3 +171,14 @@ class Pruner:
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+
+async def _forget(history: History, repository: str, report: ExecutionReport) -> None:
+    """Keep the history in step without waiting for the registry's delete notifications
+    (or the next listing): no untagged grace to wait out for what is gone."""
+    gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
+    await history.forget(
+        repository,
+        tags=[t for d in gone if d.action is Action.UNTAG for t in d.tags],
+        digests=[d.digest for d in gone if d.action is not Action.UNTAG],
+    )

@@ -4,7 +4,7 @@ With ``redis.url`` set, both live in Redis: the tag index (push times,
 sightings, holds) and the audit stream the service and workers write, so the
 CLI decides from, and records into, the same ones. Without it, the CLI keeps
 both in files: the JSONL audit at ``audit.path`` (by default beside the policy
-file) and its state file next to it.
+file) and its state directory next to it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from worker.audit import AuditLog, JsonlAuditLog, RedisAuditLog
-from worker.history import STATE_FILE, History, LocalHistory
+from worker.history import STATE_DIRECTORY, History, LocalHistory
 from worker.policy import DEFAULT_AUDIT_PATH, Config
 from worker.state import DEFAULT_PREFIX, redis_options
 from worker.tagindex import TagIndex
@@ -26,9 +26,9 @@ def audit_file(config: Config) -> Path:
     return Path(config.audit_path or DEFAULT_AUDIT_PATH)
 
 
-def state_file(config: Config) -> Path:
-    """The CLI's state file (history and holds without Redis), beside the audit file."""
-    return audit_file(config).with_name(STATE_FILE)
+def state_directory(config: Config) -> Path:
+    """The CLI's state (history and holds without Redis), beside the audit file."""
+    return audit_file(config).with_name(STATE_DIRECTORY)
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Stores:
     @classmethod
     def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> Stores:
         if config.redis_url is None:
-            return cls(LocalHistory(state_file(config)), JsonlAuditLog(audit_file(config)))
+            return cls(LocalHistory(state_directory(config)), JsonlAuditLog(audit_file(config)))
         client = aioredis.Redis.from_url(config.redis_url, **redis_options())
         return cls(
             TagIndex(client, prefix=prefix),

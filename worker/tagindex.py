@@ -12,7 +12,7 @@ and the tag source of incremental (event-driven) plans.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
@@ -281,10 +281,14 @@ class TagIndex:
         raw = await self._call(self._redis.hgetall(self._keys(repository)[2]))
         return {Digest(_text(k)): _dt(v) for k, v in cast(dict[Any, Any], raw).items()}
 
-    async def forget_untagged(self, repository: str, digests: list[str]) -> None:
-        """Drop untagged marks once those manifests are deleted (or found gone)."""
-        if digests:
-            await self._call(self._redis.hdel(self._keys(repository)[2], *digests))
+    async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
+        """regsweep removed these tags and manifests: keep the index in step without waiting
+        for the registry's own delete notifications."""
+        now = datetime.now(UTC)
+        for tag in tags:
+            await self.record_delete(repository, digest=None, tag=tag, at=now)
+        for digest in digests:
+            await self.record_delete(repository, digest=digest, tag=None, at=now)
 
     async def repositories(self) -> list[str]:
         raw = await self._call(self._redis.smembers(self._repos_key))

@@ -376,7 +376,7 @@ def prune(config: Config, repositories: list[str]) -> None:
             pruner = Pruner(
                 config,
                 client,
-                history=LocalHistory(audit_path.with_name("state.json")),
+                history=LocalHistory(audit_path.with_name("state")),
                 audit=JsonlAuditLog(audit_path),
             )
             for repo in repositories:
