@@ -67,6 +67,12 @@ POLICIES: list[dict[str, Any]] = [
         "keep": [{"tags": ["build-*"], "newest": 2}],
     },
     {
+        "name": "deployed",
+        "repositories": ["e2e/deployed-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["*"], "newest": 1}],
+    },
+    {
         "name": "within",
         "repositories": ["e2e/within-*"],
         "mode": "dry-run",
@@ -376,3 +382,21 @@ def test_the_cli_decides_from_the_pushes_the_service_recorded(
     assert plan["kept"][0]["pushed"]["source"] == "notification"
     assert [d["tags"] for d in plan["deletions"]] == [["old"]]
     assert plan["deletions"][0]["pushed"]["old"]["source"] == "notification"
+
+
+def test_an_index_pushed_by_digest_keeps_what_it_lists(
+    stack: s.Stack, images: ImageBuilder, state: redis.Redis
+) -> None:
+    """A multi-arch index deployed by digest (no tag) lists the amd64 image whose own tag
+    `newest: 1` removes: the notification of the digest-only push makes the worker keep the
+    image (the tag goes as a tag only) and the index whole."""
+    repository = unique("deployed")
+    amd = images.image(repository, "amd64-v1")
+    arm = images.image(repository, architecture="arm64")
+    deployed = images.index(repository, [amd, arm])
+    s.wait_for(lambda: state.hexists(f"regsweep:idx:{repository}:stored", deployed.digest))
+    images.image(repository, "amd64-v2")
+    s.wait_for(lambda: manifest_status(images, repository, "amd64-v1") == 404, timeout=30)
+    s.wait_for(lambda: _quiet(state, repository), timeout=30)
+    for part in (deployed.digest, amd.digest, arm.digest):
+        assert manifest_status(images, repository, part) == 200, part
