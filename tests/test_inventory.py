@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
 from tests.strategies import make_policy
+from worker.errors import RegistryProtocolError
 from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, parse_created
 from worker.model import Digest, PushSource, PushTime
 from worker.policy import AgeSource, RegistrySettings
@@ -107,3 +111,26 @@ async def test_orphaned_signature_subject_is_reported_missing(
         inv = await InventoryBuilder(client).take(repo_name, PUSH)
     assert inv.missing == frozenset({subject.digest})
     assert inv.deleted_by_regsweep == frozenset()  # no audit says regsweep did it
+
+
+async def test_a_manifest_of_unknown_type_leaves_its_repository_alone() -> None:
+    """A tag whose manifest is of a type regsweep does not know (it might list manifests in a
+    way regsweep cannot see) fails the snapshot with the repository and digest named.
+
+    httpx.MockTransport: no real registry serves a manifest type it does not know."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.example.odd+json"})
+    digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/tags/list"):
+            return httpx.Response(200, json={"name": "t/odd", "tags": ["odd"]})
+        headers = {
+            "Content-Type": "application/vnd.example.odd+json",
+            "Docker-Content-Digest": digest,
+        }
+        return httpx.Response(200, content=body.encode(), headers=headers)
+
+    settings = RegistrySettings(url="http://registry.test")
+    async with RegistryClient.from_settings(settings, transport=httpx.MockTransport(answer)) as c:
+        with pytest.raises(RegistryProtocolError, match=rf"t/odd@{digest}.*does not know"):
+            await InventoryBuilder(c).take("t/odd", PUSH)

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any, Final, Literal
 
 from worker.errors import RegsweepError
-from worker.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from worker.mediatypes import KNOWN_MANIFEST_TYPES
 
 REGISTRY_EVENTS_V1: Final = "application/vnd.docker.distribution.events.v1+json"
 REGISTRY_EVENTS_V2: Final = "application/vnd.docker.distribution.events.v2+json"
@@ -33,16 +33,7 @@ TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 DIGEST: Final = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
 
 #: Schema 1 types still show up in 2.8 notifications for old clients.
-MANIFEST_TYPES: Final = frozenset(
-    {
-        DOCKER_MANIFEST,
-        DOCKER_MANIFEST_LIST,
-        OCI_MANIFEST,
-        OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
+MANIFEST_TYPES: Final = KNOWN_MANIFEST_TYPES
 ZERO_SHA: Final = "0" * 40
 BRANCH_REF_PREFIX: Final = "refs/heads/"
 EXCERPT_LIMIT: Final = 2048

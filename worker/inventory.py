@@ -283,6 +283,13 @@ class InventoryBuilder:
             manifest = await self._client.get_manifest(repository, reference)
         except ManifestUnknown:
             return None
+        if manifest.media_type not in mt.KNOWN_MANIFEST_TYPES:
+            # It may reference manifests in ways regsweep cannot see: planning around it
+            # could delete what it needs, so the repository is left alone.
+            raise RegistryProtocolError(
+                f"{repository}@{manifest.digest} has a manifest type regsweep does not know "
+                f"({manifest.media_type[:100]!r}); the repository is left alone"
+            )
         if self._manifests is not None:
             self._manifests.put(manifest)
         return manifest
