@@ -247,6 +247,8 @@ def _audit_unwritable(config: Config) -> str | None:
         return f"{path.parent} does not exist (the audit log goes to {path})"
     if not os.access(where, os.W_OK):
         return f"{where} is not writable: every deletion is recorded there first"
+    if os.statvfs(where).f_bavail == 0:
+        return f"{where}: no space left on device: every deletion is recorded there first"
     return None
 
 
@@ -289,6 +291,10 @@ def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     if args.enqueue:
         return await _prune_enqueue(args, config)
+    problem = None if args.dry_run else _audit_unwritable(config)
+    if problem is not None:
+        print(f"regsweep: nothing deleted: audit.path: {problem}", file=sys.stderr)
+        return EXIT_RUN_ERROR
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     created = CreatedCache.load(_created_cache_path())
     stores = Stores.open(config)
