@@ -46,6 +46,7 @@ from worker import mediatypes as mt
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
+    DeleteUnsettled,
     ManifestUnknown,
     RegistryAuthError,
     RegistryError,
@@ -440,7 +441,12 @@ class RegistryClient:
         return removal
 
     async def _settled_delete(self, path: str, gone: Callable[[], Awaitable[bool]]) -> Removal:
-        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`)."""
+        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`).
+
+        An attempt that never reached the registry (no connection) is not a lost answer.
+        When an answer was lost and ``gone()`` cannot be asked either, the outcome is
+        unknown: :class:`DeleteUnsettled`, never "not deleted".
+        """
         lost = False
         for attempt in range(1, self._retries + 1):
             try:
@@ -451,8 +457,8 @@ class RegistryClient:
                     headers={"Accept": mt.MANIFEST_ACCEPT},
                     attempts=1,
                 )
-            except RegistryUnavailable:
-                lost = True  # the request may have been carried out
+            except RegistryUnavailable as exc:
+                lost = lost or not _never_sent(exc)
             else:
                 if response.status_code == 202:
                     return Removal.DELETED
@@ -461,10 +467,10 @@ class RegistryClient:
                 failure = error_for(response, f"DELETE {path}")
                 # Read-only after a lost attempt: the registry may have restarted read-only
                 # right after carrying out our DELETE.
-                if isinstance(failure, RegistryReadOnly) and lost and await gone():
+                if isinstance(failure, RegistryReadOnly) and lost and await _look(gone, path):
                     return Removal.DELETED_UNANSWERED
                 raise failure
-            if await gone():
+            if lost and await _look(gone, path):
                 return Removal.DELETED_UNANSWERED
             if attempt < self._retries:
                 await asyncio.sleep(self._delay(attempt))
@@ -583,6 +589,23 @@ class RegistryClient:
                     self._on_response(
                         request.method, template, status, time.perf_counter() - started
                     )
+
+
+def _never_sent(exc: RegistryUnavailable) -> bool:
+    """The request never left: no connection could be made (or had from the pool)."""
+    return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+async def _look(gone: Callable[[], Awaitable[bool]], path: str) -> bool:
+    """``gone()`` after a lost answer; when even that fails, the outcome is unknown."""
+    try:
+        return await gone()
+    except RegistryError as exc:
+        raise DeleteUnsettled(
+            f"DELETE {path}: answer lost, and the registry could not be asked whether it was "
+            f"carried out ({exc})",
+            status=exc.status,
+        ) from exc
 
 
 def _media_type(response: httpx.Response) -> str:
