@@ -21,7 +21,7 @@ import pytest
 from tests.harness import cli
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.mounts import bind_mount, fill, read_only, remount, small_tmpfs
-from tests.harness.proxy import Exchange, FaultyProxy, Rule
+from tests.harness.proxy import Exchange, Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
 
@@ -230,3 +230,136 @@ def test_redis_killed_between_two_deletes(
         assert rest <= set(by_digest(cli.audit_records(config)))
     finally:
         server.stop()
+
+
+# --- lost answers -----------------------------------------------------------------------
+
+
+def deletes_of(proxy: FaultyProxy, digest: str) -> list[int | None]:
+    """The statuses the registry gave to every DELETE of ``digest`` that reached it."""
+    return [e.status for e in proxy.exchanges if e.method == "DELETE" and digest in e.target]
+
+
+def digest_in(exchange: Exchange) -> str:
+    return exchange.target.rpartition("/")[2]
+
+
+def test_lost_delete_answer_is_reported_deleted_and_restorable(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+    proxy: FaultyProxy,
+) -> None:
+    """The proxy forwards the first DELETE and swallows the registry's 202: a HEAD settles it,
+    the run reports it deleted (never "already gone"), its record says the answer was lost,
+    the registry got that DELETE once, and restore puts it back."""
+    pushed = seed(images, repo_name, 3)
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml", proxy.url, [POLICY], audit_path=tmp_path / "audit.jsonl"
+    )
+    dropped = proxy.add(Rule(Fault.DROP_ANSWER, method="DELETE", path=DELETE_BY_DIGEST))
+    result = cli.run("prune", repo_name, config=config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{repo_name}: done (3 deleted)" in result.stdout
+    assert "already-gone" not in result.stdout + result.stderr
+    (lost,) = dropped.fired
+    digest = digest_in(lost)
+    assert deletes_of(proxy, digest) == [202]
+    assert gone(images, repo_name, pushed) == {p.digest for p in pushed}
+    record = by_digest(cli.audit_records(config))[digest]
+    assert (record["outcome"], record["detail"]) == ("deleted", "answer lost; a HEAD shows it gone")
+    assert_restores(config, images, repo_name, next(p for p in pushed if p.digest == digest))
+
+
+def test_lost_delete_answer_with_the_registry_gone_stays_unsettled(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+    proxy: FaultyProxy,
+) -> None:
+    """The first DELETE's answer is lost and then the registry cannot be reached at all, so no
+    HEAD can settle it: it is reported as an error (not deleted, not already gone), its
+    record stays pending (not "not-done"), and restore puts it back once the registry is
+    reachable; DELETEs that never reached the registry are recorded not done."""
+    pushed = seed(images, repo_name, 3)
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        proxy.url,
+        [POLICY],
+        concurrency=1,
+        audit_path=tmp_path / "audit.jsonl",
+    )
+    dropped = proxy.add(
+        Rule(
+            Fault.DROP_ANSWER, method="DELETE", path=DELETE_BY_DIGEST, then=lambda _: proxy.refuse()
+        )
+    )
+    result = cli.run("prune", repo_name, config=config)
+    proxy.listen()
+    assert result.returncode == 1, result.stdout + result.stderr
+    (lost,) = dropped.fired
+    digest = digest_in(lost)
+    assert gone(images, repo_name, pushed) == {digest}
+    records = by_digest(cli.audit_records(config))
+    assert records[digest]["outcome"] == "pending"
+    assert "answer lost" in records[digest]["detail"]
+    assert {r["outcome"] for d, r in records.items() if d != digest} == {"not-done"}
+    assert f"{repo_name}: failed (3 error)" in result.stdout
+    assert f"error {digest[:19]}: unknown whether deleted: " in result.stdout
+    assert_restores(config, images, repo_name, next(p for p in pushed if p.digest == digest))
+
+
+def test_registry_restarted_read_only_mid_run(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+    proxy: FaultyProxy,
+) -> None:
+    """The registry restarts read-only right after carrying out a DELETE whose answer the proxy
+    swallowed, with other DELETEs in flight: whatever the registry deleted is reported and
+    recorded deleted, never deferred or already gone; the rest is deferred (recorded not
+    done); after the window the lost one comes back with restore."""
+    pushed = seed(images, repo_name, 12)
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        proxy.url,
+        [POLICY],
+        concurrency=4,
+        audit_path=tmp_path / "audit.jsonl",
+    )
+
+    def restart_read_only(_: Exchange) -> None:
+        registry.set_readonly(True)
+        registry.restart()
+
+    dropped = proxy.add(
+        Rule(
+            Fault.DROP_ANSWER, method="DELETE", path=DELETE_BY_DIGEST, nth=2, then=restart_read_only
+        )
+    )
+    try:
+        result = cli.run("prune", repo_name, config=config)
+        deleted = gone(images, repo_name, pushed)
+    finally:
+        registry.set_readonly(False)
+        registry.restart()
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "deferred" in result.stdout
+    assert "already-gone" not in said
+    (lost,) = dropped.fired
+    assert digest_in(lost) in deleted
+    records = by_digest(cli.audit_records(config))
+    assert records[digest_in(lost)]["detail"] == "answer lost; a HEAD shows it gone"
+    for image in pushed:
+        record = records[image.digest]
+        if image.digest in deleted:
+            assert record["outcome"] == "deleted", record
+        else:
+            assert record["outcome"] == "not-done", record
+            assert "read-only" in record["detail"] or "refused writes" in record["detail"]
+    assert len(deleted) < len(pushed)
+    assert_restores(config, images, repo_name, next(p for p in pushed if p.digest in lost.target))
