@@ -75,6 +75,14 @@ _SETTLED: Final = {
     Status.ERROR: Outcome.NOT_DONE,
 }
 _GONE: Final = frozenset({Status.DELETED, Status.ALREADY_GONE})
+#: What the report and the audit say of a removal that did not go plainly.
+_REMOVAL_DETAIL: Final = {
+    Removal.DELETED: "",
+    Removal.DELETED_UNANSWERED: "answer lost; a HEAD shows it gone",
+    Removal.PLACEHOLDER_LEFT: (
+        "tag moved to a placeholder, which could not be deleted yet (the next run deletes it)"
+    ),
+}
 
 
 class _Result(NamedTuple):
@@ -258,8 +266,7 @@ class Executor:
             return _Result(Status.ERROR, str(exc))
         if removal is Removal.ABSENT:
             return _Result(Status.ALREADY_GONE)
-        detail = "" if removal is Removal.DELETED else "answer lost; a HEAD shows it gone"
-        return _Result(Status.DELETED, detail)
+        return _Result(Status.DELETED, _REMOVAL_DETAIL[removal])
 
     async def _delete(self, plan: Plan, deletion: Deletion) -> Removal:
         if deletion.action is Action.UNTAG:

@@ -11,7 +11,8 @@ its digest is the same.
 Order is a graph, not a list: a manifest goes back after the manifests it
 lists and after the subject it refers to (a registry refuses an index whose
 children are missing). Nothing is moved: a tag that now points at another
-digest stops the restore before anything is written, unless ``force``. Every
+digest stops the restore before anything is written, unless ``force`` (a tag
+left on regsweep's own untag placeholder was removed, not moved). Every
 tag put back is held first (every plan keeps a held tag), so the push
 notifications the restore causes cannot have it deleted again.
 """
@@ -25,6 +26,7 @@ from graphlib import CycleError, TopologicalSorter
 
 from worker.audit import AuditEntry, AuditLog, AuditQuery, Outcome
 from worker.errors import (
+    ManifestUnknown,
     NothingToRestore,
     RegistryError,
     RegistryProtocolError,
@@ -161,13 +163,24 @@ async def _refuse_clobbering(
     for digest, item in sorted(items.items()):
         for tag in item.tags:
             now = await client.head_manifest(repository, tag)
-            if now is not None and now.digest != digest:
+            if now is None or now.digest == digest:
+                continue
+            if not await _on_placeholder(client, repository, now.digest):
                 moved.append(f"{tag} (now {now.digest[:19]})")
     if moved:
         raise RestoreConflict(
             f"{repository}: not restored, these tags now point elsewhere: {', '.join(moved)}; "
             "--force moves them back"
         )
+
+
+async def _on_placeholder(client: RegistryClient, repository: str, digest: str) -> bool:
+    """Whether ``digest`` is regsweep's own placeholder of a tag removal whose last step (the
+    placeholder's deletion) did not happen: the tag on it was removed, not moved."""
+    try:
+        return (await client.get_manifest(repository, digest)).is_placeholder
+    except ManifestUnknown:
+        return False
 
 
 async def _put_back(client: RegistryClient, repository: str, item: _Item) -> Restored:

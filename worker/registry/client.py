@@ -90,6 +90,10 @@ class Removal(StrEnum):
     #: The answer was lost (a dropped connection, a 5xx, a restart in between) and a
     #: HEAD afterwards found the manifest or tag gone: this DELETE removed it.
     DELETED_UNANSWERED = "deleted, answer lost"
+    #: A tag-only removal by placeholder (2.8): the tag is off its digest, but the
+    #: placeholder could not be deleted afterwards (the registry went read-only, say).
+    #: Done all the same; the next run deletes the placeholder with its tag.
+    PLACEHOLDER_LEFT = "tag removed, placeholder left"
     #: It was gone before this DELETE (404 at the first attempt).
     ABSENT = "already gone"
 
@@ -480,14 +484,32 @@ class RegistryClient:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
 
         The re-check before this is not atomic with the PUT: a push to the same
-        tag in between would lose that tag (never its manifest).
+        tag in between would lose that tag (never its manifest). Once the PUT is
+        done the tag is off its digest: a placeholder that cannot be deleted after
+        that (the registry went read-only) does not undo the removal.
         """
         config = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
         if not await self.blob_exists(repo, config.digest):
             await self.upload_blob(repo, EMPTY_CONFIG)
-        dummy = await self.put_manifest(repo, tag, mt.OCI_MANIFEST, untag_manifest(config))
-        await self.delete_manifest(repo, dummy)
+        placeholder = untag_manifest(config)
+        dummy = await self._put_placeholder(repo, tag, placeholder)
+        try:
+            await self.delete_manifest(repo, dummy)
+        except RegistryError as exc:
+            log.warning("%s:%s is on placeholder %s, not deleted yet: %s", repo, tag, dummy, exc)
+            return Removal.PLACEHOLDER_LEFT
         return Removal.DELETED
+
+    async def _put_placeholder(self, repo: str, tag: str, raw: bytes) -> Digest:
+        """PUT the placeholder onto ``tag``; a failed answer is settled by a HEAD of the tag
+        (a lost answer, then a retry refused by a registry restarted read-only)."""
+        try:
+            return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+        except RegistryError:
+            now = await self.head_manifest(repo, tag)
+            if now is not None and now.digest == digest_of(raw):
+                return now.digest
+            raise
 
     # -- plumbing --------------------------------------------------------------
 
