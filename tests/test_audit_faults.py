@@ -363,3 +363,42 @@ def test_registry_restarted_read_only_mid_run(
             assert "read-only" in record["detail"] or "refused writes" in record["detail"]
     assert len(deleted) < len(pushed)
     assert_restores(config, images, repo_name, next(p for p in pushed if p.digest in lost.target))
+
+
+def test_tag_removal_interrupted_by_a_read_only_restart_is_recorded_done(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+    proxy: FaultyProxy,
+) -> None:
+    """2.8 removes a tag alone by pushing a placeholder onto it and deleting the placeholder;
+    the registry restarts read-only between the two. The tag is off its digest, so the
+    removal is reported and recorded done (not deferred); after the window, restore moves
+    the tag back off the placeholder without --force, and the digest keeps its kept tag."""
+    image = images.image(repo_name, ["keep-1", "drop-1"])
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml", proxy.url, [POLICY], audit_path=tmp_path / "audit.jsonl"
+    )
+
+    def restart_read_only(_: Exchange) -> None:
+        registry.set_readonly(True)
+        registry.restart()
+
+    moved = proxy.add(Rule(method="PUT", path=r"/manifests/drop-1$", then=restart_read_only))
+    try:
+        result = cli.run("prune", repo_name, config=config)
+        placeholder = images.head(repo_name, "drop-1")
+    finally:
+        registry.set_readonly(False)
+        registry.restart()
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert [e.status for e in moved.fired] == [201]
+    assert f"{repo_name}: done (1 deleted)" in result.stdout
+    assert placeholder is not None and placeholder.digest != image.digest
+    (record,) = cli.audit_records(config)
+    assert (record["action"], record["tags"], record["outcome"]) == ("untag", ["drop-1"], "deleted")
+    assert "placeholder" in record["detail"]
+    assert_restores(config, images, repo_name, image)
+    assert images.tags(repo_name) == ["drop-1", "keep-1"]
