@@ -63,10 +63,6 @@ def assert_untouched(images: ImageBuilder, repo: str, pushed: list[PushedImage])
     assert images.tags(repo) == sorted(["keep-1", *(t for p in pushed for t in p.tags)])
 
 
-def by_digest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {r["digest"]: r for r in records}
-
-
 def assert_restores(config: Path, images: ImageBuilder, repo: str, image: PushedImage) -> None:
     """`regsweep restore` by a 12-digit prefix puts ``image`` back byte for byte, tag too."""
     prefix = image.digest.partition(":")[2][:12]
@@ -176,7 +172,7 @@ def test_audit_directory_going_read_only_mid_run_stops_the_deletions(
         deleted = gone(images, repo_name, pushed)
         assert deleted, "the first wave was recorded before the directory went read-only"
         assert len(deleted) < len(pushed), "the run went on deleting without records"
-        records = by_digest(cli.audit_records(config))
+        records = cli.by_digest(cli.audit_records(config))
         assert deleted <= set(records)
         remount(directory, read_only=False)
         for image in pushed:
@@ -217,7 +213,7 @@ def test_redis_killed_between_two_deletes(
         assert len(deleted) >= 2, "the DELETE sent as Redis died was already recorded"
         assert len(deleted) < len(pushed), "the run went on deleting without records"
         server.start()
-        records = by_digest(cli.audit_records(config))
+        records = cli.by_digest(cli.audit_records(config))
         assert deleted <= set(records)
         for image in pushed:
             if image.digest in deleted:
@@ -227,7 +223,7 @@ def test_redis_killed_between_two_deletes(
         assert "held (restore of" in again.stdout
         rest = {p.digest for p in pushed} - deleted
         assert gone(images, repo_name, pushed) == rest
-        assert rest <= set(by_digest(cli.audit_records(config)))
+        assert rest <= set(cli.by_digest(cli.audit_records(config)))
     finally:
         server.stop()
 
@@ -267,7 +263,7 @@ def test_lost_delete_answer_is_reported_deleted_and_restorable(
     digest = digest_in(lost)
     assert deletes_of(proxy, digest) == [202]
     assert gone(images, repo_name, pushed) == {p.digest for p in pushed}
-    record = by_digest(cli.audit_records(config))[digest]
+    record = cli.by_digest(cli.audit_records(config))[digest]
     assert (record["outcome"], record["detail"]) == ("deleted", "answer lost; a HEAD shows it gone")
     assert_restores(config, images, repo_name, next(p for p in pushed if p.digest == digest))
 
@@ -302,7 +298,7 @@ def test_lost_delete_answer_with_the_registry_gone_stays_unsettled(
     (lost,) = dropped.fired
     digest = digest_in(lost)
     assert gone(images, repo_name, pushed) == {digest}
-    records = by_digest(cli.audit_records(config))
+    records = cli.by_digest(cli.audit_records(config))
     assert records[digest]["outcome"] == "pending"
     assert "answer lost" in records[digest]["detail"]
     assert {r["outcome"] for d, r in records.items() if d != digest} == {"not-done"}
@@ -352,7 +348,7 @@ def test_registry_restarted_read_only_mid_run(
     assert "already-gone" not in said
     (lost,) = dropped.fired
     assert digest_in(lost) in deleted
-    records = by_digest(cli.audit_records(config))
+    records = cli.by_digest(cli.audit_records(config))
     assert records[digest_in(lost)]["detail"] == "answer lost; a HEAD shows it gone"
     for image in pushed:
         record = records[image.digest]

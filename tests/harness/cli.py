@@ -53,3 +53,8 @@ def audit_records(config: Path, *args: str) -> list[dict[str, Any]]:
     result = run("audit", "--json", *args, config=config)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def by_digest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Audit records by digest (the last one of each)."""
+    return {r["digest"]: r for r in records}
