@@ -8,6 +8,7 @@ and asks the registry itself what is there: same digest and same bytes as pushed
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,9 @@ import pytest
 
 from tests.harness import cli
 from tests.harness.images import ImageBuilder, Pushed, referrers_tag
-from tests.harness.registry import RegistryProcess
+from tests.harness.registry import RegistryProcess, free_port
+from tests.harness.service import RedisServer
+from worker.audit import AuditEntry, Outcome, Settlement
 from worker.config import load_config
 from worker.pruner import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
@@ -311,33 +314,76 @@ def test_restored_tags_are_held_and_unhold_ends_it(
 # --- regsweep audit ----------------------------------------------------------------------
 
 
+@pytest.fixture(params=["file", "redis"])
+def audit_config(
+    request: pytest.FixtureRequest, tmp_path: Path, registry: RegistryProcess
+) -> Iterator[Path]:
+    """The policy file with the audit in a JSONL file, or in a (private) Redis's stream."""
+    if request.param == "file":
+        yield cli.write_config(
+            tmp_path / "regsweep.yaml",
+            registry.url,
+            [KEEP_PREFIXED],
+            audit_path=tmp_path / "audit.jsonl",
+        )
+        return
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield cli.write_config(
+            tmp_path / "regsweep.yaml", registry.url, [KEEP_PREFIXED], redis_url=server.url
+        )
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def audited(
-    tmp_path: Path, config: Path, images: ImageBuilder, repo_name: str
-) -> Iterator[dict[str, Any]]:
-    """Two repositories pruned in two jobs, and one record as if written three hours ago."""
+def audited(audit_config: Path, images: ImageBuilder, repo_name: str) -> dict[str, Any]:
+    """A deletion recorded three hours ago, then two repositories pruned in two jobs."""
+    old = AuditEntry(
+        time=datetime.now(UTC) - timedelta(hours=3),
+        repository=f"{repo_name}-old",
+        digest="sha256:" + "ab" * 32,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=2,
+        tags=("drop-old",),
+        action="manifest",
+        policy="restore",
+        rule="retention",
+        reason="no keep rule matches",
+        job_id="cli-old",
+        manifest=b"{}",
+    )
+    asyncio.run(_record(audit_config, old))
     repos = [f"{repo_name}-a", f"{repo_name}-b"]
     pushed = {
         repos[0]: [images.image(repos[0], "drop-1"), images.image(repos[0], "drop-2")],
         repos[1]: [images.image(repos[1], "drop-1")],
     }
     for repo in repos:
-        prune(config, repo)
-    audit = tmp_path / "audit.jsonl"
-    old = json.loads(audit.read_text().splitlines()[0])
-    old |= {"id": "old-record-1", "job_id": "cli-old", "time": _ago(timedelta(hours=3))}
-    with audit.open("a") as fh:
-        fh.write(json.dumps(old) + "\n")
-    yield {"repos": repos, "pushed": pushed, "audit": audit, "old": old}
+        prune(audit_config, repo)
+    return {"repos": repos, "pushed": pushed, "old": old}
+
+
+async def _record(config_path: Path, entry: AuditEntry) -> None:
+    """Write ``entry`` (and its settlement) into the configuration's audit as regsweep does."""
+    stores = Stores.open(load_config(str(config_path), {}))
+    try:
+        await stores.audit.intend([entry])
+        await stores.audit.settle([Settlement.of(entry, Outcome.DELETED)])
+    finally:
+        await stores.aclose()
 
 
 def _ago(delta: timedelta) -> str:
     return (datetime.now(UTC) - delta).isoformat()
 
 
-def test_audit_filters_text_and_json(config: Path, audited: dict[str, Any]) -> None:
+def test_audit_filters_text_and_json(audit_config: Path, audited: dict[str, Any]) -> None:
     """`audit` filters by repository, digest prefix, job and `--since 1h30m` (or an ISO time),
-    in text and in JSON, and a bad --since is a usage error."""
+    in text and in JSON, from the file and from the Redis stream alike; a bad --since is a
+    usage error."""
+    config = audit_config
     repo_a, repo_b = audited["repos"]
     everything = cli.audit_records(config)
     assert len(everything) == 4
@@ -345,13 +391,18 @@ def test_audit_filters_text_and_json(config: Path, audited: dict[str, Any]) -> N
         p.digest for p in audited["pushed"][repo_a]
     }
     target = audited["pushed"][repo_b][0].digest
-    (found,) = cli.audit_records(config, "--digest", target.partition(":")[2][:12])
-    assert (found["repository"], found["digest"], found["outcome"]) == (repo_b, target, "deleted")
+    for digest_args in (["--digest", target[7:19]], ["--repository", repo_b, "--digest", target]):
+        (found,) = cli.audit_records(config, *digest_args)
+        assert (found["repository"], found["digest"], found["outcome"]) == (
+            repo_b,
+            target,
+            "deleted",
+        )
     assert "manifest" not in found  # the raw bytes stay out of the listing
     by_job = cli.audit_records(config, "--job", found["job_id"])
     assert [r["digest"] for r in by_job] == [target]
     recent = cli.audit_records(config, "--since", "1h30m")
-    assert "old-record-1" not in {r["id"] for r in recent} and len(recent) == 3
+    assert audited["old"].id not in {r["id"] for r in recent} and len(recent) == 3
     assert len(cli.audit_records(config, "--since", "4h")) == 4
     assert len(cli.audit_records(config, "--since", _ago(timedelta(hours=2)))) == 3
     text = cli.run("audit", "--repository", repo_b, config=config)
@@ -363,21 +414,22 @@ def test_audit_filters_text_and_json(config: Path, audited: dict[str, Any]) -> N
 
 
 def test_a_torn_line_is_reported_and_the_rest_still_prints_and_restores(
-    config: Path, audited: dict[str, Any], images: ImageBuilder
+    tmp_path: Path, config: Path, images: ImageBuilder, repo_name: str
 ) -> None:
     """A line torn mid-write (no newline): `audit` names its line number on stderr and prints
     every other record; the next prune's record starts on a line of its own; restore works."""
-    audit: Path = audited["audit"]
+    first = images.image(repo_name, "drop-1")
+    prune(config, repo_name)
+    audit = tmp_path / "audit.jsonl"
     torn_at = len(audit.read_text().splitlines()) + 1
     with audit.open("a") as fh:
         fh.write('{"record": "intent", "id": "torn", "time": "2026-')
-    repo_a = audited["repos"][0]
-    late = images.image(repo_a, "drop-late")
-    prune(config, repo_a)
+    late = images.image(repo_name, "drop-late")
+    prune(config, repo_name)
     result = cli.run("audit", "--json", config=config)
     assert result.returncode == 0, result.stderr
     assert f"{audit}: skipped line {torn_at}: not an audit record" in result.stderr
     printed = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(printed) == 5 and late.digest in {r["digest"] for r in printed}
-    restore(config, repo_a, late.digest)
-    assert_back(images, repo_a, late)
+    assert [r["digest"] for r in printed] == [first.digest, late.digest]
+    restore(config, repo_name, late.digest)
+    assert_back(images, repo_name, late)
