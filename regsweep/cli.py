@@ -312,13 +312,21 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
             continue
         rp, report = result
         if report is None:
-            why = "--dry-run" if args.dry_run else f"policy {rp.policy.name} is dry-run"
-            print(f"{rp.plan.repository}: nothing deleted ({why})")
+            print(f"{rp.plan.repository}: nothing deleted ({_not_executed(rp, args.dry_run)})")
             continue
         print(render.report_line(report))
         if report.outcome.value == "failed":
             code = EXIT_RUN_ERROR
     return code
+
+
+def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
+    """Why a repository's plan was not carried out."""
+    if dry_run:
+        return "--dry-run"
+    if not rp.enforced:
+        return f"policy {rp.policy.name} is dry-run"
+    return "nothing to delete"
 
 
 async def _prune_with_progress(

@@ -296,6 +296,7 @@ def test_restored_tags_are_held_and_unhold_ends_it(
     restore(config, repo_name, image.digest)
     kept = prune(config, repo_name)
     assert "held (restore of " in kept and "until" in kept
+    assert f"{repo_name}: nothing deleted (nothing to delete)" in kept
     assert on(images, repo_name, "drop-1") == image.digest
     held = cli.run("unhold", repo_name, "drop-1", config=config)
     assert held.returncode == 0, held.stderr
