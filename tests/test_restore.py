@@ -414,6 +414,23 @@ def test_audit_filters_text_and_json(audit_config: Path, audited: dict[str, Any]
     assert bad.returncode == 2 and "not a duration or timestamp" in bad.stderr
 
 
+def test_the_default_audit_file_is_beside_the_policy_file_however_c_is_spelled(
+    tmp_path: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str
+) -> None:
+    """Without audit.path, a prune run with a relative -c from one directory and `audit` run
+    with another spelling from elsewhere use the one file beside the policy file."""
+    conf = tmp_path / "etc" / "regsweep.yaml"
+    cli.write_config(conf, registry.url, [KEEP_PREFIXED])
+    image = images.image(repo_name, "drop-1")
+    pruned = cli.run("prune", repo_name, config="etc/regsweep.yaml", cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert (tmp_path / "etc" / "regsweep-audit.jsonl").exists()
+    for spelling, cwd in (("regsweep.yaml", conf.parent), (str(conf), Path("/"))):
+        listed = cli.run("audit", "--json", config=spelling, cwd=cwd)
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(line)["digest"] for line in listed.stdout.splitlines()] == [image.digest]
+
+
 def test_a_torn_line_is_reported_and_the_rest_still_prints_and_restores(
     tmp_path: Path, config: Path, images: ImageBuilder, repo_name: str
 ) -> None:

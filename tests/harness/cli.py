@@ -16,14 +16,23 @@ REGSWEEP = [sys.executable, "-m", "regsweep.cli"]
 
 
 def run(
-    *args: str, config: Path | None = None, env: Mapping[str, str] | None = None
+    *args: str,
+    config: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``regsweep [-c config] args...`` with no REGSWEEP_* variable from the test's
-    environment (only those in ``env``)."""
+    """``regsweep [-c config] args...`` (in ``cwd``) with no REGSWEEP_* variable from the
+    test's environment (only those in ``env``)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
     cmd = [*REGSWEEP, *(["-c", str(config)] if config else []), *args]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=environ | dict(env or {}), timeout=180, check=False
+        cmd,
+        capture_output=True,
+        text=True,
+        env=environ | dict(env or {}),
+        cwd=cwd,
+        timeout=180,
+        check=False,
     )
 
 
