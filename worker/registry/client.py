@@ -26,6 +26,7 @@ anything else unexpected               :class:`RegistryProtocolError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -184,6 +185,52 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
         raise ConfigError(f"registry.ca_file: cannot load {ca_file}: {exc}") from exc
 
 
+class TagWriteGate:
+    """Keeps this process's tag writes apart from its DELETEs by digest, in one repository.
+
+    2.8 answers a DELETE by digest by reading every tag link of the repository to
+    find the tags to remove, and writes a tag link in place (truncate, then
+    write). A link read while another request rewrites it is empty: the DELETE
+    fails with 500 "invalid checksum digest format" *after* removing the manifest,
+    leaving its tags listed and pointing at nothing. regsweep's own placeholder
+    PUTs (tag-only removals) therefore wait until no DELETE of the repository is in
+    flight, and DELETEs wait for a placeholder PUT in flight (or waiting) to end.
+    A push by someone else at that moment can still meet the registry's race.
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._deleting = 0
+        self._writers = 0  # writing or waiting to
+        self._writing = False
+
+    @contextlib.asynccontextmanager
+    async def deleting(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._writers == 0)
+            self._deleting += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._deleting -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writing_tag(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._writers += 1
+            await self._changed.wait_for(lambda: self._deleting == 0 and not self._writing)
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._writers -= 1
+                self._changed.notify_all()
+
+
 class RegistryClient:
     """Async client for one registry; make one per process and share it."""
 
@@ -206,6 +253,10 @@ class RegistryClient:
         #: Whether the registry has the OCI referrers API (3.x does, 2.8 does not);
         #: learnt from the first answer, so a 2.8 registry is asked once per process.
         self.referrers_supported: bool | None = None
+        self._tag_gates: dict[str, TagWriteGate] = {}
+
+    def _gate(self, repo: str) -> TagWriteGate:
+        return self._tag_gates.setdefault(repo, TagWriteGate())
 
     @classmethod
     def from_settings(
@@ -401,7 +452,8 @@ class RegistryClient:
         async def gone() -> bool:
             return await self.head_manifest(repo, digest) is None
 
-        return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
+        async with self._gate(repo).deleting():
+            return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
 
     async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> Removal:
         """Remove one tag and leave its manifest alone (:attr:`Removal.ABSENT`: already gone).
@@ -504,7 +556,8 @@ class RegistryClient:
         """PUT the placeholder onto ``tag``; a failed answer is settled by a HEAD of the tag
         (a lost answer, then a retry refused by a registry restarted read-only)."""
         try:
-            return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+            async with self._gate(repo).writing_tag():
+                return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
         except RegistryError:
             now = await self.head_manifest(repo, tag)
             if now is not None and now.digest == digest_of(raw):
