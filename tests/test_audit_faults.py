@@ -398,3 +398,26 @@ def test_tag_removal_interrupted_by_a_read_only_restart_is_recorded_done(
     assert "placeholder" in record["detail"]
     assert_restores(config, images, repo_name, image)
     assert images.tags(repo_name) == ["drop-1", "keep-1"]
+
+
+def test_many_tag_removals_at_once_leave_no_tag_behind(
+    tmp_path: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str
+) -> None:
+    """24 tags removed alone from a kept digest, 8 requests at a time, in four repositories:
+    every removal reported done is done (2.8 leaves a tag listed when a placeholder PUT
+    rewrites a tag link while a DELETE reads them all; regsweep keeps the two apart)."""
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        registry.url,
+        [POLICY],
+        concurrency=8,
+        audit_path=tmp_path / "audit.jsonl",
+    )
+    for n in range(4):
+        repo = f"{repo_name}-{n}"
+        image = images.image(repo, ["keep-1", *(f"drop-{i}" for i in range(24))])
+        result = cli.run("prune", repo, config=config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"{repo}: done (24 deleted)" in result.stdout
+        assert images.tags(repo) == ["keep-1"]
+        assert images.head(repo, image.digest) is not None
