@@ -192,7 +192,8 @@ class TagWriteGate:
     find the tags to remove, and writes a tag link in place (truncate, then
     write). A link read while another request rewrites it is empty: the DELETE
     fails with 500 "invalid checksum digest format" *after* removing the manifest,
-    leaving its tags listed and pointing at nothing. regsweep's own placeholder
+    leaving its tags listed and pointing at nothing (distribution#2514, open;
+    such tags answer 404, distribution#1293). regsweep's own placeholder
     PUTs (tag-only removals) therefore wait until no DELETE of the repository is in
     flight, and DELETEs wait for a placeholder PUT in flight (or waiting) to end.
     A push by someone else at that moment can still meet the registry's race.
