@@ -253,6 +253,8 @@ def _audit_unwritable(config: Config) -> str | None:
         return f"{path.parent} does not exist (the audit log goes to {path})"
     if not os.access(where, os.W_OK):
         return f"{where} is not writable: every deletion is recorded there first"
+    if os.statvfs(where).f_bavail == 0:
+        return f"{where}: no space left on device: every deletion is recorded there first"
     return None
 
 
@@ -295,6 +297,10 @@ def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     if args.enqueue:
         return await _prune_enqueue(args, config)
+    problem = None if args.dry_run else _audit_unwritable(config)
+    if problem is not None:
+        print(f"regsweep: nothing deleted: audit.path: {problem}", file=sys.stderr)
+        return EXIT_RUN_ERROR
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     created = CreatedCache.load(_created_cache_path())
     stores = Stores.open(config)
@@ -312,13 +318,21 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
             continue
         rp, report = result
         if report is None:
-            why = "--dry-run" if args.dry_run else f"policy {rp.policy.name} is dry-run"
-            print(f"{rp.plan.repository}: nothing deleted ({why})")
+            print(f"{rp.plan.repository}: nothing deleted ({_not_executed(rp, args.dry_run)})")
             continue
         print(render.report_line(report))
         if report.outcome.value == "failed":
             code = EXIT_RUN_ERROR
     return code
+
+
+def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
+    """Why a repository's plan was not carried out."""
+    if dry_run:
+        return "--dry-run"
+    if not rp.enforced:
+        return f"policy {rp.policy.name} is dry-run"
+    return "nothing to delete"
 
 
 async def _prune_with_progress(

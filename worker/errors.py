@@ -4,6 +4,7 @@
     ├── ConfigError                  the policy file or settings are wrong (exit 2)
     ├── RegistryError                the registry refused, failed or could not be reached
     │   ├── RegistryUnavailable      connection errors, timeouts, 5xx after retries (transient)
+    │   │   └── DeleteUnsettled      a DELETE's answer was lost and no look could settle it
     │   ├── RegistryAuthError        401/403 after the auth dance
     │   ├── RegistryReadOnly         405 plain text + Allow: maintenance mode; defer, never fail
     │   ├── DeletesDisabled          405 UNSUPPORTED: storage.delete.enabled is false
@@ -45,6 +46,11 @@ class RegistryError(RegsweepError):
 
 class RegistryUnavailable(RegistryError):
     """Connection error, timeout or 5xx that survived the retries: worth retrying later."""
+
+
+class DeleteUnsettled(RegistryUnavailable):
+    """A DELETE may have been carried out (its answer was lost) and the registry could not be
+    asked afterwards whether it was: the outcome is unknown, not "not done"."""
 
 
 class RegistryAuthError(RegistryError):

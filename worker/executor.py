@@ -23,11 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 from worker.audit import AuditEntry, AuditLog, Outcome, Settlement
 from worker.errors import (
     DeletesDisabled,
+    DeleteUnsettled,
     ManifestUnknown,
     RegistryError,
     RegistryReadOnly,
@@ -74,6 +75,28 @@ _SETTLED: Final = {
     Status.ERROR: Outcome.NOT_DONE,
 }
 _GONE: Final = frozenset({Status.DELETED, Status.ALREADY_GONE})
+#: What the report and the audit say of a removal that did not go plainly.
+_REMOVAL_DETAIL: Final = {
+    Removal.DELETED: "",
+    Removal.DELETED_UNANSWERED: "answer lost; a HEAD shows it gone",
+    Removal.PLACEHOLDER_LEFT: (
+        "tag moved to a placeholder, which could not be deleted yet (the next run deletes it)"
+    ),
+}
+
+
+class _Result(NamedTuple):
+    """How one attempted deletion ended, and how its audit record is settled."""
+
+    status: Status
+    detail: str = ""
+    #: None: as ``_SETTLED`` says for the status. PENDING for an error whose DELETE may
+    #: have been carried out (an answer lost, no look possible): restorable, never "not done".
+    outcome: Outcome | None = None
+
+    @property
+    def settled(self) -> Outcome:
+        return self.outcome or _SETTLED[self.status]
 
 
 @dataclass
@@ -200,9 +223,9 @@ class Executor:
             return
         results = await asyncio.gather(*(self._one(run, d) for d, _ in attempted))
         settled = []
-        for (deletion, entry), (status, detail) in zip(attempted, results, strict=True):
-            self._note(run, report, deletion, status, detail)
-            settled.append(Settlement.of(entry, _SETTLED[status], detail))
+        for (deletion, entry), result in zip(attempted, results, strict=True):
+            self._note(run, report, deletion, result.status, result.detail)
+            settled.append(Settlement.of(entry, result.settled, result.detail))
         try:
             await self._audit.settle(settled)
         except StateError as exc:
@@ -224,25 +247,26 @@ class Executor:
         if self._on_progress:
             self._on_progress(deletion, status)
 
-    async def _one(self, run: _Run, deletion: Deletion) -> tuple[Status, str]:
+    async def _one(self, run: _Run, deletion: Deletion) -> _Result:
         if run.read_only:
-            return Status.DEFERRED, "registry refused writes"
+            return _Result(Status.DEFERRED, "registry refused writes")
         try:
             removal = await self._delete(run.plan, deletion)
         except SafetyViolation as exc:
-            return Status.SKIPPED, str(exc)
+            return _Result(Status.SKIPPED, str(exc))
         except RegistryReadOnly:
             run.read_only = True
-            return Status.DEFERRED, "registry is read-only"
+            return _Result(Status.DEFERRED, "registry is read-only")
         except DeletesDisabled as exc:
             run.fatal = f"the registry has deletes disabled (storage.delete.enabled): {exc}"
-            return Status.ERROR, run.fatal
+            return _Result(Status.ERROR, run.fatal)
+        except DeleteUnsettled as exc:
+            return _Result(Status.ERROR, f"unknown whether deleted: {exc}", Outcome.PENDING)
         except RegistryError as exc:
-            return Status.ERROR, str(exc)
+            return _Result(Status.ERROR, str(exc))
         if removal is Removal.ABSENT:
-            return Status.ALREADY_GONE, ""
-        detail = "" if removal is Removal.DELETED else "answer lost; a HEAD shows it gone"
-        return Status.DELETED, detail
+            return _Result(Status.ALREADY_GONE)
+        return _Result(Status.DELETED, _REMOVAL_DETAIL[removal])
 
     async def _delete(self, plan: Plan, deletion: Deletion) -> Removal:
         if deletion.action is Action.UNTAG:

@@ -6,12 +6,15 @@ back the digest and everything removed with it or because of it: every tag
 taken off that digest (a digest deletion and any tag-only removals), its
 children and referrers (a fallback-tag index and its entries included), and
 a child shared with another deleted index — each manifest byte for byte, so
-its digest is the same.
+its digest is the same. A child the registry no longer has because a later
+job deleted it (with the other index that listed it) comes back too, from
+that job's record.
 
 Order is a graph, not a list: a manifest goes back after the manifests it
 lists and after the subject it refers to (a registry refuses an index whose
 children are missing). Nothing is moved: a tag that now points at another
-digest stops the restore before anything is written, unless ``force``. Every
+digest stops the restore before anything is written, unless ``force`` (a tag
+left on regsweep's own untag placeholder was removed, not moved). Every
 tag put back is held first (every plan keeps a held tag), so the push
 notifications the restore causes cannot have it deleted again.
 """
@@ -25,6 +28,7 @@ from graphlib import CycleError, TopologicalSorter
 
 from worker.audit import AuditEntry, AuditLog, AuditQuery, Outcome
 from worker.errors import (
+    ManifestUnknown,
     NothingToRestore,
     RegistryError,
     RegistryProtocolError,
@@ -85,6 +89,7 @@ async def restore(
     root = await _latest_removal(audit, repository, full)
     job = await audit.entries(AuditQuery(job_id=root.job_id, repository=repository))
     items = _items(_related(job, full))
+    await _add_missing_children(client, audit, repository, items)
     order = _order(items)
     await _refuse_clobbering(client, repository, items, force)
     until = datetime.now(UTC) + hold_for
@@ -96,15 +101,41 @@ async def restore(
 
 
 async def _latest_removal(audit: AuditLog, repository: str, digest: str) -> AuditEntry:
+    removal = await _latest_record(audit, repository, digest)
+    if removal is None:
+        raise NothingToRestore(f"the audit has no completed deletion of {digest} in {repository}")
+    return removal
+
+
+async def _latest_record(audit: AuditLog, repository: str, digest: str) -> AuditEntry | None:
+    """The most recent record of ``digest`` being removed (or maybe removed), if any."""
     records = await audit.entries(AuditQuery(repository=repository, digest=digest))
     removals = [
         e
         for e in records
         if e.digest == digest and e.manifest and e.outcome is not Outcome.NOT_DONE
     ]
-    if not removals:
-        raise NothingToRestore(f"the audit has no completed deletion of {digest} in {repository}")
-    return max(removals, key=lambda e: e.time)
+    return max(removals, key=lambda e: e.time, default=None)
+
+
+async def _add_missing_children(
+    client: RegistryClient, audit: AuditLog, repository: str, items: dict[str, _Item]
+) -> None:
+    """Add the children the items list that the registry no longer has and that another job
+    deleted (a child shared with an index deleted later): the registry refuses an index
+    whose children are missing. They come back by digest only; their own tags, if any,
+    were not removed by this deletion."""
+    todo = [c.digest for item in items.values() for c in item.manifest.children]
+    while todo:
+        digest = todo.pop()
+        if digest in items or await client.head_manifest(repository, digest) is not None:
+            continue
+        record = await _latest_record(audit, repository, digest)
+        if record is None:
+            continue  # not regsweep's doing: the PUT of its index says what is missing
+        manifest = parse_manifest(digest, record.media_type, record.manifest)
+        items[digest] = _Item(record, (), manifest)
+        todo.extend(c.digest for c in manifest.children)
 
 
 def _related(job: Sequence[AuditEntry], digest: str) -> list[AuditEntry]:
@@ -161,13 +192,24 @@ async def _refuse_clobbering(
     for digest, item in sorted(items.items()):
         for tag in item.tags:
             now = await client.head_manifest(repository, tag)
-            if now is not None and now.digest != digest:
+            if now is None or now.digest == digest:
+                continue
+            if not await _on_placeholder(client, repository, now.digest):
                 moved.append(f"{tag} (now {now.digest[:19]})")
     if moved:
         raise RestoreConflict(
             f"{repository}: not restored, these tags now point elsewhere: {', '.join(moved)}; "
             "--force moves them back"
         )
+
+
+async def _on_placeholder(client: RegistryClient, repository: str, digest: str) -> bool:
+    """Whether ``digest`` is regsweep's own placeholder of a tag removal whose last step (the
+    placeholder's deletion) did not happen: the tag on it was removed, not moved."""
+    try:
+        return (await client.get_manifest(repository, digest)).is_placeholder
+    except ManifestUnknown:
+        return False
 
 
 async def _put_back(client: RegistryClient, repository: str, item: _Item) -> Restored:

@@ -32,16 +32,29 @@ def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
 
 
 @contextmanager
-def read_only(path: Path) -> Iterator[Path]:
-    """``path`` (a directory) bind-mounted read-only onto itself: writes fail with EROFS,
-    root's included (file modes do not stop root)."""
+def bind_mount(path: Path) -> Iterator[Path]:
+    """``path`` (a directory) bind-mounted onto itself, writable until :func:`remount` says
+    otherwise (so a test can make it read-only at a chosen moment)."""
     path.mkdir(parents=True, exist_ok=True)
     _mount("--bind", str(path), str(path))
     try:
-        _mount("-o", "remount,ro,bind", str(path))
         yield path
     finally:
         _umount(path)
+
+
+def remount(path: Path, *, read_only: bool) -> None:
+    """Make a :func:`bind_mount` read-only (writes fail with EROFS, root's included: file
+    modes do not stop root) or writable again."""
+    _mount("-o", f"remount,{'ro' if read_only else 'rw'},bind", str(path))
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """``path`` (a directory) bind-mounted read-only onto itself."""
+    with bind_mount(path):
+        remount(path, read_only=True)
+        yield path
 
 
 def fill(path: Path) -> None:

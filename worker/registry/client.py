@@ -26,6 +26,7 @@ anything else unexpected               :class:`RegistryProtocolError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -46,6 +47,7 @@ from worker import mediatypes as mt
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
+    DeleteUnsettled,
     ManifestUnknown,
     RegistryAuthError,
     RegistryError,
@@ -89,6 +91,10 @@ class Removal(StrEnum):
     #: The answer was lost (a dropped connection, a 5xx, a restart in between) and a
     #: HEAD afterwards found the manifest or tag gone: this DELETE removed it.
     DELETED_UNANSWERED = "deleted, answer lost"
+    #: A tag-only removal by placeholder (2.8): the tag is off its digest, but the
+    #: placeholder could not be deleted afterwards (the registry went read-only, say).
+    #: Done all the same; the next run deletes the placeholder with its tag.
+    PLACEHOLDER_LEFT = "tag removed, placeholder left"
     #: It was gone before this DELETE (404 at the first attempt).
     ABSENT = "already gone"
 
@@ -179,6 +185,53 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
         raise ConfigError(f"registry.ca_file: cannot load {ca_file}: {exc}") from exc
 
 
+class TagWriteGate:
+    """Keeps this process's tag writes apart from its DELETEs by digest, in one repository.
+
+    2.8 answers a DELETE by digest by reading every tag link of the repository to
+    find the tags to remove, and writes a tag link in place (truncate, then
+    write). A link read while another request rewrites it is empty: the DELETE
+    fails with 500 "invalid checksum digest format" *after* removing the manifest,
+    leaving its tags listed and pointing at nothing (distribution#2514, open;
+    such tags answer 404, distribution#1293). regsweep's own placeholder
+    PUTs (tag-only removals) therefore wait until no DELETE of the repository is in
+    flight, and DELETEs wait for a placeholder PUT in flight (or waiting) to end.
+    A push by someone else at that moment can still meet the registry's race.
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._deleting = 0
+        self._writers = 0  # writing or waiting to
+        self._writing = False
+
+    @contextlib.asynccontextmanager
+    async def deleting(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._writers == 0)
+            self._deleting += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._deleting -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writing_tag(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._writers += 1
+            await self._changed.wait_for(lambda: self._deleting == 0 and not self._writing)
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._writers -= 1
+                self._changed.notify_all()
+
+
 class RegistryClient:
     """Async client for one registry; make one per process and share it."""
 
@@ -201,6 +254,10 @@ class RegistryClient:
         #: Whether the registry has the OCI referrers API (3.x does, 2.8 does not);
         #: learnt from the first answer, so a 2.8 registry is asked once per process.
         self.referrers_supported: bool | None = None
+        self._tag_gates: dict[str, TagWriteGate] = {}
+
+    def _gate(self, repo: str) -> TagWriteGate:
+        return self._tag_gates.setdefault(repo, TagWriteGate())
 
     @classmethod
     def from_settings(
@@ -396,7 +453,8 @@ class RegistryClient:
         async def gone() -> bool:
             return await self.head_manifest(repo, digest) is None
 
-        return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
+        async with self._gate(repo).deleting():
+            return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
 
     async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> Removal:
         """Remove one tag and leave its manifest alone (:attr:`Removal.ABSENT`: already gone).
@@ -440,7 +498,12 @@ class RegistryClient:
         return removal
 
     async def _settled_delete(self, path: str, gone: Callable[[], Awaitable[bool]]) -> Removal:
-        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`)."""
+        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`).
+
+        An attempt that never reached the registry (no connection) is not a lost answer.
+        When an answer was lost and ``gone()`` cannot be asked either, the outcome is
+        unknown: :class:`DeleteUnsettled`, never "not deleted".
+        """
         lost = False
         for attempt in range(1, self._retries + 1):
             try:
@@ -451,8 +514,8 @@ class RegistryClient:
                     headers={"Accept": mt.MANIFEST_ACCEPT},
                     attempts=1,
                 )
-            except RegistryUnavailable:
-                lost = True  # the request may have been carried out
+            except RegistryUnavailable as exc:
+                lost = lost or not _never_sent(exc)
             else:
                 if response.status_code == 202:
                     return Removal.DELETED
@@ -461,10 +524,10 @@ class RegistryClient:
                 failure = error_for(response, f"DELETE {path}")
                 # Read-only after a lost attempt: the registry may have restarted read-only
                 # right after carrying out our DELETE.
-                if isinstance(failure, RegistryReadOnly) and lost and await gone():
+                if isinstance(failure, RegistryReadOnly) and lost and await _look(gone, path):
                     return Removal.DELETED_UNANSWERED
                 raise failure
-            if await gone():
+            if lost and await _look(gone, path):
                 return Removal.DELETED_UNANSWERED
             if attempt < self._retries:
                 await asyncio.sleep(self._delay(attempt))
@@ -474,14 +537,33 @@ class RegistryClient:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
 
         The re-check before this is not atomic with the PUT: a push to the same
-        tag in between would lose that tag (never its manifest).
+        tag in between would lose that tag (never its manifest). Once the PUT is
+        done the tag is off its digest: a placeholder that cannot be deleted after
+        that (the registry went read-only) does not undo the removal.
         """
         config = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
         if not await self.blob_exists(repo, config.digest):
             await self.upload_blob(repo, EMPTY_CONFIG)
-        dummy = await self.put_manifest(repo, tag, mt.OCI_MANIFEST, untag_manifest(config))
-        await self.delete_manifest(repo, dummy)
+        placeholder = untag_manifest(config)
+        dummy = await self._put_placeholder(repo, tag, placeholder)
+        try:
+            await self.delete_manifest(repo, dummy)
+        except RegistryError as exc:
+            log.warning("%s:%s is on placeholder %s, not deleted yet: %s", repo, tag, dummy, exc)
+            return Removal.PLACEHOLDER_LEFT
         return Removal.DELETED
+
+    async def _put_placeholder(self, repo: str, tag: str, raw: bytes) -> Digest:
+        """PUT the placeholder onto ``tag``; a failed answer is settled by a HEAD of the tag
+        (a lost answer, then a retry refused by a registry restarted read-only)."""
+        try:
+            async with self._gate(repo).writing_tag():
+                return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+        except RegistryError:
+            now = await self.head_manifest(repo, tag)
+            if now is not None and now.digest == digest_of(raw):
+                return now.digest
+            raise
 
     # -- plumbing --------------------------------------------------------------
 
@@ -583,6 +665,23 @@ class RegistryClient:
                     self._on_response(
                         request.method, template, status, time.perf_counter() - started
                     )
+
+
+def _never_sent(exc: RegistryUnavailable) -> bool:
+    """The request never left: no connection could be made (or had from the pool)."""
+    return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+async def _look(gone: Callable[[], Awaitable[bool]], path: str) -> bool:
+    """``gone()`` after a lost answer; when even that fails, the outcome is unknown."""
+    try:
+        return await gone()
+    except RegistryError as exc:
+        raise DeleteUnsettled(
+            f"DELETE {path}: answer lost, and the registry could not be asked whether it was "
+            f"carried out ({exc})",
+            status=exc.status,
+        ) from exc
 
 
 def _media_type(response: httpx.Response) -> str:
