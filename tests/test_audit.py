@@ -96,6 +96,10 @@ async def test_settlements_give_each_record_its_last_outcome(tmp_path: Path) -> 
         second.id: (Outcome.NOT_DONE, "registry is read-only"),
     }
     assert await log.deleted(first.repository, [first.digest, second.digest]) == {first.digest}
+    unsettled = entry(3 * 7 + 1)  # same repository, never settled
+    await log.intend([unsettled])
+    asked = [first.digest, second.digest, unsettled.digest]
+    assert await log.deleted(first.repository, asked) == {first.digest, unsettled.digest}
 
 
 async def test_queries_filter_by_repository_digest_prefix_job_and_time(tmp_path: Path) -> None:
@@ -239,7 +243,9 @@ async def test_redis_audit_round_trips_and_settles(redis_log: RedisAuditLog) -> 
     prefix = done.digest.partition(":")[2][:12]
     found = await redis_log.entries(AuditQuery(repository=done.repository, digest=prefix))
     assert [(e.id, e.outcome) for e in found] == [(done.id, Outcome.DELETED)]
-    assert await redis_log.deleted(done.repository, [done.digest, spared.digest]) == {done.digest}
+    asked = [done.digest, spared.digest, other.digest]
+    # ``other`` was set out to be deleted and never settled: evidence too, once it is gone.
+    assert await redis_log.deleted(done.repository, asked) == {done.digest, other.digest}
     assert await redis_log.entries(AuditQuery(since=datetime.now(UTC) + timedelta(minutes=1))) == []
 
 

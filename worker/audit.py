@@ -198,7 +198,9 @@ class AuditLog(Protocol):
     async def entries(self, query: AuditQuery = AuditQuery()) -> list[AuditEntry]: ...
 
     async def deleted(self, repository: str, digests: Iterable[str]) -> set[str]:
-        """Of ``digests``, those the audit shows regsweep deleted from ``repository``."""
+        """Of ``digests``, those the audit shows regsweep deleted from ``repository``, or set
+        out to delete and never settled (a crash between the DELETE and its settling): asked
+        only about digests that are gone now."""
 
     @property
     def problems(self) -> list[AuditProblem]:
@@ -290,7 +292,9 @@ class JsonlAuditLog:
         return {
             e.digest
             for e in merged.values()
-            if e.repository == repository and e.digest in wanted and e.outcome is Outcome.DELETED
+            if e.repository == repository
+            and e.digest in wanted
+            and e.outcome in (Outcome.DELETED, Outcome.PENDING)
         }
 
     def _read(self) -> dict[str, AuditEntry]:
@@ -345,20 +349,39 @@ AUDIT_STREAM_MAXLEN: Final = 1_000_000
 AUDIT_INDEX_TTL: Final = timedelta(days=90)
 
 
+# KEYS[1]: the stream; then three per record: its digest index, its job's list, and the
+# repository's set of digests regsweep deleted (or set out to). ARGV: maxlen, index TTL,
+# then per record its JSON and digest.
+_INTEND: Final = """
+local n = (#KEYS - 1) / 3
+for i = 1, n do
+  local json, digest = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'entry', json)
+  local k = 1 + 3 * (i - 1)
+  redis.call('ZADD', KEYS[k + 1], 0, digest .. ' ' .. id)
+  redis.call('RPUSH', KEYS[k + 2], id)
+  redis.call('SADD', KEYS[k + 3], digest)
+  for j = 1, 3 do redis.call('EXPIRE', KEYS[k + j], ARGV[2]) end
+end
+return n
+"""
+
+
 class RedisAuditLog:
     """The audit log as a Redis stream, with the indexes restores and plans look things up by.
 
     Beside the stream (``<prefix>audit``): per repository a sorted set of
     ``"<digest> <stream id>"`` members (a digest or a prefix of one is a lexical
     range), per job the list of its stream ids and the outcomes of its records,
-    per repository the set of digests settled as deleted (the evidence that a
-    signature's subject is gone because regsweep deleted it).
+    per repository the set of digests regsweep deleted or set out to delete (the
+    evidence that a signature's subject is gone because regsweep deleted it).
     """
 
     def __init__(self, redis: aioredis.Redis, *, key: str = "regsweep:audit") -> None:
         self._redis = redis
         self._key = key
         self.location = f"redis stream {key}"
+        self._intend = redis.register_script(_INTEND)
 
     @property
     def problems(self) -> list[AuditProblem]:
@@ -377,36 +400,23 @@ class RedisAuditLog:
         return f"{self._key}:job:{job_id}:outcomes"
 
     async def intend(self, entries: Sequence[AuditEntry]) -> None:
+        """XADD each record and index it, atomically: a record is findable by digest and job
+        as soon as it is durable."""
         if not entries:
             return
+        keys = [self._key]
+        args: list[str | int] = [AUDIT_STREAM_MAXLEN, int(AUDIT_INDEX_TTL.total_seconds())]
+        for entry in entries:
+            keys += [
+                self._by_digest(entry.repository),
+                self._by_job(entry.job_id),
+                self._deleted(entry.repository),
+            ]
+            args += [entry.to_json(), entry.digest]
         try:
-            stream_ids = await self._append(entries)
+            await self._intend(keys=keys, args=args)
         except RedisError as exc:
             raise StateError(f"cannot write the audit ({self.location}): {exc}") from exc
-        await self._index(entries, stream_ids)
-
-    async def _append(self, entries: Sequence[AuditEntry]) -> list[str]:
-        pipe = self._redis.pipeline(transaction=True)
-        for entry in entries:
-            pipe.xadd(
-                self._key,
-                {"entry": entry.to_json()},
-                maxlen=AUDIT_STREAM_MAXLEN,
-                approximate=True,
-            )
-        return [_text(i) for i in await pipe.execute()]
-
-    async def _index(self, entries: Sequence[AuditEntry], stream_ids: Sequence[str]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for entry, stream_id in zip(entries, stream_ids, strict=True):
-            pipe.zadd(self._by_digest(entry.repository), {f"{entry.digest} {stream_id}": 0})
-            pipe.expire(self._by_digest(entry.repository), AUDIT_INDEX_TTL)
-            pipe.rpush(self._by_job(entry.job_id), stream_id)
-            pipe.expire(self._by_job(entry.job_id), AUDIT_INDEX_TTL)
-        try:
-            await pipe.execute()
-        except RedisError as exc:
-            raise StateError(f"cannot index the audit ({self.location}): {exc}") from exc
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         if not settlements:
@@ -420,9 +430,8 @@ class RedisAuditLog:
                 continue
             pipe.hset(self._outcomes(entry.job_id), settled.id, record)
             pipe.expire(self._outcomes(entry.job_id), AUDIT_INDEX_TTL)
-            if settled.outcome is Outcome.DELETED:
-                pipe.sadd(self._deleted(entry.repository), entry.digest)
-                pipe.expire(self._deleted(entry.repository), AUDIT_INDEX_TTL)
+            if settled.outcome is Outcome.NOT_DONE:
+                pipe.srem(self._deleted(entry.repository), entry.digest)
         try:
             await pipe.execute()
         except RedisError as exc:

@@ -9,6 +9,7 @@ went wrong and left alone; the others are planned and pruned.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from worker.planner import TagRequest, plan
 from worker.policy import Config, Mode, Policy
 from worker.registry.client import RegistryClient
 from worker.storage import RegistryStorage
+
+log = logging.getLogger(__name__)
 
 #: Repositories planned at once in a multi-repository run; the registry
 #: concurrency limit still caps requests in flight across all of them.
@@ -175,10 +178,15 @@ class Pruner:
 
 async def _forget(history: History, repository: str, report: ExecutionReport) -> None:
     """Keep the history in step without waiting for the registry's delete notifications
-    (or the next listing): no untagged grace to wait out for what is gone."""
+    (or the next listing): no untagged grace to wait out for what is gone. Best effort: a
+    store that fails here (the one that may just have stopped the run) must not hide the
+    report, and the next listing puts the history right anyway."""
     gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
-    await history.forget(
-        repository,
-        tags=[t for d in gone if d.action is Action.UNTAG for t in d.tags],
-        digests=[d.digest for d in gone if d.action is not Action.UNTAG],
-    )
+    try:
+        await history.forget(
+            repository,
+            tags=[t for d in gone if d.action is Action.UNTAG for t in d.tags],
+            digests=[d.digest for d in gone if d.action is not Action.UNTAG],
+        )
+    except StateError as exc:
+        log.warning("%s: history not updated after the prune: %s", repository, exc)
