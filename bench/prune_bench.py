@@ -2,18 +2,23 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.prune_bench [--rounds 3] [--cache DIR]
 
-Scenarios (issue 2): one repository of 2,000 tags (each its own manifest over
-one shared layer) and 20 repositories of 200 tags. Every measured run starts a
-fresh registry on a copy of the same seeded storage; floor and regsweep runs
-alternate, so machine noise hits both. Prints a Markdown table of medians and
-ratios (regsweep / floor) for docs/performance.md.
+Scenarios: one repository of 2,000 tags (each its own manifest over one shared
+layer) and 20 repositories of 200 tags (the sweep). Every measured run starts a
+fresh registry on a copy of the same seeded storage, and regsweep with no state
+and no cache (cold: what a first run costs); floor and regsweep runs alternate,
+so machine noise hits both. Prints a Markdown table of medians and ratios
+(regsweep / floor) for docs/performance.md.
+
+regsweep learns push times from ``registry.storage_path`` (the tag links'
+mtimes, seeded in tag-name order). The last two rows are the opt-in
+``age_from: build_time`` without storage, which must read every image config,
+against the floor that reads them too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,17 +38,26 @@ PY = sys.executable
 POLICY = """\
 registry:
   url: {url}
-  concurrency: 8
+  concurrency: 8{storage}
 policies:
   - name: bench
     repositories: ["bench/**"]
     mode: enforce
+    age_from: {age_from}
     keep:
       - tags: ["*"]
         newest: {keep}
 audit:
   path: {audit}
 """
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where the regsweep side of a row learns push times."""
+
+    storage: bool
+    age_from: str = "push"
 
 
 @dataclass
@@ -78,22 +92,28 @@ def regsweep_cmd(config: Path, command: str, repos: list[str]) -> list[str]:
 
 
 def measure(
-    seeded: Path, work: Path, build: Callable[[str, Path], list[str]], cache: Path | None = None
+    seeded: Path,
+    work: Path,
+    build: Callable[[str, Path], list[str]],
+    evidence: Evidence = Evidence(storage=True),
 ) -> tuple[float, str]:
+    """One run on a fresh copy of ``seeded``; regsweep's state, audit and cache start empty."""
     registry = fresh_registry(seeded, work)
     try:
         config = work / "regsweep.yaml"
-        config.write_text(POLICY.format(url=registry.url, keep=KEEP, audit=work / "audit.jsonl"))
-        return timed(build(registry.url, config), cache)
+        storage = f"\n  storage_path: {registry.storage_path}" if evidence.storage else ""
+        config.write_text(
+            POLICY.format(
+                url=registry.url,
+                keep=KEEP,
+                audit=work / "audit.jsonl",
+                storage=storage,
+                age_from=evidence.age_from,
+            )
+        )
+        return timed(build(registry.url, config), work / "cache")
     finally:
         registry.stop()
-
-
-def cold_cache(work: Path) -> Path:
-    """An empty cache directory: regsweep must read every image config."""
-    cache = work.parent / "cache-cold"
-    shutil.rmtree(cache, ignore_errors=True)
-    return cache
 
 
 def scenario(
@@ -106,25 +126,36 @@ def scenario(
     full_c = lambda url, cfg: floor_cmd(url, repos, resolve_only=False, configs=True)  # noqa: E731
     plan = lambda url, cfg: regsweep_cmd(cfg, "plan", repos)  # noqa: E731
     prune = lambda url, cfg: regsweep_cmd(cfg, "prune", repos)  # noqa: E731
-    warm = work.parent / "cache-warm"
-    shutil.rmtree(warm, ignore_errors=True)
-    measure(seeded, work, plan, warm)  # fills the build-time cache once, unmeasured
+    storage, build_time = Evidence(storage=True), Evidence(storage=False, age_from="build_time")
     pairs = [
-        ("list + resolve (floor) vs `regsweep plan`, cold cache", resolve, plan, None),
-        ("list + resolve (floor) vs `regsweep plan`, warm cache", resolve, plan, warm),
-        ("full prune, keep newest 10 (floor) vs `regsweep prune`, cold cache", full, prune, None),
-        ("full prune, keep newest 10 (floor) vs `regsweep prune`, warm cache", full, prune, warm),
-        ("list + resolve + configs (floor) vs `regsweep plan`, cold cache", resolve_c, plan, None),
-        ("full prune + configs (floor) vs `regsweep prune`, cold cache", full_c, prune, None),
+        ("list + resolve (floor) vs `regsweep plan`, storage_path, cold", resolve, plan, storage),
+        (
+            "full prune, keep newest 10 (floor) vs `regsweep prune`, storage_path, cold",
+            full,
+            prune,
+            storage,
+        ),
+        (
+            "list + resolve + configs (floor) vs `regsweep plan`, age_from: build_time, cold",
+            resolve_c,
+            plan,
+            build_time,
+        ),
+        (
+            "full prune + configs (floor) vs `regsweep prune`, age_from: build_time, cold",
+            full_c,
+            prune,
+            build_time,
+        ),
     ]
     rows = []
-    for label, floor, ours, cache in pairs:
+    for label, floor, ours, evidence in pairs:
         if only and only not in label:
             continue
         f, r = Sample(), Sample()
         for _ in range(rounds):
             f.seconds.append(measure(seeded, work, floor)[0])
-            elapsed, err = measure(seeded, work, ours, cache or cold_cache(work))
+            elapsed, err = measure(seeded, work, ours, evidence)
             r.seconds.append(elapsed)
             r.extra.append(_maxrss_mib(err))
         rows.append((f"{name}: {label}", f, r))

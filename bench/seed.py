@@ -1,7 +1,10 @@
 """Seed registries for the benchmarks through the registry API, fast and reproducibly.
 
 Every image is its own manifest over one shared layer, with a unique config
-whose ``created`` orders the tags: ``t00000`` is the oldest.
+whose ``created`` orders the tags: ``t00000`` is the oldest. The tags' links in
+storage get the same times as their last push (the seeding pushes them all within
+seconds, in no particular order), so ``registry.storage_path`` tells regsweep the
+order the floor assumes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness.registry import RegistryProcess
+from tests.harness.registry import RegistryProcess, set_pushed
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -43,7 +46,7 @@ async def _upload(client: httpx.AsyncClient, repo: str, data: bytes) -> str:
 
 
 async def _image(client: httpx.AsyncClient, repo: str, i: int, layer: str) -> None:
-    created = (EPOCH + dt.timedelta(minutes=i)).isoformat().replace("+00:00", "Z")
+    created = pushed_at(i).isoformat().replace("+00:00", "Z")
     config = json.dumps(
         {
             "architecture": "amd64",
@@ -82,10 +85,16 @@ async def seed_repository(url: str, repo: str, count: int, concurrency: int = 8)
         await asyncio.gather(*(one(i) for i in range(count)))
 
 
+def pushed_at(i: int) -> dt.datetime:
+    """When tag ``i`` was (as the storage says) last pushed: the order of the tag names."""
+    return EPOCH + dt.timedelta(minutes=i)
+
+
 def seeded_storage(cache: Path, name: str, repos: dict[str, int]) -> Path:
     """A registry root seeded once and reused: copy it for each measured run."""
     root = cache / name
-    if (root / "done").exists():
+    done = root / "done-with-push-times"
+    if done.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     registry = RegistryProcess.create(root)
@@ -93,14 +102,17 @@ def seeded_storage(cache: Path, name: str, repos: dict[str, int]) -> Path:
     try:
         for repo, count in repos.items():
             asyncio.run(seed_repository(registry.url, repo, count))
+            for i in range(count):
+                set_pushed(registry.storage_path, repo, pushed_at(i), tag_name(i))
     finally:
         registry.stop()
-    (root / "done").write_text("ok")
+    done.write_text("ok")
     return root
 
 
 def fresh_registry(seeded: Path, work: Path) -> RegistryProcess:
-    """A registry on a private copy of a seeded root (so every run starts identical)."""
+    """A registry on a private copy of a seeded root (so every run starts identical; the
+    copy keeps the tag links' mtimes)."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(seeded / "data", work / "data", symlinks=True)
     registry = RegistryProcess.create(work)

@@ -13,29 +13,35 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 from regsweep import render
 from worker import env, logs
-from worker.audit import AuditLog, JsonlAuditLog
-from worker.config import load_config
+from worker.audit import AuditQuery
+from worker.config import load_config, parse_duration
 from worker.errors import ConfigError, RegsweepError
 from worker.events import JobKind, JobRequest
+from worker.executor import ExecutionReport
 from worker.inventory import CreatedCache
+from worker.model import Hold
 from worker.policy import Config
-from worker.pruner import Pruner, RepositoryPlan
+from worker.pruner import Pruner, RepositoryFailure, RepositoryPlan
 from worker.registry.client import RegistryClient
 from worker.restore import restore
+from worker.storage import check_storage_root
+from worker.stores import Stores, audit_file
 
 EXIT_OK: Final = 0
 EXIT_RUN_ERROR: Final = 1
 EXIT_USAGE: Final = 2
-DEFAULT_AUDIT_FILE: Final = "regsweep-audit.jsonl"
+#: ``regsweep hold`` without ``--for``.
+DEFAULT_HOLD: Final = timedelta(days=7)
 
 Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
 #: Long-running commands that own the process (and its signals): no event loop around them.
@@ -62,9 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     rest = sub.add_parser("restore", help="put a deleted manifest and its tags back (until GC)")
     rest.add_argument("repository", metavar="REPO")
-    rest.add_argument("digest", metavar="DIGEST")
+    rest.add_argument("digest", metavar="DIGEST", help="a digest or a unique prefix of one")
+    rest.add_argument(
+        "--force", action="store_true", help="move tags that now point elsewhere back too"
+    )
+    hold = sub.add_parser("hold", help="keep a tag whatever the policy says, for a while")
+    hold.add_argument("repository", metavar="REPO")
+    hold.add_argument("tag", metavar="TAG")
+    hold.add_argument(
+        "--for", dest="duration", type=_duration, default=DEFAULT_HOLD, help="default 7d"
+    )
+    unhold = sub.add_parser("unhold", help="end a hold")
+    unhold.add_argument("repository", metavar="REPO")
+    unhold.add_argument("tag", metavar="TAG")
     audit = sub.add_parser("audit", help="list audited deletions")
-    audit.add_argument("--since", type=_since, help="e.g. 24h, 7d or an ISO timestamp")
+    audit.add_argument("--since", type=_since, help="e.g. 24h, 1h30m, 7d or an ISO timestamp")
+    audit.add_argument("--repository", metavar="REPO")
+    audit.add_argument("--digest", metavar="DIGEST", help="a digest or a prefix of one")
+    audit.add_argument("--job", metavar="JOB_ID")
     audit.add_argument("--json", action="store_true")
     gc = sub.add_parser("gc", help="garbage-collect now: pruning paused, registry read-only")
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
@@ -172,10 +193,20 @@ def _beat(args: argparse.Namespace, config: Config) -> int:
 PROCESSES: Final[dict[str, Process]] = {"serve": _serve, "worker": _worker, "beat": _beat}
 
 
+def _duration(text: str) -> timedelta:
+    """The config's duration syntax: ``30s``, ``15m``, ``1h30m``, ``7d``, ``2w``."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from exc
+
+
 def _since(text: str) -> datetime:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if text and text[-1] in units and text[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    """A duration back from now, or an ISO timestamp."""
+    try:
+        return datetime.now(UTC) - parse_duration(text)
+    except ValueError:
+        pass
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -183,29 +214,29 @@ def _since(text: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _audit_log(config: Config) -> AuditLog:
-    if config.audit_path:
-        return JsonlAuditLog(config.audit_path)
-    base = Path(config.source).parent if config.source.startswith("/") else Path.cwd()
-    return JsonlAuditLog(base / DEFAULT_AUDIT_FILE)
-
-
 def _created_cache_path() -> Path:
     return Path(env.cache_dir(env.current())) / "created.json"
 
 
-def _pruner(config: Config, client: RegistryClient, created: CreatedCache) -> Pruner:
-    """The in-process pruner: JSONL audit, and a persistent cache of image build times."""
-    return Pruner(config, client, audit=_audit_log(config), created_cache=created)
+def _pruner(
+    config: Config, client: RegistryClient, stores: Stores, created: CreatedCache
+) -> Pruner:
+    """The in-process pruner: the installation's history and audit, and a persistent cache
+    of image build times."""
+    return Pruner(config, client, history=stores.history, audit=stores.audit, created_cache=created)
 
 
 async def _check_config(args: argparse.Namespace, config: Config) -> int:
+    problems = [f"audit.path: {p}" for p in [_audit_unwritable(config)] if p]
+    if config.registry.storage_path is not None:
+        storage = check_storage_root(config.registry.storage_path)
+        if storage is not None:
+            problems.append(f"registry.storage_path: {config.registry.storage_path} {storage}")
     # The service starts with these hooks off (404); a check says so and fails.
-    off = [
-        f"{config.source}: {key}: names a variable that is not set" for key in config.hooks.unset
-    ]
-    if off:
-        print("\n".join(off), file=sys.stderr)
+    problems += [f"{key}: names a variable that is not set" for key in config.hooks.unset]
+    if problems:
+        for problem in problems:
+            print(f"{config.source}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{config.source}: ok, {len(config.policies)} policies")
     for policy in config.policies:
@@ -214,18 +245,47 @@ async def _check_config(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _audit_unwritable(config: Config) -> str | None:
+    """Why the audit file (used without Redis) cannot be written; None when it can."""
+    if config.redis_url is not None:
+        return None
+    path = audit_file(config)
+    where = path if path.exists() else path.parent
+    if not where.exists():
+        return f"{path.parent} does not exist (the audit log goes to {path})"
+    if not os.access(where, os.W_OK):
+        return f"{where} is not writable: every deletion is recorded there first"
+    if os.statvfs(where).f_bavail == 0:
+        return f"{where}: no space left on device: every deletion is recorded there first"
+    return None
+
+
 async def _plan(args: argparse.Namespace, config: Config) -> int:
     created = CreatedCache.load(_created_cache_path())
-    async with RegistryClient.from_settings(config.registry) as client:
-        pruner = _pruner(config, client, created)
-        planned = await pruner.plan_many(await pruner.repositories(args.repositories))
+    stores = Stores.open(config)
+    try:
+        async with RegistryClient.from_settings(config.registry) as client:
+            pruner = _pruner(config, client, stores, created)
+            results = await pruner.plan_many(await pruner.repositories(args.repositories))
+    finally:
+        await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
+    planned = [r for r in results if isinstance(r, RepositoryPlan)]
     if args.json:
         json.dump(render.plan_json(planned), sys.stdout, indent=2)
         print()
     else:
         _print_plans(planned)
-    return EXIT_OK
+    return _report_failures(r for r in results if isinstance(r, RepositoryFailure))
+
+
+def _report_failures(failures: Iterable[RepositoryFailure]) -> int:
+    """Say which repositories could not be planned; exit 1 if any."""
+    code = EXIT_OK
+    for failure in failures:
+        print(f"regsweep: {failure.repository}: not planned: {failure.error}", file=sys.stderr)
+        code = EXIT_RUN_ERROR
+    return code
 
 
 def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
@@ -239,57 +299,127 @@ def _print_plans(planned: Sequence[RepositoryPlan]) -> None:
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     if args.enqueue:
         return await _prune_enqueue(args, config)
+    problem = None if args.dry_run else _audit_unwritable(config)
+    if problem is not None:
+        print(f"regsweep: nothing deleted: audit.path: {problem}", file=sys.stderr)
+        return EXIT_RUN_ERROR
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     created = CreatedCache.load(_created_cache_path())
-    async with RegistryClient.from_settings(config.registry) as client:
-        pruner = _pruner(config, client, created)
-        repos = await pruner.repositories(args.repositories)
-        progress: dict[str, render.Progress] = {}
-
-        def planned(rp: RepositoryPlan) -> None:
-            print(render.plan_table(rp))
-            if rp.enforced and not args.dry_run:
-                progress[rp.plan.repository] = render.Progress(len(rp.plan.deletions))
-
-        results = await pruner.prune_many(
-            repos,
-            dry_run=args.dry_run,
-            job_id=job_id,
-            on_planned=planned,
-            on_progress=lambda repo, d, s: progress[repo].step(
-                f"{repo}: {s.value} {render.short(d.digest)}"
-            ),
-        )
+    stores = Stores.open(config)
+    try:
+        async with RegistryClient.from_settings(config.registry) as client:
+            pruner = _pruner(config, client, stores, created)
+            repos = await pruner.repositories(args.repositories)
+            results = await _prune_with_progress(pruner, repos, args.dry_run, job_id)
+    finally:
+        await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
-    failed = False
-    for rp, report in results:
+    code = _report_failures(r for r in results if isinstance(r, RepositoryFailure))
+    for result in results:
+        if isinstance(result, RepositoryFailure):
+            continue
+        rp, report = result
         if report is None:
-            why = "--dry-run" if args.dry_run else f"policy {rp.policy.name} is dry-run"
-            print(f"{rp.plan.repository}: nothing deleted ({why})")
+            print(f"{rp.plan.repository}: nothing deleted ({_not_executed(rp, args.dry_run)})")
             continue
         print(render.report_line(report))
-        failed |= report.outcome.value == "failed"
-    return EXIT_RUN_ERROR if failed else EXIT_OK
+        if report.outcome.value == "failed":
+            code = EXIT_RUN_ERROR
+    return code
+
+
+def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
+    """Why a repository's plan was not carried out."""
+    if dry_run:
+        return "--dry-run"
+    if not rp.enforced:
+        return f"policy {rp.policy.name} is dry-run"
+    return "nothing to delete"
+
+
+async def _prune_with_progress(
+    pruner: Pruner, repos: Sequence[str], dry_run: bool, job_id: str
+) -> list[tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure]:
+    progress: dict[str, render.Progress] = {}
+
+    def planned(rp: RepositoryPlan) -> None:
+        print(render.plan_table(rp))
+        if rp.enforced and not dry_run:
+            progress[rp.plan.repository] = render.Progress(len(rp.plan.deletions))
+
+    return await pruner.prune_many(
+        repos,
+        dry_run=dry_run,
+        job_id=job_id,
+        on_planned=planned,
+        on_progress=lambda repo, d, s: progress[repo].step(
+            f"{repo}: {s.value} {render.short(d.digest)}"
+        ),
+    )
 
 
 async def _restore(args: argparse.Namespace, config: Config) -> int:
-    async with RegistryClient.from_settings(config.registry) as client:
-        restored = await restore(client, _audit_log(config), args.repository, args.digest)
+    stores = Stores.open(config)
+    try:
+        async with RegistryClient.from_settings(config.registry) as client:
+            restored = await restore(
+                client,
+                stores.audit,
+                stores.history,
+                args.repository,
+                args.digest,
+                hold_for=config.restore_hold,
+                force=args.force,
+            )
+    finally:
+        await stores.aclose()
+    until = (datetime.now(UTC) + config.restore_hold).strftime("%Y-%m-%d %H:%M UTC")
     for item in restored:
         tags = ", ".join(item.tags) or "no tags"
-        print(f"restored {item.action} {item.digest} ({tags})")
+        how = "restored" if item.pushed else "present"
+        print(f"{how} {item.action} {item.digest} ({tags})")
+    print(f"tags held until {until} (regsweep unhold REPO TAG ends a hold)")
+    return EXIT_OK
+
+
+async def _hold(args: argparse.Namespace, config: Config) -> int:
+    until = datetime.now(UTC) + args.duration
+    stores = Stores.open(config)
+    try:
+        await stores.history.hold(args.repository, Hold(args.tag, until, "regsweep hold"))
+    finally:
+        await stores.aclose()
+    print(f"{args.repository}:{args.tag} held until {until.strftime('%Y-%m-%d %H:%M UTC')}")
+    return EXIT_OK
+
+
+async def _unhold(args: argparse.Namespace, config: Config) -> int:
+    stores = Stores.open(config)
+    try:
+        ended = await stores.history.unhold(args.repository, args.tag)
+    finally:
+        await stores.aclose()
+    if not ended:
+        print(f"regsweep: {args.repository}:{args.tag} is not held", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    print(f"{args.repository}:{args.tag} no longer held")
     return EXIT_OK
 
 
 async def _audit(args: argparse.Namespace, config: Config) -> int:
-    entries = await _audit_log(config).entries(since=args.since)
+    query = AuditQuery(
+        since=args.since, repository=args.repository, digest=args.digest, job_id=args.job
+    )
+    stores = Stores.open(config)
+    try:
+        entries = sorted(await stores.audit.entries(query), key=lambda e: e.time)
+        problems = stores.audit.problems
+    finally:
+        await stores.aclose()
+    for problem in problems:
+        print(f"regsweep: {stores.audit.location}: skipped {problem}", file=sys.stderr)
     for entry in entries:
-        if args.json:
-            record = json.loads(entry.to_json())
-            record.pop("manifest")
-            print(json.dumps(record))
-        else:
-            print(render.audit_line(entry))
+        print(json.dumps(entry.public()) if args.json else render.audit_line(entry))
     return EXIT_OK
 
 
@@ -305,6 +435,8 @@ COMMANDS: Final[dict[str, Command]] = {
     "plan": _plan,
     "prune": _prune,
     "restore": _restore,
+    "hold": _hold,
+    "unhold": _unhold,
     "audit": _audit,
 }
 

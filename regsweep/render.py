@@ -6,10 +6,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from worker.audit import AuditEntry
+from worker.audit import AuditEntry, Outcome
 from worker.executor import ExecutionReport, Status
-from worker.model import referrer_tag_subject
+from worker.model import Inventory, PushTime, referrer_tag_subject
 from worker.plan import Action, Plan
+from worker.planner import describe_push
 from worker.pruner import RepositoryPlan
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -37,34 +38,43 @@ def short_tag(tag: str) -> str:
     return f"{head[:19]}…{dot}{suffix}"
 
 
-def _rows(plan: Plan) -> list[tuple[str, str, str, str]]:
-    rows: list[tuple[str, str, str, str]] = []
+def _pushed(inventory: Inventory, tag: str) -> str:
+    """The PUSHED column: how long ago, and on what evidence (a referrer tag has none)."""
+    if tag == "-" or tag not in inventory.tags or referrer_tag_subject(tag) is not None:
+        return ""
+    return describe_push(inventory.push_time(tag), inventory.taken_at).removeprefix("pushed ")
+
+
+def _rows(planned: RepositoryPlan) -> list[tuple[str, ...]]:
+    plan, inventory = planned.plan, planned.inventory
+    rows: list[tuple[str, ...]] = []
     for d in plan.deletions:
         action = "untag" if d.action is Action.UNTAG else f"delete {d.action.value}"
         for tag in d.tags or ("-",):
-            rows.append((short_tag(tag), short(d.digest), action, str(d.reason)))
+            rows.append(
+                (short_tag(tag), short(d.digest), action, _pushed(inventory, tag), str(d.reason))
+            )
     for k in plan.kept:
-        rows.append((short_tag(k.tag), short(k.digest), "keep", str(k.reason)))
+        rows.append(
+            (short_tag(k.tag), short(k.digest), "keep", _pushed(inventory, k.tag), str(k.reason))
+        )
     return rows
+
+
+_HEADER = ("TAG", "DIGEST", "ACTION", "PUSHED", "REASON")
 
 
 def plan_table(planned: RepositoryPlan) -> str:
     plan = planned.plan
     mode = "enforce" if planned.enforced else "dry-run"
     lines = [f"{plan.repository}  (policy {plan.policy}, {mode})"]
-    rows = _rows(plan)
+    lines += [f"  note: {note}" for note in plan.notes]
+    rows = _rows(planned)
     if rows:
-        widths = [
-            max(len(r[i]) for r in [*rows, ("TAG", "DIGEST", "ACTION", "")]) for i in range(3)
-        ]
-        header = ("TAG", "DIGEST", "ACTION", "REASON")
-        for row in [header, *rows]:
-            lines.append(
-                "  "
-                + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-                + "  "
-                + row[3]
-            )
+        widths = [max(len(r[i]) for r in [*rows, _HEADER]) for i in range(len(_HEADER) - 1)]
+        for row in [_HEADER, *rows]:
+            cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+            lines.append("  " + "  ".join([*cells, row[-1]]))
     lines.append("  " + summary(plan))
     return "\n".join(line.rstrip() for line in lines)
 
@@ -77,41 +87,57 @@ def summary(plan: Plan) -> str:
     )
 
 
+def push_json(pushed: PushTime) -> dict[str, Any]:
+    """A push time as JSON: its source and bounds (null: unbounded)."""
+    return {
+        "source": pushed.source.value,
+        "earliest": pushed.earliest.isoformat() if pushed.earliest else None,
+        "latest": pushed.latest.isoformat() if pushed.latest else None,
+    }
+
+
 def plan_json(planned: Sequence[RepositoryPlan]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for rp in planned:
-        p = rp.plan
-        out.append(
+    return [_plan_json(rp) for rp in planned]
+
+
+def _plan_json(rp: RepositoryPlan) -> dict[str, Any]:
+    p, inventory = rp.plan, rp.inventory
+    return {
+        "repository": p.repository,
+        "policy": p.policy,
+        "mode": "enforce" if rp.enforced else "dry-run",
+        "notes": list(p.notes),
+        "deletions": [
             {
                 "repository": p.repository,
-                "policy": p.policy,
-                "mode": "enforce" if rp.enforced else "dry-run",
-                "deletions": [
-                    {
-                        "repository": p.repository,
-                        "digest": d.digest,
-                        "media_type": d.media_type,
-                        "action": d.action.value,
-                        "tags": list(d.tags),
-                        "reason": str(d.reason),
-                        "rule": d.reason.rule,
-                        "parent": d.parent,
-                    }
-                    for d in p.deletions
-                ],
-                "kept": [
-                    {"tag": k.tag, "digest": k.digest, "reason": str(k.reason)} for k in p.kept
-                ],
-                "totals": {
-                    "tags_removed": p.tags_removed,
-                    "tags_kept": p.tags_kept,
-                    "manifests_removed": p.manifests_removed,
-                    "manifests_kept": p.manifests_kept,
-                    "reclaimable_bytes": p.reclaimable_bytes,
-                },
+                "digest": d.digest,
+                "media_type": d.media_type,
+                "action": d.action.value,
+                "tags": list(d.tags),
+                "pushed": {t: push_json(inventory.push_time(t)) for t in d.tags},
+                "reason": str(d.reason),
+                "rule": d.reason.rule,
+                "parents": list(d.parents),
             }
-        )
-    return out
+            for d in p.deletions
+        ],
+        "kept": [
+            {
+                "tag": k.tag,
+                "digest": k.digest,
+                "pushed": push_json(inventory.push_time(k.tag)),
+                "reason": str(k.reason),
+            }
+            for k in p.kept
+        ],
+        "totals": {
+            "tags_removed": p.tags_removed,
+            "tags_kept": p.tags_kept,
+            "manifests_removed": p.manifests_removed,
+            "manifests_kept": p.manifests_kept,
+            "reclaimable_bytes": p.reclaimable_bytes,
+        },
+    }
 
 
 def report_line(report: ExecutionReport) -> str:
@@ -128,9 +154,12 @@ def report_line(report: ExecutionReport) -> str:
 def audit_line(entry: AuditEntry) -> str:
     tags = ",".join(entry.tags) or "-"
     when = entry.time.isoformat(timespec="seconds")
+    outcome = entry.outcome.value
+    if entry.outcome is not Outcome.DELETED and entry.detail:
+        outcome += f" ({entry.detail})"
     return (
-        f"{when}  {entry.repository}  {short(entry.digest)}  {entry.action}  tags={tags}  "
-        f"{entry.policy}/{entry.rule}: {entry.reason}  job={entry.job_id}"
+        f"{when}  {entry.repository}  {short(entry.digest)}  {entry.action} {outcome}  "
+        f"tags={tags}  {entry.policy}/{entry.rule}: {entry.reason}  job={entry.job_id}"
     )
 
 

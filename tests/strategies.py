@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from worker import mediatypes as mt
-from worker.model import Digest, Inventory, Manifest, parse_manifest
+from worker.model import Digest, Hold, Inventory, Manifest, PushSource, PushTime, parse_manifest
 from worker.plan import Reason
 from worker.planner import TagRequest
 from worker.policy import KeepRule, Policy, RepositoryPattern, TagPattern
@@ -110,6 +110,18 @@ def signature(subject: Manifest | Digest, label: str = "sig") -> Manifest:
     return _manifest(body)
 
 
+def untag_placeholder(nonce: str = "0f" * 16) -> Manifest:
+    """regsweep's own throw-away manifest of a tag-only removal (as the client pushes it)."""
+    body = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
+        "layers": [],
+        "annotations": {mt.UNTAG_ANNOTATION: nonce},
+    }
+    return _manifest(body)
+
+
 def cosign_tag(subject: Manifest | Digest, suffix: str | None = "sig") -> str:
     """``sha256-<hex>.sig`` (or the bare ``sha256-<hex>`` fallback tag when ``suffix`` is None)."""
     digest = subject.digest if isinstance(subject, Manifest) else subject
@@ -124,22 +136,43 @@ class RepoBuilder:
     now: datetime = NOW
     manifests: dict[Digest, Manifest] = field(default_factory=dict)
     tags: dict[str, Digest] = field(default_factory=dict)
-    pushed_at: dict[str, datetime] = field(default_factory=dict)
+    push_times: dict[str, PushTime] = field(default_factory=dict)
     untagged_since: dict[Digest, datetime] = field(default_factory=dict)
     referrers: dict[Digest, tuple[Digest, ...]] = field(default_factory=dict)
     missing: set[Digest] = field(default_factory=set)
+    #: Of ``missing``: subjects regsweep's audit shows it deleted.
+    deleted: set[Digest] = field(default_factory=set)
+    holds: dict[str, Hold] = field(default_factory=dict)
 
     def add(self, *manifests: Manifest) -> None:
         for m in manifests:
             self.manifests[m.digest] = m
 
-    def tag(self, tag: str, m: Manifest, age: timedelta | None = None) -> Manifest:
-        """Tag ``m`` (adding it); ``age`` is how long ago the push was recorded (None: never)."""
+    def tag(
+        self,
+        tag: str,
+        m: Manifest,
+        age: timedelta | None = None,
+        *,
+        pushed: PushTime | None = None,
+    ) -> Manifest:
+        """Tag ``m`` (adding it); ``age``: a push notified that long ago; ``pushed``: any
+        other evidence (neither: unknown)."""
         self.add(m)
         self.tags[tag] = m.digest
         if age is not None:
-            self.pushed_at[tag] = self.now - age
+            self.push_times[tag] = PushTime.exact(PushSource.NOTIFICATION, self.now - age)
+        elif pushed is not None:
+            self.push_times[tag] = pushed
         return m
+
+    def hold(self, tag: str, until: timedelta, reason: str = "regsweep hold") -> None:
+        self.holds[tag] = Hold(tag, self.now + until, reason)
+
+    def gone_by_regsweep(self, digest: Digest) -> None:
+        """``digest`` is absent and the audit shows regsweep deleted it."""
+        self.missing.add(digest)
+        self.deleted.add(digest)
 
     def untagged(self, m: Manifest, since: timedelta) -> Manifest:
         self.add(m)
@@ -158,10 +191,12 @@ class RepoBuilder:
             taken_at=self.now,
             tags=dict(self.tags),
             manifests=dict(self.manifests),
-            pushed_at=dict(self.pushed_at),
+            push_times=dict(self.push_times),
             untagged_since=dict(self.untagged_since),
             referrers=dict(self.referrers),
             missing=frozenset(self.missing),
+            deleted_by_regsweep=frozenset(self.deleted),
+            holds=dict(self.holds),
         )
 
 
@@ -210,7 +245,25 @@ REQUEST_PATTERNS = ("pr-1", "pr-1-*", "main-*", "*", "latest", "v1")
 # Strategies are built once here: building them inside a draw costs more than the planner.
 _HOURS_AGO = st.integers(0, 2000).map(lambda h: timedelta(hours=h))
 _CREATED = st.none() | _HOURS_AGO.map(lambda ago: NOW - ago)
-_PUSH_AGE = st.none() | _HOURS_AGO
+
+
+@st.composite
+def push_evidence(draw: st.DrawFn) -> PushTime | None:
+    """None (unknown), an exact time, an interval, or an upper bound only."""
+    kind = draw(st.sampled_from(["unknown", "exact", "interval", "upper"]))
+    if kind == "unknown":
+        return None
+    latest = NOW - draw(_HOURS_AGO)
+    if kind == "exact":
+        return PushTime.exact(
+            draw(st.sampled_from([PushSource.NOTIFICATION, PushSource.STORAGE])), latest
+        )
+    if kind == "upper":
+        return PushTime(PushSource.FIRST_SEEN, None, latest)
+    return PushTime(PushSource.FIRST_SEEN, latest - draw(_HOURS_AGO), latest)
+
+
+_PUSH = push_evidence()
 _LAYERS = st.lists(
     st.tuples(st.sampled_from("abcde"), st.integers(1, 1000)), min_size=1, max_size=3
 )
@@ -271,7 +324,10 @@ def _referrers(draw: st.DrawFn, builder: RepoBuilder, pool: list[Manifest]) -> N
         pool.append(sig)
     for i in range(draw(st.integers(0, 2))):
         gone = sha256(f"gone{i}")
-        builder.missing.add(gone)
+        if draw(st.booleans()):
+            builder.gone_by_regsweep(gone)
+        else:
+            builder.missing.add(gone)  # 404, but not regsweep's doing: no evidence
         builder.tag(cosign_tag(gone, "sig"), signature(gone, f"orphan{i}"))
 
 
@@ -283,7 +339,9 @@ def inventories(draw: st.DrawFn) -> Inventory:
     draw(_indexes(builder, pool))
     draw(_referrers(builder, pool))
     for name in draw(_TAGS):
-        builder.tag(name, _pick(draw, pool), draw(_PUSH_AGE))
+        builder.tag(name, _pick(draw, pool), pushed=draw(_PUSH))
+        if draw(st.integers(0, 9)) == 0:
+            builder.hold(name, timedelta(days=1))
     for _ in range(draw(st.integers(0, 4))):
         builder.untagged_since[_pick(draw, pool).digest] = NOW - draw(_HOURS_AGO) / 10
     return builder.inventory()

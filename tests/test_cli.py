@@ -32,12 +32,15 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def write_config(tmp_path: Path, url: str, mode: str = "enforce") -> Path:
+def write_config(
+    tmp_path: Path, url: str, mode: str = "enforce", storage: Path | None = None
+) -> Path:
     path = tmp_path / "regsweep.yaml"
+    storage_path = f"\n  storage_path: {storage}" if storage else ""
     path.write_text(
         f"""
 registry:
-  url: {url}
+  url: {url}{storage_path}
 policies:
   - name: cli
     repositories: ["t/**"]
@@ -58,7 +61,8 @@ def seeded(registry: RegistryProcess, repo_name: str) -> Iterator[tuple[ImageBui
     now = dt.datetime.now(dt.UTC)
     with ImageBuilder.connect(registry.url) as b:
         for i in range(3):
-            b.image(repo_name, f"v{i}", created=now - dt.timedelta(days=5 - i))
+            b.image(repo_name, f"v{i}")
+            registry.set_pushed(repo_name, now - dt.timedelta(days=5 - i), f"v{i}")
         yield b, repo_name
 
 
@@ -111,16 +115,21 @@ def test_plan_table_and_json(
 ) -> None:
     """plan prints a table with reasons and totals; --json lists digest, tags and reason."""
     builder, repo = seeded
-    config = write_config(tmp_path, registry.url)
+    config = write_config(tmp_path, registry.url, storage=registry.storage_path)
     table = run("plan", repo, config=config)
     assert table.returncode == 0, table.stderr
     assert "v0" in table.stdout
     assert "keep[0]" in table.stdout
     assert "tags: 2 removed, 1 kept" in table.stdout
+    assert "5d ago (storage)" in table.stdout  # the push time and its source, per row
     out = run("plan", repo, "--json", config=config)
     (doc,) = json.loads(out.stdout)
     deleted = {tag for d in doc["deletions"] for tag in d["tags"]}
     assert deleted == {"v0", "v1"}
+    assert {d["pushed"]["v0"]["source"] for d in doc["deletions"] if "v0" in d["tags"]} == {
+        "storage"
+    }
+    assert [k["pushed"]["source"] for k in doc["kept"]] == ["storage"]
     assert all(d["digest"].startswith("sha256:") and d["reason"] for d in doc["deletions"])
     assert all(d["repository"] == repo for d in doc["deletions"])
     assert builder.tags(repo) == ["v0", "v1", "v2"]
@@ -131,7 +140,7 @@ def test_prune_dry_run_then_enforce_then_audit_and_restore(
 ) -> None:
     """prune --dry-run deletes nothing; prune deletes, audit lists it, restore brings it back."""
     builder, repo = seeded
-    config = write_config(tmp_path, registry.url)
+    config = write_config(tmp_path, registry.url, storage=registry.storage_path)
     dry = run("prune", repo, "--dry-run", config=config)
     assert dry.returncode == 0
     assert "nothing deleted (--dry-run)" in dry.stdout
@@ -154,7 +163,7 @@ def test_dry_run_policy_mode_is_respected(
 ) -> None:
     """A policy in dry-run mode is only planned by prune, never executed."""
     builder, repo = seeded
-    config = write_config(tmp_path, registry.url, mode="dry-run")
+    config = write_config(tmp_path, registry.url, mode="dry-run", storage=registry.storage_path)
     result = run("prune", repo, config=config)
     assert result.returncode == 0
     assert "policy cli is dry-run" in result.stdout
@@ -179,4 +188,18 @@ def test_restore_of_unknown_digest_is_a_run_error(
     config = write_config(tmp_path, registry.url)
     result = run("restore", "t/none", "sha256:" + "0" * 64, config=config)
     assert result.returncode == 1
-    assert "no audited deletion" in result.stderr
+    assert "the audit has no deletion of" in result.stderr
+
+
+def test_check_config_refuses_storage_it_cannot_read(tmp_path: Path) -> None:
+    """check-config names a registry.storage_path that is no directory, and one that belongs
+    to a pull-through cache, and exits 2."""
+    config = tmp_path / "regsweep.yaml"
+    config.write_text(f"registry: {{url: 'http://r:5000', storage_path: '{tmp_path / 'no'}'}}\n")
+    missing = run("check-config", config=config)
+    assert missing.returncode == 2
+    assert "registry.storage_path" in missing.stderr and "not a directory" in missing.stderr
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no" / "scheduler-state.json").write_text("{}")
+    proxy = run("check-config", config=config)
+    assert proxy.returncode == 2 and "pull-through cache" in proxy.stderr

@@ -25,6 +25,7 @@ from worker.policy import (
     ProcessControllerSettings,
     Secret,
 )
+from worker.storage import RegistryStorage, check_storage_root
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "regsweep.yaml"
 REGISTRY = "registry:\n  url: http://127.0.0.1:5000\n"
@@ -62,7 +63,7 @@ def test_minimal_file_gets_every_default() -> None:
     assert (config.registry.username, config.registry.password) == (None, None)
     assert config.policies == ()
     assert config.redis_url is None
-    assert config.audit_path is None
+    assert config.audit_path == str(Path("p.yaml").resolve().parent / "regsweep-audit.jsonl")
     assert config.sweep_every == DEFAULT_SWEEP_EVERY
     assert config.hooks.registry_token is None and config.hooks.api_token is None
     assert config.hooks.body_limit == DEFAULT_BODY_LIMIT
@@ -208,10 +209,26 @@ def test_window_margin_defaults() -> None:
 
 
 def test_registry_url_trailing_slash_dropped_and_audit_path() -> None:
-    """The registry URL loses its trailing slash and audit.path is kept as given."""
+    """The registry URL loses its trailing slash; a relative audit.path is taken relative to
+    the policy file, whatever the working directory."""
     config = _parse("registry: {url: 'https://reg.example:5000/'}\naudit: {path: a.jsonl}\n")
     assert config.registry.url == "https://reg.example:5000"
-    assert config.audit_path == "a.jsonl"
+    assert config.audit_path == str(Path("p.yaml").resolve().parent / "a.jsonl")
+
+
+def test_audit_file_sits_beside_the_policy_file_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-c spelled relative or absolute, from any directory: the same audit file."""
+    conf = tmp_path / "etc" / "regsweep.yaml"
+    conf.parent.mkdir()
+    conf.write_text(REGISTRY)
+    expected = str(conf.parent / "regsweep-audit.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("etc/regsweep.yaml", {}).audit_path == expected
+    monkeypatch.chdir(conf.parent)
+    assert load_config("regsweep.yaml", {}).audit_path == expected
+    assert load_config(str(conf), {}).audit_path == expected
 
 
 @pytest.mark.parametrize(
@@ -768,3 +785,33 @@ def test_secrets_never_in_error_messages() -> None:
     problems = _problems(text, {"REGSWEEP_REDIS_URL": "bad://:redispw-Zq87@h"})
     assert len(problems) == 5
     assert not any("Zq8" in line for line in problems)
+
+
+def test_storage_path_is_made_absolute_and_checked_where_it_is_read(tmp_path: Path) -> None:
+    """The loader only takes the path (the service shares the file, not the registry's
+    volume); reading a missing directory or a pull-through cache's storage is refused with
+    the key named."""
+    good = tmp_path / "registry"
+    good.mkdir()
+    config = _parse(f"registry: {{url: 'http://r:5000', storage_path: '{good}'}}\n")
+    assert config.registry.storage_path == str(good)
+    assert check_storage_root(str(good)) is None
+    assert "is not a directory" in (check_storage_root(str(good / "nope")) or "")
+    (good / "scheduler-state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"registry\.storage_path .*pull-through cache"):
+        RegistryStorage(good)
+
+
+def test_age_from_and_restore_hold() -> None:
+    """A policy's age_from is push (default) or build_time; restore.hold is a duration."""
+    text = REGISTRY + (
+        "restore: {hold: 3d}\n"
+        "policies:\n"
+        "  - {name: a, repositories: [x]}\n"
+        "  - {name: b, repositories: [y], age_from: build_time}\n"
+    )
+    config = _parse(text)
+    assert [p.age_from.value for p in config.policies] == ["push", "build_time"]
+    assert config.restore_hold == timedelta(days=3)
+    (problem,) = _problems(REGISTRY + "policies:\n  - {name: a, repositories: [x], age_from: x}\n")
+    assert "policies[0] (a).age_from: must be push or build_time" in problem

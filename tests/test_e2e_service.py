@@ -7,7 +7,9 @@ registry itself (HEAD by digest → 404; kept manifests and blobs → 200).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,6 +59,24 @@ POLICIES: list[dict[str, Any]] = [
         "repositories": ["e2e/api-*"],
         "mode": "dry-run",
         "keep": [{"tags": ["keep-*"]}],
+    },
+    {
+        "name": "race",
+        "repositories": ["e2e/race-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["build-*"], "newest": 2}],
+    },
+    {
+        "name": "deployed",
+        "repositories": ["e2e/deployed-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["*"], "newest": 1}],
+    },
+    {
+        "name": "within",
+        "repositories": ["e2e/within-*"],
+        "mode": "dry-run",
+        "keep": [{"tags": ["*"], "pushed_within": "7d"}],
     },
 ]
 
@@ -255,8 +275,9 @@ def test_transient_registry_outage_is_retried(
         job_id = post_job(http, kind="prune", repository=repository)
 
         def retrying() -> bool:
-            job = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS).json()
-            return any("retrying" in e for e in job["errors"])
+            response = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS)
+            assert response.status_code == 200, response.text
+            return any("retrying" in e for e in response.json().get("errors", []))
 
         s.wait_for(retrying, timeout=30, step=0.2)
     finally:
@@ -299,3 +320,83 @@ def test_service_and_worker_log_json_without_secrets(stack: s.Stack) -> None:
             assert secret not in text
     service_log = stack.service.log.read_text()
     assert "/hooks/registry enabled" in service_log
+
+
+def _quiet(state: redis.Redis, repository: str) -> bool:
+    """No prune of ``repository`` waiting or running."""
+    keys = (f"regsweep:pending:prune:{repository}", f"regsweep:lock:prune:{repository}")
+    return not any(state.exists(k) for k in keys)
+
+
+def _audited(state: redis.Redis, repository: str) -> set[str]:
+    """Digests the workers' audit stream records a deletion intent for, in ``repository``."""
+    found = set()
+    for _, fields in state.xrange("regsweep:audit"):
+        if "entry" in fields:
+            entry = json.loads(fields["entry"])
+            if entry["repository"] == repository:
+                found.add(entry["digest"])
+    return found
+
+
+def test_back_to_back_pushes_never_cost_the_newest_builds(
+    stack: s.Stack, images: ImageBuilder, state: redis.Redis
+) -> None:
+    """Three builds pushed back to back, `newest: 2`, a worker taking events and prunes in
+    one process: the oldest goes, and in no round is a newer one deleted, whatever order
+    the events and prunes run in (once, a prune reading the registry live dated unrecorded
+    tags by their build and deleted the middle one)."""
+    for _ in range(5):
+        repository = unique("race")
+        builds = [images.image(repository, f"build-{n}") for n in (1, 2, 3)]
+        wait_gone(images, repository, builds[0].digest, stack)
+        s.wait_for(lambda r=repository: _quiet(state, r), timeout=30)
+        for kept in builds[1:]:
+            assert_intact(images, kept)
+        assert _audited(state, repository) == {builds[0].digest}
+
+
+def test_the_cli_decides_from_the_pushes_the_service_recorded(
+    stack: s.Stack, images: ImageBuilder, state: redis.Redis, tmp_path: Any
+) -> None:
+    """With redis.url set, `regsweep plan` uses the notified push times: an image built a month
+    ago but pushed now is kept by `pushed_within: 7d`; one whose notified push is a month old
+    is not. The plan names the source."""
+    repository = unique("within")
+    images.image(repository, "pr-7", created=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
+    images.image(repository, "old")
+    s.wait_for(lambda: {"pr-7", "old"} <= set(indexed_tags(state, repository)))
+    month_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=30)).timestamp()
+    state.hset(f"regsweep:idx:{repository}:pushed", "old", repr(month_ago))
+    result = subprocess.run(
+        [s.REGSWEEP, "plan", repository, "--json"],
+        capture_output=True,
+        text=True,
+        env=stack.env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (plan,) = json.loads(result.stdout)
+    assert [k["tag"] for k in plan["kept"]] == ["pr-7"]
+    assert plan["kept"][0]["pushed"]["source"] == "notification"
+    assert [d["tags"] for d in plan["deletions"]] == [["old"]]
+    assert plan["deletions"][0]["pushed"]["old"]["source"] == "notification"
+
+
+def test_an_index_pushed_by_digest_keeps_what_it_lists(
+    stack: s.Stack, images: ImageBuilder, state: redis.Redis
+) -> None:
+    """A multi-arch index deployed by digest (no tag) lists the amd64 image whose own tag
+    `newest: 1` removes: the notification of the digest-only push makes the worker keep the
+    image (the tag goes as a tag only) and the index whole."""
+    repository = unique("deployed")
+    amd = images.image(repository, "amd64-v1")
+    arm = images.image(repository, architecture="arm64")
+    deployed = images.index(repository, [amd, arm])
+    s.wait_for(lambda: state.hexists(f"regsweep:idx:{repository}:stored", deployed.digest))
+    images.image(repository, "amd64-v2")
+    s.wait_for(lambda: manifest_status(images, repository, "amd64-v1") == 404, timeout=30)
+    s.wait_for(lambda: _quiet(state, repository), timeout=30)
+    for part in (deployed.digest, amd.digest, arm.digest):
+        assert manifest_status(images, repository, part) == 200, part

@@ -11,9 +11,10 @@ import pytest
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.registry import RegistryProcess
-from worker.audit import JsonlAuditLog
-from worker.executor import Outcome, Status
-from worker.model import Digest
+from worker.audit import AuditQuery, JsonlAuditLog
+from worker.executor import RunOutcome as Outcome
+from worker.executor import Status
+from worker.history import LocalHistory
 from worker.plan import Action
 from worker.policy import (
     Config,
@@ -63,13 +64,16 @@ def make_config(url: str, pol: Policy, tmp_path: Path, **registry: object) -> Co
 
 
 class Engine:
-    """A pruner wired to a real registry, as the CLI wires it."""
+    """A pruner wired to a real registry as the CLI wires it without Redis: a JSONL audit, a
+    state file, and the registry's storage read for push times."""
 
     def __init__(self, config: Config, client: RegistryClient) -> None:
         self.config = config
         self.client = client
-        self.audit = JsonlAuditLog(config.audit_path or "audit.jsonl")
-        self.pruner = Pruner(config, client, audit=self.audit)
+        audit_path = Path(config.audit_path or "audit.jsonl")
+        self.audit = JsonlAuditLog(audit_path)
+        self.history = LocalHistory(audit_path.with_name("state"))
+        self.pruner = Pruner(config, client, history=self.history, audit=self.audit)
 
     async def plan(self, repo: str) -> RepositoryPlan:
         planned = await self.pruner.plan_one(repo)
@@ -89,8 +93,11 @@ def builder(registry: RegistryProcess) -> Iterator[ImageBuilder]:
         yield b
 
 
-def engine(registry_url: str, client: RegistryClient, pol: Policy, tmp_path: Path) -> Engine:
-    return Engine(make_config(registry_url, pol, tmp_path), client)
+def engine(
+    registry: RegistryProcess, client: RegistryClient, pol: Policy, tmp_path: Path
+) -> Engine:
+    config = make_config(registry.url, pol, tmp_path, storage_path=str(registry.storage_path))
+    return Engine(config, client)
 
 
 MakeEngine = Callable[[Policy], Engine]
@@ -99,7 +106,7 @@ MakeEngine = Callable[[Policy], Engine]
 @pytest.fixture
 def make_engine(registry: RegistryProcess, client: RegistryClient, tmp_path: Path) -> MakeEngine:
     """An engine on the session registry for a given policy (audit log in tmp_path)."""
-    return lambda pol: engine(registry.url, client, pol, tmp_path)
+    return lambda pol: engine(registry, client, pol, tmp_path)
 
 
 def assert_pullable(builder: ImageBuilder, repo: str, image: PushedImage) -> None:
@@ -109,10 +116,13 @@ def assert_pullable(builder: ImageBuilder, repo: str, image: PushedImage) -> Non
 
 
 async def test_keep_newest_deletes_the_rest_and_kept_images_stay_whole(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
-    """newest: 2 keeps the two newest and `latest`; the rest go by digest; kept blobs stay."""
-    images = [builder.image(repo_name, f"b{i}", created=days_ago(10 - i)) for i in range(5)]
+    """newest: 2 keeps the two most recently pushed (by the storage's tag links) and `latest`;
+    the rest go by digest; kept blobs stay."""
+    images = [builder.image(repo_name, f"b{i}") for i in range(5)]
+    for i in range(5):
+        registry.set_pushed(repo_name, days_ago(10 - i), f"b{i}")
     builder.tag(repo_name, images[0], "latest")
     eng = make_engine(policy(keep=(newest(2),)))
     planned = await eng.plan(repo_name)
@@ -144,7 +154,7 @@ async def test_tag_sharing_a_kept_digest_is_removed_as_a_tag_only(
 
 
 async def test_multi_arch_index_goes_with_unshared_children_only(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 3: an old index's own children go; a child shared with a kept index stays."""
     shared = builder.image(repo_name, created=days_ago(30), architecture="arm64")
@@ -152,6 +162,7 @@ async def test_multi_arch_index_goes_with_unshared_children_only(
     new_amd = builder.image(repo_name, created=days_ago(1))
     old = builder.index(repo_name, [old_amd, shared], "old", fmt="docker", attest=True)
     new = builder.index(repo_name, [new_amd, shared], "new")
+    registry.set_pushed(repo_name, days_ago(30), "old")
     eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     report = await eng.pruner.execute(planned, job_id="j")
@@ -166,7 +177,7 @@ async def test_multi_arch_index_goes_with_unshared_children_only(
 
 
 async def test_signatures_and_referrers_follow_their_subject(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 4: cosign tags and OCI referrers of a deleted subject go; a kept one's stay."""
     old = builder.image(repo_name, "old", created=days_ago(20))
@@ -175,6 +186,7 @@ async def test_signatures_and_referrers_follow_their_subject(
     old_sbom = builder.referrer(repo_name, old)
     new_sig = builder.cosign(repo_name, new, "sig")
     new_att = builder.cosign(repo_name, new, "att")
+    registry.set_pushed(repo_name, days_ago(20), "old")
     eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert {k.tag for k in planned.plan.kept if not k.tag.startswith("sha256-")} == {"new"}
@@ -187,11 +199,12 @@ async def test_signatures_and_referrers_follow_their_subject(
 
 
 async def test_dry_run_policy_writes_nothing(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 7: a dry-run policy is planned but prune_many never calls the executor."""
     for i in range(3):
-        builder.image(repo_name, f"v{i}", created=days_ago(5 - i))
+        builder.image(repo_name, f"v{i}")
+        registry.set_pushed(repo_name, days_ago(5 - i), f"v{i}")
     before = builder.tags(repo_name)
     eng = make_engine(policy(keep=(newest(1),), mode=Mode.DRY_RUN))
     results = await eng.pruner.prune_many([repo_name], dry_run=False, job_id="j")
@@ -203,11 +216,12 @@ async def test_dry_run_policy_writes_nothing(
 
 
 async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
     """Invariant 5: a push between plan and DELETE that makes a kept tag need the digest wins."""
-    old = builder.image(repo_name, "old", created=days_ago(9))
-    builder.image(repo_name, "new", created=days_ago(1))
+    old = builder.image(repo_name, "old")
+    builder.image(repo_name, "new")
+    registry.set_pushed(repo_name, days_ago(9), "old")
     eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert [d.digest for d in planned.plan.deletions] == [old.digest]
@@ -218,12 +232,14 @@ async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
 
 
 async def test_subject_kept_after_planning_keeps_its_signature(
-    make_engine: MakeEngine, builder: ImageBuilder, repo_name: str
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
-    """Invariants 4+5: a doomed subject re-tagged before execution keeps its signature too."""
-    old = builder.image(repo_name, "old", created=days_ago(9))
+    """Invariants 4+5: a doomed subject re-tagged before execution keeps its signature too:
+    the signature is deleted only after its subject, and the re-check spares the subject."""
+    old = builder.image(repo_name, "old")
     sig = builder.cosign(repo_name, old, "sig")
-    builder.image(repo_name, "new", created=days_ago(1))
+    builder.image(repo_name, "new")
+    registry.set_pushed(repo_name, days_ago(9), "old")
     eng = make_engine(policy(keep=(newest(1),)))
     planned = await eng.plan(repo_name)
     assert {d.digest for d in planned.plan.deletions} == {old.digest, sig.digest}
@@ -241,9 +257,10 @@ async def test_read_only_registry_defers_everything_left(tmp_path: Path, repo_na
     try:
         with ImageBuilder.connect(reg.url) as b:
             for i in range(3):
-                b.image(repo_name, f"v{i}", created=days_ago(5 - i))
+                b.image(repo_name, f"v{i}")
+                reg.set_pushed(repo_name, days_ago(5 - i), f"v{i}")
         async with RegistryClient.from_settings(RegistrySettings(url=reg.url)) as c:
-            eng = engine(reg.url, c, policy(keep=(newest(1),)), tmp_path)
+            eng = engine(reg, c, policy(keep=(newest(1),)), tmp_path)
             planned = await eng.plan(repo_name)
             reg.set_readonly(True)
             reg.restart()
@@ -264,18 +281,21 @@ async def test_audit_records_raw_bytes_and_restore_puts_image_back(
     tmp_path: Path,
 ) -> None:
     """Invariant 8: the audit log has the manifest bytes; restore brings back index and tags."""
-    child = builder.image(repo_name, created=days_ago(30))
+    child = builder.image(repo_name)
     old = builder.index(repo_name, [child], ["old", "old-alias"])
-    builder.image(repo_name, "new", created=days_ago(1))
-    eng = engine(registry.url, client, policy(keep=(newest(1),)), tmp_path)
+    builder.image(repo_name, "new")
+    registry.set_pushed(repo_name, days_ago(30), "old", "old-alias")
+    eng = engine(registry, client, policy(keep=(newest(1),)), tmp_path)
     await eng.pruner.execute(await eng.plan(repo_name), job_id="j-restore")
-    entries = await eng.audit.entries(repository=repo_name)
+    entries = await eng.audit.entries(AuditQuery(repository=repo_name))
     by_digest = {e.digest: e for e in entries}
     assert by_digest[old.digest].manifest == old.raw
     assert set(by_digest[old.digest].tags) == {"old", "old-alias"}
-    assert by_digest[child.digest].parent == old.digest
+    assert by_digest[child.digest].parents == (old.digest,)
     assert not builder.manifest_exists(repo_name, old.digest)
-    restored = await restore(client, eng.audit, repo_name, old.digest)
+    restored = await restore(
+        client, eng.audit, eng.history, repo_name, old.digest, hold_for=dt.timedelta(days=7)
+    )
     assert [r.digest for r in restored] == [child.digest, old.digest]
     assert builder.tags(repo_name) == ["new", "old", "old-alias"]
     assert_pullable(builder, repo_name, child)
@@ -289,10 +309,16 @@ async def test_prune_through_authenticated_registries(
     """The whole plan → prune cycle works behind htpasswd and behind token auth."""
     auth: AuthRegistry = request.getfixturevalue(flavour)
     with ImageBuilder(auth.client()) as b:
-        images = [b.image(repo_name, f"v{i}", created=days_ago(5 - i)) for i in range(3)]
+        images = [b.image(repo_name, f"v{i}") for i in range(3)]
         b.tag(repo_name, images[1], "pr-9")
+        for i in range(3):
+            auth.process.set_pushed(repo_name, days_ago(5 - i), f"v{i}")
         settings = RegistrySettings(
-            url=auth.url, username=auth.username, password=Secret(auth.password), concurrency=4
+            url=auth.url,
+            username=auth.username,
+            password=Secret(auth.password),
+            concurrency=4,
+            storage_path=str(auth.process.storage_path),
         )
         config = Config(
             registry=settings,
@@ -314,30 +340,23 @@ async def test_untagged_digests_known_to_history_are_deleted_after_grace(
     repo_name: str,
     tmp_path: Path,
 ) -> None:
-    """A superseded manifest remembered by the tag history goes once its grace has passed."""
-    first = builder.image(repo_name, "main", created=days_ago(3))
-    builder.image(repo_name, "main", created=days_ago(1))
-
-    class History:
-        async def pushed_at(self, repository: str) -> dict[str, dt.datetime]:
-            return {}
-
-        async def untagged_since(self, repository: str) -> dict[Digest, dt.datetime]:
-            return {Digest(first.digest): NOW - dt.timedelta(hours=2)}
-
+    """A manifest the history saw superseded (a listing showed its tag move) goes once its
+    grace has passed."""
+    first = builder.image(repo_name, "main")
     pol = Policy(
         name="u",
         repositories=(RepositoryPattern.compile("t/**"),),
         mode=Mode.ENFORCE,
-        untagged_delete_after=dt.timedelta(hours=1),
+        untagged_delete_after=dt.timedelta(0),
     )
-    config = make_config(registry.url, pol, tmp_path)
-    pruner = Pruner(config, client, history=History(), audit=JsonlAuditLog(tmp_path / "a"))
-    planned = await pruner.plan_one(repo_name)
-    assert planned is not None
+    eng = engine(registry, client, pol, tmp_path)
+    assert (await eng.plan(repo_name)).plan.is_empty  # the history's first listing
+    builder.image(repo_name, "main")
+    assert (await eng.plan(repo_name)).plan.is_empty  # sees `main` moved: `first` untagged now
+    planned = await eng.plan(repo_name)
     assert [(d.digest, d.reason.rule) for d in planned.plan.deletions] == [
         (first.digest, "untagged")
     ]
-    await pruner.execute(planned, job_id="j")
+    await eng.pruner.execute(planned, job_id="j")
     assert not builder.manifest_exists(repo_name, first.digest)
     assert builder.tags(repo_name) == ["main"]

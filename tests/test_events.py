@@ -195,7 +195,8 @@ def test_gitlab_push_hook_branch_delete() -> None:
 
 
 def test_job_requests_are_validated() -> None:
-    """Job requests parse into JobRequest and refuse bad kinds, names, fields and shapes."""
+    """Job requests parse into JobRequest (a restore's digest whole or a prefix) and refuse bad
+    kinds, names, digests, fields and shapes."""
     assert parse_job_request(b'{"kind": "prune", "repository": "team/web"}') == JobRequest(
         JobKind.PRUNE, "team/web"
     )
@@ -203,7 +204,13 @@ def test_job_requests_are_validated() -> None:
         json.dumps({"kind": "restore", "repository": "a/b", "digest": h.digest_of("r")}).encode()
     )
     assert restore.params == {"repository": "a/b", "digest": h.digest_of("r")}
+    for prefix in (h.digest_of("r")[:19], h.digest_of("r")[7:19]):
+        body = {"kind": "restore", "repository": "a/b", "digest": prefix}
+        assert parse_job_request(json.dumps(body).encode()).digest == prefix
     for body, message in [
+        (b'{"kind": "restore", "repository": "a/b", "digest": "sha256:"}', "digest"),
+        (b'{"kind": "restore", "repository": "a/b", "digest": "ABC123"}', "digest"),
+        (b'{"kind": "restore", "repository": "a/b", "digest": "md5:abc"}', "digest"),
         (b'{"kind": "nuke"}', "kind must be"),
         (b'{"kind": "prune", "repository": "a/../b"}', "repository"),
         (b'{"kind": "gc", "repository": "a/b"}', "gc runs"),

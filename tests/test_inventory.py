@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
+from tests.strategies import make_policy
+from worker.errors import RegistryProtocolError
 from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, parse_created
-from worker.model import Digest
-from worker.policy import RegistrySettings
+from worker.model import Digest, PushSource, PushTime
+from worker.policy import AgeSource, RegistrySettings
 from worker.registry.client import RegistryClient
 
 pytestmark = pytest.mark.anyio
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+MINUTE = dt.timedelta(minutes=1)
+#: A policy that opts in to build times (``age_from: build_time``).
+BUILD_TIME = replace(make_policy(), age_from=AgeSource.BUILD_TIME)
+PUSH = make_policy()
 
 
 @pytest.fixture
@@ -54,17 +64,19 @@ def test_created_cache_round_trips_and_tolerates_a_corrupt_file(tmp_path: Path) 
 async def test_snapshot_reads_graph_and_build_times(
     registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
-    """Tags, index children, cosign referrers and config build times land in the snapshot."""
+    """Tags, index children, cosign referrers and (opted in) config build times land in the
+    snapshot."""
     amd = builder.image(repo_name, created=T0)
     arm = builder.image(repo_name, created=T0, architecture="arm64")
     index = builder.index(repo_name, [amd, arm], "multi")
     sig = builder.cosign(repo_name, index, "sig")
     counts: Counter[str] = Counter()
     async with counting_client(registry.url, counts) as client:
-        inv = await InventoryBuilder(client).take(repo_name)
+        inv = await InventoryBuilder(client).take(repo_name, BUILD_TIME)
     assert inv.tags["multi"] == index.digest
     assert {amd.digest, arm.digest, sig.digest} <= set(inv.manifests)
-    assert inv.push_time("multi") == T0
+    pushed = inv.push_time("multi")
+    assert (pushed.source, pushed.earliest, pushed.latest) == (PushSource.BUILD_TIME, T0, T0)
     assert inv.missing == frozenset()
 
 
@@ -72,20 +84,20 @@ async def test_second_snapshot_reads_no_config_and_no_known_manifest(
     registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:
     """With the caches warm, a snapshot from known tags costs no GET at all."""
-    images = [builder.image(repo_name, f"v{i}", created=T0) for i in range(3)]
+    images = [builder.image(repo_name, f"v{i}", created=T0 + i * MINUTE) for i in range(3)]
     created, manifests = CreatedCache(), ManifestCache()
     counts: Counter[str] = Counter()
     async with counting_client(registry.url, counts) as client:
         inv_builder = InventoryBuilder(client, created_cache=created, manifest_cache=manifests)
-        first = await inv_builder.take(repo_name)
+        first = await inv_builder.take(repo_name, BUILD_TIME)
         assert counts["GET /v2/{name}/blobs/{digest}"] == 3
         counts.clear()
         known = {f"v{i}": Digest(img.digest) for i, img in enumerate(images)}
-        second = await inv_builder.take(repo_name, known_tags=known)
+        second = await inv_builder.take(repo_name, BUILD_TIME, known_tags=known)
     assert counts["GET /v2/{name}/blobs/{digest}"] == 0
     assert counts["GET /v2/{name}/manifests/{reference}"] == 0
     assert second.tags == first.tags
-    assert second.push_time("v1") == T0
+    assert second.push_time("v1") == PushTime.exact(PushSource.BUILD_TIME, T0 + MINUTE)
 
 
 async def test_orphaned_signature_subject_is_reported_missing(
@@ -96,5 +108,29 @@ async def test_orphaned_signature_subject_is_reported_missing(
     builder.cosign(repo_name, subject, "sig")
     async with RegistryClient.from_settings(RegistrySettings(url=registry.url)) as client:
         assert await client.delete_manifest(repo_name, subject.digest)
-        inv = await InventoryBuilder(client).take(repo_name)
+        inv = await InventoryBuilder(client).take(repo_name, PUSH)
     assert inv.missing == frozenset({subject.digest})
+    assert inv.deleted_by_regsweep == frozenset()  # no audit says regsweep did it
+
+
+async def test_a_manifest_of_unknown_type_leaves_its_repository_alone() -> None:
+    """A tag whose manifest is of a type regsweep does not know (it might list manifests in a
+    way regsweep cannot see) fails the snapshot with the repository and digest named.
+
+    httpx.MockTransport: no real registry serves a manifest type it does not know."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.example.odd+json"})
+    digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/tags/list"):
+            return httpx.Response(200, json={"name": "t/odd", "tags": ["odd"]})
+        headers = {
+            "Content-Type": "application/vnd.example.odd+json",
+            "Docker-Content-Digest": digest,
+        }
+        return httpx.Response(200, content=body.encode(), headers=headers)
+
+    settings = RegistrySettings(url="http://registry.test")
+    async with RegistryClient.from_settings(settings, transport=httpx.MockTransport(answer)) as c:
+        with pytest.raises(RegistryProtocolError, match=rf"t/odd@{digest}.*does not know"):
+            await InventoryBuilder(c).take("t/odd", PUSH)

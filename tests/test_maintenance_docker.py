@@ -49,14 +49,15 @@ def test_docker_full_cycle(
     whole, a push in the window gets 405 and works after it, a prune asked for in the window
     runs after it, and the container comes back read-write with its labels."""
     url = registry_container.url
-    config = engine_config(url, tmp_path, keep_newest(2))
+    storage = registry_container.storage
+    config = engine_config(url, tmp_path, keep_newest(2), storage)
     controller = DockerController(
         DockerControllerSettings(container=registry_container.name), registry_container.client
     )
     with ImageBuilder.connect(url) as builder:
-        kept, doomed = seed(builder)
+        kept, doomed = seed(builder, storage)
         for age in (30, 20, 10):
-            image(builder, "gc/later", f"d{age}", age)
+            image(builder, "gc/later", f"d{age}", age, storage)
         prune(config, ["gc/single", "gc/multi", "gc/signed"])
 
         released: list[dict[str, Any]] = []

@@ -65,11 +65,11 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
     """Prune, then GC read-only: bytes come back, every kept tag (children, signatures, blobs)
     still answers 200, a push during the window gets 405 and works after it, a second GC
     request gets the running job's id, and a prune asked for meanwhile runs after the window."""
-    config = engine_config(registry.url, tmp_path, keep_newest(2))
+    config = engine_config(registry.url, tmp_path, keep_newest(2), registry.storage)
     with ImageBuilder.connect(registry.url) as builder:
-        kept, doomed = seed(builder)
+        kept, doomed = seed(builder, registry.storage)
         for age in (30, 20, 10):
-            image(builder, "gc/later", f"d{age}", age)
+            image(builder, "gc/later", f"d{age}", age, registry.storage)
         prune(config, ["gc/single", "gc/multi", "gc/signed"])
         assert all(missing_parts(builder, s) for s in doomed if s.top.tags)
 

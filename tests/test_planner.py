@@ -19,8 +19,9 @@ from tests.strategies import (
     rule,
     sha256,
     signature,
+    untag_placeholder,
 )
-from worker.model import Digest, Inventory
+from worker.model import Digest, Inventory, PushSource, PushTime
 from worker.plan import Action, Plan
 from worker.planner import TagRequest, plan
 from worker.policy import Policy
@@ -59,19 +60,24 @@ def keep_newest_n() -> Case:
 
 
 def pushed_within() -> Case:
-    """``pushed_within`` keeps recent pushes; unknown counts as now; build time is the fallback."""
+    """``pushed_within`` deletes only provably old pushes: unknown keeps, and a build date alone
+    (without ``age_from: build_time``) is no push time."""
     b = RepoBuilder()
     b.tag("fresh", image("fresh"), age=2 * DAY)
     old = b.tag("old", image("old"), age=20 * DAY)
     b.tag("unknown", image("unknown"))
-    built = b.tag("built", image("built", created=NOW - 30 * DAY))
+    b.tag("built", image("built", created=NOW - 30 * DAY))
+    seen_long_ago = b.tag(
+        "seen", image("seen"), pushed=PushTime(PushSource.FIRST_SEEN, None, NOW - 15 * DAY)
+    )
+    b.tag("seen-lately", image("lately"), pushed=PushTime(PushSource.FIRST_SEEN, None, NOW - DAY))
     return Case(
         b.inventory(),
         make_policy(keep=[rule(0, "*", within=14 * DAY)]),
-        kept=frozenset({"fresh", "unknown"}),
+        kept=frozenset({"fresh", "unknown", "built", "seen-lately"}),
         deleted={
             old.digest: (Action.MANIFEST, ("old",)),
-            built.digest: (Action.MANIFEST, ("built",)),
+            seen_long_ago.digest: (Action.MANIFEST, ("seen",)),
         },
     )
 
@@ -256,16 +262,19 @@ def referrers_never_count_toward_newest() -> Case:
 
 
 def orphan_cosign_tag() -> Case:
-    """A cosign tag whose subject the registry reports gone is deleted; an unknown one stays."""
+    """A cosign tag whose subject regsweep deleted is deleted; a subject that is merely absent
+    (another repository, not pushed yet) is no evidence, and its signature stays."""
     b = RepoBuilder()
-    gone, unknown = sha256("gone"), sha256("never fetched")
-    b.missing.add(gone)
+    gone, absent, unknown = sha256("gone"), sha256("elsewhere"), sha256("never fetched")
+    b.gone_by_regsweep(gone)
+    b.missing.add(absent)
     orphan = b.tag(cosign_tag(gone), signature(gone, "orphan"))
+    b.tag(cosign_tag(absent), signature(absent, "elsewhere"))
     b.tag(cosign_tag(unknown), signature(unknown, "unknown"))
     return Case(
         b.inventory(),
         make_policy(keep=[]),
-        kept=frozenset({cosign_tag(unknown)}),
+        kept=frozenset({cosign_tag(unknown), cosign_tag(absent)}),
         deleted={orphan.digest: (Action.REFERRER, (cosign_tag(gone),))},
     )
 
@@ -343,17 +352,50 @@ def newest_skips_protected_and_requested() -> Case:
     )
 
 
-def rank_ties_by_name_unknown_as_now() -> Case:
-    """Equal push times rank by tag name, and an unknown push time ranks as the newest."""
+def equal_and_unknown_push_times_prove_nothing() -> Case:
+    """``newest`` deletes a tag only when N others were provably pushed after it: equal times,
+    overlapping intervals and unknown times keep, whatever the tag names."""
     b = RepoBuilder()
+    a = b.tag("a", image("a"), age=3 * DAY)
     b.tag("b", image("b"), age=DAY)
-    c = b.tag("c", image("c"), age=DAY)
+    b.tag("c", image("c"), age=DAY)
     b.tag("z", image("z"))
+    b.tag("overlap", image("o"), pushed=PushTime(PushSource.FIRST_SEEN, NOW - 4 * DAY, NOW))
     return Case(
         b.inventory(),
         make_policy(keep=[rule(0, "*", newest=2)]),
-        kept=frozenset({"z", "b"}),
-        deleted={c.digest: (Action.MANIFEST, ("c",))},
+        kept=frozenset({"b", "c", "z", "overlap"}),
+        deleted={a.digest: (Action.MANIFEST, ("a",))},
+    )
+
+
+def held_tag_kept_against_retention_and_events() -> Case:
+    """A held tag stays although retention and a CI event would delete it; protect is not needed."""
+    b = RepoBuilder()
+    b.tag("pr-7", image("pr-7"), age=30 * DAY)
+    b.hold("pr-7", until=DAY, reason="restore of sha256:abc from job j1")
+    gone = b.tag("pr-8", image("pr-8"), age=30 * DAY)
+    return Case(
+        b.inventory(),
+        make_policy(keep=[rule(0, "*", within=DAY)]),
+        requests=(request("pull_request_closed", "pr-*"),),
+        kept=frozenset({"pr-7"}),
+        deleted={gone.digest: (Action.MANIFEST, ("pr-8",))},
+    )
+
+
+def interrupted_untag_is_finished_never_ranked() -> Case:
+    """A tag left on regsweep's own untag placeholder takes no ``newest`` slot; the placeholder
+    is deleted, which finishes the removal."""
+    b = RepoBuilder()
+    placeholder = b.tag("main-9", untag_placeholder(), age=timedelta(0))
+    b.tag("main-2", image("main-2"), age=2 * HOUR)
+    b.tag("main-1", image("main-1"), age=HOUR)
+    return Case(
+        b.inventory(),
+        make_policy(keep=[rule(0, "main-*", newest=2)]),
+        kept=frozenset({"main-1", "main-2"}),
+        deleted={placeholder.digest: (Action.MANIFEST, ("main-9",))},
     )
 
 
@@ -405,7 +447,9 @@ CASES: list[Callable[[], Case]] = [
     untagged_index_in_grace_keeps_its_child,
     keep_none_keeps_all_but_events,
     newest_skips_protected_and_requested,
-    rank_ties_by_name_unknown_as_now,
+    equal_and_unknown_push_times_prove_nothing,
+    held_tag_kept_against_retention_and_events,
+    interrupted_untag_is_finished_never_ranked,
     any_rule_keeps,
     several_tags_one_manifest,
 ]
@@ -452,9 +496,12 @@ def test_reasons_are_human_readable() -> None:
     reasons = _reasons(plan(b.inventory(), policy, NOW, [event]))
     assert reasons == {
         "latest": "protect: matches latest",
-        "main-1": "keep[0]: matches main-*, #1 of main-*, keeps 2",
-        "main-2": "keep[0]: matches main-*, #2 of main-*, keeps 2",
-        "main-3": "retention: keep[0] #3 of main-*, keeps 2; keep[1] pushed 30d ago, keeps 14d",
+        "main-1": "keep[0]: matches main-*, 0 of main-* provably pushed later, keeps newest 2",
+        "main-2": "keep[0]: matches main-*, 1 of main-* provably pushed later, keeps newest 2",
+        "main-3": (
+            "retention: keep[0] 2 of main-* provably pushed later, keeps newest 2; "
+            "keep[1] pushed 30d ago (notification), keeps 14d"
+        ),
         "pr-42": "on.pull_request_closed: PR #42 closed, matches pr-42",
         stale.digest: "untagged: untagged for 3h, grace 1h",
     }
@@ -472,15 +519,16 @@ def test_followers_name_what_they_follow() -> None:
     short = idx.digest[:19]
     by_action = {d.action: d for d in result.deletions}
     assert str(by_action[Action.CHILD].reason) == f"child: of deleted index {short}"
-    assert by_action[Action.CHILD].parent == idx.digest
+    assert by_action[Action.CHILD].parents == (idx.digest,)
     assert str(by_action[Action.REFERRER].reason) == f"referrer: of deleted subject {short}"
-    assert by_action[Action.REFERRER].parent == idx.digest
+    assert by_action[Action.REFERRER].parents == (idx.digest,)
     assert by_action[Action.UNTAG].tags == ("pr-1-alias",)
     assert str(by_action[Action.UNTAG].reason) == "on.x: matches pr-1*"
 
 
 def test_deletions_in_execution_order() -> None:
-    """Referrers, then tag-only removals, then manifests, then children, outer indexes first."""
+    """Each deletion after what it depends on (the deleted index listing it, the deleted subject
+    it refers to); within a level, tag-only removals, manifests, children."""
     b = RepoBuilder()
     amd, arm, shared = image("amd64"), image("arm64"), image("shared")
     inner = index("inner", [amd, arm])
@@ -490,13 +538,13 @@ def test_deletions_in_execution_order() -> None:
     b.tag(cosign_tag(outer), signature(outer))
     b.tag("latest", b.tag("pr-1-alias", shared))
     result = plan(b.inventory(), make_policy(protect=["latest"]), NOW, [request("x", "pr-1*")])
-    assert [(d.action, d.digest) for d in result.deletions] == [
-        (Action.REFERRER, b.tags[cosign_tag(outer)]),
-        (Action.UNTAG, shared.digest),
-        (Action.MANIFEST, outer.digest),
-        (Action.MANIFEST, amd.digest),
-        (Action.CHILD, inner.digest),
-        (Action.CHILD, arm.digest),
+    assert [(d.action, d.digest, d.parents) for d in result.deletions] == [
+        (Action.UNTAG, shared.digest, ()),
+        (Action.MANIFEST, outer.digest, ()),
+        (Action.REFERRER, b.tags[cosign_tag(outer)], (outer.digest,)),
+        (Action.CHILD, inner.digest, (outer.digest,)),
+        (Action.MANIFEST, amd.digest, (inner.digest,)),
+        (Action.CHILD, arm.digest, (inner.digest,)),
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TypeVar
 
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.strategies import NOW, inventories, policies, request, tag_requests
 from worker.model import Digest, Inventory, referrer_tag_subject
-from worker.plan import ACTION_ORDER, Action, Plan
+from worker.plan import Action, Plan
 from worker.planner import TagRequest, plan
 from worker.policy import Policy
 
@@ -176,15 +177,10 @@ def test_referrer_tags_never_influence_other_tags(
     """Removing every referrer tag changes no verdict on the other tags (they take no slot)."""
     inventory, policy, requests = case
     plain = {t: d for t, d in inventory.tags.items() if referrer_tag_subject(t) is None}
-    stripped = Inventory(
-        repository=inventory.repository,
-        taken_at=inventory.taken_at,
+    stripped = replace(
+        inventory,
         tags=plain,
-        manifests=inventory.manifests,
-        pushed_at={t: p for t, p in inventory.pushed_at.items() if t in plain},
-        untagged_since=inventory.untagged_since,
-        referrers=inventory.referrers,
-        missing=inventory.missing,
+        push_times={t: p for t, p in inventory.push_times.items() if t in plain},
     )
     before = {k for k in plan(inventory, policy, NOW, requests).kept if k.tag in plain}
     assert set(plan(stripped, policy, NOW, requests).kept) == before
@@ -196,15 +192,14 @@ def _flip(mapping: Mapping[K, V]) -> dict[K, V]:
 
 def _reversed(inventory: Inventory) -> Inventory:
     """The same snapshot with every mapping (and referrer list) iterating the other way."""
-    return Inventory(
-        repository=inventory.repository,
-        taken_at=inventory.taken_at,
+    return replace(
+        inventory,
         tags=_flip(inventory.tags),
         manifests=_flip(inventory.manifests),
-        pushed_at=_flip(inventory.pushed_at),
+        push_times=_flip(inventory.push_times),
         untagged_since=_flip(inventory.untagged_since),
         referrers={s: tuple(reversed(r)) for s, r in _flip(inventory.referrers).items()},
-        missing=inventory.missing,
+        holds=_flip(inventory.holds),
     )
 
 
@@ -236,20 +231,23 @@ def test_protected_tags_kept_even_when_requested(inventory: Inventory, policy: P
 def test_deletions_in_execution_order(
     case: tuple[Inventory, Policy, tuple[TagRequest, ...]],
 ) -> None:
-    """Deletions run referrers, tag-only, manifests, children, and within them indexes first."""
+    """Every deletion depends on each deleted index that lists it and each deleted subject it
+    refers to, and comes after them."""
     inventory, policy, requests = case
     result = plan(inventory, policy, NOW, requests)
-    ranks = [ACTION_ORDER[d.action] for d in result.deletions]
-    assert ranks == sorted(ranks)
-    position = {
-        (d.action, d.digest): i
-        for i, d in enumerate(result.deletions)
-        if d.action is not Action.UNTAG
-    }
-    for (action, digest), i in position.items():
-        manifest = inventory.manifests.get(digest)
-        for child in manifest.children if manifest else ():
-            assert position.get((action, child.digest), len(result.deletions)) > i
+    deleted = _deleted(result)
+    position = {d.digest: i for i, d in enumerate(result.deletions) if d.action is not Action.UNTAG}
+    listed_by: defaultdict[Digest, set[Digest]] = defaultdict(set)
+    for digest, manifest in inventory.manifests.items():
+        for child in manifest.children:
+            listed_by[child.digest].add(digest)
+        if manifest.subject:
+            listed_by[digest].add(manifest.subject)
+    for d in result.deletions:
+        if d.action is not Action.UNTAG:
+            assert listed_by[d.digest] & deleted - {d.digest} <= set(d.parents)
+        for parent in d.parents:
+            assert position[parent] < result.deletions.index(d)
     assert all(d.reason.rule and str(d.reason) for d in result.deletions)
 
 
@@ -263,15 +261,13 @@ def test_replanning_after_the_plan_removes_no_tag(
     result = plan(inventory, policy, NOW, requests)
     deleted = _deleted(result)
     survivors = {k.tag for k in result.kept}
-    after = Inventory(
-        repository=inventory.repository,
-        taken_at=inventory.taken_at,
+    after = replace(
+        inventory,
         tags={t: d for t, d in inventory.tags.items() if t in survivors},
         manifests={d: m for d, m in inventory.manifests.items() if d not in deleted},
-        pushed_at=inventory.pushed_at,
         untagged_since={d: t for d, t in inventory.untagged_since.items() if d not in deleted},
-        referrers=inventory.referrers,
-        missing=inventory.missing,
+        missing=inventory.missing | deleted,
+        deleted_by_regsweep=inventory.deleted_by_regsweep | deleted,
     )
     again = plan(after, policy, NOW)
     assert again.tags_removed == 0

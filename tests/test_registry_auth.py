@@ -16,6 +16,7 @@ from worker.errors import RegistryAuthError, RegistryUnavailable
 from worker.policy import RegistrySettings, Secret
 from worker.registry import RegistryAuth, RegistryClient
 from worker.registry.auth import CATALOG_SCOPE, merge_scopes, required_scope
+from worker.registry.client import Removal
 
 pytestmark = pytest.mark.anyio
 
@@ -251,7 +252,7 @@ async def push_and_untag(client: RegistryClient, repo: str) -> str:
     ).encode()
     digest = await client.put_manifest(repo, "old", mt.OCI_MANIFEST, raw)
     await client.put_manifest(repo, "keep", mt.OCI_MANIFEST, raw)
-    assert await client.delete_tag(repo, "old", digest) is True
+    assert await client.delete_tag(repo, "old", digest) is Removal.DELETED
     assert await client.tags(repo) == ["keep"]
     return digest
 
@@ -262,7 +263,7 @@ async def test_htpasswd_registry(registry_htpasswd: AuthRegistry, repo_name: str
         await client.ping()
         digest = await push_and_untag(client, repo_name)
         assert repo_name in await client.catalog()
-        assert await client.delete_manifest(repo_name, digest) is True
+        assert await client.delete_manifest(repo_name, digest) is Removal.DELETED
 
 
 async def test_htpasswd_wrong_password(registry_htpasswd: AuthRegistry) -> None:
@@ -283,7 +284,7 @@ async def test_token_registry_scopes_and_caching(
     async with RegistryClient.from_settings(settings_for(registry_token_reset)) as client:
         digest = await push_and_untag(client, repo_name)
         assert repo_name in await client.catalog()
-        assert await client.delete_manifest(repo_name, digest) is True
+        assert await client.delete_manifest(repo_name, digest) is Removal.DELETED
         assert await client.head_manifest(repo_name, "keep") is None
     scopes = issuer.requested_scopes()
     assert f"repository:{repo_name}:pull,push,delete" in scopes

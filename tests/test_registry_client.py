@@ -35,9 +35,10 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
 )
+from worker.mediatypes import UNTAG_ANNOTATION
 from worker.policy import RegistrySettings
 from worker.registry import DEFAULT_RETRIES, RegistryClient
-from worker.registry.client import UNTAG_ANNOTATION
+from worker.registry.client import Removal
 
 pytestmark = pytest.mark.anyio
 
@@ -214,7 +215,7 @@ async def test_tags_of_unknown_and_emptied_repositories_are_empty(
     """404 NAME_UNKNOWN and 2.8's ``"tags": null`` for an emptied repository both mean no tags."""
     assert await client.tags(f"{repo_name}-never-pushed") == []
     digest, _ = push_image(registry.url, repo_name, "only")
-    assert await client.delete_manifest(repo_name, digest) is True
+    assert await client.delete_manifest(repo_name, digest) is Removal.DELETED
     assert await client.tags(repo_name) == []
 
 
@@ -329,9 +330,9 @@ async def test_delete_manifest_then_already_gone(
 ) -> None:
     """DELETE by digest answers True, and a second DELETE (404) answers False instead of failing."""
     digest, _ = push_image(registry.url, repo_name, "v1")
-    assert await client.delete_manifest(repo_name, digest) is True
+    assert await client.delete_manifest(repo_name, digest) is Removal.DELETED
     assert await client.head_manifest(repo_name, digest) is None
-    assert await client.delete_manifest(repo_name, digest) is False
+    assert await client.delete_manifest(repo_name, digest) is Removal.ABSENT
 
 
 async def test_delete_tag_dummy_method_on_2_8(registry: RegistryProcess, repo_name: str) -> None:
@@ -339,13 +340,13 @@ async def test_delete_tag_dummy_method_on_2_8(registry: RegistryProcess, repo_na
     digest, _ = push_image(registry.url, repo_name, "old", "keep")
     calls = Calls()
     async with make_client(registry.url, calls) as c:
-        assert await c.delete_tag(repo_name, "old", digest) is True
+        assert await c.delete_tag(repo_name, "old", digest) is Removal.DELETED
         assert c.tag_delete_supported is False
         assert await c.tags(repo_name) == ["keep"]
         ref = await c.head_manifest(repo_name, "keep")
         assert ref is not None and ref.digest == digest
         # The capability is remembered: the second untag goes straight to the dummy method.
-        assert await c.delete_tag(repo_name, "keep", digest) is True
+        assert await c.delete_tag(repo_name, "keep", digest) is Removal.DELETED
     assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 3
     assert revisions(registry, repo_name) == [digest.split(":")[1]]
 
@@ -367,7 +368,7 @@ async def test_delete_tag_already_gone(
 ) -> None:
     """Untagging a tag that no longer exists answers False (done already), not an error."""
     digest, _ = push_image(registry.url, repo_name, "v1")
-    assert await client.delete_tag(repo_name, "gone", digest) is False
+    assert await client.delete_tag(repo_name, "gone", digest) is Removal.ABSENT
 
 
 async def test_delete_tag_3x_uses_tag_delete() -> None:
@@ -391,7 +392,7 @@ async def test_delete_tag_3x_uses_tag_delete() -> None:
         return httpx.Response(500)
 
     async with mock_client(handler) as c:
-        assert await c.delete_tag("a/b", "old", digest) is True
+        assert await c.delete_tag("a/b", "old", digest) is Removal.DELETED
         assert c.tag_delete_supported is True
     assert seen == [("HEAD", "/v2/a/b/manifests/old"), ("DELETE", "/v2/a/b/manifests/old")]
 

@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import redisdb
-from worker.audit import AuditEntry, RedisAuditLog
 from worker.errors import StateError
-from worker.model import Digest
+from worker.evidence import Sighting
+from worker.model import Digest, Hold
 from worker.tagindex import TagIndex
 
 pytestmark = pytest.mark.anyio
@@ -82,14 +82,68 @@ async def test_tag_delete_without_digest_marks_last_tag_untagged(index: TagIndex
     assert await index.untagged_since("r") == {A: T0 + timedelta(hours=1)}
 
 
-async def test_reconcile_adopts_live_state(index: TagIndex) -> None:
-    """A sweep's live view replaces stale entries and marks digests nothing tags any more."""
+async def test_listing_adopts_live_state(index: TagIndex) -> None:
+    """A live listing replaces stale entries, drops the notified time of a tag that moved, and
+    marks digests nothing tags any more."""
     await index.record_push("r", "old", A, T0)
     await index.record_push("r", "keep", B, T0)
-    await index.reconcile("r", {"keep": B, "new": C}, T0 + timedelta(hours=2))
-    assert await index.tags("r") == {"keep": B, "new": C}
-    assert await index.untagged_since("r") == {A: T0 + timedelta(hours=2)}
-    assert "old" not in await index.pushed_at("r")
+    await index.record_push("r", "moved", B, T0)
+    later = T0 + timedelta(hours=2)
+    await index.record_listing("r", {"keep": B, "moved": C, "new": C}, later, later)
+    assert await index.tags("r") == {"keep": B, "moved": C, "new": C}
+    assert await index.untagged_since("r") == {A: later}
+    assert await index.pushed_at("r") == {"keep": T0}
+
+
+async def test_listings_bound_when_each_tag_appeared(index: TagIndex) -> None:
+    """The first listing knows only that its tags existed by its end; a tag that appears (or
+    moves) by the next one was pushed after the first listing started."""
+    first, first_end = T0, T0 + timedelta(seconds=2)
+    await index.record_listing("r", {"a": A}, first, first_end)
+    history = await index.snapshot("r")
+    assert history.sightings == {"a": Sighting(A, None, first_end, first)}
+    assert history.listed_at == first
+    second, second_end = T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=1)
+    await index.record_listing("r", {"a": B, "b": C}, second, second_end)
+    history = await index.snapshot("r")
+    assert history.sightings == {
+        "a": Sighting(B, first, second_end, second),
+        "b": Sighting(C, first, second_end, second),
+    }
+    third = T0 + timedelta(hours=2)
+    await index.record_listing("r", {"b": C}, third, third)
+    assert (await index.snapshot("r")).sightings == {"b": Sighting(C, first, second_end, second)}
+
+
+async def test_an_older_listing_finishing_late_changes_nothing(index: TagIndex) -> None:
+    """Two listings overlap: the one that started first but finished last cannot move the
+    evidence back (its view is older)."""
+    newer = T0 + timedelta(minutes=5)
+    await index.record_listing("r", {"a": A, "b": B}, newer, newer)
+    await index.record_listing("r", {"a": A}, T0, newer + timedelta(seconds=1))
+    history = await index.snapshot("r")
+    assert set(history.sightings) == {"a", "b"}
+    assert history.listed_at == newer
+
+
+async def test_holds_are_kept_listed_and_ended(index: TagIndex) -> None:
+    """A hold is in the repository's snapshot and in the list of all holds until unheld."""
+    until = T0 + timedelta(days=7)
+    await index.hold("r", Hold("pr-7", until, "restore of x"))
+    assert (await index.snapshot("r")).holds == {"pr-7": Hold("pr-7", until, "restore of x")}
+    assert await index.all_holds() == {"r": [Hold("pr-7", until, "restore of x")]}
+    assert await index.unhold("r", "pr-7") is True
+    assert await index.unhold("r", "pr-7") is False
+    assert (await index.snapshot("r")).holds == {}
+
+
+async def test_digest_only_index_is_remembered_until_deleted(index: TagIndex) -> None:
+    """An index pushed by digest only is in the snapshot (it protects what it lists) until a
+    delete of that digest is recorded."""
+    await index.record_stored_index("r", A, T0)
+    assert (await index.snapshot("r")).stored_indexes == {A}
+    await index.record_delete("r", digest=A, tag=None, at=T0)
+    assert (await index.snapshot("r")).stored_indexes == frozenset()
 
 
 async def test_redis_down_is_a_state_error() -> None:
@@ -100,30 +154,3 @@ async def test_redis_down_is_a_state_error() -> None:
             await TagIndex(client).tags("r")
     finally:
         await client.aclose()
-
-
-async def test_redis_audit_stream_round_trips(redis_client: aioredis.Redis) -> None:
-    """Audit entries, raw manifest bytes included, come back from the stream intact."""
-    key = f"test-audit-{uuid.uuid4().hex}"
-    log = RedisAuditLog(redis_client, key=key)
-    entry = AuditEntry(
-        time=datetime.now(UTC),
-        repository="r",
-        digest=A,
-        media_type="m",
-        size=3,
-        tags=("x",),
-        action="manifest",
-        policy="p",
-        rule="keep[0]",
-        reason="old",
-        job_id="j",
-        manifest=b"\x00{}",
-    )
-    try:
-        await log.record(entry)
-        assert await log.entries(repository="r") == [entry]
-        assert await log.entries(repository="other") == []
-        assert await log.entries(since=datetime.now(UTC) + timedelta(minutes=1)) == []
-    finally:
-        await redis_client.delete(key)

@@ -33,15 +33,18 @@ from yaml.constructor import ConstructorError
 from worker import env
 from worker.errors import ConfigError
 from worker.policy import (
+    DEFAULT_AUDIT_PATH,
     DEFAULT_BODY_LIMIT,
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_CONCURRENCY,
     DEFAULT_HEAD_LIMIT,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RESTORE_HOLD,
     DEFAULT_SWEEP_EVERY,
     DEFAULT_WINDOW_DURATION,
     DEFAULT_WINDOW_MARGIN,
+    AgeSource,
     Config,
     ControllerSettings,
     DockerControllerSettings,
@@ -69,8 +72,24 @@ MIN_HEAD_LIMIT: Final = 4096
 SIGNING_KEY_PREFIX: Final = "whsec_"
 MIN_SIGNING_KEY_BYTES: Final = 16
 
-_TOP_KEYS: Final = ("registry", "redis", "sweep", "hooks", "policies", "maintenance", "audit")
-_REGISTRY_KEYS: Final = ("url", "username", "password_env", "ca_file", "concurrency")
+_TOP_KEYS: Final = (
+    "registry",
+    "redis",
+    "sweep",
+    "hooks",
+    "policies",
+    "maintenance",
+    "audit",
+    "restore",
+)
+_REGISTRY_KEYS: Final = (
+    "url",
+    "username",
+    "password_env",
+    "ca_file",
+    "concurrency",
+    "storage_path",
+)
 _HOOK_SECRET_KEYS: Final = (
     "registry_token_env",
     "github_secret_env",
@@ -97,6 +116,7 @@ _POLICY_KEYS: Final = (
     "untagged",
     "on",
     "sources",
+    "age_from",
 )
 _KEEP_KEYS: Final = ("tags", "newest", "pushed_within")
 #: The fields each CI event fills in a template.
@@ -164,7 +184,8 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
     hooks = _hooks(top, environ)
     policies = _policies(top)
     maintenance = _maintenance(top)
-    audit_path = top.section("audit", ("path",)).text("path")
+    audit_path = _audit_path(top, source)
+    restore_hold = top.section("restore", ("hold",)).duration("hold") or DEFAULT_RESTORE_HOLD
     problems.raise_if_any()
     return Config(
         registry=registry,
@@ -174,6 +195,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         hooks=hooks,
         maintenance=maintenance,
         audit_path=audit_path,
+        restore_hold=restore_hold,
         source=source,
     )
 
@@ -416,7 +438,23 @@ def _registry(top: _Section, environ: Mapping[str, str]) -> RegistrySettings:
         ca_file=section.text("ca_file"),
         concurrency=section.integer("concurrency", low=1, high=MAX_CONCURRENCY)
         or DEFAULT_CONCURRENCY,
+        storage_path=_storage_path(section),
     )
+
+
+def _storage_path(section: _Section) -> str | None:
+    """Only its form here: the service shares the file but not the registry's volume, so the
+    directory is checked where it is read (the CLI, the workers) and by ``check-config``."""
+    path = section.text("storage_path")
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def _audit_path(top: _Section, source: str) -> str:
+    """The JSONL audit file: ``audit.path``, relative to the policy file's directory, by
+    default ``regsweep-audit.jsonl`` beside it, whatever the working directory is."""
+    given = top.section("audit", ("path",)).text("path") or DEFAULT_AUDIT_PATH
+    base = Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
+    return str(base / Path(given).expanduser())
 
 
 def _registry_url(section: _Section) -> str:
@@ -579,7 +617,18 @@ def _policy(value: object, index: int, problems: _Problems) -> Policy:
         untagged_delete_after=_untagged(section),
         on=_event_templates(section),
         sources=_sources(section),
+        age_from=_age_from(section),
     )
+
+
+def _age_from(section: _Section) -> AgeSource:
+    value = section.text("age_from")
+    if value is None:
+        return AgeSource.PUSH
+    if value not in {source.value for source in AgeSource}:
+        section.problem("age_from", "must be push or build_time")
+        return AgeSource.PUSH
+    return AgeSource(value)
 
 
 def _event_templates(section: _Section) -> EventTemplates:

@@ -4,6 +4,7 @@
     ├── ConfigError                  the policy file or settings are wrong (exit 2)
     ├── RegistryError                the registry refused, failed or could not be reached
     │   ├── RegistryUnavailable      connection errors, timeouts, 5xx after retries (transient)
+    │   │   └── DeleteUnsettled      a DELETE's answer was lost and no look could settle it
     │   ├── RegistryAuthError        401/403 after the auth dance
     │   ├── RegistryReadOnly         405 plain text + Allow: maintenance mode; defer, never fail
     │   ├── DeletesDisabled          405 UNSUPPORTED: storage.delete.enabled is false
@@ -11,6 +12,9 @@
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
     ├── SafetyViolation              a re-check before DELETE found a kept image in the way
+    ├── RestoreError                 a restore cannot be done as asked
+    │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
+    │   └── RestoreConflict          a tag to put back now points at another digest
     └── ControllerError              switching the registry or running GC failed
 
 Third-party exceptions (httpx, redis, docker) are wrapped where their client is
@@ -44,6 +48,11 @@ class RegistryUnavailable(RegistryError):
     """Connection error, timeout or 5xx that survived the retries: worth retrying later."""
 
 
+class DeleteUnsettled(RegistryUnavailable):
+    """A DELETE may have been carried out (its answer was lost) and the registry could not be
+    asked afterwards whether it was: the outcome is unknown, not "not done"."""
+
+
 class RegistryAuthError(RegistryError):
     """Credentials were refused (401/403 after the challenge was answered)."""
 
@@ -70,6 +79,18 @@ class StateError(RegsweepError):
 
 class SafetyViolation(RegsweepError):
     """A re-check right before a DELETE found that a kept image needs the digest."""
+
+
+class RestoreError(RegsweepError):
+    """A restore cannot be done as asked; nothing was written."""
+
+
+class NothingToRestore(RestoreError):
+    """The audit has no deletion of that digest in that repository (or the prefix is ambiguous)."""
+
+
+class RestoreConflict(RestoreError):
+    """A tag to restore now points at another digest (``--force`` moves it back)."""
 
 
 class ControllerError(RegsweepError):

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any, Final, Literal
 
 from worker.errors import RegsweepError
-from worker.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from worker.mediatypes import KNOWN_MANIFEST_TYPES
 
 REGISTRY_EVENTS_V1: Final = "application/vnd.docker.distribution.events.v1+json"
 REGISTRY_EVENTS_V2: Final = "application/vnd.docker.distribution.events.v2+json"
@@ -31,18 +31,11 @@ REPOSITORY_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 REPOSITORY_MAX_LENGTH: Final = 255
 TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 DIGEST: Final = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
+#: What a restore job names: a digest, or the beginning of one (as plan tables show it).
+DIGEST_PREFIX: Final = re.compile(r"(?:sha256:)?[a-f0-9]{1,64}")
 
 #: Schema 1 types still show up in 2.8 notifications for old clients.
-MANIFEST_TYPES: Final = frozenset(
-    {
-        DOCKER_MANIFEST,
-        DOCKER_MANIFEST_LIST,
-        OCI_MANIFEST,
-        OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
+MANIFEST_TYPES: Final = KNOWN_MANIFEST_TYPES
 ZERO_SHA: Final = "0" * 40
 BRANCH_REF_PREFIX: Final = "refs/heads/"
 EXCERPT_LIMIT: Final = 2048
@@ -185,6 +178,11 @@ def valid_tag(tag: str) -> bool:
 
 def valid_digest(digest: str) -> bool:
     return DIGEST.fullmatch(digest) is not None
+
+
+def valid_digest_or_prefix(digest: str) -> bool:
+    """A whole digest or a prefix of a sha256 one (a restore resolves it, unique or refused)."""
+    return valid_digest(digest) or DIGEST_PREFIX.fullmatch(digest) is not None
 
 
 def _classify(event: RegistryEvent) -> RegistryEventKind:
@@ -539,7 +537,7 @@ def parse_job_request(body: bytes) -> JobRequest:
         kind=JobKind(kind_value),
         repository=_optional_field(document, "repository", valid_repository),
         dry_run=_optional_bool(document, "dry_run"),
-        digest=_optional_field(document, "digest", valid_digest),
+        digest=_optional_field(document, "digest", valid_digest_or_prefix),
     )
     _check_job_shape(request)
     return request

@@ -1,13 +1,18 @@
 """The only code that deletes: carries out a :class:`~worker.plan.Plan` safely.
 
-Order: referrers, tag-only removals, manifests, orphaned children (the plan is
-already sorted that way). Work goes in waves; before each wave the executor
-re-reads the live registry — the tag list, and a HEAD of every tag the plan
-does not remove — and refuses any DELETE whose digest a kept or newly pushed
-tag now needs, children of indexes included (invariant 5). 404 on DELETE is
-success (invariant 6); a read-only registry stops the run with everything
-left marked deferred, nothing half-done lost; every deletion is audited with
-its raw manifest bytes (invariant 8).
+Deletions run level by level: a deletion only after every deletion it depends
+on (the deleted indexes that list it, the deleted subjects it refers to) has
+removed its manifest, so a subject or index the live re-check spares keeps its
+referrers and children. Within a level, work goes in waves; before each wave
+the executor re-reads the live registry — the tag list, and a HEAD of every
+tag the plan does not remove — and refuses any DELETE whose digest a kept or
+newly pushed tag now needs, children of indexes included (invariant 5).
+
+Every deletion is recorded in the audit log, durably, before its DELETE is
+sent, and settled after (invariant 8): if the record cannot be written, the
+run stops there and nothing more is deleted. 404 on DELETE is success; a lost
+answer is settled by looking (invariant 6). A read-only registry stops the
+run with everything left marked deferred, nothing half-done lost.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
-from worker.audit import AuditEntry, AuditLog
+from worker.audit import AuditEntry, AuditLog, Outcome, Settlement
 from worker.errors import (
     DeletesDisabled,
+    DeleteUnsettled,
     ManifestUnknown,
     RegistryError,
     RegistryReadOnly,
     SafetyViolation,
+    StateError,
 )
 from worker.model import Digest, Manifest
-from worker.plan import Action, Deletion, Plan
-from worker.registry.client import RegistryClient
+from worker.plan import Action, Deletion, Plan, dependency_levels
+from worker.registry.client import RegistryClient, Removal
 
 #: Deletions per wave, as a multiple of the registry concurrency: the live
 #: re-check costs one tag list plus a HEAD per kept tag, paid once per wave.
@@ -44,7 +51,7 @@ MAX_WAVES_IN_FLIGHT: Final = 2
 RECHECK_MAX_AGE: Final = 0.5
 
 
-class Outcome(StrEnum):
+class RunOutcome(StrEnum):
     DONE = "done"
     #: The registry went read-only: what is left waits for the window's end.
     DEFERRED = "deferred"
@@ -59,24 +66,58 @@ class Status(StrEnum):
     ERROR = "error"
 
 
+#: How each status is settled in the audit.
+_SETTLED: Final = {
+    Status.DELETED: Outcome.DELETED,
+    Status.ALREADY_GONE: Outcome.ALREADY_GONE,
+    Status.SKIPPED: Outcome.NOT_DONE,
+    Status.DEFERRED: Outcome.NOT_DONE,
+    Status.ERROR: Outcome.NOT_DONE,
+}
+_GONE: Final = frozenset({Status.DELETED, Status.ALREADY_GONE})
+#: What the report and the audit say of a removal that did not go plainly.
+_REMOVAL_DETAIL: Final = {
+    Removal.DELETED: "",
+    Removal.DELETED_UNANSWERED: "answer lost; a HEAD shows it gone",
+    Removal.PLACEHOLDER_LEFT: (
+        "tag moved to a placeholder, which could not be deleted yet (the next run deletes it)"
+    ),
+}
+
+
+class _Result(NamedTuple):
+    """How one attempted deletion ended, and how its audit record is settled."""
+
+    status: Status
+    detail: str = ""
+    #: None: as ``_SETTLED`` says for the status. PENDING for an error whose DELETE may
+    #: have been carried out (an answer lost, no look possible): restorable, never "not done".
+    outcome: Outcome | None = None
+
+    @property
+    def settled(self) -> Outcome:
+        return self.outcome or _SETTLED[self.status]
+
+
 @dataclass
 class ExecutionReport:
     repository: str
     job_id: str
     done: list[tuple[Deletion, Status, str]] = field(default_factory=list)
-    #: A configuration problem that stopped the run (said once, not per item).
+    #: A problem that stopped the run (said once, not per item): deletes disabled, or
+    #: an audit that cannot be written.
     fatal: str | None = None
 
     def by_status(self, status: Status) -> list[Deletion]:
         return [d for d, s, _ in self.done if s is status]
 
     @property
-    def outcome(self) -> Outcome:
+    def outcome(self) -> RunOutcome:
         if self.fatal or self.by_status(Status.ERROR):
-            return Outcome.FAILED
+            return RunOutcome.FAILED
         if self.by_status(Status.DEFERRED):
-            return Outcome.DEFERRED
-        return Outcome.DONE
+            return RunOutcome.DEFERRED
+        return RunOutcome.DONE
 
     def counts(self) -> dict[str, int]:
         return {s.value: len(self.by_status(s)) for s in Status}
@@ -87,19 +128,29 @@ ProgressCallback = Callable[[Deletion, Status], None]
 
 @dataclass
 class _Run:
-    """One execution: what it works from, and whether the registry said stop."""
+    """One execution: what it works from, and whether something said stop."""
 
     plan: Plan
     manifests: Mapping[Digest, Manifest]
     job_id: str
+    audit_location: str
+    #: What happened to each digest this run deleted (or did not): dependents look here.
+    statuses: dict[Digest, Status] = field(default_factory=dict)
     #: Set when the registry went read-only: the rest is deferred.
     read_only: bool = False
-    #: Set when deletes are disabled: a configuration error, said once.
+    #: Set when deletes are disabled or the audit cannot be written, said once.
     fatal: str | None = None
 
-    @property
-    def stopped(self) -> bool:
-        return self.read_only or self.fatal is not None
+    def blocked(self, deletion: Deletion) -> tuple[Status, str] | None:
+        """Why ``deletion`` must not be attempted now, if it must not."""
+        if self.fatal is not None:
+            return Status.ERROR, "not attempted: " + self.fatal
+        if self.read_only:
+            return Status.DEFERRED, "registry refused writes"
+        staying = [p for p in deletion.parents if self.statuses.get(p) not in _GONE]
+        if staying:
+            return Status.SKIPPED, f"{staying[0]}, which it depends on, was not deleted"
+        return None
 
 
 class Executor:
@@ -120,29 +171,30 @@ class Executor:
         self, plan: Plan, manifests: Mapping[Digest, Manifest], *, job_id: str
     ) -> ExecutionReport:
         report = ExecutionReport(plan.repository, job_id)
-        run = _Run(plan, manifests, job_id)
+        run = _Run(plan, manifests, job_id, self._audit.location)
         guard = _LiveGuard(self._client, plan)
-        for group in _by_action(plan.deletions):
-            await self._run_group(run, guard, group, report)
+        for level in _levels(plan.deletions):
+            await self._run_level(run, guard, level, report)
         report.fatal = run.fatal
         return report
 
-    async def _run_group(
-        self, run: _Run, guard: _LiveGuard, group: list[Deletion], report: ExecutionReport
+    async def _run_level(
+        self, run: _Run, guard: _LiveGuard, level: list[Deletion], report: ExecutionReport
     ) -> None:
-        """One action's deletions, wave by wave. The next wave's re-check is sent while the
+        """One level's deletions, wave by wave. The next wave's re-check is sent while the
         current wave's DELETEs drain (the client's gate queues it behind them), so the
         registry never idles at a wave's tail; a wave never starts before its own re-check
-        has answered. Actions never overlap: referrers finish before subjects start."""
+        has answered."""
         in_flight: list[asyncio.Task[None]] = []
-        for wave in _waves(group, self._wave_size):
-            if run.stopped:
-                self._mark(report, wave, Status.DEFERRED, "registry refused writes")
+        for wave in _waves(level, self._wave_size):
+            if run.fatal is not None or run.read_only:
+                self._leave(run, wave, report)
                 continue
             try:
                 protected = await guard.refresh()
             except RegistryError as exc:
-                self._mark(report, wave, Status.ERROR, f"live re-check failed: {exc}")
+                for deletion in wave:
+                    self._note(run, report, deletion, Status.ERROR, f"live re-check failed: {exc}")
                 continue
             in_flight.append(asyncio.create_task(self._wave(run, wave, protected, report)))
             if len(in_flight) > MAX_WAVES_IN_FLIGHT - 1:
@@ -152,67 +204,95 @@ class Executor:
     async def _wave(
         self, run: _Run, wave: list[Deletion], protected: frozenset[Digest], report: ExecutionReport
     ) -> None:
-        results = await asyncio.gather(*(self._one(run, d, protected) for d in wave))
-        for deletion, (status, detail) in zip(wave, results, strict=True):
-            self._note(report, deletion, status, detail)
-
-    def _mark(
-        self, report: ExecutionReport, wave: Sequence[Deletion], status: Status, detail: str
-    ) -> None:
+        """Record, delete, settle: the intents of the whole wave are made durable first."""
+        attempted: list[tuple[Deletion, AuditEntry]] = []
         for deletion in wave:
-            self._note(report, deletion, status, detail)
+            blocked = run.blocked(deletion) or _needed(deletion, protected)
+            if blocked is not None:
+                self._note(run, report, deletion, *blocked)
+            else:
+                attempted.append((deletion, _audit_entry(run, deletion)))
+        if not attempted:
+            return
+        try:
+            await self._audit.intend([entry for _, entry in attempted])
+        except StateError as exc:
+            run.fatal = f"the audit ({run.audit_location}) cannot be written: {exc}"
+            for deletion, _ in attempted:
+                self._note(run, report, deletion, Status.ERROR, "not deleted: " + run.fatal)
+            return
+        results = await asyncio.gather(*(self._one(run, d) for d, _ in attempted))
+        settled = []
+        for (deletion, entry), result in zip(attempted, results, strict=True):
+            self._note(run, report, deletion, result.status, result.detail)
+            settled.append(Settlement.of(entry, result.settled, result.detail))
+        try:
+            await self._audit.settle(settled)
+        except StateError as exc:
+            # The intents are durable (restore works from them); deleting more would not be.
+            run.fatal = f"the audit ({run.audit_location}) cannot be written: {exc}"
+
+    def _leave(self, run: _Run, wave: Sequence[Deletion], report: ExecutionReport) -> None:
+        """A wave not attempted: the run was stopped (read-only registry, fatal problem)."""
+        for deletion in wave:
+            status, detail = run.blocked(deletion) or (Status.DEFERRED, "registry refused writes")
+            self._note(run, report, deletion, status, detail)
 
     def _note(
-        self, report: ExecutionReport, deletion: Deletion, status: Status, detail: str
+        self, run: _Run, report: ExecutionReport, deletion: Deletion, status: Status, detail: str
     ) -> None:
+        if deletion.action is not Action.UNTAG:
+            run.statuses[deletion.digest] = status
         report.done.append((deletion, status, detail))
         if self._on_progress:
             self._on_progress(deletion, status)
 
-    async def _one(
-        self, run: _Run, deletion: Deletion, protected: frozenset[Digest]
-    ) -> tuple[Status, str]:
-        if run.stopped:
-            return Status.DEFERRED, "registry refused writes"
+    async def _one(self, run: _Run, deletion: Deletion) -> _Result:
+        if run.read_only:
+            return _Result(Status.DEFERRED, "registry refused writes")
         try:
-            status = await self._delete(run.plan, deletion, protected)
+            removal = await self._delete(run.plan, deletion)
         except SafetyViolation as exc:
-            return Status.SKIPPED, str(exc)
+            return _Result(Status.SKIPPED, str(exc))
         except RegistryReadOnly:
             run.read_only = True
-            return Status.DEFERRED, "registry is read-only"
+            return _Result(Status.DEFERRED, "registry is read-only")
         except DeletesDisabled as exc:
             run.fatal = f"the registry has deletes disabled (storage.delete.enabled): {exc}"
-            return Status.ERROR, run.fatal
+            return _Result(Status.ERROR, run.fatal)
+        except DeleteUnsettled as exc:
+            return _Result(Status.ERROR, f"unknown whether deleted: {exc}", Outcome.PENDING)
         except RegistryError as exc:
-            return Status.ERROR, str(exc)
-        if status is Status.DELETED:
-            await self._audit.record(_audit_entry(run, deletion))
-        return status, ""
+            return _Result(Status.ERROR, str(exc))
+        if removal is Removal.ABSENT:
+            return _Result(Status.ALREADY_GONE)
+        return _Result(Status.DELETED, _REMOVAL_DETAIL[removal])
 
-    async def _delete(self, plan: Plan, deletion: Deletion, protected: frozenset[Digest]) -> Status:
+    async def _delete(self, plan: Plan, deletion: Deletion) -> Removal:
         if deletion.action is Action.UNTAG:
             (tag,) = deletion.tags
             try:
-                removed = await self._client.delete_tag(plan.repository, tag, deletion.digest)
+                return await self._client.delete_tag(plan.repository, tag, deletion.digest)
             except ManifestUnknown:
-                removed = False
-            return Status.DELETED if removed else Status.ALREADY_GONE
-        if deletion.digest in protected:
-            raise SafetyViolation(f"{deletion.digest} is now needed by a kept tag; left alone")
-        deleted = await self._client.delete_manifest(plan.repository, deletion.digest)
-        return Status.DELETED if deleted else Status.ALREADY_GONE
+                return Removal.ABSENT
+        return await self._client.delete_manifest(plan.repository, deletion.digest)
 
 
-def _by_action(deletions: Sequence[Deletion]) -> list[list[Deletion]]:
-    """Runs of one action, in plan order: referrers, untags, manifests, children."""
-    groups: list[list[Deletion]] = []
+def _levels(deletions: Sequence[Deletion]) -> list[list[Deletion]]:
+    """Deletions grouped by dependency depth, in plan order within a level."""
+    depth = dependency_levels(deletions)
+    grouped: dict[int, list[Deletion]] = {}
     for deletion in deletions:
-        if groups and groups[-1][0].action is deletion.action:
-            groups[-1].append(deletion)
-        else:
-            groups.append([deletion])
-    return groups
+        grouped.setdefault(depth[deletion], []).append(deletion)
+    return [grouped[n] for n in sorted(grouped)]
+
+
+def _needed(deletion: Deletion, protected: frozenset[Digest]) -> tuple[Status, str] | None:
+    """A digest deletion the live re-check found a kept tag needs (a tag-only removal is
+    re-checked by the client: the tag must still be on the planned digest)."""
+    if deletion.action is not Action.UNTAG and deletion.digest in protected:
+        return Status.SKIPPED, f"{deletion.digest} is now needed by a kept tag; left alone"
+    return None
 
 
 def _waves(deletions: Sequence[Deletion], size: int) -> list[list[Deletion]]:
@@ -236,7 +316,7 @@ def _audit_entry(run: _Run, deletion: Deletion) -> AuditEntry:
         reason=deletion.reason.detail,
         job_id=run.job_id,
         manifest=manifest.raw if manifest else b"",
-        parent=deletion.parent,
+        parents=deletion.parents,
     )
 
 
@@ -256,12 +336,6 @@ class _LiveGuard:
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
         self._last: tuple[float, frozenset[Digest]] | None = None
-        # Referrers the plan deletes with their subject: if the subject turns out to
-        # be needed after all, its signatures and attestations must stay too.
-        self._referrers: dict[Digest, set[Digest]] = {}
-        for d in plan.deletions:
-            if d.action is Action.REFERRER and d.parent:
-                self._referrers.setdefault(d.parent, set()).add(d.digest)
 
     async def refresh(self) -> frozenset[Digest]:
         """The protected set as the registry says now; reused while under RECHECK_MAX_AGE."""
@@ -283,16 +357,7 @@ class _LiveGuard:
             protected.add(ref.digest)
             if self._known.get(tag) != ref.digest:
                 protected |= await self._graph(Digest(ref.digest))
-        return frozenset(self._with_referrers(protected))
-
-    def _with_referrers(self, protected: set[Digest]) -> set[Digest]:
-        todo = [d for d in protected if d in self._referrers]
-        while todo:
-            for referrer in self._referrers.get(todo.pop(), ()):
-                if referrer not in protected:
-                    protected.add(referrer)
-                    todo.append(referrer)
-        return protected
+        return frozenset(protected)
 
     async def _graph(self, digest: Digest) -> frozenset[Digest]:
         """``digest`` and every manifest below it (children of indexes, recursively)."""

@@ -19,7 +19,8 @@ from redis.exceptions import RedisError
 from worker.context import WorkerContext
 from worker.errors import RegsweepError, StateError
 from worker.events import CiEvent, RegistryEvent, RegistryEventKind
-from worker.executor import ExecutionReport, Outcome, Status
+from worker.executor import ExecutionReport, RunOutcome, Status
+from worker.mediatypes import INDEX_TYPES
 from worker.model import Digest
 from worker.plan import Action, Reason
 from worker.planner import TagRequest
@@ -112,11 +113,18 @@ async def apply_registry_events(ctx: WorkerContext, events: Sequence[RegistryEve
         if kind is RegistryEventKind.MANIFEST_PUSH and event.tag and event.digest:
             await ctx.index.record_push(event.repository, event.tag, event.digest, event.timestamp)
             touched.append(event.repository)
+        elif kind is RegistryEventKind.MANIFEST_PUSH and event.digest and _is_index(event):
+            # Pushed by digest only (deployed by digest): it protects what it lists.
+            await ctx.index.record_stored_index(event.repository, event.digest, event.timestamp)
         elif kind in (RegistryEventKind.MANIFEST_DELETE, RegistryEventKind.TAG_DELETE):
             await ctx.index.record_delete(
                 event.repository, digest=event.digest, tag=event.tag, at=event.timestamp
             )
     return [r for r in dict.fromkeys(touched) if ctx.config.policy_for(r) is not None]
+
+
+def _is_index(event: RegistryEvent) -> bool:
+    return event.media_type in INDEX_TYPES
 
 
 async def claim_prune(ctx: WorkerContext, repository: str) -> bool:
@@ -307,17 +315,15 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     planned = await ctx.pruner.plan_one(repository, requests=job.requests, known_tags=known)
     if planned is None:
         return {"repository": repository, "skipped": "no policy matches"}
-    if known is None:
-        await ctx.index.reconcile(repository, planned.inventory.tags, datetime.now(UTC))
+    if known is None:  # the inventory recorded its listing in the index
         await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
     summary = plan_summary(planned) | {"incremental": known is not None}
     if job.dry_run or not planned.enforced or planned.plan.is_empty:
         return summary | {"executed": False}
     report = await ctx.pruner.execute(planned, job_id=job.job_id)
-    await _after_execution(ctx, repository, report)
     _count_deletions(ctx, planned.policy.name, report)
     summary |= report_summary(report)
-    if report.outcome is Outcome.DEFERRED:
+    if report.outcome is RunOutcome.DEFERRED:
         raise Deferred(f"registry went read-only while pruning {repository}")
     return summary
 
@@ -326,20 +332,6 @@ def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -
     for deletion, status, _ in report.done:
         if status is Status.DELETED:
             ctx.metrics.deletion(policy, deletion.reason.rule)
-
-
-async def _after_execution(ctx: WorkerContext, repository: str, report: ExecutionReport) -> None:
-    """Keep the index in step without waiting for the registry's own delete events."""
-    now = datetime.now(UTC)
-    gone = [d for d, s, _ in report.done if s.value in ("deleted", "already-gone")]
-    for deletion in gone:
-        if deletion.action is Action.UNTAG:
-            await ctx.index.record_delete(repository, digest=None, tag=deletion.tags[0], at=now)
-        else:
-            await ctx.index.record_delete(repository, digest=deletion.digest, tag=None, at=now)
-    await ctx.index.forget_untagged(
-        repository, [d.digest for d in gone if d.action is not Action.UNTAG]
-    )
 
 
 def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:

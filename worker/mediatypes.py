@@ -16,7 +16,21 @@ OCI_EMPTY: Final = "application/vnd.oci.empty.v1+json"
 #: Sent on every manifest GET/HEAD so the registry never down-converts to schema 1.
 MANIFEST_ACCEPT: Final = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 
+DOCKER_SCHEMA1: Final = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED: Final = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
 INDEX_TYPES: Final = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+#: Every manifest type regsweep knows the references of (schema 1 lists blobs only).
+KNOWN_MANIFEST_TYPES: Final = frozenset(
+    {
+        DOCKER_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        OCI_MANIFEST,
+        OCI_INDEX,
+        DOCKER_SCHEMA1,
+        DOCKER_SCHEMA1_SIGNED,
+    }
+)
 IMAGE_TYPES: Final = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 CONFIG_TYPES: Final = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 
@@ -24,3 +38,5 @@ CONFIG_TYPES: Final = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 BUILDKIT_REFERENCE_TYPE: Final = "vnd.docker.reference.type"
 #: Annotation carrying the image build time when the config has none.
 CREATED_ANNOTATION: Final = "org.opencontainers.image.created"
+#: Annotation on the throw-away manifest a tag-only removal pushes (the dummy-manifest method).
+UNTAG_ANNOTATION: Final = "io.regsweep.untag"

@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NewType
+from enum import StrEnum
+from typing import Any, Final, NewType
 
 from worker import mediatypes as mt
 from worker.errors import RegistryProtocolError
@@ -22,6 +23,55 @@ Digest = NewType("Digest", str)
 Tag = NewType("Tag", str)
 
 _COSIGN_TAG = re.compile(r"^(sha256)-([0-9a-f]{64})(?:\.(sig|att|sbom))?$")
+
+
+class PushSource(StrEnum):
+    NOTIFICATION = "notification"
+    STORAGE = "storage"
+    FIRST_SEEN = "first seen"
+    BUILD_TIME = "build time"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class PushTime:
+    """The push happened no earlier than ``earliest`` and no later than ``latest``
+    (``None``: no bound known).
+
+    ``listed`` is when the first listing that showed the tag started: the push came
+    before that listing read the tag list. A tag that same listing *lacked* (``first
+    seen``, with ``earliest`` that listing's start) was pushed after that read, so it
+    provably follows, although the two intervals overlap by the listing's duration.
+    """
+
+    source: PushSource
+    earliest: datetime | None = None
+    latest: datetime | None = None
+    listed: datetime | None = None
+
+    @classmethod
+    def exact(cls, source: PushSource, at: datetime) -> PushTime:
+        return cls(source, at, at)
+
+    def older_than(self, cutoff: datetime) -> bool:
+        """Whether this push provably happened before ``cutoff``."""
+        return self.latest is not None and self.latest < cutoff
+
+
+#: No evidence at all: unknown keeps.
+UNKNOWN: Final = PushTime(PushSource.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A tag every plan keeps until ``until`` (``regsweep hold``, or put back by ``restore``)."""
+
+    tag: str
+    until: datetime
+    reason: str
+
+    def active(self, now: datetime) -> bool:
+        return self.until > now
 
 
 def referrer_tag_subject(tag: str) -> Digest | None:
@@ -73,6 +123,17 @@ class Manifest:
         return self.media_type in mt.INDEX_TYPES
 
     @property
+    def is_placeholder(self) -> bool:
+        """regsweep's own throw-away manifest of a tag-only removal (never anyone's image)."""
+        return (
+            mt.UNTAG_ANNOTATION in self.annotations
+            and self.config is not None
+            and self.config.media_type == mt.OCI_EMPTY
+            and not self.layers
+            and not self.children
+        )
+
+    @property
     def blobs(self) -> tuple[Descriptor, ...]:
         """Config and layers: the blobs this manifest keeps alive."""
         return ((self.config,) if self.config else ()) + self.layers
@@ -119,9 +180,10 @@ class Inventory:
     """A frozen snapshot of one repository, everything the planner may use.
 
     ``manifests`` holds every manifest the snapshot knows: tagged ones, the
-    children of indexes, referrers, and untagged manifests the state store
-    remembers. ``referrers`` maps a subject digest to the digests of manifests
-    that refer to it (``subject`` field, fallback index entries, referrers API);
+    children of indexes, referrers, untagged manifests the state store
+    remembers and, with ``registry.storage_path``, every manifest the storage
+    holds. ``referrers`` maps a subject digest to the digests of manifests that
+    refer to it (``subject`` field, fallback index entries, referrers API);
     cosign-style tags are in ``tags`` and found with :func:`referrer_tag_subject`.
     """
 
@@ -129,18 +191,28 @@ class Inventory:
     taken_at: datetime
     tags: Mapping[str, Digest]
     manifests: Mapping[Digest, Manifest]
-    #: When regsweep saw each tag pushed (from the state store; may be partial).
-    pushed_at: Mapping[str, datetime] = field(default_factory=dict)
+    #: How sure regsweep is of when each tag was pushed (missing: unknown).
+    push_times: Mapping[str, PushTime] = field(default_factory=dict)
     #: Digests that lost their last tag, and since when (from the state store).
     untagged_since: Mapping[Digest, datetime] = field(default_factory=dict)
     referrers: Mapping[Digest, tuple[Digest, ...]] = field(default_factory=dict)
     #: Digests something references that the registry answers 404 for.
     missing: frozenset[Digest] = frozenset()
+    #: Of ``missing``, those regsweep's own audit shows it deleted from this repository:
+    #: the only absent subjects whose referrers are orphans (404 alone is no evidence).
+    deleted_by_regsweep: frozenset[Digest] = frozenset()
+    #: Tags held (``regsweep hold``, ``restore``): every plan keeps them.
+    holds: Mapping[str, Hold] = field(default_factory=dict)
+    #: What the snapshot could not see, said once in the plan.
+    notes: tuple[str, ...] = ()
 
-    def push_time(self, tag: str) -> datetime | None:
-        """When ``tag`` was pushed: recorded push, else image build time, else unknown."""
-        recorded = self.pushed_at.get(tag)
-        if recorded is not None:
-            return recorded
-        manifest = self.manifests.get(self.tags[tag])
-        return manifest.created if manifest else None
+    def push_time(self, tag: str) -> PushTime:
+        return self.push_times.get(tag, UNKNOWN)
+
+    @property
+    def placeholders(self) -> frozenset[Digest]:
+        """Tagged digests that are regsweep's own untag placeholders (an untag interrupted
+        between its PUT and its DELETE)."""
+        return frozenset(
+            d for d in set(self.tags.values()) if (m := self.manifests.get(d)) and m.is_placeholder
+        )

@@ -2,12 +2,14 @@
 
 A :class:`Plan` is produced by :func:`worker.planner.plan` from an
 :class:`~worker.model.Inventory` and carried out by :mod:`worker.executor`,
-the only code that deletes. ``deletions`` are already in execution order:
-referrers, then tag-only removals, then manifests, then orphaned children.
+the only code that deletes. ``deletions`` are already in execution order: each
+after every deletion it depends on (``parents``: the deleted indexes that list
+it, the deleted subjects it refers to).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -59,8 +61,9 @@ class Deletion:
     #: Tags removed with it (for UNTAG: exactly the tag removed).
     tags: tuple[str, ...]
     reason: Reason
-    #: For REFERRER: the subject it refers to; for CHILD: the index it belonged to.
-    parent: Digest | None = None
+    #: Deletions of this plan that must succeed first: the deleted indexes listing this
+    #: digest and the deleted subjects it refers to. If one of them stays, this stays too.
+    parents: tuple[Digest, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,9 @@ class Plan:
     #: what GC could give back after this plan runs.
     reclaimable_bytes: int
 
+    #: What the snapshot could not see or read, said once (no deletion rests on it).
+    notes: tuple[str, ...] = ()
+
     @property
     def tags_removed(self) -> int:
         return sum(len(d.tags) for d in self.deletions)
@@ -107,3 +113,23 @@ class Plan:
     @property
     def is_empty(self) -> bool:
         return not self.deletions
+
+
+def dependency_levels(deletions: Sequence[Deletion]) -> dict[Deletion, int]:
+    """How deep each deletion sits in the dependency graph (0: depends on nothing in the
+    plan); a (malformed) cycle is cut where it closes."""
+    by_digest = {d.digest: d for d in deletions if d.action is not Action.UNTAG}
+    memo: dict[Digest, int] = {}
+
+    def depth(digest: Digest, path: frozenset[Digest]) -> int:
+        if digest not in memo:
+            parents = [p for p in by_digest[digest].parents if p in by_digest and p not in path]
+            memo[digest] = 1 + max((depth(p, path | {digest}) for p in parents), default=-1)
+        return memo[digest]
+
+    def level(deletion: Deletion) -> int:
+        own = depth(deletion.digest, frozenset()) if deletion.action is not Action.UNTAG else 0
+        inherited = (depth(p, frozenset()) + 1 for p in deletion.parents if p in by_digest)
+        return max([own, *inherited])
+
+    return {deletion: level(deletion) for deletion in deletions}

@@ -6,11 +6,13 @@ whatever order the inventory's mappings happen to iterate in.
 
 How a plan is made:
 
-1. **Tags are judged.** Protected tags are kept. Referrer tags (cosign
-   ``sha256-<hex>.sig|.att|.sbom`` and the OCI fallback ``sha256-<hex>``) are
-   not judged: they follow their subject. Every other tag is deleted when a CI
-   event asks for it, else kept when the policy has no ``keep:`` or when any
-   keep rule keeps it, else deleted by retention.
+1. **Tags are judged.** Protected tags are kept, then held ones. Tags left on
+   regsweep's own untag placeholder (an untag interrupted between its PUT and
+   its DELETE) are not judged: the placeholder is deleted, which finishes the
+   untag. Referrer tags (cosign ``sha256-<hex>.sig|.att|.sbom`` and the OCI
+   fallback ``sha256-<hex>``) are not judged: they follow their subject. Every
+   other tag is deleted when a CI event asks for it, else kept when the policy
+   has no ``keep:`` or when any keep rule keeps it, else deleted by retention.
 2. **What kept tags need** (the closure) is everything reachable from their
    digests through index children and referrers, recursively. Nothing in it
    is ever deleted (invariants 1, 3, 4).
@@ -22,27 +24,39 @@ How a plan is made:
 4. **Tags are removed** by deleting their digest, or, where the digest must
    stay, as a tag only (``UNTAG``, invariant 2).
 
-Ranking for ``newest: N`` runs over the tags retention decides about: tags
-matching the rule's patterns that are neither protected nor asked for by a CI
-event. Protected tags are kept anyway and do not use a slot; tags an event
+Retention decides on evidence only (:mod:`worker.evidence`). ``newest: N``
+fails a tag only when N other tags matching the rule were provably pushed
+after it, and ``pushed_within`` only when the tag was provably pushed before
+the cutoff: equal, overlapping or unknown push times keep, and tag-name order
+never decides. The tags counted are those retention decides about: matching
+the rule's patterns, neither protected, held nor asked for by a CI event.
+Protected and held tags are kept anyway and do not use a slot; tags an event
 deletes do not either, so planning again after the plan ran removes nothing
 more (the plan is a fixpoint).
+
+5. **Order.** A deletion depends on every deleted index that lists it and on
+   every deleted subject it refers to; the executor runs a deletion only after
+   those succeeded, so a subject the live re-check spares keeps its referrers
+   and an index it spares keeps its children.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from bisect import bisect_right
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
-from worker.model import Descriptor, Digest, Inventory, referrer_tag_subject
-from worker.plan import ACTION_ORDER, Action, Deletion, Kept, Plan, Reason
+from worker.model import Descriptor, Digest, Inventory, PushSource, PushTime, referrer_tag_subject
+from worker.plan import ACTION_ORDER, Action, Deletion, Kept, Plan, Reason, dependency_levels
 from worker.policy import KeepRule, Policy, TagPattern, any_match
 
 #: Rule names used in reasons besides ``keep[i]`` and ``on.<event>``.
 PROTECT: Final = "protect"
+HOLD: Final = "hold"
+PLACEHOLDER: Final = "placeholder"
 RETENTION: Final = "retention"
 UNTAGGED: Final = "untagged"
 REFERRER: Final = "referrer"
@@ -75,7 +89,6 @@ class _Mark:
 
     action: Action
     reason: Reason
-    parent: Digest | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ def plan(
         kept=_kept(ctx, marks),
         protected_digests=needed,
         reclaimable_bytes=_reclaimable_bytes(inventory, marks.keys()),
+        notes=inventory.notes,
     )
 
 
@@ -198,14 +212,19 @@ def _closure(seeds: Iterable[Digest], graph: _Graph) -> frozenset[Digest]:
 def _classify_tags(
     inventory: Inventory, policy: Policy, now: datetime, requests: Sequence[TagRequest]
 ) -> dict[str, _Verdict]:
-    """A verdict for every protected tag and every non-referrer tag."""
+    """A verdict for every protected or held tag and every tag that is neither a referrer
+    tag nor left on an untag placeholder."""
     verdicts: dict[str, _Verdict] = {}
     candidates: list[str] = []
+    placeholders = inventory.placeholders
     for tag in sorted(inventory.tags):
         pattern = policy.protected_by(tag)
         if pattern is not None:
             verdicts[tag] = _Verdict(True, Reason(PROTECT, f"matches {pattern.source}"))
-        elif referrer_tag_subject(tag) is not None:
+        elif (hold := inventory.holds.get(tag)) is not None:
+            until = hold.until.strftime("%Y-%m-%d %H:%M UTC")
+            verdicts[tag] = _Verdict(True, Reason(HOLD, f"held ({hold.reason}) until {until}"))
+        elif inventory.tags[tag] in placeholders or referrer_tag_subject(tag) is not None:
             continue
         elif (asked := _requested(tag, requests)) is not None:
             verdicts[tag] = _Verdict(False, asked)
@@ -231,31 +250,50 @@ def _retention(
     if policy.keep is None:
         kept = _Verdict(True, Reason(RETENTION, "the policy has no keep rules"))
         return dict.fromkeys(candidates, kept)
-    # An unknown push time counts as "pushed now": the tag is kept, never guessed old.
     pushed = {tag: inventory.push_time(tag) for tag in candidates}
-    ranks = {rule.index: _ranks(rule, candidates, pushed, now) for rule in policy.keep}
-    return {
-        tag: _judge(tag, policy.keep, ranks, now - (pushed[tag] or now), pushed[tag] is None)
-        for tag in candidates
+    newer = {
+        rule.index: _pushed_later(rule, candidates, pushed)
+        for rule in policy.keep
+        if rule.newest is not None
     }
+    return {tag: _judge(tag, policy.keep, newer, pushed[tag], now) for tag in candidates}
 
 
-def _ranks(
-    rule: KeepRule, candidates: list[str], pushed: Mapping[str, datetime | None], now: datetime
+def _pushed_later(
+    rule: KeepRule, candidates: list[str], pushed: Mapping[str, PushTime]
 ) -> dict[str, int]:
-    """1-based rank of each matching tag, most recently pushed first, ties by name."""
+    """For each tag matching ``rule``: how many other matching tags were provably pushed
+    after it — their earliest possible push after its latest possible one, or first seen
+    after the very listing that first showed this tag (one listing reads the tag list at
+    one instant: what it showed came before what it lacked)."""
     matching = [tag for tag in candidates if any_match(rule.tags, tag) is not None]
-    # candidates are sorted by name and a reversed sort stays stable: ties keep name order.
-    ordered = sorted(matching, key=lambda tag: pushed[tag] or now, reverse=True)
-    return {tag: rank for rank, tag in enumerate(ordered, start=1)}
+    starts = sorted(e for tag in matching if (e := pushed[tag].earliest) is not None)
+    lacked_by = Counter(e for tag in matching if (e := _lacked_by(pushed[tag])) is not None)
+    counts: dict[str, int] = {}
+    for tag in matching:
+        own = pushed[tag]
+        if own.latest is None:
+            counts[tag] = 0
+            continue
+        later = len(starts) - bisect_right(starts, own.latest)
+        # Those first seen after this tag's listing, unless the time rule counted them.
+        if own.listed is not None and own.listed <= own.latest:
+            later += lacked_by[own.listed]
+        counts[tag] = later
+    return counts
+
+
+def _lacked_by(pushed: PushTime) -> datetime | None:
+    """The start of the listing a first-seen tag was absent from, if that is its evidence."""
+    return pushed.earliest if pushed.source is PushSource.FIRST_SEEN else None
 
 
 def _judge(
     tag: str,
     rules: tuple[KeepRule, ...],
-    ranks: Mapping[int, Mapping[str, int]],
-    age: timedelta,
-    unknown: bool,
+    newer: Mapping[int, Mapping[str, int]],
+    pushed: PushTime,
+    now: datetime,
 ) -> _Verdict:
     """Kept by the first rule that keeps ``tag``; otherwise why each matching rule did not."""
     misses: list[str] = []
@@ -263,7 +301,7 @@ def _judge(
         pattern = any_match(rule.tags, tag)
         if pattern is None:
             continue
-        limits = _limits(rule, ranks[rule.index].get(tag, 0), age, unknown)
+        limits = _limits(rule, newer.get(rule.index, {}).get(tag, 0), pushed, now)
         if all(ok for ok, _ in limits):
             detail = ", ".join([f"matches {pattern.source}", *(text for _, text in limits)])
             return _Verdict(True, Reason(rule.label, detail))
@@ -271,16 +309,29 @@ def _judge(
     return _Verdict(False, Reason(RETENTION, "; ".join(misses) or "no keep rule matches"))
 
 
-def _limits(rule: KeepRule, rank: int, age: timedelta, unknown: bool) -> list[tuple[bool, str]]:
+def _limits(rule: KeepRule, later: int, pushed: PushTime, now: datetime) -> list[tuple[bool, str]]:
     """Each limit of ``rule``: whether the tag meets it, and how to say so."""
     limits: list[tuple[bool, str]] = []
     if rule.newest is not None:
         patterns = ", ".join(p.source for p in rule.tags)
-        limits.append((rank <= rule.newest, f"#{rank} of {patterns}, keeps {rule.newest}"))
+        text = f"{later} of {patterns} provably pushed later, keeps newest {rule.newest}"
+        limits.append((later < rule.newest, text))
     if rule.pushed_within is not None:
-        when = "push time unknown (counts as now)" if unknown else f"pushed {_age(age)} ago"
-        limits.append((age <= rule.pushed_within, f"{when}, keeps {_span(rule.pushed_within)}"))
+        kept = not pushed.older_than(now - rule.pushed_within)
+        limits.append((kept, f"{describe_push(pushed, now)}, keeps {_span(rule.pushed_within)}"))
     return limits
+
+
+def describe_push(pushed: PushTime, now: datetime) -> str:
+    """``pushed 3d ago (storage)``, ``pushed 2d to 5d ago (first seen)``, ``push time unknown``."""
+    if pushed.source is PushSource.UNKNOWN or pushed.latest is None:
+        return "push time unknown"
+    newest = _age(now - pushed.latest)
+    if pushed.earliest == pushed.latest:
+        return f"pushed {newest} ago ({pushed.source})"
+    if pushed.earliest is None:
+        return f"pushed {newest} ago or earlier ({pushed.source})"
+    return f"pushed {newest} to {_age(now - pushed.earliest)} ago ({pushed.source})"
 
 
 # --- settling deletions ----------------------------------------------------------------
@@ -315,12 +366,18 @@ def _still_listed(marks: Mapping[Digest, _Mark], graph: _Graph) -> frozenset[Dig
 
 
 def _staying_referrer_tags(ctx: _Context, marks: Mapping[Digest, _Mark]) -> list[str]:
-    """Unprotected referrer tags whose subject is neither deleted nor gone."""
+    """Unjudged referrer tags whose subject is neither deleted now nor by regsweep before."""
     return [
         tag
         for tag, subject in ctx.graph.referrer_tags.items()
-        if tag not in ctx.verdicts and subject not in marks and subject not in ctx.inventory.missing
+        if tag not in ctx.verdicts and subject not in marks and not _orphaned(ctx, subject)
     ]
+
+
+def _orphaned(ctx: _Context, subject: Digest) -> bool:
+    """A subject that is gone *and* that regsweep's audit shows it deleted: a 404 alone is
+    no evidence (signatures may live in another repository, or arrive before their image)."""
+    return subject in ctx.inventory.deleted_by_regsweep and subject in ctx.inventory.missing
 
 
 def _mark(ctx: _Context, excluded: frozenset[Digest]) -> dict[Digest, _Mark]:
@@ -344,10 +401,10 @@ def _dependents(digest: Digest, graph: _Graph) -> Iterator[tuple[Digest, _Mark]]
     """What goes when ``digest`` goes: its children, then its referrers."""
     for child in graph.children.get(digest, ()):
         reason = Reason(CHILD, f"of deleted index {_short(digest)}")
-        yield child, _Mark(Action.CHILD, reason, digest)
+        yield child, _Mark(Action.CHILD, reason)
     for ref in graph.referrers.get(digest, ()):
         reason = Reason(REFERRER, f"of deleted subject {_short(digest)}")
-        yield ref, _Mark(Action.REFERRER, reason, digest)
+        yield ref, _Mark(Action.REFERRER, reason)
 
 
 def _roots(ctx: _Context) -> Iterator[tuple[Digest, _Mark]]:
@@ -358,10 +415,13 @@ def _roots(ctx: _Context) -> Iterator[tuple[Digest, _Mark]]:
             doomed[ctx.inventory.tags[tag]].append(tag)
     for digest in sorted(doomed):
         yield digest, _Mark(Action.MANIFEST, _combined(ctx, sorted(doomed[digest])))
+    for digest in sorted(ctx.inventory.placeholders):
+        reason = Reason(PLACEHOLDER, "finishes an interrupted tag removal")
+        yield digest, _Mark(Action.MANIFEST, reason)
     for tag, subject in ctx.graph.referrer_tags.items():
-        if tag not in ctx.verdicts and subject in ctx.inventory.missing:
-            reason = Reason(REFERRER, f"subject {_short(subject)} is gone")
-            yield ctx.inventory.tags[tag], _Mark(Action.REFERRER, reason, subject)
+        if tag not in ctx.verdicts and _orphaned(ctx, subject):
+            reason = Reason(REFERRER, f"subject {_short(subject)} was deleted by regsweep")
+            yield ctx.inventory.tags[tag], _Mark(Action.REFERRER, reason)
     yield from _expired_untagged(ctx)
 
 
@@ -376,7 +436,7 @@ def _expired_untagged(ctx: _Context) -> Iterator[tuple[Digest, _Mark]]:
     """Untagged manifests past the grace period that follow nothing else.
 
     A referrer is left to its subject (it goes when the subject goes), unless
-    that subject is already gone from the registry.
+    that subject is gone and regsweep's audit shows it deleted it.
     """
     grace = ctx.policy.untagged_delete_after
     if grace is None:
@@ -386,7 +446,8 @@ def _expired_untagged(ctx: _Context) -> Iterator[tuple[Digest, _Mark]]:
         age = ctx.now - inventory.untagged_since[digest]
         if age < grace or digest in ctx.graph.tags_by_digest or digest in inventory.missing:
             continue
-        if not ctx.graph.subjects.get(digest, frozenset()) <= inventory.missing:
+        subjects = ctx.graph.subjects.get(digest, frozenset())
+        if not all(_orphaned(ctx, subject) for subject in subjects):
             continue
         detail = f"untagged for {_age(age)}, grace {_span(grace)}"
         yield digest, _Mark(Action.MANIFEST, Reason(UNTAGGED, detail))
@@ -405,8 +466,14 @@ def _digest_deletions(ctx: _Context, marks: Mapping[Digest, _Mark]) -> Iterator[
             size=size,
             tags=ctx.graph.tags_by_digest.get(digest, ()),
             reason=mark.reason,
-            parent=mark.parent,
+            parents=_depends_on(digest, ctx.graph, marks),
         )
+
+
+def _depends_on(digest: Digest, graph: _Graph, marks: Mapping[Digest, _Mark]) -> tuple[Digest, ...]:
+    """The deleted indexes that list ``digest`` and the deleted subjects it refers to."""
+    related = graph.parents.get(digest, frozenset()) | graph.subjects.get(digest, frozenset())
+    return tuple(sorted(d for d in related if d in marks and d != digest))
 
 
 def _untags(ctx: _Context, marks: Mapping[Digest, _Mark]) -> Iterator[Deletion]:
@@ -416,7 +483,9 @@ def _untags(ctx: _Context, marks: Mapping[Digest, _Mark]) -> Iterator[Deletion]:
         if digest in marks:
             continue
         media_type, size = _describe(ctx, digest)
-        yield Deletion(Action.UNTAG, digest, media_type, size, (tag,), reason)
+        subject = ctx.graph.referrer_tags.get(tag)
+        parents = (subject,) if subject is not None and subject in marks else ()
+        yield Deletion(Action.UNTAG, digest, media_type, size, (tag,), reason, parents)
 
 
 def _removed_tags(ctx: _Context, marks: Mapping[Digest, _Mark]) -> Iterator[tuple[str, Reason]]:
@@ -428,8 +497,8 @@ def _removed_tags(ctx: _Context, marks: Mapping[Digest, _Mark]) -> Iterator[tupl
             continue
         if subject in marks:
             yield tag, Reason(REFERRER, f"of deleted subject {_short(subject)}")
-        elif subject in ctx.inventory.missing:
-            yield tag, Reason(REFERRER, f"subject {_short(subject)} is gone")
+        elif _orphaned(ctx, subject):
+            yield tag, Reason(REFERRER, f"subject {_short(subject)} was deleted by regsweep")
 
 
 def _kept(ctx: _Context, marks: Mapping[Digest, _Mark]) -> tuple[Kept, ...]:
@@ -437,8 +506,16 @@ def _kept(ctx: _Context, marks: Mapping[Digest, _Mark]) -> tuple[Kept, ...]:
     kept = [Kept(t, tags[t], v.reason) for t, v in ctx.verdicts.items() if v.keep]
     for tag in _staying_referrer_tags(ctx, marks):
         subject = ctx.graph.referrer_tags[tag]
-        kept.append(Kept(tag, tags[tag], Reason(REFERRER, f"of {_short(subject)}, which stays")))
+        kept.append(Kept(tag, tags[tag], _referrer_kept(ctx, subject)))
     return tuple(sorted(kept, key=lambda k: k.tag))
+
+
+def _referrer_kept(ctx: _Context, subject: Digest) -> Reason:
+    if subject in ctx.inventory.missing:
+        detail = f"of {_short(subject)}, absent here but not deleted by regsweep"
+    else:
+        detail = f"of {_short(subject)}, which stays"
+    return Reason(REFERRER, detail)
 
 
 def _describe(ctx: _Context, digest: Digest) -> tuple[str, int]:
@@ -451,11 +528,14 @@ def _describe(ctx: _Context, digest: Digest) -> tuple[str, int]:
 
 
 def _order(graph: _Graph, deletions: list[Deletion]) -> tuple[Deletion, ...]:
-    """Execution order: by action, then outer indexes before what they list, then by digest."""
+    """Execution order: each deletion after those it depends on (its level), then by action,
+    outer indexes before what they list, then by digest."""
     heights: dict[Digest, int] = {}
+    levels = dependency_levels(deletions)
 
-    def key(d: Deletion) -> tuple[int, int, str, tuple[str, ...]]:
-        return (ACTION_ORDER[d.action], -_height(d.digest, graph, heights), d.digest, d.tags)
+    def key(d: Deletion) -> tuple[int, int, int, str, tuple[str, ...]]:
+        height = _height(d.digest, graph, heights)
+        return (levels[d], ACTION_ORDER[d.action], -height, d.digest, d.tags)
 
     return tuple(sorted(deletions, key=key))
 

@@ -26,6 +26,8 @@ DEFAULT_HEAD_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_BODY_TIMEOUT: Final = timedelta(seconds=30)
 DEFAULT_MAX_CONNECTIONS: Final = 512
 DEFAULT_CONFIG_PATH: Final = "/etc/docker/registry/config.yml"
+#: How long ``restore`` holds what it put back (every plan keeps a held tag).
+DEFAULT_RESTORE_HOLD: Final = timedelta(days=7)
 
 _REGEX_PREFIX: Final = "re:"
 
@@ -33,6 +35,15 @@ _REGEX_PREFIX: Final = "re:"
 class Mode(StrEnum):
     DRY_RUN = "dry-run"
     ENFORCE = "enforce"
+
+
+class AgeSource(StrEnum):
+    """What a policy's ``newest`` and ``pushed_within`` measure (``age_from``)."""
+
+    #: Push evidence only: notifications, the storage's tag links, regsweep's listings.
+    PUSH = "push"
+    #: Also the image's build time where no push evidence exists (opt-in; see docs/policy.md).
+    BUILD_TIME = "build_time"
 
 
 class Secret:
@@ -153,6 +164,7 @@ class Policy:
     untagged_delete_after: timedelta | None = None
     on: EventTemplates = field(default_factory=EventTemplates)
     sources: Sources = field(default_factory=Sources)
+    age_from: AgeSource = AgeSource.PUSH
 
     def matches_repository(self, repository: str) -> bool:
         return any(p.matches(repository) for p in self.repositories)
@@ -168,6 +180,8 @@ class RegistrySettings:
     password: Secret | None = None
     ca_file: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+    #: The filesystem driver's rootdirectory, read-only: exact push times, stored manifests.
+    storage_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,8 +252,10 @@ class Config:
     sweep_every: timedelta = DEFAULT_SWEEP_EVERY
     hooks: HookSettings = field(default_factory=HookSettings)
     maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
-    #: Where the audit log goes when no Redis is configured.
+    #: The audit log (and, beside it, the CLI's state file) when no Redis is configured:
+    #: an absolute path, by default next to the policy file.
     audit_path: str | None = None
+    restore_hold: timedelta = DEFAULT_RESTORE_HOLD
     source: str = "<memory>"
 
     def policy_for(self, repository: str) -> Policy | None:

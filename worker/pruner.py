@@ -1,12 +1,15 @@
 """Plan and prune repositories: inventory → plan → (executor), for one or many repositories.
 
 This is the one core function the CLI and the Celery tasks call. Dry-run is
-"don't call the executor" (invariant 7), decided here and nowhere else.
+"don't call the executor" (invariant 7). One repository that cannot be read
+(a manifest that is not JSON, a registry 5xx on one tag) is reported with what
+went wrong and left alone; the others are planned and pruned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,13 +17,18 @@ from functools import partial
 from typing import Final
 
 from worker.audit import AuditLog
+from worker.errors import RegistryError, StateError
 from worker.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCallback, Status
-from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, TagHistory
+from worker.history import History
+from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache
 from worker.model import Digest, Inventory
-from worker.plan import Deletion, Plan
+from worker.plan import Action, Deletion, Plan
 from worker.planner import TagRequest, plan
 from worker.policy import Config, Mode, Policy
 from worker.registry.client import RegistryClient
+from worker.storage import RegistryStorage
+
+log = logging.getLogger(__name__)
 
 #: Repositories planned at once in a multi-repository run; the registry
 #: concurrency limit still caps requests in flight across all of them.
@@ -42,9 +50,12 @@ class RepositoryPlan:
         return self.policy.mode is Mode.ENFORCE
 
 
-def needs_push_times(policy: Policy) -> bool:
-    """Only ``newest`` and ``pushed_within`` rules look at push times."""
-    return any(r.newest is not None or r.pushed_within is not None for r in policy.keep or ())
+@dataclass(frozen=True)
+class RepositoryFailure:
+    """A repository that could not be planned (nothing of it was deleted), and why."""
+
+    repository: str
+    error: str
 
 
 class Pruner:
@@ -53,7 +64,7 @@ class Pruner:
         config: Config,
         client: RegistryClient,
         *,
-        history: TagHistory | None = None,
+        history: History | None = None,
         audit: AuditLog,
         manifest_cache: ManifestCache | None = None,
         created_cache: CreatedCache | None = None,
@@ -61,9 +72,13 @@ class Pruner:
         self._config = config
         self._client = client
         self._audit = audit
+        self._history = history
+        storage_path = config.registry.storage_path
         self._inventory = InventoryBuilder(
             client,
             history=history,
+            storage=RegistryStorage(storage_path) if storage_path else None,
+            audit=audit,
             created_cache=created_cache or CreatedCache(),
             manifest_cache=manifest_cache,
         )
@@ -86,21 +101,27 @@ class Pruner:
         if policy is None:
             return None
         now = now or datetime.now(UTC)
-        inventory = await self._inventory.take(
-            repository, need_push_times=needs_push_times(policy), now=now, known_tags=known_tags
-        )
+        inventory = await self._inventory.take(repository, policy, now=now, known_tags=known_tags)
         return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
 
-    async def plan_many(self, repositories: Sequence[str]) -> list[RepositoryPlan]:
+    async def plan_many(
+        self, repositories: Sequence[str]
+    ) -> list[RepositoryPlan | RepositoryFailure]:
         """Plan several repositories concurrently, a few at a time, in the given order."""
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
-        async def one(name: str) -> RepositoryPlan | None:
+        async def one(name: str) -> RepositoryPlan | RepositoryFailure | None:
             async with gate:
-                return await self.plan_one(name)
+                return await self._plan_or_failure(name)
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+    async def _plan_or_failure(self, repository: str) -> RepositoryPlan | RepositoryFailure | None:
+        try:
+            return await self.plan_one(repository)
+        except (RegistryError, StateError) as exc:
+            return RepositoryFailure(repository, str(exc))
 
     async def execute(
         self,
@@ -116,7 +137,10 @@ class Pruner:
             wave_size=self._config.registry.concurrency * WAVE_FACTOR,
             on_progress=on_progress,
         )
-        return await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+        report = await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+        if self._history is not None:
+            await _forget(self._history, planned.plan.repository, report)
+        return report
 
     async def prune_many(
         self,
@@ -126,7 +150,7 @@ class Pruner:
         job_id: str,
         on_planned: PlannedCallback | None = None,
         on_progress: RepositoryProgress | None = None,
-    ) -> list[tuple[RepositoryPlan, ExecutionReport | None]]:
+    ) -> list[tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure]:
         """Plan and prune repositories concurrently, a few at a time.
 
         A plan is executed only when its policy is ``enforce`` and ``dry_run``
@@ -134,11 +158,13 @@ class Pruner:
         """
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
-        async def one(name: str) -> tuple[RepositoryPlan, ExecutionReport | None] | None:
+        async def one(
+            name: str,
+        ) -> tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure | None:
             async with gate:
-                planned = await self.plan_one(name)
-                if planned is None:
-                    return None
+                planned = await self._plan_or_failure(name)
+                if not isinstance(planned, RepositoryPlan):
+                    return planned
                 if on_planned:
                     on_planned(planned)
                 if dry_run or not planned.enforced or planned.plan.is_empty:
@@ -148,3 +174,19 @@ class Pruner:
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+
+async def _forget(history: History, repository: str, report: ExecutionReport) -> None:
+    """Keep the history in step without waiting for the registry's delete notifications
+    (or the next listing): no untagged grace to wait out for what is gone. Best effort: a
+    store that fails here (the one that may just have stopped the run) must not hide the
+    report, and the next listing puts the history right anyway."""
+    gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
+    try:
+        await history.forget(
+            repository,
+            tags=[t for d in gone if d.action is Action.UNTAG for t in d.tags],
+            digests=[d.digest for d in gone if d.action is not Action.UNTAG],
+        )
+    except StateError as exc:
+        log.warning("%s: history not updated after the prune: %s", repository, exc)

@@ -4,13 +4,15 @@ Per repository it keeps tag → digest, when each tag was pushed as regsweep saw
 it, and which digests lost their last tag and since when (the ``untagged``
 grace starts there). Push events update it atomically with a Lua script, so
 two workers applying events for one repository never lose an "untagged" mark.
-It is the :class:`~worker.inventory.TagHistory` the planner's push times come
-from, and the tag source of incremental (event-driven) plans.
+It is the Redis :class:`~worker.history.History`: the push times, sightings,
+holds and untagged marks plans decide on, for the workers and the CLI alike,
+and the tag source of incremental (event-driven) plans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+import json
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
@@ -18,7 +20,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker.errors import StateError
-from worker.model import Digest
+from worker.evidence import Sighting
+from worker.history import RepositoryHistory
+from worker.model import Digest, Hold
 
 DEFAULT_PREFIX: Final = "regsweep:"
 
@@ -38,7 +42,7 @@ end
 return old
 """
 
-# KEYS: tags, pushed, untagged; ARGV: digest ('' for none), tag ('' for none), now
+# KEYS: tags, pushed, untagged, stored; ARGV: digest ('' for none), tag ('' for none), now
 _DELETE = """
 local removed = {}
 if ARGV[2] ~= '' then
@@ -64,8 +68,50 @@ if ARGV[1] ~= '' then
     end
   end
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
 end
 return removed
+"""
+
+# A listing that started at ARGV[2] and finished at ARGV[3] showed the tag/digest pairs
+# from ARGV[4] on. KEYS: tags, pushed, untagged, seen, listed, repos; ARGV[1]: repository.
+# An older listing that finishes after a newer one changes nothing: the newer counted.
+_LISTING = """
+local last = redis.call('GET', KEYS[5])
+if last and tonumber(ARGV[2]) < tonumber(last) then return 0 end
+local live, still = {}, {}
+for i = 4, #ARGV, 2 do
+  live[ARGV[i]] = ARGV[i + 1]
+  still[ARGV[i + 1]] = true
+end
+local seen = redis.call('HGETALL', KEYS[4])
+local known = {}
+for i = 1, #seen, 2 do known[seen[i]] = string.match(seen[i + 1], '^([^|]*)') end
+for tag, _ in pairs(known) do
+  if not live[tag] then redis.call('HDEL', KEYS[4], tag) end
+end
+for tag, digest in pairs(live) do
+  if known[tag] ~= digest then
+    local since = digest .. '|' .. (last or '')
+    redis.call('HSET', KEYS[4], tag, since .. '|' .. ARGV[3] .. '|' .. ARGV[2])
+  end
+end
+local indexed = redis.call('HGETALL', KEYS[1])
+for i = 1, #indexed, 2 do
+  local tag, digest = indexed[i], indexed[i + 1]
+  if live[tag] ~= digest then
+    redis.call('HDEL', KEYS[2], tag)
+    if not live[tag] then redis.call('HDEL', KEYS[1], tag) end
+    if not still[digest] then redis.call('HSETNX', KEYS[3], digest, ARGV[3]) end
+  end
+end
+for tag, digest in pairs(live) do
+  redis.call('HSET', KEYS[1], tag, digest)
+  redis.call('HDEL', KEYS[3], digest)
+end
+redis.call('SET', KEYS[5], ARGV[2])
+redis.call('SADD', KEYS[6], ARGV[1])
+return 1
 """
 
 
@@ -78,6 +124,22 @@ def _dt(value: str | bytes) -> datetime:
     return datetime.fromtimestamp(float(text), UTC)
 
 
+def _sighting(value: str | bytes) -> Sighting:
+    """``digest|earliest|latest|shown`` (``earliest`` empty: no earlier listing)."""
+    digest, earliest, latest, *shown = _text(value).split("|")
+    return Sighting(
+        Digest(digest),
+        _dt(earliest) if earliest else None,
+        _dt(latest),
+        _dt(shown[0]) if shown and shown[0] else None,
+    )
+
+
+def _hold(tag: str, value: str | bytes) -> Hold:
+    data = json.loads(value)
+    return Hold(tag, _dt(str(data["until"])), str(data.get("reason", "")))
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -85,15 +147,30 @@ def _text(value: str | bytes) -> str:
 class TagIndex:
     """Async Redis tag index; every Redis failure surfaces as :class:`StateError`."""
 
+    notified = True
+
     def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
         self._prefix = prefix
         self._push = redis.register_script(_PUSH)
         self._delete = redis.register_script(_DELETE)
+        self._listing = redis.register_script(_LISTING)
 
     def _keys(self, repository: str) -> tuple[str, str, str]:
         base = f"{self._prefix}idx:{repository}:"
         return base + "tags", base + "pushed", base + "untagged"
+
+    def _key(self, repository: str, what: str) -> str:
+        """``seen`` (sightings), ``listed`` (the last listing's start), ``stored`` (indexes
+        pushed by digest only)."""
+        return f"{self._prefix}idx:{repository}:{what}"
+
+    def _hold_key(self, repository: str) -> str:
+        return f"{self._prefix}hold:{repository}"
+
+    @property
+    def _held_repos_key(self) -> str:
+        return f"{self._prefix}holds"
 
     @property
     def _repos_key(self) -> str:
@@ -120,27 +197,77 @@ class TagIndex:
     ) -> list[str]:
         """A manifest (all its tags) or one tag was deleted; returns the tags removed."""
         args = [digest or "", tag or "", _ts(at)]
-        removed = await self._call(self._delete(keys=list(self._keys(repository)), args=args))
+        keys = [*self._keys(repository), self._key(repository, "stored")]
+        removed = await self._call(self._delete(keys=keys, args=args))
         return [_text(t) for t in removed]
 
-    async def reconcile(self, repository: str, live: Mapping[str, Digest], at: datetime) -> None:
-        """Make the index agree with the live registry after a sweep read it."""
-        tags_key, pushed_key, untagged_key = self._keys(repository)
-        known = await self.tags(repository)
-        gone = [t for t in known if t not in live]
-        left = {d for t, d in known.items() if t in gone or live.get(t) != d}
-        orphaned = left - set(live.values())
+    async def record_stored_index(self, repository: str, digest: str, at: datetime) -> None:
+        """An index pushed by digest only: it protects what it lists until it is deleted."""
         pipe = self._redis.pipeline(transaction=True)
-        if gone:
-            pipe.hdel(tags_key, *gone)
-            pipe.hdel(pushed_key, *gone)
-        if live:
-            pipe.hset(tags_key, mapping={str(t): str(d) for t, d in live.items()})
-            pipe.hdel(untagged_key, *set(live.values()))
-        for digest in orphaned:
-            pipe.hsetnx(untagged_key, digest, _ts(at))
+        pipe.hset(self._key(repository, "stored"), digest, _ts(at))
         pipe.sadd(self._repos_key, repository)
         await self._call(pipe.execute())
+
+    async def record_listing(
+        self, repository: str, live: Mapping[str, Digest], started: datetime, finished: datetime
+    ) -> None:
+        """A live listing: new sightings, the index made to agree with it (tags gone dropped,
+        moved tags' notified times dropped, digests left without a tag marked untagged)."""
+        tags_key, pushed_key, untagged_key = self._keys(repository)
+        keys = [
+            tags_key,
+            pushed_key,
+            untagged_key,
+            self._key(repository, "seen"),
+            self._key(repository, "listed"),
+            self._repos_key,
+        ]
+        args = [repository, _ts(started), _ts(finished)]
+        for tag, digest in live.items():
+            args += [tag, digest]
+        await self._call(self._listing(keys=keys, args=args))
+
+    async def snapshot(self, repository: str) -> RepositoryHistory:
+        """Everything remembered of ``repository``, in one round trip."""
+        tags_key, pushed_key, untagged_key = self._keys(repository)
+        pipe = self._redis.pipeline(transaction=False)
+        for key in (tags_key, pushed_key, untagged_key, self._key(repository, "seen")):
+            pipe.hgetall(key)
+        pipe.hkeys(self._key(repository, "stored"))
+        pipe.hgetall(self._hold_key(repository))
+        pipe.get(self._key(repository, "listed"))
+        tags, pushed, untagged, seen, stored, holds, listed = await self._call(pipe.execute())
+        return RepositoryHistory(
+            tags={_text(k): Digest(_text(v)) for k, v in tags.items()},
+            pushed_at={_text(k): _dt(v) for k, v in pushed.items()},
+            sightings={_text(k): _sighting(v) for k, v in seen.items()},
+            untagged_since={Digest(_text(k)): _dt(v) for k, v in untagged.items()},
+            stored_indexes=frozenset(Digest(_text(d)) for d in stored),
+            holds={_text(k): _hold(_text(k), v) for k, v in holds.items()},
+            listed_at=_dt(listed) if listed else None,
+        )
+
+    async def hold(self, repository: str, hold: Hold) -> None:
+        value = json.dumps({"until": _ts(hold.until), "reason": hold.reason})
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._hold_key(repository), hold.tag, value)
+        pipe.sadd(self._held_repos_key, repository)
+        await self._call(pipe.execute())
+
+    async def unhold(self, repository: str, tag: str) -> bool:
+        return bool(await self._call(self._redis.hdel(self._hold_key(repository), tag)))
+
+    async def all_holds(self) -> dict[str, list[Hold]]:
+        repos = sorted(
+            _text(r) for r in await self._call(self._redis.smembers(self._held_repos_key))
+        )
+        out: dict[str, list[Hold]] = {}
+        for repository in repos:
+            raw = await self._call(self._redis.hgetall(self._hold_key(repository)))
+            held = sorted((_hold(_text(k), v) for k, v in raw.items()), key=lambda h: h.tag)
+            if held:
+                out[repository] = held
+        return out
 
     async def tags(self, repository: str) -> dict[str, Digest]:
         raw = await self._call(self._redis.hgetall(self._keys(repository)[0]))
@@ -154,10 +281,14 @@ class TagIndex:
         raw = await self._call(self._redis.hgetall(self._keys(repository)[2]))
         return {Digest(_text(k)): _dt(v) for k, v in cast(dict[Any, Any], raw).items()}
 
-    async def forget_untagged(self, repository: str, digests: list[str]) -> None:
-        """Drop untagged marks once those manifests are deleted (or found gone)."""
-        if digests:
-            await self._call(self._redis.hdel(self._keys(repository)[2], *digests))
+    async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
+        """regsweep removed these tags and manifests: keep the index in step without waiting
+        for the registry's own delete notifications."""
+        now = datetime.now(UTC)
+        for tag in tags:
+            await self.record_delete(repository, digest=None, tag=tag, at=now)
+        for digest in digests:
+            await self.record_delete(repository, digest=digest, tag=None, at=now)
 
     async def repositories(self) -> list[str]:
         raw = await self._call(self._redis.smembers(self._repos_key))

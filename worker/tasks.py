@@ -137,7 +137,9 @@ def registry_events(events: list[dict[str, Any]]) -> None:
     parsed = _usable_events(events)
     try:
         repositories = run_patiently(lambda ctx: jobs.apply_registry_events(ctx, parsed))
-    except Exception:  # not Redis: some event of the batch; the others must not go with it
+    except StateError:
+        raise  # Redis stayed away: the message is delivered again
+    except Exception:  # some event of the batch: the others must not go with it
         log.exception("applying %d registry events failed; applying them one by one", len(parsed))
         repositories = _apply_one_by_one(parsed)
     for repository in repositories:
@@ -366,7 +368,16 @@ async def _child_jobs(
 def restore_task(job_id: str, repository: str, digest: str) -> None:
     _update(job_id, JobState.RUNNING, kind="restore")
     try:
-        restored = run(lambda ctx: restore(ctx.client, ctx.audit, repository, digest))
+        restored = run(
+            lambda ctx: restore(
+                ctx.client,
+                ctx.audit,
+                ctx.index,
+                repository,
+                digest,
+                hold_for=ctx.config.restore_hold,
+            )
+        )
     except RegsweepError as exc:
         _update(job_id, JobState.FAILED, kind="restore", errors=[str(exc)])
         return
@@ -374,7 +385,10 @@ def restore_task(job_id: str, repository: str, digest: str) -> None:
         log.exception("restore job %s failed", job_id)
         _update(job_id, JobState.FAILED, kind="restore", errors=[_internal(exc)])
         return
-    items = [{"digest": r.digest, "tags": list(r.tags), "action": r.action} for r in restored]
+    items = [
+        {"digest": r.digest, "tags": list(r.tags), "action": r.action, "pushed": r.pushed}
+        for r in restored
+    ]
     _update(
         job_id, JobState.SUCCEEDED, kind="restore", restored=items, counts={"restored": len(items)}
     )

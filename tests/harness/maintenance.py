@@ -26,10 +26,11 @@ import yaml
 
 from tests.harness import redisdb
 from tests.harness.images import ImageBuilder, PushedImage, PushedIndex, random_layer
-from tests.harness.registry import REGISTRY_BINARY, RegistryProcess
+from tests.harness.registry import REGISTRY_BINARY, RegistryProcess, set_pushed
 from worker import jobs
 from worker.audit import JsonlAuditLog
 from worker.context import WorkerContext
+from worker.history import LocalHistory
 from worker.maintenance.controllers import LineCallback, RegistryController
 from worker.maintenance.gc import GcResult
 from worker.maintenance.job import Maintenance, Timing
@@ -311,20 +312,33 @@ def keep_newest(n: int, pattern: str = "gc/**") -> Policy:
     )
 
 
-def engine_config(url: str, tmp_path: Path, policy: Policy) -> Config:
+def engine_config(url: str, tmp_path: Path, policy: Policy, storage: Path) -> Config:
+    """Push times come from ``storage`` (the registry's rootdirectory), as seeded below."""
     return Config(
-        registry=RegistrySettings(url=url, concurrency=4),
+        registry=RegistrySettings(url=url, concurrency=4, storage_path=str(storage)),
         policies=(policy,),
         redis_url=REDIS_URL,
         audit_path=str(tmp_path / "audit.jsonl"),
     )
 
 
-def image(builder: ImageBuilder, repo: str, tag: str | tuple[str, ...], age: float) -> PushedImage:
-    return builder.image(repo, tag, created=days_ago(age), layers=[random_layer(LAYER_SIZE)])
+def image(
+    builder: ImageBuilder,
+    repo: str,
+    tag: str | tuple[str, ...],
+    age: float,
+    storage: Path | None = None,
+) -> PushedImage:
+    """An image whose tags look pushed ``age`` days ago in ``storage`` (when given)."""
+    pushed = builder.image(repo, tag, created=days_ago(age), layers=[random_layer(LAYER_SIZE)])
+    if storage is not None:
+        set_pushed(storage, repo, days_ago(age), *((tag,) if isinstance(tag, str) else tag))
+    return pushed
 
 
-def multi_arch(builder: ImageBuilder, repo: str, tag: str, age: float) -> Seeded:
+def multi_arch(
+    builder: ImageBuilder, repo: str, tag: str, age: float, storage: Path | None = None
+) -> Seeded:
     amd64 = builder.image(
         repo, (), created=days_ago(age), layers=[random_layer(LAYER_SIZE)], architecture="amd64"
     )
@@ -332,6 +346,8 @@ def multi_arch(builder: ImageBuilder, repo: str, tag: str, age: float) -> Seeded
         repo, (), created=days_ago(age), layers=[random_layer(LAYER_SIZE)], architecture="arm64"
     )
     index = builder.index(repo, [amd64, arm64], tag)
+    if storage is not None:
+        set_pushed(storage, repo, days_ago(age), tag)
     return Seeded(repo, index, (amd64, arm64))
 
 
@@ -344,15 +360,15 @@ class Seeded:
     children: tuple[PushedImage, ...] = ()
 
 
-def seed(builder: ImageBuilder) -> tuple[list[Seeded], list[Seeded]]:
-    """Single-arch, multi-arch and signed images, three ages each; (kept, to delete) by
-    a keep-newest-2 policy."""
+def seed(builder: ImageBuilder, storage: Path) -> tuple[list[Seeded], list[Seeded]]:
+    """Single-arch, multi-arch and signed images, three ages each (as ``storage`` tells push
+    times); (kept, to delete) by a keep-newest-2 policy."""
     kept: list[Seeded] = []
     doomed: list[Seeded] = []
     for age, bucket in ((30, doomed), (20, kept), (10, kept)):
-        bucket.append(Seeded("gc/single", image(builder, "gc/single", f"s{age}", age)))
-        bucket.append(multi_arch(builder, "gc/multi", f"m{age}", age))
-        signed = image(builder, "gc/signed", f"v{age}", age)
+        bucket.append(Seeded("gc/single", image(builder, "gc/single", f"s{age}", age, storage)))
+        bucket.append(multi_arch(builder, "gc/multi", f"m{age}", age, storage))
+        signed = image(builder, "gc/signed", f"v{age}", age, storage)
         bucket.append(Seeded("gc/signed", signed))
         bucket.append(Seeded("gc/signed", builder.cosign("gc/signed", signed, "sig")))
     return kept, doomed
@@ -380,7 +396,13 @@ def prune(config: Config, repositories: list[str]) -> None:
 
     async def go() -> None:
         async with RegistryClient.from_settings(config.registry) as client:
-            pruner = Pruner(config, client, audit=JsonlAuditLog(config.audit_path or "a.jsonl"))
+            audit_path = Path(config.audit_path or "a.jsonl")
+            pruner = Pruner(
+                config,
+                client,
+                history=LocalHistory(audit_path.with_name("state")),
+                audit=JsonlAuditLog(audit_path),
+            )
             for repo in repositories:
                 planned = await pruner.plan_one(repo)
                 assert planned is not None

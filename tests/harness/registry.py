@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def tag_link(storage: Path, repository: str, tag: str) -> Path:
+    """The storage file whose mtime is ``tag``'s last push (``registry.storage_path``)."""
+    manifests = storage / "docker/registry/v2/repositories" / repository / "_manifests"
+    return manifests / "tags" / tag / "current" / "link"
+
+
+def set_pushed(storage: Path, repository: str, when: datetime, *tags: str) -> None:
+    """Make each of ``tags`` look last pushed at ``when`` to anyone reading the registry's
+    storage (time passing, without waiting for it)."""
+    for tag in tags:
+        os.utime(tag_link(storage, repository, tag), (when.timestamp(), when.timestamp()))
 
 
 def base_config(root: Path, port: int) -> dict[str, Any]:
@@ -68,6 +82,10 @@ class RegistryProcess:
     @property
     def storage_path(self) -> Path:
         return Path(self.config["storage"]["filesystem"]["rootdirectory"])
+
+    def set_pushed(self, repository: str, when: datetime, *tags: str) -> None:
+        """See :func:`set_pushed`."""
+        set_pushed(self.storage_path, repository, when, *tags)
 
     def set_readonly(self, enabled: bool) -> None:
         """Change maintenance read-only mode; takes effect at the next (re)start."""

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -91,18 +92,32 @@ def running(app: Starlette, hooks: HookSettings | None = None) -> Iterator[str]:
 
 @dataclass
 class RedisServer:
-    """A private ``redis-server`` (no persistence) that a test may stop and start again."""
+    """A private ``redis-server`` that a test may stop (or kill) and start again.
+
+    Without ``data_dir`` nothing persists. With it, every write is in the append-only
+    file, fsynced before Redis answers (``appendfsync always``), so what Redis
+    acknowledged survives :meth:`kill` and comes back at the next :meth:`start`.
+    """
 
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    data_dir: Path | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _options(self) -> list[str]:
+        if self.data_dir is None:
+            return list(REDIS_OPTIONS)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Later options win: the append-only file on, fsynced on every write.
+        aof = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
+        return [*REDIS_OPTIONS, *aof]
+
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), *REDIS_OPTIONS],
+            [REDIS_SERVER, "--port", str(self.port), *self._options()],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -120,6 +135,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last save; only what was fsynced survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
 

@@ -26,6 +26,7 @@ anything else unexpected               :class:`RegistryProtocolError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,8 +35,9 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -45,6 +47,7 @@ from worker import mediatypes as mt
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
+    DeleteUnsettled,
     ManifestUnknown,
     RegistryAuthError,
     RegistryError,
@@ -69,8 +72,6 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
 DEFAULT_PAGE_SIZE: Final = 1000
 #: A pagination loop longer than this is a registry bug, not a big registry.
 MAX_PAGES: Final = 100_000
-#: Annotation on the throw-away manifest the dummy-manifest untag pushes.
-UNTAG_ANNOTATION: Final = "io.regsweep.untag"
 #: The OCI empty descriptor's content, the config of the throw-away manifest.
 EMPTY_CONFIG: Final = b"{}"
 
@@ -81,6 +82,25 @@ _HASHES: Final = frozenset({"sha256", "sha512"})
 #: Called after every HTTP exchange: (method, path template, status or None on a
 #: transport error, seconds). Where Prometheus metrics plug in.
 ResponseHook = Callable[[str, str, int | None, float], None]
+
+
+class Removal(StrEnum):
+    """What a DELETE did."""
+
+    DELETED = "deleted"
+    #: The answer was lost (a dropped connection, a 5xx, a restart in between) and a
+    #: HEAD afterwards found the manifest or tag gone: this DELETE removed it.
+    DELETED_UNANSWERED = "deleted, answer lost"
+    #: A tag-only removal by placeholder (2.8): the tag is off its digest, but the
+    #: placeholder could not be deleted afterwards (the registry went read-only, say).
+    #: Done all the same; the next run deletes the placeholder with its tag.
+    PLACEHOLDER_LEFT = "tag removed, placeholder left"
+    #: It was gone before this DELETE (404 at the first attempt).
+    ABSENT = "already gone"
+
+    @property
+    def removed(self) -> bool:
+        return self is not Removal.ABSENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +172,7 @@ def untag_manifest(config: Descriptor) -> bytes:
             "size": config.size,
         },
         "layers": [],
-        "annotations": {UNTAG_ANNOTATION: secrets.token_hex(16)},
+        "annotations": {mt.UNTAG_ANNOTATION: secrets.token_hex(16)},
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -163,6 +183,53 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"registry.ca_file: cannot load {ca_file}: {exc}") from exc
+
+
+class TagWriteGate:
+    """Keeps this process's tag writes apart from its DELETEs by digest, in one repository.
+
+    2.8 answers a DELETE by digest by reading every tag link of the repository to
+    find the tags to remove, and writes a tag link in place (truncate, then
+    write). A link read while another request rewrites it is empty: the DELETE
+    fails with 500 "invalid checksum digest format" *after* removing the manifest,
+    leaving its tags listed and pointing at nothing (distribution#2514, open;
+    such tags answer 404, distribution#1293). regsweep's own placeholder
+    PUTs (tag-only removals) therefore wait until no DELETE of the repository is in
+    flight, and DELETEs wait for a placeholder PUT in flight (or waiting) to end.
+    A push by someone else at that moment can still meet the registry's race.
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._deleting = 0
+        self._writers = 0  # writing or waiting to
+        self._writing = False
+
+    @contextlib.asynccontextmanager
+    async def deleting(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._writers == 0)
+            self._deleting += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._deleting -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writing_tag(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._writers += 1
+            await self._changed.wait_for(lambda: self._deleting == 0 and not self._writing)
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._writers -= 1
+                self._changed.notify_all()
 
 
 class RegistryClient:
@@ -187,6 +254,10 @@ class RegistryClient:
         #: Whether the registry has the OCI referrers API (3.x does, 2.8 does not);
         #: learnt from the first answer, so a 2.8 registry is asked once per process.
         self.referrers_supported: bool | None = None
+        self._tag_gates: dict[str, TagWriteGate] = {}
+
+    def _gate(self, repo: str) -> TagWriteGate:
+        return self._tag_gates.setdefault(repo, TagWriteGate())
 
     @classmethod
     def from_settings(
@@ -368,17 +439,25 @@ class RegistryClient:
             raise error_for(response, f"PUT manifest {repo}:{reference}")
         return Digest(response.headers.get("Docker-Content-Digest") or digest_of(raw))
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Delete a manifest by digest: ``True`` deleted, ``False`` already gone (success too)."""
+    async def delete_manifest(self, repo: str, digest: str) -> Removal:
+        """Delete a manifest by digest; 404 (already gone) is success too.
+
+        A DELETE whose answer is lost (the connection dropped, a 5xx, a retry met
+        404 or the registry's read-only 405 after a restart) is settled by looking:
+        a HEAD that finds the manifest gone means this DELETE removed it, and the
+        result says so; one that finds it still there means it is tried again.
+        """
         if not is_digest(digest):
             raise ValueError(f"delete_manifest needs a digest, not {digest!r}")
-        response = await self._manifest_request("DELETE", repo, digest)
-        if response.status_code in (202, 404):
-            return response.status_code == 202
-        raise error_for(response, f"DELETE manifest {repo}@{digest}")
 
-    async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> bool:
-        """Remove one tag and leave its manifest alone: ``False`` if the tag was already gone.
+        async def gone() -> bool:
+            return await self.head_manifest(repo, digest) is None
+
+        async with self._gate(repo).deleting():
+            return await self._settled_delete(f"/v2/{repo}/manifests/{digest}", gone)
+
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str) -> Removal:
+        """Remove one tag and leave its manifest alone (:attr:`Removal.ABSENT`: already gone).
 
         Raises :class:`SafetyViolation` when the tag no longer points at
         ``expected_digest`` (a push moved it since the plan was made).
@@ -387,41 +466,104 @@ class RegistryClient:
             raise ValueError(f"delete_tag needs a tag, not {tag!r}")
         current = await self.head_manifest(repo, tag)
         if current is None:
-            return False
+            return Removal.ABSENT
         if current.digest != expected_digest:
             raise SafetyViolation(
                 f"{repo}:{tag} now points at {current.digest}, not {expected_digest}; left alone"
             )
         if self.tag_delete_supported is not False:
-            deleted = await self._delete_tag_reference(repo, tag)
-            if deleted is not None:
-                return deleted
-        await self._untag_with_dummy(repo, tag)
-        return True
+            removed = await self._delete_tag_reference(repo, tag, expected_digest)
+            if removed is not None:
+                return removed
+        return await self._untag_with_dummy(repo, tag)
 
-    async def _delete_tag_reference(self, repo: str, tag: str) -> bool | None:
+    async def _delete_tag_reference(
+        self, repo: str, tag: str, expected_digest: str
+    ) -> Removal | None:
         """``DELETE /manifests/<tag>`` (3.x); ``None`` when the registry refuses tag references."""
-        response = await self._manifest_request("DELETE", repo, tag)
-        if response.status_code in (202, 404):
-            self.tag_delete_supported = True
-            return response.status_code == 202
-        # 2.8 parses the reference as a digest and answers 400 DIGEST_INVALID.
-        if response.status_code == 400 and "DIGEST_INVALID" in error_codes(response):
-            self.tag_delete_supported = False
-            return None
-        raise error_for(response, f"DELETE tag {repo}:{tag}")
 
-    async def _untag_with_dummy(self, repo: str, tag: str) -> None:
+        async def gone() -> bool:
+            now = await self.head_manifest(repo, tag)
+            return now is None or now.digest != expected_digest
+
+        try:
+            removal = await self._settled_delete(f"/v2/{repo}/manifests/{tag}", gone)
+        except RegistryProtocolError as exc:
+            # 2.8 parses the reference as a digest and answers 400 DIGEST_INVALID.
+            if exc.status == 400 and "DIGEST_INVALID" in str(exc):
+                self.tag_delete_supported = False
+                return None
+            raise
+        self.tag_delete_supported = True
+        return removal
+
+    async def _settled_delete(self, path: str, gone: Callable[[], Awaitable[bool]]) -> Removal:
+        """One DELETE, its lost answers settled with ``gone()`` (see :meth:`delete_manifest`).
+
+        An attempt that never reached the registry (no connection) is not a lost answer.
+        When an answer was lost and ``gone()`` cannot be asked either, the outcome is
+        unknown: :class:`DeleteUnsettled`, never "not deleted".
+        """
+        lost = False
+        for attempt in range(1, self._retries + 1):
+            try:
+                response = await self._request(
+                    "DELETE",
+                    path,
+                    template="/v2/{name}/manifests/{reference}",
+                    headers={"Accept": mt.MANIFEST_ACCEPT},
+                    attempts=1,
+                )
+            except RegistryUnavailable as exc:
+                lost = lost or not _never_sent(exc)
+            else:
+                if response.status_code == 202:
+                    return Removal.DELETED
+                if response.status_code == 404:
+                    return Removal.DELETED_UNANSWERED if lost else Removal.ABSENT
+                failure = error_for(response, f"DELETE {path}")
+                # Read-only after a lost attempt: the registry may have restarted read-only
+                # right after carrying out our DELETE.
+                if isinstance(failure, RegistryReadOnly) and lost and await _look(gone, path):
+                    return Removal.DELETED_UNANSWERED
+                raise failure
+            if lost and await _look(gone, path):
+                return Removal.DELETED_UNANSWERED
+            if attempt < self._retries:
+                await asyncio.sleep(self._delay(attempt))
+        raise RegistryUnavailable(f"DELETE {path}: no answer after {self._retries} attempts")
+
+    async def _untag_with_dummy(self, repo: str, tag: str) -> Removal:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
 
         The re-check before this is not atomic with the PUT: a push to the same
-        tag in between would lose that tag (never its manifest).
+        tag in between would lose that tag (never its manifest). Once the PUT is
+        done the tag is off its digest: a placeholder that cannot be deleted after
+        that (the registry went read-only) does not undo the removal.
         """
         config = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
         if not await self.blob_exists(repo, config.digest):
             await self.upload_blob(repo, EMPTY_CONFIG)
-        dummy = await self.put_manifest(repo, tag, mt.OCI_MANIFEST, untag_manifest(config))
-        await self.delete_manifest(repo, dummy)
+        placeholder = untag_manifest(config)
+        dummy = await self._put_placeholder(repo, tag, placeholder)
+        try:
+            await self.delete_manifest(repo, dummy)
+        except RegistryError as exc:
+            log.warning("%s:%s is on placeholder %s, not deleted yet: %s", repo, tag, dummy, exc)
+            return Removal.PLACEHOLDER_LEFT
+        return Removal.DELETED
+
+    async def _put_placeholder(self, repo: str, tag: str, raw: bytes) -> Digest:
+        """PUT the placeholder onto ``tag``; a failed answer is settled by a HEAD of the tag
+        (a lost answer, then a retry refused by a registry restarted read-only)."""
+        try:
+            async with self._gate(repo).writing_tag():
+                return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+        except RegistryError:
+            now = await self.head_manifest(repo, tag)
+            if now is not None and now.digest == digest_of(raw):
+                return now.digest
+            raise
 
     # -- plumbing --------------------------------------------------------------
 
@@ -464,10 +606,12 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
         follow_redirects: bool = False,
+        attempts: int | None = None,
     ) -> httpx.Response:
         """One request with retries: returns any answer below 500, raises the rest."""
         failure: RegistryError | None = None
-        for attempt in range(1, self._retries + 1):
+        attempts = attempts or self._retries
+        for attempt in range(1, attempts + 1):
             # A fresh request per attempt: the auth flow leaves its header on the old one.
             request = self._http.build_request(
                 method, url, params=params, headers=headers, content=content
@@ -480,8 +624,8 @@ class RegistryClient:
                 if response.status_code < 500:
                     return response
                 failure = error_for(response, f"{method} {template}")
-            if attempt < self._retries:
-                delay = self._backoff * 2 ** (attempt - 1) * (1 + random.random())
+            if attempt < attempts:
+                delay = self._delay(attempt)
                 log.warning(
                     "%s %s failed (%s); retry %d in %.2fs",
                     method,
@@ -492,6 +636,10 @@ class RegistryClient:
                 )
                 await asyncio.sleep(delay)
         raise failure or RegistryUnavailable(f"{method} {template}: not attempted")
+
+    def _delay(self, attempt: int) -> float:
+        """Backoff before retry ``attempt + 1``: exponential, with up to 100 % jitter."""
+        return float(self._backoff * 2 ** (attempt - 1) * (1 + random.random()))
 
     async def _send(
         self, request: httpx.Request, template: str, follow_redirects: bool
@@ -517,6 +665,23 @@ class RegistryClient:
                     self._on_response(
                         request.method, template, status, time.perf_counter() - started
                     )
+
+
+def _never_sent(exc: RegistryUnavailable) -> bool:
+    """The request never left: no connection could be made (or had from the pool)."""
+    return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+async def _look(gone: Callable[[], Awaitable[bool]], path: str) -> bool:
+    """``gone()`` after a lost answer; when even that fails, the outcome is unknown."""
+    try:
+        return await gone()
+    except RegistryError as exc:
+        raise DeleteUnsettled(
+            f"DELETE {path}: answer lost, and the registry could not be asked whether it was "
+            f"carried out ({exc})",
+            status=exc.status,
+        ) from exc
 
 
 def _media_type(response: httpx.Response) -> str:
