@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import uvicorn
 
 from bench.ingest_bench import BODY_TEMPLATE, CONTENT_TYPE, TOKEN, fixed_rate, write_script, wrk
@@ -58,6 +59,23 @@ HEAD = (
 ).encode()
 BIG_HEAD = 128 * 1024 * 1024
 LORISES = 50
+PARTS = ("throughput", "rate", "frozen")
+TICKS = os.sysconf("SC_CLK_TCK")
+#: Server process by base URL, for its CPU time.
+PIDS: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def redis_pid() -> int:
+    client = redis.Redis.from_url(s.REDIS_URL)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
 
 
 def serve_plain(port: int) -> None:
@@ -102,6 +120,7 @@ def servers(root: Path, before: Path, redis_urls: dict[str, str]) -> Iterator[di
         log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - owned by the process
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log))
         urls[name] = f"http://127.0.0.1:{port}"
+        PIDS[urls[name]] = procs[-1].pid
     try:
         for url in urls.values():
             s.wait_for(lambda u=url: _up(u), timeout=30, step=0.1)
@@ -247,6 +266,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--rate-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure"
+    )
     args = parser.parse_args()
     if args.serve_plain:
         serve_plain(args.serve_plain)
@@ -258,37 +280,62 @@ def main() -> None:
         root = Path(tmp)
         shared = {name: s.REDIS_URL for name in ("before", "after", "plain")}
         with servers(root, args.before, shared) as urls:
-            throughput: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-            for url in urls.values():
-                wrk(url, write_script(root), 2, args.connections)
-            for _ in range(args.rounds):
-                for name, url in urls.items():
-                    throughput[name].append(wrk(url, write_script(root), args.seconds, 16))
-            results["throughput"] = throughput
-            for load in ("none", "slowloris", "128MiB-head"):
-                for name in ("before", "after"):
-                    key = f"rate_{load}_{name}"
-                    results[key] = under_load(urls[name], args.rate, args.rate_seconds, load)
-                    print(key, json.dumps(results[key]), flush=True)
+            if "throughput" in args.parts:
+                results["throughput"] = throughput(urls, root, args)
+            if "rate" in args.parts:
+                for load in ("none", "slowloris", "128MiB-head"):
+                    for name in ("before", "after"):
+                        key = f"rate_{load}_{name}"
+                        results[key] = under_load(urls[name], args.rate, args.rate_seconds, load)
+                        print(key, json.dumps(results[key]), flush=True)
         s.flush()
-        privates = {name: h.RedisServer(free_port()) for name in ("before", "after")}
-        for server in privates.values():
-            server.start()
-        try:
-            own = {name: server.url for name, server in privates.items()} | {"plain": s.REDIS_URL}
-            with servers(root, args.before, own) as urls:
-                results["frozen"] = frozen({n: urls[n] for n in privates}, privates)
-        finally:
-            for server in privates.values():
-                server.stop()
-    results["summary"] = summary(results["throughput"])
+        if "frozen" in args.parts:
+            results["frozen"] = frozen_redis(root, args.before)
+    if "throughput" in results:
+        results["summary"] = summary(results["throughput"])
     print(json.dumps(results, indent=2))
+
+
+def throughput(urls: dict[str, str], root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """wrk rounds, the servers alternating within each round."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    for url in urls.values():
+        wrk(url, write_script(root), 2, args.connections)
+    store = redis_pid()
+    for _ in range(args.rounds):
+        for name, url in urls.items():
+            before = cpu_seconds(PIDS[url]), cpu_seconds(store)
+            result = wrk(url, write_script(root), args.seconds, args.connections)
+            requests = result["rps"] * args.seconds
+            # CPU per request is less moved by a shared machine's load than requests/s.
+            result["service_cpu_us"] = round((cpu_seconds(PIDS[url]) - before[0]) / requests * 1e6)
+            result["redis_cpu_us"] = round((cpu_seconds(store) - before[1]) / requests * 1e6, 1)
+            rounds[name].append(result)
+    return rounds
+
+
+def frozen_redis(root: Path, before: Path) -> dict[str, Any]:
+    """Each server on a private redis-server, frozen in turn."""
+    privates = {name: h.RedisServer(free_port()) for name in ("before", "after")}
+    for server in privates.values():
+        server.start()
+    try:
+        own = {name: server.url for name, server in privates.items()} | {"plain": s.REDIS_URL}
+        with servers(root, before, own) as urls:
+            return frozen({n: urls[n] for n in privates}, privates)
+    finally:
+        for server in privates.values():
+            server.stop()
 
 
 def summary(throughput: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rps = {name: [r["rps"] for r in rounds] for name, rounds in throughput.items()}
     pairs = list(zip(rps["after"], rps["before"], rps["plain"], strict=True))
+    cpu = {name: [r["service_cpu_us"] for r in rounds] for name, rounds in throughput.items()}
+    store = {name: [r["redis_cpu_us"] for r in rounds] for name, rounds in throughput.items()}
     return {
+        "service_cpu_us_per_request_median": {n: statistics.median(v) for n, v in cpu.items()},
+        "redis_cpu_us_per_request_median": {n: statistics.median(v) for n, v in store.items()},
         "rps_median": {name: round(statistics.median(v)) for name, v in rps.items()},
         "after_over_before": [round(a / b, 3) for a, b, _ in pairs],
         "bounded_over_plain": [round(a / p, 3) for a, _, p in pairs],

@@ -160,7 +160,9 @@ async def queue_new(
     """
     pending = list(range(len(keys) // per_delivery))
 
-    def keys_of(positions: list[int]) -> list[str]:
+    def keys_of(positions: list[int]) -> Sequence[str]:
+        if len(positions) * per_delivery == len(keys):
+            return keys  # all of them: the usual case
         return [keys[p * per_delivery + j] for p in positions for j in range(per_delivery)]
 
     while pending:

@@ -140,6 +140,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             self._drop_input(data)
             return
+        if not self._reading_head or self._head_bytes + len(data) <= self.limits.head_limit:
+            # The usual read: a whole request, or a body. Nothing to cut.
+            if self._reading_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            self._arm_timers()
+            return
         while data:
             if not self._reading_head:
                 super().data_received(data)

@@ -87,29 +87,49 @@ return 1
 # string, not a list: redis-py parses a RESP array element by element, which cost
 # more than the rest of the call). Reads only, unless values follow: then, when
 # every delivery is new, the values are LPUSHed onto the last key and every key
-# is recorded, in this one atomic step. A delivery is never recorded without its
-# message queued, so an answer lost on the way back (503) leaves either both
-# (the retry is a duplicate of something queued) or neither (the retry is new).
-# The LPUSH goes first: when it fails (a key of the wrong type) nothing is recorded.
+# is recorded, in this one atomic step; otherwise nothing is left written. A
+# delivery is never recorded without its message queued, so an answer lost on the
+# way back (503) leaves either both (the retry is a duplicate of something queued)
+# or neither (the retry is new). With values, each key is claimed by one SET NX (a
+# key set here is deleted again when the call does not push), and the list's type
+# is checked first: an LPUSH that fails after the SETs would leave them behind.
 _DELIVER: Final = """
 local per = tonumber(ARGV[3])
 local pushing = #ARGV > 3
 local n = pushing and #KEYS - 1 or #KEYS
+if pushing then
+  local kind = redis.call('TYPE', KEYS[n + 1]).ok
+  if kind ~= 'list' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[n + 1] .. ' is not a list')
+  end
+end
 local flags = {}
 local taken = {}
+local set = {}
 local fresh = 0
 for i = 1, n, per do
   local new = true
   for j = i, i + per - 1 do
-    if taken[KEYS[j]] or redis.call('EXISTS', KEYS[j]) == 1 then new = false end
-    taken[KEYS[j]] = true
+    if pushing then
+      if redis.call('SET', KEYS[j], ARGV[2], 'NX', 'EX', ARGV[1]) then
+        set[#set + 1] = KEYS[j]
+      else
+        new = false
+      end
+    else
+      if taken[KEYS[j]] or redis.call('EXISTS', KEYS[j]) == 1 then new = false end
+      taken[KEYS[j]] = true
+    end
   end
   if new then fresh = fresh + 1 end
   flags[#flags + 1] = new and '1' or '0'
 end
-if pushing and fresh == #flags then
-  redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 4))
-  for i = 1, n do redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[1]) end
+if pushing then
+  if fresh == #flags then
+    redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 4))
+  elseif #set > 0 then
+    redis.call('DEL', unpack(set))
+  end
 end
 return table.concat(flags)
 """
