@@ -91,8 +91,34 @@ def test_tag_delete_without_digest_is_kept() -> None:
         (lambda e: e.pop("id"), "id is missing"),
         (lambda e: e.update(timestamp="yesterday"), "timestamp"),
         (lambda e: e.update(target="nope"), "no target"),
+        (lambda e: e.update(timestamp="9999-12-31T23:59:59-23:59"), "timestamp"),
+        (lambda e: e.update(timestamp="2001-01-01T00:00:00Z"), "before 2013-03-20"),
+        (lambda e: e.update(timestamp="2999-01-01T00:00:00Z"), "ahead of this clock"),
+        (lambda e: e.update(id="x" * 257), "id is longer than 256"),
+        (lambda e: e.update(id="caf\u00e9 id"), "printable ASCII"),
+        (lambda e: e["target"].update(mediaType="not a media type"), "target.mediaType"),
+        (lambda e: e["target"].update(size=2**64), "64-bit"),
+        (lambda e: e["target"].update(url="http://x/\u0000"), "target.url"),
     ],
-    ids=["dotdot", "pct2f", "upper", "long-tag", "tag-dash", "digest", "no-id", "time", "target"],
+    ids=[
+        "dotdot",
+        "pct2f",
+        "upper",
+        "long-tag",
+        "tag-dash",
+        "digest",
+        "no-id",
+        "time",
+        "target",
+        "year-10000-in-utc",
+        "before-docker",
+        "far-future",
+        "long-id",
+        "non-ascii-id",
+        "media-type",
+        "huge-size",
+        "url-control",
+    ],
 )
 def test_invalid_events_become_dead_letters(mutate: object, reason: str) -> None:
     """An event with a bad name, tag, digest, id or time is dead-lettered, never raised."""
@@ -104,6 +130,19 @@ def test_invalid_events_become_dead_letters(mutate: object, reason: str) -> None
     (dead,) = parsed.dead
     assert reason in dead.reason
     assert dead.event_id in ("bad-1", None)
+
+
+def test_an_envelope_is_read_to_its_first_thousand_events_and_summarised_once() -> None:
+    """Events past the 1000th are not read but counted as dead letters; the summary names
+    the first five unusable events and counts the rest, in one line."""
+    good = [h.registry_event(event_id=f"g{i}", tag=f"t{i}") for i in range(995)]
+    bad = [h.registry_event(event_id=f"b{i}", tag="-bad") for i in range(7)]
+    parsed = parse_registry_envelope(h.envelope(*good, *bad))
+    assert len(parsed.events) == 995
+    assert parsed.dead_count == 7
+    summary = parsed.dead_summary()
+    assert summary.count("target.tag") == 5 and summary.endswith("2 more unusable events")
+    assert "event b0:" in summary and "b6" not in summary
 
 
 def test_tag_of_128_characters_is_valid() -> None:

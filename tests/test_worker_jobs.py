@@ -289,6 +289,54 @@ def test_sweep_tallies_its_prunes(
     assert sweep["counts"]["repositories"] == 1 and sweep["counts"]["deleted"] == 1
 
 
+def test_a_poisoned_repository_fails_its_prune_and_its_sweep_still_ends(
+    broker: redis.Redis, images: ImageBuilder, repo_name: str
+) -> None:
+    """A push time no clock can read (left in the tag index by an older version) makes the
+    prune raise something that is no regsweep error: its job still ends failed, saying
+    why, and its sweep ends too instead of staying running forever."""
+    repository = f"w/{repo_name}"
+    images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
+    tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
+    (message,) = queued(broker)
+    broker.delete("prune")
+    broker.hset(f"regsweep:idx:{repository}:pushed", "keep-1", "1e300")
+    tasks.prune.apply(kwargs=message)
+    child = job(broker, message["job_id"])
+    assert child["state"] == "failed"
+    assert child["errors"][0].startswith("internal error:"), child["errors"]
+    sweep = job(broker, sweep_id)
+    assert sweep["state"] == "failed" and sweep["counts"]["failed"] == 1
+
+
+def test_registry_events_task_applies_the_good_and_dead_letters_the_bad(
+    broker: redis.Redis, repo_name: str
+) -> None:
+    """A queued batch holding an event whose time is out of any registry's range (the year
+    10000 once in UTC) applies the other events and dead-letters that one, once."""
+    repository = f"w/{repo_name}"
+    good = {
+        "id": "good-1",
+        "action": "push",
+        "repository": repository,
+        "digest": "sha256:" + "1" * 64,
+        "tag": "v1",
+        "media_type": "application/vnd.oci.image.manifest.v1+json",
+        "size": 10,
+        "timestamp": "2025-03-01T10:00:00+00:00",
+        "url": None,
+    }
+    bad = good | {"id": "bad-1", "tag": "v2", "timestamp": "9999-12-31T23:59:59-23:59"}
+    broker.delete("regsweep:deadletter")
+    tasks.registry_events.apply(kwargs={"events": [bad, good]})
+    assert broker.hgetall(f"regsweep:idx:{repository}:tags") == {"v1": good["digest"]}
+    (entry,) = [json.loads(raw) for raw in broker.lrange("regsweep:deadletter", 0, -1)]
+    assert "bad-1" in entry["reason"] and "timestamp" in entry["reason"]
+    broker.delete("prune")
+
+
 def test_metrics_flushed_by_tasks(broker: redis.Redis) -> None:
     """Task steps add the worker's counts to Redis hashes the service's collector reads."""
     tasks.run(_count)

@@ -260,7 +260,9 @@ def _json_error(exc: Exception) -> str:
 
 def _raw_id(raw: object) -> str | None:
     value = raw.get("id") if isinstance(raw, dict) else None
-    return value[:MAX_ID_LENGTH] if isinstance(value, str) and _printable_ascii(value) else None
+    if isinstance(value, str) and len(value) <= MAX_ID_LENGTH and _printable_ascii(value):
+        return value
+    return None  # not an id worth naming in a log line
 
 
 def parse_registry_event(raw: object, now: datetime | None = None) -> RegistryEvent:
