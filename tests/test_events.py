@@ -133,16 +133,18 @@ def test_invalid_events_become_dead_letters(mutate: object, reason: str) -> None
 
 
 def test_an_envelope_is_read_to_its_first_thousand_events_and_summarised_once() -> None:
-    """Events past the 1000th are not read but counted as dead letters; the summary names
-    the first five unusable events and counts the rest, in one line."""
-    good = [h.registry_event(event_id=f"g{i}", tag=f"t{i}") for i in range(995)]
-    bad = [h.registry_event(event_id=f"b{i}", tag="-bad") for i in range(7)]
-    parsed = parse_registry_envelope(h.envelope(*good, *bad))
-    assert len(parsed.events) == 995
-    assert parsed.dead_count == 7
-    summary = parsed.dead_summary()
-    assert summary.count("target.tag") == 5 and summary.endswith("2 more unusable events")
-    assert "event b0:" in summary and "b6" not in summary
+    """Events past the 1000th are not read but counted as dead letters; a summary names the
+    first five unusable events and counts the rest, in one line."""
+    good = [h.registry_event(event_id=f"g{i}", tag=f"t{i}") for i in range(1003)]
+    long = parse_registry_envelope(h.envelope(*good))
+    assert (len(long.events), long.dead_count) == (1000, 3)
+    assert long.dead_summary() == "3 events beyond the first 1000 were not read"
+    bad = [h.registry_event(event_id=f"b{i}", tag="-bad") for i in range(8)]
+    mixed = parse_registry_envelope(h.envelope(*good[:12], *bad))
+    assert (len(mixed.events), mixed.dead_count) == (12, 8)
+    summary = mixed.dead_summary()
+    assert summary.count("target.tag") == 5 and summary.endswith("; 3 more unusable events")
+    assert summary.startswith("event b0: ") and "b5" not in summary
 
 
 def test_tag_of_128_characters_is_valid() -> None:

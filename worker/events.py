@@ -115,6 +115,8 @@ class DeadLetter:
 
     event_id: str | None
     reason: str
+    #: Events it stands for (the ones beyond the envelope limit are one dead letter).
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ class RegistryEnvelope:
         named = "; ".join(
             d.reason if d.event_id is None else f"event {d.event_id}: {d.reason}" for d in self.dead
         )
-        more = self.dead_count - len(self.dead)
+        more = self.dead_count - sum(d.count for d in self.dead)
         return named + (f"; {more} more unusable events" if more > 0 else "")
 
 
@@ -242,7 +244,7 @@ def parse_registry_envelope(body: bytes) -> RegistryEnvelope:
     unread = len(raw_events) - MAX_ENVELOPE_EVENTS
     if unread > 0:
         reason = f"{unread} events beyond the first {MAX_ENVELOPE_EVENTS} were not read"
-        dead.append(DeadLetter(None, reason))
+        dead.append(DeadLetter(None, reason, unread))
         dead_count += unread
     return RegistryEnvelope(tuple(events), ignored, tuple(dead), dead_count)
 
