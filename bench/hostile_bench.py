@@ -21,6 +21,9 @@ Three ``regsweep serve`` processes, same config, same Redis (DB 11 of
 3. Time to 503 with Redis frozen: each server gets its own private
    ``redis-server``, SIGSTOPped; 20 concurrent deliveries; the time each
    waited for its answer.
+4. Hook throughput alone and while 8 connections flood ``/metrics``.
+
+``--parts`` picks among them (default: all).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ HEAD = (
 ).encode()
 BIG_HEAD = 128 * 1024 * 1024
 LORISES = 50
-PARTS = ("throughput", "rate", "frozen")
+PARTS = ("throughput", "rate", "frozen", "metrics")
 TICKS = os.sysconf("SC_CLK_TCK")
 #: Server process by base URL, for its CPU time.
 PIDS: dict[str, int] = {}
@@ -288,6 +291,10 @@ def main() -> None:
                         key = f"rate_{load}_{name}"
                         results[key] = under_load(urls[name], args.rate, args.rate_seconds, load)
                         print(key, json.dumps(results[key]), flush=True)
+            if "metrics" in args.parts:
+                for name in ("before", "after"):
+                    results[f"metrics_flood_{name}"] = metrics_flood(urls[name], root, args)
+                    print(name, json.dumps(results[f"metrics_flood_{name}"]), flush=True)
         s.flush()
         if "frozen" in args.parts:
             results["frozen"] = frozen_redis(root, args.before)
@@ -312,6 +319,27 @@ def throughput(urls: dict[str, str], root: Path, args: argparse.Namespace) -> di
             result["redis_cpu_us"] = round((cpu_seconds(store) - before[1]) / requests * 1e6, 1)
             rounds[name].append(result)
     return rounds
+
+
+def metrics_flood(url: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Hook throughput alone, then while 8 connections scrape /metrics as fast as they can,
+    then (for comparison: any flood takes its share) while they fetch /healthz."""
+    alone = wrk(url, write_script(root), args.seconds, args.connections)
+    return {"hook_rps_alone": alone["rps"]} | {
+        f"{path}_{k}": v
+        for path in ("metrics", "healthz")
+        for k, v in _flooded(url, root, args, f"/{path}").items()
+    }
+
+
+def _flooded(url: str, root: Path, args: argparse.Namespace, path: str) -> dict[str, float]:
+    argv = ["wrk", "-t1", "-c8", f"-d{args.seconds + 2}s", f"{url}{path}"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as flood:
+        time.sleep(1)
+        flooded = wrk(url, write_script(root), args.seconds, args.connections)
+        out, _ = flood.communicate()
+    flood_rps = float(out.split("Requests/sec:")[1].split()[0])
+    return {"hook_rps_under_flood": flooded["rps"], "flood_rps": flood_rps}
 
 
 def frozen_redis(root: Path, before: Path) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 Handlers parse, call one function of :mod:`service.ingest`, and leave error
 mapping to the exception handlers below: :class:`~service.verify.Unverified`
 → 401, :class:`~worker.events.BadEvent` → 400, ``HTTPException`` → its status,
-:class:`~worker.errors.StateError` → 503, anything else → 500; always
-``{"error": ...}``, never a traceback.
+:class:`~worker.errors.StateError` → 503, a client that went away before its
+body arrived → nothing sent (counted as 499), anything else → 500; always
+``{"error": ...}``, never a traceback. Connection-level bounds (head size and
+time, body time, connections) are :mod:`service.protocol`'s, before the app.
 """
 
 from __future__ import annotations

@@ -105,7 +105,12 @@ class RegistryIngest:
         self.state = state
         self.sink = sink
         self._group: GroupCommit[tuple[RegistryEvent, ...], list[RegistryEvent]] = GroupCommit(
-            self._commit_batch, max_weight=MAX_COMMIT_EVENTS, weight=len
+            self._commit_batch,
+            max_weight=MAX_COMMIT_EVENTS,
+            weight=len,
+            # Redis just failed a commit after its timeouts: the deliveries that came
+            # meanwhile get their 503 now rather than a second wait.
+            shared_failure=lambda exc: isinstance(exc, StateError),
         )
 
     async def ingest(self, envelope: RegistryEnvelope, body: bytes) -> RegistryOutcome:

@@ -45,3 +45,27 @@ async def test_a_failed_commit_fails_its_items_only() -> None:
     first = await asyncio.gather(*(group.submit(i) for i in range(3)), return_exceptions=True)
     assert [str(r) for r in first] == ["broker away"] * 3
     assert await asyncio.gather(*(group.submit(i) for i in range(3))) == [0, 10, 20]
+
+
+async def test_a_shared_failure_fails_the_items_that_waited_for_it() -> None:
+    """With shared_failure, items that arrived while a call failed get its error at once
+    instead of a call of their own; without it they get their own call."""
+    calls: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def commit(batch: list[int]) -> list[int]:
+        calls.append(batch)
+        await gate.wait()
+        raise ConnectionError("down")
+
+    shared: GroupCommit[int, int] = GroupCommit(
+        commit, shared_failure=lambda exc: isinstance(exc, ConnectionError)
+    )
+    first = asyncio.ensure_future(shared.submit(1))
+    await asyncio.sleep(0.01)  # the first call is running
+    later = [asyncio.ensure_future(shared.submit(n)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(first, *later, return_exceptions=True)
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert calls == [[1]]

@@ -22,7 +22,10 @@ class GroupCommit(Generic[Item, Result]):
     item, in order. When ``commit`` raises, every item of that call gets the error.
 
     ``max_weight`` bounds one call by the sum of ``weight(item)`` (a single item is
-    always taken, whatever its weight).
+    always taken, whatever its weight). When ``shared_failure(error)`` says so, the
+    items that came while the failing call ran get its error too, without a call of
+    their own: a store that is down fails each call only after its timeouts, and
+    those items would otherwise wait out a second round of them.
     """
 
     def __init__(
@@ -31,10 +34,12 @@ class GroupCommit(Generic[Item, Result]):
         *,
         max_weight: int | None = None,
         weight: Callable[[Item], int] = lambda _: 1,
+        shared_failure: Callable[[BaseException], bool] = lambda _: False,
     ) -> None:
         self._commit = commit
         self._max_weight = max_weight
         self._weight = weight
+        self._shared_failure = shared_failure
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._committer: asyncio.Task[None] | None = None
 
@@ -56,6 +61,8 @@ class GroupCommit(Generic[Item, Result]):
                 try:
                     results = await self._commit([item for item, _ in batch])
                 except BaseException as exc:  # every waiting caller must get an answer
+                    if self._shared_failure(exc):
+                        batch, self._waiting = batch + self._waiting, []
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(exc)
