@@ -283,6 +283,21 @@ def test_github_pull_request_closed_once(svc: Service) -> None:
     }
 
 
+def test_github_body_replayed_under_a_new_delivery_id_is_a_duplicate(svc: Service) -> None:
+    """GitHub signs the body only: a captured delivery sent again with a fresh
+    X-GitHub-Delivery (signature still valid) is a duplicate by its body's hash, while a
+    different body under the first delivery's id is a duplicate by its id."""
+    body = h.github_pull_request(merged=False, number=43)
+    first = _github(svc, "pull_request", body, **{"X-GitHub-Delivery": "original"})
+    replay = _github(svc, "pull_request", body, **{"X-GitHub-Delivery": "forged-new-id"})
+    other = h.github_pull_request(merged=False, number=44)
+    reused = _github(svc, "pull_request", other, **{"X-GitHub-Delivery": "original"})
+    assert first.status_code == 202
+    assert replay.status_code == 200 and replay.json()["status"] == "duplicate"
+    assert reused.status_code == 200 and reused.json()["status"] == "duplicate"
+    assert [m["event"]["number"] for m in svc.queue()] == [43]
+
+
 def test_github_branch_delete_and_push_delete(svc: Service) -> None:
     """`delete` of a branch and `push` with deleted: true each enqueue a branch_deleted event."""
     assert _github(svc, "delete", h.github_delete()).status_code == 202
