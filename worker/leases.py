@@ -141,30 +141,40 @@ class Leases:
         raw = self.client.hgetall(self.keys.leases)
         if not raw:
             return []
-        given: list[GivenBack] = []
-        suspects: set[str] = set()
+        leases = {_text(key): Lease.loads(value) for key, value in raw.items()}
         with self.app.connection_for_write() as connection:
             # kombu's Redis channel (its QoS is what restores unacknowledged messages).
             channel: Any = connection.default_channel
-            for key, value in raw.items():
-                tag = key.decode() if isinstance(key, bytes) else str(key)
-                lease = Lease.loads(value)
-                if lease is None or not self.client.hexists(channel.unacked_key, tag):
-                    self.client.hdel(self.keys.leases, tag)  # acknowledged (or unreadable)
-                    continue
-                if lease.worker == self.worker_id:
-                    if not self._lost(lease, tag, suspects):
-                        continue
-                elif not self._dead(lease):
-                    continue
-                # kombu's own restore: atomic, and a message restored twice is restored
-                # once; to the consuming end, so it runs next.
-                channel.qos.restore_by_tag(tag, leftmost=False)
-                self.client.hdel(self.keys.leases, tag)
-                given.append(GivenBack(tag, lease, dropped=lease.worker == self.worker_id))
-        self._suspects = suspects
+            held = self._unacknowledged(channel.unacked_key, list(leases))
+            gone = [tag for tag, lease in leases.items() if lease is None or tag not in held]
+            if gone:
+                self.client.hdel(self.keys.leases, *gone)  # acknowledged (or unreadable)
+            live = {tag: lease for tag, lease in leases.items() if lease and tag in held}
+            given = self._give_back(channel, live)
         for back in given:
             self._note(back)
+        return given
+
+    def _unacknowledged(self, unacked_key: str, tags: list[str]) -> set[str]:
+        """Which of ``tags`` kombu still holds unacknowledged (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for tag in tags:
+            pipe.hexists(unacked_key, tag)
+        return {tag for tag, held in zip(tags, pipe.execute(), strict=True) if held}
+
+    def _give_back(self, channel: Any, leases: dict[str, Lease]) -> list[GivenBack]:
+        given: list[GivenBack] = []
+        suspects: set[str] = set()
+        for tag, lease in leases.items():
+            mine = lease.worker == self.worker_id
+            if not (self._lost(lease, tag, suspects) if mine else self._dead(lease)):
+                continue
+            # kombu's own restore: atomic, and a message restored twice is restored
+            # once; to the consuming end, so it runs next.
+            channel.qos.restore_by_tag(tag, leftmost=False)
+            self.client.hdel(self.keys.leases, tag)
+            given.append(GivenBack(tag, lease, dropped=mine))
+        self._suspects = suspects
         return given
 
     def _lost(self, lease: Lease, tag: str, suspects: set[str]) -> bool:
@@ -226,6 +236,10 @@ class Leases:
     def stop(self) -> None:
         with contextlib.suppress(RedisError):  # it expires by itself
             self.client.delete(self.keys.worker(self.worker_id))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def job_id_of(kwargs: Any) -> str | None:
