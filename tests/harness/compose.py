@@ -53,6 +53,8 @@ class ComposeStack:
     project: str = field(default_factory=lambda: f"regsweep-test-{uuid.uuid4().hex[:8]}")
     registry_port: int = field(default_factory=free_port)
     service_port: int = field(default_factory=free_port)
+    #: What ``scripts/stack up`` printed.
+    up_output: str = ""
 
     @property
     def registry_url(self) -> str:
@@ -122,6 +124,7 @@ class ComposeStack:
         done = self.run("up", timeout=UP_TIMEOUT)
         if done.returncode != 0:
             raise RuntimeError(f"scripts/stack up failed:\n{done.stdout}\n{done.stderr}")
+        self.up_output = done.stdout
         return done
 
     def down(self) -> subprocess.CompletedProcess[str]:
