@@ -75,7 +75,11 @@ def not_run(command: DocCommand) -> str | None:
 
 
 def strip_comment(text: str) -> str:
-    return re.sub(r"\s+#[^'\"]*$", "", text).strip()
+    """The command without its trailing comment, words single-spaced (as the shell reads it)."""
+    try:
+        return " ".join(shlex.split(text, comments=True))
+    except ValueError:  # unbalanced quotes: the shell would refuse it too; compare as written
+        return text.strip()
 
 
 DOC_COMMANDS: Final = [c for c in commands() if not_run(c) is None]
@@ -269,7 +273,7 @@ def substituted(text: str, site: Site) -> str:
 
 def daemon(text: str) -> str | None:
     """``serve``/``worker``/``beat`` when ``text`` starts one of them, else ``None``."""
-    words = shlex.split(strip_comment(text))
+    words = shlex.split(text, comments=True)
     if not words or words[0] != "regsweep":
         return None
     rest = words[1:]
@@ -417,6 +421,15 @@ def test_extraction_reads_prompts_continuations_and_skips_output() -> None:
         (2, "curl -X POST \\\n    http://x/y"),
         (8, "regsweep plan"),
     ]
+
+
+def test_commands_are_matched_without_their_comments() -> None:
+    """A trailing comment (quotes in it included) is no part of the command it follows."""
+    assert strip_comment("regsweep audit --since 1h30m   # the config's syntax") == (
+        "regsweep audit --since 1h30m"
+    )
+    assert daemon("regsweep -c r.yaml beat -s /x   # don't run two") == "beat"
+    assert daemon("regsweep -c r.yaml plan   # 'serve' is not run here") is None
 
 
 # Files the docs mention, by path: a reference to a file that is not in the repository
