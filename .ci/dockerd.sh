@@ -17,6 +17,9 @@ DOCKERD_TIMEOUT=${DOCKERD_TIMEOUT:-60}
 REGISTRY_IMAGE=${REGISTRY_IMAGE:-local/registry:2.8.2}
 REGISTRY_VERSION=2.8.2
 REGISTRY_BINARY=/usr/bin/docker-registry
+# Bumped when the image's content changes, so an image built by an older script is rebuilt.
+RECIPE=2
+RECIPE_LABEL=io.regsweep.recipe
 
 log() { echo "dockerd.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -92,19 +95,25 @@ add_binary() {  # add_binary BINARY DEST ROOTDIR: BINARY at DEST plus every libr
 }
 
 build_registry_image() {
-    docker image inspect "$REGISTRY_IMAGE" >/dev/null 2>&1 && return 0
+    local recipe
+    recipe=$(docker image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "$REGISTRY_IMAGE" 2>/dev/null || true)
+    [ "$recipe" = "$RECIPE" ] && return 0
     [ -x "$REGISTRY_BINARY" ] || die "$REGISTRY_BINARY missing (apt-get install docker-registry)"
     log "building $REGISTRY_IMAGE from $REGISTRY_BINARY"
     BUILD_DIR=$(mktemp -d)
     trap 'rm -rf "$BUILD_DIR"' EXIT
     add_binary "$REGISTRY_BINARY" /bin/registry "$BUILD_DIR"
-    # The official image (alpine) has du; regsweep measures bytes reclaimed with it.
+    # The official image (alpine) has du, which regsweep measures bytes reclaimed with,
+    # and wget, which compose.yaml's healthcheck asks the registry with.
     add_binary "$(command -v du)" /bin/du "$BUILD_DIR"
+    command -v wget >/dev/null || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wget >/dev/null
+    add_binary "$(command -v wget)" /bin/wget "$BUILD_DIR"
     write_registry_config "$BUILD_DIR"
     tar -C "$BUILD_DIR" -c . | docker import \
         -c 'ENTRYPOINT ["/bin/registry"]' \
         -c 'CMD ["serve","/etc/docker/registry/config.yml"]' \
         -c "LABEL org.opencontainers.image.version=$REGISTRY_VERSION" \
+        -c "LABEL $RECIPE_LABEL=$RECIPE" \
         - "$REGISTRY_IMAGE" >/dev/null || die "docker import failed"
 }
 

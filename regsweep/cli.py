@@ -48,6 +48,8 @@ Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
 Process = Callable[[argparse.Namespace, Config], int]
 #: Commands whose own options go to Celery untouched (``regsweep worker -Q gc -c 1``).
 CELERY_COMMANDS: Final = ("worker", "beat")
+#: No start-up banner: Celery prints it to stdout as plain text, amid the JSON log lines.
+QUIET: Final = ("--quiet",)
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
 
@@ -91,7 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
     gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
     _add_process_commands(sub)
+    _accept_config_after_command(sub)
     return parser
+
+
+def _accept_config_after_command(sub: Any) -> None:
+    """``regsweep check-config -c FILE`` as well as ``regsweep -c FILE check-config``.
+
+    Not for ``worker`` and ``beat``: after them, ``-c`` is Celery's (concurrency).
+    SUPPRESS keeps a ``-c`` given before the command when none follows it.
+    """
+    for name, command in sub.choices.items():
+        if name not in CELERY_COMMANDS:
+            command.add_argument(
+                "-c", "--config", default=argparse.SUPPRESS, help="policy file (as before COMMAND)"
+            )
 
 
 def _add_process_commands(sub: Any) -> None:
@@ -165,11 +181,11 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from worker.celery_app import QUEUES, make_celery
 
-    logs.configure()
+    logs.configure_worker()
     options = list(args.celery_args)
     if not _given(options, "-Q", "--queues"):
         options += ["-Q", ",".join(QUEUES)]
-    make_celery(config).worker_main(["worker", *_with_loglevel(options)])
+    make_celery(config).worker_main([*QUIET, "worker", *_with_loglevel(options)])
     return EXIT_OK
 
 
@@ -186,7 +202,7 @@ def _beat(args: argparse.Namespace, config: Config) -> int:
     from worker.celery_app import make_celery
 
     logs.configure()
-    make_celery(config).start(["beat", *_with_loglevel(args.celery_args)])
+    make_celery(config).start([*QUIET, "beat", *_with_loglevel(args.celery_args)])
     return EXIT_OK
 
 

@@ -154,3 +154,15 @@ async def test_redis_down_is_a_state_error() -> None:
             await TagIndex(client).tags("r")
     finally:
         await client.aclose()
+
+
+async def test_a_push_notified_while_a_listing_is_read_survives_it(index: TagIndex) -> None:
+    """A listing that started before a tag's notified push, and so lacks the tag (or shows it
+    on its old digest), does not drop or move it in the index, nor mark its digest untagged."""
+    listing = T0 + timedelta(hours=1)
+    await index.record_push("r", "moved", A, T0)
+    await index.record_push("r", "moved", B, listing + timedelta(seconds=1))
+    await index.record_push("r", "new", C, listing + timedelta(seconds=2))
+    await index.record_listing("r", {"moved": A}, listing, listing + timedelta(seconds=3))
+    assert await index.tags("r") == {"moved": B, "new": C}
+    assert B not in await index.untagged_since("r") and C not in await index.untagged_since("r")

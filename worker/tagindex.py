@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker.errors import StateError
-from worker.evidence import Sighting
+from worker.evidence import CLOCK_SKEW, Sighting
 from worker.history import RepositoryHistory
 from worker.model import Digest, Hold
 
@@ -74,13 +74,16 @@ return removed
 """
 
 # A listing that started at ARGV[2] and finished at ARGV[3] showed the tag/digest pairs
-# from ARGV[4] on. KEYS: tags, pushed, untagged, seen, listed, repos; ARGV[1]: repository.
+# from ARGV[5] on. KEYS: tags, pushed, untagged, seen, listed, repos; ARGV[1]: repository.
 # An older listing that finishes after a newer one changes nothing: the newer counted.
+# A tag notified as pushed since ARGV[4] (the listing's start, less clock skew) may be
+# missing from it or shown on its previous digest, pushed while the listing was read:
+# the index keeps what the notification said.
 _LISTING = """
 local last = redis.call('GET', KEYS[5])
 if last and tonumber(ARGV[2]) < tonumber(last) then return 0 end
 local live, still = {}, {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   live[ARGV[i]] = ARGV[i + 1]
   still[ARGV[i + 1]] = true
 end
@@ -96,17 +99,27 @@ for tag, digest in pairs(live) do
     redis.call('HSET', KEYS[4], tag, since .. '|' .. ARGV[3] .. '|' .. ARGV[2])
   end
 end
+local notified = redis.call('HGETALL', KEYS[2])
+local fresh = {}
+for i = 1, #notified, 2 do
+  if tonumber(notified[i + 1]) >= tonumber(ARGV[4]) then fresh[notified[i]] = true end
+end
 local indexed = redis.call('HGETALL', KEYS[1])
 for i = 1, #indexed, 2 do
+  if fresh[indexed[i]] then still[indexed[i + 1]] = true end
+end
+for i = 1, #indexed, 2 do
   local tag, digest = indexed[i], indexed[i + 1]
-  if live[tag] ~= digest then
+  if fresh[tag] then
+    -- pushed while the listing was read: the notification is the newer word
+  elseif live[tag] ~= digest then
     redis.call('HDEL', KEYS[2], tag)
     if not live[tag] then redis.call('HDEL', KEYS[1], tag) end
     if not still[digest] then redis.call('HSETNX', KEYS[3], digest, ARGV[3]) end
   end
 end
 for tag, digest in pairs(live) do
-  redis.call('HSET', KEYS[1], tag, digest)
+  if not fresh[tag] then redis.call('HSET', KEYS[1], tag, digest) end
   redis.call('HDEL', KEYS[3], digest)
 end
 redis.call('SET', KEYS[5], ARGV[2])
@@ -222,7 +235,7 @@ class TagIndex:
             self._key(repository, "listed"),
             self._repos_key,
         ]
-        args = [repository, _ts(started), _ts(finished)]
+        args = [repository, _ts(started), _ts(finished), _ts(started - CLOCK_SKEW)]
         for tag, digest in live.items():
             args += [tag, digest]
         await self._call(self._listing(keys=keys, args=args))

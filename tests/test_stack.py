@@ -1,0 +1,357 @@
+"""The shipped stack, brought up for real: ``scripts/stack up`` on compose.yaml.
+
+Registry, Redis, service, workers and beat run as containers of locally built
+images (scripts/images); the tests reach them only through what a user has:
+the published registry and service ports, the CI examples' commands, Docker
+(to kill a container), ``scripts/stack`` itself. The tests run in file order on
+one stack; the last one takes it down and looks for anything left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import yaml
+
+from tests.harness import service as payloads
+from tests.harness import stack as s
+from tests.harness.compose import ComposeStack, json_log_lines, remove_project
+from tests.harness.docker import docker_engine
+from tests.harness.images import ImageBuilder, PushedImage, random_layer
+from worker import mediatypes as mt
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER_SIZE = 256 * 1024
+#: The `ci` policy keeps `pr-*` tags this long; the CI examples' prune removes them after.
+CI_RETENTION = 20.0
+KILL_TAGS = 60
+
+POLICIES: list[dict[str, Any]] = [
+    {
+        "name": "ci",
+        "repositories": ["e2e/ci-*"],
+        "mode": "enforce",
+        "keep": [{"tags": ["main-*"]}, {"tags": ["pr-*"], "pushed_within": f"{CI_RETENTION:.0f}s"}],
+    },
+    {
+        "name": "main",
+        "repositories": ["e2e/**"],
+        "mode": "enforce",
+        "protect": ["latest"],
+        "keep": [{"tags": ["main-*"], "newest": 2}, {"tags": ["pr-*"], "pushed_within": "30d"}],
+        "untagged": {"delete_after": "0s"},
+        "on": {"pull_request_closed": ["pr-{number}", "pr-{number}-*"]},
+        "sources": {"github": ["acme/web"]},
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[docker.DockerClient]:
+    engine = docker_engine()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, client: docker.DockerClient
+) -> Iterator[ComposeStack]:
+    made = ComposeStack(tmp_path_factory.mktemp("compose"), POLICIES)
+    try:
+        made.up()
+        yield made
+    finally:
+        made.down()
+        remove_project(client, made.project)
+
+
+@pytest.fixture(scope="module")
+def images(stack: ComposeStack) -> Iterator[ImageBuilder]:
+    with ImageBuilder.connect(stack.registry_url) as builder:
+        yield builder
+
+
+@pytest.fixture(scope="module")
+def ci_tags(images: ImageBuilder) -> dict[str, Any]:
+    """`pr-*` tags for the CI examples, pushed as early as possible (they must age first)."""
+    pushed = {
+        repository: (image(images, repository, "pr-11"), image(images, repository, "main-1"))
+        for repository in ("e2e/ci-github", "e2e/ci-gitlab")
+    }
+    return {"pushed_at": time.monotonic(), "images": pushed}
+
+
+@pytest.fixture(scope="module")
+def http(stack: ComposeStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.service_url, timeout=10) as session:
+        yield session
+
+
+def image(images: ImageBuilder, repository: str, tag: str) -> PushedImage:
+    return images.image(repository, tag, layers=[random_layer(LAYER_SIZE)])
+
+
+def manifest_status(images: ImageBuilder, repository: str, reference: str) -> int:
+    response = images.client.head(
+        f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+    )
+    return response.status_code
+
+
+def assert_whole(images: ImageBuilder, pushed: PushedImage) -> None:
+    """The image's manifest and every blob it references still answer 200."""
+    assert manifest_status(images, pushed.repository, pushed.digest) == 200, pushed.tags
+    for blob in (pushed.config_digest, *pushed.layer_digests):
+        response = images.client.head(f"/v2/{pushed.repository}/blobs/{blob}")
+        assert response.status_code == 200, (pushed.tags, blob)
+
+
+def wait_gone(
+    images: ImageBuilder, stack: ComposeStack, repository: str, reference: str, timeout: float = 60
+) -> None:
+    try:
+        s.wait_for(lambda: manifest_status(images, repository, reference) == 404, timeout, 0.1)
+    except AssertionError as exc:
+        logs = stack.logs("worker", "service", "registry")
+        raise AssertionError(f"{repository}:{reference} still there\n{logs}") from exc
+
+
+def tags(images: ImageBuilder, repository: str) -> set[str]:
+    response = images.client.get(f"/v2/{repository}/tags/list")
+    return set(response.json().get("tags") or []) if response.status_code == 200 else set()
+
+
+def finished_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        job: dict[str, Any] = http.get(f"/api/v1/jobs/{job_id}", headers=s.API_HEADERS).json()
+        return job if job["state"] in ("succeeded", "failed", "skipped", "deferred") else None
+
+    return s.wait_for(final, timeout=timeout, step=0.2)
+
+
+def read_live(http: httpx.Client, repository: str) -> None:
+    """Have regsweep read ``repository`` live once (a dry-run prune over the API).
+
+    The first prune of a repository lists its tags live and makes the tag index
+    agree; a tag pushed while that listing is in flight is dropped from the index
+    until the next sweep (a missed deletion, never a wrong one; reported). Tests
+    that push a burst to a new repository push it after this read, so they test
+    what they name rather than that race.
+    """
+    response = http.post(
+        "/api/v1/jobs",
+        json={"kind": "prune", "repository": repository, "dry_run": True},
+        headers=s.API_HEADERS,
+    )
+    assert response.status_code == 202, response.text
+    job = finished_job(http, response.json()["job_id"])
+    assert job["state"] == "succeeded", job
+
+
+def post_github_pull_request_closed(http: httpx.Client, number: int) -> None:
+    body = payloads.github_pull_request("closed", merged=True, number=number)
+    headers = payloads.github_headers(s.GITHUB_SECRET, body, "pull_request")
+    response = http.post("/hooks/github", content=body, headers=headers)
+    assert response.status_code == 202 and response.json()["status"] == "accepted", response.text
+
+
+def health(container: Any) -> str:
+    container.reload()
+    return str(container.attrs["State"].get("Health", {}).get("Status", "none"))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_up_brings_every_service_up_healthy(stack: ComposeStack, ci_tags: dict[str, Any]) -> None:
+    """`scripts/stack up` prints the published URLs; `scripts/stack status` lists all six
+    services healthy; the service answers /readyz.
+
+    (``ci_tags`` is pushed here, first, so that those tags have aged by the CI examples' test.)
+    """
+    assert f"{stack.registry_url}/v2/" in stack.up_output
+    assert f"{stack.service_url}/api/v1/jobs" in stack.up_output
+    done = stack.run("status")
+    assert done.returncode == 0, done.stderr
+    states = dict(line.split() for line in done.stdout.splitlines())
+    expected = {"registry", "redis", "service", "worker", "gc-worker", "beat"}
+    assert states == {name: "healthy" for name in expected}
+    assert httpx.get(f"{stack.service_url}/readyz", timeout=5).status_code == 200
+
+
+def test_push_prunes_the_superseded_tag(
+    stack: ComposeStack, images: ImageBuilder, http: httpx.Client
+) -> None:
+    """Pushes through the published port reach the worker by notification: the build pushed
+    out of `newest: 2` goes, the two kept images stay whole."""
+    repository = "e2e/push"
+    builds = [image(images, repository, "main-1")]
+    read_live(http, repository)
+    builds += [image(images, repository, f"main-{n}") for n in (2, 3)]
+    wait_gone(images, stack, repository, builds[0].digest)
+    assert manifest_status(images, repository, "main-1") == 404
+    for kept in builds[1:]:
+        assert_whole(images, kept)
+
+
+def test_github_pull_request_closed_deletes_its_tags(
+    stack: ComposeStack, images: ImageBuilder, http: httpx.Client
+) -> None:
+    """A signed `pull_request` closed hook deletes `pr-7` and `pr-7-*`, not `pr-70`."""
+    repository = "e2e/web"
+    gone = [image(images, repository, tag) for tag in ("pr-7", "pr-7-arm64")]
+    kept = [image(images, repository, tag) for tag in ("pr-70", "main-1")]
+    read_live(http, repository)
+    post_github_pull_request_closed(http, 7)
+    for pushed in gone:
+        wait_gone(images, stack, repository, pushed.digest)
+    for pushed in kept:
+        assert_whole(images, pushed)
+
+
+def test_gc_job_recreates_the_registry_read_only_and_back(
+    stack: ComposeStack, images: ImageBuilder, http: httpx.Client, client: docker.DockerClient
+) -> None:
+    """A GC job through the docker controller reclaims bytes; the registry container comes back
+    with its name, network alias, published port, restart policy and healthcheck, read-write."""
+    before = stack.container(client, "registry").attrs
+    response = http.post("/api/v1/jobs", json={"kind": "gc"}, headers=s.API_HEADERS)
+    assert response.status_code == 202, response.text
+    job = finished_job(http, response.json()["job_id"], timeout=180)
+    assert job["state"] == "succeeded", f"{job}\n{stack.logs('gc-worker')}"
+    assert job["bytes"] > 0 and job["report"]["readonly_seconds"] > 0
+    assert job["report"]["left_readonly"] is False
+    after_container = stack.container(client, "registry")
+    after = after_container.attrs
+    assert after["Id"] != before["Id"] and after["Name"] == before["Name"]
+    network = f"{stack.project}_default"
+    assert "registry" in after["NetworkSettings"]["Networks"][network]["Aliases"]
+    for key in ("PortBindings", "RestartPolicy"):
+        assert after["HostConfig"][key] == before["HostConfig"][key], key
+    assert after["Config"]["Healthcheck"] == before["Config"]["Healthcheck"]
+    assert not any("MAINTENANCE_READONLY" in e for e in after["Config"]["Env"])
+    s.wait_for(lambda: health(after_container) == "healthy", timeout=60, step=0.5)
+    # Writable again, and still notifying: the next push prunes as before.
+    builds = [image(images, "e2e/after-gc", "main-1")]
+    read_live(http, "e2e/after-gc")
+    builds += [image(images, "e2e/after-gc", f"main-{n}") for n in (2, 3)]
+    wait_gone(images, stack, "e2e/after-gc", builds[0].digest)
+
+
+def ci_script(example: str) -> tuple[str, dict[str, str]]:
+    """The shell script and the non-secret variables of one of examples/ci/."""
+    document = yaml.safe_load((ROOT / "examples" / "ci" / example).read_text())
+    if example == "github-actions.yml":
+        job = document["jobs"]["prune"]
+        return job["steps"][0]["run"], {"REPOSITORY": job["env"]["REPOSITORY"]}
+    job = document["regsweep-prune"]
+    return "\n".join(job["script"]), dict(document["variables"])
+
+
+@pytest.mark.parametrize("example", ["github-actions.yml", "gitlab-ci.yml"])
+def test_ci_example_prunes_through_the_job_api(
+    stack: ComposeStack, images: ImageBuilder, ci_tags: dict[str, Any], example: str
+) -> None:
+    """The CI example's own commands enqueue a prune over the job API and wait for it: the
+    `pr-*` tag past its `pushed_within` goes, `main-1` stays whole."""
+    repository = f"e2e/ci-{example.split('-', maxsplit=1)[0]}"
+    pr, main = ci_tags["images"][repository]
+    script, variables = ci_script(example)
+    assert variables["REPOSITORY"] == "team/web"
+    # The tag must have outlived its retention before the prune can take it.
+    s.wait_for(lambda: time.monotonic() - ci_tags["pushed_at"] > CI_RETENTION + 1, 60, 0.5)
+    environment = {
+        **os.environ,
+        **variables,
+        "REPOSITORY": repository,
+        "REGSWEEP_URL": stack.service_url,
+        "REGSWEEP_API_TOKEN": s.API_TOKEN,
+    }
+    done = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+        ["sh", "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.logs('worker')}"
+    assert '"state":"succeeded"' in done.stdout.replace(" ", "")
+    assert manifest_status(images, repository, pr.digest) == 404
+    assert_whole(images, main)
+
+
+def test_beat_sends_ticks_the_worker_runs(stack: ComposeStack, client: docker.DockerClient) -> None:
+    """Beat stays up and its 30 s `tick` reaches the worker, which runs it."""
+
+    def ticked() -> bool:
+        beat = stack.container(client, "beat").logs().decode()
+        worker = stack.container(client, "worker").logs().decode()
+        return "Sending due task tick (regsweep.tick)" in beat and any(
+            "regsweep.tick[" in line and "succeeded" in line for line in worker.splitlines()
+        )
+
+    s.wait_for(ticked, timeout=90, step=1.0)
+    assert stack.container(client, "beat").attrs["RestartCount"] == 0
+
+
+def test_worker_killed_mid_prune_finishes_every_deletion(
+    stack: ComposeStack, images: ImageBuilder, http: httpx.Client, client: docker.DockerClient
+) -> None:
+    """The worker container SIGKILLed while a closed pull request's 60 tags are being deleted is
+    restarted by Docker, and every deletion gets done; the kept images stay whole."""
+    repository = "e2e/kill"
+    doomed = [image(images, repository, f"pr-9-{n}") for n in range(KILL_TAGS)]
+    kept = [image(images, repository, tag) for tag in ("main-1", "pr-90")]
+    assert len(tags(images, repository)) == KILL_TAGS + 2
+    read_live(http, repository)
+    worker = stack.container(client, "worker")
+    # A slow worker, so that the kill lands mid-prune rather than after it.
+    worker.update(cpu_quota=5000, cpu_period=100000)
+    post_github_pull_request_closed(http, 9)
+    s.wait_for(lambda: 0 < KILL_TAGS + 2 - len(tags(images, repository)) < KILL_TAGS, 60, 0.02)
+    worker.reload()
+    os.kill(worker.attrs["State"]["Pid"], signal.SIGKILL)
+    worker.update(cpu_quota=-1)
+    remaining = {d.tags[0] for d in doomed} & tags(images, repository)
+    assert remaining, "the prune finished before the kill"
+    s.wait_for(lambda: health(worker) == "healthy" and worker.attrs["RestartCount"] == 1, 90, 0.5)
+    try:
+        s.wait_for(lambda: tags(images, repository) == {"main-1", "pr-90"}, 120, 0.5)
+    except AssertionError as exc:
+        left = sorted(tags(images, repository) - {"main-1", "pr-90"})
+        raise AssertionError(f"{len(left)} deletions never done: {left}") from exc
+    for pushed in doomed:
+        assert manifest_status(images, repository, pushed.digest) == 404
+    for pushed in kept:
+        assert_whole(images, pushed)
+
+
+@pytest.mark.parametrize("service", ["service", "worker", "gc-worker", "beat"])
+def test_every_log_line_is_one_json_record(
+    stack: ComposeStack, client: docker.DockerClient, service: str
+) -> None:
+    """Everything regsweep's containers wrote is one JSON record per line, with no secret; a
+    traceback sits inside one record's `exception`, never split over lines."""
+    text = stack.container(client, service).logs().decode()
+    records = json_log_lines(text)
+    assert records, f"{service} logged nothing"
+    for record in records:
+        assert not record["message"].startswith(("Traceback", "  File ")), record
+    for secret in s.SECRETS:
+        assert secret not in text
+
+
+def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:
+    """`scripts/stack down` removes every container (the recreated registry's too), network
+    and volume of the stack."""
+    done = stack.down()
+    assert done.returncode == 0, done.stderr
+    assert stack.leftovers(client) == {"containers": [], "networks": [], "volumes": []}
