@@ -166,3 +166,18 @@ async def test_a_push_notified_while_a_listing_is_read_survives_it(index: TagInd
     await index.record_listing("r", {"moved": A}, listing, listing + timedelta(seconds=3))
     assert await index.tags("r") == {"moved": B, "new": C}
     assert B not in await index.untagged_since("r") and C not in await index.untagged_since("r")
+
+
+async def test_a_stored_time_no_datetime_can_hold_is_skipped(
+    index: TagIndex, redis_client: aioredis.Redis
+) -> None:
+    """A push time left by a poisoned event (year 10000, garbage) makes that one tag's time
+    unknown; the repository's other times still read."""
+    await index.record_push("r", "good", A, T0)
+    await index.record_push("r", "bad", B, T0)
+    pushed = index._keys("r")[1]
+    await redis_client.hset(
+        pushed, "bad", repr(datetime(9999, 12, 31, tzinfo=UTC).timestamp() * 10)
+    )
+    await redis_client.hset(pushed, "worse", "not a time")
+    assert (await index.snapshot("r")).pushed_at == {"good": T0}

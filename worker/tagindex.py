@@ -137,6 +137,19 @@ def _dt(value: str | bytes) -> datetime:
     return datetime.fromtimestamp(float(text), UTC)
 
 
+def _times(raw: Mapping[Any, Any]) -> dict[str, datetime]:
+    """A hash of timestamps, without the values that are no time a datetime can hold (a
+    poisoned event once stored year 10000): skipping one keeps its tag unknown, and
+    unknown keeps; failing on it would stop every prune of the repository."""
+    out: dict[str, datetime] = {}
+    for key, value in raw.items():
+        try:
+            out[_text(key)] = _dt(value)
+        except (ValueError, OverflowError, OSError):
+            continue
+    return out
+
+
 def _sighting(value: str | bytes) -> Sighting:
     """``digest|earliest|latest|shown`` (``earliest`` empty: no earlier listing)."""
     digest, earliest, latest, *shown = _text(value).split("|")
@@ -252,9 +265,9 @@ class TagIndex:
         tags, pushed, untagged, seen, stored, holds, listed = await self._call(pipe.execute())
         return RepositoryHistory(
             tags={_text(k): Digest(_text(v)) for k, v in tags.items()},
-            pushed_at={_text(k): _dt(v) for k, v in pushed.items()},
+            pushed_at=_times(pushed),
             sightings={_text(k): _sighting(v) for k, v in seen.items()},
-            untagged_since={Digest(_text(k)): _dt(v) for k, v in untagged.items()},
+            untagged_since={Digest(k): v for k, v in _times(untagged).items()},
             stored_indexes=frozenset(Digest(_text(d)) for d in stored),
             holds={_text(k): _hold(_text(k), v) for k, v in holds.items()},
             listed_at=_dt(listed) if listed else None,
@@ -288,11 +301,11 @@ class TagIndex:
 
     async def pushed_at(self, repository: str) -> Mapping[str, datetime]:
         raw = await self._call(self._redis.hgetall(self._keys(repository)[1]))
-        return {_text(k): _dt(v) for k, v in cast(dict[Any, Any], raw).items()}
+        return _times(cast(dict[Any, Any], raw))
 
     async def untagged_since(self, repository: str) -> Mapping[Digest, datetime]:
         raw = await self._call(self._redis.hgetall(self._keys(repository)[2]))
-        return {Digest(_text(k)): _dt(v) for k, v in cast(dict[Any, Any], raw).items()}
+        return {Digest(k): v for k, v in _times(cast(dict[Any, Any], raw)).items()}
 
     async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
         """regsweep removed these tags and manifests: keep the index in step without waiting
