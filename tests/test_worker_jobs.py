@@ -31,6 +31,7 @@ from worker.context import WorkerContext
 from worker.identity import ProcessIdentity
 from worker.policy import Config
 from worker.prunelock import PruneLock
+from worker.pruner import Pruner
 
 POLICY = {
     "name": "jobs",
@@ -289,12 +290,11 @@ def test_sweep_tallies_its_prunes(
     assert sweep["counts"]["repositories"] == 1 and sweep["counts"]["deleted"] == 1
 
 
-def test_a_poisoned_repository_fails_its_prune_and_its_sweep_still_ends(
+def test_a_poisoned_push_time_is_unknown_and_the_prune_goes_on(
     broker: redis.Redis, images: ImageBuilder, repo_name: str
 ) -> None:
-    """A push time no clock can read (left in the tag index by an older version) makes the
-    prune raise something that is no regsweep error: its job still ends failed, saying
-    why, and its sweep ends too instead of staying running forever."""
+    """A push time no clock can read (left in the tag index by an older version) is skipped:
+    that tag's push time is unknown (kept), and the prune and its sweep succeed."""
     repository = f"w/{repo_name}"
     images.image(repository, "drop-1")
     images.image(repository, "keep-1")
@@ -303,6 +303,28 @@ def test_a_poisoned_repository_fails_its_prune_and_its_sweep_still_ends(
     (message,) = queued(broker)
     broker.delete("prune")
     broker.hset(f"regsweep:idx:{repository}:pushed", "keep-1", "1e300")
+    tasks.prune.apply(kwargs=message)
+    assert job(broker, message["job_id"])["state"] == "succeeded"
+    assert job(broker, sweep_id)["state"] == "succeeded"
+
+
+def test_a_prune_that_raises_anything_ends_its_job_and_its_sweep(
+    broker: redis.Redis, images: ImageBuilder, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a prune raises, even no regsweep error at all, its job ends failed saying
+    why, and its sweep ends too instead of staying running forever. (The fault is injected:
+    no real input is left that makes the engine raise something unexpected.)"""
+    repository = f"w/{repo_name}"
+    images.image(repository, "keep-1")
+    sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
+    tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
+    (message,) = queued(broker)
+    broker.delete("prune")
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(Pruner, "plan_one", broken)
     tasks.prune.apply(kwargs=message)
     child = job(broker, message["job_id"])
     assert child["state"] == "failed"

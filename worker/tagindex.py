@@ -12,9 +12,9 @@ and the tag source of incremental (event-driven) plans.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -25,6 +25,7 @@ from worker.history import RepositoryHistory
 from worker.model import Digest, Hold
 
 DEFAULT_PREFIX: Final = "regsweep:"
+T = TypeVar("T")
 
 # KEYS: tags, pushed, untagged, repos; ARGV: repository, tag, digest, now
 _PUSH = """
@@ -150,6 +151,17 @@ def _times(raw: Mapping[Any, Any]) -> dict[str, datetime]:
     return out
 
 
+def _parsed(raw: Mapping[Any, Any], parse: Callable[[str, Any], T]) -> dict[str, T]:
+    """Each entry of a hash parsed, the unreadable ones left out (as :func:`_times`)."""
+    out: dict[str, T] = {}
+    for key, value in raw.items():
+        try:
+            out[_text(key)] = parse(_text(key), value)
+        except (ValueError, KeyError, TypeError, OverflowError, OSError):
+            continue
+    return out
+
+
 def _sighting(value: str | bytes) -> Sighting:
     """``digest|earliest|latest|shown`` (``earliest`` empty: no earlier listing)."""
     digest, earliest, latest, *shown = _text(value).split("|")
@@ -266,10 +278,10 @@ class TagIndex:
         return RepositoryHistory(
             tags={_text(k): Digest(_text(v)) for k, v in tags.items()},
             pushed_at=_times(pushed),
-            sightings={_text(k): _sighting(v) for k, v in seen.items()},
+            sightings=_parsed(seen, lambda _, v: _sighting(v)),
             untagged_since={Digest(k): v for k, v in _times(untagged).items()},
             stored_indexes=frozenset(Digest(_text(d)) for d in stored),
-            holds={_text(k): _hold(_text(k), v) for k, v in holds.items()},
+            holds=_parsed(holds, _hold),
             listed_at=_dt(listed) if listed else None,
         )
 
