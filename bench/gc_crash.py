@@ -58,10 +58,11 @@ from tests.harness.maintenance import (
     upload_status,
 )
 from worker.identity import ProcessIdentity, group_alive
-from worker.maintenance.lock import LockHolder, MaintenanceKeys
+from worker.maintenance.lock import LockHolder
+from worker.store.keys import Keys
 
 REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
-KEYS = MaintenanceKeys()
+KEYS = Keys()
 POINTS = KILL_POINTS
 #: After a recovery, how long the registry must go on accepting writes.
 STAY_WRITABLE = 6.0
@@ -170,7 +171,7 @@ def one_kill(
             check=True,
         ).stdout.strip()
         if point == "before-readonly":
-            wait(lambda: client.get(KEYS.flag) is not None, 60, "the flag")
+            wait(lambda: client.get(KEYS.maintenance_flag) is not None, 60, "the flag")
         else:
             wait((root / point).exists, 60, point)
         holder_raw = client.get(KEYS.gc_lock) or b""
@@ -185,7 +186,9 @@ def one_kill(
 
         def recovered() -> bool:
             running = job_state(client, job_id) in ("queued", "running")
-            return not running and client.get(KEYS.flag) is None and writable(registry.url)
+            return (
+                not running and client.get(KEYS.maintenance_flag) is None and writable(registry.url)
+            )
 
         wait(recovered, 180, "recovery")
         took = time.monotonic() - killed

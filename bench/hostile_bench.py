@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,9 @@ def redis_pid() -> int:
 def serve_plain(port: int) -> None:
     """What ``regsweep serve`` does, on uvicorn's own httptools protocol (no bounds)."""
     from service.app import GIL_SWITCH_INTERVAL, UVICORN_OPTIONS, create_app
-    from service.celery_sink import CelerySink
+    from service.publish import CelerySink
     from worker import logs
-    from worker.config import load_config
+    from worker.settings.load import load_config
 
     config = load_config(os.environ["REGSWEEP_CONFIG"])
     logs.configure()
@@ -126,7 +127,7 @@ def servers(root: Path, before: Path, redis_urls: dict[str, str]) -> Iterator[di
         PIDS[urls[name]] = procs[-1].pid
     try:
         for url in urls.values():
-            s.wait_for(lambda u=url: _up(u), timeout=30, step=0.1)
+            s.wait_for(partial(_up, url), timeout=30, step=0.1)
         yield urls
     finally:
         for proc in procs:

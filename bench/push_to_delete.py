@@ -33,7 +33,7 @@ import httpx
 import redis
 
 from tests.harness import stack as s
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 POLICY = {
     "name": "bench",

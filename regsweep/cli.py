@@ -22,20 +22,21 @@ from pathlib import Path
 from typing import Any, Final
 
 from regsweep import render
-from worker import env, logs
-from worker.audit import AuditQuery
-from worker.config import load_config, parse_duration
+from worker import logs
+from worker.engine.executor import RunOutcome
+from worker.engine.inventory import CreatedCache
+from worker.engine.model import Hold
+from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
+from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
-from worker.events import JobKind, JobRequest
-from worker.executor import ExecutionReport
-from worker.inventory import CreatedCache
-from worker.model import Hold
-from worker.policy import Config
-from worker.pruner import Pruner, RepositoryFailure, RepositoryPlan
+from worker.queue.messages import JobKind, JobRequest
 from worker.registry.client import RegistryClient
-from worker.restore import restore
-from worker.storage import check_storage_root
-from worker.stores import Stores, audit_file
+from worker.registry.storage import check_storage_root
+from worker.settings import env
+from worker.settings.load import load_config, parse_duration
+from worker.settings.model import Config
+from worker.store.audit import AuditQuery
+from worker.store.open import Stores, audit_file
 
 EXIT_OK: Final = 0
 EXIT_RUN_ERROR: Final = 1
@@ -147,9 +148,9 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
 
     What ``--enqueue`` does for every command that has it.
     """
-    from service.celery_sink import CelerySink
     from service.ingest import submit_job
-    from worker.state import State
+    from service.publish import CelerySink
+    from worker.store.state import State
 
     if config.redis_url is None:
         raise ConfigError("--enqueue needs redis.url (or REGSWEEP_REDIS_URL)")
@@ -179,7 +180,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
-    from worker.celery_app import QUEUES, make_celery
+    from worker.queue.celery_app import make_celery
+    from worker.queue.names import QUEUES
 
     logs.configure_worker()
     options = list(args.celery_args)
@@ -199,7 +201,7 @@ def _with_loglevel(options: Sequence[str]) -> list[str]:
 
 
 def _beat(args: argparse.Namespace, config: Config) -> int:
-    from worker.celery_app import make_celery
+    from worker.queue.celery_app import make_celery
 
     logs.configure()
     make_celery(config).start([*QUIET, "beat", *_with_loglevel(args.celery_args)])
@@ -339,7 +341,7 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
             print(f"{rp.plan.repository}: nothing deleted ({_not_executed(rp, args.dry_run)})")
             continue
         print(render.report_line(report))
-        if report.outcome.value == "failed":
+        if report.outcome is RunOutcome.FAILED:
             code = EXIT_RUN_ERROR
     return code
 
@@ -355,7 +357,7 @@ def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
 
 async def _prune_with_progress(
     pruner: Pruner, repos: Sequence[str], dry_run: bool, job_id: str
-) -> list[tuple[RepositoryPlan, ExecutionReport | None] | RepositoryFailure]:
+) -> list[Pruned | RepositoryFailure]:
     progress: dict[str, render.Progress] = {}
 
     def planned(rp: RepositoryPlan) -> None:

@@ -6,12 +6,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from worker.audit import AuditEntry, Outcome
-from worker.executor import ExecutionReport, Status
-from worker.model import Inventory, PushTime, referrer_tag_subject
-from worker.plan import Action, Plan
-from worker.planner import describe_push
-from worker.pruner import RepositoryPlan
+from worker.engine.executor import ExecutionReport, Status
+from worker.engine.model import Inventory, PushTime, referrer_tag_subject
+from worker.engine.plan import Action, Plan
+from worker.engine.planner import describe_push
+from worker.engine.prune import RepositoryPlan
+from worker.store.audit import AuditEntry, Outcome
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

@@ -1,1 +1,1 @@
-"""The regsweep HTTP edge: receives, verifies, normalises and enqueues."""
+"""The HTTP edge: receives, verifies, normalises and enqueues. No registry calls, no engine."""

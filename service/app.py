@@ -1,8 +1,8 @@
 """The HTTP edge: receives, verifies, normalises and hands on. No registry calls here.
 
 Handlers parse, call one function of :mod:`service.ingest`, and leave error
-mapping to the exception handlers below: :class:`~service.verify.Unverified`
-→ 401, :class:`~worker.events.BadEvent` → 400, ``HTTPException`` → its status,
+mapping to the exception handlers below: :class:`~worker.errors.Unverified`
+→ 401, :class:`~worker.errors.BadEvent` → 400, ``HTTPException`` → its status,
 :class:`~worker.errors.StateError` → 503, a client that went away before its
 body arrived → nothing sent (counted as 499), anything else → 500; always
 ``{"error": ...}``, never a traceback. Connection-level bounds (head size and
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import logging
 import re
 import socket
@@ -32,35 +31,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import verify
-from service.celery_sink import CelerySink
-from service.ingest import (
-    OUTCOME_HEADER,
-    RegistryIngest,
-    RegistryOutcome,
-    ingest_ci,
-    read_registry_delivery,
-    submit_job,
-)
+from service.api import parse_job_request
+from service.hooks import verify
+from service.hooks.github import check_github_signature, github_dedup_keys, github_zen, parse_github
+from service.hooks.gitlab import gitlab_delivery_id, parse_gitlab, verify_gitlab
+from service.hooks.registry import read_registry_delivery
+from service.hooks.verify import checked_delivery_id
+from service.ingest import OUTCOME_HEADER, RegistryIngest, RegistryOutcome, ingest_ci, submit_job
 from service.limits import read_body
 from service.metrics import RequestLatency, Scrapes, ServiceMetrics
 from service.protocol import RequestLimits, bounded_protocol
-from service.sink import EventSink, RedisListSink
+from service.publish import CelerySink, EventSink
 from worker import logs
-from worker.errors import ConfigError, StateError
-from worker.events import (
-    BadEvent,
-    CiEvent,
-    github_zen,
-    parse_github,
-    parse_gitlab,
-    parse_job_request,
-)
-from worker.metrics import WorkerMetricsSnapshot
-from worker.policy import Config, HookSettings
-from worker.state import State, async_client
+from worker.engine.events import CiEvent
+from worker.errors import BadEvent, ConfigError, StateError, Unverified
+from worker.settings.model import Config, HookSettings
+from worker.store.metrics import WorkerMetricsSnapshot
+from worker.store.redis import async_client
+from worker.store.state import State
 
-__all__ = ["CelerySink", "EventSink", "RedisListSink", "create_app", "serve"]
+__all__ = ["CelerySink", "EventSink", "create_app", "serve"]
 
 log = logging.getLogger("regsweep.service")
 
@@ -74,8 +64,6 @@ JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
 METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.
 CLIENT_CLOSED_REQUEST: Final = 499
-#: Delivery ids are UUIDs (GitHub, GitLab) or ``msg_...`` (Standard Webhooks).
-MAX_DELIVERY_ID: Final = 128
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,38 +94,6 @@ def _header(request: Request, name: str) -> str:
 
 def _disabled() -> Response:
     return JSONResponse({"error": "hook disabled"}, status_code=404)
-
-
-def _delivery_id(name: str, value: str) -> str:
-    if len(value) > MAX_DELIVERY_ID or not value.isascii() or not value.isprintable():
-        raise HTTPException(400, f"{name} is not an id of up to {MAX_DELIVERY_ID} characters")
-    return value
-
-
-def gitlab_delivery_id(request: Request, *, signed: bool) -> str:
-    """GitLab's own id for a delivery, stable across its retries.
-
-    With a signing key, the ``webhook-id`` the signature covers, so that a captured
-    delivery replayed under a new unsigned header is still a duplicate (its
-    timestamp must also be within 5 minutes). Without one, the first of
-    ``Idempotency-Key``, ``X-Gitlab-Event-UUID`` and ``webhook-id``.
-    """
-    names = ("webhook-id",) if signed else ("idempotency-key", "x-gitlab-event-uuid", "webhook-id")
-    for name in names:
-        value = request.headers.get(name)
-        if value:
-            return _delivery_id(name, value)
-    raise HTTPException(400, "missing Idempotency-Key or X-Gitlab-Event-UUID header")
-
-
-def github_dedup_keys(state: State, delivery_id: str, body: bytes) -> list[str]:
-    """A GitHub delivery is a duplicate if its id or its (signed) body was seen: the
-    signature covers the body only, so a captured delivery replayed under a new
-    ``X-GitHub-Delivery`` is caught by the body's hash."""
-    return [
-        state.keys.delivery("github", delivery_id),
-        state.keys.delivery("github-body", hashlib.sha256(body).hexdigest()),
-    ]
 
 
 class Endpoints:
@@ -185,10 +141,12 @@ class Endpoints:
         if secret is None:
             return _disabled()
         body = await read_body(request, self.config.hooks.body_limit)
-        verify.check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
+        check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
         _require_json(request, "GitHub")
         event_name = _header(request, "X-GitHub-Event")
-        delivery_id = _delivery_id("X-GitHub-Delivery", _header(request, "X-GitHub-Delivery"))
+        delivery_id = checked_delivery_id(
+            "X-GitHub-Delivery", _header(request, "X-GitHub-Delivery")
+        )
         if event_name == "ping":
             return JSONResponse({"ok": True, "zen": github_zen(body)})
         event = parse_github(event_name, body, delivery_id)
@@ -200,7 +158,7 @@ class Endpoints:
         if hooks.gitlab_token is None and hooks.gitlab_signing_key is None:
             return _disabled()
         body = await read_body(request, self.config.hooks.body_limit)
-        _verify_gitlab(hooks, request, body)
+        verify_gitlab(hooks, request, body)
         _require_json(request, "GitLab")
         event_header = _header(request, "X-Gitlab-Event")
         delivery_id = gitlab_delivery_id(request, signed=hooks.gitlab_signing_key is not None)
@@ -266,21 +224,6 @@ class Endpoints:
         return Response(payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _verify_gitlab(hooks: HookSettings, request: Request, body: bytes) -> None:
-    if hooks.gitlab_token is not None:
-        verify.check_token(
-            hooks.gitlab_token, request.headers.get("x-gitlab-token"), "X-Gitlab-Token"
-        )
-    if hooks.gitlab_signing_key is not None:
-        verify.check_standard_webhook(
-            hooks.gitlab_signing_key,
-            body,
-            msg_id=request.headers.get("webhook-id"),
-            timestamp=request.headers.get("webhook-timestamp"),
-            signatures=request.headers.get("webhook-signature"),
-        )
-
-
 def _routes(endpoints: Endpoints) -> list[Route]:
     return [
         Route("/hooks/registry", endpoints.registry, methods=["POST"]),
@@ -332,7 +275,7 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
         return JSONResponse({"error": "internal error"}, status_code=500)
 
     return {
-        verify.Unverified: unverified,
+        Unverified: unverified,
         BadEvent: bad_event,
         HTTPException: http_error,
         StateError: unavailable,

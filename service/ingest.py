@@ -1,7 +1,7 @@
 """What the hooks and the job API do once a request is verified and parsed.
 
 At-least-once with dedup, and never a delivery swallowed: a delivery is
-recorded as seen (its dedup keys, kept :data:`~worker.state.DEDUP_TTL`) only
+recorded as seen (its dedup keys, kept :data:`~worker.store.state.DEDUP_TTL`) only
 together with its queued message. On the state store's own Redis, which is
 where ``redis.url`` puts the broker, both happen in one atomic step
 (:meth:`State.new_deliveries` with a push), so a failure at any point, an
@@ -19,30 +19,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from service.sink import EventSink
+from service.publish import EventSink
+from worker.engine.events import CiEvent, RegistryEnvelope, RegistryEvent, excerpt
 from worker.errors import StateError
-from worker.events import (
-    REGISTRY_EVENTS_V1,
-    REGISTRY_EVENTS_V2,
-    CiEvent,
-    JobRequest,
-    RegistryEnvelope,
-    RegistryEvent,
-    dead_envelope,
-    excerpt,
-    parse_registry_envelope,
-)
-from worker.groupcommit import GroupCommit
-from worker.state import JobState, Push, State
+from worker.queue.messages import JobRequest
+from worker.store.groupcommit import GroupCommit
+from worker.store.state import JobState, Push, State
 
 log = logging.getLogger("regsweep.service")
 
 #: Carries a registry delivery's outcome (see :meth:`RegistryOutcome.header`).
 OUTCOME_HEADER: Final = "Regsweep-Outcome"
-
-REGISTRY_MEDIA_TYPES: Final = frozenset(
-    {REGISTRY_EVENTS_V1, REGISTRY_EVENTS_V2, "application/json"}
-)
 
 
 @dataclass(frozen=True)
@@ -74,13 +61,6 @@ class RegistryOutcome:
             "ignored": self.ignored,
             "dead_letter": self.dead_lettered,
         }
-
-
-def read_registry_delivery(media_type: str, body: bytes) -> RegistryEnvelope:
-    """Parse a registry delivery; a content type it cannot be in makes it one dead letter."""
-    if media_type not in REGISTRY_MEDIA_TYPES:
-        return dead_envelope(f"unsupported content type {media_type[:100]!r}")
-    return parse_registry_envelope(body)
 
 
 #: Most events claimed and handed on in one group commit.

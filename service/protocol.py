@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from worker.policy import (
+from worker.settings.model import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEAD_LIMIT,
     DEFAULT_HEAD_TIMEOUT,

@@ -1,7 +1,7 @@
 """Builders for small hand-made inventories, and Hypothesis strategies for random ones.
 
 Manifests are real: their bytes are JSON as a registry would serve them and
-their digest is the sha256 of those bytes, parsed by :func:`worker.model.parse_manifest`.
+their digest is the sha256 of those bytes, parsed by :func:`worker.engine.model.parse_manifest`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,19 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from worker import mediatypes as mt
-from worker.model import Digest, Hold, Inventory, Manifest, PushSource, PushTime, parse_manifest
-from worker.plan import Reason
-from worker.planner import TagRequest
-from worker.policy import KeepRule, Policy, RepositoryPattern, TagPattern
+from worker.engine.model import (
+    Digest,
+    Hold,
+    Inventory,
+    Manifest,
+    PushSource,
+    PushTime,
+    parse_manifest,
+)
+from worker.engine.plan import Reason
+from worker.engine.planner import TagRequest
+from worker.engine.policy import KeepRule, Policy, RepositoryPattern, TagPattern
+from worker.registry import mediatypes as mt
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"

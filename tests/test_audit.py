@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 
 from tests.harness import redisdb
 from tests.harness.mounts import fill, read_only, small_tmpfs
-from worker.audit import (
+from worker.errors import StateError
+from worker.store.audit import (
     AuditEntry,
     AuditQuery,
     JsonlAuditLog,
@@ -23,7 +24,7 @@ from worker.audit import (
     RedisAuditLog,
     Settlement,
 )
-from worker.errors import StateError
+from worker.store.keys import Keys
 
 pytestmark = pytest.mark.anyio
 
@@ -213,9 +214,9 @@ async def test_a_cancelled_caller_does_not_stop_the_others(tmp_path: Path) -> No
 @pytest.fixture
 async def redis_log() -> AsyncIterator[RedisAuditLog]:
     client = aioredis.Redis.from_url(redisdb.url(12))
-    key = f"test-audit-{uuid.uuid4().hex}"
-    yield RedisAuditLog(client, key=key)
-    keys = [k async for k in client.scan_iter(match=f"{key}*")]
+    prefix = f"test-audit-{uuid.uuid4().hex}:"
+    yield RedisAuditLog(client, keys=Keys(prefix))
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
     if keys:
         await client.delete(*keys)
     await client.aclose()

@@ -12,6 +12,7 @@ back, byte-identical, with `regsweep restore`.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -287,12 +288,26 @@ def test_lost_delete_answer_with_the_registry_gone_stays_unsettled(
         concurrency=1,
         audit_path=tmp_path / "audit.jsonl",
     )
+    unreachable = Rule(Fault.RESET, nth=sys.maxsize, times=sys.maxsize)
+
+    def registry_gone(_: Exchange) -> None:
+        # Gone before the client can learn its answer was lost (``then`` would be too late: a
+        # quick retry could slip in): no new connection, nothing through an open one.
+        unreachable.nth = unreachable.matched + 1
+        proxy.stop_accepting()
+
     dropped = proxy.add(
         Rule(
-            Fault.DROP_ANSWER, method="DELETE", path=DELETE_BY_DIGEST, then=lambda _: proxy.refuse()
+            Fault.DROP_ANSWER,
+            method="DELETE",
+            path=DELETE_BY_DIGEST,
+            before=registry_gone,
+            then=lambda _: proxy.refuse(),
         )
     )
+    proxy.add(unreachable)
     result = cli.run("prune", repo_name, config=config)
+    unreachable.times = 0
     proxy.listen()
     assert result.returncode == 1, result.stdout + result.stderr
     (lost,) = dropped.fired

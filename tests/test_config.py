@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from worker import env
-from worker.config import config_source, load_config, parse_config, parse_duration
+from worker.engine.policy import Mode
 from worker.errors import ConfigError
-from worker.policy import (
+from worker.registry.storage import RegistryStorage, check_storage_root
+from worker.settings import env
+from worker.settings.load import config_source, load_config, parse_config, parse_duration
+from worker.settings.model import (
     DEFAULT_BODY_LIMIT,
     DEFAULT_CONCURRENCY,
     DEFAULT_SWEEP_EVERY,
@@ -21,11 +23,9 @@ from worker.policy import (
     DEFAULT_WINDOW_MARGIN,
     Config,
     DockerControllerSettings,
-    Mode,
     ProcessControllerSettings,
     Secret,
 )
-from worker.storage import RegistryStorage, check_storage_root
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "regsweep.yaml"
 REGISTRY = "registry:\n  url: http://127.0.0.1:5000\n"

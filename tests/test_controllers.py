@@ -33,7 +33,7 @@ from worker.maintenance.controllers import (
     RegistryController,
 )
 from worker.maintenance.gc import GcResult, parse_gc_output
-from worker.policy import DockerControllerSettings, ProcessControllerSettings
+from worker.settings.model import DockerControllerSettings, ProcessControllerSettings
 
 LAYER_SIZE = 256 * 1024
 

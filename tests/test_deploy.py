@@ -15,8 +15,8 @@ from docker.utils.build import exclude_paths
 
 from regsweep.cli import _parser, split_celery_args
 from tests.harness.registry import REGISTRY_BINARY, free_port
-from worker.config import load_config
-from worker.policy import DockerControllerSettings
+from worker.settings.load import load_config
+from worker.settings.model import DockerControllerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ["-c", "/etc/regsweep/regsweep.yaml"]
@@ -110,7 +110,7 @@ def test_build_context_is_the_package_only() -> None:
         if line.strip() and not line.startswith("#")
     ]
     sent = sorted(exclude_paths(str(ROOT), patterns))
-    assert "pyproject.toml" in sent and "worker/executor.py" in sent
+    assert "pyproject.toml" in sent and "worker/engine/executor.py" in sent
     tops = {path.split("/")[0] for path in sent}
     # Docker always sends the Dockerfile and .dockerignore themselves.
     package = {"pyproject.toml", "constraints.txt", "README.md", "regsweep", "service", "worker"}

@@ -332,7 +332,7 @@ def run_daemon(command: DocCommand, kind: str, site: Site) -> None:
     log = site.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
     process = s.Process(kind, ["bash", "-c", f"exec {text}"], log, site.env())
     before = set(glob.glob(str(site.workdir / "celerybeat-schedule*")))
-    process.proc = subprocess.Popen(
+    process.proc = proc = subprocess.Popen(
         process.argv,
         cwd=site.workdir,
         env=process.env,
@@ -347,8 +347,8 @@ def run_daemon(command: DocCommand, kind: str, site: Site) -> None:
         "beat": lambda: beat_schedule_made(text, site, before) and "Starting" in process.tail(),
     }
     try:
-        s.wait_for(lambda: ready[kind]() or process.proc.poll() is not None, 60, 0.1)
-        assert process.proc.poll() is None, f"{command.where}: {text}\n{process.tail()}"
+        s.wait_for(lambda: ready[kind]() or proc.poll() is not None, 60, 0.1)
+        assert proc.poll() is None, f"{command.where}: {text}\n{process.tail()}"
         assert ready[kind](), f"{command.where}: {text}\n{process.tail()}"
     finally:
         process.stop()

@@ -23,7 +23,7 @@ from tests.harness import service as payloads
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import free_port
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 POLICIES = [
     {

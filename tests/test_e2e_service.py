@@ -13,7 +13,8 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ import redis
 from tests.harness import service as payloads
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder, PushedImage
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 POLICIES: list[dict[str, Any]] = [
     {
@@ -331,7 +332,8 @@ def _quiet(state: redis.Redis, repository: str) -> bool:
 def _audited(state: redis.Redis, repository: str) -> set[str]:
     """Digests the workers' audit stream records a deletion intent for, in ``repository``."""
     found = set()
-    for _, fields in state.xrange("regsweep:audit"):
+    entries = cast(list[tuple[str, dict[str, str]]], state.xrange("regsweep:audit"))
+    for _, fields in entries:
         if "entry" in fields:
             entry = json.loads(fields["entry"])
             if entry["repository"] == repository:
@@ -350,7 +352,7 @@ def test_back_to_back_pushes_never_cost_the_newest_builds(
         repository = unique("race")
         builds = [images.image(repository, f"build-{n}") for n in (1, 2, 3)]
         wait_gone(images, repository, builds[0].digest, stack)
-        s.wait_for(lambda r=repository: _quiet(state, r), timeout=30)
+        s.wait_for(partial(_quiet, state, repository), timeout=30)
         for kept in builds[1:]:
             assert_intact(images, kept)
         assert _audited(state, repository) == {builds[0].digest}

@@ -11,24 +11,16 @@ import pytest
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.registry import RegistryProcess
-from worker.audit import AuditQuery, JsonlAuditLog
-from worker.executor import RunOutcome as Outcome
-from worker.executor import Status
-from worker.history import LocalHistory
-from worker.plan import Action
-from worker.policy import (
-    Config,
-    KeepRule,
-    Mode,
-    Policy,
-    RegistrySettings,
-    RepositoryPattern,
-    Secret,
-    TagPattern,
-)
-from worker.pruner import Pruner, RepositoryPlan
+from worker.engine.executor import RunOutcome as Outcome
+from worker.engine.executor import Status
+from worker.engine.plan import Action
+from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
+from worker.engine.prune import Pruned, Pruner, RepositoryPlan
+from worker.engine.restore import restore
 from worker.registry.client import RegistryClient
-from worker.restore import restore
+from worker.settings.model import Config, RegistrySettings, Secret
+from worker.store.audit import AuditQuery, JsonlAuditLog
+from worker.store.history import LocalHistory
 
 pytestmark = pytest.mark.anyio
 
@@ -208,7 +200,9 @@ async def test_dry_run_policy_writes_nothing(
     before = builder.tags(repo_name)
     eng = make_engine(policy(keep=(newest(1),), mode=Mode.DRY_RUN))
     results = await eng.pruner.prune_many([repo_name], dry_run=False, job_id="j")
-    ((planned, report),) = results
+    (result,) = results
+    assert isinstance(result, Pruned)
+    planned, report = result
     assert report is None
     assert planned.plan.tags_removed == 2
     assert builder.tags(repo_name) == before

@@ -7,20 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 
+from service.api import parse_job_request
+from service.hooks.github import github_zen, parse_github
+from service.hooks.gitlab import parse_gitlab
+from service.hooks.registry import parse_registry_envelope
 from tests.harness import service as h
-from worker.events import (
-    BadEvent,
-    CiEvent,
-    JobKind,
-    JobRequest,
-    RegistryEvent,
-    RegistryEventKind,
-    github_zen,
-    parse_github,
-    parse_gitlab,
-    parse_job_request,
-    parse_registry_envelope,
-)
+from worker.engine.events import CiEvent, RegistryEvent, RegistryEventKind
+from worker.errors import BadEvent
+from worker.queue.messages import JobKind, JobRequest
 
 
 def test_manifest_push_is_parsed_with_every_field() -> None:
@@ -246,8 +240,8 @@ def test_job_requests_are_validated() -> None:
     )
     assert restore.params == {"repository": "a/b", "digest": h.digest_of("r")}
     for prefix in (h.digest_of("r")[:19], h.digest_of("r")[7:19]):
-        body = {"kind": "restore", "repository": "a/b", "digest": prefix}
-        assert parse_job_request(json.dumps(body).encode()).digest == prefix
+        request = {"kind": "restore", "repository": "a/b", "digest": prefix}
+        assert parse_job_request(json.dumps(request).encode()).digest == prefix
     for body, message in [
         (b'{"kind": "restore", "repository": "a/b", "digest": "sha256:"}', "digest"),
         (b'{"kind": "restore", "repository": "a/b", "digest": "ABC123"}', "digest"),

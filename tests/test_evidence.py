@@ -1,6 +1,6 @@
 """Push times from evidence, and the promise they keep: no tag is deleted on a guess.
 
-Unit cases for :func:`worker.evidence.push_time`, then Hypothesis properties over random
+Unit cases for :func:`worker.engine.evidence.push_time`, then Hypothesis properties over random
 push histories: true push times, notifications that arrive late or never, storage or not,
 listings at random moments, and build dates including the ones reproducible builds write
 (1970, 1980, year 1, a shared ``SOURCE_DATE_EPOCH``) and the future.
@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import NOW, RepoBuilder, image, make_policy, rule
-from worker.evidence import DOCKER_EPOCH, Sighting, TagEvidence, push_time, push_times
-from worker.history import new_sightings
-from worker.model import Digest, PushSource, PushTime
-from worker.plan import Action
-from worker.planner import plan
-from worker.policy import KeepRule, Policy
+from worker.engine.evidence import DOCKER_EPOCH, Sighting, TagEvidence, push_time, push_times
+from worker.engine.model import Digest, PushSource, PushTime
+from worker.engine.plan import Action
+from worker.engine.planner import plan
+from worker.engine.policy import KeepRule, Policy
+from worker.store.history import new_sightings
 
 D = Digest("sha256:" + "d" * 64)
 OTHER = Digest("sha256:" + "e" * 64)
@@ -146,7 +146,9 @@ def listings(draw: st.DrawFn) -> list[tuple[datetime, datetime, datetime]]:
 
 
 def _sightings(
-    truth: dict[str, datetime], digests: dict[str, Digest], recorded: list[tuple[datetime, ...]]
+    truth: dict[str, datetime],
+    digests: dict[str, Digest],
+    recorded: list[tuple[datetime, datetime, datetime]],
 ) -> dict[str, Sighting]:
     """What the history holds after ``recorded``: each listing shows the tags pushed by the
     instant it read the tag list, and is recorded as the stores record it."""

@@ -20,24 +20,16 @@ import pytest
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.registry import RegistryProcess
 from tests.test_cli import run
-from worker import mediatypes as mt
-from worker.audit import AuditEntry, JsonlAuditLog, Outcome, Settlement
-from worker.history import LocalHistory
-from worker.inventory import UNTAGGED_UNSEEN
-from worker.model import Descriptor, Digest, PushSource
-from worker.plan import Action
-from worker.policy import (
-    AgeSource,
-    Config,
-    KeepRule,
-    Mode,
-    Policy,
-    RegistrySettings,
-    RepositoryPattern,
-    TagPattern,
-)
-from worker.pruner import Pruner, RepositoryPlan
+from worker.engine.inventory import UNTAGGED_UNSEEN
+from worker.engine.model import Descriptor, Digest, PushSource
+from worker.engine.plan import Action
+from worker.engine.policy import AgeSource, KeepRule, Mode, Policy, RepositoryPattern, TagPattern
+from worker.engine.prune import Pruner, RepositoryPlan
+from worker.registry import mediatypes as mt
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of, untag_manifest
+from worker.settings.model import Config, RegistrySettings
+from worker.store.audit import AuditEntry, JsonlAuditLog, Outcome, Settlement
+from worker.store.history import LocalHistory
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.groupcommit import GroupCommit
+from worker.store.groupcommit import GroupCommit
 
 pytestmark = pytest.mark.anyio
 

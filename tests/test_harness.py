@@ -22,7 +22,7 @@ from tests.harness.images import (
     sha256_digest,
 )
 from tests.harness.registry import RegistryProcess
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 
 def _assert_round_trip(builder: ImageBuilder, repo: str) -> None:

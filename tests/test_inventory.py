@@ -16,11 +16,12 @@ import pytest
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
 from tests.strategies import make_policy
+from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache, parse_created
+from worker.engine.model import Digest, PushSource, PushTime
+from worker.engine.policy import AgeSource
 from worker.errors import RegistryProtocolError
-from worker.inventory import CreatedCache, InventoryBuilder, ManifestCache, parse_created
-from worker.model import Digest, PushSource, PushTime
-from worker.policy import AgeSource, RegistrySettings
 from worker.registry.client import RegistryClient
+from worker.settings.model import RegistrySettings
 
 pytestmark = pytest.mark.anyio
 

@@ -28,11 +28,12 @@ from tests.harness.maintenance import (
     write_config,
 )
 from worker.identity import ProcessIdentity, group_alive
-from worker.maintenance.lock import LockHolder, MaintenanceKeys
-from worker.state import JobState, SyncState
+from worker.maintenance.lock import LockHolder
+from worker.store.keys import Keys
+from worker.store.state import JobState, SyncState
 
 REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
-KEYS = MaintenanceKeys()
+KEYS = Keys()
 #: The deadline a recovery is waited for; bench/gc_crash.py measures the times (< 30 s).
 RECOVERY_BUDGET = 60.0
 
@@ -114,7 +115,7 @@ def test_sigkilled_gc_worker_leaves_the_registry_writable(
             db10.set(f"{KEYS.prefix}lock:prune:gc/held", json.dumps(owner), ex=120)
         job_id = _enqueue(config)
         if point == "before-readonly":
-            _wait(lambda: db10.get(KEYS.flag) is not None, 60, "the flag")
+            _wait(lambda: db10.get(KEYS.maintenance_flag) is not None, 60, "the flag")
         else:
             _wait((tmp_path / point).exists, 60, point)
         holder = LockHolder.parse(db10.get(KEYS.gc_lock) or b"")
@@ -158,7 +159,7 @@ def _recovered(client: redis.Redis, url: str, job_id: str) -> bool:
     state = job_record(SyncState(client), job_id)["state"]
     if state in (JobState.QUEUED.value, JobState.RUNNING.value):
         return False
-    return client.get(KEYS.flag) is None and _writable(url)
+    return client.get(KEYS.maintenance_flag) is None and _writable(url)
 
 
 def _writable(url: str) -> bool:

@@ -26,11 +26,11 @@ from tests.harness.maintenance import (
     worker_prune,
     worker_release,
 )
-from worker import jobs
+from worker.errors import Deferred
 from worker.maintenance.controllers import DockerController
 from worker.maintenance.job import GcRequest, run_gc
-from worker.policy import DockerControllerSettings
-from worker.state import JobState
+from worker.settings.model import DockerControllerSettings
+from worker.store.state import JobState
 
 pytestmark = pytest.mark.docker
 
@@ -69,7 +69,7 @@ def test_docker_full_cycle(
                 builder.image("gc/single", "pushed-in-window", layers=[random_layer()])
             seen["push"] = refused.value.status
             later = {"repository": "gc/later", "job_id": "p1", "incremental": False}
-            with pytest.raises(jobs.Deferred):
+            with pytest.raises(Deferred):
                 worker_prune(config, space.prefix, later)
             worker_defer(config, space.prefix, later)
 

@@ -36,12 +36,12 @@ from tests.harness.maintenance import (
     write_config,
 )
 from tests.harness.registry import REGISTRY_BINARY
-from worker import jobs
+from worker.errors import Deferred
 from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
-from worker.maintenance.lock import MaintenanceKeys
 from worker.maintenance.recovery import recover_crashed_window
-from worker.policy import ProcessControllerSettings
-from worker.state import JobState
+from worker.settings.model import ProcessControllerSettings
+from worker.store.keys import Keys
+from worker.store.state import JobState
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
             seen["push"] = refused.value.status
             seen["second"] = run_gc(m, GcRequest(second_id))
             later = {"repository": "gc/later", "job_id": "p1", "incremental": False}
-            with pytest.raises(jobs.Deferred):
+            with pytest.raises(Deferred):
                 worker_prune(config, space.prefix, later)
             worker_defer(config, space.prefix, later)
 
@@ -117,7 +117,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
         assert not builder.blob_exists("gc/single", doomed[0].top.layer_digests[0])  # type: ignore[union-attr]
         assert builder.image("gc/single", "pushed-after", layers=[random_layer()]).digest
 
-        assert space.client.get(space.keys.flag) is None
+        assert space.client.get(space.keys.maintenance_flag) is None
         assert report.deferred_released == 1 and released[0]["repository"] == "gc/later"
         summary = worker_prune(config, space.prefix, released[0])
         assert summary["counts"]["deleted"] == 1
@@ -128,7 +128,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
     assert record["bytes"] == report.bytes_reclaimed > 0
     assert record["counts"]["blobs_deleted"] == report.gc.blobs_deleted
     assert record["report"]["overran_window"] is False
-    assert int(space.client.hget(space.keys.metrics, "bytes_reclaimed") or 0) > 0
+    assert int(space.client.hget(space.keys.metrics_gc, "bytes_reclaimed") or 0) > 0
 
 
 def test_delete_untagged_on_2_8_breaks_multi_arch_but_regsweeps_gc_does_not(
@@ -192,7 +192,7 @@ def test_dry_run_reports_without_switching_or_pausing(
         m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
         m.controller = DuringGc(
             m.controller,
-            lambda: flags.append(space.client.get(space.keys.flag)) or None,  # type: ignore[func-returns-value]
+            lambda: flags.append(space.client.get(space.keys.maintenance_flag)) or None,  # type: ignore[func-returns-value]
         )
         outcome = run_gc(m, GcRequest(space.state.create_job("gc", {}), dry_run=True))
         report = outcome.report
@@ -220,7 +220,7 @@ def test_failed_gc_still_switches_back_and_resumes_pruning(
         assert outcome.status == "failed" and outcome.report is not None
         assert "garbage-collect exited with 1" in outcome.report.errors[-1]
         assert upload_status(reg.url) == 202
-        assert space.client.get(space.keys.flag) is None
+        assert space.client.get(space.keys.maintenance_flag) is None
         assert job_record(space.state, job_id)["state"] == JobState.FAILED.value
     finally:
         reg.stop()
@@ -253,15 +253,15 @@ def test_switch_back_is_retried_and_then_recovered(tmp_path: Path, space: RedisS
 
         assert outcome.report is not None and outcome.report.left_readonly
         assert upload_status(reg.url) == 405
-        assert space.client.get(space.keys.flag) == job_id.encode()
-        assert space.client.hget(space.keys.metrics, "switch_back_failures") == b"1"
+        assert space.client.get(space.keys.maintenance_flag) == job_id.encode()
+        assert space.client.hget(space.keys.metrics_gc, "switch_back_failures") == b"1"
         assert job_record(space.state, job_id)["report"]["left_readonly"] is True
 
         m = make_maintenance(space, SessionTrackedController(reg.settings), reg.url)
         recovered = recover_crashed_window(m)
         assert recovered is not None and recovered.registry_writable
         assert upload_status(reg.url) == 202
-        assert space.client.get(space.keys.flag) is None
+        assert space.client.get(space.keys.maintenance_flag) is None
         record = job_record(space.state, job_id)
         assert record["state"] == JobState.FAILED.value and "recovered" in record
     finally:
@@ -281,7 +281,7 @@ def test_failed_switch_to_readonly_is_undone(tmp_path: Path, space: RedisSpace) 
         assert outcome.report.gc is None
         assert "readonly_command exited with 5" in outcome.report.errors[0]
         assert upload_status(reg.url) == 202
-        assert space.client.get(space.keys.flag) is None
+        assert space.client.get(space.keys.maintenance_flag) is None
     finally:
         reg.stop()
 
@@ -347,7 +347,7 @@ def test_cli_gc_runs_in_process_and_says_it_needs_redis(
     out = capsys.readouterr().out
     assert "dry run: GC would remove 0 blobs and 0 manifests" in out
     assert "overran the window: no" in out
-    assert db10_new_keys.get(MaintenanceKeys().gc_lock) is None
+    assert db10_new_keys.get(Keys().gc_lock) is None
 
 
 def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
@@ -370,7 +370,7 @@ def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
         assert "lost its lock" in outcome.report.errors[0]
         assert not Path(f"/proc/{pidfile.read_text().strip()}/cmdline").exists()
         assert upload_status(reg.url) == 202
-        assert space.client.get(space.keys.flag) is None
+        assert space.client.get(space.keys.maintenance_flag) is None
         assert job_record(space.state, job_id)["state"] == JobState.FAILED.value
     finally:
         reg.stop()

@@ -24,15 +24,16 @@ from tests.harness.maintenance import (
     make_maintenance,
     upload_status,
 )
-from worker.celery_app import TASK_GC, CronSchedule, make_celery
 from worker.identity import ProcessIdentity
 from worker.maintenance.job import GcRequest, SessionTrackedController, delete_untagged, run_gc
 from worker.maintenance.lock import GcLock, LockHolder
 from worker.maintenance.recovery import recover_crashed_window
 from worker.maintenance.tasks import _gc_time_limits
 from worker.maintenance.window import current_window, latest_window, may_start
-from worker.policy import Config, MaintenanceSettings, RegistrySettings
-from worker.state import JobState
+from worker.queue.celery_app import CronSchedule, make_celery
+from worker.queue.names import TASK_GC
+from worker.settings.model import Config, MaintenanceSettings, RegistrySettings
+from worker.store.state import JobState
 
 SUNDAY_3AM = "0 3 * * sun"
 WINDOW = MaintenanceSettings(
@@ -235,7 +236,7 @@ def test_too_late_in_the_window_nothing_is_switched(
     job = space.state.create_job("gc", {})
     skipped = run_gc(m, GcRequest(job, trigger="window"))
     assert skipped.status == "skipped" and skipped.report is None
-    assert space.client.get(space.keys.flag) is None
+    assert space.client.get(space.keys.maintenance_flag) is None
     assert space.client.get(space.keys.gc_lock) is None
     assert job_record(space.state, job)["state"] == JobState.SKIPPED.value
 
@@ -266,7 +267,7 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     space.state.update_job(job_id, state=JobState.RUNNING.value)
     m.controller.set_readonly(True)
     m.probe.wait_readonly()
-    space.client.set(space.keys.flag, job_id)
+    space.client.set(space.keys.maintenance_flag, job_id)
 
     alive = LockHolder(job_id, ProcessIdentity.of(), "n")
     space.client.set(space.keys.gc_lock, alive.token(), ex=60)
@@ -281,7 +282,7 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     recovered = recover_crashed_window(m)
     assert recovered is not None and recovered.registry_writable
     assert upload_status(registry.url) == 202
-    assert space.client.get(space.keys.flag) is None
+    assert space.client.get(space.keys.maintenance_flag) is None
     assert space.client.get(space.keys.gc_lock) is None
     assert released == [1]
     assert job_record(space.state, job_id)["state"] == JobState.INTERRUPTED.value

@@ -21,10 +21,10 @@ from tests.strategies import (
     signature,
     untag_placeholder,
 )
-from worker.model import Digest, Inventory, PushSource, PushTime
-from worker.plan import Action, Plan
-from worker.planner import TagRequest, plan
-from worker.policy import Policy
+from worker.engine.model import Digest, Inventory, PushSource, PushTime
+from worker.engine.plan import Action, Plan
+from worker.engine.planner import TagRequest, plan
+from worker.engine.policy import Policy
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)

@@ -20,7 +20,7 @@ from tests.harness.images import ImageBuilder
 from tests.harness.proxy import Exchange, Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess
 from tests.harness.service import running
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import httpx
 import pytest
 
 from tests.harness.auth import AuthRegistry
-from worker import mediatypes as mt
 from worker.errors import RegistryAuthError, RegistryUnavailable
-from worker.policy import RegistrySettings, Secret
-from worker.registry import RegistryAuth, RegistryClient
-from worker.registry.auth import CATALOG_SCOPE, merge_scopes, required_scope
-from worker.registry.client import Removal
+from worker.registry import mediatypes as mt
+from worker.registry.auth import CATALOG_SCOPE, RegistryAuth, merge_scopes, required_scope
+from worker.registry.client import RegistryClient, Removal
+from worker.settings.model import RegistrySettings, Secret
 
 pytestmark = pytest.mark.anyio
 

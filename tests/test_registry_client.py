@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.harness.registry import RegistryProcess
-from worker import mediatypes as mt
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
@@ -35,10 +34,10 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
 )
-from worker.mediatypes import UNTAG_ANNOTATION
-from worker.policy import RegistrySettings
-from worker.registry import DEFAULT_RETRIES, RegistryClient
-from worker.registry.client import Removal
+from worker.registry import mediatypes as mt
+from worker.registry.client import DEFAULT_RETRIES, RegistryClient, Removal
+from worker.registry.mediatypes import UNTAG_ANNOTATION
+from worker.settings.model import RegistrySettings
 
 pytestmark = pytest.mark.anyio
 
@@ -628,7 +627,7 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_untag_manifest_annotation_is_unique() -> None:
     """Each throw-away untag manifest differs (its nonce), so its digest is nobody else's."""
-    from worker.model import Descriptor, Digest
+    from worker.engine.model import Descriptor, Digest
     from worker.registry.client import untag_manifest
 
     config = Descriptor(Digest(_digest(b"{}")), mt.OCI_EMPTY, 2)

@@ -21,11 +21,11 @@ from tests.harness import cli
 from tests.harness.images import ImageBuilder, Pushed, referrers_tag
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
-from worker.audit import AuditEntry, Outcome, Settlement
-from worker.config import load_config
-from worker.pruner import Pruner, RepositoryPlan
+from worker.engine.prune import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
-from worker.stores import Stores
+from worker.settings.load import load_config
+from worker.store.audit import AuditEntry, Outcome, Settlement
+from worker.store.open import Stores
 
 pytestmark = pytest.mark.anyio
 

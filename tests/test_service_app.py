@@ -19,11 +19,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from service.app import RedisListSink, create_app
+from service.app import create_app
 from tests.harness import service as h
-from worker.events import CiEvent
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from tests.harness.sinks import RedisListSink
+from worker.engine.events import CiEvent
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import State
 
 TOKEN = "registry-token-Zq8"
 GITHUB_SECRET = "It's a Secret to Everybody"

@@ -26,13 +26,13 @@ import pytest
 import redis
 
 from service.app import create_app
-from service.celery_sink import CelerySink
+from service.publish import CelerySink
 from tests.harness import service as h
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.registry import free_port
-from worker.celery_app import EVENTS_QUEUE, TASK_CI_EVENT, TASK_REGISTRY_EVENTS
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import _DELIVER, State
+from worker.queue.names import EVENTS_QUEUE, TASK_CI_EVENT, TASK_REGISTRY_EVENTS
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import _DELIVER, State
 
 TOKEN = "faults-token-Hq2"
 GITHUB_SECRET = "faults-github-8Zt"

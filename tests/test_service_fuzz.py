@@ -32,10 +32,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.app import RedisListSink, create_app
+from service.app import create_app
 from tests.harness import service as h
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from tests.harness.sinks import RedisListSink
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import State
 
 TOKEN = "fuzz-registry-Zq9"
 GITHUB_SECRET = "fuzz-github-Hy7"
@@ -222,7 +223,7 @@ def test_registry_hook_answers_202_to_anything_with_the_right_token(
 
 
 @st.composite
-def github_delivery(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes]]:
+def github_delivery(draw: st.DrawFn) -> tuple[bytes, dict[bytes, bytes]]:
     body = github_payload(draw)
     signature = "sha256=" + hmac.new(GITHUB_SECRET.encode(), body, hashlib.sha256).hexdigest()
     headers = {
@@ -233,13 +234,13 @@ def github_delivery(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes]]:
         "X-GitHub-Delivery": draw(st.one_of(st.uuids().map(str), HEADER_TEXT)),
         "X-Hub-Signature-256": draw(st.one_of(st.just(signature), HEADER_TEXT)),
     }
-    return body, {k: v.encode("latin-1") for k, v in headers.items() if v}
+    return body, {k.encode(): v.encode("latin-1") for k, v in headers.items() if v}
 
 
 @FUZZ
 @given(delivery=github_delivery())
 def test_github_hook_answers_2xx_or_4xx(
-    service: tuple[httpx.Client, int], clean_log: None, delivery: tuple[bytes, dict[str, bytes]]
+    service: tuple[httpx.Client, int], clean_log: None, delivery: tuple[bytes, dict[bytes, bytes]]
 ) -> None:
     """Signed or not, well-shaped or not, a GitHub delivery never gets a 5xx."""
     http, _ = service
@@ -248,7 +249,7 @@ def test_github_hook_answers_2xx_or_4xx(
 
 
 @st.composite
-def gitlab_delivery(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes]]:
+def gitlab_delivery(draw: st.DrawFn) -> tuple[bytes, dict[bytes, bytes]]:
     body = github_payload(draw)
     msg_id = draw(st.one_of(st.uuids().map(lambda u: f"msg_{u}"), HEADER_TEXT))
     timestamp = draw(
@@ -272,13 +273,13 @@ def gitlab_delivery(draw: st.DrawFn) -> tuple[bytes, dict[str, bytes]]:
         "webhook-timestamp": timestamp,
         "webhook-signature": draw(st.one_of(st.just(signature), HEADER_TEXT)),
     }
-    return body, {k: v.encode("latin-1") for k, v in headers.items() if v}
+    return body, {k.encode(): v.encode("latin-1") for k, v in headers.items() if v}
 
 
 @FUZZ
 @given(delivery=gitlab_delivery())
 def test_gitlab_hook_answers_2xx_or_4xx(
-    service: tuple[httpx.Client, int], clean_log: None, delivery: tuple[bytes, dict[str, bytes]]
+    service: tuple[httpx.Client, int], clean_log: None, delivery: tuple[bytes, dict[bytes, bytes]]
 ) -> None:
     """Tokens, Standard Webhooks headers (400-digit timestamps included) and payloads of any
     shape never give a 5xx."""

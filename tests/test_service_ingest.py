@@ -22,16 +22,18 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from service.app import RedisListSink, create_app
-from service.celery_sink import CelerySink, event_payload
+from service.app import create_app
+from service.publish import CelerySink, event_payload
 from tests.harness import redisdb
 from tests.harness import service as h
 from tests.harness.registry import free_port
-from worker.celery_app import EVENTS_QUEUE, TASK_REGISTRY_EVENTS, TaskMessage
+from tests.harness.sinks import RedisListSink
+from worker.engine.events import RegistryEvent
 from worker.errors import StateError
-from worker.events import RegistryEvent
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import Push, State
+from worker.queue.messages import TaskMessage
+from worker.queue.names import EVENTS_QUEUE, TASK_REGISTRY_EVENTS
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import Push, State
 
 REDIS_URL = redisdb.url(9)
 TOKEN = "ingest-token-Rt5"

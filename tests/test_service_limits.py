@@ -21,10 +21,11 @@ import httpx
 import pytest
 import redis
 
-from service.app import RedisListSink, create_app
+from service.app import create_app
 from tests.harness import service as h
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from tests.harness.sinks import RedisListSink
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import State
 
 TOKEN = "limits-token-Pw3"
 HOOKS = HookSettings(

@@ -19,12 +19,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from service.app import RedisListSink, create_app
+from service.app import create_app
 from tests.harness import service as h
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from tests.harness.sinks import RedisListSink
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import State
 
 TOKEN = "live-registry-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": h.V1}

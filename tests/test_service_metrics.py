@@ -16,12 +16,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from service.app import RedisListSink, create_app
+from service.app import create_app
 from service.metrics import ServiceMetrics
 from tests.harness import service as h
 from tests.harness.registry import free_port
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
-from worker.state import State
+from tests.harness.sinks import RedisListSink
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.state import State
 
 TOKEN = "metrics-hook-Ts5"
 METRICS_TOKEN = "metrics-scrape-Lq1"

@@ -1,4 +1,4 @@
-"""worker.state against the real Redis (DB 13): dedup claims, dead letters, job records."""
+"""worker.store.state against the real Redis (DB 13): dedup claims, dead letters, job records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import redis
 from tests.harness.registry import free_port
 from tests.harness.service import REDIS_TEST_URL, delete_prefix, unique_prefix
 from worker.errors import StateError
-from worker.state import DEAD_LETTER_CAP, State, SyncState
+from worker.store.redis import sync_client
+from worker.store.state import DEAD_LETTER_CAP, State, SyncState
 
 
 @pytest.fixture
@@ -89,28 +90,27 @@ def test_sync_state_reads_what_async_wrote(prefix: str) -> None:
         return job_id
 
     job_id = run(create())
-    sync = SyncState.from_url(REDIS_TEST_URL, prefix=prefix)
+    sync = SyncState(sync_client(REDIS_TEST_URL), prefix=prefix)
     assert sync.update_job(job_id, state="running") is True
     assert (sync.get_job(job_id) or {})["state"] == "running"
-    sync.close()
+    sync.client.close()
 
 
 def test_dead_letters_are_capped(prefix: str) -> None:
     """The dead-letter list keeps the newest DEAD_LETTER_CAP entries only."""
-    sync = SyncState.from_url(REDIS_TEST_URL, prefix=prefix)
-    for i in range(DEAD_LETTER_CAP + 5):
-        sync.dead_letter("registry", f"reason {i}", "{}")
-    assert sync.client.llen(sync.keys.dead_letters) == DEAD_LETTER_CAP
 
-    async def newest() -> list[dict[str, Any]]:
+    async def fill_then_newest() -> tuple[int, list[dict[str, Any]]]:
         state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        for i in range(DEAD_LETTER_CAP + 5):
+            await state.dead_letter("registry", f"reason {i}", "{}")
+        kept = await state.client.llen(state.keys.dead_letters)
         entries = await state.dead_letters(limit=1)
         await state.aclose()
-        return entries
+        return kept, entries
 
-    (entry,) = run(newest())
+    kept, (entry,) = run(fill_then_newest())
+    assert kept == DEAD_LETTER_CAP
     assert entry["reason"] == f"reason {DEAD_LETTER_CAP + 4}" and entry["source"] == "registry"
-    sync.close()
 
 
 def test_unreachable_redis_raises_state_error() -> None:
@@ -126,4 +126,4 @@ def test_unreachable_redis_raises_state_error() -> None:
     with pytest.raises(StateError, match="check deliveries"):
         run(scenario())
     with pytest.raises(StateError):
-        SyncState.from_url(f"redis://127.0.0.1:{free_port()}/0").get_job("x")
+        SyncState(sync_client(f"redis://127.0.0.1:{free_port()}/0")).get_job("x")

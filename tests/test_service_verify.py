@@ -7,16 +7,11 @@ import time
 
 import pytest
 
-from service.verify import (
-    Unverified,
-    check_bearer,
-    check_github_signature,
-    check_standard_webhook,
-    check_token,
-    github_signature,
-)
+from service.hooks.github import check_github_signature, github_signature
+from service.hooks.verify import check_bearer, check_standard_webhook, check_token
 from tests.harness.service import standard_webhook_headers
-from worker.policy import Secret
+from worker.errors import Unverified
+from worker.settings.model import Secret
 
 GITHUB_VECTOR_SECRET = Secret("It's a Secret to Everybody")
 GITHUB_VECTOR_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"

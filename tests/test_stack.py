@@ -27,7 +27,7 @@ from tests.harness import stack as s
 from tests.harness.compose import ComposeStack, json_log_lines, remove_project
 from tests.harness.docker import docker_engine
 from tests.harness.images import ImageBuilder, PushedImage, random_layer
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 pytestmark = pytest.mark.docker
 

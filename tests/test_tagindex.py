@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import redisdb
+from worker.engine.evidence import Sighting
+from worker.engine.model import Digest, Hold
 from worker.errors import StateError
-from worker.evidence import Sighting
-from worker.model import Digest, Hold
-from worker.tagindex import TagIndex
+from worker.store.tagindex import TagIndex
 
 pytestmark = pytest.mark.anyio
 

@@ -23,15 +23,16 @@ import redis
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
-from worker import jobs, tasks
-from worker import mediatypes as mt
-from worker.celery_app import make_celery
-from worker.config import load_config
-from worker.context import WorkerContext
+from worker.engine.prune import Pruner
+from worker.errors import RepositoryBusy
 from worker.identity import ProcessIdentity
-from worker.policy import Config
-from worker.prunelock import PruneLock
-from worker.pruner import Pruner
+from worker.queue import jobs, tasks
+from worker.queue.celery_app import make_celery
+from worker.queue.context import WorkerContext
+from worker.registry import mediatypes as mt
+from worker.settings.load import load_config
+from worker.settings.model import Config
+from worker.store.locks import PruneLock
 
 POLICY = {
     "name": "jobs",
@@ -116,9 +117,9 @@ async def test_held_lock_makes_prune_busy_at_once_and_nothing_is_deleted(
     repository = f"w/{repo_name}"
     drop = images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    other = PruneLock(ctx.redis, jobs.keys(ctx).lock(repository))
+    other = PruneLock(ctx.redis, jobs.keys(ctx).prune_lock(repository))
     assert await other.acquire()
-    with pytest.raises(jobs.RepositoryBusy):
+    with pytest.raises(RepositoryBusy):
         await jobs.prune_repository(ctx, jobs.PruneJob(repository, "busy"))
     assert status(images, repository, drop.digest) == 200
     await other.release()
@@ -136,14 +137,14 @@ async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_tt
     repository = f"w/{repo_name}"
     drop = images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    key = jobs.keys(ctx).lock(repository)
+    key = jobs.keys(ctx).prune_lock(repository)
     gone = subprocess.Popen(["sleep", "30"])
     dead = ProcessIdentity.of(gone.pid)
     gone.kill()
     gone.wait()
     elsewhere = replace(ProcessIdentity.of(), host="another-host")
     await ctx.redis.set(key, json.dumps({"owner": asdict(elsewhere), "nonce": "x"}), px=30_000)
-    with pytest.raises(jobs.RepositoryBusy):
+    with pytest.raises(RepositoryBusy):
         await jobs.prune_repository(ctx, jobs.PruneJob(repository, "elsewhere"))
     await ctx.redis.set(key, json.dumps({"owner": asdict(dead), "nonce": "y"}), px=30_000)
     summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "after-death"))
@@ -156,7 +157,7 @@ async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_tt
 async def test_prune_lock_is_renewed_while_held_and_loss_is_noticed(ctx: WorkerContext) -> None:
     """A 2 s lock renewed every 0.2 s outlives 5 s of work; taken away, the renewal
     notices and says so."""
-    key = f"{jobs.keys(ctx).prefix}lock:prune:renewal-test"
+    key = jobs.keys(ctx).prune_lock("renewal-test")
     lock = PruneLock(ctx.redis, key, ttl=timedelta(seconds=2), renew_every=timedelta(seconds=0.2))
     assert await lock.acquire()
     async with lock.held():
@@ -183,7 +184,7 @@ async def test_concurrent_prunes_of_one_repository_never_overlap(
         jobs.prune_repository(ctx, jobs.PruneJob(repository, "b", incremental=False)),
         return_exceptions=True,
     )
-    busy = [o for o in outcomes if isinstance(o, jobs.RepositoryBusy)]
+    busy = [o for o in outcomes if isinstance(o, RepositoryBusy)]
     done = [o for o in outcomes if isinstance(o, dict)]
     assert len(busy) == 1 and len(done) == 1
     assert done[0]["plan"]["tags_removed"] == 1

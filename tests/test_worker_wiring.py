@@ -21,16 +21,18 @@ import redis
 import redis.asyncio as aioredis
 
 from regsweep.cli import main, split_celery_args
-from service.app import RedisListSink, create_app
-from service.celery_sink import CelerySink
+from service.app import create_app
+from service.publish import CelerySink
 from tests.harness import service as h
 from tests.harness import stack as s
 from tests.harness.registry import free_port
-from worker.celery_app import job_message
+from tests.harness.sinks import RedisListSink
+from worker.engine.events import CiEvent, RegistryEvent
 from worker.errors import StateError
-from worker.events import CiEvent, RegistryEvent
-from worker.metrics import MetricKeys, WorkerMetrics, bucket_of
-from worker.policy import Config, HookSettings, RegistrySettings, Secret
+from worker.queue.messages import job_message
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.keys import Keys
+from worker.store.metrics import WorkerMetrics, bucket_of
 
 
 @pytest.fixture
@@ -185,7 +187,7 @@ def test_service_metrics_show_worker_counters(broker: redis.Redis) -> None:
 
     anyio.run(flush)
     assert not metrics.pending and bucket_of(30.0) == "+Inf"
-    gc_key = MetricKeys().gc
+    gc_key = Keys().metrics_gc
     broker.hset(gc_key, mapping={"runs": 2, "blobs_deleted": 7, "last_readonly_seconds": 1.5})
     cfg = Config(
         registry=RegistrySettings(url="http://127.0.0.1:1"),

@@ -15,7 +15,13 @@
     ├── RestoreError                 a restore cannot be done as asked
     │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
     │   └── RestoreConflict          a tag to put back now points at another digest
+    ├── PruneWaits                   a prune that must run later, not fail
+    │   ├── Deferred                 a maintenance window runs: after its end
+    │   └── RepositoryBusy           another prune holds the repository: retried shortly
+    ├── BadEvent                     a webhook payload or job request that cannot be used (4xx)
+    ├── Unverified                   a delivery failed authentication (401)
     └── ControllerError              switching the registry or running GC failed
+        └── GcLockLost               the GC lock expired under a running GC: the GC is stopped
 
 Third-party exceptions (httpx, redis, docker) are wrapped where their client is
 called, so callers only ever catch these.
@@ -93,5 +99,30 @@ class RestoreConflict(RestoreError):
     """A tag to restore now points at another digest (``--force`` moves it back)."""
 
 
+class PruneWaits(RegsweepError):
+    """A prune that must run later instead of now; never a failure."""
+
+
+class Deferred(PruneWaits):
+    """The registry is (about to be) read-only: the prune waits for the window's end."""
+
+
+class RepositoryBusy(PruneWaits):
+    """Another prune holds the repository; the task retries shortly."""
+
+
+class BadEvent(RegsweepError):
+    """A webhook payload that cannot be used; the message says which field is wrong."""
+
+
+class Unverified(RegsweepError):
+    """A delivery failed authentication; the message is safe to send back."""
+
+
 class ControllerError(RegsweepError):
     """Switching the registry read-only / read-write or running GC failed."""
+
+
+class GcLockLost(ControllerError):
+    """The GC lock expired under a running GC (another process may think it crashed): the
+    GC is stopped before a recovery switches the registry read-write under it."""

@@ -2,7 +2,7 @@
 
 One small formatter instead of a dependency: a log line is one JSON object
 with time, level, logger and message (plus the exception, when there is one).
-Secrets never reach a record: :class:`~worker.policy.Secret` renders as stars
+Secrets never reach a record: :class:`~worker.settings.model.Secret` renders as stars
 and the Redis URL stays out of the Config's repr.
 
 An exception nothing caught is one record too. Celery replaces ``sys.stderr``

@@ -61,12 +61,12 @@ def commands_in(markdown: str) -> Iterator[tuple[int, str]]:
             continue
         if language not in SHELL_BLOCKS:
             continue
-        text: str | None = line
+        text = line
         if not pending:
-            text = _command_start(line, console=language == "console")
-            if text is None:
+            opened = _command_start(line, console=language == "console")
+            if opened is None:
                 continue
-            start = number
+            text, start = opened, number
         pending.append(text.rstrip())
         if not pending[-1].endswith("\\"):
             yield start, "\n".join(pending)

@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from worker import mediatypes as mt
+from worker.registry import mediatypes as mt
 
 Format = Literal["oci", "docker"]
 CosignKind = Literal["sig", "att", "sbom"]

@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import shlex
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,29 +28,25 @@ import yaml
 from tests.harness import redisdb
 from tests.harness.images import ImageBuilder, PushedImage, PushedIndex, random_layer
 from tests.harness.registry import REGISTRY_BINARY, RegistryProcess, set_pushed
-from worker import jobs
-from worker.audit import JsonlAuditLog
-from worker.context import WorkerContext
-from worker.history import LocalHistory
+from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
+from worker.engine.prune import Pruner
 from worker.maintenance.controllers import LineCallback, RegistryController
 from worker.maintenance.gc import GcResult
 from worker.maintenance.job import Maintenance, Timing
-from worker.maintenance.lock import MaintenanceKeys
 from worker.maintenance.probe import RegistryProbe
-from worker.policy import (
+from worker.queue import jobs
+from worker.queue.context import WorkerContext
+from worker.registry.client import RegistryClient
+from worker.settings.model import (
     Config,
-    KeepRule,
     MaintenanceSettings,
-    Mode,
-    Policy,
     ProcessControllerSettings,
     RegistrySettings,
-    RepositoryPattern,
-    TagPattern,
 )
-from worker.pruner import Pruner
-from worker.registry.client import RegistryClient
-from worker.state import SyncState
+from worker.store.audit import JsonlAuditLog
+from worker.store.history import LocalHistory
+from worker.store.keys import Keys
+from worker.store.state import SyncState
 
 REDIS_URL = redisdb.url(10)
 LAYER_SIZE = 128 * 1024
@@ -228,8 +225,8 @@ class RedisSpace:
     prefix: str = field(default_factory=lambda: f"rstest-gc:{uuid.uuid4().hex[:8]}:")
 
     @property
-    def keys(self) -> MaintenanceKeys:
-        return MaintenanceKeys(self.prefix)
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
 
     @property
     def state(self) -> SyncState:
@@ -287,10 +284,17 @@ class DuringGc:
         return self.inner.is_readonly()
 
     def run_gc(
-        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+        self,
+        *,
+        dry_run: bool,
+        delete_untagged: bool,
+        on_line: LineCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> GcResult:
         self.hook()
-        return self.inner.run_gc(dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line)
+        return self.inner.run_gc(
+            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line, stop=stop
+        )
 
     def storage_bytes(self) -> int | None:
         return self.inner.storage_bytes()
@@ -413,7 +417,7 @@ def prune(config: Config, repositories: list[str]) -> None:
 
 
 def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a worker's prune task does with these task kwargs; ``jobs.Deferred`` propagates."""
+    """What a worker's prune task does with these task kwargs; ``Deferred`` propagates."""
 
     async def go() -> dict[str, Any]:
         ctx = await WorkerContext.open(config, prefix=prefix)
@@ -432,7 +436,7 @@ def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[st
 
 
 def worker_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
-    """What the prune task does with ``jobs.Deferred``: park the prune."""
+    """What the prune task does with ``Deferred``: park the prune."""
 
     async def go() -> None:
         ctx = await WorkerContext.open(config, prefix=prefix)

@@ -225,13 +225,17 @@ class FaultyProxy:
         self._listener = listener
         self._spawn(self._accept, listener)
 
-    def refuse(self) -> None:
-        """Stop listening and close every open connection: connects are refused."""
+    def stop_accepting(self) -> None:
+        """Stop listening: new connects are refused, open connections carry on."""
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
             listener.close()
+
+    def refuse(self) -> None:
+        """Stop listening and close every open connection: connects are refused."""
+        self.stop_accepting()
         with self._lock:
             sockets = list(self._open)
         for sock in sockets:

@@ -31,7 +31,7 @@ from service.app import UVICORN_OPTIONS, listening_sockets
 from service.protocol import RequestLimits, bounded_protocol
 from tests.harness import redisdb
 from tests.harness.registry import free_port
-from worker.policy import HookSettings
+from worker.settings.model import HookSettings
 
 REDIS_TEST_URL = redisdb.url(13)
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

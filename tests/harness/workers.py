@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -29,7 +29,7 @@ from tests.harness import service as h
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from worker.prunelock import holder_of
+from worker.store.locks import holder_of
 
 REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 REPOSITORY = "death/app"
@@ -75,7 +75,7 @@ class Rig:
         return done.stdout.split()[0]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        raw = self.redis.hgetall(f"regsweep:job:{job_id}")
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(f"regsweep:job:{job_id}"))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def tags(self, repository: str = REPOSITORY) -> list[str]:

@@ -20,12 +20,15 @@ from typing import Final
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from worker.celery_app import GC_QUEUE, TASK_GC, make_celery
 from worker.errors import ConfigError, StateError
-from worker.maintenance.job import GcRequest, open_maintenance, run_gc
-from worker.maintenance.lock import GcLock, MaintenanceKeys
-from worker.policy import Config
-from worker.state import SyncState, sync_client
+from worker.maintenance.job import GcRequest, GcStatus, open_maintenance, run_gc
+from worker.maintenance.lock import GcLock
+from worker.queue.celery_app import make_celery
+from worker.queue.names import GC_QUEUE, TASK_GC
+from worker.settings.model import Config
+from worker.store.keys import Keys
+from worker.store.redis import sync_client
+from worker.store.state import SyncState
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -60,13 +63,13 @@ def gc_command(
         out(line)
     if outcome.report.deferred_released is None and not dry_run:
         out("prunes deferred during the window: released by the workers' next tick")
-    return EXIT_OK if outcome.status == "done" else EXIT_FAILED
+    return EXIT_OK if outcome.status is GcStatus.DONE else EXIT_FAILED
 
 
 def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer) -> int:
     client = sync_client(url)
     try:
-        holder = GcLock(client, MaintenanceKeys()).holder()
+        holder = GcLock(client, Keys()).holder()
         if holder is not None:
             err(f"regsweep: a GC is already running: job {holder.job_id}")
             out(holder.job_id)

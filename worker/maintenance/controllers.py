@@ -37,6 +37,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -48,9 +49,9 @@ import yaml
 from docker.models.containers import Container
 from docker.utils.socket import frames_iter
 
-from worker.errors import ControllerError
+from worker.errors import ControllerError, GcLockLost
 from worker.maintenance.gc import GcOutputParser, GcResult, gc_flags, parse_registry_version
-from worker.policy import (
+from worker.settings.model import (
     ControllerSettings,
     DockerControllerSettings,
     ProcessControllerSettings,
@@ -88,9 +89,15 @@ class RegistryController(Protocol):
         """Whether the registry is (or may still be) in read-only mode."""
 
     def run_gc(
-        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+        self,
+        *,
+        dry_run: bool,
+        delete_untagged: bool,
+        on_line: LineCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> GcResult:
-        """Run ``registry garbage-collect``, passing each output line to ``on_line``."""
+        """Run ``registry garbage-collect``, passing each output line to ``on_line``;
+        stopped (:class:`GcLockLost`) once ``stop`` is set."""
 
     def storage_bytes(self) -> int | None:
         """Bytes the registry's storage takes now; ``None`` when it cannot be measured."""
@@ -153,7 +160,12 @@ class ProcessController:
         return self._readonly
 
     def run_gc(
-        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+        self,
+        *,
+        dry_run: bool,
+        delete_untagged: bool,
+        on_line: LineCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> GcResult:
         flags = gc_flags(dry_run=dry_run, delete_untagged=delete_untagged)
         # cobra takes flags after the config path too, so they can be appended.
@@ -163,7 +175,7 @@ class ProcessController:
         proc = _spawn_shell("gc_command", command, merge_stderr=True)
         assert proc.stdout is not None  # stdout=PIPE
         try:
-            _stream_lines(_chunks(proc.stdout), _gc_sink(parser, on_line))
+            _stream_lines(_chunks(proc.stdout), _gc_sink(parser, on_line, stop))
             exit_code = proc.wait()
         except BaseException:
             # Interrupted (a Celery time limit, say): a GC left sweeping after the switch
@@ -280,10 +292,17 @@ def _stream_lines(chunks: Iterable[bytes], sink: LineCallback) -> None:
         sink(pending.rstrip("\r"))
 
 
-def _gc_sink(parser: GcOutputParser, on_line: LineCallback | None) -> LineCallback:
-    """Feed each line to the parser, then to the caller's listener."""
+def _gc_sink(
+    parser: GcOutputParser, on_line: LineCallback | None, stop: threading.Event | None
+) -> LineCallback:
+    """Feed each line to the parser, then to the caller's listener; raise :class:`GcLockLost`
+    at the first line after ``stop`` is set (the run then kills or abandons the GC)."""
 
     def sink(line: str) -> None:
+        if stop is not None and stop.is_set():
+            raise GcLockLost(
+                "the GC job lost its lock (a recovery may switch the registry back); GC stopped"
+            )
         parser.feed(line)
         if on_line is None:
             return
@@ -351,7 +370,12 @@ class DockerController:
         return _env_readonly(_env(self.container().attrs))
 
     def run_gc(
-        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+        self,
+        *,
+        dry_run: bool,
+        delete_untagged: bool,
+        on_line: LineCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> GcResult:
         command = [
             self._binary,
@@ -361,7 +385,7 @@ class DockerController:
         ]
         parser = GcOutputParser()
         started = time.monotonic()
-        exit_code = self._exec(self.container(), command, _gc_sink(parser, on_line))
+        exit_code = self._exec(self.container(), command, _gc_sink(parser, on_line, stop))
         return parser.result(
             exit_code=exit_code, dry_run=dry_run, duration_s=time.monotonic() - started
         )

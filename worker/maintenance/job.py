@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal
+from enum import StrEnum
+from typing import Any, Final
 
 import redis
 from redis.exceptions import RedisError
 
+from worker.backoff import backoff
 from worker.errors import ConfigError, ControllerError, RegsweepError, StateError
 from worker.identity import ProcessIdentity
 from worker.maintenance.controllers import (
@@ -45,13 +48,14 @@ from worker.maintenance.lock import (
     EXTEND_EVERY,
     LOCK_TTL,
     GcLock,
-    MaintenanceKeys,
 )
 from worker.maintenance.probe import RegistryProbe
 from worker.maintenance.report import GcReport, MaintenanceMetrics
 from worker.maintenance.window import WINDOW_TRIGGER, may_start
-from worker.policy import Config, MaintenanceSettings, ProcessControllerSettings
-from worker.state import JobState, SyncState, sync_client
+from worker.settings.model import Config, MaintenanceSettings, ProcessControllerSettings
+from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.redis import sync_client, text, wrapped
+from worker.store.state import JobState, SyncState
 
 log = logging.getLogger("regsweep.gc")
 
@@ -60,7 +64,14 @@ SESSION_MARKER: Final = "regsweep-gc-session"
 #: Registry major version from which ``--delete-untagged`` keeps index children (#3178).
 SAFE_DELETE_UNTAGGED_MAJOR: Final = 3
 
-Status = Literal["done", "failed", "busy", "skipped"]
+
+class GcStatus(StrEnum):
+    """How a GC request ended (``busy``: another GC runs, or this window's was started)."""
+
+    DONE = "done"
+    FAILED = "failed"
+    BUSY = "busy"
+    SKIPPED = "skipped"
 
 
 def _utcnow() -> datetime:
@@ -90,7 +101,7 @@ class Maintenance:
     controller: RegistryController
     probe: RegistryProbe
     settings: MaintenanceSettings
-    keys: MaintenanceKeys = field(default_factory=MaintenanceKeys)
+    keys: Keys = field(default_factory=Keys)
     #: Enqueues the prunes parked during the window; ``None``: the workers' tick does it.
     release_deferred: Callable[[], int] | None = None
     timing: Timing = field(default_factory=Timing)
@@ -111,7 +122,7 @@ def open_maintenance(
     config: Config,
     *,
     release_deferred: Callable[[], int] | None = None,
-    prefix: str = "regsweep:",
+    prefix: str = DEFAULT_PREFIX,
 ) -> Iterator[Maintenance]:
     """The production :class:`Maintenance` for ``config``, closed afterwards."""
     if config.redis_url is None:
@@ -120,7 +131,7 @@ def open_maintenance(
             "and the maintenance flag that pauses pruning"
         )
     client = sync_client(config.redis_url)
-    keys = MaintenanceKeys(prefix)
+    keys = Keys(prefix)
     probe = RegistryProbe.from_settings(config.registry)
     try:
         yield Maintenance(
@@ -184,10 +195,15 @@ class SessionTrackedController:
         return self._plain.is_readonly()
 
     def run_gc(
-        self, *, dry_run: bool, delete_untagged: bool, on_line: LineCallback | None = None
+        self,
+        *,
+        dry_run: bool,
+        delete_untagged: bool,
+        on_line: LineCallback | None = None,
+        stop: threading.Event | None = None,
     ) -> GcResult:
         return self._marked.run_gc(
-            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line
+            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line, stop=stop
         )
 
     def storage_bytes(self) -> int | None:
@@ -212,36 +228,30 @@ class GcRequest:
 class GcOutcome:
     """How a request ended. ``busy``: ``job_id`` is the GC already running (or started)."""
 
-    status: Status
+    status: GcStatus
     job_id: str
     reason: str = ""
     report: GcReport | None = None
-
-
-class GcLockLost(BaseException):
-    """The GC lock expired under a running GC: stop it before a recovery switches read-write.
-
-    A BaseException, so the controller's output-listener guard (which keeps a GC
-    running through a listener's ordinary errors) lets it through and kills the GC.
-    """
 
 
 def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
     """One GC, if the window rules and the cluster-wide lock allow it now."""
     decision = may_start(m.settings, request.trigger, m.clock())
     if not decision.allowed:
-        return _not_run(m, request, "skipped", request.job_id, decision.reason)
+        return _not_run(m, request, GcStatus.SKIPPED, request.job_id, decision.reason)
     lock = m.lock()
     if request.trigger == WINDOW_TRIGGER and decision.window is not None:
         claimer = lock.claim_window(decision.window.key, request.job_id)
         if claimer is not None:
-            return _not_run(m, request, "busy", claimer, "this window's GC was already started")
+            return _not_run(
+                m, request, GcStatus.BUSY, claimer, "this window's GC was already started"
+            )
     holder = lock.acquire(request.job_id)
     if holder is not None:
-        return _not_run(m, request, "busy", holder.job_id, "a GC is already running")
+        return _not_run(m, request, GcStatus.BUSY, holder.job_id, "a GC is already running")
     with lock.held():
         report = _run_locked(m, request, decision.deadline, lock)
-    status: Status = "done" if report.ok else "failed"
+    status = GcStatus.DONE if report.ok else GcStatus.FAILED
     state = JobState.SUCCEEDED if report.ok else JobState.FAILED
     _update(m, request.job_id, state=state.value, **report.job_fields())
     m.metrics.job_state(state.value)
@@ -251,11 +261,11 @@ def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
 
 
 def _not_run(
-    m: Maintenance, request: GcRequest, status: Status, job_id: str, reason: str
+    m: Maintenance, request: GcRequest, status: GcStatus, job_id: str, reason: str
 ) -> GcOutcome:
     log.info("GC job %s not run: %s (job %s)", request.job_id, reason, job_id)
     fields: dict[str, Any] = {"reason": reason}
-    if status == "busy":
+    if status is GcStatus.BUSY:
         fields["running_job_id"] = job_id
     _update(m, request.job_id, state=JobState.SKIPPED.value, **fields)
     m.metrics.job_state(JobState.SKIPPED.value)
@@ -276,12 +286,15 @@ def _run_locked(
         listener = GcListener(m, request.job_id, lock)
         if request.dry_run:
             report.gc = m.controller.run_gc(
-                dry_run=True, delete_untagged=report.delete_untagged, on_line=listener
+                dry_run=True,
+                delete_untagged=report.delete_untagged,
+                on_line=listener,
+                stop=listener.stop,
             )
         else:
             _window(m, report, listener)
-    except (RegsweepError, GcLockLost) as exc:
-        # GcLockLost has stopped the GC and the finally blocks have switched back by now.
+    except RegsweepError as exc:
+        # GcLockLost stopped the GC; the finally blocks have switched back by now.
         log.error("GC job %s: %s", request.job_id, exc)
         report.errors.append(str(exc))
     if report.gc is not None and not report.gc.ok:
@@ -309,7 +322,10 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
         m.controller.set_readonly(True)
         report.writes_while_readonly = m.probe.wait_readonly(m.timing.switch_timeout).value
         report.gc = m.controller.run_gc(
-            dry_run=False, delete_untagged=report.delete_untagged, on_line=listener
+            dry_run=False,
+            delete_untagged=report.delete_untagged,
+            on_line=listener,
+            stop=listener.stop,
         )
     finally:
         writes = switch_back(m, report.warnings)
@@ -327,7 +343,6 @@ def switch_back(m: Maintenance, failures: list[str]) -> str | None:
     ``finally`` blocks, and a failure here is the one thing that must not stay
     quiet (error log, metric, job field).
     """
-    delay = m.timing.switch_back_backoff
     attempts = m.timing.switch_back_attempts
     for attempt in range(1, attempts + 1):
         try:
@@ -339,8 +354,7 @@ def switch_back(m: Maintenance, failures: list[str]) -> str | None:
             )
             failures.append(f"switch back to read-write, attempt {attempt}: {exc}")
         if attempt < attempts:
-            m.sleep(delay)
-            delay *= 2
+            m.sleep(backoff(attempt, base=m.timing.switch_back_backoff))
     log.error(
         "ALERT: the registry is left read-only after %d attempts; the recovery check "
         "keeps trying, pruning stays paused",
@@ -354,18 +368,14 @@ def switch_back(m: Maintenance, failures: list[str]) -> str | None:
 
 
 def set_flag(m: Maintenance, job_id: str) -> None:
-    try:
-        m.redis.set(m.keys.flag, job_id)
-    except RedisError as exc:
-        raise StateError(f"cannot set the maintenance flag: {exc}") from exc
+    with wrapped("cannot set the maintenance flag"):
+        m.redis.set(m.keys.maintenance_flag, job_id)
 
 
-def maintenance_flag(client: redis.Redis, keys: MaintenanceKeys) -> str | None:
+def maintenance_flag(client: redis.Redis, keys: Keys) -> str | None:
     """The job id of the window in progress (or crashed), ``None`` when pruning runs freely."""
-    try:
-        raw = client.get(keys.flag)
-    except RedisError as exc:
-        raise StateError(f"cannot read the maintenance flag: {exc}") from exc
+    with wrapped("cannot read the maintenance flag"):
+        raw = client.get(keys.maintenance_flag)
     if raw is None:
         return None
     return raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -374,7 +384,7 @@ def maintenance_flag(client: redis.Redis, keys: MaintenanceKeys) -> str | None:
 def end_pause(m: Maintenance) -> int | None:
     """Clear the flag and let the parked prunes go; how many were released (None: by tick)."""
     try:
-        m.redis.delete(m.keys.flag, m.keys.gc_session)
+        m.redis.delete(m.keys.maintenance_flag, m.keys.gc_session)
     except RedisError as exc:
         # The recovery check finds the flag without a lock owner and clears it.
         log.error("cannot clear the maintenance flag: %s", exc)
@@ -397,10 +407,8 @@ def wait_for_prunes(m: Maintenance) -> list[str]:
     prefix = m.keys.prune_locks.removesuffix("*")
     deadline = time.monotonic() + m.timing.prune_drain
     while True:
-        try:
-            held = [_text(k) for k in m.redis.scan_iter(match=m.keys.prune_locks, count=1000)]
-        except RedisError as exc:
-            raise StateError(f"cannot list the prune locks: {exc}") from exc
+        with wrapped("cannot list the prune locks"):
+            held = [text(k) for k in m.redis.scan_iter(match=m.keys.prune_locks, count=1000)]
         if not held or time.monotonic() >= deadline:
             if held:
                 log.warning("%d prunes still running after %gs", len(held), m.timing.prune_drain)
@@ -461,27 +469,22 @@ def _update(m: Maintenance, job_id: str, **fields: Any) -> None:
         log.error("cannot record GC job %s: %s", job_id, exc)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 # --------------------------------------------------------------------------- GC output
 
 
 class GcListener:
-    """Sees every GC output line: stops a GC whose lock is lost, records its session,
-    logs at debug and puts the progress on the job now and then."""
+    """Sees every GC output line: records its session, logs at debug and puts the progress
+    on the job now and then. ``stop`` is the lock's ``lost`` event: the controller stops
+    the GC (:class:`~worker.errors.GcLockLost`) at the first line after it is set."""
 
     def __init__(self, m: Maintenance, job_id: str, lock: GcLock) -> None:
         self._m = m
         self._job_id = job_id
-        self._lock = lock
+        self.stop = lock.lost
         self.lines = 0
         self._last_progress = time.monotonic()
 
     def __call__(self, line: str) -> None:
-        if self._lock.lost.is_set():
-            raise GcLockLost(f"GC job {self._job_id} lost its lock; stopping the GC")
         if line.startswith(SESSION_MARKER):
             self._record_session(line)
             return
@@ -499,7 +502,7 @@ class GcListener:
             record_session(self._m.redis, self._m.keys, int(pid))
 
 
-def record_session(client: redis.Redis, keys: MaintenanceKeys, pid: int) -> None:
+def record_session(client: redis.Redis, keys: Keys, pid: int) -> None:
     """Name the session of the GC or switch command now running, for a recovery to kill."""
     try:
         client.set(keys.gc_session, json.dumps(asdict(ProcessIdentity.of(pid))))

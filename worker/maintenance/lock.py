@@ -33,9 +33,9 @@ import redis
 from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
-from worker.errors import StateError
 from worker.identity import ProcessIdentity, group_alive, start_time
-from worker.jobs import Keys
+from worker.store.keys import Keys
+from worker.store.redis import wrapped
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +52,6 @@ _DELETE_IF_VALUE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-@dataclass(frozen=True)
-class MaintenanceKeys:
-    """The keys the maintenance window uses; flag, deferred and prune locks are jobs.Keys'."""
-
-    prefix: str = "regsweep:"
-
-    @property
-    def jobs(self) -> Keys:
-        return Keys(self.prefix)
-
-    @property
-    def flag(self) -> str:
-        return self.jobs.maintenance
-
-    @property
-    def deferred(self) -> str:
-        return self.jobs.deferred
-
-    @property
-    def prune_locks(self) -> str:
-        return self.jobs.lock_pattern
-
-    @property
-    def gc_lock(self) -> str:
-        return f"{self.prefix}lock:gc"
-
-    @property
-    def gc_session(self) -> str:
-        return f"{self.prefix}gc:session"
-
-    @property
-    def metrics(self) -> str:
-        return f"{self.prefix}metrics:gc"
-
-    def window(self, key: str) -> str:
-        return f"{self.prefix}gc:window:{key}"
 
 
 def kill_session(identity: ProcessIdentity) -> bool:
@@ -148,7 +110,7 @@ class GcLock:
     def __init__(
         self,
         client: redis.Redis,
-        keys: MaintenanceKeys,
+        keys: Keys,
         *,
         ttl: timedelta = LOCK_TTL,
         extend_every: timedelta = EXTEND_EVERY,
@@ -166,30 +128,24 @@ class GcLock:
     def acquire(self, job_id: str) -> LockHolder | None:
         """Take the lock for ``job_id``; ``None`` on success, else who holds it."""
         holder = LockHolder(job_id, ProcessIdentity.of(), uuid.uuid4().hex)
-        try:
+        with wrapped("cannot take the GC lock"):
             if self._lock.acquire(blocking=False, token=holder.token()):
                 return None
-        except RedisError as exc:
-            raise StateError(f"cannot take the GC lock: {exc}") from exc
         return self.holder() or LockHolder(UNKNOWN_JOB, ProcessIdentity(host="", pid=0))
 
     def holder(self) -> LockHolder | None:
         """Who holds the lock now; ``None`` when nobody does."""
-        try:
+        with wrapped("cannot read the GC lock"):
             raw = self._client.get(self._keys.gc_lock)
-        except RedisError as exc:
-            raise StateError(f"cannot read the GC lock: {exc}") from exc
         return None if raw is None else LockHolder.parse(raw)
 
     def break_if_dead(self, holder: LockHolder) -> bool:
         """Delete the lock if ``holder`` (still) holds it and is provably dead."""
         if holder.owner.is_alive():
             return False
-        try:
+        with wrapped("cannot break the GC lock"):
             value = holder.raw or holder.token()
             deleted = self._client.eval(_DELETE_IF_VALUE, 1, self._keys.gc_lock, value)
-        except RedisError as exc:
-            raise StateError(f"cannot break the GC lock: {exc}") from exc
         if deleted:
             log.warning("broke the GC lock of job %s: its process is gone", holder.job_id)
         return bool(deleted)
@@ -229,11 +185,9 @@ class GcLock:
 
     def claim_window(self, window_key: str, job_id: str) -> str | None:
         """Claim the GC of one window occurrence; ``None`` when claimed, else the claimer's job."""
-        key = self._keys.window(window_key)
-        try:
+        key = self._keys.gc_window(window_key)
+        with wrapped("cannot claim the window's GC"):
             if self._client.set(key, job_id, nx=True, ex=WINDOW_CLAIM_TTL):
                 return None
             raw = self._client.get(key)
-        except RedisError as exc:
-            raise StateError(f"cannot claim the window's GC: {exc}") from exc
         return raw.decode() if isinstance(raw, bytes) else str(raw or UNKNOWN_JOB)

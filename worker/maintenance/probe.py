@@ -21,9 +21,9 @@ from typing import Final
 import httpx
 
 from worker.errors import ControllerError
-from worker.policy import RegistrySettings
 from worker.registry.auth import RegistryAuth
 from worker.registry.client import ssl_context
+from worker.settings.model import RegistrySettings
 
 #: The write probe's repository; an upload is started and cancelled, nothing is stored.
 PROBE_REPOSITORY: Final = "regsweep/write-probe"

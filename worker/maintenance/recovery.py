@@ -28,13 +28,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from redis.exceptions import RedisError
-
 from worker.errors import StateError
 from worker.identity import ProcessIdentity
 from worker.maintenance.job import Maintenance, end_pause, maintenance_flag, switch_back
 from worker.maintenance.lock import kill_session
-from worker.state import JobState
+from worker.store.redis import wrapped
+from worker.store.state import JobState
 
 log = logging.getLogger("regsweep.gc")
 
@@ -97,10 +96,8 @@ def _recover_locked(m: Maintenance) -> Recovery | None:
 
 def _orphan_gc(m: Maintenance) -> ProcessIdentity | None:
     """The crashed GC's process group, as the GC recorded it (process controller only)."""
-    try:
+    with wrapped("cannot read the GC session"):
         raw = m.redis.get(m.keys.gc_session)
-    except RedisError as exc:
-        raise StateError(f"cannot read the GC session: {exc}") from exc
     if raw is None:
         return None
     try:

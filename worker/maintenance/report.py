@@ -2,7 +2,7 @@
 
 The report goes on the job record (``GET /api/v1/jobs/{id}``) and is what
 ``regsweep gc`` prints. Counters go to Redis hashes next to the other worker
-metrics (:mod:`worker.metrics`): ``metrics:jobs`` gets the GC job's state
+metrics (:mod:`worker.store.metrics`): ``metrics:jobs`` gets the GC job's state
 changes in its format, ``metrics:gc`` holds GC totals and alerts.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -18,8 +18,8 @@ import redis
 from redis.exceptions import RedisError
 
 from worker.maintenance.gc import GcResult
-from worker.maintenance.lock import MaintenanceKeys
 from worker.maintenance.window import overran
+from worker.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,16 @@ def _maybe(value: object) -> str:
 class MaintenanceMetrics:
     """Best-effort counters in Redis; a metric never fails a window."""
 
-    def __init__(self, client: redis.Redis, keys: MaintenanceKeys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._client = client
         self._keys = keys
 
     def job_state(self, state: str) -> None:
-        # Same hash and field format as worker.metrics.WorkerMetrics.job.
-        self._write(lambda p: p.hincrby(f"{self._keys.prefix}metrics:jobs", _field(state), 1))
+        # Same hash and field format as worker.store.metrics.WorkerMetrics.job.
+        self._write(lambda p: p.hincrby(self._keys.metrics_jobs, _field(state), 1))
 
     def window(self, report: GcReport) -> None:
-        key = self._keys.metrics
+        key = self._keys.metrics_gc
         gc = report.gc
 
         def write(pipe: Any) -> None:
@@ -188,7 +188,7 @@ class MaintenanceMetrics:
 
     def alert(self, name: str) -> None:
         """``switch_back_failures``, ``recoveries``: counted, and logged by the caller."""
-        self._write(lambda p: p.hincrby(self._keys.metrics, name, 1))
+        self._write(lambda p: p.hincrby(self._keys.metrics_gc, name, 1))
 
     def _write(self, fill: Any) -> None:
         try:
@@ -201,10 +201,3 @@ class MaintenanceMetrics:
 
 def _field(state: str) -> str:
     return json.dumps([JOB_KIND, state])
-
-
-def result_dict(result: GcResult) -> dict[str, Any]:
-    """A GcResult as JSON-able data (tests and the bench print it)."""
-    data = asdict(result)
-    data["lines_tail"] = list(result.lines_tail)
-    return data

@@ -25,15 +25,17 @@ from typing import Any, Final
 from celery import shared_task
 from celery.signals import worker_init, worker_ready
 
-from worker import jobs
-from worker import tasks as worker_tasks
-from worker.celery_app import TASK_GC, TASK_MAINTENANCE_CHECK, configured
 from worker.errors import ConfigError, RegsweepError
 from worker.maintenance.job import GcRequest, maintenance_flag, open_maintenance, run_gc
-from worker.maintenance.lock import MaintenanceKeys
 from worker.maintenance.recovery import recover_crashed_window
-from worker.policy import Config
-from worker.state import JobState, sync_client
+from worker.queue import jobs
+from worker.queue import tasks as worker_tasks
+from worker.queue.names import TASK_GC, TASK_MAINTENANCE_CHECK
+from worker.queue.runtime import configured
+from worker.settings.model import Config
+from worker.store.keys import Keys
+from worker.store.redis import sync_client
+from worker.store.state import JobState
 
 log = logging.getLogger("regsweep.gc")
 
@@ -84,7 +86,7 @@ def check(config: Config, *, release: Callable[[], int] | None = None) -> None:
     try:
         client = sync_client(config.redis_url)
         try:
-            pending = maintenance_flag(client, MaintenanceKeys())
+            pending = maintenance_flag(client, Keys())
         finally:
             client.close()
         if pending is None:

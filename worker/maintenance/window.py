@@ -25,7 +25,7 @@ from typing import Final
 
 from croniter import croniter
 
-from worker.policy import MaintenanceSettings
+from worker.settings.model import MaintenanceSettings
 
 WINDOW_TRIGGER: Final = "window"
 #: croniter's get_prev at exactly a fire time returns the one before; a hair later it does not.

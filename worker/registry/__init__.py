@@ -1,23 +1,3 @@
-"""The registry client and its auth flow; see :mod:`worker.registry.client`."""
-
-from worker.registry.auth import RegistryAuth
-from worker.registry.client import (
-    DEFAULT_BACKOFF,
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    ManifestRef,
-    RegistryClient,
-    ResponseHook,
-)
-
-__all__ = [
-    "DEFAULT_BACKOFF",
-    "DEFAULT_PAGE_SIZE",
-    "DEFAULT_RETRIES",
-    "DEFAULT_TIMEOUT",
-    "ManifestRef",
-    "RegistryAuth",
-    "RegistryClient",
-    "ResponseHook",
-]
+"""The registry as regsweep reaches it: its API (:mod:`~worker.registry.client`, with the
+:mod:`~worker.registry.auth` flow), its media types, and, read-only, its storage.
+"""

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
 import re
 import secrets
 import ssl
@@ -43,7 +42,8 @@ from typing import Any, Final, Self
 
 import httpx
 
-from worker import mediatypes as mt
+from worker.backoff import backoff
+from worker.engine.model import Descriptor, Digest, Manifest, parse_manifest
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
@@ -56,15 +56,15 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
 )
-from worker.model import Descriptor, Digest, Manifest, parse_manifest
-from worker.policy import RegistrySettings
+from worker.registry import mediatypes as mt
 from worker.registry.auth import RegistryAuth
+from worker.settings.model import RegistrySettings
 
 log = logging.getLogger(__name__)
 
 #: Attempts per request (the first one included) for connection errors, timeouts and 5xx.
 DEFAULT_RETRIES: Final = 4
-#: Backoff before retry k is ``DEFAULT_BACKOFF * 2**(k-1)`` seconds, plus up to 100 % jitter.
+#: Backoff before retry k is ``DEFAULT_BACKOFF * 2**(k-1)`` seconds, give or take half.
 DEFAULT_BACKOFF: Final = 0.2
 DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
 #: Page size for the catalog and tag lists; 2.8 refuses n above its
@@ -391,7 +391,7 @@ class RegistryClient:
                 template="/v2/{name}/referrers/{digest}",
                 headers={"Accept": mt.OCI_INDEX},
             )
-            index = _json_object(response)
+            index = json_object(response)
             if response.status_code == 404 and not _is_index(index):
                 self.referrers_supported = False
                 return None
@@ -577,7 +577,7 @@ class RegistryClient:
             response = await self._request("GET", url, template=template, params=params)
             if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response):
                 return items
-            body = _json_object(response)
+            body = json_object(response)
             if response.status_code != 200 or body is None:
                 raise error_for(response, f"GET {path}")
             page = body.get(key) or []  # 2.8 answers "tags": null for an emptied repository
@@ -638,8 +638,8 @@ class RegistryClient:
         raise failure or RegistryUnavailable(f"{method} {template}: not attempted")
 
     def _delay(self, attempt: int) -> float:
-        """Backoff before retry ``attempt + 1``: exponential, with up to 100 % jitter."""
-        return float(self._backoff * 2 ** (attempt - 1) * (1 + random.random()))
+        """Before retry ``attempt + 1``: exponential, jittered (many requests retry at once)."""
+        return backoff(attempt, base=self._backoff, jitter=0.5)
 
     async def _send(
         self, request: httpx.Request, template: str, follow_redirects: bool
@@ -688,7 +688,7 @@ def _media_type(response: httpx.Response) -> str:
     return str(response.headers.get("Content-Type", "")).split(";")[0].strip()
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
     try:
         body = response.json()
     except ValueError:

@@ -1,0 +1,1 @@
+"""Each sender's deliveries, verified and parsed: the registry, GitHub, GitLab."""

@@ -1,0 +1,125 @@
+"""The code's layout keeps its promises: the edge loads no engine, no module imports in a
+circle, the keyspace is named in one module, and every module says what it is for."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("regsweep", "service", "worker")
+#: What the HTTP edge must not load: the engine's working parts, task code, Docker.
+EDGE_MUST_NOT_IMPORT = (
+    "worker.engine.executor",
+    "worker.engine.inventory",
+    "worker.engine.planner",
+    "worker.engine.prune",
+    "worker.queue.tasks",
+    "worker.queue.leases",
+    "worker.maintenance",
+    "docker",
+)
+
+
+def modules() -> Iterator[tuple[str, Path]]:
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            yield name, path
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_edge_loads_no_engine_task_code_or_docker() -> None:
+    """``import service.app`` imports neither the executor, inventory, planner or pruner,
+    nor any Celery task module, nor the maintenance code and the Docker SDK."""
+    code = "import sys, service.app; print('\\n'.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert [m for m in loaded if m.startswith(EDGE_MUST_NOT_IMPORT)] == []
+
+
+def test_no_module_level_import_cycle() -> None:
+    """The import graph of regsweep's own modules (at module level) has no cycle."""
+    names = dict(modules())
+    graph = {
+        name: sorted(m for m in module_level_imports(path) if m in names and m != name)
+        for name, path in names.items()
+    }
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for nxt in graph[name]:
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def _strings(path: Path) -> Iterator[str]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+
+
+def test_the_key_prefix_is_named_in_one_module() -> None:
+    """Only worker/store/keys.py writes a Redis key (``regsweep:…``) out: every other module
+    asks it (log messages saying ``regsweep: …`` are no keys)."""
+    key = re.compile(r"^regsweep:(\S|$)")
+    naming = {
+        str(path.relative_to(ROOT))
+        for _, path in modules()
+        if any(key.match(s) for s in _strings(path))
+    }
+    assert naming == {"worker/store/keys.py"}
+
+
+def test_every_module_says_what_it_is_for() -> None:
+    """Each module's docstring opens with a sentence (its first line is not empty)."""
+    silent = [
+        name
+        for name, path in modules()
+        if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
+    ]
+    assert silent == []
+
+
+def test_shipped_code_never_imports_the_tests() -> None:
+    """The packages that are installed import nothing from ``tests`` (which is not installed),
+    not even inside a function."""
+    offenders = []
+    for name, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{name}: {m}" for m in imported if m.split(".")[0] == "tests"]
+    assert offenders == []

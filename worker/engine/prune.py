@@ -1,0 +1,221 @@
+"""Plan and prune repositories: inventory → plan → (executor), for one or many repositories.
+
+This is the one core function the CLI and the Celery tasks call. Dry-run is
+"don't call the executor" (invariant 7). One repository that cannot be read
+(a manifest that is not JSON, a registry 5xx on one tag) is reported with what
+went wrong and left alone; the others are planned and pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Final, NamedTuple
+
+from worker.engine.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCallback, Status
+from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache
+from worker.engine.model import Digest, Inventory
+from worker.engine.plan import Action, Deletion, Plan
+from worker.engine.planner import TagRequest, plan
+from worker.engine.policy import Mode, Policy
+from worker.errors import RegistryError, StateError
+from worker.registry.client import RegistryClient
+from worker.registry.storage import RegistryStorage
+from worker.settings.model import Config
+from worker.store.audit import AuditLog
+from worker.store.history import History
+
+log = logging.getLogger(__name__)
+
+#: Repositories planned at once in a multi-repository run; the registry
+#: concurrency limit still caps requests in flight across all of them.
+REPOSITORY_PARALLELISM: Final = 4
+
+PlannedCallback = Callable[["RepositoryPlan"], None]
+#: (repository, deletion, status) after each deletion of a multi-repository run.
+RepositoryProgress = Callable[[str, Deletion, Status], None]
+
+
+@dataclass(frozen=True)
+class RepositoryPlan:
+    inventory: Inventory
+    plan: Plan
+    policy: Policy
+
+    @property
+    def enforced(self) -> bool:
+        return self.policy.mode is Mode.ENFORCE
+
+
+class Pruned(NamedTuple):
+    """One repository's prune: its plan, and the executor's report when the plan was
+    carried out (``None``: dry-run, asked for or the policy's mode, or nothing to do)."""
+
+    planned: RepositoryPlan
+    report: ExecutionReport | None
+
+
+@dataclass(frozen=True)
+class RepositoryFailure:
+    """A repository that could not be planned (nothing of it was deleted), and why."""
+
+    repository: str
+    error: str
+
+
+class Pruner:
+    def __init__(
+        self,
+        config: Config,
+        client: RegistryClient,
+        *,
+        history: History | None = None,
+        audit: AuditLog,
+        manifest_cache: ManifestCache | None = None,
+        created_cache: CreatedCache | None = None,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._audit = audit
+        self._history = history
+        storage_path = config.registry.storage_path
+        self._inventory = InventoryBuilder(
+            client,
+            history=history,
+            storage=RegistryStorage(storage_path) if storage_path else None,
+            audit=audit,
+            created_cache=created_cache or CreatedCache(),
+            manifest_cache=manifest_cache,
+        )
+
+    async def repositories(self, requested: Sequence[str] = ()) -> list[str]:
+        """The requested repositories, or every catalog entry some policy matches."""
+        names = list(requested) or await self._client.catalog()
+        return [n for n in names if self._config.policy_for(n) is not None]
+
+    async def plan_one(
+        self,
+        repository: str,
+        *,
+        requests: Sequence[TagRequest] = (),
+        now: datetime | None = None,
+        known_tags: Mapping[str, Digest] | None = None,
+    ) -> RepositoryPlan | None:
+        """Plan one repository; ``known_tags`` (from the tag index) skips the tag walk."""
+        policy = self._config.policy_for(repository)
+        if policy is None:
+            return None
+        now = now or datetime.now(UTC)
+        inventory = await self._inventory.take(repository, policy, now=now, known_tags=known_tags)
+        return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
+
+    async def plan_many(
+        self, repositories: Sequence[str]
+    ) -> list[RepositoryPlan | RepositoryFailure]:
+        """Plan several repositories concurrently, a few at a time, in the given order."""
+        gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
+
+        async def one(name: str) -> RepositoryPlan | RepositoryFailure | None:
+            async with gate:
+                return await self._plan_or_failure(name)
+
+        results = await asyncio.gather(*(one(n) for n in repositories))
+        return [r for r in results if r is not None]
+
+    async def _plan_or_failure(self, repository: str) -> RepositoryPlan | RepositoryFailure | None:
+        try:
+            return await self.plan_one(repository)
+        except (RegistryError, StateError) as exc:
+            return RepositoryFailure(repository, str(exc))
+
+    async def execute(
+        self,
+        planned: RepositoryPlan,
+        *,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExecutionReport:
+        """Carry out an enforced plan. Callers decide dry-run by not calling this."""
+        executor = Executor(
+            self._client,
+            self._audit,
+            wave_size=self._config.registry.concurrency * WAVE_FACTOR,
+            on_progress=on_progress,
+        )
+        report = await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
+        if self._history is not None:
+            await _forget(self._history, planned.plan.repository, report)
+        return report
+
+    async def run(
+        self,
+        repository: str,
+        *,
+        job_id: str,
+        dry_run: bool = False,
+        requests: Sequence[TagRequest] = (),
+        known_tags: Mapping[str, Digest] | None = None,
+        on_planned: PlannedCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Pruned | None:
+        """Plan one repository and, unless this is a dry run, carry the plan out: the one
+        place that decides (invariant 7). ``None`` when no policy covers the repository."""
+        planned = await self.plan_one(repository, requests=requests, known_tags=known_tags)
+        if planned is None:
+            return None
+        if on_planned:
+            on_planned(planned)
+        if dry_run or not planned.enforced or planned.plan.is_empty:
+            return Pruned(planned, None)
+        report = await self.execute(planned, job_id=job_id, on_progress=on_progress)
+        return Pruned(planned, report)
+
+    async def prune_many(
+        self,
+        repositories: Sequence[str],
+        *,
+        dry_run: bool,
+        job_id: str,
+        on_planned: PlannedCallback | None = None,
+        on_progress: RepositoryProgress | None = None,
+    ) -> list[Pruned | RepositoryFailure]:
+        """:meth:`run` for several repositories, a few at a time; a repository that cannot be
+        read is a :class:`RepositoryFailure`, and the others go on."""
+        gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
+
+        async def one(name: str) -> Pruned | RepositoryFailure | None:
+            progress = partial(on_progress, name) if on_progress else None
+            async with gate:
+                try:
+                    return await self.run(
+                        name,
+                        job_id=job_id,
+                        dry_run=dry_run,
+                        on_planned=on_planned,
+                        on_progress=progress,
+                    )
+                except (RegistryError, StateError) as exc:
+                    return RepositoryFailure(name, str(exc))
+
+        results = await asyncio.gather(*(one(n) for n in repositories))
+        return [r for r in results if r is not None]
+
+
+async def _forget(history: History, repository: str, report: ExecutionReport) -> None:
+    """Keep the history in step without waiting for the registry's delete notifications
+    (or the next listing): no untagged grace to wait out for what is gone. Best effort: a
+    store that fails here (the one that may just have stopped the run) must not hide the
+    report, and the next listing puts the history right anyway."""
+    gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
+    try:
+        await history.forget(
+            repository,
+            tags=[t for d in gone if d.action is Action.UNTAG for t in d.tags],
+            digests=[d.digest for d in gone if d.action is not Action.UNTAG],
+        )
+    except StateError as exc:
+        log.warning("%s: history not updated after the prune: %s", repository, exc)

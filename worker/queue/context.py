@@ -1,0 +1,55 @@
+"""What a worker process holds for its whole life: clients made once, passed in.
+
+Made at ``worker_process_init`` (or on first use in a solo worker), on the
+process's own event loop (:mod:`worker.queue.runtime`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from worker.engine.inventory import ManifestCache
+from worker.engine.prune import Pruner
+from worker.errors import ConfigError
+from worker.registry.client import RegistryClient
+from worker.settings.model import Config
+from worker.store.audit import RedisAuditLog
+from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.metrics import WorkerMetrics
+from worker.store.redis import redis_options
+from worker.store.state import State
+from worker.store.tagindex import TagIndex
+
+
+@dataclass
+class WorkerContext:
+    config: Config
+    redis: aioredis.Redis
+    client: RegistryClient
+    index: TagIndex
+    audit: RedisAuditLog
+    state: State
+    pruner: Pruner
+    metrics: WorkerMetrics
+
+    @classmethod
+    async def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> WorkerContext:
+        if config.redis_url is None:
+            raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
+        redis = aioredis.Redis.from_url(config.redis_url, **redis_options())
+        metrics = WorkerMetrics(prefix=prefix)
+        client = RegistryClient.from_settings(
+            config.registry, on_response=metrics.registry_response
+        )
+        index = TagIndex(redis, prefix=prefix)
+        audit = RedisAuditLog(redis, keys=Keys(prefix))
+        pruner = Pruner(config, client, history=index, audit=audit, manifest_cache=ManifestCache())
+        state = State(redis, prefix=prefix)
+        return cls(config, redis, client, index, audit, state, pruner, metrics)
+
+    async def aclose(self) -> None:
+        await self.metrics.flush(self.redis)
+        await self.client.aclose()
+        await self.redis.aclose()

@@ -1,0 +1,307 @@
+"""The work behind each Celery task, as plain async functions over a WorkerContext.
+
+Tasks (worker.queue.tasks) only parse arguments, call one of these and map errors.
+Everything here is safe to run twice: the tag index converges, deletes are
+idempotent (404 is success), the per-repository lock has an owner and a TTL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from worker.engine.ci_requests import request_for
+from worker.engine.events import CiEvent, RegistryEvent, RegistryEventKind
+from worker.engine.executor import ExecutionReport, RunOutcome, Status
+from worker.engine.model import Digest
+from worker.engine.plan import Action
+from worker.engine.planner import TagRequest
+from worker.engine.prune import RepositoryPlan
+from worker.errors import Deferred, RepositoryBusy
+from worker.queue.context import WorkerContext
+from worker.registry.mediatypes import INDEX_TYPES
+from worker.store.keys import Keys
+from worker.store.locks import PruneLock
+from worker.store.redis import text, wrapped
+
+T = TypeVar("T")
+
+#: A prune scheduled for the end of an ``untagged`` grace runs this much later,
+#: so the digest is surely due (clocks, rounding).
+GRACE_SLACK: Final = timedelta(seconds=1)
+#: How long a sweep's tally of its per-repository prunes is kept.
+SWEEP_TTL: Final = timedelta(days=7)
+#: A queued prune marks its repository pending until it starts; pushes meanwhile
+#: coalesce into it. Short, because a prune lost with Redis (its mark left behind)
+#: would otherwise swallow the pushes that follow for this long.
+PENDING_TTL: Final = timedelta(seconds=60)
+
+
+# KEYS: tally, done set; ARGV: ttl, child id, then field/amount pairs.
+# Idempotent per child: a redelivered prune does not count twice.
+_CHILD_FINISHED = """
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return -1 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local left = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return left
+"""
+
+
+def keys(ctx: WorkerContext) -> Keys:
+    """The keys of this context's installation."""
+    return ctx.state.keys
+
+
+async def apply_registry_events(ctx: WorkerContext, events: Sequence[RegistryEvent]) -> list[str]:
+    """Apply pushes and deletes to the tag index; the repositories a push may let shrink."""
+    touched: list[str] = []
+    for event in events:
+        kind = event.kind
+        if kind is RegistryEventKind.MANIFEST_PUSH and event.tag and event.digest:
+            await ctx.index.record_push(event.repository, event.tag, event.digest, event.timestamp)
+            touched.append(event.repository)
+        elif kind is RegistryEventKind.MANIFEST_PUSH and event.digest and _is_index(event):
+            # Pushed by digest only (deployed by digest): it protects what it lists.
+            await ctx.index.record_stored_index(event.repository, event.digest, event.timestamp)
+        elif kind in (RegistryEventKind.MANIFEST_DELETE, RegistryEventKind.TAG_DELETE):
+            await ctx.index.record_delete(
+                event.repository, digest=event.digest, tag=event.tag, at=event.timestamp
+            )
+    return [r for r in dict.fromkeys(touched) if ctx.config.policy_for(r) is not None]
+
+
+def _is_index(event: RegistryEvent) -> bool:
+    return event.media_type in INDEX_TYPES
+
+
+async def claim_prune(ctx: WorkerContext, repository: str) -> bool:
+    """True when no prune of ``repository`` is already waiting: coalesces bursts of pushes."""
+    with wrapped("cannot mark a pending prune"):
+        return bool(
+            await ctx.redis.set(keys(ctx).pending(repository), "1", nx=True, px=_ms(PENDING_TTL))
+        )
+
+
+def _ms(delta: timedelta) -> int:
+    return int(delta.total_seconds() * 1000)
+
+
+async def ci_requests(ctx: WorkerContext, event: CiEvent) -> dict[str, TagRequest]:
+    """Repositories (known to the tag index) each policy fed by ``event`` covers."""
+    known = await ctx.index.repositories()
+    out: dict[str, TagRequest] = {}
+    for repository in known:
+        policy = ctx.config.policy_for(repository)
+        request = request_for(policy, event) if policy else None
+        if request is not None:
+            out[repository] = request
+    return out
+
+
+async def next_grace_prune(
+    ctx: WorkerContext, repository: str, horizon: timedelta
+) -> timedelta | None:
+    """When to prune ``repository`` again so an untagged digest goes once its grace ends.
+
+    None when no untagged digest is waiting, when one is already scheduled, or
+    when the grace ends beyond ``horizon`` (the sweep picks those up): a
+    delayed Celery message waits in a worker and must not outlive the broker's
+    visibility timeout.
+    """
+    policy = ctx.config.policy_for(repository)
+    grace = policy.untagged_delete_after if policy else None
+    if grace is None:
+        return None
+    now = datetime.now(UTC)
+    waits = [since + grace - now for since in (await ctx.index.untagged_since(repository)).values()]
+    upcoming = [w for w in waits if timedelta(0) < w <= horizon]
+    if not upcoming:
+        return None
+    delay = min(upcoming) + GRACE_SLACK
+    mark = ctx.redis.set(keys(ctx).scheduled(repository), "1", nx=True, px=_ms(delay))
+    return delay if await _redis(mark, "SET NX scheduled") else None
+
+
+async def maintenance_active(ctx: WorkerContext) -> bool:
+    with wrapped("cannot read the maintenance flag"):
+        return bool(await ctx.redis.exists(keys(ctx).maintenance_flag))
+
+
+async def defer(ctx: WorkerContext, repository: str, params: dict[str, Any]) -> None:
+    """Park a prune until the window ends; released by :func:`release_deferred`."""
+    with wrapped(f"cannot defer the prune of {repository}"):
+        await ctx.redis.hset(keys(ctx).deferred, repository, json.dumps(params))
+
+
+async def release_deferred(ctx: WorkerContext) -> list[dict[str, Any]]:
+    """The parked prunes to enqueue again, once no maintenance window is running."""
+    if await maintenance_active(ctx):
+        return []
+    with wrapped("cannot release deferred prunes"):
+        pipe = ctx.redis.pipeline(transaction=True)
+        pipe.hgetall(keys(ctx).deferred)
+        pipe.delete(keys(ctx).deferred)
+        parked, _ = await pipe.execute()
+    return [json.loads(v) for v in parked.values()]
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    repository: str
+    job_id: str
+    requests: tuple[TagRequest, ...] = ()
+    dry_run: bool = False
+    #: Plan from the tag index (event-driven) rather than walking the live tag list.
+    incremental: bool = True
+
+
+async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+    """Plan and (when enforced) prune one repository under its lock; returns the job summary.
+
+    Never waits for another prune of the repository (:class:`RepositoryBusy`: the task
+    is retried later); a lock whose holder died is taken over (:mod:`worker.store.locks`).
+    """
+    if await maintenance_active(ctx):
+        raise Deferred(f"maintenance window running; {job.repository} waits")
+    lock = PruneLock(ctx.redis, keys(ctx).prune_lock(job.repository))
+    if not await lock.acquire():
+        raise RepositoryBusy(f"another prune holds {job.repository}")
+    async with lock.held():
+        # A push after this point must trigger a new prune, so the pending mark goes now.
+        await _redis(ctx.redis.delete(keys(ctx).pending(job.repository)), "clear pending")
+        return await _prune_locked(ctx, job)
+
+
+async def _redis(awaitable: Awaitable[T], what: str) -> T:
+    with wrapped(f"redis {what} failed"):
+        return await awaitable
+
+
+async def _known_tags(ctx: WorkerContext, job: PruneJob) -> dict[str, Digest] | None:
+    """The index's tags when an incremental plan can trust them, else None (read live).
+
+    Only a repository read live once (a sweep, an API prune, its first push) is
+    planned from the index: tags pushed before regsweep was listening are
+    otherwise unknown to it and would not count toward ``newest``.
+    """
+    if not job.incremental:
+        return None
+    reconciled = await _redis(
+        ctx.redis.sismember(keys(ctx).reconciled, job.repository), "SISMEMBER"
+    )
+    if not reconciled:
+        return None
+    return await ctx.index.tags(job.repository) or None
+
+
+async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+    repository = job.repository
+    known = await _known_tags(ctx, job)
+    pruned = await ctx.pruner.run(
+        repository,
+        job_id=job.job_id,
+        dry_run=job.dry_run,
+        requests=job.requests,
+        known_tags=known,
+    )
+    if pruned is None:
+        return {"repository": repository, "skipped": "no policy matches"}
+    if known is None:  # the inventory recorded its listing in the index
+        await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
+    planned, report = pruned
+    summary = plan_summary(planned) | {"incremental": known is not None}
+    if report is None:
+        return summary | {"executed": False}
+    _count_deletions(ctx, planned.policy.name, report)
+    summary |= report_summary(report)
+    if report.outcome is RunOutcome.DEFERRED:
+        raise Deferred(f"registry went read-only while pruning {repository}")
+    return summary
+
+
+def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:
+    for deletion, status, _ in report.done:
+        if status is Status.DELETED:
+            ctx.metrics.deletion(policy, deletion.reason.rule)
+
+
+def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
+    plan = planned.plan
+    return {
+        "repository": plan.repository,
+        "policy": plan.policy,
+        "mode": planned.policy.mode.value,
+        "plan": {
+            "tags_removed": plan.tags_removed,
+            "tags_kept": plan.tags_kept,
+            "manifests_removed": plan.manifests_removed,
+            "manifests_kept": plan.manifests_kept,
+            "reclaimable_bytes": plan.reclaimable_bytes,
+        },
+    }
+
+
+def report_summary(report: ExecutionReport) -> dict[str, Any]:
+    errors = [f"{d.digest}: {detail}" for d, s, detail in report.done if s.value == "error"]
+    if report.fatal:
+        errors.insert(0, report.fatal)
+    deleted = [d for d, s, _ in report.done if s is Status.DELETED]
+    return {
+        "executed": True,
+        "outcome": report.outcome.value,
+        "counts": report.counts(),
+        "bytes": sum(d.size for d in deleted if d.action is not Action.UNTAG),
+        "errors": errors,
+    }
+
+
+# --- sweeps: one prune per repository, tallied into the sweep's job record ------------
+
+
+async def start_sweep(ctx: WorkerContext, job_id: str, children: Mapping[str, str]) -> None:
+    """Open the tally of a sweep whose prunes (repository -> child job id) are about to run."""
+    tally = keys(ctx).sweep(job_id)
+    pipe = ctx.redis.pipeline(transaction=True)
+    pipe.hset(tally, "remaining", len(children))
+    pipe.expire(tally, SWEEP_TTL)
+    await _redis(pipe.execute(), "open sweep tally")
+
+
+def child_counts(summary: Mapping[str, Any], failed: bool) -> dict[str, int]:
+    """What one repository's prune adds to its sweep's counts."""
+    plan = summary.get("plan", {})
+    counts = {
+        "repositories": 1,
+        "failed": int(failed),
+        "tags_planned": int(plan.get("tags_removed", 0)),
+        "manifests_planned": int(plan.get("manifests_removed", 0)),
+        "bytes": int(summary.get("bytes", 0)),
+    }
+    for status, amount in summary.get("counts", {}).items():
+        counts[status] = int(amount)
+    return counts
+
+
+async def child_finished(
+    ctx: WorkerContext, sweep_id: str, child_id: str, counts: Mapping[str, int]
+) -> dict[str, int] | None:
+    """Add a finished prune to its sweep; the sweep's totals once the last one is in."""
+    k = keys(ctx)
+    script = ctx.redis.register_script(_CHILD_FINISHED)
+    args: list[str | int] = [int(SWEEP_TTL.total_seconds()), child_id]
+    for field, amount in counts.items():
+        args += [field, amount]
+    left = await _redis(
+        script(keys=[k.sweep(sweep_id), k.sweep_done(sweep_id)], args=args), "tally"
+    )
+    if int(left) != 0:
+        return None
+    raw = await _redis(ctx.redis.hgetall(k.sweep(sweep_id)), "HGETALL tally")
+    totals = {text(f): int(v) for f, v in raw.items()}
+    totals.pop("remaining", None)
+    return totals

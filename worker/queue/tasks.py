@@ -1,0 +1,395 @@
+"""Celery tasks: parse arguments, call one function of :mod:`worker.queue.jobs`, map errors.
+
+Retries are for transient registry trouble only (connection errors, 5xx);
+a read-only registry or a running maintenance window parks the prune until
+the window ends (deferred), it never fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+from celery import Task, shared_task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from worker.backoff import backoff
+from worker.engine.ci_requests import request_from_json, request_to_json
+from worker.engine.events import CiEvent, RegistryEvent, excerpt
+from worker.engine.executor import RunOutcome
+from worker.engine.restore import restore
+from worker.errors import (
+    BadEvent,
+    Deferred,
+    RegistryUnavailable,
+    RegsweepError,
+    RepositoryBusy,
+    StateError,
+)
+from worker.queue import jobs
+from worker.queue.context import WorkerContext
+from worker.queue.names import (
+    PRUNE_QUEUE,
+    TASK_CI_EVENT,
+    TASK_PRUNE,
+    TASK_REGISTRY_EVENTS,
+    TASK_RESTORE,
+    TASK_SWEEP,
+    TASK_TICK,
+)
+from worker.queue.runtime import EventLoopThread, configured
+from worker.store.state import JobState
+
+T = TypeVar("T")
+log = logging.getLogger("regsweep.worker")
+
+#: Transient registry errors: attempts, then the job fails with the error.
+MAX_REGISTRY_RETRIES: Final = 5
+RETRY_BASE_SECONDS: Final = 2.0
+BUSY_RETRY_SECONDS: Final = 5.0
+#: How long a task waits in place for Redis (state and broker) to come back.
+STATE_PATIENCE_SECONDS: Final = 120.0
+STATE_RETRY_FIRST_SECONDS: Final = 0.25
+STATE_RETRY_MAX_SECONDS: Final = 8.0
+
+_loop: EventLoopThread | None = None
+_ctx: WorkerContext | None = None
+
+
+def _context() -> tuple[EventLoopThread, WorkerContext]:
+    """This process's loop and clients, made on first use (or at worker_process_init)."""
+    global _loop, _ctx  # noqa: PLW0603 - one per process by design
+    if _loop is None or _ctx is None:
+        _loop = EventLoopThread()
+        _ctx = _loop.run(WorkerContext.open(configured()))
+    return _loop, _ctx
+
+
+def run(make: Any) -> Any:
+    """Run ``make(ctx)`` (a coroutine factory) on this process's loop, then flush metrics."""
+    loop, ctx = _context()
+    return loop.run(_flushed(ctx, make(ctx)))
+
+
+def run_patiently(make: Any, patience: float = STATE_PATIENCE_SECONDS) -> Any:
+    """:func:`run`, retried in place while Redis is unreachable, for up to ``patience`` s.
+
+    A Celery retry would need the broker, which is the same Redis: while it is
+    away the task holds its (unacknowledged) message and waits instead.
+    """
+    deadline = time.monotonic() + patience
+    attempt = 0
+    while True:
+        try:
+            return run(make)
+        except StateError as exc:
+            attempt += 1
+            delay = backoff(attempt, base=STATE_RETRY_FIRST_SECONDS, cap=STATE_RETRY_MAX_SECONDS)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis unavailable (%s); trying again in %.1fs", exc, delay)
+            time.sleep(delay)
+
+
+async def _flushed(ctx: WorkerContext, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    finally:
+        await ctx.metrics.flush(ctx.redis)
+
+
+@worker_process_init.connect
+def _open_clients(**_: Any) -> None:
+    _context()
+
+
+@worker_process_shutdown.connect
+def _close_clients(**_: Any) -> None:
+    global _loop, _ctx  # noqa: PLW0603
+    if _loop is not None and _ctx is not None:
+        _loop.run(_ctx.aclose())
+        _loop.close()
+    _loop = _ctx = None
+
+
+def _backoff(retries: int) -> float:
+    """Before Celery retry ``retries + 1`` of a prune the registry failed: spread out."""
+    return backoff(retries + 1, base=RETRY_BASE_SECONDS, jitter=0.5)
+
+
+def enqueue_prune(repository: str, **kwargs: Any) -> None:
+    prune.apply_async(kwargs={"repository": repository, **kwargs}, queue=PRUNE_QUEUE)
+
+
+@shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)
+def registry_events(events: list[dict[str, Any]]) -> None:
+    parsed = _usable_events(events)
+    try:
+        repositories = run_patiently(lambda ctx: jobs.apply_registry_events(ctx, parsed))
+    except StateError:
+        raise  # Redis stayed away: the message is delivered again
+    except Exception:  # some event of the batch: the others must not go with it
+        log.exception("applying %d registry events failed; applying them one by one", len(parsed))
+        repositories = _apply_one_by_one(parsed)
+    for repository in repositories:
+        if run_patiently(lambda ctx, r=repository: jobs.claim_prune(ctx, r)):
+            enqueue_prune(repository, trigger="push")
+
+
+def _usable_events(events: list[dict[str, Any]]) -> list[RegistryEvent]:
+    """The events of a message that parse; the others dead-lettered (one entry for all).
+
+    The service validated them, but a message may be older than its checks."""
+    parsed: list[RegistryEvent] = []
+    bad: list[str] = []
+    for raw in events:
+        try:
+            parsed.append(RegistryEvent.from_dict(raw))
+        except (BadEvent, ValueError, TypeError, KeyError, OverflowError) as exc:
+            bad.append(f"{str(raw.get('id'))[:100] if isinstance(raw, dict) else '?'}: {exc}")
+    if bad:
+        _dead_letter(f"{len(bad)} queued events unusable: {'; '.join(bad[:5])}", events)
+    return parsed
+
+
+def _apply_one_by_one(events: list[RegistryEvent]) -> list[str]:
+    """Apply each event alone, dead-lettering the ones that fail: one bad event never
+    keeps the others (or its repository's later events) from the tag index."""
+    repositories: list[str] = []
+    for event in events:
+        try:
+            repositories += run_patiently(lambda ctx, e=event: jobs.apply_registry_events(ctx, [e]))
+        except StateError:
+            raise  # Redis stayed away: the message is delivered again
+        except Exception as exc:
+            _dead_letter(f"event {event.id} not applied: {type(exc).__name__}: {exc}", [])
+    return list(dict.fromkeys(repositories))
+
+
+def _dead_letter(reason: str, raw: object) -> None:
+    log.warning("registry events dead-lettered: %s", reason)
+    try:
+        run(lambda ctx: ctx.state.dead_letter("registry", reason[:2000], excerpt(json.dumps(raw))))
+    except StateError as exc:
+        log.error("dead letter not kept: %s", exc)
+
+
+@shared_task(name=TASK_CI_EVENT, acks_late=True)
+def ci_event(event: dict[str, Any]) -> None:
+    parsed = CiEvent.from_dict(event)
+    requests = run_patiently(lambda ctx: jobs.ci_requests(ctx, parsed))
+    for repository, request in requests.items():
+        enqueue_prune(repository, requests=[request_to_json(request)], trigger=parsed.kind)
+    log.info("ci event %s %s: %d repositories", parsed.source, parsed.kind, len(requests))
+
+
+@shared_task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
+def prune(
+    self: Task[Any, Any],
+    repository: str,
+    *,
+    job_id: str | None = None,
+    requests: list[dict[str, Any]] | None = None,
+    dry_run: bool = False,
+    incremental: bool = True,
+    trigger: str = "api",
+    parent: str | None = None,
+) -> None:
+    params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
+    if job_id is None:
+        # One record per task, however often it is delivered: a redelivery resumes it.
+        own = _job_id_of(self)
+        job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params, job_id=own))
+    job = jobs.PruneJob(
+        repository,
+        job_id,
+        tuple(request_from_json(r) for r in requests or ()),
+        dry_run,
+        incremental,
+    )
+    _start(job_id)
+    try:
+        summary = run_patiently(lambda ctx: jobs.prune_repository(ctx, job))
+    except Deferred as exc:
+        again = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
+        run(lambda ctx: jobs.defer(ctx, repository, again | {"parent": parent}))
+        _update(job_id, JobState.DEFERRED, errors=[str(exc)])
+        return
+    except RepositoryBusy as exc:
+        # Waits in the broker, not in a worker slot; the prune holding it may take long.
+        _update(job_id, JobState.QUEUED, waiting=str(exc))
+        raise self.retry(countdown=BUSY_RETRY_SECONDS, exc=exc) from exc
+    except RegistryUnavailable as exc:
+        summary = _retry_or_fail(self, job_id, exc)
+    except RegsweepError as exc:
+        summary = {"errors": [str(exc)], "outcome": RunOutcome.FAILED.value}
+    except Exception as exc:  # a bug: the job (and its sweep) must still end
+        log.exception("prune of %s failed", repository)
+        summary = {"errors": [_internal(exc)], "outcome": RunOutcome.FAILED.value}
+    _finish(job_id, summary, parent)
+    if not dry_run and summary.get("mode") == "enforce":
+        _schedule_grace_prune(repository)
+
+
+def _schedule_grace_prune(repository: str) -> None:
+    """Come back when the next untagged digest's grace ends (instead of the next sweep)."""
+    horizon = configured().maintenance.window_duration  # within the visibility timeout
+    try:
+        delay = run(lambda ctx: jobs.next_grace_prune(ctx, repository, horizon))
+    except StateError:
+        log.warning("cannot schedule the grace prune of %s; the sweep will", repository)
+        return
+    if delay is not None:
+        prune.apply_async(
+            kwargs={"repository": repository, "trigger": "untagged grace"},
+            queue=PRUNE_QUEUE,
+            countdown=delay.total_seconds(),
+        )
+
+
+def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
+    """Record a prune's end, and its sweep's end when it was the last one of it."""
+    failed = summary.get("outcome") == RunOutcome.FAILED
+    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **summary)
+    if parent is None:
+        return
+    counts = jobs.child_counts(summary, failed)
+    totals = run(lambda ctx: jobs.child_finished(ctx, parent, job_id, counts))
+    if totals is not None:
+        state = JobState.FAILED if totals.get("failed") else JobState.SUCCEEDED
+        _update(parent, state, kind="sweep", counts=totals, bytes=totals.get("bytes", 0))
+
+
+def _job_id_of(task: Task[Any, Any]) -> str | None:
+    """The job id a task without one keeps across deliveries: its task id's hex."""
+    try:
+        return uuid.UUID(str(task.request.id)).hex
+    except ValueError:
+        return None
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"[:500]
+
+
+def _start(job_id: str, kind: str = "prune") -> None:
+    """Mark a job running; when it already was, an earlier attempt died mid-way: say so."""
+
+    async def start(ctx: WorkerContext) -> None:
+        ctx.metrics.job(kind, JobState.RUNNING.value)
+        if await ctx.state.start_job(job_id) != JobState.RUNNING.value:
+            return
+        job = await ctx.state.get_job(job_id) or {}
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        note = f"{when}: an earlier attempt did not finish (its worker died); resumed"
+        await ctx.state.update_job(job_id, interruptions=[*job.get("interruptions", []), note])
+
+    try:
+        run(start)
+    except StateError:
+        log.exception("cannot record job %s as running", job_id)
+
+
+def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> dict[str, Any]:
+    """Retry later (raises); after the last attempt, the failed job's summary."""
+    if task.request.retries >= MAX_REGISTRY_RETRIES:
+        return {"errors": [str(exc)], "outcome": RunOutcome.FAILED.value}
+    _update(job_id, JobState.QUEUED, errors=[f"retrying: {exc}"])
+    raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
+
+
+def _update(job_id: str, state: JobState, kind: str = "prune", **fields: Any) -> None:
+    def record(ctx: WorkerContext) -> Coroutine[Any, Any, bool]:
+        ctx.metrics.job(kind, state.value)
+        return ctx.state.update_job(job_id, state=state.value, **fields)
+
+    try:
+        run(record)
+    except StateError:
+        log.exception("cannot record job %s as %s", job_id, state.value)
+
+
+@shared_task(name=TASK_SWEEP, acks_late=True)
+def sweep(job_id: str | None = None, repository: str | None = None, dry_run: bool = False) -> None:
+    """Reconcile every policy-covered repository with the live registry: one prune each."""
+    if job_id is None:
+        job_id = run(lambda ctx: ctx.state.create_job("sweep", {"trigger": "beat"}))
+    _update(job_id, JobState.RUNNING, kind="sweep")
+    try:
+        names = run(lambda ctx: ctx.pruner.repositories([repository] if repository else []))
+        children = run(lambda ctx: _child_jobs(ctx, job_id, names, dry_run))
+    except RegsweepError as exc:
+        _update(job_id, JobState.FAILED, kind="sweep", errors=[str(exc)])
+        return
+    except Exception as exc:  # a bug: the job must still end
+        log.exception("sweep %s failed", job_id)
+        _update(job_id, JobState.FAILED, kind="sweep", errors=[_internal(exc)])
+        return
+    if not children:
+        _update(job_id, JobState.SUCCEEDED, kind="sweep", repositories=[], counts={})
+        return
+    _update(job_id, JobState.RUNNING, kind="sweep", repositories=names, children=children)
+    for name, child in children.items():
+        enqueue_prune(
+            name,
+            job_id=child,
+            incremental=False,
+            dry_run=dry_run,
+            trigger=f"sweep {job_id}",
+            parent=job_id,
+        )
+
+
+async def _child_jobs(
+    ctx: WorkerContext, sweep_id: str, names: list[str], dry_run: bool
+) -> dict[str, str]:
+    """A job record per repository of a sweep (repository -> job id), and the sweep's tally."""
+    children: dict[str, str] = {}
+    for name in names:
+        params = {"repository": name, "dry_run": dry_run, "parent": sweep_id}
+        children[name] = await ctx.state.create_job("prune", params)
+    if children:
+        await jobs.start_sweep(ctx, sweep_id, children)
+    return children
+
+
+@shared_task(name=TASK_RESTORE, acks_late=True)
+def restore_task(job_id: str, repository: str, digest: str) -> None:
+    _update(job_id, JobState.RUNNING, kind="restore")
+    try:
+        restored = run(
+            lambda ctx: restore(
+                ctx.client,
+                ctx.audit,
+                ctx.index,
+                repository,
+                digest,
+                hold_for=ctx.config.restore_hold,
+            )
+        )
+    except RegsweepError as exc:
+        _update(job_id, JobState.FAILED, kind="restore", errors=[str(exc)])
+        return
+    except Exception as exc:  # a bug: the job must still end
+        log.exception("restore job %s failed", job_id)
+        _update(job_id, JobState.FAILED, kind="restore", errors=[_internal(exc)])
+        return
+    items = [
+        {"digest": r.digest, "tags": list(r.tags), "action": r.action, "pushed": r.pushed}
+        for r in restored
+    ]
+    _update(
+        job_id, JobState.SUCCEEDED, kind="restore", restored=items, counts={"restored": len(items)}
+    )
+
+
+@shared_task(name=TASK_TICK, acks_late=True)
+def tick() -> None:
+    """Periodic: release prunes parked during a window that has ended."""
+    for kwargs in run(jobs.release_deferred):
+        enqueue_prune(**kwargs)

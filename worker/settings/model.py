@@ -1,0 +1,142 @@
+"""The settings of one installation as frozen value objects: registry, hooks, maintenance.
+
+Everything here is built once, by :mod:`worker.settings.load` when the process
+starts, and every default is a named constant. Nothing here reads the
+environment or the file system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Final, Literal
+
+from worker.engine.policy import Policy
+
+DEFAULT_CONCURRENCY: Final = 8
+DEFAULT_AUDIT_PATH: Final = "regsweep-audit.jsonl"
+DEFAULT_SWEEP_EVERY: Final = timedelta(hours=6)
+DEFAULT_WINDOW_DURATION: Final = timedelta(hours=2)
+#: A GC does not start when less than this much of the window is left.
+DEFAULT_WINDOW_MARGIN: Final = timedelta(minutes=10)
+DEFAULT_BODY_LIMIT: Final = 1024 * 1024
+DEFAULT_HEAD_LIMIT: Final = 64 * 1024
+DEFAULT_HEAD_TIMEOUT: Final = timedelta(seconds=10)
+DEFAULT_BODY_TIMEOUT: Final = timedelta(seconds=30)
+DEFAULT_MAX_CONNECTIONS: Final = 512
+DEFAULT_CONFIG_PATH: Final = "/etc/docker/registry/config.yml"
+#: How long ``restore`` holds what it put back (every plan keeps a held tag).
+DEFAULT_RESTORE_HOLD: Final = timedelta(days=7)
+
+
+class Secret:
+    """A secret value that never shows itself in a repr, a log line or a response."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    url: str
+    username: str | None = None
+    password: Secret | None = None
+    ca_file: str | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    #: The filesystem driver's rootdirectory, read-only: exact push times, stored manifests.
+    storage_path: str | None = None
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """Resolved hook secrets; a hook whose secret is ``None`` is disabled (404)."""
+
+    registry_token: Secret | None = None
+    github_secret: Secret | None = None
+    gitlab_token: Secret | None = None
+    gitlab_signing_key: Secret | None = None
+    api_token: Secret | None = None
+    body_limit: int = DEFAULT_BODY_LIMIT
+    #: Request line and headers, in bytes (431 beyond).
+    head_limit: int = DEFAULT_HEAD_LIMIT
+    #: To receive the head (from the connection or the head's first byte), then the body (408).
+    head_timeout: timedelta = DEFAULT_HEAD_TIMEOUT
+    body_timeout: timedelta = DEFAULT_BODY_TIMEOUT
+    #: Open connections; one more is answered 503 and closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: ``/metrics`` wants ``Authorization: Bearer`` with it when set.
+    metrics_token: Secret | None = None
+    #: ``host:port`` to serve ``/metrics`` on instead of the hooks' address.
+    metrics_listen: str | None = None
+    #: ``hooks.*_env`` keys the file sets whose variable is not set (their hook is off).
+    unset: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DockerControllerSettings:
+    kind: Literal["docker"] = "docker"
+    container: str = "registry"
+    config_path: str = DEFAULT_CONFIG_PATH
+
+
+@dataclass(frozen=True)
+class ProcessControllerSettings:
+    readonly_command: str
+    readwrite_command: str
+    gc_command: str
+    storage_path: str | None = None
+    kind: Literal["process"] = "process"
+
+
+ControllerSettings = DockerControllerSettings | ProcessControllerSettings
+
+
+@dataclass(frozen=True)
+class MaintenanceSettings:
+    window_cron: str | None = None
+    window_duration: timedelta = DEFAULT_WINDOW_DURATION
+    window_margin: timedelta = DEFAULT_WINDOW_MARGIN
+    #: ``auto``: pass --delete-untagged only to registry >= 3.0 (2.8's is unsafe).
+    gc_delete_untagged: Literal["auto", "always", "never"] = "auto"
+    controller: ControllerSettings | None = None
+    #: Registry major.minor when the controller cannot tell, e.g. "2.8" or "3.0".
+    registry_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated policy file plus what the environment added."""
+
+    registry: RegistrySettings
+    policies: tuple[Policy, ...] = ()
+    #: ``None``: no Redis configured; the CLI then keeps its audit log in ``audit_path``.
+    #: Out of the repr: ``redis://:password@host`` is a common way to write it.
+    redis_url: str | None = field(default=None, repr=False)
+    sweep_every: timedelta = DEFAULT_SWEEP_EVERY
+    hooks: HookSettings = field(default_factory=HookSettings)
+    maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
+    #: The audit log (and, beside it, the CLI's state file) when no Redis is configured:
+    #: an absolute path, by default next to the policy file.
+    audit_path: str | None = None
+    restore_hold: timedelta = DEFAULT_RESTORE_HOLD
+    source: str = "<memory>"
+
+    def policy_for(self, repository: str) -> Policy | None:
+        """The first policy matching ``repository``; unmatched repositories are never touched."""
+        return next((p for p in self.policies if p.matches_repository(repository)), None)

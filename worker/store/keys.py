@@ -1,0 +1,172 @@
+"""Every Redis key regsweep uses, and only here: the keyspace of one installation.
+
+All keys start with one prefix (``regsweep:`` by default), so several installations,
+or tests, can share a Redis without touching each other. Per area:
+
+=====================  ==================================================================
+deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``deadletter``
+prunes                 ``lock:prune:<repo>``, ``pending:prune:<repo>``,
+                       ``scheduled:prune:<repo>``, ``deferred``, ``reconciled``,
+                       ``sweep:<job>``, ``sweep:<job>:done``
+maintenance window     ``maintenance`` (the flag), ``lock:gc``, ``gc:session``,
+                       ``gc:window:<start>``
+tag index (history)    ``idx:<repo>:tags|pushed|untagged|seen|listed|stored``, ``idx:repos``,
+                       ``hold:<repo>``, ``holds``
+audit                  ``audit`` (the stream), ``audit:digests:<repo>``, ``audit:job:<job>``,
+                       ``audit:job:<job>:outcomes``, ``audit:deleted:<repo>``
+metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:registry_latency``,
+                       ``metrics:gc``
+worker leases          ``leases``, ``worker:<id>``
+=====================  ==================================================================
+
+The Celery broker's own keys (the queues ``events``, ``prune``, ``gc`` and kombu's
+``unacked*``) are kombu's, on the broker's database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_PREFIX: Final = "regsweep:"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one installation (one prefix)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    # --- deliveries, jobs -------------------------------------------------------------
+
+    def delivery(self, source: str, delivery_id: str) -> str:
+        return f"{self.prefix}dedup:{source}:{delivery_id}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}deadletter"
+
+    @property
+    def events_queue(self) -> str:
+        """A plain list of event messages (the test sink's; production publishes to Celery)."""
+        return f"{self.prefix}queue:events"
+
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}queue:jobs"
+
+    # --- prunes -----------------------------------------------------------------------
+
+    def prune_lock(self, repository: str) -> str:
+        return f"{self.prefix}lock:prune:{repository}"
+
+    @property
+    def prune_locks(self) -> str:
+        """A SCAN pattern over every repository's prune lock."""
+        return f"{self.prefix}lock:prune:*"
+
+    def pending(self, repository: str) -> str:
+        return f"{self.prefix}pending:prune:{repository}"
+
+    def scheduled(self, repository: str) -> str:
+        return f"{self.prefix}scheduled:prune:{repository}"
+
+    @property
+    def deferred(self) -> str:
+        return f"{self.prefix}deferred"
+
+    @property
+    def reconciled(self) -> str:
+        """Repositories whose index was read from the live registry at least once."""
+        return f"{self.prefix}reconciled"
+
+    def sweep(self, job_id: str) -> str:
+        return f"{self.prefix}sweep:{job_id}"
+
+    def sweep_done(self, job_id: str) -> str:
+        return f"{self.prefix}sweep:{job_id}:done"
+
+    # --- the maintenance window -------------------------------------------------------
+
+    @property
+    def maintenance_flag(self) -> str:
+        """Set (to the GC job's id) while a window runs: prunes defer themselves."""
+        return f"{self.prefix}maintenance"
+
+    @property
+    def gc_lock(self) -> str:
+        return f"{self.prefix}lock:gc"
+
+    @property
+    def gc_session(self) -> str:
+        return f"{self.prefix}gc:session"
+
+    def gc_window(self, start: str) -> str:
+        return f"{self.prefix}gc:window:{start}"
+
+    # --- the tag index ----------------------------------------------------------------
+
+    def index(self, repository: str, part: str) -> str:
+        """``tags``, ``pushed``, ``untagged``, ``seen`` (sightings), ``listed`` (the last
+        listing's start), ``stored`` (indexes pushed by digest only)."""
+        return f"{self.prefix}idx:{repository}:{part}"
+
+    @property
+    def indexed_repositories(self) -> str:
+        return f"{self.prefix}idx:repos"
+
+    def hold(self, repository: str) -> str:
+        return f"{self.prefix}hold:{repository}"
+
+    @property
+    def held_repositories(self) -> str:
+        return f"{self.prefix}holds"
+
+    # --- the audit --------------------------------------------------------------------
+
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}audit"
+
+    def audit_digests(self, repository: str) -> str:
+        return f"{self.audit}:digests:{repository}"
+
+    def audit_job(self, job_id: str) -> str:
+        return f"{self.audit}:job:{job_id}"
+
+    def audit_outcomes(self, job_id: str) -> str:
+        return f"{self.audit}:job:{job_id}:outcomes"
+
+    def audit_deleted(self, repository: str) -> str:
+        return f"{self.audit}:deleted:{repository}"
+
+    # --- metrics ----------------------------------------------------------------------
+
+    @property
+    def metrics_deletions(self) -> str:
+        return f"{self.prefix}metrics:deletions"
+
+    @property
+    def metrics_jobs(self) -> str:
+        return f"{self.prefix}metrics:jobs"
+
+    @property
+    def metrics_registry_latency(self) -> str:
+        return f"{self.prefix}metrics:registry_latency"
+
+    @property
+    def metrics_gc(self) -> str:
+        """GC totals and alerts (:mod:`worker.maintenance.report`)."""
+        return f"{self.prefix}metrics:gc"
+
+    # --- worker leases ----------------------------------------------------------------
+
+    @property
+    def leases(self) -> str:
+        return f"{self.prefix}leases"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"

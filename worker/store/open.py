@@ -1,0 +1,54 @@
+"""The installation's history and audit, wherever the config says they are.
+
+With ``redis.url`` set, both live in Redis: the tag index (push times,
+sightings, holds) and the audit stream the service and workers write, so the
+CLI decides from, and records into, the same ones. Without it, the CLI keeps
+both in files: the JSONL audit at ``audit.path`` (by default beside the policy
+file) and its state directory next to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from worker.settings.model import DEFAULT_AUDIT_PATH, Config
+from worker.store.audit import AuditLog, JsonlAuditLog, RedisAuditLog
+from worker.store.history import STATE_DIRECTORY, History, LocalHistory
+from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.redis import redis_options
+from worker.store.tagindex import TagIndex
+
+
+def audit_file(config: Config) -> Path:
+    """The JSONL audit file of a configuration without Redis."""
+    return Path(config.audit_path or DEFAULT_AUDIT_PATH)
+
+
+def state_directory(config: Config) -> Path:
+    """The CLI's state (history and holds without Redis), beside the audit file."""
+    return audit_file(config).with_name(STATE_DIRECTORY)
+
+
+@dataclass
+class Stores:
+    history: History
+    audit: AuditLog
+    redis: aioredis.Redis | None = None
+
+    @classmethod
+    def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> Stores:
+        if config.redis_url is None:
+            return cls(LocalHistory(state_directory(config)), JsonlAuditLog(audit_file(config)))
+        client = aioredis.Redis.from_url(config.redis_url, **redis_options())
+        return cls(
+            TagIndex(client, prefix=prefix),
+            RedisAuditLog(client, keys=Keys(prefix)),
+            client,
+        )
+
+    async def aclose(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()

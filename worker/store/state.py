@@ -1,0 +1,317 @@
+"""State in Redis: delivery dedup keys, the dead-letter list and job records.
+
+Every key starts with one prefix (default ``regsweep:``) so several
+installations, or tests, can share a Redis without touching each other.
+:class:`State` wraps ``redis.asyncio`` for the service; :class:`SyncState` is
+the same over the blocking client for Celery tasks. Both raise only
+:class:`~worker.errors.StateError`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+import redis
+import redis.asyncio as aioredis
+
+from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.redis import async_client, server_of, text, wrapped
+
+DEDUP_TTL: Final = timedelta(days=7)
+
+
+JOB_TTL: Final = timedelta(days=7)
+
+
+DEAD_LETTER_CAP: Final = 1000
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DEFERRED = "deferred"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    #: Not run: outside the window, too late in it, or another GC already running.
+    SKIPPED = "skipped"
+    #: Its worker died mid-run; the maintenance recovery put the registry back.
+    INTERRUPTED = "interrupted"
+
+
+# KEYS: the job; ARGV: ttl, then field/value pairs. Creates the record unless it exists.
+_CREATE_JOB: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+# KEYS: the job; ARGV: ttl, then field/value pairs. The update_job script that also
+# answers the state the job had before (nil when the job is unknown).
+_START_JOB: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local before = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return before
+"""
+
+
+# Only the bare minimum on a job record is written by the service; workers add
+# counts, bytes, errors and a plan summary through update_job.
+_UPDATE_IF_EXISTS: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+# Which deliveries (PER keys each: a delivery id, and for GitHub also the body's
+# hash) are new: none of their keys is recorded, nor taken by an earlier delivery
+# of the same call. Answers one character per delivery, "1" new, "0" seen (one
+# string, not a list: redis-py parses a RESP array element by element, which cost
+# more than the rest of the call). Reads only, unless values follow: then, when
+# every delivery is new, the values are LPUSHed onto the last key and every key
+# is recorded, in this one atomic step; otherwise nothing is left written. A
+# delivery is never recorded without its message queued, so an answer lost on the
+# way back (503) leaves either both (the retry is a duplicate of something queued)
+# or neither (the retry is new). With values, each key is claimed by one SET NX (a
+# key set here is deleted again when the call does not push), and the list's type
+# is checked first: an LPUSH that fails after the SETs would leave them behind.
+_DELIVER: Final = """
+local per = tonumber(ARGV[3])
+local pushing = #ARGV > 3
+local n = pushing and #KEYS - 1 or #KEYS
+if pushing then
+  local kind = redis.call('TYPE', KEYS[n + 1]).ok
+  if kind ~= 'list' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[n + 1] .. ' is not a list')
+  end
+end
+local flags = {}
+local taken = {}
+local set = {}
+local fresh = 0
+for i = 1, n, per do
+  local new = true
+  for j = i, i + per - 1 do
+    if pushing then
+      if redis.call('SET', KEYS[j], ARGV[2], 'NX', 'EX', ARGV[1]) then
+        set[#set + 1] = KEYS[j]
+      else
+        new = false
+      end
+    else
+      if taken[KEYS[j]] or redis.call('EXISTS', KEYS[j]) == 1 then new = false end
+      taken[KEYS[j]] = true
+    end
+  end
+  if new then fresh = fresh + 1 end
+  flags[#flags + 1] = new and '1' or '0'
+end
+if pushing then
+  if fresh == #flags then
+    redis.call('LPUSH', KEYS[n + 1], unpack(ARGV, 4))
+  elseif #set > 0 then
+    redis.call('DEL', unpack(set))
+  end
+end
+return table.concat(flags)
+"""
+
+
+@dataclass(frozen=True)
+class Push:
+    """Values to LPUSH onto one list of one Redis server (named by :func:`server_of`)."""
+
+    server: str
+    key: str
+    values: tuple[str, ...]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _dead_letter_entry(source: str, reason: str, body_excerpt: str) -> str:
+    return json.dumps({"time": _now(), "source": source, "reason": reason, "body": body_excerpt})
+
+
+def _new_job(
+    kind: str, params: Mapping[str, Any], job_id: str | None = None
+) -> tuple[str, dict[str, str]]:
+    job_id = job_id or uuid.uuid4().hex
+    now = _now()
+    record = {
+        "id": job_id,
+        "kind": kind,
+        "params": dict(params),
+        "state": JobState.QUEUED.value,
+        "created": now,
+        "updated": now,
+        "counts": {},
+        "bytes": 0,
+        "errors": [],
+    }
+    return job_id, _encode_fields(record)
+
+
+def _encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    return {key: json.dumps(value) for key, value in fields.items()}
+
+
+def _decode_job(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    return {text(key): json.loads(value) for key, value in raw.items()}
+
+
+def _update_args(fields: Mapping[str, Any]) -> list[str]:
+    encoded = _encode_fields({**fields, "updated": _now()})
+    flat = [item for pair in encoded.items() for item in pair]
+    return [str(int(JOB_TTL.total_seconds())), *flat]
+
+
+class State:
+    """Dedup keys, dead letters and job records over ``redis.asyncio``."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+        self._create_job = client.register_script(_CREATE_JOB)
+        self._start_job = client.register_script(_START_JOB)
+        self._deliver = client.register_script(_DELIVER)
+        self.server = server_of(client)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> State:
+        return cls(async_client(url), prefix=prefix)
+
+    async def aclose(self) -> None:
+        with wrapped("redis close failed"):
+            await self.client.aclose()
+
+    async def ping(self) -> None:
+        with wrapped("redis PING failed"):
+            await self.client.ping()
+
+    async def new_deliveries(
+        self, keys: Sequence[str], *, per_delivery: int = 1, push: Push | None = None
+    ) -> list[int]:
+        """Positions (0-based) of the deliveries none of whose dedup keys is recorded.
+
+        ``keys`` holds ``per_delivery`` keys (:meth:`StateKeys.delivery`) for each
+        delivery; a key repeated in ``keys`` counts for its first delivery only.
+        With ``push`` (for this state's own server): when every delivery is new,
+        ``push`` is LPUSHed and every key recorded for :data:`DEDUP_TTL`, in one
+        atomic step (the answer then lists every position); otherwise nothing is
+        written and the caller publishes the new ones itself.
+        """
+        if not keys:
+            return []
+        args: list[str | int] = [int(DEDUP_TTL.total_seconds()), _now(), per_delivery]
+        operation = "check deliveries"
+        if push is not None:
+            if push.server != self.server:
+                raise ValueError(f"{push.key} is on {push.server}, not on {self.server}")
+            if not push.values:
+                raise ValueError(f"nothing to push onto {push.key}")
+            keys = [*keys, push.key]
+            args.extend(push.values)
+            operation = "record deliveries and LPUSH"
+        with wrapped(operation):
+            flags = await self._deliver(keys=keys, args=args)
+        if isinstance(flags, bytes):
+            flags = flags.decode()
+        return [position for position, flag in enumerate(flags) if flag == "1"]
+
+    async def record_deliveries(self, keys: Iterable[str]) -> None:
+        """Record deliveries whose messages went to a broker elsewhere (after they did)."""
+        pipe = self.client.pipeline(transaction=True)
+        for key in keys:
+            pipe.set(key, _now(), ex=DEDUP_TTL)
+        with wrapped("redis record deliveries failed"):
+            await pipe.execute()
+
+    async def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
+        """Keep an unusable delivery for a person to look at (newest first, capped)."""
+        entry = _dead_letter_entry(source, reason, body_excerpt)
+        with wrapped("redis LPUSH dead letter failed"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(self.keys.dead_letters, entry)
+            pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTER_CAP - 1)
+            await pipe.execute()
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        with wrapped("redis LRANGE dead letters failed"):
+            raw = await self.client.lrange(self.keys.dead_letters, 0, limit - 1)
+        return [json.loads(item) for item in raw]
+
+    async def create_job(
+        self, kind: str, params: Mapping[str, Any], *, job_id: str | None = None
+    ) -> str:
+        """A new job record; with ``job_id``, the existing one when there is one (a task
+        delivered again keeps the record of its first delivery)."""
+        job_id, fields = _new_job(kind, params, job_id)
+        args = [str(int(JOB_TTL.total_seconds())), *(x for pair in fields.items() for x in pair)]
+        with wrapped("redis create job failed"):
+            await self._create_job(keys=[self.keys.job(job_id)], args=args)
+        return job_id
+
+    async def start_job(self, job_id: str, **fields: Any) -> str | None:
+        """Mark a job running (with ``fields``); the state it had before, None if unknown."""
+        with wrapped("redis start job failed"):
+            before = await self._start_job(
+                keys=[self.keys.job(job_id)],
+                args=_update_args({**fields, "state": JobState.RUNNING.value}),
+            )
+        return None if before is None else str(json.loads(before))
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with wrapped("redis HGETALL job failed"):
+            raw = await self.client.hgetall(self.keys.job(job_id))
+        return _decode_job(raw)
+
+    async def update_job(self, job_id: str, **fields: Any) -> bool:
+        """Set fields of an existing job and renew its TTL; False when the job is unknown."""
+        with wrapped("redis update job failed"):
+            result = await self._update_job(keys=[self.keys.job(job_id)], args=_update_args(fields))
+        return bool(result)
+
+
+class SyncState:
+    """The same state over the blocking client, for Celery tasks."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+
+    def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
+        job_id, fields = _new_job(kind, params)
+        key = self.keys.job(job_id)
+        with wrapped("redis HSET job failed"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, JOB_TTL)
+            pipe.execute()
+        return job_id
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with wrapped("redis HGETALL job failed"):
+            raw = self.client.hgetall(self.keys.job(job_id))
+        return _decode_job(raw)
+
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        with wrapped("redis update job failed"):
+            result = self._update_job(keys=[self.keys.job(job_id)], args=_update_args(fields))
+        return bool(result)
