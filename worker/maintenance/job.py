@@ -308,9 +308,7 @@ def _window(m: Maintenance, report: GcReport, listener: GcListener) -> None:
     set_flag(m, report.job_id)
     try:
         report.prunes_still_running = wait_for_prunes(m)
-        report.bytes_before = _storage_bytes(m)
         _readonly_gc(m, report, listener)
-        report.bytes_after = _storage_bytes(m)
     finally:
         if not report.left_readonly:
             report.deferred_released = end_pause(m)
@@ -321,12 +319,22 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
     try:
         m.controller.set_readonly(True)
         report.writes_while_readonly = m.probe.wait_readonly(m.timing.switch_timeout).value
+        # Both sizes are taken while the registry refuses every write, so GC is the only
+        # thing that changed the storage in between. Measured around the whole window, a
+        # push before the switch or right after the switch back made the difference
+        # negative (reports showed "bytes reclaimed: -24684").
+        report.bytes_before = _storage_bytes(m)
         report.gc = m.controller.run_gc(
             dry_run=False,
             delete_untagged=report.delete_untagged,
             on_line=listener,
             stop=listener.stop,
         )
+        report.bytes_after = _storage_bytes(m)
+        if report.storage_grew:
+            note = "the storage grew while read-only: something besides the registry writes to it"
+            log.warning("GC job %s: %s", report.job_id, note)
+            report.warnings.append(note)
     finally:
         writes = switch_back(m, report.warnings)
         report.readonly_seconds = time.monotonic() - started

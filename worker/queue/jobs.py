@@ -305,3 +305,12 @@ async def child_finished(
     totals = {text(f): int(v) for f, v in raw.items()}
     totals.pop("remaining", None)
     return totals
+
+
+# --- health: the last prune that succeeded ----------------------------------------------
+
+
+async def prune_succeeded(ctx: WorkerContext, job_id: str, repository: str) -> None:
+    """Record the last prune job that succeeded, for ``/healthz`` and its metric."""
+    record = {"time": datetime.now(UTC).isoformat(), "job_id": job_id, "repository": repository}
+    await _redis(ctx.redis.set(keys(ctx).last_prune, json.dumps(record)), "SET last prune")

@@ -255,7 +255,11 @@ def _schedule_grace_prune(repository: str) -> None:
 def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
     """Record a prune's end, and its sweep's end when it was the last one of it."""
     failed = summary.get("outcome") == RunOutcome.FAILED
-    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **summary)
+    # What an earlier attempt left ("retrying: ...", a busy repository) ends with the job:
+    # a prune that succeeded after a retry shows no error.
+    final = {"errors": [], "waiting": None} | summary
+    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **final)
+    _after_finish(job_id, summary, failed)
     if parent is None:
         return
     counts = jobs.child_counts(summary, failed)
@@ -393,3 +397,13 @@ def tick() -> None:
     """Periodic: release prunes parked during a window that has ended."""
     for kwargs in run(jobs.release_deferred):
         enqueue_prune(**kwargs)
+
+
+def _after_finish(job_id: str, summary: dict[str, Any], failed: bool) -> None:
+    """What follows a prune's recorded end: the health record (best effort)."""
+    repository = str(summary.get("repository", ""))
+    if not failed:
+        try:
+            run(lambda ctx: jobs.prune_succeeded(ctx, job_id, repository))
+        except StateError as exc:
+            log.warning("last successful prune not recorded: %s", exc)
