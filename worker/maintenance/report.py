@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -198,6 +199,8 @@ class MaintenanceMetrics:
                 pipe.hincrby(key, "bytes_reclaimed", report.bytes_reclaimed)
             if report.readonly_seconds is not None:
                 pipe.hset(key, "last_readonly_seconds", report.readonly_seconds)
+            if report.ok and not report.dry_run:
+                pipe.hset(key, "last_success_time", time.time())
 
         self._write(write)
 

@@ -16,7 +16,7 @@ audit                  ``audit`` (the stream), ``audit:digests:<repo>``, ``audit
                        ``audit:job:<job>:outcomes``, ``audit:deleted:<repo>``
 metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:registry_latency``,
                        ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
-health, notifications  ``health:last_prune``, ``notify:dead_letters``
+health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
 worker leases          ``leases``, ``worker:<id>``
 =====================  ==================================================================
 
@@ -193,3 +193,7 @@ class Keys:
     def metrics_notifications(self) -> str:
         """Notifications by ``["<target>", "<event>", "<outcome>"]``."""
         return f"{self.prefix}metrics:notifications"
+
+    def notified(self, event: str, subject: str) -> str:
+        """Set once ``event`` about ``subject`` (a job) was told: an alert goes out once."""
+        return f"{self.prefix}notify:{event}:{subject}"
