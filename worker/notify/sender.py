@@ -157,8 +157,16 @@ class TargetSender:
         self._queue.put(None)
 
     def abandon(self) -> None:
-        """Stop retrying; what is still queued is dropped."""
+        """Stop retrying; what is still queued is dropped (and counted) now."""
         self.stop.set()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._end(item[0], DROPPED, "the process closed before it was sent")
+        self._queue.put(None)  # the thread, still in an attempt, ends after it
 
     def _run(self) -> None:
         try:
@@ -191,6 +199,15 @@ class TargetSender:
             if time.monotonic() + wait >= deadline:
                 detail += f"; no time left to retry within {target.give_up_after}"
                 break
+            log.info(
+                "notification %s %s to %s: attempt %d failed (%s); again in %.1fs",
+                note.event,
+                note.id,
+                target.name,
+                attempts,
+                detail,
+                wait,
+            )
             if self.stop.wait(wait):
                 detail += "; the process closed"
                 break
@@ -219,9 +236,12 @@ class Notifier:
         on_outcome: OutcomeCallback | None = None,
         *,
         retry_base: float = RETRY_BASE_SECONDS,
+        queue_limit: int = QUEUE_LIMIT,
     ) -> None:
         count = on_outcome or (lambda *_: None)
-        self._senders = [TargetSender(t, count, retry_base=retry_base) for t in targets]
+        self._senders = [
+            TargetSender(t, count, retry_base=retry_base, queue_limit=queue_limit) for t in targets
+        ]
         self._closed = False
 
     def publish(self, note: Notification | None) -> None:

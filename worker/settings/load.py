@@ -932,13 +932,13 @@ def _notify(top: _Section, environ: Mapping[str, str]) -> NotifySettings:
     unset: list[str] = []
     names: set[str] = set()
     for index, item in enumerate(raw):
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str) and name in names:
+            top.problems.add(f"notify[{index}].name", f"another target is named {name!r}")
+        names.add(str(name))
         target = _notify_target(item, index, top.problems, environ, unset)
-        if target is None:
-            continue
-        if target.name in names:
-            top.problems.add(f"notify[{index}].name", f"another target is named {target.name!r}")
-        names.add(target.name)
-        targets.append(target)
+        if target is not None:
+            targets.append(target)
     return NotifySettings(targets=tuple(targets), unset=tuple(unset))
 
 
