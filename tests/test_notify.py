@@ -478,3 +478,37 @@ def test_a_full_queue_drops_and_close_is_bounded() -> None:
     # One was being sent when the queue filled (three waited behind it): six dropped at once,
     # the three waiting when the close gave up; the one under way ends as it ends.
     assert outcomes.count("dropped") == 9, outcomes
+
+
+def _uncommented_notify(path: Path) -> str:
+    """The commented-out ``notify:`` block of a shipped policy file, uncommented."""
+    lines = path.read_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("# notify:"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:])
+    return "\n".join(block) + "\n"
+
+
+def _documented_notify() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    return text.split("```yaml\nnotify:", 1)[1].split("```", 1)[0].join(("notify:", ""))
+
+
+@pytest.mark.parametrize("source", ["docs", "examples/regsweep.yaml", "deploy/regsweep.yaml"])
+def test_shipped_notify_examples_load_as_written(source: str) -> None:
+    """The notify: examples of the docs and of both shipped policy files (commented out there)
+    load once uncommented, with their URL variables set."""
+    root = Path(__file__).resolve().parent.parent
+    block = _documented_notify() if source == "docs" else _uncommented_notify(root / source)
+    environ = {
+        "REGSWEEP_SLACK_WEBHOOK_URL": "https://hooks.slack.example/services/T/B/x",
+        "REGSWEEP_NOTIFY_WEBHOOK_URL": "https://receiver.example/regsweep",
+    }
+    config = parse_config(BASE + block, source, environ)
+    kinds = {t.kind for t in config.notify.targets}
+    assert kinds == {"slack", "webhook"} and config.notify.unset == ()
+    slack = next(t for t in config.notify.targets if t.kind == "slack")
+    assert "registry.left_read_only" in slack.events

@@ -257,9 +257,12 @@ def _operations_reads(pipe: Any, keys: Keys) -> None:
     pipe.hgetall(keys.metrics_notifications)
     pipe.get(keys.dead_letters_total)
     pipe.get(keys.last_prune)
+    pipe.exists(keys.maintenance_flag)
 
 
-def _operations(notifications: Mapping[Any, Any], dead: Any, last_prune: Any) -> list[Metric]:
+def _operations(
+    notifications: Mapping[Any, Any], dead: Any, last_prune: Any, maintenance: Any
+) -> list[Metric]:
     out = [
         _counter(
             "regsweep_notifications",
@@ -271,6 +274,11 @@ def _operations(notifications: Mapping[Any, Any], dead: Any, last_prune: Any) ->
             "regsweep_dead_letters",
             "Deliveries and queued events dead-lettered (kept for a person to look at).",
             value=float(dead or 0),
+        ),
+        GaugeMetricFamily(
+            "regsweep_maintenance_active",
+            "1 while a maintenance window holds pruning paused (the registry may be read-only).",
+            value=float(bool(maintenance)),
         ),
     ]
     when = _record_time(last_prune)
