@@ -252,6 +252,7 @@ async def _check_config(args: argparse.Namespace, config: Config) -> int:
             problems.append(f"registry.storage_path: {config.registry.storage_path} {storage}")
     # The service starts with these hooks off (404); a check says so and fails.
     problems += [f"{key}: names a variable that is not set" for key in config.hooks.unset]
+    problems += list(config.notify.unset)  # a notification target that would never send
     if problems:
         for problem in problems:
             print(f"{config.source}: {problem}", file=sys.stderr)

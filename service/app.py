@@ -32,6 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import parse_job_request
+from service.health import Health, registry_client
 from service.hooks import verify
 from service.hooks.github import check_github_signature, github_dedup_keys, github_zen, parse_github
 from service.hooks.gitlab import gitlab_delivery_id, parse_gitlab, verify_gitlab
@@ -110,6 +111,8 @@ class Endpoints:
         #: Set by the lifespan when the app makes its own Redis client.
         self.state_store = state
         self._registry_ingest: RegistryIngest | None = None
+        #: Made by the lifespan (it needs the state store and a registry client).
+        self.health: Health | None = None
 
     @property
     def state(self) -> State:
@@ -204,7 +207,10 @@ class Endpoints:
         verify.check_bearer(token, request.headers.get("authorization"))
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"ok": True})
+        # Liveness: 200 while the process serves; the details say what it can reach.
+        if self.health is None:
+            return JSONResponse({"ok": True})
+        return JSONResponse(await self.health.document())
 
     async def readyz(self, request: Request) -> Response:
         try:
@@ -313,9 +319,14 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
             owned = endpoints.state_store = State.from_url(config.redis_url)
         collector = _worker_metrics(metrics, config.redis_url)
         endpoints.scrapes = Scrapes(metrics, collector)
+        registry = registry_client(config.registry)
+        if endpoints.state_store is not None:
+            endpoints.health = Health(endpoints.state_store, registry)
         try:
             yield
         finally:
+            endpoints.health = None
+            await registry.aclose()
             if collector is not None:
                 metrics.registry.unregister(collector)
                 await collector.client.aclose()

@@ -267,7 +267,8 @@ def test_api_prune_and_sweep_jobs_finish_with_counts(
 def test_transient_registry_outage_is_retried(
     stack: s.Stack, images: ImageBuilder, http: httpx.Client
 ) -> None:
-    """A prune that meets a stopped registry is retried, and succeeds once it is back."""
+    """A prune that meets a stopped registry is retried, and succeeds once it is back; the
+    succeeded job shows no error left from its retries."""
     assert stack.registry is not None
     repository = unique("api")
     images.image(repository, "keep-1")
@@ -286,6 +287,7 @@ def test_transient_registry_outage_is_retried(
     job = finished_job(http, job_id, timeout=60)
     assert job["state"] == "succeeded", job
     assert job["plan"]["tags_kept"] == 1
+    assert job["errors"] == [] and job["waiting"] is None, job
 
 
 def test_metrics_include_worker_counters(
@@ -402,3 +404,23 @@ def test_an_index_pushed_by_digest_keeps_what_it_lists(
     s.wait_for(lambda: _quiet(state, repository), timeout=30)
     for part in (deployed.digest, amd.digest, arm.digest):
         assert manifest_status(images, repository, part) == 200, part
+
+
+def test_healthz_shows_the_prune_a_real_worker_finished(
+    stack: s.Stack, images: ImageBuilder, http: httpx.Client
+) -> None:
+    """After a worker's prune job succeeds, /healthz names it as the last successful prune,
+    with Redis and the registry reachable."""
+    repository = unique("api")
+    images.image(repository, "keep-1")
+    job_id = post_job(http, kind="prune", repository=repository)
+    assert finished_job(http, job_id)["state"] == "succeeded"
+
+    def shown() -> dict[str, Any] | None:
+        body: dict[str, Any] = http.get("/healthz").json()
+        last = body["last_successful_prune"] or {}
+        return body if last.get("job_id") == job_id else None
+
+    body = s.wait_for(shown, timeout=10, step=0.2)
+    assert body["last_successful_prune"]["repository"] == repository
+    assert body["redis"]["ok"] is True and body["registry"]["ok"] is True

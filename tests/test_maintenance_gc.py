@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -16,6 +19,7 @@ from regsweep import cli
 from tests.harness.images import ImageBuilder, PushError, random_layer
 from tests.harness.maintenance import (
     FAST,
+    LAYER_SIZE,
     REDIS_URL,
     DuringGc,
     ProcessRegistry,
@@ -374,3 +378,64 @@ def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
         assert job_record(space.state, job_id)["state"] == JobState.FAILED.value
     finally:
         reg.stop()
+
+
+def _blob_sizes(storage: Path) -> dict[str, int]:
+    """Every blob's digest in the registry's storage, with the size of its data file."""
+    blobs = storage / "docker" / "registry" / "v2" / "blobs"
+    return {data.parent.name: data.stat().st_size for data in blobs.glob("*/*/*/data")}
+
+
+def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
+    registry: ProcessRegistry, space: RedisSpace, tmp_path: Path
+) -> None:
+    """A pusher hammers the registry before, during and right after the window (its pushes
+    land up to the switch to read-only and again from the switch back): the report's bytes
+    reclaimed are exactly the sizes of the blobs GC deleted (what the storage held once
+    read-only minus what is left of it), never pushes counted against it."""
+    config = engine_config(registry.url, tmp_path, keep_newest(1), registry.storage)
+    with ImageBuilder.connect(registry.url) as builder:
+        for age in (30, 20, 10):
+            image(builder, "gc/bytes", f"b{age}", age, registry.storage)
+        prune(config, ["gc/bytes"])
+    before: dict[str, int] = {}
+    stop = threading.Event()
+    pushed: list[int] = []
+
+    def hammer() -> None:
+        with ImageBuilder.connect(registry.url) as pusher:
+            while not stop.is_set():
+                try:
+                    pusher.image("gc/hammer", f"h{len(pushed)}", layers=[random_layer(4096)])
+                    pushed.append(1)
+                except (PushError, httpx.TransportError):
+                    continue  # read-only (405) or restarting: try again
+
+    m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+    # What the storage holds once read-only: blobs of pushes cut off by the switch included
+    # (GC rightly sweeps those too).
+    m.controller = DuringGc(m.controller, lambda: before.update(_blob_sizes(registry.storage)))
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(pushed) >= 3, "the first pushes")
+        outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
+        landed = len(pushed)
+        wait_until(lambda: len(pushed) >= landed + 3, "pushes after the window")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    report = outcome.report
+    assert outcome.status == "done" and report is not None, report and report.errors
+    after = _blob_sizes(registry.storage)
+    swept = sum(size for digest, size in before.items() if digest not in after)
+    assert swept > 2 * LAYER_SIZE  # two images' layers, configs and manifests
+    assert report.bytes_reclaimed == swept
+    assert not report.storage_grew and report.warnings == []
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.05)

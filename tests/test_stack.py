@@ -9,10 +9,12 @@ one stack; the last one takes it down and looks for anything left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,20 @@ POLICIES: list[dict[str, Any]] = [
 ]
 
 
+#: Notifications go to a receiver container on the stack's network (test_notifications_...).
+NOTIFY_SECRET = f"T0{uuid.uuid4().hex}"
+NOTIFY_ENV = {"REGSWEEP_NOTIFY_WEBHOOK_URL": f"http://notify-receiver:8080/hook/{NOTIFY_SECRET}"}
+NOTIFY: list[dict[str, Any]] = [
+    {
+        "name": "stack-webhook",
+        "kind": "webhook",
+        "url_env": "REGSWEEP_NOTIFY_WEBHOOK_URL",
+        "events": ["prune.deleted", "gc.finished"],
+        "timeout": "2s",
+    }
+]
+
+
 @pytest.fixture(scope="module")
 def client() -> Iterator[docker.DockerClient]:
     engine = docker_engine()
@@ -68,7 +84,9 @@ def client() -> Iterator[docker.DockerClient]:
 def stack(
     tmp_path_factory: pytest.TempPathFactory, client: docker.DockerClient
 ) -> Iterator[ComposeStack]:
-    made = ComposeStack(tmp_path_factory.mktemp("compose"), POLICIES)
+    made = ComposeStack(
+        tmp_path_factory.mktemp("compose"), POLICIES, notify=NOTIFY, extra_env=NOTIFY_ENV
+    )
     try:
         made.up()
         yield made
@@ -347,6 +365,76 @@ def test_every_log_line_is_one_json_record(
         assert not record["message"].startswith(("Traceback", "  File ")), record
     for secret in s.SECRETS:
         assert secret not in text
+
+
+# A receiver that prints each POST as one JSON line (python3 from the regsweep image).
+RECEIVER = """
+import http.server, json
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        print(json.dumps({"path": self.path, "body": body}), flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Hook).serve_forever()
+"""
+
+
+def received(receiver: Any, event: str) -> list[dict[str, Any]]:
+    lines = receiver.logs(stderr=False).decode().splitlines()
+    posts = [json.loads(line) for line in lines if line.startswith("{")]
+    return [p["body"] for p in posts if p["body"]["event"] == event]
+
+
+def test_notifications_reach_a_receiver_on_the_stack_network(
+    stack: ComposeStack, images: ImageBuilder, http: httpx.Client, client: docker.DockerClient
+) -> None:
+    """With a webhook target in the policy and its URL in .env, the worker tells a receiver
+    container what a push-triggered prune deleted, and the gc-worker what a GC window
+    reclaimed; the URL's secret is in no container's log."""
+    network = f"{stack.project}_default"
+    receiver = client.containers.run(
+        stack.container(client, "worker").image.id,
+        entrypoint=["python3", "-c", RECEIVER],
+        command=[],
+        detach=True,
+        name=f"{stack.project}-notify-receiver",
+        network=network,
+        labels={"regsweep-test": stack.project},
+    )
+    try:
+        client.networks.get(network).disconnect(receiver)
+        client.networks.get(network).connect(receiver, aliases=["notify-receiver"])
+        repository = "e2e/notify"
+        builds = [image(images, repository, "main-1")]
+        read_live(http, repository)
+        builds += [image(images, repository, f"main-{n}") for n in (2, 3)]
+        wait_gone(images, stack, repository, builds[0].digest)
+        # Earlier tests' prunes are told too (retried until the receiver came up): not those.
+        told = s.wait_for(
+            lambda: [
+                body
+                for body in received(receiver, "prune.deleted")
+                if body["details"]["repository"] == repository
+            ],
+            timeout=60,
+            step=0.5,
+        )
+        assert told[0]["details"]["deleted"][0]["tags"] == ["main-1"]
+
+        response = http.post("/api/v1/jobs", json={"kind": "gc"}, headers=s.API_HEADERS)
+        job = finished_job(http, response.json()["job_id"], timeout=180)
+        assert job["state"] == "succeeded", job
+        reports = s.wait_for(lambda: received(receiver, "gc.finished"), timeout=60, step=0.5)
+        assert reports[0]["details"]["job_id"] == job["id"]
+        assert reports[0]["details"]["report"]["bytes_reclaimed"] == job["bytes"] > 0
+        for service in ("worker", "gc-worker"):
+            assert NOTIFY_SECRET not in stack.container(client, service).logs().decode()
+    finally:
+        receiver.remove(force=True)
 
 
 def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:

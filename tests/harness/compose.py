@@ -55,6 +55,9 @@ class ComposeStack:
     service_port: int = field(default_factory=free_port)
     #: What ``scripts/stack up`` printed.
     up_output: str = ""
+    #: The policy's ``notify:`` section, and variables added to the stack's env file.
+    notify: Sequence[Mapping[str, Any]] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def registry_url(self) -> str:
@@ -92,11 +95,14 @@ class ComposeStack:
                 },
             },
         }
+        if self.notify:
+            document["notify"] = list(self.notify)
         self.root.mkdir(parents=True, exist_ok=True)
         self.policy_file.write_text(yaml.safe_dump(document, sort_keys=False))
         # The container's non-root user reads it through a bind mount.
         self.policy_file.chmod(0o644)
-        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in ENVIRONMENT.items()))
+        variables = {**ENVIRONMENT, **self.extra_env}
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
 
     def environ(self) -> dict[str, str]:
         return {

@@ -53,7 +53,9 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 @contextmanager
-def running(app: Starlette, hooks: HookSettings | None = None) -> Iterator[str]:
+def running(
+    app: Starlette, hooks: HookSettings | None = None, port: int | None = None
+) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL.
 
     On the HTTP parser, request bounds and event loop ``regsweep serve`` uses
@@ -62,7 +64,7 @@ def running(app: Starlette, hooks: HookSettings | None = None) -> Iterator[str]:
     test process's).
     """
     hooks = hooks or HookSettings()
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

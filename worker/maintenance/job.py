@@ -52,6 +52,9 @@ from worker.maintenance.lock import (
 from worker.maintenance.probe import RegistryProbe
 from worker.maintenance.report import GcReport, MaintenanceMetrics
 from worker.maintenance.window import WINDOW_TRIGGER, may_start
+from worker.notify import message
+from worker.notify.message import Notification
+from worker.notify.runtime import make_notifier
 from worker.settings.model import Config, MaintenanceSettings, ProcessControllerSettings
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import sync_client, text, wrapped
@@ -76,6 +79,10 @@ class GcStatus(StrEnum):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _no_notification(_: Notification | None) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Maintenance:
     timing: Timing = field(default_factory=Timing)
     clock: Callable[[], datetime] = _utcnow
     sleep: Callable[[float], None] = time.sleep
+    #: Queues a notification (:mod:`worker.notify`); never blocks, never raises.
+    notify: Callable[[Notification | None], None] = _no_notification
 
     @property
     def metrics(self) -> MaintenanceMetrics:
@@ -123,8 +132,11 @@ def open_maintenance(
     *,
     release_deferred: Callable[[], int] | None = None,
     prefix: str = DEFAULT_PREFIX,
+    notify: Callable[[Notification | None], None] | None = None,
 ) -> Iterator[Maintenance]:
-    """The production :class:`Maintenance` for ``config``, closed afterwards."""
+    """The production :class:`Maintenance` for ``config``, closed afterwards. Without
+    ``notify`` (the CLI, a worker's start-up check), notifications go through a notifier of
+    its own, drained (for a bounded time) when the maintenance closes."""
     if config.redis_url is None:
         raise ConfigError(
             "GC needs Redis (redis.url or REGSWEEP_REDIS_URL): for the cluster-wide GC lock "
@@ -133,6 +145,7 @@ def open_maintenance(
     client = sync_client(config.redis_url)
     keys = Keys(prefix)
     probe = RegistryProbe.from_settings(config.registry)
+    own = make_notifier(config, prefix=prefix) if notify is None else None
     try:
         yield Maintenance(
             redis=client,
@@ -144,10 +157,15 @@ def open_maintenance(
             settings=config.maintenance,
             keys=keys,
             release_deferred=release_deferred,
+            notify=own[0].publish if own is not None else notify or _no_notification,
         )
     finally:
         probe.close()
         client.close()
+        if own is not None:
+            own[0].close()
+            if own[1] is not None:
+                own[1].close()
 
 
 def controller_for(
@@ -257,6 +275,8 @@ def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
     m.metrics.job_state(state.value)
     m.metrics.window(report)
     log.info("GC job %s %s: %s", request.job_id, status, "; ".join(report.lines()[1:]))
+    if not request.dry_run:
+        m.notify(message.gc_finished(request.job_id, report.summary(), report.ok, report.errors))
     return GcOutcome(status, request.job_id, report=report)
 
 
@@ -308,9 +328,7 @@ def _window(m: Maintenance, report: GcReport, listener: GcListener) -> None:
     set_flag(m, report.job_id)
     try:
         report.prunes_still_running = wait_for_prunes(m)
-        report.bytes_before = _storage_bytes(m)
         _readonly_gc(m, report, listener)
-        report.bytes_after = _storage_bytes(m)
     finally:
         if not report.left_readonly:
             report.deferred_released = end_pause(m)
@@ -321,12 +339,22 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
     try:
         m.controller.set_readonly(True)
         report.writes_while_readonly = m.probe.wait_readonly(m.timing.switch_timeout).value
+        # Both sizes are taken while the registry refuses every write, so GC is the only
+        # thing that changed the storage in between. Measured around the whole window, a
+        # push before the switch or right after the switch back made the difference
+        # negative (reports showed "bytes reclaimed: -24684").
+        report.bytes_before = _storage_bytes(m)
         report.gc = m.controller.run_gc(
             dry_run=False,
             delete_untagged=report.delete_untagged,
             on_line=listener,
             stop=listener.stop,
         )
+        report.bytes_after = _storage_bytes(m)
+        if report.storage_grew:
+            note = "the storage grew while read-only: something besides the registry writes to it"
+            log.warning("GC job %s: %s", report.job_id, note)
+            report.warnings.append(note)
     finally:
         writes = switch_back(m, report.warnings)
         report.readonly_seconds = time.monotonic() - started
@@ -334,6 +362,7 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
         report.left_readonly = writes is None
         if writes is None:
             report.errors.append("the registry is left read-only: every switch back failed")
+            alert_left_read_only(m, report.job_id, report.warnings)
 
 
 def switch_back(m: Maintenance, failures: list[str]) -> str | None:
@@ -508,3 +537,17 @@ def record_session(client: redis.Redis, keys: Keys, pid: int) -> None:
         client.set(keys.gc_session, json.dumps(asdict(ProcessIdentity.of(pid))))
     except RedisError as exc:
         log.warning("session of the running maintenance command not recorded: %s", exc)
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def alert_left_read_only(m: Maintenance, job_id: str, failures: list[str]) -> None:
+    """Tell that the registry is left read-only, once per window: the recovery check that
+    retries every 30 s would otherwise repeat the alert as often."""
+    try:
+        first = m.redis.set(m.keys.notified("left_read_only", job_id), "1", nx=True, ex=86400)
+    except RedisError:
+        first = True  # better told twice than not at all
+    if first:
+        m.notify(message.left_read_only(job_id, failures))

@@ -30,8 +30,15 @@ from datetime import UTC, datetime
 
 from worker.errors import StateError
 from worker.identity import ProcessIdentity
-from worker.maintenance.job import Maintenance, end_pause, maintenance_flag, switch_back
+from worker.maintenance.job import (
+    Maintenance,
+    alert_left_read_only,
+    end_pause,
+    maintenance_flag,
+    switch_back,
+)
 from worker.maintenance.lock import kill_session
+from worker.notify import message
 from worker.store.redis import wrapped
 from worker.store.state import JobState
 
@@ -81,10 +88,12 @@ def _recover_locked(m: Maintenance) -> Recovery | None:
     killed = orphan is not None and kill_session(orphan)
     errors: list[str] = []
     if switch_back(m, errors) is None:
+        alert_left_read_only(m, job_id, errors)
         return Recovery(job_id, registry_writable=False, killed_gc=killed, errors=errors)
     released = end_pause(m)
     _mark_interrupted(m, job_id, errors)
     m.metrics.alert("recoveries")
+    m.notify(message.recovered(job_id, killed, released))
     log.warning(
         "recovered the crashed maintenance window of GC job %s: registry read-write, "
         "pruning resumed (%s deferred prunes released)",

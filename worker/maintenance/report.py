@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -63,9 +64,23 @@ class GcReport:
 
     @property
     def bytes_reclaimed(self) -> int | None:
+        """Storage size before GC minus after, both measured while the registry was read-only.
+
+        Never negative: GC only deletes. Storage that grew anyway was written by something
+        other than the registry (a process writing into its directory); that is no
+        reclaimed space, so it counts 0 and ``storage_grew`` in the report says so.
+        """
         if self.bytes_before is None or self.bytes_after is None:
             return None
-        return self.bytes_before - self.bytes_after
+        return max(0, self.bytes_before - self.bytes_after)
+
+    @property
+    def storage_grew(self) -> bool:
+        return (
+            self.bytes_before is not None
+            and self.bytes_after is not None
+            and self.bytes_after > self.bytes_before
+        )
 
     @property
     def gc_seconds(self) -> float | None:
@@ -101,6 +116,7 @@ class GcReport:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "bytes_reclaimed": self.bytes_reclaimed,
+            "storage_grew": self.storage_grew,
             "readonly_seconds": _round(self.readonly_seconds),
             "gc_seconds": _round(self.gc_seconds),
             "gc_exit_code": gc.exit_code if gc else None,
@@ -183,6 +199,8 @@ class MaintenanceMetrics:
                 pipe.hincrby(key, "bytes_reclaimed", report.bytes_reclaimed)
             if report.readonly_seconds is not None:
                 pipe.hset(key, "last_readonly_seconds", report.readonly_seconds)
+            if report.ok and not report.dry_run:
+                pipe.hset(key, "last_success_time", time.time())
 
         self._write(write)
 

@@ -28,6 +28,8 @@ from celery.signals import worker_init, worker_ready
 from worker.errors import ConfigError, RegsweepError
 from worker.maintenance.job import GcRequest, maintenance_flag, open_maintenance, run_gc
 from worker.maintenance.recovery import recover_crashed_window
+from worker.notify import runtime as notify_runtime
+from worker.notify.message import Notification
 from worker.queue import jobs
 from worker.queue import tasks as worker_tasks
 from worker.queue.names import TASK_GC, TASK_MAINTENANCE_CHECK
@@ -53,9 +55,14 @@ def release_deferred() -> int:
     return len(released)
 
 
+def _publish(note: Notification | None) -> None:
+    """This worker process's notifier: it outlives the task (no drain wait at the task's end)."""
+    notify_runtime.publish(configured(), note)
+
+
 @shared_task(name=TASK_GC, acks_late=True)
 def gc(job_id: str | None = None, dry_run: bool = False, trigger: str = "api") -> None:
-    with open_maintenance(configured(), release_deferred=release_deferred) as m:
+    with open_maintenance(configured(), release_deferred=release_deferred, notify=_publish) as m:
         if job_id is None:
             job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": trigger})
         else:
@@ -76,10 +83,15 @@ def gc(job_id: str | None = None, dry_run: bool = False, trigger: str = "api") -
 
 @shared_task(name=TASK_MAINTENANCE_CHECK, acks_late=True)
 def maintenance_check() -> None:
-    check(configured(), release=release_deferred)
+    check(configured(), release=release_deferred, notify=_publish)
 
 
-def check(config: Config, *, release: Callable[[], int] | None = None) -> None:
+def check(
+    config: Config,
+    *,
+    release: Callable[[], int] | None = None,
+    notify: Callable[[Notification | None], None] | None = None,
+) -> None:
     """Recover a crashed window, if there is one; never raises (it runs on a timer)."""
     if config.redis_url is None:
         return
@@ -91,7 +103,7 @@ def check(config: Config, *, release: Callable[[], int] | None = None) -> None:
             client.close()
         if pending is None:
             return
-        with open_maintenance(config, release_deferred=release) as m:
+        with open_maintenance(config, release_deferred=release, notify=notify) as m:
             recovered = recover_crashed_window(m)
         if recovered is not None and not recovered.registry_writable:
             log.error("recovery of GC job %s failed: %s", recovered.job_id, recovered.errors)

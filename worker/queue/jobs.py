@@ -21,8 +21,10 @@ from worker.engine.plan import Action
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
 from worker.errors import Deferred, RepositoryBusy
+from worker.notify.message import Deleted
 from worker.queue.context import WorkerContext
 from worker.registry.mediatypes import INDEX_TYPES
+from worker.store.audit import AuditQuery, Outcome
 from worker.store.keys import Keys
 from worker.store.locks import PruneLock
 from worker.store.redis import text, wrapped
@@ -305,3 +307,47 @@ async def child_finished(
     totals = {text(f): int(v) for f, v in raw.items()}
     totals.pop("remaining", None)
     return totals
+
+
+# --- health: the last prune that succeeded ----------------------------------------------
+
+
+async def prune_succeeded(ctx: WorkerContext, job_id: str, repository: str) -> None:
+    """Record the last prune job that succeeded, for ``/healthz`` and its metric."""
+    record = {"time": datetime.now(UTC).isoformat(), "job_id": job_id, "repository": repository}
+    await _redis(ctx.redis.set(keys(ctx).last_prune, json.dumps(record)), "SET last prune")
+
+
+# --- notifications: what a job deleted, dead letters since the last notification --------
+
+# KEYS: the dead-letter counter, the notified mark. Moves the mark up to the counter and
+# answers both, atomically: two ticks at once never tell the same dead letters twice.
+_DEAD_LETTERS_SEEN = """
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if total > seen then redis.call('SET', KEYS[2], total) end
+return {seen, total}
+"""
+
+
+async def deleted_by(ctx: WorkerContext, job_id: str) -> list[Deleted]:
+    """What job ``job_id`` deleted, as its audit records say (outcome ``deleted``)."""
+    entries = await ctx.audit.entries(AuditQuery(job_id=job_id))
+    return [
+        Deleted(e.repository, e.digest, e.tags, e.rule, e.action)
+        for e in entries
+        if e.outcome is Outcome.DELETED
+    ]
+
+
+async def new_dead_letters(ctx: WorkerContext) -> tuple[int, int, list[dict[str, Any]]] | None:
+    """(new, total, the newest entries) when dead letters came since the last call."""
+    k = keys(ctx)
+    script = ctx.redis.register_script(_DEAD_LETTERS_SEEN)
+    seen, total = await _redis(
+        script(keys=[k.dead_letters_total, k.notified_dead_letters]), "dead letters seen"
+    )
+    new = int(total) - int(seen)
+    if new <= 0:
+        return None
+    return new, int(total), await ctx.state.dead_letters(min(new, 5))

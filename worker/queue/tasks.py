@@ -31,6 +31,8 @@ from worker.errors import (
     RepositoryBusy,
     StateError,
 )
+from worker.notify import message
+from worker.notify import runtime as notify_runtime
 from worker.queue import jobs
 from worker.queue.context import WorkerContext
 from worker.queue.names import (
@@ -111,6 +113,7 @@ def _open_clients(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _close_clients(**_: Any) -> None:
     global _loop, _ctx  # noqa: PLW0603
+    notify_runtime.close()
     if _loop is not None and _ctx is not None:
         _loop.run(_ctx.aclose())
         _loop.close()
@@ -231,7 +234,7 @@ def prune(
     except Exception as exc:  # a bug: the job (and its sweep) must still end
         log.exception("prune of %s failed", repository)
         summary = {"errors": [_internal(exc)], "outcome": RunOutcome.FAILED.value}
-    _finish(job_id, summary, parent)
+    _finish(job_id, {"repository": repository} | summary, parent)
     if not dry_run and summary.get("mode") == "enforce":
         _schedule_grace_prune(repository)
 
@@ -255,7 +258,11 @@ def _schedule_grace_prune(repository: str) -> None:
 def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
     """Record a prune's end, and its sweep's end when it was the last one of it."""
     failed = summary.get("outcome") == RunOutcome.FAILED
-    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **summary)
+    # What an earlier attempt left ("retrying: ...", a busy repository) ends with the job:
+    # a prune that succeeded after a retry shows no error.
+    final = {"errors": [], "waiting": None} | summary
+    _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **final)
+    _after_finish(job_id, summary, failed, parent)
     if parent is None:
         return
     counts = jobs.child_counts(summary, failed)
@@ -263,6 +270,7 @@ def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
     if totals is not None:
         state = JobState.FAILED if totals.get("failed") else JobState.SUCCEEDED
         _update(parent, state, kind="sweep", counts=totals, bytes=totals.get("bytes", 0))
+        notify_runtime.publish(configured(), message.sweep_finished(parent, totals))
 
 
 def _job_id_of(task: Task[Any, Any]) -> str | None:
@@ -390,6 +398,43 @@ def restore_task(job_id: str, repository: str, digest: str) -> None:
 
 @shared_task(name=TASK_TICK, acks_late=True)
 def tick() -> None:
-    """Periodic: release prunes parked during a window that has ended."""
+    """Periodic: release prunes parked during a window that has ended; tell of new dead
+    letters (one notification per tick at most, however many came)."""
     for kwargs in run(jobs.release_deferred):
         enqueue_prune(**kwargs)
+    _notify_dead_letters()
+
+
+def _notify_dead_letters() -> None:
+    config = configured()
+    if not config.notify.targets:
+        return
+    try:
+        news = run(jobs.new_dead_letters)
+    except StateError as exc:
+        log.warning("dead letters not checked for notifications: %s", exc)
+        return
+    if news is not None:
+        notify_runtime.publish(config, message.dead_letters(*news))
+
+
+def _after_finish(job_id: str, summary: dict[str, Any], failed: bool, parent: str | None) -> None:
+    """What follows a prune's recorded end: the health record and the notification (both
+    best effort). A sweep's prunes are told together, when the sweep ends."""
+    repository = str(summary.get("repository", ""))
+    if not failed:
+        try:
+            run(lambda ctx: jobs.prune_succeeded(ctx, job_id, repository))
+        except StateError as exc:
+            log.warning("last successful prune not recorded: %s", exc)
+    if parent is not None:
+        return
+    if failed:
+        notify_runtime.publish(configured(), message.prune_failed(job_id, repository, summary))
+    elif int((summary.get("counts") or {}).get("deleted", 0)) > 0:
+        try:
+            deleted = run(lambda ctx: jobs.deleted_by(ctx, job_id))
+        except StateError as exc:
+            log.warning("the deletions of job %s not read for its notification: %s", job_id, exc)
+            deleted = []
+        notify_runtime.publish(configured(), message.prune_deleted(job_id, summary, deleted))

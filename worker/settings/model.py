@@ -119,6 +119,49 @@ class MaintenanceSettings:
     registry_version: str | None = None
 
 
+# -- notifications (notify:) --------------------------------------------------------------
+
+#: Every event a notification target can subscribe to (``notify[].events``).
+NOTIFY_EVENTS: Final = (
+    "prune.deleted",
+    "prune.failed",
+    "sweep.finished",
+    "gc.finished",
+    "gc.failed",
+    "registry.left_read_only",
+    "gc.recovered",
+    "dead_letter",
+)
+DEFAULT_NOTIFY_TIMEOUT: Final = timedelta(seconds=5)
+DEFAULT_NOTIFY_RETRIES: Final = 3
+#: A notification not delivered this long after it was made is given up (and counted).
+DEFAULT_NOTIFY_GIVE_UP: Final = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """One receiver of notifications: a generic JSON webhook or a Slack incoming webhook."""
+
+    name: str
+    kind: Literal["webhook", "slack"]
+    #: The URL is a secret (a Slack webhook URL is its own credential): from ``url_env``.
+    url: Secret
+    events: frozenset[str] = frozenset(NOTIFY_EVENTS)
+    timeout: timedelta = DEFAULT_NOTIFY_TIMEOUT
+    retries: int = DEFAULT_NOTIFY_RETRIES
+    give_up_after: timedelta = DEFAULT_NOTIFY_GIVE_UP
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    targets: tuple[NotifyTarget, ...] = ()
+    #: ``notify[i] (name).url_env: VARIABLE`` of targets whose variable is not set (they are off).
+    unset: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated policy file plus what the environment added."""
@@ -136,6 +179,8 @@ class Config:
     audit_path: str | None = None
     restore_hold: timedelta = DEFAULT_RESTORE_HOLD
     source: str = "<memory>"
+    #: Where job summaries, GC reports and alerts are sent (``notify:``).
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     def policy_for(self, repository: str) -> Policy | None:
         """The first policy matching ``repository``; unmatched repositories are never touched."""

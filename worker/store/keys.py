@@ -15,7 +15,8 @@ tag index (history)    ``idx:<repo>:tags|pushed|untagged|seen|listed|stored``, `
 audit                  ``audit`` (the stream), ``audit:digests:<repo>``, ``audit:job:<job>``,
                        ``audit:job:<job>:outcomes``, ``audit:deleted:<repo>``
 metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:registry_latency``,
-                       ``metrics:gc``
+                       ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
+health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
 worker leases          ``leases``, ``worker:<id>``
 =====================  ==================================================================
 
@@ -170,3 +171,29 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
+
+    # --- health and notifications -----------------------------------------------------
+
+    @property
+    def last_prune(self) -> str:
+        """The last prune job that succeeded (JSON: time, job, repository), for /healthz."""
+        return f"{self.prefix}health:last_prune"
+
+    @property
+    def dead_letters_total(self) -> str:
+        """Dead letters ever kept (the list itself is capped): the metric and the alert."""
+        return f"{self.prefix}metrics:dead_letters"
+
+    @property
+    def notified_dead_letters(self) -> str:
+        """``dead_letters_total`` as of the last dead-letter notification."""
+        return f"{self.prefix}notify:dead_letters"
+
+    @property
+    def metrics_notifications(self) -> str:
+        """Notifications by ``["<target>", "<event>", "<outcome>"]``."""
+        return f"{self.prefix}metrics:notifications"
+
+    def notified(self, event: str, subject: str) -> str:
+        """Set once ``event`` about ``subject`` (a job) was told: an alert goes out once."""
+        return f"{self.prefix}notify:{event}:{subject}"

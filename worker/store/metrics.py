@@ -22,6 +22,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Any, Final
 
 import redis
@@ -157,12 +158,14 @@ class WorkerMetricsSnapshot(Collector):
             )
             for key in keys:
                 pipe.hgetall(key)
-            deletions, jobs, latency, gc = await pipe.execute()
+            _operations_reads(pipe, self.keys)
+            deletions, jobs, latency, gc, *operations = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("worker metrics unavailable: %s", exc)
             self._families = []
             return
         self._families = [_deletions(deletions), _jobs(jobs), _latency(latency), *_gc(gc)]
+        self._families += _operations(*operations)
 
 
 def _counter(name: str, doc: str, labels: list[str], raw: Mapping[Any, Any]) -> Metric:
@@ -222,6 +225,10 @@ _GC_RUNS: Final = {
 }
 _GC_GAUGES: Final = {
     "last_gc_seconds": ("regsweep_gc_last_duration_seconds", "How long the last GC ran."),
+    "last_success_time": (
+        "regsweep_gc_last_success_timestamp_seconds",
+        "When the last GC window that succeeded ended (Unix time).",
+    ),
     "last_readonly_seconds": (
         "regsweep_gc_last_readonly_seconds",
         "How long the registry was read-only in the last window.",
@@ -241,3 +248,55 @@ def _gc(raw: Mapping[Any, Any]) -> list[Metric]:
         if field in values:
             out.append(GaugeMetricFamily(name, doc, value=values[field]))
     return out
+
+
+# --- notifications, dead letters, the last successful prune --------------------------------
+
+
+def _operations_reads(pipe: Any, keys: Keys) -> None:
+    pipe.hgetall(keys.metrics_notifications)
+    pipe.get(keys.dead_letters_total)
+    pipe.get(keys.last_prune)
+    pipe.exists(keys.maintenance_flag)
+
+
+def _operations(
+    notifications: Mapping[Any, Any], dead: Any, last_prune: Any, maintenance: Any
+) -> list[Metric]:
+    out = [
+        _counter(
+            "regsweep_notifications",
+            "Notifications by target, event and outcome (sent, failed, dropped).",
+            ["target", "event", "outcome"],
+            notifications,
+        ),
+        CounterMetricFamily(
+            "regsweep_dead_letters",
+            "Deliveries and queued events dead-lettered (kept for a person to look at).",
+            value=float(dead or 0),
+        ),
+        GaugeMetricFamily(
+            "regsweep_maintenance_active",
+            "1 while a maintenance window holds pruning paused (the registry may be read-only).",
+            value=float(bool(maintenance)),
+        ),
+    ]
+    when = _record_time(last_prune)
+    if when is not None:
+        out.append(
+            GaugeMetricFamily(
+                "regsweep_prune_last_success_timestamp_seconds",
+                "When the last prune job that succeeded ended (Unix time).",
+                value=when,
+            )
+        )
+    return out
+
+
+def _record_time(raw: Any) -> float | None:
+    if raw is None:
+        return None
+    try:
+        return datetime.fromisoformat(json.loads(raw)["time"]).timestamp()
+    except (ValueError, TypeError, KeyError):
+        return None

@@ -249,6 +249,7 @@ class State:
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(self.keys.dead_letters, entry)
             pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTER_CAP - 1)
+            pipe.incr(self.keys.dead_letters_total)
             await pipe.execute()
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
