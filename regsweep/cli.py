@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -21,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import render
+from regsweep import checkconfig, render
 from worker import logs
 from worker.engine.executor import RunOutcome
 from worker.engine.inventory import CreatedCache
@@ -31,9 +30,9 @@ from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
 from worker.queue.messages import JobKind, JobRequest
 from worker.registry.client import RegistryClient
-from worker.registry.storage import check_storage_root
 from worker.settings import env
 from worker.settings.load import load_config, parse_duration
+from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery
 from worker.store.open import Stores, audit_file
@@ -59,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regsweep", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", help="policy file (default: $REGSWEEP_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("check-config", help="validate the policy file and list every problem")
+    checkconfig.add_arguments(
+        sub.add_parser("check-config", help="validate the policy file and list every problem")
+    )
     plan = sub.add_parser("plan", help="show what the policies would delete, and why")
     plan.add_argument("repositories", nargs="*", metavar="REPO")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
@@ -244,38 +245,9 @@ def _pruner(
     return Pruner(config, client, history=stores.history, audit=stores.audit, created_cache=created)
 
 
-async def _check_config(args: argparse.Namespace, config: Config) -> int:
-    problems = [f"audit.path: {p}" for p in [_audit_unwritable(config)] if p]
-    if config.registry.storage_path is not None:
-        storage = check_storage_root(config.registry.storage_path)
-        if storage is not None:
-            problems.append(f"registry.storage_path: {config.registry.storage_path} {storage}")
-    # The service starts with these hooks off (404); a check says so and fails.
-    problems += [f"{key}: names a variable that is not set" for key in config.hooks.unset]
-    if problems:
-        for problem in problems:
-            print(f"{config.source}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"{config.source}: ok, {len(config.policies)} policies")
-    for policy in config.policies:
-        repos = ", ".join(p.source for p in policy.repositories)
-        print(f"  {policy.name} ({policy.mode.value}): {repos}")
-    return EXIT_OK
-
-
 def _audit_unwritable(config: Config) -> str | None:
     """Why the audit file (used without Redis) cannot be written; None when it can."""
-    if config.redis_url is not None:
-        return None
-    path = audit_file(config)
-    where = path if path.exists() else path.parent
-    if not where.exists():
-        return f"{path.parent} does not exist (the audit log goes to {path})"
-    if not os.access(where, os.W_OK):
-        return f"{where} is not writable: every deletion is recorded there first"
-    if os.statvfs(where).f_bavail == 0:
-        return f"{where}: no space left on device: every deletion is recorded there first"
-    return None
+    return audit_unwritable(str(audit_file(config)), config.redis_url)
 
 
 async def _plan(args: argparse.Namespace, config: Config) -> int:
@@ -449,7 +421,6 @@ async def _gc(args: argparse.Namespace, config: Config) -> int:
 
 COMMANDS: Final[dict[str, Command]] = {
     "gc": _gc,
-    "check-config": _check_config,
     "plan": _plan,
     "prune": _prune,
     "restore": _restore,
@@ -469,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not path:
         print("regsweep: no policy file: pass -c FILE or set REGSWEEP_CONFIG", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "check-config":  # loads the file itself, strictly
+        return checkconfig.check_config(args, path, environ)
     try:
         config = load_config(path, environ)
     except ConfigError as exc:

@@ -43,11 +43,15 @@ class ConfigError(RegsweepError):
 
 
 class RegistryError(RegsweepError):
-    """The registry refused, failed or could not be reached."""
+    """The registry refused, failed or could not be reached; ``hint`` says what to change
+    when that is knowable (it ends the message too)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
         self.status = status
-        super().__init__(message)
+        self.hint = hint
+        #: The message without its hint.
+        self.detail = message
+        super().__init__(f"{message}: {hint}" if hint else message)
 
 
 class RegistryUnavailable(RegistryError):
