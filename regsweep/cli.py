@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from regsweep import checkconfig, render
 from worker import logs
-from worker.engine.executor import RunOutcome
+from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
 from worker.engine.model import Hold
 from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
@@ -435,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(own)
     args.celery_args = celery_args
     logging.basicConfig(level=logging.WARNING, format="regsweep: %(levelname)s: %(message)s")
+    # What prune deleted, one line each, and each job's summary: the CLI's log too.
+    deletions_log.setLevel(logging.INFO)
     environ = env.current()
     path = args.config or env.config_path(environ)
     if not path:
