@@ -256,7 +256,7 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     try:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
-            results = await pruner.plan_many(await pruner.repositories(args.repositories))
+            results = await pruner.plan_many(await _chosen(pruner, args.repositories))
     finally:
         await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
@@ -267,6 +267,12 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     else:
         _print_plans(planned)
     return _report_failures(r for r in results if isinstance(r, RepositoryFailure))
+
+
+async def _chosen(pruner: Pruner, named: Sequence[str]) -> list[str]:
+    """The repositories named on the command line, each checked (exit 2 naming every one
+    that cannot be planned), or every one some policy governs."""
+    return await pruner.requested(named) if named else await pruner.repositories()
 
 
 def _report_failures(failures: Iterable[RepositoryFailure]) -> int:
@@ -299,7 +305,7 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     try:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
-            repos = await pruner.repositories(args.repositories)
+            repos = await _chosen(pruner, args.repositories)
             results = await _prune_with_progress(pruner, repos, args.dry_run, job_id)
     finally:
         await stores.aclose()

@@ -304,10 +304,20 @@ def _log_hooks(hooks: HookSettings) -> None:
         ("/api/v1/jobs", hooks.api_token, "hooks.api_token_env"),
     )
     for path, secret, setting in switches:
-        if secret is None:
-            log.warning("%s disabled (answers 404): %s is not set", path, setting)
-        else:
+        if secret is not None:
             log.info("%s enabled", path)
+        elif setting in hooks.unset:
+            # Configured, but the secret did not reach this process: every delivery will
+            # get 404, and no sender reports that to anyone.
+            log.warning(
+                "%s disabled (answers 404 to every delivery): %s names %s, which is not set "
+                "in this process's environment",
+                path,
+                setting,
+                hooks.variable(setting),
+            )
+        else:
+            log.warning("%s disabled (answers 404): %s is not set", path, setting)
 
 
 def create_app(config: Config, *, sink: EventSink, state: State | None = None) -> Starlette:

@@ -2,6 +2,7 @@
 
     RegsweepError
     ├── ConfigError                  the policy file or settings are wrong (exit 2)
+    │   └── UnknownRepository        a repository asked for by name that cannot be planned
     ├── RegistryError                the registry refused, failed or could not be reached
     │   ├── RegistryUnavailable      connection errors, timeouts, 5xx after retries (transient)
     │   │   └── DeleteUnsettled      a DELETE's answer was lost and no look could settle it
@@ -40,6 +41,11 @@ class ConfigError(RegsweepError):
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class UnknownRepository(ConfigError):
+    """Repositories asked for by name (``regsweep plan NAME``) that are not a repository
+    name, that no policy governs, or that the registry does not have; one problem each."""
 
 
 class RegistryError(RegsweepError):

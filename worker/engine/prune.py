@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Final, NamedTuple
 
+from worker.engine.events import REPOSITORY_MAX_LENGTH, REPOSITORY_NAME
 from worker.engine.executor import (
     WAVE_FACTOR,
     ExecutionReport,
@@ -31,7 +32,7 @@ from worker.engine.model import Digest, Inventory
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
-from worker.errors import RegistryError, StateError
+from worker.errors import RegistryError, StateError, UnknownRepository
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config
@@ -105,6 +106,24 @@ class Pruner:
         """The requested repositories, or every catalog entry some policy matches."""
         names = list(requested) or await self._client.catalog()
         return [n for n in names if self._config.policy_for(n) is not None]
+
+    async def requested(self, names: Sequence[str]) -> list[str]:
+        """``names``, each checked: raises :class:`UnknownRepository` naming every one that
+        is not a repository name, that no policy governs, or that the registry lacks."""
+        problems = [f"{n}: not a repository name ({NAME_GRAMMAR})" for n in names if not _valid(n)]
+        unruled = [n for n in names if _valid(n) and self._config.policy_for(n) is None]
+        problems += [f"{n}: no policy's repositories match it; nothing to plan" for n in unruled]
+        candidates = [n for n in names if _valid(n) and n not in unruled]
+        found = await asyncio.gather(*(self._client.repository_exists(n) for n in candidates))
+        url = self._config.registry.url
+        problems += [
+            f"{n}: no such repository in the registry at {url}"
+            for n, exists in zip(candidates, found, strict=True)
+            if not exists
+        ]
+        if problems:
+            raise UnknownRepository([f"regsweep: {p}" for p in problems])
+        return list(names)
 
     async def plan_one(
         self,
@@ -257,6 +276,13 @@ def log_summary(pruned: Pruned, job_id: str, seconds: float, *, dry_run: bool) -
             "seconds": round(seconds, 3),
         },
     )
+
+
+NAME_GRAMMAR: Final = "lowercase letters and digits, separated by . _ __ or -, joined by /"
+
+
+def _valid(name: str) -> bool:
+    return len(name) <= REPOSITORY_MAX_LENGTH and REPOSITORY_NAME.fullmatch(name) is not None
 
 
 async def _forget(history: History, repository: str, report: ExecutionReport) -> None:

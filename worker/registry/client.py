@@ -355,6 +355,21 @@ class RegistryClient:
             return False
         raise failure
 
+    async def repository_exists(self, repo: str) -> bool:
+        """Whether the registry has ``repo``: its tag list answers, or (a repository only
+        ever pushed to by digest has no tag list on 2.8) the catalog lists it."""
+        response = await self._request(
+            "GET", f"/v2/{repo}/tags/list", template="/v2/{name}/tags/list", params={"n": 1}
+        )
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response):
+            try:
+                return repo in await self.catalog()
+            except RegistryAuthError:  # no catalog access: the tag list's answer stands
+                return False
+        raise error_for(response)
+
     async def catalog(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
         """Every repository name, following the catalog's pagination."""
         return await self._paginated("/v2/_catalog", "repositories", page_size, "/v2/_catalog")
