@@ -9,6 +9,7 @@ one stack; the last one takes it down and looks for anything left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -347,6 +348,30 @@ def test_every_log_line_is_one_json_record(
         assert not record["message"].startswith(("Traceback", "  File ")), record
     for secret in s.SECRETS:
         assert secret not in text
+
+
+def test_check_config_online_in_the_worker_container(
+    stack: ComposeStack, client: docker.DockerClient, images: ImageBuilder
+) -> None:
+    """`regsweep check-config --online --json`, run where the workers run, finds the registry
+    reachable, its catalog readable, deletes enabled, the mounted storage holding what the
+    registry lists, and Redis answering: every check ok, exit 0."""
+    image(images, "e2e/check-config", "main-1")
+    worker = stack.container(client, "worker")
+    done = worker.exec_run(
+        ["regsweep", "-c", "/etc/regsweep/regsweep.yaml", "check-config", "--online", "--json"],
+        demux=True,
+    )
+    stdout, stderr = (part.decode() if part else "" for part in done.output)
+    output = stdout + stderr
+    assert done.exit_code == 0, output
+    document = json.loads(stdout)
+    statuses = {check["check"]: check["status"] for check in document["checks"]}
+    assert statuses == dict.fromkeys(
+        ["registry", "credentials", "deletes", "storage", "redis"], "ok"
+    )
+    for secret in s.SECRETS:
+        assert secret not in output
 
 
 def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:
