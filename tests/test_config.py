@@ -161,7 +161,8 @@ def test_on_without_sources_is_refused() -> None:
     """Event templates in a policy without sources could never fire, so they are refused."""
     problems = _problems(_policy("on:\n  pull_request_closed: ['pr-{number}']\n"))
     assert problems == [
-        "p.yaml:6: policies[0] (web).on: has no effect without sources (github: or gitlab: projects)"
+        "p.yaml:6: policies[0] (web).on: has no effect without sources "
+        "(github: or gitlab: projects)"
     ]
 
 
@@ -721,9 +722,7 @@ def test_window_no_longer_than_the_default_margin_is_refused() -> None:
     """A 10-minute window with the default 10-minute margin would never start a GC."""
     text = REGISTRY + "maintenance:\n  window: {cron: '0 3 * * *', duration: 10m}\n"
     (line,) = _problems(text)
-    assert line.startswith(
-        "p.yaml:4: maintenance.window.duration: must be longer than the margin"
-    )
+    assert line.startswith("p.yaml:4: maintenance.window.duration: must be longer than the margin")
     allowed = text.replace("duration: 10m", "duration: 10m, margin: 5m")
     assert _parse(allowed, {}).maintenance.window_margin == timedelta(minutes=5)
 
