@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -21,9 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import render
+from regsweep import checkconfig, render
 from worker import logs
-from worker.engine.executor import RunOutcome
+from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
 from worker.engine.model import Hold
 from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
@@ -31,9 +30,9 @@ from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
 from worker.queue.messages import JobKind, JobRequest
 from worker.registry.client import RegistryClient
-from worker.registry.storage import check_storage_root
 from worker.settings import env
 from worker.settings.load import load_config, parse_duration
+from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery
 from worker.store.open import Stores, audit_file
@@ -59,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regsweep", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", help="policy file (default: $REGSWEEP_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("check-config", help="validate the policy file and list every problem")
+    checkconfig.add_arguments(
+        sub.add_parser("check-config", help="validate the policy file and list every problem")
+    )
     plan = sub.add_parser("plan", help="show what the policies would delete, and why")
     plan.add_argument("repositories", nargs="*", metavar="REPO")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
@@ -244,39 +245,9 @@ def _pruner(
     return Pruner(config, client, history=stores.history, audit=stores.audit, created_cache=created)
 
 
-async def _check_config(args: argparse.Namespace, config: Config) -> int:
-    problems = [f"audit.path: {p}" for p in [_audit_unwritable(config)] if p]
-    if config.registry.storage_path is not None:
-        storage = check_storage_root(config.registry.storage_path)
-        if storage is not None:
-            problems.append(f"registry.storage_path: {config.registry.storage_path} {storage}")
-    # The service starts with these hooks off (404); a check says so and fails.
-    problems += [f"{key}: names a variable that is not set" for key in config.hooks.unset]
-    problems += list(config.notify.unset)  # a notification target that would never send
-    if problems:
-        for problem in problems:
-            print(f"{config.source}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"{config.source}: ok, {len(config.policies)} policies")
-    for policy in config.policies:
-        repos = ", ".join(p.source for p in policy.repositories)
-        print(f"  {policy.name} ({policy.mode.value}): {repos}")
-    return EXIT_OK
-
-
 def _audit_unwritable(config: Config) -> str | None:
     """Why the audit file (used without Redis) cannot be written; None when it can."""
-    if config.redis_url is not None:
-        return None
-    path = audit_file(config)
-    where = path if path.exists() else path.parent
-    if not where.exists():
-        return f"{path.parent} does not exist (the audit log goes to {path})"
-    if not os.access(where, os.W_OK):
-        return f"{where} is not writable: every deletion is recorded there first"
-    if os.statvfs(where).f_bavail == 0:
-        return f"{where}: no space left on device: every deletion is recorded there first"
-    return None
+    return audit_unwritable(str(audit_file(config)), config.redis_url)
 
 
 async def _plan(args: argparse.Namespace, config: Config) -> int:
@@ -285,7 +256,7 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     try:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
-            results = await pruner.plan_many(await pruner.repositories(args.repositories))
+            results = await pruner.plan_many(await _chosen(pruner, args.repositories))
     finally:
         await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
@@ -296,6 +267,12 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     else:
         _print_plans(planned)
     return _report_failures(r for r in results if isinstance(r, RepositoryFailure))
+
+
+async def _chosen(pruner: Pruner, named: Sequence[str]) -> list[str]:
+    """The repositories named on the command line, each checked (exit 2 naming every one
+    that cannot be planned), or every one some policy governs."""
+    return await pruner.requested(named) if named else await pruner.repositories()
 
 
 def _report_failures(failures: Iterable[RepositoryFailure]) -> int:
@@ -328,7 +305,7 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     try:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
-            repos = await pruner.repositories(args.repositories)
+            repos = await _chosen(pruner, args.repositories)
             results = await _prune_with_progress(pruner, repos, args.dry_run, job_id)
     finally:
         await stores.aclose()
@@ -450,7 +427,6 @@ async def _gc(args: argparse.Namespace, config: Config) -> int:
 
 COMMANDS: Final[dict[str, Command]] = {
     "gc": _gc,
-    "check-config": _check_config,
     "plan": _plan,
     "prune": _prune,
     "restore": _restore,
@@ -465,11 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(own)
     args.celery_args = celery_args
     logging.basicConfig(level=logging.WARNING, format="regsweep: %(levelname)s: %(message)s")
+    # What prune deleted, one line each, and each job's summary: the CLI's log too.
+    deletions_log.setLevel(logging.INFO)
     environ = env.current()
     path = args.config or env.config_path(environ)
     if not path:
         print("regsweep: no policy file: pass -c FILE or set REGSWEEP_CONFIG", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "check-config":  # loads the file itself, strictly
+        return checkconfig.check_config(args, path, environ)
     try:
         config = load_config(path, environ)
     except ConfigError as exc:

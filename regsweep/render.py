@@ -146,7 +146,8 @@ def report_line(report: ExecutionReport) -> str:
     if report.fatal:
         line += f"\n  error: {report.fatal}"
     for deletion, status, detail in report.done:
-        if status in (Status.ERROR, Status.SKIPPED) and detail and detail != report.fatal:
+        caused_by_fatal = report.fatal is not None and report.fatal in detail
+        if status in (Status.ERROR, Status.SKIPPED) and detail and not caused_by_fatal:
             line += f"\n  {status.value} {short(deletion.digest)}: {detail}"
     return line
 

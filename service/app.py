@@ -33,8 +33,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import parse_job_request
 from service.health import Health, registry_client
-from service.hooks import verify
-from service.hooks.github import check_github_signature, github_dedup_keys, github_zen, parse_github
+from service.hooks import sources, verify
+from service.hooks.github import (
+    check_github_signature,
+    github_dedup_keys,
+    github_payload,
+    github_zen,
+    parse_github,
+)
 from service.hooks.gitlab import gitlab_delivery_id, parse_gitlab, verify_gitlab
 from service.hooks.registry import read_registry_delivery
 from service.hooks.verify import checked_delivery_id
@@ -144,15 +150,16 @@ class Endpoints:
         if secret is None:
             return _disabled()
         body = await read_body(request, self.config.hooks.body_limit)
+        # The signature covers the raw body, form-encoded or not: checked before parsing.
         check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
-        _require_json(request, "GitHub")
+        payload = github_payload(_media_type(request), body)
         event_name = _header(request, "X-GitHub-Event")
         delivery_id = checked_delivery_id(
             "X-GitHub-Delivery", _header(request, "X-GitHub-Delivery")
         )
         if event_name == "ping":
-            return JSONResponse({"ok": True, "zen": github_zen(body)})
-        event = parse_github(event_name, body, delivery_id)
+            return JSONResponse({"ok": True, "zen": github_zen(payload)})
+        event = parse_github(event_name, payload, delivery_id)
         dedup = github_dedup_keys(self.state, delivery_id, body)
         return await self._ci(event, "github", f"GitHub event {event_name[:64]!r}", dedup)
 
@@ -176,6 +183,11 @@ class Endpoints:
             self.metrics.count(source, "ignored")
             reason = f"{what} does not delete images"
             return JSONResponse({"status": "ignored", "reason": reason}, status_code=202)
+        unwanted = sources.unwanted(self.config.policies, event)
+        if unwanted is not None:
+            self.metrics.count(source, "ignored")
+            log.info("%s delivery %s ignored: %s", source, event.delivery_id, unwanted)
+            return JSONResponse({"status": "ignored", "reason": unwanted}, status_code=202)
         if not await ingest_ci(event, self.state, self.sink, dedup):
             self.metrics.count(source, "duplicate")
             return JSONResponse({"status": "duplicate", "delivery": event.delivery_id})
@@ -298,10 +310,20 @@ def _log_hooks(hooks: HookSettings) -> None:
         ("/api/v1/jobs", hooks.api_token, "hooks.api_token_env"),
     )
     for path, secret, setting in switches:
-        if secret is None:
-            log.warning("%s disabled (answers 404): %s is not set", path, setting)
-        else:
+        if secret is not None:
             log.info("%s enabled", path)
+        elif setting in hooks.unset:
+            # Configured, but the secret did not reach this process: every delivery will
+            # get 404, and no sender reports that to anyone.
+            log.warning(
+                "%s disabled (answers 404 to every delivery): %s names %s, which is not set "
+                "in this process's environment",
+                path,
+                setting,
+                hooks.variable(setting),
+            )
+        else:
+            log.warning("%s disabled (answers 404): %s is not set", path, setting)
 
 
 def create_app(config: Config, *, sink: EventSink, state: State | None = None) -> Starlette:

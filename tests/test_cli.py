@@ -90,9 +90,10 @@ def test_check_config_refuses_a_configured_hook_whose_variable_is_unset(tmp_path
     path.write_text(path.read_text() + "hooks:\n  github_secret_env: REGSWEEP_TEST_GH\n")
     result = run("check-config", config=path)
     assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == f"{path}: hooks.github_secret_env: names a variable that is not set"
+    assert result.stderr.strip() == (
+        f"{path}:15: hooks.github_secret_env: names REGSWEEP_TEST_GH, which is not set: the "
+        "hook answers 404 to every delivery until it is (export it where regsweep serve runs, "
+        "or remove the key)"
     )
     assert run("check-config", config=path, REGSWEEP_TEST_GH="s3cret").returncode == 0
 

@@ -160,7 +160,10 @@ def test_policy_without_keep_has_none() -> None:
 def test_on_without_sources_is_refused() -> None:
     """Event templates in a policy without sources could never fire, so they are refused."""
     problems = _problems(_policy("on:\n  pull_request_closed: ['pr-{number}']\n"))
-    assert problems == [f"{P}.on: has no effect without sources (github: or gitlab: projects)"]
+    assert problems == [
+        "p.yaml:6: policies[0] (web).on: has no effect without sources "
+        "(github: or gitlab: projects)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -354,7 +357,7 @@ BAD_FILES = [
     pytest.param(
         REGISTRY
         + "policies:\n  - {name: web, repositories: [a]}\n  - {name: web, repositories: [b]}\n",
-        ["p.yaml: policies[1] (web).name: policies[0] already has this name"],
+        ["p.yaml: policies[1] (web).name: policies[0] already has this name: rename one"],
         id="duplicate-policy-name",
     ),
     pytest.param(
@@ -544,10 +547,21 @@ BAD_FILES = [
 ]
 
 
+_LINE = re.compile(r"^p\.yaml:\d+: ")
+
+
+def _unlined(problem: str) -> str:
+    """A problem without its line number (test_problems_carry_their_line checks those)."""
+    return _LINE.sub("p.yaml: ", problem)
+
+
 @pytest.mark.parametrize(("text", "expected"), BAD_FILES)
 def test_bad_file_lists_every_problem_with_its_key(text: str, expected: list[str]) -> None:
-    """A bad file is refused with exactly these problems, all at once, each naming its key."""
-    assert _problems(text) == expected
+    """A bad file is refused with exactly these problems, all at once, each naming its key
+    and, unless the key is missing from the top level, its line."""
+    problems = _problems(text)
+    assert [_unlined(p) for p in problems] == expected
+    assert all(_LINE.match(p) or p == "p.yaml: registry: required" for p in problems)
 
 
 def test_problems_across_sections_come_together() -> None:
@@ -560,9 +574,9 @@ def test_problems_across_sections_come_together() -> None:
     with pytest.raises(ConfigError) as info:
         _parse(text)
     assert str(info.value).splitlines() == [
-        "p.yaml: registry.url: must be an http:// or https:// URL with a host",
-        f"{P}.keep[0].newest: must be at least 1",
-        "p.yaml: maintenance.gc.delete_untagged: must be auto, true or false",
+        "p.yaml:1: registry.url: must be an http:// or https:// URL with a host",
+        "p.yaml:3: policies[0] (web).keep[0].newest: must be at least 1",
+        "p.yaml:4: maintenance.gc.delete_untagged: must be auto, true or false",
     ]
 
 
@@ -580,7 +594,7 @@ def test_problems_across_sections_come_together() -> None:
         ("registry:\n\turl: x\n", "p.yaml:2:1: found character '\\t' that cannot start any token"),
         (
             "registry:\n  url: http://a\n  url: http://b\n",
-            "p.yaml:3:3: duplicate key 'url'",
+            "p.yaml:3:3: duplicate key 'url' (first at line 2)",
         ),
     ],
 )
@@ -625,7 +639,7 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     path.write_text(_policy("mode: fast\n"))
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
-    assert info.value.problems == [f"{path}: policies[0] (web).mode: must be dry-run or enforce"]
+    assert info.value.problems == [f"{path}:6: policies[0] (web).mode: must be dry-run or enforce"]
 
 
 # -- the environment ----------------------------------------------------------------------
@@ -682,7 +696,7 @@ def test_signing_key_that_cannot_verify_anything_is_refused(key: str) -> None:
     text = REGISTRY + "hooks: {gitlab_signing_key_env: GLKEY}\n"
     problems = _problems(text, {"GLKEY": key})
     assert problems == [
-        "p.yaml: hooks.gitlab_signing_key_env: names a variable that does not hold a "
+        "p.yaml:3: hooks.gitlab_signing_key_env: names a variable that does not hold a "
         "Standard Webhooks key (whsec_ and base64)"
     ]
     good = "whsec_" + base64.b64encode(b"k" * 24).decode()
@@ -701,14 +715,14 @@ def test_cron_the_scheduler_cannot_run_is_refused(cron: str, problem: str) -> No
     """A cron expression is refused unless croniter (beat's engine too) finds fire times."""
     text = REGISTRY + f"maintenance:\n  window: {{cron: '{cron}', duration: 2h}}\n"
     (line,) = _problems(text)
-    assert line.startswith("p.yaml: maintenance.window.cron:") and problem in line
+    assert line.startswith("p.yaml:4: maintenance.window.cron:") and problem in line
 
 
 def test_window_no_longer_than_the_default_margin_is_refused() -> None:
     """A 10-minute window with the default 10-minute margin would never start a GC."""
     text = REGISTRY + "maintenance:\n  window: {cron: '0 3 * * *', duration: 10m}\n"
     (line,) = _problems(text)
-    assert line.startswith("p.yaml: maintenance.window.duration: must be longer than the margin")
+    assert line.startswith("p.yaml:4: maintenance.window.duration: must be longer than the margin")
     allowed = text.replace("duration: 10m", "duration: 10m, margin: 5m")
     assert _parse(allowed, {}).maintenance.window_margin == timedelta(minutes=5)
 
@@ -724,7 +738,10 @@ def test_registry_password_comes_from_its_variable() -> None:
 def test_unset_registry_password_is_an_error() -> None:
     """With a username, an unset password variable is refused (not silently anonymous)."""
     text = "registry: {url: 'http://h', username: bot, password_env: REG_PW}\n"
-    expected = ["p.yaml: registry.password_env: names an environment variable that is not set"]
+    expected = [
+        "p.yaml:1: registry.password_env: names an environment variable that is not set: "
+        "REG_PW (export it, non-empty, where regsweep runs)"
+    ]
     assert _problems(text, {"REG_PW": ""}) == expected
     assert _problems(text, {}) == expected
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ from service.app import create_app
 from tests.harness import service as h
 from tests.harness.sinks import RedisListSink
 from worker.engine.events import CiEvent
+from worker.engine.policy import RepositoryPattern, Sources
 from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
 from worker.store.state import State
 
@@ -62,7 +65,9 @@ class Service:
 
 def _start(hooks: HookSettings) -> Iterator[Service]:
     prefix = h.unique_prefix()
-    config = Config(registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks)
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks, policies=(h.CI_POLICY,)
+    )
     sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
     state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
     client = redis.Redis.from_url(h.REDIS_TEST_URL)
@@ -329,14 +334,16 @@ def test_github_bad_signature_is_401(svc: Service, signature: str | None) -> Non
     assert svc.redis_keys() == []
 
 
-def test_github_form_encoded_is_415(svc: Service) -> None:
-    """A (correctly signed) form-encoded delivery gets 415 with the reason, nothing enqueued."""
-    body = b"payload=" + h.github_pull_request()
+def test_github_other_content_type_is_415(svc: Service) -> None:
+    """A (correctly signed) delivery that is neither JSON nor GitHub's form gets 415 with the
+    reason, nothing enqueued."""
+    body = h.github_pull_request()
     headers = h.github_headers(GITHUB_SECRET, body, "pull_request")
-    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    headers["Content-Type"] = "text/plain"
     response = svc.http.post("/hooks/github", content=body, headers=headers)
     assert response.status_code == 415
-    assert "application/json" in response.json()["error"]
+    error = response.json()["error"]
+    assert "application/json" in error and "application/x-www-form-urlencoded" in error
     svc.assert_nothing_enqueued()
 
 
@@ -566,6 +573,7 @@ def test_unexpected_error_is_500_json_without_traceback() -> None:
     config = Config(
         registry=RegistrySettings(url="http://127.0.0.1:1"),
         hooks=HookSettings(github_secret=Secret(GITHUB_SECRET)),
+        policies=(h.CI_POLICY,),
     )
     sink = BrokenSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
     state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
@@ -584,3 +592,152 @@ def test_unexpected_error_is_500_json_without_traceback() -> None:
     finally:
         h.delete_prefix(client, prefix)
         client.close()
+
+
+# --- GitHub's form-encoded deliveries, and events no policy wants -----------------------
+
+
+def _github_form(svc: Service, event: str, form: bytes, **overrides: str) -> httpx.Response:
+    """Signed as GitHub signs a form delivery: the HMAC of the raw form body."""
+    headers = h.github_headers(GITHUB_SECRET, form, event) | {
+        "Content-Type": "application/x-www-form-urlencoded"
+    }
+    return svc.http.post("/hooks/github", content=form, headers=headers | overrides)
+
+
+def _form(payload: bytes) -> bytes:
+    return urllib.parse.urlencode({"payload": payload.decode()}).encode()
+
+
+def test_github_form_encoded_delivery_is_accepted_once(svc: Service) -> None:
+    """GitHub's default content type (the JSON URL-encoded in a payload field, the signature
+    over the raw form) is queued as the JSON delivery would be; a redelivery is a duplicate."""
+    delivery = str(uuid.uuid4())
+    form = _form(h.github_pull_request(number=7))
+    assert b"%22" in form and b"{" not in form  # really encoded, as GitHub sends it
+    first = _github_form(svc, "pull_request", form, **{"X-GitHub-Delivery": delivery})
+    again = _github_form(svc, "pull_request", form, **{"X-GitHub-Delivery": delivery})
+    assert first.status_code == 202, first.text
+    assert first.json() == {"status": "accepted", "delivery": delivery}
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    (message,) = svc.queue()
+    assert message["event"]["number"] == 7 and message["event"]["project"] == "acme/web"
+    ping = _github_form(svc, "ping", _form(h.github_ping()))
+    assert ping.status_code == 200 and ping.json()["zen"] == "Keep it logically awesome."
+
+
+@pytest.mark.parametrize(
+    ("form", "reason"),
+    [
+        (b"", "no payload fields"),
+        (b"zen=x", "no payload fields"),
+        (b"payload=%7B%7D&payload=%7B%7D", "has 2 payload fields"),
+        (b"payload=not+json", "not JSON"),
+        (b"payload=%5B1%5D", "not a JSON object"),
+        (b"payload", "cannot be read"),
+        (b"payload=%ff%fe", "not URL-encoded text"),
+        ("payload=caf\u00e9".encode(), "not URL-encoded text"),
+        (b"&".join(b"f%d=1" % i for i in range(40)), "cannot be read"),
+    ],
+    ids=[
+        "empty",
+        "no-payload",
+        "two-payloads",
+        "not-json",
+        "not-object",
+        "no-equals",
+        "bad-utf8",
+        "raw-non-ascii",
+        "too-many-fields",
+    ],
+)
+def test_github_bad_form_is_400_with_its_reason(svc: Service, form: bytes, reason: str) -> None:
+    """A signed form that cannot be read, lacks its payload, has two, or whose payload is not
+    a JSON object gets 400 naming what is wrong; nothing is queued or recorded."""
+    response = _github_form(svc, "pull_request", form)
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["error"]
+    svc.assert_nothing_enqueued()
+    assert svc.redis_keys() == []
+
+
+def test_github_form_signature_covers_the_raw_form(svc: Service) -> None:
+    """The signature is checked over the form as sent, before it is parsed: one computed over
+    the JSON inside, or a form changed after signing, is 401 and nothing is queued."""
+    payload = h.github_pull_request(number=8)
+    form = _form(payload)
+    over_json = h.github_headers(GITHUB_SECRET, payload, "pull_request")["X-Hub-Signature-256"]
+    wrong = _github_form(svc, "pull_request", form, **{"X-Hub-Signature-256": over_json})
+    assert wrong.status_code == 401
+    signed = h.github_headers(GITHUB_SECRET, form, "pull_request")
+    tampered = form.replace(b"8", b"9")
+    headers = signed | {"Content-Type": "application/x-www-form-urlencoded"}
+    changed = svc.http.post("/hooks/github", content=tampered, headers=headers)
+    assert changed.status_code == 401
+    svc.assert_nothing_enqueued()
+
+
+def test_github_form_over_the_body_limit_is_413(svc: Service) -> None:
+    """A form delivery over the body limit is refused before anything is parsed or queued."""
+    form = _form(h.github_pull_request()) + b"&pad=" + b"x" * LIMIT
+    response = _github_form(svc, "pull_request", form)
+    assert response.status_code == 413
+    svc.assert_nothing_enqueued()
+
+
+@pytest.fixture(scope="module")
+def other_projects_service() -> Iterator[Service]:
+    """The service with one policy, fed only by acme/other on GitHub (pull requests only)."""
+    prefix = h.unique_prefix()
+    policy = h.CI_POLICY
+    only_other = replace(
+        policy,
+        on=replace(policy.on, branch_deleted=()),
+        sources=Sources(github=(RepositoryPattern.compile("acme/other"),)),
+    )
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"),
+        hooks=HookSettings(github_secret=Secret(GITHUB_SECRET), gitlab_token=Secret(GITLAB_TOKEN)),
+        policies=(only_other,),
+    )
+    sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
+    state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
+    client = redis.Redis.from_url(h.REDIS_TEST_URL)
+    with (
+        h.running(create_app(config, sink=sink, state=state)) as url,
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
+        yield Service(http, client, prefix)
+    h.delete_prefix(client, prefix)
+    client.close()
+
+
+def test_ci_event_no_policy_wants_is_ignored_with_its_reason(
+    other_projects_service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event from a project no policy's sources match, or one the matching policies have
+    no on: templates for, is answered 202 ignored with the reason, logged, and not queued."""
+    svc = other_projects_service
+    caplog.set_level(logging.INFO, logger="regsweep.service")
+    unmatched = _github(svc, "pull_request", h.github_pull_request())
+    assert unmatched.status_code == 202
+    assert unmatched.json() == {
+        "status": "ignored",
+        "reason": "no policy's sources.github matches acme/web",
+    }
+    other = json.loads(h.github_delete())
+    other["repository"] = {**other["repository"], "full_name": "acme/other"}
+    no_template = _github(svc, "delete", json.dumps(other).encode())
+    assert no_template.status_code == 202
+    assert no_template.json()["reason"] == (
+        "the policies acme/other feeds (ci) have no on.branch_deleted"
+    )
+    body = h.gitlab_merge_request()
+    gitlab = svc.http.post(
+        "/hooks/gitlab", content=body, headers=_gitlab_headers(body, "Merge Request Hook")
+    )
+    assert gitlab.status_code == 202 and "sources.gitlab" in gitlab.json()["reason"]
+    svc.assert_nothing_enqueued()
+    logged = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert any("no policy's sources.github matches acme/web" in line for line in logged)
+    h.delete_prefix(svc.redis, svc.prefix)

@@ -81,6 +81,7 @@ def _rig(redis_server: h.RedisServer, *, broker_behind_proxy: bool = True) -> It
         registry=RegistrySettings(url="http://127.0.0.1:1"),
         redis_url=broker_url,
         hooks=HookSettings(registry_token=Secret(TOKEN), github_secret=Secret(GITHUB_SECRET)),
+        policies=(h.CI_POLICY,),
     )
     sink = CelerySink.from_config(config)
     app = create_app(config, sink=sink, state=State.from_url(proxy.url()))

@@ -65,7 +65,9 @@ def service() -> Iterator[tuple[httpx.Client, int]]:
         head_timeout=timedelta(seconds=2),
         body_timeout=timedelta(seconds=1),
     )
-    config = Config(registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks)
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks, policies=(h.CI_POLICY,)
+    )
     sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
     state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
     client = redis.Redis.from_url(h.REDIS_TEST_URL)

@@ -437,6 +437,30 @@ def test_notifications_reach_a_receiver_on_the_stack_network(
         receiver.remove(force=True)
 
 
+def test_check_config_online_in_the_worker_container(
+    stack: ComposeStack, client: docker.DockerClient, images: ImageBuilder
+) -> None:
+    """`regsweep check-config --online --json`, run where the workers run, finds the registry
+    reachable, its catalog readable, deletes enabled, the mounted storage holding what the
+    registry lists, and Redis answering: every check ok, exit 0."""
+    image(images, "e2e/check-config", "main-1")
+    worker = stack.container(client, "worker")
+    done = worker.exec_run(
+        ["regsweep", "-c", "/etc/regsweep/regsweep.yaml", "check-config", "--online", "--json"],
+        demux=True,
+    )
+    stdout, stderr = (part.decode() if part else "" for part in done.output)
+    output = stdout + stderr
+    assert done.exit_code == 0, output
+    document = json.loads(stdout)
+    statuses = {check["check"]: check["status"] for check in document["checks"]}
+    assert statuses == dict.fromkeys(
+        ["registry", "credentials", "deletes", "storage", "redis"], "ok"
+    )
+    for secret in s.SECRETS:
+        assert secret not in output
+
+
 def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:
     """`scripts/stack down` removes every container (the recreated registry's too), network
     and volume of the stack."""

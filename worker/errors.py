@@ -2,6 +2,7 @@
 
     RegsweepError
     ├── ConfigError                  the policy file or settings are wrong (exit 2)
+    │   └── UnknownRepository        a repository asked for by name that cannot be planned
     ├── RegistryError                the registry refused, failed or could not be reached
     │   ├── RegistryUnavailable      connection errors, timeouts, 5xx after retries (transient)
     │   │   └── DeleteUnsettled      a DELETE's answer was lost and no look could settle it
@@ -42,12 +43,21 @@ class ConfigError(RegsweepError):
         super().__init__("\n".join(self.problems))
 
 
-class RegistryError(RegsweepError):
-    """The registry refused, failed or could not be reached."""
+class UnknownRepository(ConfigError):
+    """Repositories asked for by name (``regsweep plan NAME``) that are not a repository
+    name, that no policy governs, or that the registry does not have; one problem each."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+
+class RegistryError(RegsweepError):
+    """The registry refused, failed or could not be reached; ``hint`` says what to change
+    when that is knowable (it ends the message too)."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
         self.status = status
-        super().__init__(message)
+        self.hint = hint
+        #: The message without its hint.
+        self.detail = message
+        super().__init__(f"{message}: {hint}" if hint else message)
 
 
 class RegistryUnavailable(RegistryError):

@@ -35,7 +35,23 @@ from typing import Final
 
 DEFAULT_LEVEL: Final = "INFO"
 #: Attributes of a LogRecord that say where a line comes from, kept when set.
-_EXTRA: Final = ("task_id", "task_name", "job_id", "repository")
+_EXTRA: Final = (
+    "task_id",
+    "task_name",
+    "job_id",
+    "repository",
+    # a deletion's line (worker.engine.executor) and a prune job's summary (worker.engine.prune)
+    "digest",
+    "tags",
+    "action",
+    "policy",
+    "rule",
+    "reason",
+    "status",
+    "outcome",
+    "counts",
+    "seconds",
+)
 _STDERR_FD: Final = 2
 
 

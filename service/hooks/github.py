@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Final
+
+from starlette.exceptions import HTTPException
 
 from service.hooks.payload import (
     MAX_BRANCH_LENGTH,
@@ -21,7 +24,7 @@ from service.hooks.payload import (
 )
 from service.hooks.verify import same
 from worker.engine.events import CiEvent
-from worker.errors import Unverified
+from worker.errors import BadEvent, Unverified
 from worker.settings.model import Secret
 from worker.store.state import State
 
@@ -60,6 +63,49 @@ def _github_pull_request(document: Mapping[str, Any], delivery_id: str) -> CiEve
         branch=field(document, "pull_request.head.ref", str, MAX_BRANCH_LENGTH),
         merged=document["pull_request"].get("merged") is True,
     )
+
+
+#: GitHub's two content types: JSON, or (its default) a form whose ``payload`` field is the JSON.
+JSON_TYPE: Final = "application/json"
+FORM_TYPE: Final = "application/x-www-form-urlencoded"
+PAYLOAD_FIELD: Final = "payload"
+#: A form carries one field; more than a few means it is not GitHub's.
+MAX_FORM_FIELDS: Final = 16
+
+
+def github_payload(media_type: str, body: bytes) -> bytes:
+    """The JSON of a delivery whose signature was checked over ``body``: the body itself, or
+    the ``payload`` field of a form-encoded one. Raises :class:`BadEvent` (400) for a form
+    that cannot be read or has not exactly one ``payload``, ``HTTPException`` 415 for any
+    other content type."""
+    if media_type == JSON_TYPE:
+        return body
+    if media_type != FORM_TYPE:
+        raise HTTPException(
+            415,
+            f"GitHub deliveries must be {JSON_TYPE} or {FORM_TYPE}, got {media_type[:100]!r}",
+        )
+    values = [value for name, value in _form_fields(body) if name == PAYLOAD_FIELD]
+    if len(values) != 1:
+        found = "no" if not values else f"{len(values)}"
+        raise BadEvent(f"the form has {found} {PAYLOAD_FIELD} fields; GitHub sends exactly one")
+    return values[0].encode()
+
+
+def _form_fields(body: bytes) -> list[tuple[str, str]]:
+    try:
+        text = body.decode("ascii")
+        return urllib.parse.parse_qsl(
+            text,
+            keep_blank_values=True,
+            strict_parsing=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except UnicodeDecodeError as exc:
+        raise BadEvent("the form is not URL-encoded text (or not UTF-8 once decoded)") from exc
+    except ValueError as exc:
+        raise BadEvent(f"the form cannot be read: {str(exc)[:200]}") from exc
 
 
 GITHUB_SIGNATURE_PREFIX: Final = "sha256="

@@ -31,8 +31,19 @@ from service.app import UVICORN_OPTIONS, listening_sockets
 from service.protocol import RequestLimits, bounded_protocol
 from tests.harness import redisdb
 from tests.harness.registry import free_port
+from worker.engine.policy import EventTemplates, Policy, RepositoryPattern, Sources
 from worker.settings.model import HookSettings
 
+#: A policy every GitHub and GitLab project feeds, asking for both events: without one,
+#: the hooks answer a CI event "ignored" (no policy's sources match its project).
+CI_POLICY = Policy(
+    name="ci",
+    repositories=(RepositoryPattern.compile("**"),),
+    on=EventTemplates(pull_request_closed=("pr-{number}",), branch_deleted=("{branch}",)),
+    sources=Sources(
+        github=(RepositoryPattern.compile("**"),), gitlab=(RepositoryPattern.compile("**"),)
+    ),
+)
 REDIS_TEST_URL = redisdb.url(13)
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_OPTIONS = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")

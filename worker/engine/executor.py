@@ -18,6 +18,7 @@ run with everything left marked deferred, nothing half-done lost.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ from worker.errors import (
 )
 from worker.registry.client import RegistryClient, Removal
 from worker.store.audit import AuditEntry, AuditLog, Outcome, Settlement
+
+#: One line per deletion and one per job, at info: what an operator reads to learn what
+#: went. The CLI shows this logger at info too.
+deletions_log = logging.getLogger("regsweep.deletions")
 
 #: Deletions per wave, as a multiple of the registry concurrency: the live
 #: re-check costs one tag list plus a HEAD per kept tag, paid once per wave.
@@ -121,6 +126,16 @@ class ExecutionReport:
 
     def counts(self) -> dict[str, int]:
         return {s.value: len(self.by_status(s)) for s in Status}
+
+    def errors(self) -> list[str]:
+        """What went wrong, each thing once: the problem that stopped the run, then each
+        deletion's own error (not the ones the stopping problem caused)."""
+        own = [
+            f"{d.digest}: {detail}"
+            for d, s, detail in self.done
+            if s is Status.ERROR and not (self.fatal and self.fatal in detail)
+        ]
+        return [self.fatal, *own] if self.fatal else own
 
 
 ProgressCallback = Callable[[Deletion, Status], None]
@@ -244,6 +259,7 @@ class Executor:
         if deletion.action is not Action.UNTAG:
             run.statuses[deletion.digest] = status
         report.done.append((deletion, status, detail))
+        _log_deletion(run, deletion, status, detail)
         if self._on_progress:
             self._on_progress(deletion, status)
 
@@ -258,7 +274,9 @@ class Executor:
             run.read_only = True
             return _Result(Status.DEFERRED, "registry is read-only")
         except DeletesDisabled as exc:
-            run.fatal = f"the registry has deletes disabled (storage.delete.enabled): {exc}"
+            # Every DELETE of the wave in flight gets this answer: one message for all of
+            # them, without the digest, so the run reports it once.
+            run.fatal = run.fatal or f"the registry answers DELETE with 405 UNSUPPORTED: {exc.hint}"
             return _Result(Status.ERROR, run.fatal)
         except DeleteUnsettled as exc:
             return _Result(Status.ERROR, f"unknown whether deleted: {exc}", Outcome.PENDING)
@@ -276,6 +294,38 @@ class Executor:
             except ManifestUnknown:
                 return Removal.ABSENT
         return await self._client.delete_manifest(plan.repository, deletion.digest)
+
+
+def _log_deletion(run: _Run, deletion: Deletion, status: Status, detail: str) -> None:
+    """One line for a deletion carried out, found done, spared or failed on its own; what a
+    stopped run left (deferred, or not attempted after a fatal problem) is in the job's
+    summary line instead, once."""
+    stopped = status is Status.DEFERRED or (run.fatal is not None and run.fatal in detail)
+    if stopped:
+        return
+    plan = run.plan
+    level = logging.WARNING if status is Status.ERROR else logging.INFO
+    tags = ", ".join(deletion.tags) or "no tags"
+    what = "tag" if deletion.action is Action.UNTAG else deletion.action.value
+    message = (
+        f"{status.value}: {plan.repository} {what} {deletion.digest} ({tags}): "
+        f"{deletion.reason}; policy {plan.policy}, job {run.job_id}"
+    )
+    deletions_log.log(
+        level,
+        f"{message}: {detail}" if detail else message,
+        extra={
+            "repository": plan.repository,
+            "job_id": run.job_id,
+            "digest": deletion.digest,
+            "tags": list(deletion.tags),
+            "action": deletion.action.value,
+            "policy": plan.policy,
+            "rule": deletion.reason.rule,
+            "reason": str(deletion.reason),
+            "status": status.value,
+        },
+    )
 
 
 def _levels(deletions: Sequence[Deletion]) -> list[list[Deletion]]:

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Final, NamedTuple
 
-from worker.engine.executor import WAVE_FACTOR, ExecutionReport, Executor, ProgressCallback, Status
+from worker.engine.events import REPOSITORY_MAX_LENGTH, REPOSITORY_NAME
+from worker.engine.executor import (
+    WAVE_FACTOR,
+    ExecutionReport,
+    Executor,
+    ProgressCallback,
+    RunOutcome,
+    Status,
+    deletions_log,
+)
 from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache
 from worker.engine.model import Digest, Inventory
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
-from worker.errors import RegistryError, StateError
+from worker.errors import RegistryError, StateError, UnknownRepository
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config
@@ -97,6 +107,24 @@ class Pruner:
         names = list(requested) or await self._client.catalog()
         return [n for n in names if self._config.policy_for(n) is not None]
 
+    async def requested(self, names: Sequence[str]) -> list[str]:
+        """``names``, each checked: raises :class:`UnknownRepository` naming every one that
+        is not a repository name, that no policy governs, or that the registry lacks."""
+        problems = [f"{n}: not a repository name ({NAME_GRAMMAR})" for n in names if not _valid(n)]
+        unruled = [n for n in names if _valid(n) and self._config.policy_for(n) is None]
+        problems += [f"{n}: no policy's repositories match it; nothing to plan" for n in unruled]
+        candidates = [n for n in names if _valid(n) and n not in unruled]
+        found = await asyncio.gather(*(self._client.repository_exists(n) for n in candidates))
+        url = self._config.registry.url
+        problems += [
+            f"{n}: no such repository in the registry at {url}"
+            for n, exists in zip(candidates, found, strict=True)
+            if not exists
+        ]
+        if problems:
+            raise UnknownRepository([f"regsweep: {p}" for p in problems])
+        return list(names)
+
     async def plan_one(
         self,
         repository: str,
@@ -163,16 +191,21 @@ class Pruner:
         on_progress: ProgressCallback | None = None,
     ) -> Pruned | None:
         """Plan one repository and, unless this is a dry run, carry the plan out: the one
-        place that decides (invariant 7). ``None`` when no policy covers the repository."""
+        place that decides (invariant 7). ``None`` when no policy covers the repository.
+        Either way, one summary line is logged for the job."""
+        started = time.monotonic()
         planned = await self.plan_one(repository, requests=requests, known_tags=known_tags)
         if planned is None:
             return None
         if on_planned:
             on_planned(planned)
         if dry_run or not planned.enforced or planned.plan.is_empty:
-            return Pruned(planned, None)
-        report = await self.execute(planned, job_id=job_id, on_progress=on_progress)
-        return Pruned(planned, report)
+            pruned = Pruned(planned, None)
+        else:
+            report = await self.execute(planned, job_id=job_id, on_progress=on_progress)
+            pruned = Pruned(planned, report)
+        log_summary(pruned, job_id, time.monotonic() - started, dry_run=dry_run)
+        return pruned
 
     async def prune_many(
         self,
@@ -203,6 +236,53 @@ class Pruner:
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+
+def not_executed(planned: RepositoryPlan, dry_run: bool) -> str:
+    """Why a plan was not carried out."""
+    if dry_run:
+        return "dry run"
+    if not planned.enforced:
+        return f"policy {planned.policy.name} is dry-run"
+    return "nothing to delete"
+
+
+def log_summary(pruned: Pruned, job_id: str, seconds: float, *, dry_run: bool) -> None:
+    """The job's one summary line: what was planned, what became of it, how long it took,
+    and the problem that stopped it, once."""
+    planned, report = pruned
+    plan = planned.plan
+    head = f"prune job {job_id}: {plan.repository} (policy {plan.policy})"
+    wanted = f"planned {plan.tags_removed} tags, {plan.manifests_removed} manifests to remove"
+    if report is None:
+        outcome, counts = "planned", {}
+        message = f"{head}: {wanted}; not carried out ({not_executed(planned, dry_run)})"
+    else:
+        outcome, counts = report.outcome.value, {k: v for k, v in report.counts().items() if v}
+        done = ", ".join(f"{n} {status}" for status, n in counts.items()) or "nothing done"
+        message = f"{head}: {outcome}: {wanted}; {done}"
+        if report.fatal:
+            message += f"; {report.fatal}"
+    failed = report is not None and report.outcome is RunOutcome.FAILED
+    deletions_log.log(
+        logging.WARNING if failed else logging.INFO,
+        f"{message} ({seconds:.2f}s)",
+        extra={
+            "repository": plan.repository,
+            "job_id": job_id,
+            "policy": plan.policy,
+            "outcome": outcome,
+            "counts": counts,
+            "seconds": round(seconds, 3),
+        },
+    )
+
+
+NAME_GRAMMAR: Final = "lowercase letters and digits, separated by . _ __ or -, joined by /"
+
+
+def _valid(name: str) -> bool:
+    return len(name) <= REPOSITORY_MAX_LENGTH and REPOSITORY_NAME.fullmatch(name) is not None
 
 
 async def _forget(history: History, repository: str, report: ExecutionReport) -> None:

@@ -249,9 +249,7 @@ def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
 
 
 def report_summary(report: ExecutionReport) -> dict[str, Any]:
-    errors = [f"{d.digest}: {detail}" for d, s, detail in report.done if s is Status.ERROR]
-    if report.fatal:
-        errors.insert(0, report.fatal)
+    errors = report.errors()
     deleted = [d for d, s, _ in report.done if s is Status.DELETED]
     return {
         "executed": True,

@@ -38,6 +38,7 @@ from typing import Final
 import httpx
 
 from worker.errors import RegistryAuthError, RegistryProtocolError, RegistryUnavailable
+from worker.registry.diagnosis import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ def merge_scopes(*scopes: str) -> list[str]:
 
 def basic_header(username: str, password: str) -> str:
     return "Basic " + b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def _token_server(response: httpx.Response) -> str:
+    try:
+        return f"token server {shown_url(response.request.url)}"
+    except RuntimeError:  # an answer made without its request (driving the flow by hand)
+        return "token server"
 
 
 @dataclass
@@ -182,12 +190,13 @@ class RegistryAuth(httpx.Auth):
     def _store(self, response: httpx.Response, scopes: list[str], needed: str | None) -> str:
         """Check the token server's answer and cache its token under every scope it covers."""
         status = response.status_code
+        server = _token_server(response)
         if status in (401, 403):
             raise RegistryAuthError(
-                f"token server refused the credentials ({status})", status=status
+                f"{server} refused: {status}", status=status, hint=self._refusal()
             )
         if status >= 500:
-            raise RegistryUnavailable(f"token server failed ({status})", status=status)
+            raise RegistryUnavailable(f"{server} failed ({status})", status=status)
         try:
             body = response.json()
             token = body.get("token") or body.get("access_token")
@@ -201,6 +210,17 @@ class RegistryAuth(httpx.Auth):
             self._tokens[key] = entry
         log.debug("fetched a registry token for %s (expires in %.0f s)", scopes, lifetime)
         return token
+
+    def _refusal(self) -> str:
+        if self._basic is None:
+            return (
+                "it wants credentials and none are configured: set registry.username and "
+                "registry.password_env"
+            )
+        return (
+            "wrong user or password (registry.username; the password is read from the variable "
+            "registry.password_env names)"
+        )
 
     def _cached(self, scope: str | None) -> str | None:
         if scope is None:

@@ -58,6 +58,14 @@ from worker.errors import (
 )
 from worker.registry import mediatypes as mt
 from worker.registry.auth import RegistryAuth
+from worker.registry.diagnosis import (
+    API_VERSION_HEADER,
+    describe,
+    operation,
+    response_hint,
+    shown_url,
+    transport_failure,
+)
 from worker.settings.model import RegistrySettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,8 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
 DEFAULT_PAGE_SIZE: Final = 1000
 #: A pagination loop longer than this is a registry bug, not a big registry.
 MAX_PAGES: Final = 100_000
+#: A digest no content has: what ``deletes_enabled`` asks the registry to delete.
+IMPOSSIBLE_DIGEST: Final = "sha256:" + "0" * 64
 #: The OCI empty descriptor's content, the config of the throw-away manifest.
 EMPTY_CONFIG: Final = b"{}"
 
@@ -142,23 +152,28 @@ def next_link(response: httpx.Response) -> httpx.URL | None:
     return response.url.join(match.group(1)) if match else None
 
 
-def error_for(response: httpx.Response, what: str) -> RegistryError:
-    """The :mod:`worker.errors` type for an answer the caller did not expect."""
+def error_for(response: httpx.Response, what: str | None = None) -> RegistryError:
+    """The :mod:`worker.errors` type for an answer the caller did not expect: its message
+    names the operation and URL, the status and error codes, and what to change where
+    that is knowable (:mod:`worker.registry.diagnosis`)."""
     status = response.status_code
     codes = error_codes(response)
-    message = f"{what}: {status} {' '.join(codes)}".rstrip()
+    where = operation(response.request)
+    head = where if what is None else f"{what} ({where})"
+    message = f"{head}: {status} {' '.join(codes)}".rstrip()
+    hint = response_hint(response, codes)
     if status in (401, 403):
-        return RegistryAuthError(message, status=status)
+        return RegistryAuthError(message, status=status, hint=hint)
     if status == 405:
         if "UNSUPPORTED" in codes:
-            return DeletesDisabled(f"{message} (storage.delete.enabled is false)", status=status)
+            return DeletesDisabled(message, status=status, hint=hint)
         if "Allow" in response.headers and not codes:
             return RegistryReadOnly(f"{message} (read-only maintenance mode)", status=status)
     if status == 404:
-        return ManifestUnknown(message, status=status)
+        return ManifestUnknown(message, status=status, hint=hint)
     if status == 429 or status >= 500:
-        return RegistryUnavailable(message, status=status)
-    return RegistryProtocolError(message, status=status)
+        return RegistryUnavailable(message, status=status, hint=hint)
+    return RegistryProtocolError(message, status=status, hint=hint)
 
 
 def untag_manifest(config: Descriptor) -> bytes:
@@ -315,7 +330,45 @@ class RegistryClient:
         """Check the registry answers the API root (and that the credentials work)."""
         response = await self._request("GET", "/v2/", template="/v2/")
         if response.status_code != 200:
-            raise error_for(response, "GET /v2/")
+            raise error_for(response)
+        if API_VERSION_HEADER not in response.headers and json_object(response) is None:
+            raise RegistryProtocolError(
+                f"{operation(response.request)}: 200 with a body that is not JSON and no "
+                f"{API_VERSION_HEADER} header: this is not a registry's API; registry.url must "
+                "be the registry's base URL, without /v2"
+            )
+
+    async def deletes_enabled(self, repo: str) -> bool:
+        """Whether the registry carries out DELETEs (``storage.delete.enabled``), asked by
+        deleting a manifest that cannot exist: 404 means enabled, 405 ``UNSUPPORTED``
+        disabled. Nothing can be deleted by this (no content hashes to all zeros)."""
+        response = await self._request(
+            "DELETE",
+            f"/v2/{repo}/manifests/{IMPOSSIBLE_DIGEST}",
+            template="/v2/{name}/manifests/{reference}",
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+        )
+        if response.status_code == 404 and error_codes(response):
+            return True
+        failure = error_for(response, f"DELETE probe of {repo}")
+        if isinstance(failure, DeletesDisabled):
+            return False
+        raise failure
+
+    async def repository_exists(self, repo: str) -> bool:
+        """Whether the registry has ``repo``: its tag list answers, or (a repository only
+        ever pushed to by digest has no tag list on 2.8) the catalog lists it."""
+        response = await self._request(
+            "GET", f"/v2/{repo}/tags/list", template="/v2/{name}/tags/list", params={"n": 1}
+        )
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response):
+            try:
+                return repo in await self.catalog()
+            except RegistryAuthError:  # no catalog access: the tag list's answer stands
+                return False
+        raise error_for(response)
 
     async def catalog(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
         """Every repository name, following the catalog's pagination."""
@@ -531,7 +584,8 @@ class RegistryClient:
                 return Removal.DELETED_UNANSWERED
             if attempt < self._retries:
                 await asyncio.sleep(self._delay(attempt))
-        raise RegistryUnavailable(f"DELETE {path}: no answer after {self._retries} attempts")
+        url = shown_url(self._http.base_url.join(path))
+        raise RegistryUnavailable(f"DELETE {url}: no answer after {self._retries} attempts")
 
     async def _untag_with_dummy(self, repo: str, tag: str) -> Removal:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
@@ -579,7 +633,7 @@ class RegistryClient:
                 return items
             body = json_object(response)
             if response.status_code != 200 or body is None:
-                raise error_for(response, f"GET {path}")
+                raise error_for(response)
             page = body.get(key) or []  # 2.8 answers "tags": null for an emptied repository
             if not isinstance(page, list):
                 raise RegistryProtocolError(f"GET {path}: {key!r} is not a list")
@@ -623,19 +677,12 @@ class RegistryClient:
             else:
                 if response.status_code < 500:
                     return response
-                failure = error_for(response, f"{method} {template}")
+                failure = error_for(response)
             if attempt < attempts:
                 delay = self._delay(attempt)
-                log.warning(
-                    "%s %s failed (%s); retry %d in %.2fs",
-                    method,
-                    template,
-                    failure,
-                    attempt,
-                    delay,
-                )
+                log.warning("%s; retry %d in %.2fs", failure, attempt, delay)
                 await asyncio.sleep(delay)
-        raise failure or RegistryUnavailable(f"{method} {template}: not attempted")
+        raise failure or RegistryUnavailable(f"{operation(request)}: not attempted")
 
     def _delay(self, attempt: int) -> float:
         """Before retry ``attempt + 1``: exponential, jittered (many requests retry at once)."""
@@ -653,13 +700,15 @@ class RegistryClient:
                 status = response.status_code
                 return response
             except httpx.TransportError as exc:
-                raise RegistryUnavailable(
-                    f"{request.method} {template}: {type(exc).__name__}: {exc}"
-                ) from exc
+                message, hint = transport_failure(request, exc)
+                raise RegistryUnavailable(message, hint=hint) from exc
             except httpx.HTTPError as exc:
-                raise RegistryProtocolError(
-                    f"{request.method} {template}: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise RegistryProtocolError(f"{operation(request)}: {describe(exc)}") from exc
+            except RegistryError as exc:
+                # Raised by the auth flow (the token server refused, failed, answered
+                # nonsense): say which request needed the token.
+                where = f"{operation(request)}: {exc.detail}"
+                raise type(exc)(where, status=exc.status, hint=exc.hint) from exc
             finally:
                 if self._on_response is not None:
                     self._on_response(

@@ -48,6 +48,19 @@ def is_variable_name(name: str) -> bool:
     return _VARIABLE_NAME.fullmatch(name) is not None
 
 
+#: What a conventional variable name looks like: upper-case words joined by "_".
+_SHOWN_NAME: Final = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
+
+
+def shown_name(name: str) -> str:
+    """``name`` for a message when it looks like a conventional variable name
+    (``REGSWEEP_GITHUB_SECRET``), else a description: a ``*_env`` key sometimes holds the
+    secret itself, pasted by mistake, and that must never be echoed."""
+    if len(name) <= 64 and _SHOWN_NAME.fullmatch(name):
+        return name
+    return "the variable it names (not shown: it does not look like a variable name)"
+
+
 def secret(environ: Mapping[str, str], name: str) -> Secret | None:
     """The secret held by variable ``name``; ``None`` when it is unset or empty."""
     value = _value(environ, name)

@@ -21,7 +21,7 @@ import re
 import shlex
 import string
 import urllib.parse
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -29,7 +29,6 @@ from typing import Any, Final, Literal, TypeVar
 
 import yaml
 from croniter import croniter
-from yaml.constructor import ConstructorError
 
 from worker.engine.policy import (
     AgeSource,
@@ -43,6 +42,7 @@ from worker.engine.policy import (
 )
 from worker.errors import ConfigError
 from worker.settings import env
+from worker.settings.local import local_problems
 from worker.settings.model import (
     DEFAULT_AUDIT_PATH,
     DEFAULT_BODY_LIMIT,
@@ -70,6 +70,7 @@ from worker.settings.model import (
     RegistrySettings,
     Secret,
 )
+from worker.settings.patterns import repository_glob_problem, tag_glob_problem
 
 _T = TypeVar("_T")
 
@@ -166,8 +167,13 @@ _VERSION: Final = re.compile(r"\d+\.\d+")
 # -- public API ---------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, parse and validate the policy file at ``path``; raises :class:`ConfigError`."""
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, strict: bool = False
+) -> Config:
+    """Read, parse and validate the policy file at ``path``; raises :class:`ConfigError`.
+
+    ``strict`` (``check-config``): also refuse files and variables the file names that
+    cannot serve on this machine (:mod:`worker.settings.local`)."""
     source = os.fspath(path)
     try:
         # utf-8-sig: editors on Windows save a BOM, which YAML would read as content.
@@ -180,14 +186,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
-    return parse_config(text, source, environ)
+    return parse_config(text, source, environ, strict=strict)
 
 
-def parse_config(text: str, source: str, environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    text: str, source: str, environ: Mapping[str, str] | None = None, *, strict: bool = False
+) -> Config:
     """Parse and validate policy-file ``text``; ``source`` names it in messages."""
     environ = env.current() if environ is None else environ
     problems = _Problems(source)
-    top = _Section(_load_yaml(text, source), "", problems, _TOP_KEYS)
+    top = _Section(_load_yaml(text, source, problems), "", problems, _TOP_KEYS)
     registry = _registry(top, environ)
     redis_url = _redis_url(top, environ)
     sweep_every = _sweep_every(top)
@@ -197,6 +205,12 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
     audit_path = _audit_path(top, source)
     restore_hold = top.section("restore", ("hold",)).duration("hold") or DEFAULT_RESTORE_HOLD
     notify = _notify(top, environ)
+    if strict:
+        for key, message in local_problems(registry, hooks, audit_path, redis_url):
+            problems.add(key, message, problems.key_lines.get(key))
+        for unset in notify.unset:  # a notification target that would never send
+            key, _, message = unset.partition(": ")
+            problems.add(key, message, problems.key_lines.get(key))
     problems.raise_if_any()
     return Config(
         registry=registry,
@@ -235,21 +249,78 @@ def parse_duration(text: str) -> timedelta:
 # -- YAML ---------------------------------------------------------------------------------
 
 
+class _Map(dict[Hashable, Any]):
+    """A YAML mapping that remembers its line and each key's (1-based), for messages."""
+
+    line: int | None = None
+    key_lines: dict[str, int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_lines = {}
+
+
+class _Seq(list[Any]):
+    """A YAML sequence that remembers each item's line (1-based), for messages."""
+
+    item_lines: list[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.item_lines = []
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans (``on:`` is a key, not ``True``) and duplicate keys refused."""
+    """YAML 1.2 booleans (``on:`` is a key, not ``True``), lines kept, duplicate keys listed.
+
+    A duplicate key is a problem, not the end of the load: the first occurrence is
+    kept and the rest of the file is still checked, so one run lists everything.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        #: (line, column, message) of each duplicate key, 1-based.
+        self.duplicates: list[tuple[int, int, str]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         # PyYAML keeps the last of two equal keys; a policy file silently losing
         # half a policy is worse than refusing it.
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            if key_node.value in seen:
-                message = f"duplicate key {key_node.value!r}"
-                raise ConstructorError(None, None, message, key_node.start_mark)
-            seen.add(key_node.value)
+        first: dict[str, int] = {}
+        kept = []
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and not key_node.tag.endswith(":merge"):
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    earlier = first[key_node.value]
+                    message = f"duplicate key {key_node.value!r} (first at line {earlier})"
+                    self.duplicates.append((line, key_node.start_mark.column + 1, message))
+                    continue
+                first[key_node.value] = line
+            kept.append((key_node, value_node))
+        node.value = kept
         return super().construct_mapping(node, deep=deep)
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> Iterator[_Map]:
+    data = _Map()
+    data.line = node.start_mark.line + 1
+    yield data
+    data.update(loader.construct_mapping(node))
+    # After construct_mapping: merge keys (<<) are flattened in by then.
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            data.key_lines[str(key_node.value)] = key_node.start_mark.line + 1
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> Iterator[_Seq]:
+    data = _Seq()
+    yield data
+    data.extend(loader.construct_sequence(node))
+    data.item_lines = [item.start_mark.line + 1 for item in node.value]
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 _BOOL_TAG: Final = "tag:yaml.org,2002:bool"
@@ -262,19 +333,25 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str, source: str) -> dict[object, object]:
+def _load_yaml(text: str, source: str, problems: _Problems) -> dict[object, object]:
+    """The document; duplicate keys go to ``problems`` (with line and column)."""
+    loader = _Loader(text)  # a SafeLoader: builds plain data only
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError(f"{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    for line, column, message in loader.duplicates:
+        problems.lines.append(f"{source}:{line}:{column}: {message}")
     if data is None:
         raise ConfigError(f"{source}: the file is empty")
     if not isinstance(data, dict):
-        kind = type(data).__name__
+        kind = "list" if isinstance(data, list) else type(data).__name__
         raise ConfigError(f"{source}: the top level must be a mapping (registry:, ...), not {kind}")
     return data
 
@@ -288,9 +365,12 @@ class _Problems:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: list[str] = []
+        #: The line of every key read (``registry.ca_file``: 4), for later checks' messages.
+        self.key_lines: dict[str, int] = {}
 
-    def add(self, path: str, message: str) -> None:
-        self.lines.append(f"{self.source}: {path}: {message}")
+    def add(self, path: str, message: str, line: int | None = None) -> None:
+        where = f"{self.source}:{line}" if line else self.source
+        self.lines.append(f"{where}: {path}: {message}")
 
     def raise_if_any(self) -> None:
         if self.lines:
@@ -326,26 +406,36 @@ class _Section:
         keys: Sequence[str],
         *,
         list_item: bool = False,
+        line: int | None = None,
     ) -> None:
         self.path = path
         self.problems = problems
         self._data: dict[str, object] = {}
+        #: Where this mapping starts, and where each of its keys is.
+        self.line = value.line if isinstance(value, _Map) else line
+        self._key_lines = value.key_lines if isinstance(value, _Map) else {}
         # "required" is only worth saying inside a mapping that exists.
         self._present = isinstance(value, dict)
         # An absent section is empty; an empty list entry (`- `) is a mistake.
         if (value is not None or list_item) and not isinstance(value, dict):
-            problems.add(path, "must be a mapping")
+            problems.add(path, "must be a mapping", self.line)
         for key, item in value.items() if isinstance(value, dict) else ():
             if isinstance(key, str) and key in keys:
                 self._data[key] = item
+                problems.key_lines[self.at(key)] = self.line_of(key) or 0
             else:
                 self.problem(str(key), _unknown_key(str(key), keys))
 
     def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key`` (of its first part for ``a.b``), else of this mapping."""
+        head = key.partition(".")[0]
+        return self._key_lines.get(key) or self._key_lines.get(head) or self.line
+
     def problem(self, key: str, message: str) -> None:
-        self.problems.add(self.at(key), message)
+        self.problems.add(self.at(key), message, self.line_of(key))
 
     def has(self, key: str) -> bool:
         return self._data.get(key) is not None
@@ -357,7 +447,8 @@ class _Section:
         return value
 
     def section(self, key: str, keys: Sequence[str], *, required: bool = False) -> _Section:
-        return _Section(self.get(key, required=required), self.at(key), self.problems, keys)
+        value = self.get(key, required=required)
+        return _Section(value, self.at(key), self.problems, keys, line=self.line_of(key))
 
     def text(self, key: str, *, required: bool = False) -> str | None:
         value = self.get(key, required=required)
@@ -419,7 +510,7 @@ class _Section:
                     raise ValueError(_not_a_string(item))
                 converted.append(convert(item))
             except ValueError as exc:
-                self.problems.add(where, str(exc))
+                self.problems.add(where, str(exc), _item_line(value, index) or self.line_of(key))
         return tuple(converted)
 
     def variable(self, key: str) -> str | None:
@@ -429,6 +520,13 @@ class _Section:
             self.problem(key, "must be the name of an environment variable, like REGSWEEP_X")
             return None
         return name
+
+
+def _item_line(value: object, index: int) -> int | None:
+    """The line of item ``index`` of a YAML sequence, when it has one."""
+    if isinstance(value, _Seq) and index < len(value.item_lines):
+        return value.item_lines[index]
+    return None
 
 
 def _duration_of(value: object) -> timedelta:
@@ -503,7 +601,11 @@ def _registry_password(
         return None
     password = env.secret(environ, name)
     if password is None:
-        section.problem("password_env", "names an environment variable that is not set")
+        section.problem(
+            "password_env",
+            f"names an environment variable that is not set: {env.shown_name(name)} "
+            "(export it, non-empty, where regsweep runs)",
+        )
     return password
 
 
@@ -538,12 +640,15 @@ def _sweep_every(top: _Section) -> timedelta:
 def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
     section = top.section("hooks", _HOOK_KEYS)
     unset: list[str] = []
+    variables: list[tuple[str, str]] = []
 
     def secret(key: str) -> Secret | None:
-        # An unset variable disables its hook (404): the service starts, check-config
-        # says so (HookSettings.unset).
+        # An unset variable disables its hook (404): the service starts and warns,
+        # check-config refuses it (HookSettings.unset).
         name = section.variable(key)
         value = None if name is None else env.secret(environ, name)
+        if name is not None:
+            variables.append((f"hooks.{key}", env.shown_name(name)))
         if name is not None and value is None:
             unset.append(f"hooks.{key}")
         return value
@@ -570,6 +675,7 @@ def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
         body_timeout=section.duration("body_timeout") or DEFAULT_BODY_TIMEOUT,
         max_connections=section.integer("max_connections", low=1) or DEFAULT_MAX_CONNECTIONS,
         unset=tuple(sorted(unset)),
+        variables=tuple(variables),
     )
 
 
@@ -604,9 +710,11 @@ def _policies(top: _Section) -> tuple[Policy, ...]:
     if not isinstance(raw, list):
         top.problem("policies", "must be a list of policies")
         return ()
-    policies = tuple(_policy(item, index, top.problems) for index, item in enumerate(raw))
-    _check_unique_names(policies, top.problems)
-    _check_shadowed_repositories(policies, top.problems)
+    policies = tuple(
+        _policy(item, index, top.problems, _item_line(raw, index)) for index, item in enumerate(raw)
+    )
+    _check_unique_names(policies, top.problems, raw)
+    _check_shadowed_repositories(policies, top.problems, raw)
     return policies
 
 
@@ -614,11 +722,12 @@ def _policy_path(index: int, name: str) -> str:
     return f"policies[{index}] ({name})" if name else f"policies[{index}]"
 
 
-def _policy(value: object, index: int, problems: _Problems) -> Policy:
+def _policy(value: object, index: int, problems: _Problems, line: int | None) -> Policy:
     # The name goes into every path of this policy, so it is read before the rest.
     peeked = value.get("name") if isinstance(value, dict) else None
     name = peeked if isinstance(peeked, str) and peeked.strip() else ""
-    section = _Section(value, _policy_path(index, name), problems, _POLICY_KEYS, list_item=True)
+    path = _policy_path(index, name)
+    section = _Section(value, path, problems, _POLICY_KEYS, list_item=True, line=line)
     section.text("name", required=True)
     return Policy(
         name=name,
@@ -655,18 +764,35 @@ def _event_templates(section: _Section) -> EventTemplates:
     return templates
 
 
-def _check_unique_names(policies: Sequence[Policy], problems: _Problems) -> None:
+def _line_in(
+    raw: Sequence[object], index: int, key: str, position: int | None = None
+) -> int | None:
+    """The line of ``raw[index][key]`` (of its item ``position``), where YAML gave one."""
+    item = raw[index] if index < len(raw) else None
+    if not isinstance(item, _Map):
+        return None
+    if position is not None:
+        return _item_line(item.get(key), position) or item.key_lines.get(key)
+    return item.key_lines.get(key) or item.line
+
+
+def _check_unique_names(
+    policies: Sequence[Policy], problems: _Problems, raw: Sequence[object]
+) -> None:
     first: dict[str, int] = {}
     for index, policy in enumerate(policies):
         if not policy.name:
             continue
         if policy.name in first:
             where = f"{_policy_path(index, policy.name)}.name"
-            problems.add(where, f"policies[{first[policy.name]}] already has this name")
+            message = f"policies[{first[policy.name]}] already has this name: rename one"
+            problems.add(where, message, _line_in(raw, index, "name"))
         first.setdefault(policy.name, index)
 
 
-def _check_shadowed_repositories(policies: Sequence[Policy], problems: _Problems) -> None:
+def _check_shadowed_repositories(
+    policies: Sequence[Policy], problems: _Problems, raw: Sequence[object]
+) -> None:
     # A repository uses the first policy that matches it, so a later pattern that
     # an earlier policy already covers can never take effect. Only exact names and
     # identical globs are checked: glob-covers-glob is not worth its complexity.
@@ -675,7 +801,8 @@ def _check_shadowed_repositories(policies: Sequence[Policy], problems: _Problems
             earlier = _covering_policy(policies[:index], pattern)
             if earlier is not None:
                 where = f"{_policy_path(index, policy.name)}.repositories[{position}]"
-                problems.add(where, f"never used: {earlier} comes first and matches it")
+                line = _line_in(raw, index, "repositories", position)
+                problems.add(where, f"never used: {earlier} comes first and matches it", line)
 
 
 def _covering_policy(earlier: Sequence[Policy], pattern: RepositoryPattern) -> str | None:
@@ -702,12 +829,18 @@ def _repository_pattern(text: str) -> RepositoryPattern:
         raise ValueError("repositories are globs; re: is only for tag patterns")
     if text.startswith("/") or text.endswith("/") or "//" in text:
         raise ValueError("must not start or end with / nor contain //")
+    problem = repository_glob_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
     return RepositoryPattern.compile(text)
 
 
 def _tag_pattern(text: str) -> TagPattern:
     if text.strip() == "re:":
         raise ValueError("the regular expression after re: is empty")
+    problem = None if text.startswith("re:") else tag_glob_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
     try:
         return TagPattern.compile(text)
     except re.error as exc:
@@ -726,12 +859,14 @@ def _keep_rules(section: _Section) -> tuple[KeepRule, ...] | None:
         # easy to write by accident to mean "no retention".
         section.problem("keep", "must list at least one rule (leave keep out for no retention)")
         return None
-    return tuple(_keep_rule(item, index, section) for index, item in enumerate(raw))
+    return tuple(
+        _keep_rule(item, index, section, _item_line(raw, index)) for index, item in enumerate(raw)
+    )
 
 
-def _keep_rule(value: object, index: int, policy: _Section) -> KeepRule:
+def _keep_rule(value: object, index: int, policy: _Section, line: int | None) -> KeepRule:
     path = f"{policy.at('keep')}[{index}]"
-    rule = _Section(value, path, policy.problems, _KEEP_KEYS, list_item=True)
+    rule = _Section(value, path, policy.problems, _KEEP_KEYS, list_item=True, line=line)
     return KeepRule(
         index=index,
         tags=rule.strings("tags", _tag_pattern, required=True),

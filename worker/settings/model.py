@@ -86,6 +86,12 @@ class HookSettings:
     metrics_listen: str | None = None
     #: ``hooks.*_env`` keys the file sets whose variable is not set (their hook is off).
     unset: tuple[str, ...] = ()
+    #: (key, variable name as messages may show it) for every ``hooks.*_env`` key set.
+    variables: tuple[tuple[str, str], ...] = ()
+
+    def variable(self, key: str) -> str:
+        """The variable ``key`` (``hooks.github_secret_env``) names, as a message may show it."""
+        return dict(self.variables).get(key, f"the variable {key} names")
 
 
 @dataclass(frozen=True)
