@@ -1,4 +1,8 @@
-"""TODO"""
+"""A test double for the service's event sink: JSON on plain Redis lists.
+
+The service's own sink sends Celery messages; tests that want to read what the
+service accepted, without a worker, give it this one instead.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO"""
+"""What a CI event asks a policy to delete: its ``on:`` templates filled from the event.
+
+A closed pull request or a deleted branch names tags through the policy's
+templates (``pr-{number}-*``, ``{branch_slug}-*``); the event's values are
+escaped first, so a branch called ``*`` is a branch, never a pattern.
+"""
 
 from __future__ import annotations
 
