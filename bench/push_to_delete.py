@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -114,14 +114,21 @@ async def generate(registry: str, rate: float, seconds: float, repositories: int
 
 
 def deleted_at() -> dict[str, float]:
-    """digest -> when its DELETE returned, from the audit stream."""
-    client = redis.Redis.from_url(s.REDIS_URL)
+    """digest -> when its DELETE returned: the time of the ``deleted`` settlement of the
+    intent the audit stream recorded for it."""
+    client = redis.Redis.from_url(s.REDIS_URL, decode_responses=True)
+    digests: dict[str, str] = {}  # record id -> digest
     out: dict[str, float] = {}
-    for _, fields in client.xrange("regsweep:audit") or ():
-        if fields is None:
-            continue
-        entry = json.loads(fields[b"entry"])
-        out[entry["digest"]] = datetime.fromisoformat(entry["time"]).timestamp()
+    rows = cast(list[tuple[str, dict[str, str]]], client.xrange("regsweep:audit"))
+    for _, fields in rows:
+        if "entry" in fields:
+            entry = json.loads(fields["entry"])
+            digests[entry["id"]] = entry["digest"]
+        elif "settled" in fields:
+            settled = json.loads(fields["settled"])
+            if settled["outcome"] == "deleted" and settled["id"] in digests:
+                when = datetime.fromisoformat(settled["time"]).timestamp()
+                out[digests[settled["id"]]] = when
     client.close()
     return out
 
