@@ -17,10 +17,11 @@ import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import checkconfig, render
+from regsweep import checkconfig, console, render
 from worker import logs
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
@@ -52,11 +53,39 @@ CELERY_COMMANDS: Final = ("worker", "beat")
 QUIET: Final = ("--quiet",)
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
+#: Shells ``regsweep completion`` writes a script for.
+SHELLS: Final = ("bash", "zsh", "tcsh")
+#: shtab's ``FILE``: complete file names. Spelled out so that every command does not
+#: import shtab (50 ms) to build its parser; only ``regsweep completion`` does.
+COMPLETE_FILES: Final = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+
+DESCRIPTION: Final = """\
+Prune a self-hosted Docker registry (CNCF distribution) by retention policy, safely,
+and garbage-collect it in a maintenance window."""
+EPILOG: Final = """\
+The policy file comes from -c FILE (before or after the command) or $REGSWEEP_CONFIG.
+Exit codes: 0 ok, 1 run error, 2 usage or config error.
+Each command's own options: regsweep COMMAND --help."""
+
+
+def _version() -> str:
+    try:
+        return f"regsweep {metadata.version('regsweep')}"
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "regsweep (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regsweep", description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", help="policy file (default: $REGSWEEP_CONFIG)")
+    parser = argparse.ArgumentParser(
+        prog="regsweep",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="policy file (default: $REGSWEEP_CONFIG)"
+    ).complete = COMPLETE_FILES  # type: ignore[attr-defined]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     checkconfig.add_arguments(
         sub.add_parser("check-config", help="validate the policy file and list every problem")
@@ -70,31 +99,43 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--enqueue", action="store_true", help="queue prune jobs for the workers; print job ids"
     )
+    prune.add_argument("--json", action="store_true", help="machine-readable output")
     rest = sub.add_parser("restore", help="put a deleted manifest and its tags back (until GC)")
     rest.add_argument("repository", metavar="REPO")
     rest.add_argument("digest", metavar="DIGEST", help="a digest or a unique prefix of one")
     rest.add_argument(
         "--force", action="store_true", help="move tags that now point elsewhere back too"
     )
+    rest.add_argument("--json", action="store_true", help="machine-readable output")
     hold = sub.add_parser("hold", help="keep a tag whatever the policy says, for a while")
     hold.add_argument("repository", metavar="REPO")
     hold.add_argument("tag", metavar="TAG")
     hold.add_argument(
         "--for", dest="duration", type=_duration, default=DEFAULT_HOLD, help="default 7d"
     )
+    hold.add_argument("--json", action="store_true", help="machine-readable output")
     unhold = sub.add_parser("unhold", help="end a hold")
     unhold.add_argument("repository", metavar="REPO")
     unhold.add_argument("tag", metavar="TAG")
+    unhold.add_argument("--json", action="store_true", help="machine-readable output")
     audit = sub.add_parser("audit", help="list audited deletions")
     audit.add_argument("--since", type=_since, help="e.g. 24h, 1h30m, 7d or an ISO timestamp")
     audit.add_argument("--repository", metavar="REPO")
     audit.add_argument("--digest", metavar="DIGEST", help="a digest or a prefix of one")
     audit.add_argument("--job", metavar="JOB_ID")
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
     gc = sub.add_parser("gc", help="garbage-collect now: pruning paused, registry read-only")
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
     gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
+    gc.add_argument("--json", action="store_true", help="machine-readable output")
     _add_process_commands(sub)
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for SHELL, e.g.: "
+        "regsweep completion bash > /etc/bash_completion.d/regsweep",
+    )
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help=", ".join(SHELLS))
     _accept_config_after_command(sub)
     return parser
 
@@ -106,10 +147,14 @@ def _accept_config_after_command(sub: Any) -> None:
     SUPPRESS keeps a ``-c`` given before the command when none follows it.
     """
     for name, command in sub.choices.items():
-        if name not in CELERY_COMMANDS:
+        if name not in (*CELERY_COMMANDS, "completion"):
             command.add_argument(
-                "-c", "--config", default=argparse.SUPPRESS, help="policy file (as before COMMAND)"
-            )
+                "-c",
+                "--config",
+                metavar="FILE",
+                default=argparse.SUPPRESS,
+                help="policy file (as before COMMAND)",
+            ).complete = COMPLETE_FILES
 
 
 def _add_process_commands(sub: Any) -> None:
@@ -168,8 +213,8 @@ async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
     dry_run = True if args.dry_run else None
     repositories = args.repositories or [None]
     requests = [JobRequest(JobKind.PRUNE, repository=r, dry_run=dry_run) for r in repositories]
-    for job_id in await enqueue(config, requests):
-        print(job_id)
+    job_ids = await enqueue(config, requests)
+    print(json.dumps({"job_ids": job_ids}) if args.json else "\n".join(job_ids))
     return EXIT_OK
 
 
@@ -256,14 +301,16 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     try:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
-            results = await pruner.plan_many(await _chosen(pruner, args.repositories))
+            repos = await _chosen(pruner, args.repositories)
+            with console.progress() as bars:
+                planning = bars.add("planning", len(repos))
+                results = await pruner.plan_many(repos, on_done=lambda _: bars.advance(planning))
     finally:
         await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
     planned = [r for r in results if isinstance(r, RepositoryPlan)]
     if args.json:
-        json.dump(render.plan_json(planned), sys.stdout, indent=2)
-        print()
+        print(json.dumps(render.plan_json(planned), indent=2))
     else:
         _print_plans(planned)
     return _report_failures(r for r in results if isinstance(r, RepositoryFailure))
@@ -306,21 +353,22 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
             repos = await _chosen(pruner, args.repositories)
-            results = await _prune_with_progress(pruner, repos, args.dry_run, job_id)
+            results = await _prune_with_progress(pruner, repos, args, job_id)
     finally:
         await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
     code = _report_failures(r for r in results if isinstance(r, RepositoryFailure))
-    for result in results:
-        if isinstance(result, RepositoryFailure):
-            continue
-        rp, report = result
+    pruned = [r for r in results if not isinstance(r, RepositoryFailure)]
+    if any(r.report and r.report.outcome is RunOutcome.FAILED for r in pruned):
+        code = EXIT_RUN_ERROR
+    if args.json:
+        print(json.dumps(render.prune_json(job_id, args.dry_run, results), indent=2))
+        return code
+    for rp, report in pruned:
         if report is None:
             print(f"{rp.plan.repository}: nothing deleted ({_not_executed(rp, args.dry_run)})")
-            continue
-        print(render.report_line(report))
-        if report.outcome is RunOutcome.FAILED:
-            code = EXIT_RUN_ERROR
+        else:
+            print(render.report_line(report))
     return code
 
 
@@ -334,24 +382,28 @@ def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
 
 
 async def _prune_with_progress(
-    pruner: Pruner, repos: Sequence[str], dry_run: bool, job_id: str
+    pruner: Pruner, repos: Sequence[str], args: argparse.Namespace, job_id: str
 ) -> list[Pruned | RepositoryFailure]:
-    progress: dict[str, render.Progress] = {}
+    """Each plan's table as it is made (not with ``--json``); on a terminal, bars for the
+    repositories planned and the deletions done. Each deletion's own line is logged."""
+    with console.progress() as bars:
+        planning = bars.add("planning", len(repos))
+        deleting = bars.add("deleting", 0)
 
-    def planned(rp: RepositoryPlan) -> None:
-        print(render.plan_table(rp))
-        if rp.enforced and not dry_run:
-            progress[rp.plan.repository] = render.Progress(len(rp.plan.deletions))
+        def planned(rp: RepositoryPlan) -> None:
+            bars.advance(planning)
+            if not args.json:
+                print(render.plan_table(rp))
+            if rp.enforced and not args.dry_run:
+                bars.grow(deleting, len(rp.plan.deletions))
 
-    return await pruner.prune_many(
-        repos,
-        dry_run=dry_run,
-        job_id=job_id,
-        on_planned=planned,
-        on_progress=lambda repo, d, s: progress[repo].step(
-            f"{repo}: {s.value} {render.short(d.digest)}"
-        ),
-    )
+        return await pruner.prune_many(
+            repos,
+            dry_run=args.dry_run,
+            job_id=job_id,
+            on_planned=planned,
+            on_progress=lambda *_: bars.advance(deleting),
+        )
 
 
 async def _restore(args: argparse.Namespace, config: Config) -> int:
@@ -369,7 +421,11 @@ async def _restore(args: argparse.Namespace, config: Config) -> int:
             )
     finally:
         await stores.aclose()
-    until = (datetime.now(UTC) + config.restore_hold).strftime("%Y-%m-%d %H:%M UTC")
+    held_until = datetime.now(UTC) + config.restore_hold
+    if args.json:
+        print(json.dumps(render.restore_json(args.repository, restored, held_until)))
+        return EXIT_OK
+    until = held_until.strftime("%Y-%m-%d %H:%M UTC")
     for item in restored:
         tags = ", ".join(item.tags) or "no tags"
         how = "restored" if item.pushed else "present"
@@ -385,7 +441,11 @@ async def _hold(args: argparse.Namespace, config: Config) -> int:
         await stores.history.hold(args.repository, Hold(args.tag, until, "regsweep hold"))
     finally:
         await stores.aclose()
-    print(f"{args.repository}:{args.tag} held until {until.strftime('%Y-%m-%d %H:%M UTC')}")
+    if args.json:
+        held = {"repository": args.repository, "tag": args.tag, "held_until": until.isoformat()}
+        print(json.dumps(held))
+    else:
+        print(f"{args.repository}:{args.tag} held until {until.strftime('%Y-%m-%d %H:%M UTC')}")
     return EXIT_OK
 
 
@@ -395,10 +455,13 @@ async def _unhold(args: argparse.Namespace, config: Config) -> int:
         ended = await stores.history.unhold(args.repository, args.tag)
     finally:
         await stores.aclose()
+    if args.json:
+        print(json.dumps({"repository": args.repository, "tag": args.tag, "ended": ended}))
     if not ended:
         print(f"regsweep: {args.repository}:{args.tag} is not held", file=sys.stderr)
         return EXIT_RUN_ERROR
-    print(f"{args.repository}:{args.tag} no longer held")
+    if not args.json:
+        print(f"{args.repository}:{args.tag} no longer held")
     return EXIT_OK
 
 
@@ -422,7 +485,7 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
 async def _gc(args: argparse.Namespace, config: Config) -> int:
     from worker.maintenance.command import gc_command
 
-    return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue)
+    return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue, as_json=args.json)
 
 
 COMMANDS: Final[dict[str, Command]] = {
@@ -436,10 +499,50 @@ COMMANDS: Final[dict[str, Command]] = {
 }
 
 
+def _celery_help(command: str) -> int:
+    """``regsweep worker --help``: what regsweep adds, then Celery's own options. No policy
+    file needed."""
+    from celery import Celery
+
+    print(CELERY_HELP[command])
+    sys.argv[0] = "regsweep"  # Celery's usage line names the program by it
+    Celery("regsweep").start([command, "--help"])
+    return EXIT_OK
+
+
+CELERY_HELP: Final = {
+    "worker": """usage: regsweep [-c FILE] worker [CELERY WORKER OPTIONS]
+
+Run a Celery worker with regsweep's tasks. It consumes every queue (events, prune, gc)
+unless -Q says otherwise, e.g. `regsweep worker -Q gc -c 1` for the one GC worker. Its
+log is JSON lines on stderr. The options below are Celery's and pass through unchanged
+(after `worker`, -c is Celery's concurrency; give the policy file before the command).
+""",
+    "beat": """usage: regsweep [-c FILE] beat [CELERY BEAT OPTIONS]
+
+Run Celery beat: the periodic sweeps, the workers' ticks and the GC windows of the
+policy file. Run exactly one. The options below are Celery's and pass through unchanged.
+""",
+}
+
+
+def _wants_help(options: Sequence[str]) -> bool:
+    return any(o in ("-h", "--help") for o in options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    console.quiet_on_closed_pipe()
     own, celery_args = split_celery_args(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(own)
+    parser = _parser()
+    args = parser.parse_args(own)
     args.celery_args = celery_args
+    if args.command in CELERY_COMMANDS and _wants_help(celery_args):
+        return _celery_help(args.command)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell))
+        return EXIT_OK
     logging.basicConfig(level=logging.WARNING, format="regsweep: %(levelname)s: %(message)s")
     # What prune deleted, one line each, and each job's summary: the CLI's log too.
     deletions_log.setLevel(logging.INFO)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from datetime import datetime
+from typing import Any
 
 from worker.engine.executor import ExecutionReport, Status
 from worker.engine.model import Inventory, PushTime, referrer_tag_subject
 from worker.engine.plan import Action, Plan
 from worker.engine.planner import describe_push
-from worker.engine.prune import RepositoryPlan
+from worker.engine.prune import Pruned, RepositoryFailure, RepositoryPlan, not_executed
+from worker.engine.restore import Restored
 from worker.store.audit import AuditEntry, Outcome
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -164,24 +165,70 @@ def audit_line(entry: AuditEntry) -> str:
     )
 
 
-class Progress:
-    """A one-line progress bar on a terminal; plain lines otherwise."""
+def report_json(report: ExecutionReport) -> dict[str, Any]:
+    """What became of each planned deletion."""
+    return {
+        "outcome": report.outcome.value,
+        "counts": report.counts(),
+        "errors": report.errors(),
+        "items": [
+            {
+                "digest": deletion.digest,
+                "action": deletion.action.value,
+                "tags": list(deletion.tags),
+                "status": status.value,
+                "detail": detail,
+            }
+            for deletion, status, detail in report.done
+        ],
+    }
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
-        self.total = total
-        self.count = 0
-        self.stream = stream
-        self.tty = stream.isatty()
 
-    def step(self, label: str) -> None:
-        self.count += 1
-        if self.tty:
-            width = 30
-            filled = width * self.count // max(self.total, 1)
-            bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r[{bar}] {self.count}/{self.total}")
-            if self.count >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"{self.count}/{self.total} {label}\n")
-        self.stream.flush()
+def prune_json(
+    job_id: str, dry_run: bool, results: Sequence[Pruned | RepositoryFailure]
+) -> dict[str, Any]:
+    """``regsweep prune --json``: each repository's plan (as ``plan --json`` shows it) and
+    what was done, or why nothing was; the repositories that could not be planned."""
+    repositories = []
+    for result in results:
+        if isinstance(result, RepositoryFailure):
+            continue
+        rp, report = result
+        repositories.append(
+            _plan_json(rp)
+            | {
+                "not_executed": None if report else not_executed(rp, dry_run),
+                "report": report_json(report) if report else None,
+            }
+        )
+    failures = [
+        {"repository": r.repository, "error": r.error}
+        for r in results
+        if isinstance(r, RepositoryFailure)
+    ]
+    return {
+        "job_id": job_id,
+        "dry_run": dry_run,
+        "repositories": repositories,
+        "failures": failures,
+    }
+
+
+def restore_json(
+    repository: str, restored: Sequence[Restored], held_until: datetime
+) -> dict[str, Any]:
+    """``regsweep restore --json``: each manifest put back (or found present) and its tags."""
+    return {
+        "repository": repository,
+        "restored": [
+            {
+                "action": r.action,
+                "digest": r.digest,
+                "media_type": r.media_type,
+                "tags": list(r.tags),
+                "pushed": r.pushed,
+            }
+            for r in restored
+        ],
+        "held_until": held_until.isoformat(),
+    }

@@ -353,6 +353,12 @@ def test_cli_gc_runs_in_process_and_says_it_needs_redis(
     assert "overran the window: no" in out
     assert db10_new_keys.get(Keys().gc_lock) is None
 
+    assert cli.main(["-c", str(config), "gc", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "done" and doc["errors"] == []
+    assert doc["report"]["dry_run"] is True and doc["report"]["gc_ok"] is True
+    assert db10_new_keys.exists(Keys().job(doc["job_id"]))
+
 
 def test_gc_that_loses_its_lock_is_stopped_and_switched_back(
     tmp_path: Path, space: RedisSpace

@@ -142,14 +142,18 @@ class Pruner:
         return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
 
     async def plan_many(
-        self, repositories: Sequence[str]
+        self, repositories: Sequence[str], *, on_done: Callable[[str], None] | None = None
     ) -> list[RepositoryPlan | RepositoryFailure]:
-        """Plan several repositories concurrently, a few at a time, in the given order."""
+        """Plan several repositories concurrently, a few at a time, in the given order;
+        ``on_done`` is told each repository as its planning ends."""
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
         async def one(name: str) -> RepositoryPlan | RepositoryFailure | None:
             async with gate:
-                return await self._plan_or_failure(name)
+                result = await self._plan_or_failure(name)
+            if on_done:
+                on_done(name)
+            return result
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]

@@ -8,14 +8,16 @@ parked meanwhile are released by the workers' next tick (within 30 s).
 
 With ``--enqueue`` a job is recorded and ``regsweep.gc`` is sent to the
 ``gc`` queue; the job id is printed. Both print the running GC's job id
-instead when a GC is already running.
+instead when a GC is already running. ``--json`` prints one JSON object instead of
+lines: the job id, how the request ended and, when GC ran, its report.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -42,7 +44,13 @@ def _stderr(line: str) -> None:
 
 
 def gc_command(
-    config: Config, *, dry_run: bool, enqueue: bool, out: Printer = print, err: Printer = _stderr
+    config: Config,
+    *,
+    dry_run: bool,
+    enqueue: bool,
+    as_json: bool = False,
+    out: Printer = print,
+    err: Printer = _stderr,
 ) -> int:
     """Run or enqueue one GC; the exit code (0 done, enqueued or already running; 1 failed)."""
     if config.redis_url is None:
@@ -51,10 +59,23 @@ def gc_command(
             "maintenance flag that pauses pruning are kept there"
         )
     if enqueue:
-        return _enqueue(config, config.redis_url, dry_run, out, err)
+        return _enqueue(
+            config, config.redis_url, dry_run=dry_run, as_json=as_json, out=out, err=err
+        )
     with open_maintenance(config) as m:
         job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
         outcome = run_gc(m, GcRequest(job_id, dry_run, TRIGGER))
+    ran = outcome.report is not None
+    code = EXIT_FAILED if ran and outcome.status is not GcStatus.DONE else EXIT_OK
+    if as_json:
+        report = outcome.report.summary() if outcome.report else None
+        errors = outcome.report.errors if outcome.report else []
+        out(
+            json.dumps(
+                _result(outcome.job_id, outcome.status.value, outcome.reason, report, errors)
+            )
+        )
+        return code
     if outcome.report is None:
         err(f"regsweep: GC not run: {outcome.reason}; job {outcome.job_id}")
         out(outcome.job_id)
@@ -63,16 +84,35 @@ def gc_command(
         out(line)
     if outcome.report.deferred_released is None and not dry_run:
         out("prunes deferred during the window: released by the workers' next tick")
-    return EXIT_OK if outcome.status is GcStatus.DONE else EXIT_FAILED
+    return code
 
 
-def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer) -> int:
+def _result(
+    job_id: str, status: str, reason: str, report: dict[str, Any] | None, errors: list[str]
+) -> dict[str, Any]:
+    """``regsweep gc --json``: one object, whichever way the request ended."""
+    return {
+        "job_id": job_id,
+        "status": status,
+        "reason": reason,
+        "errors": errors,
+        "report": report,
+    }
+
+
+def _enqueue(
+    config: Config, url: str, *, dry_run: bool, as_json: bool, out: Printer, err: Printer
+) -> int:
     client = sync_client(url)
     try:
         holder = GcLock(client, Keys()).holder()
         if holder is not None:
-            err(f"regsweep: a GC is already running: job {holder.job_id}")
-            out(holder.job_id)
+            reason = f"a GC is already running: job {holder.job_id}"
+            if as_json:
+                out(json.dumps(_result(holder.job_id, GcStatus.BUSY.value, reason, None, [])))
+            else:
+                err(f"regsweep: {reason}")
+                out(holder.job_id)
             return EXIT_OK
         job_id = SyncState(client).create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
     finally:
@@ -85,5 +125,5 @@ def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer
         raise StateError(f"broker refused {TASK_GC}: {type(exc).__name__}: {exc}") from exc
     finally:
         app.close()
-    out(job_id)
+    out(json.dumps(_result(job_id, "queued", "", None, [])) if as_json else job_id)
     return EXIT_OK
