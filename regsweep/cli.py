@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import checkconfig, render
+from regsweep import checkconfig, jobs, render, status
 from worker import logs
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
@@ -28,7 +28,7 @@ from worker.engine.model import Hold
 from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
 from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
-from worker.queue.messages import JobKind, JobRequest
+from worker.queue.messages import JobKind, JobRequest, follow_hint
 from worker.registry.client import RegistryClient
 from worker.settings import env
 from worker.settings.load import load_config, parse_duration
@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="garbage-collect now: pruning paused, registry read-only")
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
     gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
+    jobs.add_parser(sub)
+    status.add_parser(sub)
     _add_process_commands(sub)
     _accept_config_after_command(sub)
     return parser
@@ -170,6 +172,7 @@ async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
     requests = [JobRequest(JobKind.PRUNE, repository=r, dry_run=dry_run) for r in repositories]
     for job_id in await enqueue(config, requests):
         print(job_id)
+        print(follow_hint(job_id), file=sys.stderr)
     return EXIT_OK
 
 
@@ -433,6 +436,8 @@ COMMANDS: Final[dict[str, Command]] = {
     "hold": _hold,
     "unhold": _unhold,
     "audit": _audit,
+    "jobs": jobs.jobs_command,
+    "status": status.status_command,
 }
 
 

@@ -24,6 +24,7 @@ from worker.errors import ConfigError, StateError
 from worker.maintenance.job import GcRequest, GcStatus, open_maintenance, run_gc
 from worker.maintenance.lock import GcLock
 from worker.queue.celery_app import make_celery
+from worker.queue.messages import follow_hint
 from worker.queue.names import GC_QUEUE, TASK_GC
 from worker.settings.model import Config
 from worker.store.keys import Keys
@@ -73,6 +74,7 @@ def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer
         if holder is not None:
             err(f"regsweep: a GC is already running: job {holder.job_id}")
             out(holder.job_id)
+            err(follow_hint(holder.job_id))
             return EXIT_OK
         job_id = SyncState(client).create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
     finally:
@@ -86,4 +88,5 @@ def _enqueue(config: Config, url: str, dry_run: bool, out: Printer, err: Printer
     finally:
         app.close()
     out(job_id)
+    err(follow_hint(job_id))
     return EXIT_OK
