@@ -317,26 +317,25 @@ class State:
         index."""
         wanted = ["id", *(f for f in fields if f != "id")] if fields else []
         found: dict[str, dict[str, Any]] = {}
-        start = 0
+        # Paged by score (creation time), not rank: ids removed or added meanwhile (by this
+        # read or another) shift ranks, never scores.
+        below: str = "+inf"
         while len(found) < limit:
-            with wrapped("redis ZREVRANGE recent jobs failed"):
-                ids = _texts(
-                    await self.client.zrevrange(
-                        self.keys.recent_jobs, start, start + limit - len(found) - 1
-                    )
+            with wrapped("redis ZREVRANGEBYSCORE recent jobs failed"):
+                rows = await self.client.zrevrangebyscore(
+                    self.keys.recent_jobs, below, "-inf", 0, limit - len(found), withscores=True
                 )
-            if not ids:
+            if not rows:
                 break
+            ids = _texts(row[0] for row in rows)
             records = await self._jobs(ids, wanted)
             gone = [i for i, record in zip(ids, records, strict=True) if record is None]
             if gone:
                 with wrapped("redis ZREM expired jobs failed"):
                     await self.client.zrem(self.keys.recent_jobs, *gone)
-            for job_id, record in zip(ids, records, strict=True):
-                if record is not None:
-                    found.setdefault(job_id, record)
-            start += len(ids) - len(gone)  # the ranks after the ones just removed
-        return list(found.values())[:limit]
+            found |= {i: r for i, r in zip(ids, records, strict=True) if r is not None}
+            below = f"({float(rows[-1][1])!r}"
+        return list(found.values())
 
     async def _jobs(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any] | None]:
         """The records of ``ids`` (only ``fields`` of each, when given); None where expired."""
