@@ -94,10 +94,9 @@ async def resolve(records: Records, given: str) -> str:
         return found[0]
     if found:
         raise UnknownJob(f"{len(found)} jobs start with {given}: {', '.join(found[:5])}")
-    days = JOB_TTL.days
     raise UnknownJob(
-        f"no job {given} in Redis at {records.location} (unknown, or ended more than "
-        f"{days} days ago; an in-process prune's deletions: regsweep audit --job ID)"
+        f"no job {given} in Redis at {records.location} (unknown, or last updated more than "
+        f"{JOB_TTL.days} days ago; an in-process prune's deletions: regsweep audit --job ID)"
     )
 
 
