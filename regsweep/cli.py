@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import checkconfig, console, render
+from regsweep import checkconfig, console, jobs, render, status
 from worker import logs
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
@@ -29,7 +29,7 @@ from worker.engine.model import Hold
 from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
 from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
-from worker.queue.messages import JobKind, JobRequest
+from worker.queue.messages import JobKind, JobRequest, follow_hint
 from worker.registry.client import RegistryClient
 from worker.settings import env
 from worker.settings.load import load_config, parse_duration
@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
     gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs.add_parser(sub)
+    status.add_parser(sub)
     _add_process_commands(sub)
     completion = sub.add_parser(
         "completion",
@@ -215,6 +217,8 @@ async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
     requests = [JobRequest(JobKind.PRUNE, repository=r, dry_run=dry_run) for r in repositories]
     job_ids = await enqueue(config, requests)
     print(json.dumps({"job_ids": job_ids}) if args.json else "\n".join(job_ids))
+    for job_id in job_ids:
+        print(follow_hint(job_id), file=sys.stderr)
     return EXIT_OK
 
 
@@ -496,6 +500,8 @@ COMMANDS: Final[dict[str, Command]] = {
     "hold": _hold,
     "unhold": _unhold,
     "audit": _audit,
+    "jobs": jobs.jobs_command,
+    "status": status.status_command,
 }
 
 

@@ -16,19 +16,17 @@ flood of ``/healthz`` never becomes a flood on the registry.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Awaitable
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
 
 from worker.errors import StateError
 from worker.settings.model import RegistrySettings
-from worker.store.redis import text, wrapped
 from worker.store.state import State
+from worker.store.status import health_records
 
 #: Each check gives up after this long (the answer then says ``timeout``).
 CHECK_TIMEOUT: Final = 2.0
@@ -123,26 +121,8 @@ class Health:
         return answer
 
     async def _details(self) -> dict[str, Any]:
-        keys = self.state.keys
         try:
-            with wrapped("cannot read the health records"):
-                pipe = self.state.client.pipeline(transaction=False)
-                pipe.get(keys.last_prune)
-                pipe.get(keys.maintenance_flag)
-                last, flag = await asyncio.wait_for(pipe.execute(), self.timeout)
+            records = await asyncio.wait_for(health_records(self.state), self.timeout)
         except (StateError, TimeoutError):
             return {}
-        maintenance = None if flag is None else text(flag)
-        return {"last_prune": _last_prune(last), "maintenance": maintenance}
-
-
-def _last_prune(raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        record = json.loads(raw)
-        at = datetime.fromisoformat(record["time"])
-    except (ValueError, TypeError, KeyError):
-        return None
-    age = (datetime.now(UTC) - at).total_seconds()
-    return {**record, "age_seconds": round(max(age, 0.0), 1)}
+        return {"last_prune": records.last_prune, "maintenance": records.maintenance_job}

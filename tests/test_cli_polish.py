@@ -29,6 +29,8 @@ COMMANDS = (
     "unhold",
     "audit",
     "gc",
+    "jobs",
+    "status",
     "serve",
     "worker",
     "beat",

@@ -12,6 +12,7 @@
     │   ├── ManifestUnknown          404 for a manifest or tag
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
+    ├── UnknownJob                   no job record by that id (or prefix), or several
     ├── SafetyViolation              a re-check before DELETE found a kept image in the way
     ├── RestoreError                 a restore cannot be done as asked
     │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
@@ -91,6 +92,10 @@ class RegistryProtocolError(RegistryError):
 
 class StateError(RegsweepError):
     """Redis, which holds state, dedup keys, locks and the audit stream, failed."""
+
+
+class UnknownJob(RegsweepError):
+    """No job record has that id (unknown, or expired), or a prefix names several."""
 
 
 class SafetyViolation(RegsweepError):

@@ -23,7 +23,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """``regsweep [-c config] args...`` (in ``cwd``) with no REGSWEEP_* variable from the
     test's environment (only those in ``env``)."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
+    environ = environment()
     cmd = [*REGSWEEP, *(["-c", str(config)] if config else []), *args]
     return subprocess.run(
         cmd,
@@ -34,6 +34,11 @@ def run(
         timeout=180,
         check=False,
     )
+
+
+def environment() -> dict[str, str]:
+    """The test's environment without its REGSWEEP_* variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
 
 
 def write_config(

@@ -26,6 +26,7 @@ from worker.errors import ConfigError, StateError
 from worker.maintenance.job import GcRequest, GcStatus, open_maintenance, run_gc
 from worker.maintenance.lock import GcLock
 from worker.queue.celery_app import make_celery
+from worker.queue.messages import follow_hint
 from worker.queue.names import GC_QUEUE, TASK_GC
 from worker.settings.model import Config
 from worker.store.keys import Keys
@@ -113,6 +114,7 @@ def _enqueue(
             else:
                 err(f"regsweep: {reason}")
                 out(holder.job_id)
+            err(follow_hint(holder.job_id))
             return EXIT_OK
         job_id = SyncState(client).create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
     finally:
@@ -126,4 +128,5 @@ def _enqueue(
     finally:
         app.close()
     out(json.dumps(_result(job_id, "queued", "", None, [])) if as_json else job_id)
+    err(follow_hint(job_id))
     return EXIT_OK

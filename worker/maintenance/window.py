@@ -65,6 +65,14 @@ def current_window(settings: MaintenanceSettings, now: datetime) -> MaintenanceW
     return window if window.contains(now) else None
 
 
+def next_window(settings: MaintenanceSettings, now: datetime) -> MaintenanceWindow | None:
+    """The first occurrence that starts after ``now``; ``None`` without a cron."""
+    if settings.window_cron is None:
+        return None
+    start = croniter(settings.window_cron, now).get_next(datetime)
+    return MaintenanceWindow(start, start + settings.window_duration)
+
+
 @dataclass(frozen=True)
 class StartDecision:
     """Whether a GC may start now, and against which deadline it will be measured."""

@@ -15,6 +15,11 @@ from worker.errors import ConfigError
 from worker.queue.names import GC_QUEUE, PRUNE_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
 
 
+def follow_hint(job_id: str) -> str:
+    """What ``--enqueue`` says after a job's id (on stderr: stdout stays the ids alone)."""
+    return f"follow with: regsweep jobs {job_id} --follow"
+
+
 class JobKind(StrEnum):
     PRUNE = "prune"
     SWEEP = "sweep"

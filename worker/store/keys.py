@@ -4,7 +4,7 @@ All keys start with one prefix (``regsweep:`` by default), so several installati
 or tests, can share a Redis without touching each other. Per area:
 
 =====================  ==================================================================
-deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``deadletter``
+deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``jobs:recent``, ``deadletter``
 prunes                 ``lock:prune:<repo>``, ``pending:prune:<repo>``,
                        ``scheduled:prune:<repo>``, ``deferred``, ``reconciled``,
                        ``sweep:<job>``, ``sweep:<job>:done``
@@ -45,6 +45,11 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
+
+    @property
+    def recent_jobs(self) -> str:
+        """Job ids by creation time (a sorted set, capped): what ``regsweep jobs`` lists."""
+        return f"{self.prefix}jobs:recent"
 
     @property
     def dead_letters(self) -> str:

@@ -7,6 +7,7 @@ redis' and the socket's exceptions surface as :class:`~worker.errors.StateError`
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -48,6 +49,20 @@ def wrapped(what: str) -> Iterator[None]:
         yield
     except (redis.RedisError, OSError) as exc:
         raise StateError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL fit for a message: no user, password or query (which may hold one)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(a redis URL that does not parse)"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def text(value: bytes | str) -> str:

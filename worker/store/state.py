@@ -44,11 +44,23 @@ class JobState(StrEnum):
     INTERRUPTED = "interrupted"
 
 
-# KEYS: the job; ARGV: ttl, then field/value pairs. Creates the record unless it exists.
+#: The recent-jobs index (``regsweep jobs``) keeps the newest this many job ids, each
+#: for at most :data:`JOB_TTL` after its job was created.
+RECENT_JOBS_CAP: Final = 1000
+
+
+# KEYS: the job, the recent-jobs index; ARGV: ttl, the creation time (epoch seconds), the
+# job id, the index's cap, then field/value pairs. Creates the record unless it exists and
+# adds it to the index, trimmed by age and to its cap, in the same step: a job exists
+# only when it is listed.
 _CREATE_JOB: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[1])))
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -145,11 +157,23 @@ def _dead_letter_entry(source: str, reason: str, body_excerpt: str) -> str:
     return json.dumps({"time": _now(), "source": source, "reason": reason, "body": body_excerpt})
 
 
+def _create_job_call(
+    keys: Keys, kind: str, params: Mapping[str, Any], job_id: str | None = None
+) -> tuple[str, list[str], list[str]]:
+    """A new job's id, and the keys and arguments of the :data:`_CREATE_JOB` call."""
+    created = datetime.now(UTC)
+    job_id, fields = _new_job(kind, params, created, job_id)
+    ttl = int(JOB_TTL.total_seconds())
+    args = [str(ttl), repr(created.timestamp()), job_id, str(RECENT_JOBS_CAP)]
+    args += [x for pair in fields.items() for x in pair]
+    return job_id, [keys.job(job_id), keys.recent_jobs], args
+
+
 def _new_job(
-    kind: str, params: Mapping[str, Any], job_id: str | None = None
+    kind: str, params: Mapping[str, Any], created: datetime, job_id: str | None = None
 ) -> tuple[str, dict[str, str]]:
     job_id = job_id or uuid.uuid4().hex
-    now = _now()
+    now = created.isoformat()
     record = {
         "id": job_id,
         "kind": kind,
@@ -172,6 +196,10 @@ def _decode_job(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
     if not raw:
         return None
     return {text(key): json.loads(value) for key, value in raw.items()}
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    return [text(v) for v in values]
 
 
 def _update_args(fields: Mapping[str, Any]) -> list[str]:
@@ -262,10 +290,9 @@ class State:
     ) -> str:
         """A new job record; with ``job_id``, the existing one when there is one (a task
         delivered again keeps the record of its first delivery)."""
-        job_id, fields = _new_job(kind, params, job_id)
-        args = [str(int(JOB_TTL.total_seconds())), *(x for pair in fields.items() for x in pair)]
+        job_id, keys, args = _create_job_call(self.keys, kind, params, job_id)
         with wrapped("redis create job failed"):
-            await self._create_job(keys=[self.keys.job(job_id)], args=args)
+            await self._create_job(keys=keys, args=args)
         return job_id
 
     async def start_job(self, job_id: str, **fields: Any) -> str | None:
@@ -282,6 +309,59 @@ class State:
             raw = await self.client.hgetall(self.keys.job(job_id))
         return _decode_job(raw)
 
+    async def recent_jobs(
+        self, limit: int = RECENT_JOBS_CAP, *, fields: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs first, from the recent-jobs index: whole records, or only
+        ``fields`` (and ``id``). Ids whose record expired are skipped and dropped from the
+        index."""
+        wanted = ["id", *(f for f in fields if f != "id")] if fields else []
+        found: dict[str, dict[str, Any]] = {}
+        # Paged by score (creation time), not rank: ids removed or added meanwhile (by this
+        # read or another) shift ranks, never scores.
+        below: str = "+inf"
+        while len(found) < limit:
+            with wrapped("redis ZREVRANGEBYSCORE recent jobs failed"):
+                rows = await self.client.zrevrangebyscore(
+                    self.keys.recent_jobs, below, "-inf", 0, limit - len(found), withscores=True
+                )
+            if not rows:
+                break
+            ids = _texts(row[0] for row in rows)
+            records = await self._jobs(ids, wanted)
+            gone = [i for i, record in zip(ids, records, strict=True) if record is None]
+            if gone:
+                with wrapped("redis ZREM expired jobs failed"):
+                    await self.client.zrem(self.keys.recent_jobs, *gone)
+            found |= {i: r for i, r in zip(ids, records, strict=True) if r is not None}
+            below = f"({float(rows[-1][1])!r}"
+        return list(found.values())
+
+    async def _jobs(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The records of ``ids`` (only ``fields`` of each, when given); None where expired."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            if fields:
+                pipe.hmget(self.keys.job(job_id), list(fields))
+            else:
+                pipe.hgetall(self.keys.job(job_id))
+        with wrapped("redis read jobs failed"):
+            answers = await pipe.execute()
+        if not fields:
+            return [_decode_job(raw) for raw in answers]
+        return [
+            None
+            if values[0] is None
+            else {f: json.loads(v) for f, v in zip(fields, values, strict=True) if v is not None}
+            for values in answers
+        ]
+
+    async def job_ids_starting(self, prefix: str) -> list[str]:
+        """The ids in the recent-jobs index that start with ``prefix`` (an abbreviated id)."""
+        with wrapped("redis ZRANGE recent jobs failed"):
+            ids = _texts(await self.client.zrange(self.keys.recent_jobs, 0, -1))
+        return [i for i in ids if i.startswith(prefix)]
+
     async def update_job(self, job_id: str, **fields: Any) -> bool:
         """Set fields of an existing job and renew its TTL; False when the job is unknown."""
         with wrapped("redis update job failed"):
@@ -296,15 +376,12 @@ class SyncState:
         self.client = client
         self.keys = Keys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
+        self._create_job = client.register_script(_CREATE_JOB)
 
     def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
-        job_id, fields = _new_job(kind, params)
-        key = self.keys.job(job_id)
-        with wrapped("redis HSET job failed"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.expire(key, JOB_TTL)
-            pipe.execute()
+        job_id, keys, args = _create_job_call(self.keys, kind, params)
+        with wrapped("redis create job failed"):
+            self._create_job(keys=keys, args=args)
         return job_id
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:

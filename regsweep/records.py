@@ -1,0 +1,84 @@
+"""The installation's records as ``regsweep jobs`` and ``regsweep status`` read them.
+
+The same Redis the service and the workers write (``redis.url`` or
+``REGSWEEP_REDIS_URL``): job records, the audit stream, the tag index's holds.
+Without ``redis.url`` there is nothing to read (a usage error, exit 2); a Redis
+that does not answer is a run error (exit 1) whose message names it by its URL
+without user, password or query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from worker.errors import ConfigError, StateError
+from worker.settings.model import Config
+from worker.store.audit import AuditEntry, AuditQuery, RedisAuditLog
+from worker.store.redis import redis_options, shown_url
+from worker.store.state import State
+from worker.store.tagindex import TagIndex
+
+
+@dataclass(frozen=True)
+class Records:
+    """Job records, the audit and the tag index over one connection to the installation's Redis."""
+
+    state: State
+    audit: RedisAuditLog
+    index: TagIndex
+    #: The Redis URL as messages show it.
+    location: str
+
+    async def deletions(self, job: Mapping[str, Any]) -> list[AuditEntry]:
+        """What the audit records ``job`` deleted (a sweep: its prunes did), oldest first."""
+        entries: list[AuditEntry] = []
+        for job_id in job_ids(job):
+            entries += await self.audit.entries(AuditQuery(job_id=job_id))
+        return sorted(entries, key=lambda e: (e.time, e.id))
+
+
+def job_ids(job: Mapping[str, Any]) -> list[str]:
+    """A job's id and, for a sweep, the ids of its per-repository prunes."""
+    children = job.get("children")
+    own = [str(job["id"])] if "id" in job else []
+    return own + ([str(c) for c in children.values()] if isinstance(children, dict) else [])
+
+
+@asynccontextmanager
+async def reading(config: Config, command: str) -> AsyncIterator[Records]:
+    """The installation's records, Redis checked to answer first; StateError raised inside
+    names the Redis URL (without secrets)."""
+    if config.redis_url is None:
+        raise ConfigError(
+            f"regsweep {command} needs redis.url (or REGSWEEP_REDIS_URL): jobs, holds and the "
+            "audit it reads are kept in the Redis the service and workers use"
+        )
+    location = shown_url(config.redis_url)
+    client = aioredis.Redis.from_url(config.redis_url, **redis_options())
+    try:
+        state = State(client)
+        try:
+            await client.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise StateError(
+                f"cannot reach Redis at {location} (redis.url or REGSWEEP_REDIS_URL): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        records = Records(state, RedisAuditLog(client, keys=state.keys), TagIndex(client), location)
+        try:
+            yield records
+        except StateError as exc:
+            raise StateError(f"Redis at {location}: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+def public(entries: Sequence[AuditEntry]) -> list[dict[str, Any]]:
+    """Audit records as ``--json`` shows them (as ``regsweep audit --json`` does)."""
+    return [e.public() for e in entries]

@@ -1,0 +1,189 @@
+"""``regsweep status [--json]``: what the installation is doing and will do next.
+
+The next maintenance window (from ``maintenance.window``) and whether a GC holds
+pruning paused now, the prunes parked until it ends, the holds in force, the dead
+letters, the last successful prune (what ``/healthz`` reports), the last sweep and
+GC, and the jobs of the last 24 hours by state. Read from the Redis the service and
+workers use; exit 0, 1 when Redis does not answer, 2 without ``redis.url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from regsweep.jobs import when
+from regsweep.records import Records, reading
+from worker.engine.model import Hold
+from worker.maintenance.window import MaintenanceWindow, current_window, next_window
+from worker.settings.model import Config, MaintenanceSettings
+from worker.store.state import RECENT_JOBS_CAP
+from worker.store.status import dead_letters, deferred_prunes, health_records
+
+#: ``status`` counts the jobs created this long ago or later.
+JOBS_WINDOW: Final = timedelta(hours=24)
+#: Dead letters shown (the newest).
+DEAD_LETTERS_SHOWN: Final = 3
+
+
+def add_parser(sub: Any) -> None:
+    status = sub.add_parser(
+        "status", help="next maintenance window, deferred prunes, holds, dead letters, jobs"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+async def status_command(args: argparse.Namespace, config: Config) -> int:
+    async with reading(config, "status") as records:
+        doc = await status_document(records, config.maintenance, datetime.now(UTC))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for line in status_lines(doc):
+            print(line)
+    return 0
+
+
+async def status_document(
+    records: Records, settings: MaintenanceSettings, now: datetime
+) -> dict[str, Any]:
+    """Everything ``status`` shows, JSON-able."""
+    health = await health_records(records.state)
+    letters = await dead_letters(records.state, DEAD_LETTERS_SHOWN)
+    jobs = await records.state.recent_jobs(
+        RECENT_JOBS_CAP, fields=("kind", "state", "created", "updated")
+    )
+    return {
+        "time": now.isoformat(),
+        "maintenance": {
+            "window": window_document(settings, now),
+            "active_job": health.maintenance_job,
+        },
+        "deferred": [asdict(d) for d in await deferred_prunes(records.state)],
+        "holds": holds_document(await records.index.all_holds(), now),
+        "dead_letters": asdict(letters),
+        "last_successful_prune": health.last_prune,
+        "last_sweep": _newest(jobs, "sweep"),
+        "last_gc": _newest(jobs, "gc"),
+        "jobs": {"since": (now - JOBS_WINDOW).isoformat(), "by_state": _by_state(jobs, now)},
+    }
+
+
+def window_document(settings: MaintenanceSettings, now: datetime) -> dict[str, Any] | None:
+    if settings.window_cron is None:
+        return None
+    return {
+        "cron": settings.window_cron,
+        "duration_seconds": int(settings.window_duration.total_seconds()),
+        "open": _span(current_window(settings, now)),
+        "next": _span(next_window(settings, now)),
+    }
+
+
+def _span(window: MaintenanceWindow | None) -> dict[str, str] | None:
+    if window is None:
+        return None
+    return {"start": window.start.isoformat(), "end": window.end.isoformat()}
+
+
+def holds_document(holds: Mapping[str, Sequence[Hold]], now: datetime) -> list[dict[str, str]]:
+    """The holds in force, by repository and tag."""
+    return [
+        {"repository": repo, "tag": h.tag, "until": h.until.isoformat(), "reason": h.reason}
+        for repo in sorted(holds)
+        for h in holds[repo]
+        if h.active(now)
+    ]
+
+
+def _newest(jobs: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((dict(j) for j in jobs if j.get("kind") == kind), None)
+
+
+def _by_state(jobs: Sequence[Mapping[str, Any]], now: datetime) -> dict[str, int]:
+    since = now - JOBS_WINDOW
+    counted: Counter[str] = Counter()
+    for job in jobs:
+        try:
+            created = datetime.fromisoformat(str(job.get("created")))
+        except ValueError:
+            continue
+        if created >= since:
+            counted[str(job.get("state"))] += 1
+    return dict(sorted(counted.items()))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def status_lines(doc: Mapping[str, Any]) -> list[str]:
+    lines = _maintenance_lines(doc["maintenance"])
+    deferred = doc["deferred"]
+    lines.append(f"deferred prunes: {len(deferred) or 'none'}")
+    lines += [
+        f"  {d['repository']}  job {d['job_id'] or '-'}  ({d['trigger'] or 'no trigger'})"
+        for d in deferred
+    ]
+    holds = doc["holds"]
+    lines.append(f"holds: {len(holds) or 'none'}")
+    lines += [
+        f"  {h['repository']}:{h['tag']} until {when(h['until'])} ({h['reason']})" for h in holds
+    ]
+    letters = doc["dead_letters"]
+    lines.append(f"dead letters: {letters['kept']} kept ({letters['total']} ever)")
+    lines += [
+        f"  {when(e.get('time'))}  {e.get('source')}: {str(e.get('reason'))[:200]}"
+        for e in letters["newest"]
+    ]
+    lines.append(f"last successful prune: {_last_prune(doc['last_successful_prune'])}")
+    lines.append(f"last sweep: {_job_line(doc['last_sweep'])}")
+    lines.append(f"last GC: {_job_line(doc['last_gc'])}")
+    by_state = ", ".join(f"{n} {s}" for s, n in doc["jobs"]["by_state"].items()) or "none"
+    lines.append(f"jobs in the last 24h: {by_state}")
+    return lines
+
+
+def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
+    window = maintenance["window"]
+    if window is None:
+        lines = ["maintenance window: none configured (maintenance.window.cron)"]
+    else:
+        lasting = _duration(window["duration_seconds"])
+        lines = [f"maintenance window: {window['cron']!r} (UTC), {lasting} long"]
+        if window["open"]:
+            lines.append(f"  open now, until {when(window['open']['end'])}")
+        nxt = window["next"]
+        lines.append(f"  next: {when(nxt['start'])} to {when(nxt['end'])}")
+    active = maintenance["active_job"]
+    lines.append(
+        f"maintenance: GC job {active} running (registry read-only, prunes deferred)"
+        if active
+        else "maintenance: not running (pruning active)"
+    )
+    return lines
+
+
+def _duration(seconds: int) -> str:
+    """``2h``, ``1h30m``, ``45m``: the config's duration syntax."""
+    hours, minutes = divmod(seconds // 60, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or not hours else "")
+
+
+def _last_prune(record: Mapping[str, Any] | None) -> str:
+    if record is None:
+        return "none recorded"
+    return (
+        f"{when(record.get('time'))} ({record.get('age_seconds')}s ago), "
+        f"{record.get('repository')}, job {record.get('job_id')}"
+    )
+
+
+def _job_line(job: Mapping[str, Any] | None) -> str:
+    if job is None:
+        return "none in the last 7 days"
+    return f"{when(job.get('created'))} job {job.get('id')} {job.get('state')}"
