@@ -4,6 +4,7 @@ down and frozen, with bounded answers however the parts misbehave."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.app import create_app
-from service.health import CHECK_TIMEOUT
+from service.health import CHECK_TIMEOUT, HEALTH_INTERVAL
 from tests.harness import service as h
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.sinks import RedisListSink
@@ -156,12 +157,17 @@ def test_a_flood_of_healthz_checks_the_registry_once_per_interval() -> None:
     try:
         registry_url = f"http://127.0.0.1:{receiver.server_address[1]}"
         with serve(registry_url, h.REDIS_TEST_URL, h.unique_prefix()) as url:
+            started = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
                 answers = list(pool.map(lambda _: httpx.get(f"{url}/healthz"), range(200)))
+            flood = time.monotonic() - started
             assert {a.status_code for a in answers} == {200}
             registry_answers = [a.json()["registry"] for a in answers]
             assert all(r["ok"] is True and r["status"] == 401 for r in registry_answers)
-            assert 1 <= CountingRegistry.calls <= 3, CountingRegistry.calls
+            # At most one check per interval the flood lasted (on a loaded machine 200
+            # requests can outlast one), plus the start-up's and the one it began in.
+            most = math.ceil(flood / HEALTH_INTERVAL) + 2
+            assert 1 <= CountingRegistry.calls <= most, (CountingRegistry.calls, flood)
     finally:
         receiver.shutdown()
         receiver.server_close()

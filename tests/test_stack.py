@@ -470,6 +470,59 @@ def test_check_config_online_in_the_worker_container(
         assert secret not in output
 
 
+def regsweep_in(container: Any, *args: str) -> tuple[int, str, str]:
+    """``regsweep -c <the stack's policy> ARGS`` run in a container: exit code, stdout, stderr."""
+    done = container.exec_run(["regsweep", "-c", "/etc/regsweep/regsweep.yaml", *args], demux=True)
+    stdout, stderr = (part.decode() if part else "" for part in done.output)
+    return done.exit_code, stdout, stderr
+
+
+def test_jobs_and_status_in_the_worker_container(
+    stack: ComposeStack, client: docker.DockerClient, images: ImageBuilder
+) -> None:
+    """Where the workers run, `regsweep jobs` lists the job a push caused with what it
+    deleted, `jobs ID --follow` ends at once on a finished job with its deletion, `status`
+    names the next maintenance window and the last prune, and `--version` answers."""
+    repository = "e2e/jobs"
+    superseded = image(images, repository, "main-1")
+    for tag in ("main-2", "main-3"):
+        image(images, repository, tag)
+    wait_gone(images, stack, repository, superseded.digest)
+    worker = stack.container(client, "worker")
+
+    def deleting_job() -> dict[str, Any] | None:
+        code, stdout, stderr = regsweep_in(worker, "jobs", "--json", "--limit", "100")
+        assert code == 0, stderr
+        return next(
+            (
+                job
+                for job in json.loads(stdout)
+                if job["state"] == "succeeded"
+                and any(d["digest"] == superseded.digest for d in job["deletions"])
+            ),
+            None,
+        )
+
+    job = s.wait_for(deleting_job, timeout=60, step=1)
+    (deletion,) = [d for d in job["deletions"] if d["digest"] == superseded.digest]
+    assert (deletion["repository"], deletion["tags"]) == (repository, ["main-1"])
+
+    code, stdout, stderr = regsweep_in(worker, "jobs", job["id"], "--follow")
+    assert code == 0, stderr
+    assert "main-1" in stdout and "succeeded" in stdout
+
+    code, stdout, stderr = regsweep_in(worker, "status", "--json")
+    assert code == 0, stderr
+    status = json.loads(stdout)
+    window = status["maintenance"]["window"]
+    assert window["cron"] == "0 3 * * sun" and window["next"] is not None
+    assert status["last_successful_prune"] is not None
+    assert status["jobs"]["by_state"].get("succeeded", 0) >= 1
+
+    code, stdout, _ = regsweep_in(worker, "--version")
+    assert code == 0 and stdout.startswith("regsweep ")
+
+
 def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:
     """`scripts/stack down` removes every container (the recreated registry's too), network
     and volume of the stack."""
