@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cli import REGSWEEP, audit_records, run
+from tests.harness.cli import write_config as harness_config
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
 
@@ -45,24 +46,19 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def write_config(tmp_path: Path, registry: RegistryProcess) -> Path:
     """One enforced policy over ``t/**``: the newest ``v*`` tag kept."""
-    path = tmp_path / "regsweep.yaml"
-    path.write_text(
-        f"""
-registry:
-  url: {registry.url}
-  storage_path: {registry.storage_path}
-policies:
-  - name: cli
-    repositories: ["t/**"]
-    mode: enforce
-    keep:
-      - tags: ["v*"]
-        newest: 1
-audit:
-  path: {tmp_path / "audit.jsonl"}
-"""
+    policy = {
+        "name": "cli",
+        "repositories": ["t/**"],
+        "mode": "enforce",
+        "keep": [{"tags": ["v*"], "newest": 1}],
+    }
+    return harness_config(
+        tmp_path / "regsweep.yaml",
+        registry.url,
+        [policy],
+        audit_path=tmp_path / "audit.jsonl",
+        storage_path=registry.storage_path,
     )
-    return path
 
 
 @pytest.fixture

@@ -49,9 +49,13 @@ def write_config(
     concurrency: int = 4,
     redis_url: str | None = None,
     audit_path: Path | None = None,
+    storage_path: Path | None = None,
 ) -> Path:
-    """A policy file at ``path``: the registry, the policies, Redis or an audit file."""
+    """A policy file at ``path``: the registry (and its storage), the policies, Redis or an
+    audit file."""
     document: dict[str, Any] = {"registry": {"url": registry_url, "concurrency": concurrency}}
+    if storage_path is not None:
+        document["registry"]["storage_path"] = str(storage_path)
     if redis_url is not None:
         document["redis"] = {"url": redis_url}
     if audit_path is not None:
