@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -56,6 +57,19 @@ class _ClosedPipeSafe:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def reader_gone() -> bool:
+    """Whether nobody reads stdout any more: a write found it closed, or (a pipe) its
+    reader has gone. What a command that only watches (``jobs --follow``) stops on."""
+    if isinstance(sys.stdout, _ClosedPipeSafe) and sys.stdout.closed_by_reader:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor: an in-process caller's stream
+        return False
 
 
 def quiet_on_closed_pipe() -> None:

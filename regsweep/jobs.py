@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from regsweep import console
 from regsweep.records import Records, public, reading
 from regsweep.render import human_bytes, short
 from worker.errors import ConfigError, UnknownJob
@@ -89,7 +90,9 @@ async def resolve(records: Records, given: str) -> str:
     """The job id ``given`` names: itself, or the one recent job whose id starts with it."""
     if await records.state.get_job(given) is not None:
         return given
-    found = await records.state.job_ids_starting(given) if len(given) >= MIN_PREFIX else []
+    listed = await records.state.job_ids_starting(given) if len(given) >= MIN_PREFIX else []
+    # An id whose record expired since the index was trimmed names no job.
+    found = [i for i in listed if await records.state.get_job(i) is not None]
     if len(found) == 1:
         return found[0]
     if found:
@@ -297,6 +300,8 @@ async def follow(
                 out(_state_event(job))
             out(json.dumps({"event": "end", "job": doc}) if as_json else _end_line(doc))
             return 1 if state in FAILED_STATES else 0
+        if console.reader_gone():  # `jobs ID --follow | head -3`: nobody is watching
+            return 0
         await asyncio.sleep(interval)
 
 

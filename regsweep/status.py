@@ -29,6 +29,8 @@ from worker.store.status import dead_letters, deferred_prunes, health_records
 JOBS_WINDOW: Final = timedelta(hours=24)
 #: Dead letters shown (the newest).
 DEAD_LETTERS_SHOWN: Final = 3
+#: What `status` shows of a job (its last sweep and GC, the counts by state).
+STATUS_FIELDS: Final = ("id", "kind", "state", "created", "updated")
 
 
 def add_parser(sub: Any) -> None:
@@ -55,9 +57,7 @@ async def status_document(
     """Everything ``status`` shows, JSON-able."""
     health = await health_records(records.state)
     letters = await dead_letters(records.state, DEAD_LETTERS_SHOWN)
-    jobs = await records.state.recent_jobs(
-        RECENT_JOBS_CAP, fields=("kind", "state", "created", "updated")
-    )
+    jobs = await records.state.recent_jobs(RECENT_JOBS_CAP, fields=STATUS_FIELDS)
     return {
         "time": now.isoformat(),
         "maintenance": {
@@ -68,9 +68,14 @@ async def status_document(
         "holds": holds_document(await records.index.all_holds(), now),
         "dead_letters": asdict(letters),
         "last_successful_prune": health.last_prune,
-        "last_sweep": _newest(jobs, "sweep"),
-        "last_gc": _newest(jobs, "gc"),
-        "jobs": {"since": (now - JOBS_WINDOW).isoformat(), "by_state": _by_state(jobs, now)},
+        "last_sweep": _summary(await records.state.newest_job("sweep")),
+        "last_gc": _summary(await records.state.newest_job("gc")),
+        "jobs": {
+            "since": (now - JOBS_WINDOW).isoformat(),
+            "by_state": _by_state(jobs, now),
+            # Counted from the recent-jobs index: at its cap, older jobs are not counted.
+            "capped_at": RECENT_JOBS_CAP if len(jobs) >= RECENT_JOBS_CAP else None,
+        },
     }
 
 
@@ -101,8 +106,9 @@ def holds_document(holds: Mapping[str, Sequence[Hold]], now: datetime) -> list[d
     ]
 
 
-def _newest(jobs: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any] | None:
-    return next((dict(j) for j in jobs if j.get("kind") == kind), None)
+def _summary(job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A job as ``status`` shows it: what the recent-jobs listing reads of each."""
+    return None if job is None else {k: job.get(k) for k in STATUS_FIELDS}
 
 
 def _by_state(jobs: Sequence[Mapping[str, Any]], now: datetime) -> dict[str, int]:
@@ -113,6 +119,8 @@ def _by_state(jobs: Sequence[Mapping[str, Any]], now: datetime) -> dict[str, int
             created = datetime.fromisoformat(str(job.get("created")))
         except ValueError:
             continue
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
         if created >= since:
             counted[str(job.get("state"))] += 1
     return dict(sorted(counted.items()))
@@ -144,7 +152,9 @@ def status_lines(doc: Mapping[str, Any]) -> list[str]:
     lines.append(f"last sweep: {_job_line(doc['last_sweep'])}")
     lines.append(f"last GC: {_job_line(doc['last_gc'])}")
     by_state = ", ".join(f"{n} {s}" for s, n in doc["jobs"]["by_state"].items()) or "none"
-    lines.append(f"jobs in the last 24h: {by_state}")
+    capped = doc["jobs"]["capped_at"]
+    among = f" (among the newest {capped:,} jobs)" if capped else ""
+    lines.append(f"jobs in the last 24h{among}: {by_state}")
     return lines
 
 

@@ -452,3 +452,54 @@ def test_enqueue_prints_ids_alone_and_says_how_to_follow(config: Path) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("prune", "gc")  # the task messages no worker here consumes
     client.close()
+
+
+# --------------------------------------------------------------------------- adversarial
+
+
+def test_last_sweep_and_gc_outlive_a_thousand_newer_prunes(config: Path) -> None:
+    """A weekly GC and a sweep followed by more prunes than the recent-jobs index keeps
+    still show as the last GC and sweep, and the counts say they are capped."""
+    (gc,) = create_jobs("gc", 1, trigger="window")
+    (sweep,) = create_jobs("sweep", 1, trigger="beat")
+    create_jobs("prune", RECENT_JOBS_CAP + 5, repository="j/busy")
+    done = cli.run("status", "--json", config=config)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["last_gc"]["id"] == gc and doc["last_sweep"]["id"] == sweep
+    assert doc["jobs"]["capped_at"] == RECENT_JOBS_CAP
+    text = cli.run("status", config=config)
+    assert f"among the newest {RECENT_JOBS_CAP:,} jobs" in text.stdout
+    assert f"last GC: {doc['last_gc']['created'][:10]}" in text.stdout
+
+
+def test_a_prefix_shared_with_an_expired_job_names_the_live_one(config: Path) -> None:
+    """Of two jobs whose ids start alike, the one whose record expired (still in the index
+    until the next listing) does not make the prefix ambiguous."""
+
+    async def make(state: State) -> None:
+        await state.create_job("prune", {"repository": "j/a"}, job_id="feed1111" + "0" * 24)
+        await state.create_job("prune", {"repository": "j/b"}, job_id="feed2222" + "0" * 24)
+        await state.client.delete(KEYS.job("feed2222" + "0" * 24))
+
+    arun(_with_state(make))
+    doc = jobs_json(config, "feed")
+    assert doc["id"] == "feed1111" + "0" * 24
+
+
+def test_follow_ends_when_its_reader_goes_away(config: Path) -> None:
+    """``jobs ID --follow | head -1`` on a job that stays queued: once the reader is gone
+    the follower stops (quietly, exit 0) instead of polling for ever."""
+    (job_id,) = create_jobs("prune", 1, repository="j/watched")
+    process = subprocess.Popen(
+        [*REGSWEEP, "-c", str(config), "jobs", job_id, "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli.environment(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().rstrip().endswith(": queued")
+    process.stdout.close()  # like `head -1` after its line
+    assert process.wait(timeout=READ_GUARD) == 0
+    assert "Traceback" not in process.stderr.read()

@@ -4,7 +4,8 @@ All keys start with one prefix (``regsweep:`` by default), so several installati
 or tests, can share a Redis without touching each other. Per area:
 
 =====================  ==================================================================
-deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``jobs:recent``, ``deadletter``
+deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``jobs:recent``,
+                       ``jobs:newest:<kind>``, ``deadletter``
 prunes                 ``lock:prune:<repo>``, ``pending:prune:<repo>``,
                        ``scheduled:prune:<repo>``, ``deferred``, ``reconciled``,
                        ``sweep:<job>``, ``sweep:<job>:done``
@@ -50,6 +51,10 @@ class Keys:
     def recent_jobs(self) -> str:
         """Job ids by creation time (a sorted set, capped): what ``regsweep jobs`` lists."""
         return f"{self.prefix}jobs:recent"
+
+    def newest_job(self, kind: str) -> str:
+        """The id of the newest job of ``kind`` (``regsweep status``: last sweep, last GC)."""
+        return f"{self.prefix}jobs:newest:{kind}"
 
     @property
     def dead_letters(self) -> str:

@@ -49,10 +49,11 @@ class JobState(StrEnum):
 RECENT_JOBS_CAP: Final = 1000
 
 
-# KEYS: the job, the recent-jobs index; ARGV: ttl, the creation time (epoch seconds), the
-# job id, the index's cap, then field/value pairs. Creates the record unless it exists and
-# adds it to the index, trimmed by age and to its cap, in the same step: a job exists
-# only when it is listed.
+# KEYS: the job, the recent-jobs index, the newest job of its kind; ARGV: ttl, the
+# creation time (epoch seconds), the job id, the index's cap, then field/value pairs.
+# Creates the record unless it exists and adds it to the index, trimmed by age and to its
+# cap, in the same step: a job exists only when it is listed. The newest job of each kind
+# is kept apart too: a weekly GC must not fall out of ``status`` behind a thousand prunes.
 _CREATE_JOB: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
@@ -61,6 +62,7 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[1])))
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[1])
 return 1
 """
 
@@ -166,7 +168,7 @@ def _create_job_call(
     ttl = int(JOB_TTL.total_seconds())
     args = [str(ttl), repr(created.timestamp()), job_id, str(RECENT_JOBS_CAP)]
     args += [x for pair in fields.items() for x in pair]
-    return job_id, [keys.job(job_id), keys.recent_jobs], args
+    return job_id, [keys.job(job_id), keys.recent_jobs, keys.newest_job(kind)], args
 
 
 def _new_job(
@@ -308,6 +310,12 @@ class State:
         with wrapped("redis HGETALL job failed"):
             raw = await self.client.hgetall(self.keys.job(job_id))
         return _decode_job(raw)
+
+    async def newest_job(self, kind: str) -> dict[str, Any] | None:
+        """The newest job of ``kind`` still recorded, whatever the recent-jobs index holds."""
+        with wrapped("redis GET newest job failed"):
+            job_id = await self.client.get(self.keys.newest_job(kind))
+        return None if job_id is None else await self.get_job(text(job_id))
 
     async def recent_jobs(
         self, limit: int = RECENT_JOBS_CAP, *, fields: Sequence[str] = ()
