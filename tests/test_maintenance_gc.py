@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -16,6 +15,7 @@ import pytest
 import redis
 
 from regsweep import cli
+from tests.harness import stack
 from tests.harness.images import ImageBuilder, PushError, random_layer
 from tests.harness.maintenance import (
     FAST,
@@ -441,7 +441,4 @@ def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        time.sleep(0.05)
+    stack.wait_for(condition, timeout, what=what)

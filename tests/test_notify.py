@@ -23,6 +23,7 @@ import yaml
 
 from regsweep import cli
 from tests.harness import service as h
+from tests.harness import stack
 from tests.harness.images import ImageBuilder, random_layer
 from tests.harness.maintenance import (
     ProcessRegistry,
@@ -56,13 +57,7 @@ SECRETS = {
 
 
 def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.05)
+    return stack.wait_for(condition, timeout, what=what)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from service.app import create_app
 from service.health import CHECK_TIMEOUT, HEALTH_INTERVAL
 from tests.harness import service as h
+from tests.harness import stack
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.sinks import RedisListSink
 from worker.settings.model import Config, RegistrySettings
@@ -93,13 +94,11 @@ def test_healthz_details_redis_registry_and_the_last_successful_prune(
 
 
 def wait_for_json(url: str, condition: Any, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def matching() -> dict[str, Any] | None:
         body: dict[str, Any] = httpx.get(url, timeout=10).json()
-        if condition(body):
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.1)
+        return body if condition(body) else None
+
+    return stack.wait_for(matching, timeout, step=0.1, what=f"GET {url}")
 
 
 def test_frozen_registry_and_frozen_redis_answer_within_the_bound(tmp_path: Path) -> None:

@@ -43,15 +43,22 @@ ENVIRONMENT = {
 }
 
 
-def wait_for(condition: Callable[[], T | None], timeout: float = 20.0, step: float = 0.05) -> T:
-    """Poll ``condition`` until it returns something truthy; that value."""
+def wait_for(
+    condition: Callable[[], T | None],
+    timeout: float = 20.0,
+    step: float = 0.05,
+    *,
+    what: str = "condition",
+) -> T:
+    """Poll ``condition`` until it returns something truthy; that value. The one waiting
+    loop of the tests: a deadline, never a fixed sleep standing in for an event."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"{what}: not met within {timeout}s")
         time.sleep(step)
 
 
