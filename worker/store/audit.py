@@ -440,7 +440,8 @@ class RedisAuditLog:
                     await self._digest_ids(query.repository, query.digest)
                 )
             else:
-                start = f"{int(query.since.timestamp() * 1000)}-0" if query.since else "-"
+                since = query.since.timestamp() if query.since else 0
+                start = f"{int(since * 1000)}-0" if since > 0 else "-"  # ids count from 1970
                 merged = _merged(await self._redis.xrange(self._key, min=start, max="+") or ())
         return [e for e in merged.values() if query.matches(e)]
 
