@@ -441,6 +441,7 @@ async def _prune_with_progress(
 
 async def _restore(args: argparse.Namespace, config: Config) -> int:
     _check_names(Named(args.repository, args.digest, Second.DIGEST))
+    job_id = f"cli-{uuid.uuid4().hex[:12]}"
     stores = Stores.open(config)
     try:
         async with RegistryClient.from_settings(config.registry) as client:
@@ -452,19 +453,19 @@ async def _restore(args: argparse.Namespace, config: Config) -> int:
                 args.digest,
                 hold_for=config.restore_hold,
                 force=args.force,
+                job_id=job_id,
             )
     finally:
         await stores.aclose()
     held_until = datetime.now(UTC) + config.restore_hold
     if args.json:
-        print(json.dumps(render.restore_json(args.repository, restored, held_until)))
+        print(json.dumps(render.restore_json(args.repository, restored, held_until, job_id)))
         return EXIT_OK
     until = held_until.strftime("%Y-%m-%d %H:%M UTC")
     for item in restored:
-        tags = ", ".join(item.tags) or "no tags"
-        how = "restored" if item.pushed else "present"
-        print(f"{how} {item.action} {item.digest} ({tags})")
+        print(render.restored_line(item))
     print(f"tags held until {until} (regsweep unhold REPO TAG ends a hold)")
+    print(f"the audit marks what was put back as restored by {job_id}")
     return EXIT_OK
 
 

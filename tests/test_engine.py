@@ -299,6 +299,21 @@ async def test_audit_records_raw_bytes_and_restore_puts_image_back(
     )
     assert [r.digest for r in restored] == [child.digest, old.digest]
     assert builder.tags(repo_name) == ["new", "old", "old-alias"]
+    # A restore job run twice (a redelivered task) does the same again, not "nothing left".
+    for _ in range(2):
+        rerun = await restore(
+            client,
+            eng.audit,
+            eng.history,
+            repo_name,
+            old.digest,
+            hold_for=dt.timedelta(days=7),
+            job_id="restore-job-1",
+        )
+        assert [(r.digest, r.tags, r.pushed) for r in rerun] == [
+            (child.digest, (), False),
+            (old.digest, ("old", "old-alias"), False),
+        ]
     assert_pullable(builder, repo_name, child)
     assert builder.head(repo_name, "old") is not None
 
