@@ -247,14 +247,20 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.fullmatch(text.strip())
     if match is None or not any(match.groupdict().values()):
         raise ValueError(_DURATION_HINT)
-    parts = {unit: int(amount) for unit, amount in match.groupdict().items() if amount}
+    parts = {unit: amount for unit, amount in match.groupdict().items() if amount}
     try:
-        duration = timedelta(**parts)
+        # More digits than any bounded duration has: no int() of thousands of digits.
+        digits = max(len(amount.lstrip("0")) for amount in parts.values())
+        duration = None if digits > 12 else timedelta(**_ints(parts))
     except OverflowError:
         duration = None
     if duration is None or duration > MAX_DURATION:
         raise DurationTooLong(f"is too long: at most {MAX_DURATION.days}d (about 100 years)")
     return duration
+
+
+def _ints(parts: Mapping[str, str]) -> dict[str, int]:
+    return {unit: int(amount) for unit, amount in parts.items()}
 
 
 # -- YAML ---------------------------------------------------------------------------------
