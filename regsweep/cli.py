@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     rest.add_argument("repository", metavar="REPO")
     # Optional here so that `restore team/web@sha256:...` is answered with what it meant.
     rest.add_argument(
-        "digest", metavar="DIGEST", nargs="?", help="a digest or a unique prefix of one"
+        "digest", metavar="DIGEST", nargs="?", help="a digest or a unique prefix of one (required)"
     )
     rest.add_argument(
         "--force", action="store_true", help="move tags that now point elsewhere back too"
@@ -120,14 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     rest.add_argument("--json", action="store_true", help="machine-readable output")
     hold = sub.add_parser("hold", help="keep a tag whatever the policy says, for a while")
     hold.add_argument("repository", metavar="REPO")
-    hold.add_argument("tag", metavar="TAG", nargs="?", help="one tag (not REPO:TAG)")
+    hold.add_argument(
+        "tag", metavar="TAG", nargs="?", help="the tag (required; apart from REPO, not REPO:TAG)"
+    )
     hold.add_argument(
         "--for", dest="duration", type=_duration, default=DEFAULT_HOLD, help="default 7d"
     )
     hold.add_argument("--json", action="store_true", help="machine-readable output")
     unhold = sub.add_parser("unhold", help="end a hold")
     unhold.add_argument("repository", metavar="REPO")
-    unhold.add_argument("tag", metavar="TAG", nargs="?", help="one tag (not REPO:TAG)")
+    unhold.add_argument(
+        "tag", metavar="TAG", nargs="?", help="the tag (required; apart from REPO, not REPO:TAG)"
+    )
     unhold.add_argument("--json", action="store_true", help="machine-readable output")
     audit = sub.add_parser("audit", help="list audited deletions")
     audit.add_argument("--since", type=_since, help="e.g. 24h, 1h30m, 7d or an ISO timestamp")
