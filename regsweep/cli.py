@@ -26,13 +26,21 @@ from worker import logs
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
 from worker.engine.model import Hold
+from worker.engine.names import (
+    Named,
+    Second,
+    digest_problems,
+    name_problems,
+    on_command_line,
+    repository_problem,
+)
 from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPlan
 from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
 from worker.queue.messages import JobKind, JobRequest, follow_hint
 from worker.registry.client import RegistryClient
 from worker.settings import env
-from worker.settings.load import load_config, parse_duration
+from worker.settings.load import DurationTooLong, load_config, parse_duration
 from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery
@@ -102,21 +110,28 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--json", action="store_true", help="machine-readable output")
     rest = sub.add_parser("restore", help="put a deleted manifest and its tags back (until GC)")
     rest.add_argument("repository", metavar="REPO")
-    rest.add_argument("digest", metavar="DIGEST", help="a digest or a unique prefix of one")
+    # Optional here so that `restore team/web@sha256:...` is answered with what it meant.
+    rest.add_argument(
+        "digest", metavar="DIGEST", nargs="?", help="a digest or a unique prefix of one (required)"
+    )
     rest.add_argument(
         "--force", action="store_true", help="move tags that now point elsewhere back too"
     )
     rest.add_argument("--json", action="store_true", help="machine-readable output")
     hold = sub.add_parser("hold", help="keep a tag whatever the policy says, for a while")
     hold.add_argument("repository", metavar="REPO")
-    hold.add_argument("tag", metavar="TAG")
+    hold.add_argument(
+        "tag", metavar="TAG", nargs="?", help="the tag (required; apart from REPO, not REPO:TAG)"
+    )
     hold.add_argument(
         "--for", dest="duration", type=_duration, default=DEFAULT_HOLD, help="default 7d"
     )
     hold.add_argument("--json", action="store_true", help="machine-readable output")
     unhold = sub.add_parser("unhold", help="end a hold")
     unhold.add_argument("repository", metavar="REPO")
-    unhold.add_argument("tag", metavar="TAG")
+    unhold.add_argument(
+        "tag", metavar="TAG", nargs="?", help="the tag (required; apart from REPO, not REPO:TAG)"
+    )
     unhold.add_argument("--json", action="store_true", help="machine-readable output")
     audit = sub.add_parser("audit", help="list audited deletions")
     audit.add_argument("--since", type=_since, help="e.g. 24h, 1h30m, 7d or an ISO timestamp")
@@ -212,6 +227,9 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
 
 
 async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
+    problems = [p for r in args.repositories if (p := repository_problem(r)) is not None]
+    if problems:
+        raise ConfigError([f"regsweep: {problem}" for problem in problems])
     dry_run = True if args.dry_run else None
     repositories = args.repositories or [None]
     requests = [JobRequest(JobKind.PRUNE, repository=r, dry_run=dry_run) for r in repositories]
@@ -262,24 +280,39 @@ PROCESSES: Final[dict[str, Process]] = {"serve": _serve, "worker": _worker, "bea
 
 
 def _duration(text: str) -> timedelta:
-    """The config's duration syntax: ``30s``, ``15m``, ``1h30m``, ``7d``, ``2w``."""
+    """The config's duration syntax: ``30s``, ``15m``, ``1h30m``, ``7d``, ``2w``; longer than 0s
+    and no longer than the config's durations may be."""
     try:
-        return parse_duration(text)
+        duration = parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} {exc}") from exc
+    if not duration:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than 0s")
+    return duration
 
 
 def _since(text: str) -> datetime:
-    """A duration back from now, or an ISO timestamp."""
+    """A duration back from now, or an ISO timestamp (UTC unless it says otherwise)."""
     try:
         return datetime.now(UTC) - parse_duration(text)
+    except DurationTooLong as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from exc
     except ValueError:
         pass
     try:
         parsed = datetime.fromisoformat(text)
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a duration or timestamp: {text!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00+01:00 is before the first UTC moment
+        raise argparse.ArgumentTypeError(f"not a time regsweep can hold: {text!r}") from exc
+
+
+def _check_names(named: Named) -> None:
+    """Exit 2 naming each name that is none (as ``plan`` does), with what it likely meant."""
+    problems = name_problems(named, on_command_line)
+    if problems:
+        raise ConfigError([f"regsweep: {problem}" for problem in problems])
 
 
 def _created_cache_path() -> Path:
@@ -411,6 +444,8 @@ async def _prune_with_progress(
 
 
 async def _restore(args: argparse.Namespace, config: Config) -> int:
+    _check_names(Named(args.repository, args.digest, Second.DIGEST))
+    job_id = f"cli-{uuid.uuid4().hex[:12]}"
     stores = Stores.open(config)
     try:
         async with RegistryClient.from_settings(config.registry) as client:
@@ -422,23 +457,29 @@ async def _restore(args: argparse.Namespace, config: Config) -> int:
                 args.digest,
                 hold_for=config.restore_hold,
                 force=args.force,
+                job_id=job_id,
             )
     finally:
         await stores.aclose()
     held_until = datetime.now(UTC) + config.restore_hold
     if args.json:
-        print(json.dumps(render.restore_json(args.repository, restored, held_until)))
+        print(json.dumps(render.restore_json(args.repository, restored, held_until, job_id)))
         return EXIT_OK
     until = held_until.strftime("%Y-%m-%d %H:%M UTC")
     for item in restored:
-        tags = ", ".join(item.tags) or "no tags"
-        how = "restored" if item.pushed else "present"
-        print(f"{how} {item.action} {item.digest} ({tags})")
+        print(render.restored_line(item))
     print(f"tags held until {until} (regsweep unhold REPO TAG ends a hold)")
+    print(f"the audit marks what was put back as restored by {job_id}")
     return EXIT_OK
 
 
 async def _hold(args: argparse.Namespace, config: Config) -> int:
+    _check_names(Named(args.repository, args.tag, Second.TAG))
+    if config.policy_for(args.repository) is None:
+        raise ConfigError(
+            f"regsweep: {args.repository}: no policy's repositories match it; "
+            "nothing deletes its tags, so nothing was held"
+        )
     until = datetime.now(UTC) + args.duration
     stores = Stores.open(config)
     try:
@@ -454,6 +495,7 @@ async def _hold(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _unhold(args: argparse.Namespace, config: Config) -> int:
+    _check_names(Named(args.repository, args.tag, Second.TAG))
     stores = Stores.open(config)
     try:
         ended = await stores.history.unhold(args.repository, args.tag)
@@ -470,6 +512,11 @@ async def _unhold(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _audit(args: argparse.Namespace, config: Config) -> int:
+    wrong = [] if args.digest is None else digest_problems(args.digest)
+    if args.repository is not None:
+        wrong += name_problems(Named(args.repository), lambda r, _: f"--repository {r}")
+    if wrong:
+        raise ConfigError([f"regsweep: {problem}" for problem in wrong])
     query = AuditQuery(
         since=args.since, repository=args.repository, digest=args.digest, job_id=args.job
     )

@@ -159,10 +159,23 @@ def audit_line(entry: AuditEntry) -> str:
     outcome = entry.outcome.value
     if entry.outcome is not Outcome.DELETED and entry.detail:
         outcome += f" ({entry.detail})"
-    return (
+    line = (
         f"{when}  {entry.repository}  {short(entry.digest)}  {entry.action} {outcome}  "
         f"tags={tags}  {entry.policy}/{entry.rule}: {entry.reason}  job={entry.job_id}"
     )
+    if entry.restored_at is not None:
+        restored = entry.restored_at.isoformat(timespec="seconds")
+        line += f"  restored {restored} by {entry.restored_by}"
+    return line
+
+
+def restored_line(item: Restored) -> str:
+    """One manifest of ``regsweep restore``: pushed back or found present, its tags, and the
+    jobs whose deletions it undid."""
+    tags = ", ".join(item.tags) or "no tags"
+    how = "restored" if item.pushed else "present"
+    jobs = f" from {'job' if len(item.jobs) == 1 else 'jobs'} {', '.join(item.jobs)}"
+    return f"{how} {item.action} {item.digest} ({tags}){jobs if item.jobs else ''}"
 
 
 def report_json(report: ExecutionReport) -> dict[str, Any]:
@@ -215,10 +228,12 @@ def prune_json(
 
 
 def restore_json(
-    repository: str, restored: Sequence[Restored], held_until: datetime
+    repository: str, restored: Sequence[Restored], held_until: datetime, job_id: str
 ) -> dict[str, Any]:
-    """``regsweep restore --json``: each manifest put back (or found present) and its tags."""
+    """``regsweep restore --json``: each manifest put back (or found present), its tags and
+    the jobs whose deletions it undid; the restore's own id (as the audit names it)."""
     return {
+        "job_id": job_id,
         "repository": repository,
         "restored": [
             {
@@ -227,6 +242,7 @@ def restore_json(
                 "media_type": r.media_type,
                 "tags": list(r.tags),
                 "pushed": r.pushed,
+                "jobs": list(r.jobs),
             }
             for r in restored
         ],

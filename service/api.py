@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from service.hooks.payload import json_object
-from worker.engine.events import valid_digest_or_prefix, valid_repository
+from worker.engine.events import valid_digest_or_prefix
+from worker.engine.names import repository_problem
 from worker.errors import BadEvent
 from worker.queue.messages import JobKind, JobRequest
 
@@ -24,12 +25,23 @@ def parse_job_request(body: bytes) -> JobRequest:
         raise BadEvent(f"kind must be one of {', '.join(JobKind)}")
     request = JobRequest(
         kind=JobKind(kind_value),
-        repository=_optional_field(document, "repository", valid_repository),
+        repository=_repository(document),
         dry_run=_optional_bool(document, "dry_run"),
         digest=_optional_field(document, "digest", valid_digest_or_prefix),
     )
     _check_job_shape(request)
     return request
+
+
+def _repository(document: Mapping[str, Any]) -> str | None:
+    """The repository, checked as ``regsweep plan REPO`` checks it (and explained alike)."""
+    value = document.get("repository")
+    if value is not None and not isinstance(value, str):
+        raise BadEvent("repository must be a string")
+    problem = None if value is None else repository_problem(value)
+    if problem is not None:
+        raise BadEvent(f"repository {problem}")
+    return value
 
 
 def _optional_field(

@@ -522,8 +522,8 @@ def test_plan_of_a_repository_that_cannot_be_planned_exits_2_naming_each(
         )
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.splitlines() == [
-            "regsweep: Team/Web: not a repository name (lowercase letters and digits, "
-            "separated by . _ __ or -, joined by /)",
+            "regsweep: Team/Web: not a repository name (repository names are lowercase); "
+            "did you mean team/web?",
             "regsweep: other/x: no policy's repositories match it; nothing to plan",
             f"regsweep: team/absent: no such repository in the registry at {registry.url}",
         ]

@@ -14,7 +14,13 @@ from worker.engine.policy import Mode
 from worker.errors import ConfigError
 from worker.registry.storage import RegistryStorage, check_storage_root
 from worker.settings import env
-from worker.settings.load import config_source, load_config, parse_config, parse_duration
+from worker.settings.load import (
+    DurationTooLong,
+    config_source,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 from worker.settings.model import (
     DEFAULT_BODY_LIMIT,
     DEFAULT_CONCURRENCY,
@@ -258,6 +264,51 @@ def test_parse_duration_refuses(text: str) -> None:
     """Anything else, including negative and unit-less numbers, is refused."""
     with pytest.raises(ValueError, match="must be a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["5215w", "36501d", "200000w", "600000w", "9" * 30 + "d", "9" * 5000 + "s"]
+)
+def test_parse_duration_refuses_more_than_100_years(text: str) -> None:
+    """Past 36500d a duration is refused where it is parsed: now minus or plus it would be no
+    date (200000w passed and then crashed a plan with OverflowError)."""
+    assert parse_duration("36500d") == parse_duration("5214w2d") == timedelta(days=36500)
+    with pytest.raises(DurationTooLong, match=r"too long: at most 36500d \(about 100 years\)"):
+        parse_duration(text)
+
+
+_NOTIFY = "notify: [{{name: n, kind: webhook, url_env: N_URL, {key}: {value}}}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (REGISTRY + "sweep: {{every: {value}}}\n", "sweep.every"),
+        (REGISTRY + "hooks: {{head_timeout: {value}}}\n", "hooks.head_timeout"),
+        (REGISTRY + "hooks: {{body_timeout: {value}}}\n", "hooks.body_timeout"),
+        (REGISTRY + "restore: {{hold: {value}}}\n", "restore.hold"),
+        (
+            REGISTRY + "maintenance: {{window: {{cron: '0 3 * * sun', duration: {value}}}}}\n",
+            "maintenance.window.duration",
+        ),
+        (
+            REGISTRY + "maintenance: {{window: {{cron: '0 3 * * sun', margin: {value}}}}}\n",
+            "maintenance.window.margin",
+        ),
+        (_policy("keep: [{{tags: ['*'], pushed_within: {value}}}]"), "keep[0].pushed_within"),
+        (_policy("untagged: {{delete_after: {value}}}"), "untagged.delete_after"),
+        (REGISTRY + _NOTIFY.replace("{key}", "timeout"), "notify[0] (n).timeout"),
+        (REGISTRY + _NOTIFY.replace("{key}", "give_up_after"), "notify[0] (n).give_up_after"),
+    ],
+)
+@pytest.mark.parametrize("value", ["200000w", "600000w"])
+def test_every_duration_key_refuses_a_huge_duration_naming_the_key(
+    text: str, key: str, value: str
+) -> None:
+    """Each duration key of the policy file refuses a duration past the bound with one
+    problem naming it (never a traceback, never accepted)."""
+    (problem,) = _problems(text.format(value=value))
+    assert problem.endswith(f"{key}: is too long: at most 36500d (about 100 years)"), problem
 
 
 # -- bad files: every problem, with its key ------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder, PushedImage
+from tests.harness.proxy import FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess
 from worker.engine.executor import RunOutcome as Outcome
 from worker.engine.executor import Status
@@ -17,7 +19,7 @@ from worker.engine.plan import Action
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruned, Pruner, RepositoryPlan
 from worker.engine.restore import restore
-from worker.registry.client import RegistryClient
+from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of
 from worker.settings.model import Config, RegistrySettings, Secret
 from worker.store.audit import AuditQuery, JsonlAuditLog
 from worker.store.history import LocalHistory
@@ -46,12 +48,17 @@ def policy(
     )
 
 
+def keep_prefixed() -> KeepRule:
+    """Keep `keep-*` tags (and so their digests)."""
+    return KeepRule(0, (TagPattern.compile("keep-*"),))
+
+
 def newest(n: int, *patterns: str) -> KeepRule:
     return KeepRule(0, tuple(TagPattern.compile(p) for p in patterns or ("*",)), newest=n)
 
 
 def make_config(url: str, pol: Policy, tmp_path: Path, **registry: object) -> Config:
-    settings = RegistrySettings(url=url, concurrency=4, **registry)  # type: ignore[arg-type]
+    settings = RegistrySettings(url=url, **({"concurrency": 4} | registry))  # type: ignore[arg-type]
     return Config(registry=settings, policies=(pol,), audit_path=str(tmp_path / "audit.jsonl"))
 
 
@@ -292,6 +299,21 @@ async def test_audit_records_raw_bytes_and_restore_puts_image_back(
     )
     assert [r.digest for r in restored] == [child.digest, old.digest]
     assert builder.tags(repo_name) == ["new", "old", "old-alias"]
+    # A restore job run twice (a redelivered task) does the same again, not "nothing left".
+    for _ in range(2):
+        rerun = await restore(
+            client,
+            eng.audit,
+            eng.history,
+            repo_name,
+            old.digest,
+            hold_for=dt.timedelta(days=7),
+            job_id="restore-job-1",
+        )
+        assert [(r.digest, r.tags, r.pushed) for r in rerun] == [
+            (child.digest, (), False),
+            (old.digest, ("old", "old-alias"), False),
+        ]
     assert_pullable(builder, repo_name, child)
     assert builder.head(repo_name, "old") is not None
 
@@ -354,3 +376,69 @@ async def test_untagged_digests_known_to_history_are_deleted_after_grace(
     await eng.pruner.execute(planned, job_id="j")
     assert not builder.manifest_exists(repo_name, first.digest)
     assert builder.tags(repo_name) == ["main"]
+
+
+async def test_many_untags_at_concurrency_16_upload_the_placeholder_config_once(
+    registry: RegistryProcess, builder: ImageBuilder, repo_name: str, tmp_path: Path
+) -> None:
+    """Invariant 2 on 2.8, in fresh repositories without the `{}` blob: 32 tag-only removals,
+    16 requests at a time, all succeed in every run, and each repository gets the
+    placeholder's config uploaded once (counted by a proxy), not by each removal at once
+    (concurrent uploads of it made a placeholder PUT fail with MANIFEST_BLOB_UNKNOWN)."""
+    keep = (keep_prefixed(),)
+    drops = [f"drop-{i}" for i in range(32)]
+    with FaultyProxy(("127.0.0.1", registry.port)) as proxy:
+        for run in range(3):
+            repo = f"{repo_name}-{run}"
+            image = builder.image(repo, ["keep-1", *drops])
+            assert not builder.blob_exists(repo, digest_of(EMPTY_CONFIG))
+            config = make_config(proxy.url, policy(keep=keep), tmp_path / str(run), concurrency=16)
+            async with RegistryClient.from_settings(config.registry) as client:
+                eng = Engine(config, client)
+                report = await eng.pruner.execute(await eng.plan(repo), job_id=f"j{run}")
+            assert report.outcome is Outcome.DONE, report.errors()
+            assert len(report.by_status(Status.DELETED)) == 32
+            assert builder.tags(repo) == ["keep-1"]
+            assert_pullable(builder, repo, image)
+            uploads = [e for e in proxy.exchanges if e.method == "POST" and repo in e.target]
+            assert len(uploads) == 1, uploads
+
+
+async def test_a_placeholder_put_missing_its_config_uploads_it_again_and_retries_once(
+    tmp_path: Path, repo_name: str
+) -> None:
+    """The `{}` config uploaded before the wave is gone when the first placeholder PUT arrives
+    (its link removed, as GC would; no blob cache to hide it): the PUT's 400
+    MANIFEST_BLOB_UNKNOWN makes the client upload it again and PUT once more, and every
+    removal succeeds."""
+    reg = RegistryProcess.create(tmp_path / "nocache")
+    del reg.config["storage"]["cache"]
+    reg.start()
+    link = (
+        reg.storage_path
+        / f"docker/registry/v2/repositories/{repo_name}/_layers/sha256"
+        / digest_of(EMPTY_CONFIG).partition(":")[2]
+    )
+    try:
+        with ImageBuilder.connect(reg.url) as b:
+            image = b.image(repo_name, ["keep-1", "drop-1", "drop-2"])
+        with FaultyProxy(("127.0.0.1", reg.port)) as proxy:
+            collected = proxy.add(
+                Rule(method="PUT", path=r"/manifests/drop-", before=lambda _: shutil.rmtree(link))
+            )
+            config = make_config(proxy.url, policy(keep=(keep_prefixed(),)), tmp_path)
+            async with RegistryClient.from_settings(config.registry) as client:
+                eng = Engine(config, client)
+                report = await eng.pruner.execute(await eng.plan(repo_name), job_id="j")
+            exchanges = list(proxy.exchanges)
+        puts = [e.status or 0 for e in exchanges if e.method == "PUT" and "/drop-" in e.target]
+        uploads = [e for e in exchanges if e.method == "POST"]
+        assert report.outcome is Outcome.DONE, report.errors()
+        assert [e.status for e in collected.fired] == [400]
+        assert sorted(puts) == [201, 201, 400]
+        assert len(uploads) == 2
+        with ImageBuilder.connect(reg.url) as b:
+            assert b.tags(repo_name) == ["keep-1"]
+            assert_pullable(b, repo_name, image)
+    finally:
+        reg.stop()

@@ -18,13 +18,16 @@ from typing import Any
 import pytest
 
 from tests.harness import cli
-from tests.harness.images import ImageBuilder, Pushed, referrers_tag
+from tests.harness.images import ImageBuilder, Pushed, random_layer, referrers_tag, sha256_digest
+from tests.harness.proxy import Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
 from worker.engine.prune import Pruner, RepositoryPlan
 from worker.registry.client import RegistryClient
+from worker.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from worker.settings.load import load_config
 from worker.store.audit import AuditEntry, Outcome, Settlement
+from worker.store.history import LocalHistory
 from worker.store.open import Stores
 
 pytestmark = pytest.mark.anyio
@@ -451,3 +454,212 @@ def test_a_torn_line_is_reported_and_the_rest_still_prints_and_restores(
     assert [r["digest"] for r in printed] == [first.digest, late.digest]
     restore(config, repo_name, late.digest)
     assert_back(images, repo_name, late)
+
+
+# --- restore is exact (issue 18 item 3) --------------------------------------------------
+
+
+def _bare_image(images: ImageBuilder, repo: str, architecture: str) -> tuple[str, bytes]:
+    """An OCI image manifest whose body does not say its media type (optional in OCI)."""
+    layer = images.blob(repo, random_layer())
+    config = images.blob(
+        repo,
+        json.dumps({"architecture": architecture, "os": "linux"}).encode(),
+        "application/vnd.oci.image.config.v1+json",
+    )
+    raw = json.dumps(
+        {"schemaVersion": 2, "config": config.descriptor(), "layers": [layer.descriptor()]}
+    )
+    digest = images.put_manifest(repo, sha256_digest(raw.encode()), raw.encode(), OCI_MANIFEST)
+    return digest, raw.encode()
+
+
+def test_an_index_whose_descriptors_omit_media_types_comes_back_byte_identical_and_pullable(
+    tmp_path: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str
+) -> None:
+    """An OCI index whose descriptors (and children) leave the optional `mediaType` out,
+    planned from the registry's storage: its children are recorded with their real media
+    type (from their bytes, not ''), and restore puts the index and children back
+    byte-identical and pullable (it used to fail with 400 MANIFEST_INVALID and blame GC)."""
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        registry.url,
+        [KEEP_PREFIXED],
+        audit_path=tmp_path / "audit.jsonl",
+        storage_path=registry.storage_path,
+    )
+    children = [_bare_image(images, repo_name, arch) for arch in ("amd64", "arm64")]
+    index_raw = json.dumps(
+        {"schemaVersion": 2, "manifests": [{"digest": d, "size": len(r)} for d, r in children]}
+    ).encode()
+    index = images.put_manifest(repo_name, "drop-1", index_raw, OCI_INDEX)
+    images.image(repo_name, "keep-1")
+    prune(config, repo_name)
+    assert all(images.head(repo_name, d) is None for d in [index, *(d for d, _ in children)])
+    recorded = {r["digest"]: r["media_type"] for r in cli.audit_records(config)}
+    assert recorded == {index: OCI_INDEX} | {d: OCI_MANIFEST for d, _ in children}
+    restore(config, repo_name, index)
+    assert images.manifest(repo_name, "drop-1") == (index_raw, OCI_INDEX)
+    for digest, raw in children:
+        assert images.manifest(repo_name, digest) == (raw, OCI_MANIFEST)
+        for blob in json.loads(raw)["layers"] + [json.loads(raw)["config"]]:
+            assert images.blob_exists(repo_name, blob["digest"])
+
+
+def test_a_record_made_with_an_empty_media_type_is_restored_with_the_one_its_bytes_imply(
+    config: Path, images: ImageBuilder, repo_name: str
+) -> None:
+    """A record written before the fix (media type '') of a manifest that names none itself:
+    restore PUTs it as the OCI image manifest its bytes are, byte-identical."""
+    digest, raw = _bare_image(images, repo_name, "amd64")
+    images.tag(repo_name, digest, "drop-1")
+    assert images.client.delete(f"/v2/{repo_name}/manifests/{digest}").status_code == 202
+    entry = AuditEntry(
+        time=datetime.now(UTC),
+        repository=repo_name,
+        digest=digest,
+        media_type="",
+        size=len(raw),
+        tags=("drop-1",),
+        action="child",
+        policy="restore",
+        rule="child",
+        reason="of deleted index",
+        job_id="cli-before-the-fix",
+        manifest=raw,
+    )
+    asyncio.run(_record(config, entry))
+    restore(config, repo_name, digest)
+    assert images.manifest(repo_name, "drop-1") == (raw, OCI_MANIFEST)
+
+
+@pytest.mark.parametrize("store", ["file", "redis"])
+def test_tags_removed_from_one_digest_in_two_runs_all_come_back_and_audit_says_so(
+    tmp_path: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str, store: str
+) -> None:
+    """Run 1 removes tag `drop-a` from a kept digest and fails half-way (another image's
+    DELETE never gets through); run 2 removes `drop-b`. Restoring the digest puts back
+    both (it used to take only the latest job's), and `audit` marks exactly those two
+    records restored by that restore. A second restore, with nothing left undone, does
+    again what the latest job's records say (drop-b, present already)."""
+    redis_server = RedisServer(free_port()) if store == "redis" else None
+    if redis_server:
+        redis_server.start()
+    where: dict[str, Any] = (
+        {"redis_url": redis_server.url} if redis_server else {"audit_path": tmp_path / "a.jsonl"}
+    )
+    try:
+        image = images.image(repo_name, ["drop-a", "drop-b", "keep-1"])
+        other = images.image(repo_name, "drop-x")
+        with FaultyProxy(("127.0.0.1", registry.port)) as proxy:
+            proxy.add(Rule(Fault.RESET, method="DELETE", path=other.digest, times=100))
+            first = dict(KEEP_PREFIXED, keep=[{"tags": ["keep-*", "drop-b"]}])
+            run1 = cli.write_config(tmp_path / "run1.yaml", proxy.url, [first], **where)
+            failed = cli.run("prune", repo_name, config=run1)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert images.tags(repo_name) == ["drop-b", "drop-x", "keep-1"]
+        config = cli.write_config(tmp_path / "run2.yaml", registry.url, [KEEP_PREFIXED], **where)
+        prune(config, repo_name)
+        assert images.tags(repo_name) == ["keep-1"]
+        result = cli.run("restore", repo_name, image.digest[:19], "--json", config=config)
+        assert result.returncode == 0, result.stderr
+        restored = json.loads(result.stdout)
+        (item,) = restored["restored"]
+        assert (item["digest"], item["tags"], item["pushed"]) == (
+            image.digest,
+            ["drop-a", "drop-b"],
+            False,
+        )
+        assert len(item["jobs"]) == 2
+        assert images.tags(repo_name) == ["drop-a", "drop-b", "keep-1"]
+        marked = {
+            (tuple(r["tags"]), r["outcome"], r["restored_by"]) for r in cli.audit_records(config)
+        }
+        assert marked == {
+            (("drop-a",), "deleted", restored["job_id"]),
+            (("drop-b",), "deleted", restored["job_id"]),
+            (("drop-x",), "not-done", None),
+            (("drop-x",), "deleted", None),
+        }
+        text = cli.run("audit", "--digest", image.digest, config=config).stdout.splitlines()
+        assert len(text) == 2
+        assert all(f"by {restored['job_id']}" in line for line in text), text
+        again = cli.run("restore", repo_name, image.digest[:19], "--json", config=config)
+        assert again.returncode == 0, again.stderr
+        (item,) = json.loads(again.stdout)["restored"]
+        assert (item["tags"], item["pushed"], len(item["jobs"])) == (["drop-b"], False, 1)
+    finally:
+        if redis_server:
+            redis_server.stop()
+
+
+@pytest.fixture
+def private_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """A registry of the test's own: it is switched read-only or garbage-collected."""
+    reg = RegistryProcess.create(tmp_path / "private")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def _holds(config: Path, repo: str) -> dict[str, str]:
+    """Tag -> why it is held, as every plan of ``repo`` sees it (the state beside the audit)."""
+    history = LocalHistory(config.parent / "regsweep-state")
+    held = asyncio.run(history.snapshot(repo)).holds
+    return {tag: hold.reason for tag, hold in held.items()}
+
+
+def test_a_restore_failing_on_a_read_only_registry_leaves_no_hold_and_says_why(
+    tmp_path: Path, private_registry: RegistryProcess, repo_name: str
+) -> None:
+    """A restore during a maintenance window (registry read-only) exits 1 saying so, not
+    blaming GC; it leaves no hold of its own (a hold someone set by hand stays as it was),
+    and after the window the same restore works."""
+    reg = private_registry
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml", reg.url, [KEEP_PREFIXED], audit_path=tmp_path / "a.jsonl"
+    )
+    with ImageBuilder.connect(reg.url) as images:
+        image = images.image(repo_name, ["drop-1", "drop-2"])
+        images.image(repo_name, "keep-1")
+    prune(config, repo_name)
+    by_hand = cli.run("hold", repo_name, "drop-1", "--for", "30d", config=config)
+    assert by_hand.returncode == 0, by_hand.stderr
+    reg.set_readonly(True)
+    reg.restart()
+    failed = cli.run("restore", repo_name, image.digest[:19], config=config)
+    reg.set_readonly(False)
+    reg.restart()
+    assert failed.returncode == 1, failed.stdout
+    assert "read-only" in failed.stderr and "nothing was put back or held" in failed.stderr
+    assert "garbage collection" not in failed.stderr
+    assert _holds(config, repo_name) == {"drop-1": "regsweep hold"}
+    restore(config, repo_name, image.digest)
+    with ImageBuilder.connect(reg.url) as images:
+        assert images.manifest(repo_name, "drop-2")[0] == image.raw
+    held = _holds(config, repo_name)
+    assert held["drop-1"] == "regsweep hold" and held["drop-2"].startswith("restore of")
+
+
+def test_a_restore_after_gc_names_the_blobs_gc_removed_and_leaves_no_hold(
+    tmp_path: Path, private_registry: RegistryProcess, repo_name: str
+) -> None:
+    """After garbage collection really removed its blobs, a restore exits 1 naming the
+    missing blobs and GC as the cause, and holds nothing."""
+    reg = private_registry
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml", reg.url, [KEEP_PREFIXED], audit_path=tmp_path / "a.jsonl"
+    )
+    with ImageBuilder.connect(reg.url) as images:
+        image = images.image(repo_name, "drop-1")
+        images.image(repo_name, "keep-1")
+    prune(config, repo_name)
+    collected = reg.garbage_collect()
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    reg.restart()  # as after a maintenance window: no blob descriptor cached from before GC
+    failed = cli.run("restore", repo_name, image.digest[:19], config=config)
+    assert failed.returncode == 1, failed.stdout
+    assert "no longer has 2 of its blobs" in failed.stderr
+    assert image.config_digest[:19] in failed.stderr
+    assert "garbage collection has removed them" in failed.stderr
+    assert _holds(config, repo_name) == {}

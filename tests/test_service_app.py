@@ -539,6 +539,57 @@ def test_job_api_refusals(svc: Service) -> None:
     assert svc.redis_keys() == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "repository", "reason"),
+    [
+        (
+            "prune",
+            "127.0.0.1:5000/team/web",
+            "repository 127.0.0.1:5000/team/web: not a repository name (leave out the "
+            "registry's address 127.0.0.1:5000); did you mean team/web?",
+        ),
+        (
+            "prune",
+            "Team/Web",
+            "repository Team/Web: not a repository name (repository names are lowercase); "
+            "did you mean team/web?",
+        ),
+        (
+            "sweep",
+            "team/web:pr-7",
+            "repository team/web:pr-7: not a repository name (give the tag apart); "
+            "did you mean team/web?",
+        ),
+        (
+            "restore",
+            "team/web@sha256:0123abcd",
+            "repository team/web@sha256:0123abcd: not a repository name (give the digest "
+            "apart); did you mean team/web?",
+        ),
+        (
+            "prune",
+            "team/web$",
+            "repository team/web$: not a repository name (lowercase letters and digits, "
+            "separated by . _ __ or -, joined by /)",
+        ),
+    ],
+)
+def test_job_api_checks_repository_names_as_plan_does(
+    svc: Service, kind: str, repository: str, reason: str
+) -> None:
+    """A job for a repository typed the `docker pull` way (host:port/ prefix, capitals, a tag
+    or digest on it) is refused with 400 saying what to change, as `regsweep plan` says it;
+    nothing is recorded or enqueued."""
+    body: dict[str, object] = {"kind": kind, "repository": repository}
+    if kind == "restore":
+        body["digest"] = "0123abcd"
+    response = svc.http.post("/api/v1/jobs", json=body, headers=API_HEADERS)
+    assert response.status_code == 400
+    assert response.json() == {"error": reason}
+    svc.assert_nothing_enqueued()
+    assert svc.redis_keys() == []
+
+
 # --- health and metrics ----------------------------------------------------------
 
 

@@ -53,9 +53,18 @@ class RegistryError(RegsweepError):
     """The registry refused, failed or could not be reached; ``hint`` says what to change
     when that is knowable (it ends the message too)."""
 
-    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        hint: str | None = None,
+        codes: tuple[str, ...] = (),
+    ) -> None:
         self.status = status
         self.hint = hint
+        #: The registry's ``errors[].code`` values (``MANIFEST_BLOB_UNKNOWN``...), if any.
+        self.codes = codes
         #: The message without its hint.
         self.detail = message
         super().__init__(f"{message}: {hint}" if hint else message)

@@ -43,6 +43,7 @@ from worker.store.audit import AuditEntry, AuditLog, Outcome, Settlement
 #: One line per deletion and one per job, at info: what an operator reads to learn what
 #: went. The CLI shows this logger at info too.
 deletions_log = logging.getLogger("regsweep.deletions")
+log = logging.getLogger(__name__)
 
 #: Deletions per wave, as a multiple of the registry concurrency: the live
 #: re-check costs one tag list plus a HEAD per kept tag, paid once per wave.
@@ -155,6 +156,8 @@ class _Run:
     read_only: bool = False
     #: Set when deletes are disabled or the audit cannot be written, said once.
     fatal: str | None = None
+    #: Whether the placeholder's config blob was seen to (before the first tag removal).
+    placeholder_ready: bool = False
 
     def blocked(self, deletion: Deletion) -> tuple[Status, str] | None:
         """Why ``deletion`` must not be attempted now, if it must not."""
@@ -211,10 +214,28 @@ class Executor:
                 for deletion in wave:
                     self._note(run, report, deletion, Status.ERROR, f"live re-check failed: {exc}")
                 continue
+            if not run.placeholder_ready and any(d.action is Action.UNTAG for d in wave):
+                await self._prepare_placeholder(run)
             in_flight.append(asyncio.create_task(self._wave(run, wave, protected, report)))
             if len(in_flight) > MAX_WAVES_IN_FLIGHT - 1:
                 await in_flight.pop(0)
         await asyncio.gather(*in_flight)
+
+    async def _prepare_placeholder(self, run: _Run) -> None:
+        """Before the first wave with tag removals: the config blob of 2.8's placeholder
+        manifests, uploaded once for the repository rather than by each removal at once
+        (see :meth:`RegistryClient.prepare_placeholder`). Not needed where tags are deleted
+        by reference (3.x). A failure here is no failure of the run: each removal's PUT
+        uploads the blob again if it is still missing."""
+        run.placeholder_ready = True
+        if self._client.tag_delete_supported:
+            return
+        try:
+            await self._client.prepare_placeholder(run.plan.repository)
+        except RegistryReadOnly:
+            run.read_only = True
+        except RegistryError as exc:
+            log.warning("%s: the placeholder's config blob: %s", run.plan.repository, exc)
 
     async def _wave(
         self, run: _Run, wave: list[Deletion], protected: frozenset[Digest], report: ExecutionReport

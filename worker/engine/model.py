@@ -150,6 +150,21 @@ def _descriptor(obj: Any) -> Descriptor:
     )
 
 
+def _implied_media_type(body: Mapping[str, Any]) -> str:
+    """The type of a manifest that names none and came without a Content-Type (read from
+    storage; recorded from an index descriptor that left ``mediaType`` out), decided as
+    the registry decides it: schema 1, else an OCI index if it lists manifests, else an
+    OCI image manifest (a Docker schema 2 manifest must say its type). Empty when it is
+    none of these."""
+    if body.get("schemaVersion") == 1:
+        return mt.DOCKER_SCHEMA1_SIGNED if "signatures" in body else mt.DOCKER_SCHEMA1
+    if body.get("schemaVersion") != 2:
+        return ""
+    if isinstance(body.get("manifests"), list):
+        return mt.OCI_INDEX
+    return mt.OCI_MANIFEST if isinstance(body.get("config"), dict) else ""
+
+
 def parse_manifest(digest: str, media_type: str, raw: bytes) -> Manifest:
     """Parse manifest bytes as served; ``media_type`` is the response's Content-Type."""
     try:
@@ -159,6 +174,7 @@ def parse_manifest(digest: str, media_type: str, raw: bytes) -> Manifest:
     if not isinstance(body, dict):
         raise RegistryProtocolError(f"manifest {digest} is not a JSON object")
     media_type = str(body.get("mediaType") or media_type).split(";")[0].strip()
+    media_type = media_type or _implied_media_type(body)
     subject = body.get("subject")
     annotations = body.get("annotations") or {}
     return Manifest(

@@ -29,6 +29,7 @@ from worker.engine.executor import (
 )
 from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache
 from worker.engine.model import Digest, Inventory
+from worker.engine.names import repository_problem
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
@@ -110,7 +111,7 @@ class Pruner:
     async def requested(self, names: Sequence[str]) -> list[str]:
         """``names``, each checked: raises :class:`UnknownRepository` naming every one that
         is not a repository name, that no policy governs, or that the registry lacks."""
-        problems = [f"{n}: not a repository name ({NAME_GRAMMAR})" for n in names if not _valid(n)]
+        problems = [p for n in names if (p := repository_problem(n)) is not None]
         unruled = [n for n in names if _valid(n) and self._config.policy_for(n) is None]
         problems += [f"{n}: no policy's repositories match it; nothing to plan" for n in unruled]
         candidates = [n for n in names if _valid(n) and n not in unruled]
@@ -280,9 +281,6 @@ def log_summary(pruned: Pruned, job_id: str, seconds: float, *, dry_run: bool) -
             "seconds": round(seconds, 3),
         },
     )
-
-
-NAME_GRAMMAR: Final = "lowercase letters and digits, separated by . _ __ or -, joined by /"
 
 
 def _valid(name: str) -> bool:

@@ -378,6 +378,7 @@ def restore_task(job_id: str, repository: str, digest: str) -> None:
                 repository,
                 digest,
                 hold_for=ctx.config.restore_hold,
+                job_id=job_id,
             )
         )
     except RegsweepError as exc:

@@ -170,10 +170,10 @@ def error_for(response: httpx.Response, what: str | None = None) -> RegistryErro
         if "Allow" in response.headers and not codes:
             return RegistryReadOnly(f"{message} (read-only maintenance mode)", status=status)
     if status == 404:
-        return ManifestUnknown(message, status=status, hint=hint)
+        return ManifestUnknown(message, status=status, hint=hint, codes=tuple(codes))
     if status == 429 or status >= 500:
-        return RegistryUnavailable(message, status=status, hint=hint)
-    return RegistryProtocolError(message, status=status, hint=hint)
+        return RegistryUnavailable(message, status=status, hint=hint, codes=tuple(codes))
+    return RegistryProtocolError(message, status=status, hint=hint, codes=tuple(codes))
 
 
 def untag_manifest(config: Descriptor) -> bytes:
@@ -190,6 +190,10 @@ def untag_manifest(config: Descriptor) -> bytes:
         "annotations": {mt.UNTAG_ANNOTATION: secrets.token_hex(16)},
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+#: The config descriptor of every placeholder: the OCI empty descriptor.
+PLACEHOLDER_CONFIG: Final = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -587,6 +591,19 @@ class RegistryClient:
         url = shown_url(self._http.base_url.join(path))
         raise RegistryUnavailable(f"DELETE {url}: no answer after {self._retries} attempts")
 
+    # -- tag removal by placeholder (2.8: no DELETE by tag) -------------------------------
+
+    async def prepare_placeholder(self, repo: str) -> None:
+        """Give ``repo`` the placeholder's config blob (``{}``) unless it has it: once before
+        a run's tag removals, not once per removal. Uploads of one blob rewrite its link in
+        place (2.8), and a manifest PUT that reads the link meanwhile is refused with
+        MANIFEST_BLOB_UNKNOWN: concurrent removals each uploading it failed one run in
+        three at concurrency 16. Inside the tag-write gate, so never while this process
+        PUTs a placeholder."""
+        async with self._gate(repo).writing_tag():
+            if not await self.blob_exists(repo, PLACEHOLDER_CONFIG.digest):
+                await self.upload_blob(repo, EMPTY_CONFIG)
+
     async def _untag_with_dummy(self, repo: str, tag: str) -> Removal:
         """Point ``tag`` at a unique throw-away manifest, then delete that by digest.
 
@@ -595,10 +612,7 @@ class RegistryClient:
         done the tag is off its digest: a placeholder that cannot be deleted after
         that (the registry went read-only) does not undo the removal.
         """
-        config = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
-        if not await self.blob_exists(repo, config.digest):
-            await self.upload_blob(repo, EMPTY_CONFIG)
-        placeholder = untag_manifest(config)
+        placeholder = untag_manifest(PLACEHOLDER_CONFIG)
         dummy = await self._put_placeholder(repo, tag, placeholder)
         try:
             await self.delete_manifest(repo, dummy)
@@ -612,12 +626,25 @@ class RegistryClient:
         (a lost answer, then a retry refused by a registry restarted read-only)."""
         try:
             async with self._gate(repo).writing_tag():
-                return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+                return await self._put_placeholder_once_more(repo, tag, raw)
         except RegistryError:
             now = await self.head_manifest(repo, tag)
             if now is not None and now.digest == digest_of(raw):
                 return now.digest
             raise
+
+    async def _put_placeholder_once_more(self, repo: str, tag: str, raw: bytes) -> Digest:
+        """The PUT, and once more after uploading the config again if the registry lacks it
+        (never uploaded, collected since :meth:`prepare_placeholder`, or its link caught
+        mid-rewrite by someone else's upload). The caller holds the gate, so the other
+        removals' PUTs wait for the upload instead of failing too."""
+        try:
+            return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+        except RegistryError as exc:
+            if "MANIFEST_BLOB_UNKNOWN" not in exc.codes:
+                raise
+        await self.upload_blob(repo, EMPTY_CONFIG)
+        return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
 
     # -- plumbing --------------------------------------------------------------
 

@@ -161,6 +161,9 @@ _DURATION: Final = re.compile(
     re.ASCII,
 )
 _DURATION_HINT: Final = "must be a duration like 30s, 15m, 1h30m, 14d or 2w"
+#: The longest duration anywhere (policy file, --for, --since): now plus or minus it is
+#: still a date (200000w back from now is not, and a plan or hold would crash on it).
+MAX_DURATION: Final = timedelta(days=36500)
 _VERSION: Final = re.compile(r"\d+\.\d+")
 
 
@@ -234,16 +237,30 @@ def config_source(given: str | None, environ: Mapping[str, str]) -> str:
     return path
 
 
+class DurationTooLong(ValueError):
+    """A duration written right that is longer than :data:`MAX_DURATION`."""
+
+
 def parse_duration(text: str) -> timedelta:
-    """``30s``, ``15m``, ``1h30m``, ``14d``, ``2w`` as a timedelta; raises ``ValueError``."""
+    """``30s``, ``15m``, ``1h30m``, ``14d``, ``2w`` as a timedelta; raises ``ValueError``
+    (:class:`DurationTooLong` past :data:`MAX_DURATION`)."""
     match = _DURATION.fullmatch(text.strip())
     if match is None or not any(match.groupdict().values()):
         raise ValueError(_DURATION_HINT)
-    parts = {unit: int(amount) for unit, amount in match.groupdict().items() if amount}
+    parts = {unit: amount for unit, amount in match.groupdict().items() if amount}
     try:
-        return timedelta(**parts)
+        # More digits than any bounded duration has: no int() of thousands of digits.
+        digits = max(len(amount.lstrip("0")) for amount in parts.values())
+        duration = None if digits > 12 else timedelta(**_ints(parts))
     except OverflowError:
-        raise ValueError("is too long a duration") from None
+        duration = None
+    if duration is None or duration > MAX_DURATION:
+        raise DurationTooLong(f"is too long: at most {MAX_DURATION.days}d (about 100 years)")
+    return duration
+
+
+def _ints(parts: Mapping[str, str]) -> dict[str, int]:
+    return {unit: int(amount) for unit, amount in parts.items()}
 
 
 # -- YAML ---------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ DELETE; then it *settles* the record with what happened. If the intent cannot
 be made durable, nothing is deleted. So every manifest regsweep removed has a
 record, even when it crashed right after the DELETE, and ``regsweep restore``
 can put it back (byte-identical: the raw bytes are in the record) until
-garbage collection removes its blobs.
+garbage collection removes its blobs; the restore then marks the records it
+undid (a :class:`Restoration`), so the next restore of that digest leaves them be.
 
 One audit per installation: the Redis stream when ``redis.url`` is set (the
 workers and the CLI alike), else the JSONL file (:class:`JsonlAuditLog`).
@@ -72,6 +73,9 @@ class AuditEntry:
     outcome: Outcome = Outcome.PENDING
     #: How the settling put it ("answer lost, HEAD shows it gone", an error).
     detail: str = ""
+    #: When a restore put back what this record removed, and that restore's job id.
+    restored_at: datetime | None = None
+    restored_by: str = ""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -125,7 +129,13 @@ class AuditEntry:
         data: dict[str, Any] = json.loads(self.to_json())
         data.pop("manifest")
         data.pop("record")
-        return data | {"outcome": self.outcome.value, "detail": self.detail}
+        restored_at = self.restored_at.isoformat() if self.restored_at else None
+        return data | {
+            "outcome": self.outcome.value,
+            "detail": self.detail,
+            "restored_at": restored_at,
+            "restored_by": self.restored_by or None,
+        }
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,32 @@ class Settlement:
     def from_json(cls, line: str | bytes) -> Settlement:
         data = json.loads(line)
         return cls(str(data["id"]), Outcome(data["outcome"]), str(data.get("detail", "")))
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """A restore put back what the recorded deletion ``id`` removed (its manifest if gone,
+    and its tags): the next restore of that digest does not put those tags back again."""
+
+    id: str
+    #: The restore's job id.
+    job_id: str
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The record restored (when the restoring process has it): its job's index is updated.
+    entry: AuditEntry | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, entry: AuditEntry, job_id: str) -> Restoration:
+        return cls(entry.id, job_id, entry=entry)
+
+    def to_json(self) -> str:
+        record = {"record": "restored", "id": self.id, "job_id": self.job_id}
+        return json.dumps(record | {"time": self.time.isoformat()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> Restoration:
+        data = json.loads(line)
+        return cls(str(data["id"]), str(data["job_id"]), datetime.fromisoformat(data["time"]))
 
 
 @dataclass(frozen=True)
@@ -196,6 +232,9 @@ class AuditLog(Protocol):
 
     async def settle(self, settlements: Sequence[Settlement]) -> None: ...
 
+    async def mark_restored(self, restorations: Sequence[Restoration]) -> None:
+        """Record that a restore put these deletions back; raise StateError if it cannot."""
+
     async def entries(self, query: AuditQuery = AuditQuery()) -> list[AuditEntry]: ...
 
     async def deleted(self, repository: str, digests: Iterable[str]) -> set[str]:
@@ -213,14 +252,23 @@ def _now() -> str:
 
 
 def merge(
-    entries: Iterable[AuditEntry], settlements: Iterable[Settlement]
+    entries: Iterable[AuditEntry],
+    settlements: Iterable[Settlement],
+    restorations: Iterable[Restoration] = (),
 ) -> dict[str, AuditEntry]:
-    """Records by id, each with the last outcome its settlements gave it."""
+    """Records by id, each with the last outcome its settlements gave it and the last
+    restore that put it back."""
     merged = {entry.id: entry for entry in entries}
     for settled in settlements:
         entry = merged.get(settled.id)
         if entry is not None:
             merged[settled.id] = replace(entry, outcome=settled.outcome, detail=settled.detail)
+    for restored in restorations:
+        entry = merged.get(restored.id)
+        if entry is not None:
+            merged[restored.id] = replace(
+                entry, restored_at=restored.time, restored_by=restored.job_id
+            )
     return merged
 
 
@@ -253,6 +301,10 @@ class JsonlAuditLog:
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         if settlements:
             await self._group.submit("".join(s.to_json() + "\n" for s in settlements))
+
+    async def mark_restored(self, restorations: Sequence[Restoration]) -> None:
+        if restorations:
+            await self._group.submit("".join(r.to_json() + "\n" for r in restorations))
 
     async def _write(self, chunks: list[str]) -> list[None]:
         await asyncio.to_thread(self._append, "".join(chunks))
@@ -301,18 +353,21 @@ class JsonlAuditLog:
     def _read(self) -> dict[str, AuditEntry]:
         entries: list[AuditEntry] = []
         settlements: list[Settlement] = []
+        restorations: list[Restoration] = []
         problems: list[AuditProblem] = []
         for number, line in self._lines():
             try:
                 kind = json.loads(line).get("record", "intent")
                 if kind == "settled":
                     settlements.append(Settlement.from_json(line))
+                elif kind == "restored":
+                    restorations.append(Restoration.from_json(line))
                 else:
                     entries.append(AuditEntry.from_json(line))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 problems.append(AuditProblem(number, f"not an audit record ({exc})"[:200]))
         self._problems = problems
-        return merge(entries, settlements)
+        return merge(entries, settlements, restorations)
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         try:
@@ -373,9 +428,10 @@ class RedisAuditLog:
 
     Beside the stream (``<prefix>audit``): per repository a sorted set of
     ``"<digest> <stream id>"`` members (a digest or a prefix of one is a lexical
-    range), per job the list of its stream ids and the outcomes of its records,
-    per repository the set of digests regsweep deleted or set out to delete (the
-    evidence that a signature's subject is gone because regsweep deleted it).
+    range), per job the list of its stream ids, the outcomes of its records and
+    which of them a restore put back, per repository the set of digests regsweep
+    deleted or set out to delete (the evidence that a signature's subject is gone
+    because regsweep deleted it).
     """
 
     def __init__(self, redis: aioredis.Redis, *, keys: Keys | None = None) -> None:
@@ -423,6 +479,20 @@ class RedisAuditLog:
         with wrapped(f"cannot settle the audit ({self.location})"):
             await pipe.execute()
 
+    async def mark_restored(self, restorations: Sequence[Restoration]) -> None:
+        if not restorations:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for restored in restorations:
+            record = restored.to_json()
+            pipe.xadd(self._key, {"restored": record}, maxlen=AUDIT_STREAM_MAXLEN, approximate=True)
+            if restored.entry is not None:
+                key = self.keys.audit_restorations(restored.entry.job_id)
+                pipe.hset(key, restored.id, record)
+                pipe.expire(key, AUDIT_INDEX_TTL)
+        with wrapped(f"cannot write the audit ({self.location})"):
+            await pipe.execute()
+
     async def deleted(self, repository: str, digests: Iterable[str]) -> set[str]:
         wanted = sorted(set(digests))
         if not wanted:
@@ -440,7 +510,8 @@ class RedisAuditLog:
                     await self._digest_ids(query.repository, query.digest)
                 )
             else:
-                start = f"{int(query.since.timestamp() * 1000)}-0" if query.since else "-"
+                since = query.since.timestamp() if query.since else 0
+                start = f"{int(since * 1000)}-0" if since > 0 else "-"  # ids count from 1970
                 merged = _merged(await self._redis.xrange(self._key, min=start, max="+") or ())
         return [e for e in merged.values() if query.matches(e)]
 
@@ -466,21 +537,27 @@ class RedisAuditLog:
         jobs = sorted({entry.job_id for entry in entries.values()})
         for job_id in jobs:
             pipe.hvals(self.keys.audit_outcomes(job_id))
-        settled = [Settlement.from_json(v) for values in await pipe.execute() for v in values]
-        return merge(entries.values(), settled)
+            pipe.hvals(self.keys.audit_restorations(job_id))
+        answers = await pipe.execute()
+        settled = [Settlement.from_json(v) for values in answers[0::2] for v in values]
+        restored = [Restoration.from_json(v) for values in answers[1::2] for v in values]
+        return merge(entries.values(), settled, restored)
 
 
 def _merged(rows: Iterable[tuple[Any, Any]]) -> dict[str, AuditEntry]:
     """Stream rows as records by id, each with its last settlement applied."""
     entries: list[AuditEntry] = []
     settlements: list[Settlement] = []
+    restorations: list[Restoration] = []
     for _, row in rows:
         fields = row or {}
         if (raw := _field(fields, "entry")) is not None:
             entries.append(AuditEntry.from_json(raw))
         elif (raw := _field(fields, "settled")) is not None:
             settlements.append(Settlement.from_json(raw))
-    return merge(entries, settlements)
+        elif (raw := _field(fields, "restored")) is not None:
+            restorations.append(Restoration.from_json(raw))
+    return merge(entries, settlements, restorations)
 
 
 def _field(fields: Mapping[Any, Any], name: str) -> str | None:

@@ -14,7 +14,8 @@ maintenance window     ``maintenance`` (the flag), ``lock:gc``, ``gc:session``,
 tag index (history)    ``idx:<repo>:tags|pushed|untagged|seen|listed|stored``, ``idx:repos``,
                        ``hold:<repo>``, ``holds``
 audit                  ``audit`` (the stream), ``audit:digests:<repo>``, ``audit:job:<job>``,
-                       ``audit:job:<job>:outcomes``, ``audit:deleted:<repo>``
+                       ``audit:job:<job>:outcomes``, ``audit:job:<job>:restored``,
+                       ``audit:deleted:<repo>``
 metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:registry_latency``,
                        ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
 health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
@@ -150,6 +151,10 @@ class Keys:
 
     def audit_outcomes(self, job_id: str) -> str:
         return f"{self.audit}:job:{job_id}:outcomes"
+
+    def audit_restorations(self, job_id: str) -> str:
+        """Which of the job's records a restore put back since (record id -> restoration)."""
+        return f"{self.audit}:job:{job_id}:restored"
 
     def audit_deleted(self, repository: str) -> str:
         return f"{self.audit}:deleted:{repository}"
