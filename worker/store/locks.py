@@ -190,7 +190,10 @@ class PruneTurns:
             return
         job = await window_running(self._redis, self._keys)
         if job is not None:
-            raise Deferred(f"maintenance window running (GC job {job}); {repository} waits")
+            raise Deferred(
+                f"a maintenance window is running (GC job {job}): the registry is read-only "
+                f"until it ends, and {repository} is not pruned before"
+            )
 
     async def _acquire(self, lock: PruneLock, repository: str) -> None:
         deadline = time.monotonic() + self._patience
