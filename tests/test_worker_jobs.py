@@ -453,6 +453,7 @@ def test_a_ci_prune_that_never_reaches_the_registry_is_dead_lettered_and_replaye
     assert record["state"] == "failed", record
     assert record["dead_letter"] == letter["id"]
     assert "ConnectError" in record["errors"][0], record["errors"]
+    assert record["errors"][1] == f"dead-lettered: regsweep replay {letter['id']}"
     assert letter["source"] == "prune"
     assert f"after {tasks.MAX_REGISTRY_RETRIES + 1} attempts" in letter["reason"]
     assert letter["replay"]["params"]["requests"] == message["requests"]

@@ -390,7 +390,11 @@ def _retry_or_fail(task: Task[Any, Any], work: _Work, exc: RegistryUnavailable) 
         f"{attempt} attempts: {exc}"
     )
     letter = _dead_letter_work("prune", reason, work.own(), work.replay())
-    return _failed(str(exc)) | ({"dead_letter": letter} if letter else {})
+    if letter is None:
+        return _failed(str(exc))
+    # In the errors too: the prune.failed notification tells them.
+    kept = f"dead-lettered: regsweep replay {letter}"
+    return {"errors": [str(exc), kept], "outcome": RunOutcome.FAILED.value, "dead_letter": letter}
 
 
 def _dead_letter_work(
@@ -479,7 +483,7 @@ def _sweep_unavailable(
     params = {"repository": repository, "dry_run": dry_run}
     reason = f"sweep {job_id} failed after {attempt} attempts: {exc}"
     letter = _dead_letter_work("sweep", reason, params, {"kind": "sweep", "params": params})
-    errors = [str(exc)]
+    errors = [str(exc), *([f"dead-lettered: regsweep replay {letter}"] if letter else [])]
     _update(job_id, JobState.FAILED, kind="sweep", errors=errors, dead_letter=letter)
 
 
