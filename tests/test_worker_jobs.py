@@ -537,3 +537,27 @@ async def test_a_registry_lost_between_plan_and_deletes_makes_the_prune_retry(
         proxy.stop()
     assert summary["counts"]["deleted"] == 1
     assert status(images, repository, drop.digest) == 404
+
+
+def test_parked_prunes_merge_per_repository_and_dry_run_keeping_every_job() -> None:
+    """Parked prunes merge into one per repository and dry-run flag: the union of their CI
+    requests (each once), a live read if any asked for one, the first parked leading and
+    every other job carried in `merged`; nothing is dropped."""
+    pr1 = {"patterns": ["pr-1"], "rule": "on.pull_request_closed", "detail": "#1"}
+    pr2 = {"patterns": ["pr-2"], "rule": "on.pull_request_closed", "detail": "#2"}
+    entries: list[dict[str, Any]] = [
+        {"repository": "a", "job_id": "j3", "parked": "3", "requests": [pr2], "trigger": "ci"},
+        {"repository": "a", "job_id": "j1", "parked": "1", "requests": [pr1], "trigger": "ci"},
+        {"repository": "a", "job_id": "j2", "parked": "2", "incremental": False, "parent": "s"},
+        {"repository": "a", "job_id": "j4", "parked": "4", "requests": [pr1], "dry_run": True},
+        {"repository": "b", "job_id": "j5", "parked": "5", "trigger": "push"},
+    ]
+    merged = {(p["repository"], p["dry_run"]): p for p in jobs.merge_parked(entries)}
+    assert set(merged) == {("a", False), ("a", True), ("b", False)}
+    enforced = merged[("a", False)]
+    assert (enforced["job_id"], enforced["trigger"], enforced["parent"]) == ("j1", "ci", None)
+    assert enforced["requests"] == [pr1, pr2]
+    assert enforced["incremental"] is False
+    assert [(m["job_id"], m["parent"]) for m in enforced["merged"]] == [("j2", "s"), ("j3", None)]
+    assert merged[("a", True)]["job_id"] == "j4" and merged[("a", True)]["merged"] == []
+    assert merged[("b", False)]["incremental"] is True

@@ -8,6 +8,7 @@ idempotent (404 is success), the per-repository lock has an owner and a TTL.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,10 @@ return gone
 async def defer(ctx: WorkerContext, repository: str, params: Mapping[str, Any]) -> None:
     """Park a prune until the window ends, one entry per job: several prunes of one
     repository are all kept, and merged when released (:func:`parked_prunes`)."""
-    entry = {**params, "repository": repository, "parked": uuid.uuid4().hex}
+    # Orders the entries (the first parked leads the merged prune) and tells a re-parked
+    # entry from the one read before it (:func:`unpark`).
+    mark = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    entry = {**params, "repository": repository, "parked": mark}
     field = str(params.get("job_id") or entry["parked"])
     with wrapped(f"cannot defer the prune of {repository}"):
         await ctx.redis.hset(keys(ctx).deferred, field, json.dumps(entry))

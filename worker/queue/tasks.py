@@ -289,7 +289,7 @@ def _park(work: _Work, exc: Deferred) -> None:
     for entry in [work.own(), *work.merged]:
         run_patiently(lambda ctx, e=entry: jobs.defer(ctx, work.repository, e))
     for job_id, _ in work.jobs():
-        _update(job_id, JobState.DEFERRED, errors=[str(exc)])
+        _update(job_id, JobState.DEFERRED, errors=[str(exc)], ran_with=None)
 
 
 def _start_all(work: _Work) -> None:
