@@ -146,6 +146,11 @@ def test_prunes_parked_during_a_window_all_run_after_it_merged(
     assert len(primaries) == 2, ran  # one enforced prune, one dry run
     assert job(state, asked[2])["executed"] is False
     assert state.hlen("regsweep:deferred") == 0
+    rider = next(j for j, with_ in ran.items() if with_ is not None and with_ != asked[2])
+    shown = run("jobs", rider, "--json", config=stack.config, env=s.ENVIRONMENT)
+    assert shown.returncode == 0, shown.stderr
+    deleted = {d["digest"] for d in json.loads(shown.stdout)["deletions"]}
+    assert {pr1.digest, pr2.digest, old.digest} <= deleted, "jobs shows what its merged run did"
 
 
 def ended(state: redis.Redis, job_id: str) -> bool:

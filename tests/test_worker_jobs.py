@@ -561,3 +561,28 @@ def test_parked_prunes_merge_per_repository_and_dry_run_keeping_every_job() -> N
     assert [(m["job_id"], m["parent"]) for m in enforced["merged"]] == [("j2", "s"), ("j3", None)]
     assert merged[("a", True)]["job_id"] == "j4" and merged[("a", True)]["merged"] == []
     assert merged[("b", False)]["incremental"] is True
+
+
+def test_a_sweep_that_cannot_list_the_registry_is_retried_then_dead_lettered(
+    broker: redis.Redis, own_registry: RegistryProcess, config_path: Path
+) -> None:
+    """A sweep whose catalog read meets a stopped registry is retried up to the bound (its
+    one job kept across retries), then fails and is dead-lettered; replaying the dead
+    letter queues a sweep job of its own."""
+    sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
+    own_registry.stop()
+    try:
+        tasks.sweep.apply(kwargs={"job_id": sweep_id})
+    finally:
+        own_registry.start()
+    record = job(broker, sweep_id)
+    letter = newest_dead_letter(broker)
+    assert record["state"] == "failed" and record["dead_letter"] == letter["id"], record
+    assert letter["source"] == "sweep" and letter["replay"]["kind"] == "sweep"
+    assert f"sweep {sweep_id} failed after" in letter["reason"]
+    replayed = cli.run("replay", letter["id"], "--json", config=config_path)
+    assert replayed.returncode == 0, replayed.stderr
+    new_sweep = json.loads(replayed.stdout)["job_id"]
+    (message,) = queued(broker)
+    broker.delete("prune")
+    assert message["job_id"] == new_sweep and message["repository"] is None
