@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
-from regsweep import checkconfig, console, jobs, render, status
+from regsweep import checkconfig, console, jobs, render, replay, status
 from worker import logs
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
@@ -44,6 +44,7 @@ from worker.settings.load import DurationTooLong, load_config, parse_duration
 from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery
+from worker.store.locks import PruneTurns
 from worker.store.open import Stores, audit_file
 
 EXIT_OK: Final = 0
@@ -51,6 +52,8 @@ EXIT_RUN_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 #: ``regsweep hold`` without ``--for``.
 DEFAULT_HOLD: Final = timedelta(days=7)
+#: How long ``regsweep prune`` waits for another prune of a repository (a worker's) to end.
+PRUNE_TURN_PATIENCE: Final = timedelta(minutes=10)
 
 Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
 #: Long-running commands that own the process (and its signals): no event loop around them.
@@ -145,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     jobs.add_parser(sub)
     status.add_parser(sub)
+    replay.add_parser(sub)
     _add_process_commands(sub)
     completion = sub.add_parser(
         "completion",
@@ -336,6 +340,7 @@ async def _plan(args: argparse.Namespace, config: Config) -> int:
     created = CreatedCache.load(_created_cache_path())
     stores = Stores.open(config)
     try:
+        await stores.check()
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
             repos = await _chosen(pruner, args.repositories)
@@ -387,10 +392,12 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     created = CreatedCache.load(_created_cache_path())
     stores = Stores.open(config)
     try:
+        await stores.check()
         async with RegistryClient.from_settings(config.registry) as client:
             pruner = _pruner(config, client, stores, created)
             repos = await _chosen(pruner, args.repositories)
-            results = await _prune_with_progress(pruner, repos, args, job_id)
+            turns = _turns(stores, args.dry_run)
+            results = await _prune_with_progress(pruner, repos, args, job_id, turns)
     finally:
         await stores.aclose()
     await asyncio.to_thread(created.save, _created_cache_path())
@@ -409,6 +416,29 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     return code
 
 
+def _turns(stores: Stores, dry_run: bool) -> PruneTurns | None:
+    """With Redis, what a worker's prune takes: each repository's lock (waited for) and,
+    unless dry-run, no maintenance window. Without it, no worker can be pruning beside
+    this (workers need Redis); another ``regsweep prune`` can, and nothing stops it."""
+    if stores.redis is None:
+        if not dry_run:
+            _say("no redis.url: no per-repository lock taken, no maintenance window seen")
+        return None
+    return PruneTurns(
+        stores.redis,
+        stores.keys,
+        patience=PRUNE_TURN_PATIENCE,
+        on_wait=lambda repo, holder: _say(
+            f"{repo}: waiting for the prune that holds it ({holder})"
+        ),
+        window=not dry_run,
+    )
+
+
+def _say(line: str) -> None:
+    print(f"regsweep: {line}", file=sys.stderr, flush=True)
+
+
 def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
     """Why a repository's plan was not carried out."""
     if dry_run:
@@ -419,7 +449,11 @@ def _not_executed(rp: RepositoryPlan, dry_run: bool) -> str:
 
 
 async def _prune_with_progress(
-    pruner: Pruner, repos: Sequence[str], args: argparse.Namespace, job_id: str
+    pruner: Pruner,
+    repos: Sequence[str],
+    args: argparse.Namespace,
+    job_id: str,
+    turns: PruneTurns | None,
 ) -> list[Pruned | RepositoryFailure]:
     """Each plan's table as it is made (not with ``--json``); on a terminal, bars for the
     repositories planned and the deletions done. Each deletion's own line is logged."""
@@ -440,6 +474,7 @@ async def _prune_with_progress(
             job_id=job_id,
             on_planned=planned,
             on_progress=lambda *_: bars.advance(deleting),
+            turn=turns.take if turns else None,
         )
 
 
@@ -549,6 +584,7 @@ COMMANDS: Final[dict[str, Command]] = {
     "audit": _audit,
     "jobs": jobs.jobs_command,
     "status": status.status_command,
+    "replay": replay.replay_command,
 }
 
 

@@ -236,6 +236,9 @@ def detail_lines(doc: Mapping[str, Any]) -> list[str]:
         ("updated", when(doc.get("updated"))),
         ("plan", _plan_line(doc.get("plan"))),
         ("summary", summary(doc) or "nothing done yet"),
+        # Parked during a window and run as one prune of the repository.
+        ("ran with", f"job {doc['ran_with']}" if doc.get("ran_with") else None),
+        ("ran for", ", ".join(f"job {j}" for j in doc.get("ran_for") or ()) or None),
     ]
     lines += [f"  {name:<11}{value}" for name, value in rows if value]
     lines += [f"  error      {e}" for e in doc.get("errors") or ()]

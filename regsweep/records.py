@@ -44,10 +44,14 @@ class Records:
 
 
 def job_ids(job: Mapping[str, Any]) -> list[str]:
-    """A job's id and, for a sweep, the ids of its per-repository prunes."""
+    """A job's id and, for a sweep, the ids of its per-repository prunes; for a prune parked
+    during a window and run merged into another, that one's (the audit carries its id)."""
     children = job.get("children")
     own = [str(job["id"])] if "id" in job else []
-    return own + ([str(c) for c in children.values()] if isinstance(children, dict) else [])
+    ran_with = [str(job["ran_with"])] if job.get("ran_with") else []
+    return (
+        own + ran_with + ([str(c) for c in children.values()] if isinstance(children, dict) else [])
+    )
 
 
 @asynccontextmanager

@@ -144,10 +144,12 @@ def status_lines(doc: Mapping[str, Any]) -> list[str]:
     ]
     letters = doc["dead_letters"]
     lines.append(f"dead letters: {letters['kept']} kept ({letters['total']} ever)")
-    lines += [
-        f"  {when(e.get('time'))}  {e.get('source')}: {str(e.get('reason'))[:200]}"
-        for e in letters["newest"]
-    ]
+    for entry in letters["newest"]:
+        lines.append(
+            f"  {when(entry.get('time'))}  {entry.get('source')}: {str(entry.get('reason'))[:200]}"
+        )
+        if entry.get("replay"):
+            lines.append(f"    run it again: regsweep replay {entry.get('id')}")
     lines.append(f"last successful prune: {_last_prune(doc['last_successful_prune'])}")
     lines.append(f"last sweep: {_job_line(doc['last_sweep'])}")
     lines.append(f"last GC: {_job_line(doc['last_gc'])}")

@@ -49,9 +49,10 @@ from service.limits import read_body
 from service.metrics import RequestLatency, Scrapes, ServiceMetrics
 from service.protocol import RequestLimits, bounded_protocol
 from service.publish import CelerySink, EventSink
+from service.replay import replay
 from worker import logs
 from worker.engine.events import CiEvent
-from worker.errors import BadEvent, ConfigError, StateError, Unverified
+from worker.errors import BadEvent, ConfigError, NothingToReplay, StateError, Unverified
 from worker.settings.model import Config, HookSettings
 from worker.store.metrics import WorkerMetricsSnapshot
 from worker.store.redis import async_client
@@ -67,6 +68,8 @@ HOOK_SOURCES: Final = {
     "/hooks/gitlab": "gitlab",
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
+#: A dead letter's id (or a prefix of one), or a CI delivery's id, as replay takes them.
+REPLAY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{3,127}")
 #: Configured but unset, this key turns /metrics off (404), as an unset hook secret does.
 METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.
@@ -212,6 +215,20 @@ class Endpoints:
             return JSONResponse({"error": "unknown job"}, status_code=404)
         return JSONResponse(job)
 
+    async def replay(self, request: Request) -> Response:
+        self._check_api_token(request)
+        given = request.path_params["letter_id"]
+        if not REPLAY_ID.fullmatch(given):
+            raise BadEvent("not a dead letter or delivery id")
+        try:
+            done = await replay(given, self.state, self.sink)
+        except NothingToReplay as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        answer = done.as_dict()
+        if done.job_id is not None:
+            answer["status_url"] = f"/api/v1/jobs/{done.job_id}"
+        return JSONResponse(answer, status_code=202)
+
     def _check_api_token(self, request: Request) -> None:
         token = self.config.hooks.api_token
         if token is None:
@@ -249,6 +266,7 @@ def _routes(endpoints: Endpoints) -> list[Route]:
         Route("/hooks/gitlab", endpoints.gitlab, methods=["POST"]),
         Route("/api/v1/jobs", endpoints.create_job, methods=["POST"]),
         Route("/api/v1/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
+        Route("/api/v1/dead-letters/{letter_id}/replay", endpoints.replay, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),

@@ -32,6 +32,7 @@ COMMANDS = (
     "gc",
     "jobs",
     "status",
+    "replay",
     "serve",
     "worker",
     "beat",

@@ -51,6 +51,10 @@ DAEMONS: Final = ("serve", "worker", "beat")
 FINAL_STATES: Final = ("succeeded", "failed", "skipped", "deferred", "interrupted")
 JOB_ID: Final = re.compile(r"\b[0-9a-f]{32}\b")
 
+REPLAYED: Final = (
+    "needs a dead letter or a recorded CI event: tests/test_worker_jobs.py, "
+    "tests/test_e2e_nolost.py"
+)
 #: Commands the docs show that this test does not run, and where they are run instead.
 NOT_RUN: Final[dict[str, str]] = {
     "scripts/test": "the suite itself: CI runs it",
@@ -61,6 +65,10 @@ NOT_RUN: Final[dict[str, str]] = {
     "scripts/stack down": "tests/test_stack.py",
     "regsweep completion zsh > ~/.zfunc/_regsweep": "writes into the home directory; "
     "tests/test_cli_polish.py checks the zsh script",
+    "regsweep -c regsweep.yaml replay 7c1e0a92d4b4": REPLAYED,
+    "regsweep -c regsweep.yaml replay 2f1c8e40-5a7b-11ef-9d1e-0e3b": REPLAYED,
+    "curl -X POST -H Authorization: Bearer $TOKEN "
+    "http://regsweep:8000/api/v1/dead-letters/7c1e0a92d4b4/replay": REPLAYED,
 }
 #: Command prefixes not run here, with the reason.
 NOT_RUN_PREFIXES: Final[dict[str, str]] = {

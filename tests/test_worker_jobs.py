@@ -12,19 +12,24 @@ import base64
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from tests.harness import cli
 from tests.harness import stack as s
+from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
+from worker.engine.events import CiEvent
 from worker.engine.prune import Pruner
-from worker.errors import RepositoryBusy
+from worker.errors import RegistryUnavailable, RepositoryBusy
 from worker.identity import ProcessIdentity
 from worker.queue import jobs, tasks
 from worker.queue.celery_app import make_celery
@@ -40,6 +45,15 @@ POLICY = {
     "mode": "enforce",
     "keep": [{"tags": ["keep-*"]}],
 }
+#: Keeps every tag; a closed pull request of acme/web deletes its `pr-{number}` tag.
+CI_POLICY = {
+    "name": "ci",
+    "repositories": ["ci/**"],
+    "mode": "enforce",
+    "keep": [{"tags": ["*"]}],
+    "on": {"pull_request_closed": ["pr-{number}"]},
+    "sources": {"github": ["acme/web"]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +66,18 @@ def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryP
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory, own_registry: RegistryProcess) -> Config:
-    path = s.policy_file(
+def config_path(tmp_path_factory: pytest.TempPathFactory, own_registry: RegistryProcess) -> Path:
+    return s.policy_file(
         tmp_path_factory.mktemp("jobs-config") / "regsweep.yaml",
         own_registry.url,
-        [POLICY],
+        [POLICY, CI_POLICY],
         s.REDIS_URL,
     )
-    return load_config(path, {})
+
+
+@pytest.fixture(scope="module")
+def config(config_path: Path) -> Config:
+    return load_config(config_path, {})
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +252,9 @@ def test_maintenance_flag_defers_and_tick_releases(
     try:
         tasks.prune.apply(kwargs={"repository": repository, "job_id": job_id})
         assert job(broker, job_id)["state"] == "deferred"
-        assert repository in broker.hgetall("regsweep:deferred")
+        assert (
+            json.loads(broker.hget("regsweep:deferred", job_id) or "{}")["repository"] == repository
+        )
         tasks.tick.apply()
         assert queued(broker) == [], "nothing is released while the window runs"
     finally:
@@ -267,7 +287,7 @@ def test_read_only_registry_defers_the_prune(
     record = job(broker, job_id)
     assert record["state"] == "deferred", record
     assert "read-only" in record["errors"][0]
-    assert json.loads(broker.hget("regsweep:deferred", repository) or "{}")["job_id"] == job_id
+    assert json.loads(broker.hget("regsweep:deferred", job_id) or "{}")["repository"] == repository
     assert status(images, repository, drop.digest) == 200
     broker.delete("regsweep:deferred")
 
@@ -370,3 +390,199 @@ def test_metrics_flushed_by_tasks(broker: redis.Redis) -> None:
 async def _count(ctx: WorkerContext) -> None:
     ctx.metrics.deletion("p", "untagged", 2)
     ctx.metrics.job("prune", "succeeded")
+
+
+# --- nothing accepted is lost (issue 18 item 6) ------------------------------------------
+
+
+def push_event(repository: str, tag: str, digest: str) -> dict[str, Any]:
+    """A registry push event as the service queues it."""
+    return {
+        "id": uuid.uuid4().hex,
+        "action": "push",
+        "repository": repository,
+        "digest": digest,
+        "tag": tag,
+        "media_type": "application/vnd.oci.image.manifest.v1+json",
+        "size": 10,
+        "timestamp": "2025-03-01T10:00:00+00:00",
+        "url": None,
+    }
+
+
+def newest_dead_letter(broker: redis.Redis) -> dict[str, Any]:
+    raw = broker.lindex("regsweep:deadletter", 0)
+    assert raw is not None, "nothing dead-lettered"
+    entry: dict[str, Any] = json.loads(raw)
+    return entry
+
+
+def test_a_ci_prune_that_never_reaches_the_registry_is_dead_lettered_and_replayed(
+    broker: redis.Redis,
+    images: ImageBuilder,
+    own_registry: RegistryProcess,
+    config_path: Path,
+    repo_name: str,
+) -> None:
+    """A closed pull request's prune that meets a stopped registry is retried up to its
+    bound, then fails saying why and is dead-lettered with its CI request; `regsweep replay`
+    of the dead letter runs that request again as a new job (once, however often asked),
+    and `regsweep replay` of the delivery id queues the CI event again."""
+    repository = f"ci/{repo_name}"
+    pr = images.image(repository, "pr-7")
+    main = images.image(repository, "main")
+    events = [
+        push_event(repository, "pr-7", pr.digest),
+        push_event(repository, "main", main.digest),
+    ]
+    tasks.registry_events.apply(kwargs={"events": events})
+    broker.delete("prune")  # the pushes' own prunes
+    delivery = uuid.uuid4().hex
+    event = CiEvent("github", delivery, "acme/web", "pull_request_closed", number=7, merged=False)
+    tasks.ci_event.apply(kwargs={"event": event.to_dict()})
+    (message,) = queued(broker)
+    broker.delete("prune")
+    own_registry.stop()
+    try:
+        tasks.prune.apply(kwargs=message)
+    finally:
+        own_registry.start()
+    letter = newest_dead_letter(broker)
+    job_id = json.loads(letter["body"])["job_id"]
+    record = job(broker, job_id)
+    assert record["state"] == "failed", record
+    assert record["dead_letter"] == letter["id"]
+    assert "ConnectError" in record["errors"][0], record["errors"]
+    assert record["errors"][1] == f"dead-lettered: regsweep replay {letter['id']}"
+    assert letter["source"] == "prune"
+    assert f"after {tasks.MAX_REGISTRY_RETRIES + 1} attempts" in letter["reason"]
+    assert letter["replay"]["params"]["requests"] == message["requests"]
+    assert status(images, repository, pr.digest) == 200
+
+    replayed = cli.run("replay", letter["id"], config=config_path)
+    assert replayed.returncode == 0, replayed.stderr
+    new_job = replayed.stdout.split()[-1]
+    assert replayed.stdout.startswith(f"dead letter {letter['id']} replayed: prune job {new_job}")
+    (again,) = queued(broker)
+    broker.delete("prune")
+    assert again["job_id"] == new_job and again["requests"] == message["requests"]
+    tasks.prune.apply(kwargs=again)
+    assert job(broker, new_job)["state"] == "succeeded"
+    assert status(images, repository, pr.digest) == 404
+    assert status(images, repository, main.digest) == 200
+    twice = cli.run("replay", letter["id"][:8], "--json", config=config_path)
+    assert twice.returncode == 0, twice.stderr
+    assert json.loads(twice.stdout) | {"detail": ""} == {
+        "id": letter["id"],
+        "kind": "prune",
+        "job_id": new_job,
+        "again": True,
+        "detail": "",
+    }
+    assert queued(broker) == [], "a second replay queues nothing"
+
+    ci = cli.run("replay", delivery, config=config_path)
+    assert ci.returncode == 0, ci.stderr
+    assert "github pull_request_closed acme/web #7" in ci.stdout
+    (resent,) = queued(broker, "events")
+    broker.delete("events")
+    assert resent["event"] == event.to_dict()
+    unknown = cli.run("replay", "f" * 32, config=config_path)
+    assert unknown.returncode == 1 and "no dead letter and no recorded CI event" in unknown.stderr
+
+
+def test_a_prune_of_a_repository_the_registry_lacks_fails_saying_so(
+    broker: redis.Redis, own_registry: RegistryProcess, repo_name: str
+) -> None:
+    """An API prune of a repository the registry does not have (a typo) ends `failed` with
+    the reason, not `succeeded`: the CI step that asked for it goes red."""
+    repository = f"w/{repo_name}-typo"
+    job_id = tasks.run(lambda ctx: ctx.state.create_job("prune", {"repository": repository}))
+    tasks.prune.apply(kwargs={"repository": repository, "job_id": job_id, "incremental": False})
+    record = job(broker, job_id)
+    assert record["state"] == "failed", record
+    assert record["errors"] == [
+        f"{repository}: no such repository in the registry at {own_registry.url}"
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_registry_lost_between_plan_and_deletes_makes_the_prune_retry(
+    config: Config,
+    broker: redis.Redis,
+    own_registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+) -> None:
+    """A registry that stops answering at the first DELETE fails the run only for a reason
+    a retry can cure: the prune raises RegistryUnavailable (its task is retried with the
+    backoff) instead of ending `failed`, and the retry, the registry back, deletes it."""
+    repository = f"w/{repo_name}"
+    drop = images.image(repository, "drop-1")
+    images.image(repository, "keep-1")
+    proxy = FaultProxy(own_registry.port).start()
+    through = replace(config.registry, url=f"http://127.0.0.1:{proxy.port}")
+    ctx = await WorkerContext.open(replace(config, registry=through))
+    try:
+        proxy.cut_at(b"DELETE /v2/", after=False)
+        with pytest.raises(RegistryUnavailable):
+            await jobs.prune_repository(ctx, jobs.PruneJob(repository, "cut", incremental=False))
+        assert status(images, repository, drop.digest) == 200
+        proxy.restore()
+        summary = await jobs.prune_repository(
+            ctx, jobs.PruneJob(repository, "cut", incremental=False)
+        )
+    finally:
+        await ctx.aclose()
+        proxy.stop()
+    assert summary["counts"]["deleted"] == 1
+    assert status(images, repository, drop.digest) == 404
+
+
+def test_parked_prunes_merge_per_repository_and_dry_run_keeping_every_job() -> None:
+    """Parked prunes merge into one per repository and dry-run flag: the union of their CI
+    requests (each once), a live read if any asked for one, the first parked leading and
+    every other job carried in `merged`; nothing is dropped."""
+    pr1 = {"patterns": ["pr-1"], "rule": "on.pull_request_closed", "detail": "#1"}
+    pr2 = {"patterns": ["pr-2"], "rule": "on.pull_request_closed", "detail": "#2"}
+    entries: list[dict[str, Any]] = [
+        {"repository": "a", "job_id": "j3", "parked": "3", "requests": [pr2], "trigger": "ci"},
+        {"repository": "a", "job_id": "j1", "parked": "1", "requests": [pr1], "trigger": "ci"},
+        {"repository": "a", "job_id": "j2", "parked": "2", "incremental": False, "parent": "s"},
+        {"repository": "a", "job_id": "j4", "parked": "4", "requests": [pr1], "dry_run": True},
+        {"repository": "b", "job_id": "j5", "parked": "5", "trigger": "push"},
+    ]
+    merged = {(p["repository"], p["dry_run"]): p for p in jobs.merge_parked(entries)}
+    assert set(merged) == {("a", False), ("a", True), ("b", False)}
+    enforced = merged[("a", False)]
+    assert (enforced["job_id"], enforced["trigger"], enforced["parent"]) == ("j1", "ci", None)
+    assert enforced["requests"] == [pr1, pr2]
+    assert enforced["incremental"] is False
+    assert [(m["job_id"], m["parent"]) for m in enforced["merged"]] == [("j2", "s"), ("j3", None)]
+    assert merged[("a", True)]["job_id"] == "j4" and merged[("a", True)]["merged"] == []
+    assert merged[("b", False)]["incremental"] is True
+
+
+def test_a_sweep_that_cannot_list_the_registry_is_retried_then_dead_lettered(
+    broker: redis.Redis, own_registry: RegistryProcess, config_path: Path
+) -> None:
+    """A sweep whose catalog read meets a stopped registry is retried up to the bound (its
+    one job kept across retries), then fails and is dead-lettered; replaying the dead
+    letter queues a sweep job of its own."""
+    sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
+    own_registry.stop()
+    try:
+        tasks.sweep.apply(kwargs={"job_id": sweep_id})
+    finally:
+        own_registry.start()
+    record = job(broker, sweep_id)
+    letter = newest_dead_letter(broker)
+    assert record["state"] == "failed" and record["dead_letter"] == letter["id"], record
+    assert letter["source"] == "sweep" and letter["replay"]["kind"] == "sweep"
+    assert f"sweep {sweep_id} failed after" in letter["reason"]
+    replayed = cli.run("replay", letter["id"], "--json", config=config_path)
+    assert replayed.returncode == 0, replayed.stderr
+    new_sweep = json.loads(replayed.stdout)["job_id"]
+    (message,) = queued(broker)
+    broker.delete("prune")
+    assert message["job_id"] == new_sweep and message["repository"] is None

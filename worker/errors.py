@@ -13,6 +13,8 @@
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
     ├── UnknownJob                   no job record by that id (or prefix), or several
+    ├── NothingToReplay              no dead letter or recorded CI event by that id, or one
+    │                                with nothing in it to run again
     ├── SafetyViolation              a re-check before DELETE found a kept image in the way
     ├── RestoreError                 a restore cannot be done as asked
     │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
@@ -105,6 +107,11 @@ class StateError(RegsweepError):
 
 class UnknownJob(RegsweepError):
     """No job record has that id (unknown, or expired), or a prefix names several."""
+
+
+class NothingToReplay(RegsweepError):
+    """``regsweep replay ID``: no dead letter or recorded CI event has that id (a prefix names
+    several dead letters), or the dead letter holds nothing to run again."""
 
 
 class SafetyViolation(RegsweepError):

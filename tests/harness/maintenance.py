@@ -455,7 +455,9 @@ def worker_release(config: Config, prefix: str, into: list[dict[str, Any]]) -> C
         async def go() -> list[dict[str, Any]]:
             ctx = await WorkerContext.open(config, prefix=prefix)
             try:
-                return await jobs.release_deferred(ctx)
+                parked = await jobs.parked_prunes(ctx)
+                await jobs.unpark(ctx, parked.entries)
+                return parked.prunes
             finally:
                 await ctx.aclose()
 

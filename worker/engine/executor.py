@@ -34,6 +34,7 @@ from worker.errors import (
     ManifestUnknown,
     RegistryError,
     RegistryReadOnly,
+    RegistryUnavailable,
     SafetyViolation,
     StateError,
 )
@@ -99,6 +100,8 @@ class _Result(NamedTuple):
     #: None: as ``_SETTLED`` says for the status. PENDING for an error whose DELETE may
     #: have been carried out (an answer lost, no look possible): restorable, never "not done".
     outcome: Outcome | None = None
+    #: An error because the registry could not be reached (connection, timeout, 5xx).
+    transient: bool = False
 
     @property
     def settled(self) -> Outcome:
@@ -113,6 +116,15 @@ class ExecutionReport:
     #: A problem that stopped the run (said once, not per item): deletes disabled, or
     #: an audit that cannot be written.
     fatal: str | None = None
+    #: How many of the errors came from a registry that could not be reached.
+    unreachable: int = 0
+
+    @property
+    def retryable(self) -> bool:
+        """Failed only because the registry could not be reached: a later run, planned
+        afresh from the live registry, may do the rest (what this one did is not redone)."""
+        errors = len(self.by_status(Status.ERROR))
+        return self.fatal is None and errors > 0 and errors == self.unreachable
 
     def by_status(self, status: Status) -> list[Deletion]:
         return [d for d, s, _ in self.done if s is status]
@@ -211,8 +223,10 @@ class Executor:
             try:
                 protected = await guard.refresh()
             except RegistryError as exc:
+                transient = isinstance(exc, RegistryUnavailable)
                 for deletion in wave:
-                    self._note(run, report, deletion, Status.ERROR, f"live re-check failed: {exc}")
+                    detail = f"live re-check failed: {exc}"
+                    self._note(run, report, deletion, Status.ERROR, detail, transient=transient)
                 continue
             if not run.placeholder_ready and any(d.action is Action.UNTAG for d in wave):
                 await self._prepare_placeholder(run)
@@ -260,7 +274,9 @@ class Executor:
         results = await asyncio.gather(*(self._one(run, d) for d, _ in attempted))
         settled = []
         for (deletion, entry), result in zip(attempted, results, strict=True):
-            self._note(run, report, deletion, result.status, result.detail)
+            self._note(
+                run, report, deletion, result.status, result.detail, transient=result.transient
+            )
             settled.append(Settlement.of(entry, result.settled, result.detail))
         try:
             await self._audit.settle(settled)
@@ -275,11 +291,19 @@ class Executor:
             self._note(run, report, deletion, status, detail)
 
     def _note(
-        self, run: _Run, report: ExecutionReport, deletion: Deletion, status: Status, detail: str
+        self,
+        run: _Run,
+        report: ExecutionReport,
+        deletion: Deletion,
+        status: Status,
+        detail: str,
+        *,
+        transient: bool = False,
     ) -> None:
         if deletion.action is not Action.UNTAG:
             run.statuses[deletion.digest] = status
         report.done.append((deletion, status, detail))
+        report.unreachable += transient
         _log_deletion(run, deletion, status, detail)
         if self._on_progress:
             self._on_progress(deletion, status)
@@ -300,9 +324,10 @@ class Executor:
             run.fatal = run.fatal or f"the registry answers DELETE with 405 UNSUPPORTED: {exc.hint}"
             return _Result(Status.ERROR, run.fatal)
         except DeleteUnsettled as exc:
-            return _Result(Status.ERROR, f"unknown whether deleted: {exc}", Outcome.PENDING)
+            detail = f"unknown whether deleted: {exc}"
+            return _Result(Status.ERROR, detail, Outcome.PENDING, transient=True)
         except RegistryError as exc:
-            return _Result(Status.ERROR, str(exc))
+            return _Result(Status.ERROR, str(exc), transient=isinstance(exc, RegistryUnavailable))
         if removal is Removal.ABSENT:
             return _Result(Status.ALREADY_GONE)
         return _Result(Status.DELETED, _REMOVAL_DETAIL[removal])

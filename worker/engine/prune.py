@@ -9,9 +9,11 @@ went wrong and left alone; the others are planned and pruned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -33,7 +35,7 @@ from worker.engine.names import repository_problem
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
-from worker.errors import RegistryError, StateError, UnknownRepository
+from worker.errors import PruneWaits, RegistryError, StateError, UnknownRepository
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config
@@ -49,6 +51,8 @@ REPOSITORY_PARALLELISM: Final = 4
 PlannedCallback = Callable[["RepositoryPlan"], None]
 #: (repository, deletion, status) after each deletion of a multi-repository run.
 RepositoryProgress = Callable[[str, Deletion, Status], None]
+#: A repository's turn to be pruned, held while it is (:class:`worker.store.locks.PruneTurns`).
+Turn = Callable[[str], AbstractAsyncContextManager[object]]
 
 
 @dataclass(frozen=True)
@@ -220,23 +224,27 @@ class Pruner:
         job_id: str,
         on_planned: PlannedCallback | None = None,
         on_progress: RepositoryProgress | None = None,
+        turn: Turn | None = None,
     ) -> list[Pruned | RepositoryFailure]:
-        """:meth:`run` for several repositories, a few at a time; a repository that cannot be
-        read is a :class:`RepositoryFailure`, and the others go on."""
+        """:meth:`run` for several repositories, a few at a time, each during its ``turn``
+        (planned too: a plan made beside another prune would see its work half done); a
+        repository that cannot be read, or whose turn does not come, is a
+        :class:`RepositoryFailure`, and the others go on."""
         gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
         async def one(name: str) -> Pruned | RepositoryFailure | None:
             progress = partial(on_progress, name) if on_progress else None
             async with gate:
                 try:
-                    return await self.run(
-                        name,
-                        job_id=job_id,
-                        dry_run=dry_run,
-                        on_planned=on_planned,
-                        on_progress=progress,
-                    )
-                except (RegistryError, StateError) as exc:
+                    async with turn(name) if turn else contextlib.nullcontext():
+                        return await self.run(
+                            name,
+                            job_id=job_id,
+                            dry_run=dry_run,
+                            on_planned=on_planned,
+                            on_progress=progress,
+                        )
+                except (RegistryError, StateError, PruneWaits) as exc:
                     return RepositoryFailure(name, str(exc))
 
         results = await asyncio.gather(*(one(n) for n in repositories))

@@ -274,10 +274,36 @@ def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
     _update(m, request.job_id, state=state.value, **report.job_fields())
     m.metrics.job_state(state.value)
     m.metrics.window(report)
+    if report.ok and not request.dry_run:
+        coalesce(m, request.job_id)
     log.info("GC job %s %s: %s", request.job_id, status, "; ".join(report.lines()[1:]))
     if not request.dry_run:
         m.notify(message.gc_finished(request.job_id, report.summary(), report.ok, report.errors))
     return GcOutcome(status, request.job_id, report=report)
+
+
+def coalesce(m: Maintenance, job_id: str) -> list[str]:
+    """Settle every GC request still queued as ``skipped`` (``running_job_id`` this one):
+    made while this window ran, or before it began, this window's GC has collected what
+    they asked for. Five requests during one window make one window, not six (the ``gc``
+    queue's one consumer would otherwise run each after the other). A dry run is left to
+    run: it only reads. The ids skipped."""
+    reason = f"GC job {job_id} ran while this request waited; its window covered it"
+    skipped = []
+    try:
+        for queued, params in m.state.queued_jobs("gc"):
+            if queued == job_id or params.get("dry_run"):
+                continue
+            if m.state.update_if_queued(
+                queued, state=JobState.SKIPPED.value, reason=reason, running_job_id=job_id
+            ):
+                m.metrics.job_state(JobState.SKIPPED.value)
+                skipped.append(queued)
+    except StateError as exc:
+        log.warning("GC requests queued during job %s not settled (each runs): %s", job_id, exc)
+    if skipped:
+        log.info("GC job %s covered %d queued requests: %s", job_id, len(skipped), skipped)
+    return skipped
 
 
 def _not_run(

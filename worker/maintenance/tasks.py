@@ -30,7 +30,6 @@ from worker.maintenance.job import GcRequest, maintenance_flag, open_maintenance
 from worker.maintenance.recovery import recover_crashed_window
 from worker.notify import runtime as notify_runtime
 from worker.notify.message import Notification
-from worker.queue import jobs
 from worker.queue import tasks as worker_tasks
 from worker.queue.names import TASK_GC, TASK_MAINTENANCE_CHECK
 from worker.queue.runtime import configured
@@ -49,10 +48,7 @@ SOFT_LIMIT_LEAD: Final = timedelta(minutes=10)
 
 def release_deferred() -> int:
     """What ``tick`` does: enqueue the prunes parked during the window; how many."""
-    released: list[dict[str, Any]] = worker_tasks.run(jobs.release_deferred)
-    for kwargs in released:
-        worker_tasks.enqueue_prune(**kwargs)
-    return len(released)
+    return worker_tasks.release_parked()
 
 
 def _publish(note: Notification | None) -> None:
@@ -67,6 +63,10 @@ def gc(job_id: str | None = None, dry_run: bool = False, trigger: str = "api") -
             job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": trigger})
         else:
             job = m.state.get_job(job_id)
+            if job is not None and job.get("state") == JobState.SKIPPED.value:
+                # Covered by a window that ran while this request waited (job.coalesce).
+                log.info("GC job %s skipped: %s", job_id, job.get("reason"))
+                return
             if job is not None and job.get("state") != JobState.QUEUED.value:
                 log.warning("GC job %s was delivered again (state %s)", job_id, job.get("state"))
                 recover_crashed_window(m)

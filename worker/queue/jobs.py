@@ -8,7 +8,9 @@ idempotent (404 is success), the per-repository lock has an owner and a TTL.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -20,13 +22,13 @@ from worker.engine.model import Digest
 from worker.engine.plan import Action
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
-from worker.errors import Deferred, RepositoryBusy
+from worker.errors import Deferred, RegistryUnavailable, UnknownRepository
 from worker.notify.message import Deleted
 from worker.queue.context import WorkerContext
 from worker.registry.mediatypes import INDEX_TYPES
 from worker.store.audit import AuditQuery, Outcome
 from worker.store.keys import Keys
-from worker.store.locks import PruneLock
+from worker.store.locks import PruneTurns, window_running
 from worker.store.redis import text, wrapped
 
 T = TypeVar("T")
@@ -130,26 +132,116 @@ async def next_grace_prune(
 
 
 async def maintenance_active(ctx: WorkerContext) -> bool:
-    with wrapped("cannot read the maintenance flag"):
-        return bool(await ctx.redis.exists(keys(ctx).maintenance_flag))
+    return await window_running(ctx.redis, keys(ctx)) is not None
 
 
-async def defer(ctx: WorkerContext, repository: str, params: dict[str, Any]) -> None:
-    """Park a prune until the window ends; released by :func:`release_deferred`."""
+# KEYS: the parked prunes; ARGV: field/value pairs as read. Forgets each entry that is
+# still what was read: one parked again meanwhile (by a prune that met a new window)
+# carries a new ``parked`` mark and stays.
+_UNPARK = """
+local gone = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    gone = gone + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return gone
+"""
+
+
+async def defer(ctx: WorkerContext, repository: str, params: Mapping[str, Any]) -> None:
+    """Park a prune until the window ends, one entry per job: several prunes of one
+    repository are all kept, and merged when released (:func:`parked_prunes`)."""
+    # Orders the entries (the first parked leads the merged prune) and tells a re-parked
+    # entry from the one read before it (:func:`unpark`).
+    mark = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    entry = {**params, "repository": repository, "parked": mark}
+    field = str(params.get("job_id") or entry["parked"])
     with wrapped(f"cannot defer the prune of {repository}"):
-        await ctx.redis.hset(keys(ctx).deferred, repository, json.dumps(params))
+        await ctx.redis.hset(keys(ctx).deferred, field, json.dumps(entry))
 
 
-async def release_deferred(ctx: WorkerContext) -> list[dict[str, Any]]:
-    """The parked prunes to enqueue again, once no maintenance window is running."""
+@dataclass(frozen=True)
+class Parked:
+    """The prunes parked during a window, merged per repository (task kwargs), and the
+    entries they came from, to forget once those prunes are queued (:func:`unpark`)."""
+
+    prunes: list[dict[str, Any]]
+    entries: dict[str, str]
+
+
+async def parked_prunes(ctx: WorkerContext) -> Parked:
+    """What to queue again once no maintenance window runs (nothing while one does).
+
+    Read, not taken: the entries stay until :func:`unpark`, after the prunes are
+    queued, so a worker dying in between leaves them for the next tick (a prune
+    queued twice runs twice, harmlessly: its job records are settled again).
+    """
     if await maintenance_active(ctx):
-        return []
-    with wrapped("cannot release deferred prunes"):
-        pipe = ctx.redis.pipeline(transaction=True)
-        pipe.hgetall(keys(ctx).deferred)
-        pipe.delete(keys(ctx).deferred)
-        parked, _ = await pipe.execute()
-    return [json.loads(v) for v in parked.values()]
+        return Parked([], {})
+    with wrapped("cannot read the deferred prunes"):
+        raw = await ctx.redis.hgetall(keys(ctx).deferred)
+    entries = {text(f): text(v) for f, v in raw.items()}
+    return Parked(merge_parked(_parsed(entries.values())), entries)
+
+
+async def unpark(ctx: WorkerContext, entries: Mapping[str, str]) -> None:
+    """Forget parked entries that have been queued again (those not parked anew since)."""
+    if not entries:
+        return
+    args = [x for pair in entries.items() for x in pair]
+    script = ctx.redis.register_script(_UNPARK)
+    await _redis(script(keys=[keys(ctx).deferred], args=args), "forget parked prunes")
+
+
+def _parsed(values: Iterable[str]) -> list[dict[str, Any]]:
+    out = []
+    for value in values:
+        try:
+            entry = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("repository"), str):
+            out.append(entry)
+    return out
+
+
+#: What a parked prune keeps of its own when it runs merged into another one.
+_OWN: Final = ("job_id", "parent", "trigger", "requests", "incremental", "dry_run", "repository")
+
+
+def merge_parked(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One prune per repository (and dry-run flag) for the parked ``entries``: the union of
+    their CI requests, a live read if any asked for one, the first job's id and trigger, the
+    others' jobs in ``merged`` (each settled when the merged prune ends). A prune that was
+    itself merged brings its own merged jobs along."""
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for entry in sorted(entries, key=lambda e: str(e.get("parked", ""))):
+        for one in [entry, *(entry.get("merged") or [])]:
+            key = (str(entry["repository"]), bool(one.get("dry_run", False)))
+            groups.setdefault(key, []).append(
+                {k: one.get(k) for k in _OWN} | {"repository": key[0]}
+            )
+    prunes = []
+    for (repository, dry_run), group in groups.items():
+        unique = list({str(g.get("job_id")): g for g in group}.values())
+        first, rest = unique[0], unique[1:]
+        requests = {
+            json.dumps(r, sort_keys=True): r for g in unique for r in (g.get("requests") or [])
+        }
+        prunes.append(
+            {
+                "repository": repository,
+                "job_id": first.get("job_id"),
+                "dry_run": dry_run,
+                "requests": list(requests.values()),
+                "incremental": all(g.get("incremental", True) is not False for g in unique),
+                "trigger": first.get("trigger") or "deferred",
+                "parent": first.get("parent"),
+                "merged": rest,
+            }
+        )
+    return prunes
 
 
 @dataclass(frozen=True)
@@ -167,13 +259,10 @@ async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
 
     Never waits for another prune of the repository (:class:`RepositoryBusy`: the task
     is retried later); a lock whose holder died is taken over (:mod:`worker.store.locks`).
+    A running maintenance window raises :class:`Deferred`; a registry that could not be
+    reached, before or during the deletions, :class:`RegistryUnavailable` (retried).
     """
-    if await maintenance_active(ctx):
-        raise Deferred(f"maintenance window running; {job.repository} waits")
-    lock = PruneLock(ctx.redis, keys(ctx).prune_lock(job.repository))
-    if not await lock.acquire():
-        raise RepositoryBusy(f"another prune holds {job.repository}")
-    async with lock.held():
+    async with PruneTurns(ctx.redis, keys(ctx)).take(job.repository):
         # A push after this point must trigger a new prune, so the pending mark goes now.
         await _redis(ctx.redis.delete(keys(ctx).pending(job.repository)), "clear pending")
         return await _prune_locked(ctx, job)
@@ -213,9 +302,10 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     )
     if pruned is None:
         return {"repository": repository, "skipped": "no policy matches"}
+    planned, report = pruned
+    await _check_exists(ctx, planned)
     if known is None:  # the inventory recorded its listing in the index
         await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
-    planned, report = pruned
     summary = plan_summary(planned) | {"incremental": known is not None}
     if report is None:
         return summary | {"executed": False}
@@ -223,7 +313,24 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     summary |= report_summary(report)
     if report.outcome is RunOutcome.DEFERRED:
         raise Deferred(f"registry went read-only while pruning {repository}")
+    if report.outcome is RunOutcome.FAILED and report.retryable:
+        # Planned afresh on the retry: what this attempt deleted is gone from the plan.
+        raise RegistryUnavailable(f"{repository}: {'; '.join(report.errors()[:3])}")
     return summary
+
+
+async def _check_exists(ctx: WorkerContext, planned: RepositoryPlan) -> None:
+    """A prune of a repository with nothing in it: fail it when the registry has no such
+    repository (a typo in an API request must not end ``succeeded``). One request, only
+    for an empty inventory."""
+    inventory = planned.inventory
+    if inventory.tags or inventory.manifests:
+        return
+    if not await ctx.client.repository_exists(inventory.repository):
+        url = ctx.config.registry.url
+        raise UnknownRepository(
+            f"{inventory.repository}: no such repository in the registry at {url}"
+        )
 
 
 def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:

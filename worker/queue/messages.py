@@ -57,15 +57,17 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
 
     A prune of one repository asked for by a person reads the live registry
     (``incremental=False``): the tag index may lag, and the point of asking is
-    usually "look again". A prune without a repository is a sweep.
+    usually "look again". A prune without a repository is a sweep. A replayed prune
+    (``regsweep replay``) carries the CI requests and the trigger of the one it replays.
     """
     dry_run = bool(params.get("dry_run", False))
     repository = params.get("repository")
     if kind == "prune" and repository:
         kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
-        return TaskMessage(
-            TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE
-        )
+        kwargs |= {"incremental": False, "trigger": str(params.get("trigger") or "api")}
+        if params.get("requests"):
+            kwargs["requests"] = list(params["requests"])
+        return TaskMessage(TASK_PRUNE, kwargs, PRUNE_QUEUE)
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
         return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)

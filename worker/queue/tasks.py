@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
@@ -50,9 +51,12 @@ from worker.store.state import JobState
 T = TypeVar("T")
 log = logging.getLogger("regsweep.worker")
 
-#: Transient registry errors: attempts, then the job fails with the error.
-MAX_REGISTRY_RETRIES: Final = 5
+#: Transient registry errors (unreachable, timeouts, 5xx): retries with backoff (2 s,
+#: doubling, at most RETRY_MAX_SECONDS: about 8 minutes in all), then the job fails and
+#: is dead-lettered (``regsweep replay ID``).
+MAX_REGISTRY_RETRIES: Final = 8
 RETRY_BASE_SECONDS: Final = 2.0
+RETRY_MAX_SECONDS: Final = 300.0
 BUSY_RETRY_SECONDS: Final = 5.0
 #: How long a task waits in place for Redis (state and broker) to come back.
 STATE_PATIENCE_SECONDS: Final = 120.0
@@ -122,7 +126,7 @@ def _close_clients(**_: Any) -> None:
 
 def _backoff(retries: int) -> float:
     """Before Celery retry ``retries + 1`` of a prune the registry failed: spread out."""
-    return backoff(retries + 1, base=RETRY_BASE_SECONDS, jitter=0.5)
+    return backoff(retries + 1, base=RETRY_BASE_SECONDS, cap=RETRY_MAX_SECONDS, jitter=0.5)
 
 
 def enqueue_prune(repository: str, **kwargs: Any) -> None:
@@ -185,10 +189,49 @@ def _dead_letter(reason: str, raw: object) -> None:
 @shared_task(name=TASK_CI_EVENT, acks_late=True)
 def ci_event(event: dict[str, Any]) -> None:
     parsed = CiEvent.from_dict(event)
+    # Kept for `regsweep replay DELIVERY`: the sender's redelivery is a duplicate for days.
+    run_patiently(lambda ctx: ctx.state.record_ci_event(parsed.delivery_id, event))
     requests = run_patiently(lambda ctx: jobs.ci_requests(ctx, parsed))
     for repository, request in requests.items():
         enqueue_prune(repository, requests=[request_to_json(request)], trigger=parsed.kind)
     log.info("ci event %s %s: %d repositories", parsed.source, parsed.kind, len(requests))
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One prune task's work: its own job, and the jobs of prunes of the same repository
+    parked during a window and merged into it (:func:`jobs.merge_parked`)."""
+
+    repository: str
+    job_id: str
+    requests: list[dict[str, Any]]
+    dry_run: bool
+    incremental: bool
+    trigger: str
+    parent: str | None
+    merged: list[dict[str, Any]]
+
+    def own(self) -> dict[str, Any]:
+        """This task's own job as a parked entry keeps it."""
+        return {
+            "repository": self.repository,
+            "job_id": self.job_id,
+            "requests": self.requests,
+            "dry_run": self.dry_run,
+            "incremental": self.incremental,
+            "trigger": self.trigger,
+            "parent": self.parent,
+        }
+
+    def jobs(self) -> list[tuple[str, str | None]]:
+        """(job id, its sweep) of every job this work settles, its own first."""
+        others = [(str(m["job_id"]), m.get("parent")) for m in self.merged if m.get("job_id")]
+        return [(self.job_id, self.parent), *others]
+
+    def replay(self) -> dict[str, Any]:
+        """What ``regsweep replay`` runs again: the same prune, as a job of its own."""
+        params = {"repository": self.repository, "dry_run": self.dry_run}
+        return {"kind": "prune", "params": params | {"requests": self.requests}}
 
 
 @shared_task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
@@ -202,41 +245,57 @@ def prune(
     incremental: bool = True,
     trigger: str = "api",
     parent: str | None = None,
+    merged: list[dict[str, Any]] | None = None,
 ) -> None:
-    params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
     if job_id is None:
         # One record per task, however often it is delivered: a redelivery resumes it.
         own = _job_id_of(self)
+        params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
         job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params, job_id=own))
-    job = jobs.PruneJob(
-        repository,
-        job_id,
-        tuple(request_from_json(r) for r in requests or ()),
-        dry_run,
-        incremental,
+    work = _Work(
+        repository, job_id, requests or [], dry_run, incremental, trigger, parent, merged or []
     )
-    _start(job_id)
+    job = jobs.PruneJob(
+        repository, job_id, tuple(request_from_json(r) for r in work.requests), dry_run, incremental
+    )
+    _start_all(work)
     try:
         summary = run_patiently(lambda ctx: jobs.prune_repository(ctx, job))
     except Deferred as exc:
-        again = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
-        run(lambda ctx: jobs.defer(ctx, repository, again | {"parent": parent}))
-        _update(job_id, JobState.DEFERRED, errors=[str(exc)])
+        _park(work, exc)
         return
     except RepositoryBusy as exc:
         # Waits in the broker, not in a worker slot; the prune holding it may take long.
         _update(job_id, JobState.QUEUED, waiting=str(exc))
         raise self.retry(countdown=BUSY_RETRY_SECONDS, exc=exc) from exc
     except RegistryUnavailable as exc:
-        summary = _retry_or_fail(self, job_id, exc)
+        summary = _retry_or_fail(self, work, exc)
     except RegsweepError as exc:
-        summary = {"errors": [str(exc)], "outcome": RunOutcome.FAILED.value}
+        summary = _failed(str(exc))
     except Exception as exc:  # a bug: the job (and its sweep) must still end
         log.exception("prune of %s failed", repository)
-        summary = {"errors": [_internal(exc)], "outcome": RunOutcome.FAILED.value}
-    _finish(job_id, {"repository": repository} | summary, parent)
+        summary = _failed(_internal(exc))
+    _finish(work, {"repository": repository} | summary)
     if not dry_run and summary.get("mode") == "enforce":
         _schedule_grace_prune(repository)
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return {"errors": [error], "outcome": RunOutcome.FAILED.value}
+
+
+def _park(work: _Work, exc: Deferred) -> None:
+    """Park every job of the work until the window ends, each as its own entry."""
+    for entry in [work.own(), *work.merged]:
+        run_patiently(lambda ctx, e=entry: jobs.defer(ctx, work.repository, e))
+    for job_id, _ in work.jobs():
+        _update(job_id, JobState.DEFERRED, errors=[str(exc)], ran_with=None)
+
+
+def _start_all(work: _Work) -> None:
+    _start(work.job_id)
+    for job_id, _ in work.jobs()[1:]:
+        _update(job_id, JobState.RUNNING, ran_with=work.job_id)
 
 
 def _schedule_grace_prune(repository: str) -> None:
@@ -255,14 +314,24 @@ def _schedule_grace_prune(repository: str) -> None:
         )
 
 
-def _finish(job_id: str, summary: dict[str, Any], parent: str | None) -> None:
-    """Record a prune's end, and its sweep's end when it was the last one of it."""
+def _finish(work: _Work, summary: dict[str, Any]) -> None:
+    """Record the end of every job of the work, and of each sweep whose last prune it was."""
     failed = summary.get("outcome") == RunOutcome.FAILED
+    merged = [job_id for job_id, _ in work.jobs()[1:]]
+    for job_id, parent in work.jobs():
+        also = {"ran_with": work.job_id} if job_id != work.job_id else {"ran_for": merged}
+        _settle(job_id, summary | (also if merged else {}), failed, parent)
+    # Told once; by the sweep when every job of the work belongs to one.
+    told_by_sweep = all(parent is not None for _, parent in work.jobs())
+    _after_finish(work.job_id, summary, failed, work.parent if told_by_sweep else None)
+
+
+def _settle(job_id: str, summary: dict[str, Any], failed: bool, parent: str | None) -> None:
+    """Record a prune job's end, and its sweep's end when it was the last one of it."""
     # What an earlier attempt left ("retrying: ...", a busy repository) ends with the job:
     # a prune that succeeded after a retry shows no error.
     final = {"errors": [], "waiting": None} | summary
     _update(job_id, JobState.FAILED if failed else JobState.SUCCEEDED, **final)
-    _after_finish(job_id, summary, failed, parent)
     if parent is None:
         return
     counts = jobs.child_counts(summary, failed)
@@ -303,12 +372,48 @@ def _start(job_id: str, kind: str = "prune") -> None:
         log.exception("cannot record job %s as running", job_id)
 
 
-def _retry_or_fail(task: Task[Any, Any], job_id: str, exc: RegistryUnavailable) -> dict[str, Any]:
-    """Retry later (raises); after the last attempt, the failed job's summary."""
-    if task.request.retries >= MAX_REGISTRY_RETRIES:
-        return {"errors": [str(exc)], "outcome": RunOutcome.FAILED.value}
-    _update(job_id, JobState.QUEUED, errors=[f"retrying: {exc}"])
-    raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
+def _retry_or_fail(task: Task[Any, Any], work: _Work, exc: RegistryUnavailable) -> dict[str, Any]:
+    """Retry later (raises); after the last attempt, the failed job's summary, the work
+    dead-lettered for ``regsweep replay``."""
+    attempt = task.request.retries + 1
+    if attempt <= MAX_REGISTRY_RETRIES:
+        for job_id, _ in work.jobs():
+            _update(
+                job_id,
+                JobState.QUEUED,
+                errors=[f"retrying ({attempt}/{MAX_REGISTRY_RETRIES}): {exc}"],
+            )
+        raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
+    ids = ", ".join(job_id for job_id, _ in work.jobs())
+    reason = (
+        f"prune of {work.repository} ({work.trigger}; job {ids}) failed after "
+        f"{attempt} attempts: {exc}"
+    )
+    letter = _dead_letter_work("prune", reason, work.own(), work.replay())
+    if letter is None:
+        return _failed(str(exc))
+    # In the errors too: the prune.failed notification tells them.
+    kept = f"dead-lettered: regsweep replay {letter}"
+    return {"errors": [str(exc), kept], "outcome": RunOutcome.FAILED.value, "dead_letter": letter}
+
+
+def _dead_letter_work(
+    source: str, reason: str, body: dict[str, Any], replay: dict[str, Any]
+) -> str | None:
+    """Keep work that failed for good where ``status`` and notifications show it; its id."""
+    log.warning("dead-lettered: %s", reason)
+    excerpted = excerpt(json.dumps(body))
+
+    async def keep(ctx: WorkerContext) -> str:
+        letter = await ctx.state.dead_letter(source, reason[:2000], excerpted, replay=replay)
+        return letter
+
+    try:
+        letter = run_patiently(keep)
+    except StateError as exc:
+        log.error("dead letter not kept: %s", exc)
+        return None
+    return str(letter)
 
 
 def _update(job_id: str, state: JobState, kind: str = "prune", **fields: Any) -> None:
@@ -322,8 +427,13 @@ def _update(job_id: str, state: JobState, kind: str = "prune", **fields: Any) ->
         log.exception("cannot record job %s as %s", job_id, state.value)
 
 
-@shared_task(name=TASK_SWEEP, acks_late=True)
-def sweep(job_id: str | None = None, repository: str | None = None, dry_run: bool = False) -> None:
+@shared_task(name=TASK_SWEEP, bind=True, acks_late=True, max_retries=None)
+def sweep(
+    self: Task[Any, Any],
+    job_id: str | None = None,
+    repository: str | None = None,
+    dry_run: bool = False,
+) -> None:
     """Reconcile every policy-covered repository with the live registry: one prune each."""
     if job_id is None:
         job_id = run(lambda ctx: ctx.state.create_job("sweep", {"trigger": "beat"}))
@@ -331,6 +441,9 @@ def sweep(job_id: str | None = None, repository: str | None = None, dry_run: boo
     try:
         names = run(lambda ctx: ctx.pruner.repositories([repository] if repository else []))
         children = run(lambda ctx: _child_jobs(ctx, job_id, names, dry_run))
+    except RegistryUnavailable as exc:
+        _sweep_unavailable(self, job_id, repository, dry_run, exc)
+        return
     except RegsweepError as exc:
         _update(job_id, JobState.FAILED, kind="sweep", errors=[str(exc)])
         return
@@ -351,6 +464,27 @@ def sweep(job_id: str | None = None, repository: str | None = None, dry_run: boo
             trigger=f"sweep {job_id}",
             parent=job_id,
         )
+
+
+def _sweep_unavailable(
+    task: Task[Any, Any],
+    job_id: str,
+    repository: str | None,
+    dry_run: bool,
+    exc: RegistryUnavailable,
+) -> None:
+    """A sweep that could not list the registry: retried (raises), then dead-lettered."""
+    attempt = task.request.retries + 1
+    if attempt <= MAX_REGISTRY_RETRIES:
+        note = f"retrying ({attempt}/{MAX_REGISTRY_RETRIES}): {exc}"
+        _update(job_id, JobState.QUEUED, kind="sweep", errors=[note])
+        kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
+        raise task.retry(kwargs=kwargs, countdown=_backoff(task.request.retries), exc=exc)
+    params = {"repository": repository, "dry_run": dry_run}
+    reason = f"sweep {job_id} failed after {attempt} attempts: {exc}"
+    letter = _dead_letter_work("sweep", reason, params, {"kind": "sweep", "params": params})
+    errors = [str(exc), *([f"dead-lettered: regsweep replay {letter}"] if letter else [])]
+    _update(job_id, JobState.FAILED, kind="sweep", errors=errors, dead_letter=letter)
 
 
 async def _child_jobs(
@@ -401,9 +535,19 @@ def restore_task(job_id: str, repository: str, digest: str) -> None:
 def tick() -> None:
     """Periodic: release prunes parked during a window that has ended; tell of new dead
     letters (one notification per tick at most, however many came)."""
-    for kwargs in run(jobs.release_deferred):
-        enqueue_prune(**kwargs)
+    release_parked()
     _notify_dead_letters()
+
+
+def release_parked() -> int:
+    """Queue the prunes parked during a window that has ended, merged per repository, then
+    forget them (a worker dying in between leaves them parked for the next tick); how many
+    prunes were queued."""
+    parked: jobs.Parked = run(jobs.parked_prunes)
+    for kwargs in parked.prunes:
+        enqueue_prune(**kwargs)
+    run(lambda ctx: jobs.unpark(ctx, parked.entries))
+    return len(parked.prunes)
 
 
 def _notify_dead_letters() -> None:

@@ -5,7 +5,8 @@ or tests, can share a Redis without touching each other. Per area:
 
 =====================  ==================================================================
 deliveries, jobs       ``dedup:<source>:<id>``, ``job:<id>``, ``jobs:recent``,
-                       ``jobs:newest:<kind>``, ``deadletter``
+                       ``jobs:newest:<kind>``, ``deadletter``, ``deadletter:replayed:<id>``,
+                       ``ci:<delivery>``
 prunes                 ``lock:prune:<repo>``, ``pending:prune:<repo>``,
                        ``scheduled:prune:<repo>``, ``deferred``, ``reconciled``,
                        ``sweep:<job>``, ``sweep:<job>:done``
@@ -60,6 +61,14 @@ class Keys:
     @property
     def dead_letters(self) -> str:
         return f"{self.prefix}deadletter"
+
+    def replayed(self, letter_id: str) -> str:
+        """The job a replay of dead letter ``letter_id`` made (``regsweep replay``)."""
+        return f"{self.prefix}deadletter:replayed:{letter_id}"
+
+    def ci_event(self, delivery_id: str) -> str:
+        """A CI event as the workers received it (JSON), for ``regsweep replay``."""
+        return f"{self.prefix}ci:{delivery_id}"
 
     @property
     def events_queue(self) -> str:

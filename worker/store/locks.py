@@ -12,6 +12,10 @@ every 5 s. So when the worker dies (SIGKILL, OOM, a lost machine):
 A prune that finds the repository held by a live prune does not wait for it:
 it raises :class:`~worker.errors.RepositoryBusy` and its task is retried with a
 countdown, so no worker slot is held waiting.
+
+:class:`PruneTurns` is how every prune gets its turn, a worker's and ``regsweep
+prune``'s alike: no maintenance window running (the flag a GC sets), then the
+repository's lock. The CLI waits a while for a busy repository instead of giving up.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Final
@@ -29,13 +34,18 @@ from typing import Final
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from worker.backoff import backoff
+from worker.errors import Deferred, RepositoryBusy
 from worker.identity import ProcessIdentity
-from worker.store.redis import wrapped
+from worker.store.keys import Keys
+from worker.store.redis import text, wrapped
 
 log = logging.getLogger("regsweep.worker")
 
 PRUNE_LOCK_TTL: Final = timedelta(seconds=30)
 PRUNE_LOCK_RENEW_EVERY: Final = timedelta(seconds=5)
+#: Between two looks at a busy repository's lock, while waiting for it (at most).
+TURN_POLL_MAX: Final = timedelta(seconds=2)
 
 _RENEW: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -123,3 +133,79 @@ class PruneLock:
             await self._redis.eval(_DELETE_IF, 1, self.key, self._token)
         except RedisError as exc:
             log.warning("could not release %s; it expires by itself: %s", self.key, exc)
+
+
+async def window_running(redis: aioredis.Redis, keys: Keys) -> str | None:
+    """The GC job whose maintenance window holds pruning paused, or None."""
+    with wrapped("cannot read the maintenance flag"):
+        flag = await redis.get(keys.maintenance_flag)
+    return None if flag is None else text(flag)
+
+
+def holder_text(raw: bytes | str | None) -> str:
+    """Who holds a prune lock, as a message says it."""
+    holder = None if raw is None else holder_of(raw)
+    return "unknown holder" if holder is None else f"pid {holder.pid} on {holder.host}"
+
+
+class PruneTurns:
+    """A repository's turn to be pruned: no maintenance window, and its lock held.
+
+    ``patience`` zero (a worker): a busy repository raises
+    :class:`~worker.errors.RepositoryBusy` at once. Otherwise (``regsweep prune``)
+    the lock is looked at again, with backoff, for up to ``patience``; ``on_wait``
+    is told once (repository, holder) when the wait begins. A running window
+    raises :class:`~worker.errors.Deferred`, before and after the wait, unless
+    ``window`` is False (a dry run: reads only, which a read-only registry serves).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        patience: timedelta = timedelta(0),
+        on_wait: Callable[[str, str], None] | None = None,
+        window: bool = True,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._patience = patience.total_seconds()
+        self._on_wait = on_wait
+        self._window = window
+
+    @contextlib.asynccontextmanager
+    async def take(self, repository: str) -> AsyncIterator[PruneLock]:
+        """Hold ``repository``'s lock (renewed) while the block runs."""
+        await self._no_window(repository)
+        lock = PruneLock(self._redis, self._keys.prune_lock(repository))
+        await self._acquire(lock, repository)
+        async with lock.held():
+            # A window that began while this waited has waited for no lock of ours.
+            await self._no_window(repository)
+            yield lock
+
+    async def _no_window(self, repository: str) -> None:
+        if not self._window:
+            return
+        job = await window_running(self._redis, self._keys)
+        if job is not None:
+            raise Deferred(
+                f"a maintenance window is running (GC job {job}): the registry is read-only "
+                f"until it ends, and {repository} is not pruned before"
+            )
+
+    async def _acquire(self, lock: PruneLock, repository: str) -> None:
+        deadline = time.monotonic() + self._patience
+        attempt = 0
+        while not await lock.acquire():
+            with wrapped(f"cannot read {lock.key}"):
+                holder = holder_text(await self._redis.get(lock.key))
+            delay = backoff(attempt + 1, base=0.1, cap=TURN_POLL_MAX.total_seconds())
+            if time.monotonic() + delay > deadline:
+                raise RepositoryBusy(f"another prune holds {repository} ({holder})")
+            if attempt == 0 and self._on_wait is not None:
+                self._on_wait(repository, holder)
+            attempt += 1
+            await asyncio.sleep(delay)
+            await self._no_window(repository)

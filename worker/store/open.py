@@ -9,16 +9,18 @@ file) and its state directory next to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import redis.asyncio as aioredis
 
+from worker.errors import StateError
 from worker.settings.model import DEFAULT_AUDIT_PATH, Config
 from worker.store.audit import AuditLog, JsonlAuditLog, RedisAuditLog
 from worker.store.history import STATE_DIRECTORY, History, LocalHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
-from worker.store.redis import redis_options
+from worker.store.redis import redis_options, shown_url
 from worker.store.tagindex import TagIndex
 
 
@@ -37,6 +39,9 @@ class Stores:
     history: History
     audit: AuditLog
     redis: aioredis.Redis | None = None
+    keys: Keys = field(default_factory=Keys)
+    #: Where the Redis is, as messages say it (no user, password or query); None: files.
+    location: str | None = None
 
     @classmethod
     def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> Stores:
@@ -47,7 +52,22 @@ class Stores:
             TagIndex(client, prefix=prefix),
             RedisAuditLog(client, keys=Keys(prefix)),
             client,
+            Keys(prefix),
+            shown_url(config.redis_url),
         )
+
+    async def check(self) -> None:
+        """With Redis configured, that it answers (StateError naming it if not): a CLI
+        run must not mistake a Redis that is down for an empty history."""
+        if self.redis is None:
+            return
+        try:
+            await self.redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise StateError(
+                f"cannot reach Redis at {self.location} (redis.url or REGSWEEP_REDIS_URL): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     async def aclose(self) -> None:
         if self.redis is not None:

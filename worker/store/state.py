@@ -1,4 +1,4 @@
-"""State in Redis: delivery dedup keys, the dead-letter list and job records.
+"""State in Redis: delivery dedup keys, the dead-letter list, job records and CI events.
 
 Every key starts with one prefix (default ``regsweep:``) so several
 installations, or tests, can share a Redis without touching each other.
@@ -75,6 +75,16 @@ local before = redis.call('HGET', KEYS[1], 'state')
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return before
+"""
+
+
+# KEYS: the job; ARGV: ttl, the state it must be in (JSON), then field/value pairs. An
+# update that only happens while the job is still in that state.
+_UPDATE_IF_STATE: Final = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -155,8 +165,22 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _dead_letter_entry(source: str, reason: str, body_excerpt: str) -> str:
-    return json.dumps({"time": _now(), "source": source, "reason": reason, "body": body_excerpt})
+def _dead_letter_entry(
+    source: str, reason: str, body_excerpt: str, replay: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    """A new dead letter's id and its JSON. ``replay`` (``{"kind", "params"}``) is the work
+    ``regsweep replay ID`` asks for again; without it there is nothing to replay."""
+    letter_id = uuid.uuid4().hex
+    entry: dict[str, Any] = {
+        "id": letter_id,
+        "time": _now(),
+        "source": source,
+        "reason": reason,
+        "body": body_excerpt,
+    }
+    if replay is not None:
+        entry["replay"] = dict(replay)
+    return letter_id, json.dumps(entry)
 
 
 def _create_job_call(
@@ -272,20 +296,66 @@ class State:
         with wrapped("redis record deliveries failed"):
             await pipe.execute()
 
-    async def dead_letter(self, source: str, reason: str, body_excerpt: str) -> None:
-        """Keep an unusable delivery for a person to look at (newest first, capped)."""
-        entry = _dead_letter_entry(source, reason, body_excerpt)
+    async def dead_letter(
+        self,
+        source: str,
+        reason: str,
+        body_excerpt: str,
+        *,
+        replay: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Keep an unusable delivery, or work that failed for good, for a person to look at
+        (newest first, capped); its id (``regsweep replay ID`` when ``replay`` is given)."""
+        letter_id, entry = _dead_letter_entry(source, reason, body_excerpt, replay)
         with wrapped("redis LPUSH dead letter failed"):
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(self.keys.dead_letters, entry)
             pipe.ltrim(self.keys.dead_letters, 0, DEAD_LETTER_CAP - 1)
             pipe.incr(self.keys.dead_letters_total)
             await pipe.execute()
+        return letter_id
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         with wrapped("redis LRANGE dead letters failed"):
             raw = await self.client.lrange(self.keys.dead_letters, 0, limit - 1)
         return [json.loads(item) for item in raw]
+
+    async def find_dead_letters(self, given: str) -> list[dict[str, Any]]:
+        """The kept dead letters whose id is ``given`` or starts with it (older entries,
+        written before dead letters had ids, match nothing)."""
+        found = [e for e in await self.dead_letters(DEAD_LETTER_CAP) if isinstance(e, dict)]
+        exact = [e for e in found if e.get("id") == given]
+        return exact or [e for e in found if str(e.get("id") or "").startswith(given)]
+
+    async def claim_replay(self, letter_id: str, job_id: str) -> str | None:
+        """Mark dead letter ``letter_id`` replayed as ``job_id``: None when this call did,
+        else the job an earlier replay made (a request sent twice replays once)."""
+        key = self.keys.replayed(letter_id)
+        with wrapped("redis SET NX replay claim failed"):
+            if await self.client.set(key, job_id, nx=True, ex=DEDUP_TTL):
+                return None
+            earlier = await self.client.get(key)
+        return None if earlier is None else text(earlier)
+
+    async def release_replay(self, letter_id: str) -> None:
+        """Undo :meth:`claim_replay` when the replay could not be queued."""
+        with wrapped("redis DEL replay claim failed"):
+            await self.client.delete(self.keys.replayed(letter_id))
+
+    async def record_ci_event(self, delivery_id: str, event: Mapping[str, Any]) -> None:
+        """Keep a CI event as the workers received it, for ``regsweep replay DELIVERY``, as
+        long as its delivery's dedup key (GitHub's and GitLab's redeliveries are duplicates
+        meanwhile)."""
+        record = json.dumps({"time": _now(), "event": dict(event)})
+        with wrapped("redis SET CI event failed"):
+            await self.client.set(self.keys.ci_event(delivery_id), record, ex=DEDUP_TTL)
+
+    async def ci_event(self, delivery_id: str) -> dict[str, Any] | None:
+        """The CI event recorded for ``delivery_id``, or None."""
+        with wrapped("redis GET CI event failed"):
+            raw = await self.client.get(self.keys.ci_event(delivery_id))
+        record = None if raw is None else json.loads(raw)
+        return record if isinstance(record, dict) else None
 
     async def create_job(
         self, kind: str, params: Mapping[str, Any], *, job_id: str | None = None
@@ -385,6 +455,29 @@ class SyncState:
         self.keys = Keys(prefix)
         self._update_job = client.register_script(_UPDATE_IF_EXISTS)
         self._create_job = client.register_script(_CREATE_JOB)
+        self._update_if_state = client.register_script(_UPDATE_IF_STATE)
+
+    def queued_jobs(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """(id, params) of the jobs of ``kind`` still queued, among the recent-jobs index's."""
+        with wrapped("redis read queued jobs failed"):
+            ids = _texts(self.client.zrange(self.keys.recent_jobs, 0, -1))
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), ["kind", "state", "params"])
+            rows = pipe.execute()
+        wanted = (json.dumps(kind), json.dumps(JobState.QUEUED.value))
+        return [
+            (job_id, json.loads(params) if params else {})
+            for job_id, (kind_, state, params) in zip(ids, rows, strict=True)
+            if (text(kind_) if kind_ else None, text(state) if state else None) == wanted
+        ]
+
+    def update_if_queued(self, job_id: str, **fields: Any) -> bool:
+        """:meth:`update_job` only while the job is still queued (not yet taken up)."""
+        args = _update_args(fields)
+        args.insert(1, json.dumps(JobState.QUEUED.value))
+        with wrapped("redis update queued job failed"):
+            return bool(self._update_if_state(keys=[self.keys.job(job_id)], args=args))
 
     def create_job(self, kind: str, params: Mapping[str, Any]) -> str:
         job_id, keys, args = _create_job_call(self.keys, kind, params)

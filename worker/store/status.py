@@ -62,11 +62,12 @@ class DeferredPrune:
 
 
 async def deferred_prunes(state: State) -> list[DeferredPrune]:
-    """The parked prunes, by repository."""
+    """The parked prunes, one per job (several of one repository are all kept, and run
+    merged), by repository."""
     with wrapped("cannot read the deferred prunes"):
         parked = await state.client.hgetall(state.keys.deferred)
     out: list[DeferredPrune] = []
-    for repository, raw in parked.items():
+    for field, raw in parked.items():
         try:
             params = json.loads(raw)
         except ValueError:
@@ -74,13 +75,14 @@ async def deferred_prunes(state: State) -> list[DeferredPrune]:
         params = params if isinstance(params, dict) else {}
         out.append(
             DeferredPrune(
-                text(repository),
+                # Entries are per job; one written before that was per repository.
+                str(params.get("repository") or text(field)),
                 params.get("job_id"),
                 params.get("trigger"),
                 bool(params.get("dry_run")),
             )
         )
-    return sorted(out, key=lambda d: d.repository)
+    return sorted(out, key=lambda d: (d.repository, d.job_id or ""))
 
 
 @dataclass(frozen=True)
