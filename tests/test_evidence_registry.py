@@ -127,6 +127,9 @@ async def test_reproducible_builds_are_not_deleted_after_their_push(
     7d`` keeps them, with build times opted in or not, with the storage or without it."""
     for i, created in enumerate(SENTINELS):
         builder.image(repo_name, f"rb-{i}", created=created)
+        # Minutes apart, as separate builds push: links of several images written within
+        # a second of each other would be one instant, and rank nothing.
+        registry.set_pushed(repo_name, NOW - dt.timedelta(minutes=10 - i), f"rb-{i}")
     rule = keep("*", within=dt.timedelta(days=7))
     for age_from in AgeSource:
         for storage in (True, False):
@@ -207,6 +210,7 @@ async def test_a_cold_plan_with_storage_reads_no_image_config(
     for a policy that opted in to build times."""
     for i in range(4):
         builder.image(repo_name, f"main-{i}", created=days_ago(i))
+        registry.set_pushed(repo_name, NOW - dt.timedelta(minutes=10 - i), f"main-{i}")
     counts: Counter[str] = Counter()
 
     def hook(method: str, path: str, status: int | None, seconds: float) -> None:
