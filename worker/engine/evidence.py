@@ -243,6 +243,10 @@ class EvidenceSummary:
     doubted: int
 
 
+#: A tag's doubt when the repository's links are refused as a whole (its note says why).
+REFUSED_WHOLE: Final = "storage times refused (see the note)"
+
+
 @dataclass(frozen=True, slots=True)
 class _Doubt:
     """Why one registry time is not evidence, and what is left of it: an upper bound on the
@@ -370,12 +374,12 @@ def _doubt_notified(item: TagEvidence, at: datetime, checks: _Checks) -> _Doubt 
 
 def _doubt_stored(tag: str, item: TagEvidence, at: datetime, checks: _Checks) -> _Doubt | None:
     impossible = _impossible(at, checks.now)
+    if checks.storage is not None:
+        return _Doubt(REFUSED_WHOLE, None if impossible else at)
     if impossible is not None:
         return _Doubt(f"storage time {impossible}", None)
     if checks.clock is not None:
         return _Doubt("storage time on the registry's clock, which is off", _corrected(at, checks))
-    if checks.storage is not None:
-        return _Doubt("storage times refused (see the note)", at)
     lacked = _lacked_by_listing(item, at)
     if lacked is not None:
         return _Doubt(f"storage time {lacked}", at)
@@ -489,9 +493,7 @@ def _notes(checks: _Checks, doubts: Mapping[str, Sequence[_Doubt]]) -> tuple[str
 
 def _refused_whole(doubts: Sequence[_Doubt], checks: _Checks) -> bool:
     """Whether a tag's doubts are all the repository-wide refusal (said once, in its note)."""
-    return checks.storage is not None and all(
-        d.why.startswith("storage times refused") for d in doubts
-    )
+    return checks.storage is not None and all(d.why == REFUSED_WHOLE for d in doubts)
 
 
 # --- how times read in notes -----------------------------------------------------------------
@@ -503,18 +505,20 @@ def moment(at: datetime) -> str:
 
 
 def duration(delta: timedelta) -> str:
-    """A short duration to a sensible precision: ``3d 2h``, ``5h 10m``, ``4m 3s``, ``0.25s``."""
+    """A short duration, rounded to its smaller unit: ``3d 2h``, ``5h 10m``, ``4m 3s``,
+    ``12s``, ``0.25s``."""
     seconds = abs(delta.total_seconds())
-    if seconds < 60:
-        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s" if seconds < 10 else f"{seconds:.0f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s"
+    if seconds < 10:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    for size, big, unit, small in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "m"),
+        (60, "m", 1, "s"),
+    ):
+        if seconds >= size - unit / 2:
+            whole, part = divmod(round(seconds / unit), size // unit)
+            return f"{whole}{big} {part}{small}"
+    return f"{seconds:.0f}s"
 
 
 def signed(delta: timedelta) -> str:
