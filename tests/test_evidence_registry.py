@@ -582,28 +582,16 @@ def test_a_storage_moved_keeping_times_is_used_as_before(
         moved.stop()
 
 
-def _deployed_by_digest(reg: RegistryProcess, repo: str) -> list[str]:
-    """Per-arch images tagged ``amd64-v1`` and ``arm64-v1`` (an older and a newer push), and
-    an index of them deployed by digest only; the digests that must all stay."""
-    with ImageBuilder.connect(reg.url) as b:
-        amd = b.image(repo, "amd64-v1")
-        arm = b.image(repo, "arm64-v1", architecture="arm64")
-        deployed = b.index(repo, [amd, arm])
-    reg.set_pushed(repo, days_ago(9), "amd64-v1")
-    reg.set_pushed(repo, days_ago(1), "arm64-v1")
-    return [deployed.digest, amd.digest, arm.digest]
-
-
 @pytest.mark.parametrize("off", ["one level deep", "one level shallow"])
 def test_a_storage_path_one_level_off_is_refused_with_the_right_one(
     own_registry: RegistryProcess, tmp_path: Path, off: str
 ) -> None:
     """``storage_path`` set to ``<root>/docker/registry/v2`` (or to the directory above the
     root): ``check-config`` refuses it naming the root to use, and ``prune`` leaves the
-    repository alone (exit 1, saying so) instead of deleting the per-arch image an index
-    deployed by digest still lists, which the storage alone shows."""
+    repository alone (exit 1, saying so) instead of deleting the per-arch image that an index
+    deployed by digest still lists (only the storage shows that index): ``amd64-v1``, first
+    listed before ``amd64-v2`` was pushed, is provably older, and went by digest before."""
     reg, repo = own_registry, "t/deployed"
-    kept = _deployed_by_digest(reg, repo)
     wrong = reg.storage_path / "docker/registry/v2" if off == "one level deep" else reg.root
     config = cli.write_config(
         tmp_path / "regsweep.yaml",
@@ -613,18 +601,23 @@ def test_a_storage_path_one_level_off_is_refused_with_the_right_one(
         audit_path=tmp_path / "audit.jsonl",
         storage_path=wrong,
     )  # fmt: skip
-    checked = run("check-config", config=config)
+    with ImageBuilder.connect(reg.url) as b:
+        amd = b.image(repo, "amd64-v1")
+        arm = b.image(repo, architecture="arm64")
+        deployed = b.index(repo, [amd, arm])  # by digest only
+        checked = run("check-config", config=config)
+        run("plan", config=config)  # a listing before amd64-v2
+        b.image(repo, "amd64-v2")
+        pruned = run("prune", config=config)
+        assert all(b.manifest_exists(repo, d) for d in (deployed.digest, amd.digest, arm.digest))
     assert checked.returncode == 2, checked.stdout
     assert f"registry.storage_path: {wrong} is not the registry's storage root" in checked.stderr
     assert f"{reg.storage_path} is: set registry.storage_path to it" in checked.stderr
-    pruned = run("prune", config=config)
     assert pruned.returncode == 1, pruned.stdout + pruned.stderr
     assert "Traceback" not in pruned.stderr
     (line,) = [ln for ln in pruned.stderr.splitlines() if "not planned" in ln]
     assert f"has no repository {repo}, which the registry has" in line
     assert f"{reg.storage_path} is: set registry.storage_path to it" in line
-    with ImageBuilder.connect(reg.url) as b:
-        assert all(b.manifest_exists(repo, d) for d in kept)
 
 
 #: Run as root without the capabilities that let root read any file: permission bits then

@@ -247,7 +247,8 @@ class InventoryBuilder:
             if snap.tags:
                 # Not this registry's storage (or not its root): a plan on part of the
                 # evidence would miss the untagged indexes only the storage shows.
-                raise StorageError(await asyncio.to_thread(storage.missing, snap.repository))
+                missing = await asyncio.to_thread(storage.missing, snap.repository)
+                raise StorageError(f"{missing}; {snap.repository} is left alone until they agree")
             return
         names = sorted(snap.tags)
         snap.stored_tags = await asyncio.to_thread(storage.tags, snap.repository, names)

@@ -151,8 +151,7 @@ class RegistryStorage:
             else (f"{self.root} is not this registry's storage (storage.filesystem.rootdirectory)")
         )
         return (
-            f"registry.storage_path has no repository {repository}, which the registry has: "
-            f"{why}; {repository} is left alone until the storage and the registry agree"
+            f"registry.storage_path has no repository {repository}, which the registry has: {why}"
         )
 
     def tag_names(self, repository: str) -> list[str]:
