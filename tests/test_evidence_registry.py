@@ -541,6 +541,7 @@ def test_a_storage_copied_without_times_ranks_nothing_and_every_command_says_so(
         assert "nothing is deleted on them" in pruned.stdout
         status = run("status", config=config)
         assert status.returncode == 0, status.stderr
+        assert "registry clock: the registry's clock agrees with regsweep's" in status.stdout
         assert "push times refused in 1 repositories (nothing is deleted on them):" in status.stdout
         assert f"{repo}: all 6 tag links were written within" in status.stdout
         online = json.loads(run("check-config", "--online", "--json", config=config).stdout)
