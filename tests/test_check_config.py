@@ -378,10 +378,9 @@ def test_online_storage_of_another_registry_and_redis_down(
     code, checks, _ = _online(config)
     assert code == 1
     assert checks["storage"]["status"] == "fail"
-    assert (
-        "has no repository team/storage-check, which the registry has"
-        in checks["storage"]["detail"]
-    )
+    detail = checks["storage"]["detail"]
+    assert "registry.storage_path has no repository" in detail
+    assert "which the registry has" in detail
     assert "storage.filesystem.rootdirectory" in checks["storage"]["hint"]
     assert checks["redis"]["status"] == "fail" and "Redis" in checks["redis"]["hint"]
 
