@@ -30,6 +30,7 @@ from tests.harness.registry import RegistryProcess, free_port
 from worker.errors import ConfigError, RegistryAuthError, RegistryUnavailable
 from worker.registry.client import RegistryClient
 from worker.registry.diagnosis import describe
+from worker.registry.storage import layout_problem
 from worker.settings.load import parse_config
 from worker.settings.model import RegistrySettings, Secret
 from worker.settings.patterns import repository_glob_problem, tag_glob_problem
@@ -595,3 +596,43 @@ def test_plan_of_a_repository_that_cannot_be_planned_exits_2_naming_each(
         ]
         assert result.stdout == ""
     assert cli.run("plan", "team/present", config=config).returncode == 0
+
+
+# -- storage_path: the registry's root, or the one near it ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "root"),
+    [
+        ("data/docker/registry/v2", "data"),
+        ("data/docker/registry", "data"),
+        ("data/docker", "data"),
+        ("data/docker/registry/v2/repositories", "data"),
+        (".", "data"),
+        ("..", "host/data"),
+    ],
+)
+def test_a_storage_path_near_the_root_names_the_root(tmp_path: Path, given: str, root: str) -> None:
+    """A path inside the storage root or one or two levels above it is refused, naming the
+    root to set (a registry's root holds docker/registry/v2)."""
+    base = tmp_path / "host"
+    (base / "data/docker/registry/v2/repositories").mkdir(parents=True)
+    (base / "data/docker/registry/v2/blobs").mkdir()
+    path = (base / given).resolve() if given != ".." else base.parent
+    expected = (base / root) if root != "host/data" else tmp_path / "host/data"
+    problem = layout_problem(str(path))
+    assert (
+        problem
+        == f"is not the registry's storage root; {expected} is: set registry.storage_path to it"
+    )
+    assert layout_problem(str(base / "data")) is None
+
+
+def test_an_empty_storage_root_is_a_registry_that_stored_nothing_yet(tmp_path: Path) -> None:
+    """An empty directory (or one with just lost+found) is accepted: a registry writes its
+    tree on the first push. One holding something else is refused saying what a root holds."""
+    (tmp_path / "lost+found").mkdir()
+    assert layout_problem(str(tmp_path)) is None
+    (tmp_path / "notes.txt").write_text("not a registry")
+    problem = layout_problem(str(tmp_path))
+    assert problem is not None and problem.startswith("holds no docker/registry/v2")

@@ -287,6 +287,7 @@ def test_a_link_older_than_a_listing_that_lacked_the_tag_is_not_its_push_time() 
     assert new.doubt == "storage time 2d 23h before a listing that lacked the tag"
     assert judged.doubted == ("new",) and judged.refused is None
     assert "new: storage time 2d 23h before a listing that lacked the tag" in judged.notes[0]
+    assert "the registry's clock agrees with regsweep's (+0.35s) now" in judged.notes[0]
     assert _deleted(judged.push_times, rule(0, "*", within=DAY)) == set()
     assert _deleted(judged.push_times, rule(0, "*", newest=1)) == {"old"}
     # What the link alone said: 3 days old, and older than ``old``.

@@ -62,8 +62,10 @@ DOCKER_EPOCH: Final = datetime(2013, 3, 20, tzinfo=UTC)
 CLOCK_SKEW: Final = timedelta(minutes=5)
 #: Tag links written this close one after another are one instant (see the module docstring).
 ONE_INSTANT: Final = timedelta(seconds=1)
-#: A tag link and the notification of the same push come from one clock, the link first.
-SAME_CLOCK: Final = timedelta(seconds=2)
+#: A tag link is written just before the notification of its push is dated; the two may
+#: come from two hosts' clocks (a storage on NFS), so a link counts as older than its
+#: notification only by more than this.
+LINK_BEFORE_EVENT: Final = CLOCK_SKEW
 #: Tags named in a plan's note on doubted times; the others are counted.
 DOUBTS_NAMED: Final = 5
 #: How to get a storage's times back, said with every refusal of them.
@@ -243,6 +245,8 @@ class EvidenceSummary:
     doubted: int
 
 
+#: How a time before a listing that lacked its tag is said.
+LACKED: Final = "before a listing that lacked the tag"
 #: A tag's doubt when the repository's links are refused as a whole (its note says why).
 REFUSED_WHOLE: Final = "storage times refused (see the note)"
 
@@ -318,7 +322,7 @@ def storage_refusal(
             f"other ({moment(first)}), as a copy that kept no times writes them (cp -r, rsync "
             f"without -t, tar -x --touch): {RESTORE_TIMES}"
         )
-    if oldest_event is not None and last < oldest_event - SAME_CLOCK:
+    if oldest_event is not None and last < oldest_event - LINK_BEFORE_EVENT:
         return (
             f"every tag link is older than the oldest push the registry notified "
             f"({moment(oldest_event)}): this storage is not being written by that registry (a "
@@ -383,7 +387,7 @@ def _doubt_stored(tag: str, item: TagEvidence, at: datetime, checks: _Checks) ->
     lacked = _lacked_by_listing(item, at)
     if lacked is not None:
         return _Doubt(f"storage time {lacked}", at)
-    if item.notified is not None and at < item.notified - SAME_CLOCK:
+    if item.notified is not None and at < item.notified - LINK_BEFORE_EVENT:
         before = duration(item.notified - at)
         return _Doubt(f"storage time {before} before the notified push of the same image", at)
     if tag in checks.instants:
@@ -408,7 +412,7 @@ def _lacked_by_listing(item: TagEvidence, at: datetime) -> str | None:
         return None
     if at >= seen.earliest:
         return None
-    return f"{duration(seen.earliest - at)} before a listing that lacked the tag"
+    return f"{duration(seen.earliest - at)} {LACKED}"
 
 
 def _corrected(at: datetime, checks: _Checks) -> datetime:
@@ -486,9 +490,17 @@ def _notes(checks: _Checks, doubts: Mapping[str, Sequence[_Doubt]]) -> tuple[str
         listed = "; ".join(named[:DOUBTS_NAMED]) + (f"; and {more} more" if more > 0 else "")
         notes.append(
             f"registry times of {len(named)} tags not used to rank them, and nothing is "
-            f"deleted on them: {listed}"
+            f"deleted on them: {listed}{_clock_now(checks, single)}"
         )
     return tuple(notes)
+
+
+def _clock_now(checks: _Checks, doubts: Mapping[str, Sequence[_Doubt]]) -> str:
+    """Where a listing contradicts a registry time: what the registry's clock says now."""
+    contradicted = any(LACKED in d.why for found in doubts.values() for d in found)
+    if checks.skew is None or not contradicted:
+        return ""
+    return f" ({checks.skew.describe()} now: those times were written while it was off)"
 
 
 def _refused_whole(doubts: Sequence[_Doubt], checks: _Checks) -> bool:

@@ -76,8 +76,13 @@ def layout_problem(path: str) -> str | None:
     that is when one is near (one level too deep or too shallow); ``None`` when it is one,
     or when it is empty (a registry that has stored nothing yet writes nothing there)."""
     root = Path(path)
-    if _looks_like_root(root):
-        return None
+    try:
+        if stat.S_ISDIR(os.stat(root / V2).st_mode):
+            return None
+    except PermissionError as exc:
+        return f"cannot be read: {root / V2}: {exc.strerror}"
+    except OSError:
+        pass  # not there: look around for the root
     found = _root_around(root)
     if found is not None:
         return f"is not the registry's storage root; {found} is: set registry.storage_path to it"
