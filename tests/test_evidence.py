@@ -378,7 +378,7 @@ def test_links_all_older_than_every_notification_are_refused_as_a_whole() -> Non
     assert judged.refused is not None and "not being written by that registry" in judged.refused
     a, b = judged.push_times["a"], judged.push_times["b"]
     assert (a.source, a.earliest, a.latest) == (PushSource.NOTIFICATION, NOW - HOUR, NOW - HOUR)
-    assert b.source is PushSource.UNKNOWN and b.doubt == "storage times refused (see the note)"
+    assert b.source is PushSource.UNKNOWN and b.doubt == "storage times refused: see the note"
 
 
 def test_a_registry_clock_off_by_days_ranks_nothing() -> None:

@@ -248,7 +248,7 @@ class EvidenceSummary:
 #: How a time before a listing that lacked its tag is said.
 LACKED: Final = "before a listing that lacked the tag"
 #: A tag's doubt when the repository's links are refused as a whole (its note says why).
-REFUSED_WHOLE: Final = "storage times refused (see the note)"
+REFUSED_WHOLE: Final = "storage times refused: see the note"
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,8 +518,10 @@ def moment(at: datetime) -> str:
 
 def duration(delta: timedelta) -> str:
     """A short duration, rounded to its smaller unit: ``3d 2h``, ``5h 10m``, ``4m 3s``,
-    ``12s``, ``0.25s``."""
+    ``12s``, ``0.25s``, ``under 0.01s``."""
     seconds = abs(delta.total_seconds())
+    if seconds < 0.01:
+        return "0s" if seconds == 0 else "under 0.01s"
     if seconds < 10:
         return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
     for size, big, unit, small in (
