@@ -8,8 +8,14 @@ Each check is one line, ok, fail or skip, with a hint on failure:
 - ``deletes``: a DELETE of a digest no content has answers 404 (deletes
   enabled), not 405 ``UNSUPPORTED`` (``storage.delete.enabled`` false) nor the
   read-only 405 of a maintenance window;
-- ``storage``: ``registry.storage_path`` is readable and holds the repositories
-  the registry lists;
+- ``clock``: the registry's clock (its answers' ``Date`` header) is within
+  :data:`~worker.engine.evidence.CLOCK_SKEW` of this host's: push times on it rank tags;
+- ``storage``: ``registry.storage_path`` is the registry's storage root, readable, and
+  holds the repositories the registry lists, their tags on the digests the registry
+  answers (a path one level off gets the right one suggested);
+- ``push-times``: the storage's tag-link times are plausible as a whole (not all equal,
+  not all before 2013, not all written at one instant as a copy that kept no times
+  leaves them), so they can rank tags;
 - ``redis``: Redis answers ``PING``.
 
 Nothing is written anywhere: the DELETE names a manifest that cannot exist.
@@ -17,26 +23,35 @@ Nothing is written anywhere: the DELETE names a manifest that cannot exist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Final
 
+from worker.engine.evidence import StoredLink, duration, moment, signed, storage_refusal
+from worker.engine.model import referrer_tag_subject
 from worker.errors import (
     RegistryAuthError,
     RegistryError,
     RegistryReadOnly,
     RegsweepError,
     StateError,
+    StorageError,
 )
 from worker.registry.client import RegistryClient
-from worker.registry.storage import V2, check_storage_root
+from worker.registry.storage import RegistryStorage, check_storage_root, layout_problem
 from worker.settings.model import Config
 from worker.store.state import State
 
 #: Repositories the registry lists that ``storage`` looks for under storage_path.
 STORAGE_SAMPLE: Final = 5
+#: Tags per sampled repository whose digest ``storage`` compares with the registry's answer.
+STORAGE_TAGS_SAMPLE: Final = 3
+#: Repositories whose tag-link times ``push-times`` reads (in catalog order).
+PUSH_TIMES_SAMPLE: Final = 1000
+#: Repositories named in a ``push-times`` detail.
+NAMED: Final = 3
 #: The repository the DELETE probe names when neither the catalog nor a policy gives one.
 PROBE_REPOSITORY: Final = "regsweep/check-config"
 
@@ -66,6 +81,8 @@ class _Seen:
 
     reachable: bool = False
     catalog: list[str] | None = None
+    #: The storage, once ``storage`` found it to be the registry's.
+    storage: RegistryStorage | None = None
 
 
 async def online_checks(config: Config) -> list[Check]:
@@ -76,7 +93,9 @@ async def online_checks(config: Config) -> list[Check]:
         checks.append(await _registry(client, config, seen))
         checks.append(await _credentials(client, config, seen))
         checks.append(await _deletes(client, config, seen))
-    checks.append(_storage(config, seen))
+        checks.append(_clock(client, seen))
+        checks.append(await _storage(client, config, seen))
+    checks.append(await asyncio.to_thread(_push_times, config, seen))
     checks.append(await _redis(config))
     return checks
 
@@ -171,28 +190,125 @@ async def _deletes(client: RegistryClient, config: Config, seen: _Seen) -> Check
     return Check("deletes", Status.OK, f"enabled (a DELETE in {repository} answered 404)")
 
 
-def _storage(config: Config, seen: _Seen) -> Check:
+def _clock(client: RegistryClient, seen: _Seen) -> Check:
+    if not seen.reachable:
+        return Check("clock", Status.SKIP, "the registry is not reachable")
+    skew = client.clock.skew
+    if skew is None:
+        return Check("clock", Status.SKIP, "the registry's answers carry no Date header")
+    detail = f"{skew.describe()} (between {signed(skew.low)} and {signed(skew.high)})"
+    if skew.agrees:
+        return Check("clock", Status.OK, detail)
+    return Check(
+        "clock",
+        Status.FAIL,
+        detail,
+        "push times on the registry's clock (tag links, notifications) rank no tag, and "
+        "nothing is deleted on them, until the clocks agree: run NTP (chrony, "
+        "systemd-timesyncd) on the registry's host and this one",
+    )
+
+
+_STORAGE_HINT: Final = (
+    "registry.storage_path must be this registry's storage.filesystem.rootdirectory "
+    "(the directory that holds docker/registry/v2), not a copy nor another registry's"
+)
+
+
+async def _storage(client: RegistryClient, config: Config, seen: _Seen) -> Check:
     path = config.registry.storage_path
     if path is None:
         return Check("storage", Status.SKIP, "registry.storage_path is not set")
-    problem = check_storage_root(path)
+    problem = check_storage_root(path) or layout_problem(path)
     if problem is not None:
-        return Check("storage", Status.FAIL, f"{path} {problem}")
-    if seen.catalog is None:
-        return Check("storage", Status.OK, f"{path} is readable (the catalog was not read)")
+        return Check("storage", Status.FAIL, f"{path} {problem}", _STORAGE_HINT)
     if not seen.catalog:
-        return Check("storage", Status.OK, f"{path} is readable; the registry lists no repository")
-    sample = seen.catalog[:STORAGE_SAMPLE]
-    root = Path(path) / V2 / "repositories"
-    missing = [name for name in sample if not (root / name / "_manifests").is_dir()]
+        seen.storage = RegistryStorage(path)
+        why = "the catalog was not read" if seen.catalog is None else "it lists no repository"
+        return Check("storage", Status.OK, f"{path} is a storage root ({why})")
+    storage = RegistryStorage(path)
+    try:
+        disagreement = await _disagreement(client, storage, seen.catalog[:STORAGE_SAMPLE])
+    except (StorageError, RegistryError) as exc:
+        return Check("storage", Status.FAIL, str(exc), _STORAGE_HINT)
+    if disagreement is not None:
+        return Check("storage", Status.FAIL, disagreement, _STORAGE_HINT)
+    seen.storage = storage
+    return Check(
+        "storage", Status.OK, f"{path} holds the repositories and digests the registry lists"
+    )
+
+
+async def _disagreement(
+    client: RegistryClient, storage: RegistryStorage, sample: list[str]
+) -> str | None:
+    """What the storage says otherwise than the registry of a few repositories: one it
+    lacks, or a tag on another digest; None when they agree."""
+    missing = [name for name in sample if not storage.has_repository(name)]
     if missing:
-        return Check(
-            "storage",
-            Status.FAIL,
-            f"{root} lacks {', '.join(missing)}, which the registry lists",
-            "registry.storage_path must be this registry's storage.filesystem.rootdirectory",
+        return f"{storage.missing(missing[0])} (lacks {', '.join(missing)})"
+    for repository in sample:
+        for tag in (await client.tags(repository))[:STORAGE_TAGS_SAMPLE]:
+            answered = await client.head_manifest(repository, tag)
+            stored = storage.tags(repository, [tag]).get(tag)
+            if answered is not None and stored is not None and stored.digest != answered.digest:
+                return (
+                    f"{repository}:{tag} is {answered.digest} as the registry answers, but "
+                    f"{stored.digest} in {storage.root}"
+                )
+    return None
+
+
+def _push_times(config: Config, seen: _Seen) -> Check:
+    """Whether the storage's tag-link times are plausible as a whole."""
+    storage = seen.storage
+    if storage is None or not seen.catalog:
+        why = (
+            "registry.storage_path is not set"
+            if config.registry.storage_path is None
+            else ("the storage check did not pass" if storage is None else "no repository listed")
         )
-    return Check("storage", Status.OK, f"{path} holds the repositories the registry lists")
+        return Check("push-times", Status.SKIP, why)
+    try:
+        links = {name: _links(storage, name) for name in seen.catalog[:PUSH_TIMES_SAMPLE]}
+    except StorageError as exc:
+        return Check("push-times", Status.FAIL, str(exc))
+    return _judged_links({name: found for name, found in links.items() if found})
+
+
+def _links(storage: RegistryStorage, repository: str) -> list[StoredLink]:
+    names = [n for n in storage.tag_names(repository) if referrer_tag_subject(n) is None]
+    return [StoredLink(t.pushed, t.digest) for t in storage.tags(repository, names).values()]
+
+
+def _judged_links(links: dict[str, list[StoredLink]]) -> Check:
+    """``push-times`` from every repository's links: fails when the storage as a whole (or
+    most of its repositories) has times no push left."""
+    everything = [link for found in links.values() for link in found]
+    if not everything:
+        return Check("push-times", Status.OK, "no tag links yet")
+    refused = {name: why for name, found in links.items() if (why := storage_refusal(found))}
+    whole = storage_refusal(everything)
+    if whole is not None or 2 * len(refused) > len(links):
+        reason = whole or next(iter(refused.values()))
+        named = ", ".join(list(refused)[:NAMED])
+        return Check(
+            "push-times",
+            Status.FAIL,
+            f"the storage's tag links rank no tag in {len(refused)} of {len(links)} "
+            f"repositories ({named}): {reason}",
+            "until then nothing is deleted on these times: tags age from notifications and "
+            "regsweep's own listings instead",
+        )
+    times = sorted(link.at for link in everything)
+    detail = (
+        f"{len(everything)} tag links in {len(links)} repositories, written "
+        f"{moment(times[0])} to {moment(times[-1])} (over {duration(times[-1] - times[0])})"
+    )
+    if refused:
+        named = ", ".join(list(refused)[:NAMED])
+        detail += f"; not used to rank in {len(refused)} ({named}: {next(iter(refused.values()))})"
+    return Check("push-times", Status.OK, detail)
 
 
 async def _redis(config: Config) -> Check:

@@ -89,11 +89,13 @@ def summary(plan: Plan) -> str:
 
 
 def push_json(pushed: PushTime) -> dict[str, Any]:
-    """A push time as JSON: its source and bounds (null: unbounded)."""
+    """A push time as JSON: its source and bounds (null: unbounded), and why a registry
+    time was not believed (null: none was doubted)."""
     return {
         "source": pushed.source.value,
         "earliest": pushed.earliest.isoformat() if pushed.earliest else None,
         "latest": pushed.latest.isoformat() if pushed.latest else None,
+        "doubt": pushed.doubt,
     }
 
 

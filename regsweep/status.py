@@ -2,8 +2,9 @@
 
 The next maintenance window (from ``maintenance.window``) and whether a GC holds
 pruning paused now, the prunes parked until it ends, the holds in force, the dead
-letters, the last successful prune (what ``/healthz`` reports), the last sweep and
-GC, and the jobs of the last 24 hours by state. Read from the Redis the service and
+letters, the registry's clock and the push times the last plans refused or doubted
+(:mod:`regsweep.evidence`), the last successful prune (what ``/healthz`` reports), the
+last sweep and GC, and the jobs of the last 24 hours by state. Read from the Redis the service and
 workers use; exit 0, 1 when Redis does not answer, 2 without ``redis.url``.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from regsweep import evidence
 from regsweep.jobs import when
 from regsweep.records import Records, reading
 from worker.engine.model import Hold
@@ -67,6 +69,7 @@ async def status_document(
         "deferred": [asdict(d) for d in await deferred_prunes(records.state)],
         "holds": holds_document(await records.index.all_holds(), now),
         "dead_letters": asdict(letters),
+        "push_times": await evidence.status_document(records.index),
         "last_successful_prune": health.last_prune,
         "last_sweep": _summary(await records.state.newest_job("sweep")),
         "last_gc": _summary(await records.state.newest_job("gc")),
@@ -150,6 +153,7 @@ def status_lines(doc: Mapping[str, Any]) -> list[str]:
         )
         if entry.get("replay"):
             lines.append(f"    run it again: regsweep replay {entry.get('id')}")
+    lines += evidence.status_lines(doc["push_times"])
     lines.append(f"last successful prune: {_last_prune(doc['last_successful_prune'])}")
     lines.append(f"last sweep: {_job_line(doc['last_sweep'])}")
     lines.append(f"last GC: {_job_line(doc['last_gc'])}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import http.server
 import json
 import secrets
+import shutil
 import socket
 import subprocess
 import textwrap
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,12 @@ import pytest
 from tests.harness import cli, redisdb
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder
+from tests.harness.proxy import FaultyProxy
 from tests.harness.registry import RegistryProcess, free_port
 from worker.errors import ConfigError, RegistryAuthError, RegistryUnavailable
 from worker.registry.client import RegistryClient
 from worker.registry.diagnosis import describe
+from worker.registry.storage import layout_problem
 from worker.settings.load import parse_config
 from worker.settings.model import RegistrySettings, Secret
 from worker.settings.patterns import repository_glob_problem, tag_glob_problem
@@ -232,7 +236,15 @@ def _online(config: Path, **env: str) -> tuple[int, dict[str, dict[str, Any]], s
     assert result.returncode in (0, 1), result.stdout + result.stderr
     document = json.loads(result.stdout)
     checks = {c["check"]: c for c in document["checks"]}
-    assert list(checks) == ["registry", "credentials", "deletes", "storage", "redis"]
+    assert list(checks) == [
+        "registry",
+        "credentials",
+        "deletes",
+        "clock",
+        "storage",
+        "push-times",
+        "redis",
+    ]
     return result.returncode, checks, result.stdout + result.stderr
 
 
@@ -261,20 +273,71 @@ def deletes_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryPr
     reg.stop()
 
 
-def test_online_all_ok(tmp_path: Path, registry: RegistryProcess, repo_name: str) -> None:
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """A registry of this test's own, holding only what it pushes (and the times it sets)."""
+    reg = RegistryProcess.create(tmp_path / "own-registry")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def test_online_all_ok(tmp_path: Path, own_registry: RegistryProcess) -> None:
     """Against the real registry (deletes on) with its storage and Redis, every check is ok
-    and check-config exits 0; the text form has one line per check."""
+    and check-config exits 0: the clock agrees, the storage holds the tags on the digests the
+    registry answers, its link times are a day apart; the text form has one line per check."""
+    registry = own_registry
     with ImageBuilder.connect(registry.url) as builder:
-        builder.image("team/" + repo_name.replace("/", "-"), "v1")
+        for i, repo in enumerate(("team/web", "team/api")):
+            builder.image(repo, "v1")
+            builder.image(repo, "v2")
+            registry.set_pushed(repo, datetime.now(UTC) - timedelta(days=2 + i), "v1")
     config = _config(tmp_path, registry.url, storage_path=registry.storage_path)
     code, checks, _ = _online(config)
-    assert code == 0
+    assert code == 0, checks
     assert _statuses(checks) == dict.fromkeys(checks, "ok")
     assert "answered 404" in checks["deletes"]["detail"]
+    assert checks["clock"]["detail"].startswith("the registry's clock agrees with regsweep's")
+    assert "holds the repositories and digests the registry lists" in checks["storage"]["detail"]
+    assert checks["push-times"]["detail"].startswith("4 tag links in 2 repositories")
     text = cli.run("check-config", "--online", config=config)
     assert text.returncode == 0
-    lines = [line.split()[:2] for line in text.stdout.splitlines()[-5:]]
+    lines = [line.split()[:2] for line in text.stdout.splitlines()[-7:]]
     assert lines == [[name, "ok"] for name in checks]
+
+
+def test_online_clock_days_behind_fails_saying_what_it_stops(
+    tmp_path: Path, own_registry: RegistryProcess
+) -> None:
+    """A registry whose Date header is 3 days behind (through a proxy that moves it: the
+    real clock cannot be moved here): ``clock`` fails naming the offset and NTP."""
+    with FaultyProxy(("127.0.0.1", own_registry.port), date_offset=-timedelta(days=3)) as proxy:
+        code, checks, _ = _online(_config(tmp_path, proxy.url))
+    assert code == 1
+    clock = checks["clock"]
+    assert clock["status"] == "fail", clock
+    assert clock["detail"].startswith("the registry's clock is 3d 0h behind regsweep's")
+    assert "NTP" in clock["hint"] and "nothing is deleted on them" in clock["hint"]
+
+
+def test_online_storage_with_the_same_names_and_other_digests_fails(
+    tmp_path: Path, own_registry: RegistryProcess
+) -> None:
+    """A copy of the registry's storage taken before ``team/web:v1`` was pushed again (a stale
+    copy, a replica): same repositories, but the tag names another digest than the registry
+    answers. ``storage`` fails naming both."""
+    registry = own_registry
+    with ImageBuilder.connect(registry.url) as builder:
+        builder.image("team/web", "v1")
+        stale = tmp_path / "stale"
+        shutil.copytree(registry.storage_path, stale)
+        now = builder.image("team/web", "v1")
+    code, checks, _ = _online(_config(tmp_path, registry.url, storage_path=stale))
+    assert code == 1
+    storage = checks["storage"]
+    assert storage["status"] == "fail", storage
+    assert f"team/web:v1 is {now.digest} as the registry answers" in storage["detail"]
+    assert checks["push-times"]["status"] == "skip"
 
 
 def test_online_deletes_disabled_fails_with_the_setting_to_change(
@@ -289,7 +352,9 @@ def test_online_deletes_disabled_fails_with_the_setting_to_change(
         "registry": "ok",
         "credentials": "ok",
         "deletes": "fail",
+        "clock": "ok",
         "storage": "skip",
+        "push-times": "skip",
         "redis": "ok",
     }
     assert "405 UNSUPPORTED" in checks["deletes"]["detail"]
@@ -314,7 +379,9 @@ def test_online_storage_of_another_registry_and_redis_down(
     code, checks, _ = _online(config)
     assert code == 1
     assert checks["storage"]["status"] == "fail"
-    assert "which the registry lists" in checks["storage"]["detail"]
+    detail = checks["storage"]["detail"]
+    assert "registry.storage_path has no repository" in detail
+    assert "which the registry has" in detail
     assert "storage.filesystem.rootdirectory" in checks["storage"]["hint"]
     assert checks["redis"]["status"] == "fail" and "Redis" in checks["redis"]["hint"]
 
@@ -529,3 +596,43 @@ def test_plan_of_a_repository_that_cannot_be_planned_exits_2_naming_each(
         ]
         assert result.stdout == ""
     assert cli.run("plan", "team/present", config=config).returncode == 0
+
+
+# -- storage_path: the registry's root, or the one near it ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "root"),
+    [
+        ("data/docker/registry/v2", "data"),
+        ("data/docker/registry", "data"),
+        ("data/docker", "data"),
+        ("data/docker/registry/v2/repositories", "data"),
+        (".", "data"),
+        ("..", "host/data"),
+    ],
+)
+def test_a_storage_path_near_the_root_names_the_root(tmp_path: Path, given: str, root: str) -> None:
+    """A path inside the storage root or one or two levels above it is refused, naming the
+    root to set (a registry's root holds docker/registry/v2)."""
+    base = tmp_path / "host"
+    (base / "data/docker/registry/v2/repositories").mkdir(parents=True)
+    (base / "data/docker/registry/v2/blobs").mkdir()
+    path = (base / given).resolve() if given != ".." else base.parent
+    expected = (base / root) if root != "host/data" else tmp_path / "host/data"
+    problem = layout_problem(str(path))
+    assert (
+        problem
+        == f"is not the registry's storage root; {expected} is: set registry.storage_path to it"
+    )
+    assert layout_problem(str(base / "data")) is None
+
+
+def test_an_empty_storage_root_is_a_registry_that_stored_nothing_yet(tmp_path: Path) -> None:
+    """An empty directory (or one with just lost+found) is accepted: a registry writes its
+    tree on the first push. One holding something else is refused saying what a root holds."""
+    (tmp_path / "lost+found").mkdir()
+    assert layout_problem(str(tmp_path)) is None
+    (tmp_path / "notes.txt").write_text("not a registry")
+    problem = layout_problem(str(tmp_path))
+    assert problem is not None and problem.startswith("holds no docker/registry/v2")

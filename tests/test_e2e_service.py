@@ -367,8 +367,12 @@ def test_the_cli_decides_from_the_pushes_the_service_recorded(
     ago but pushed now is kept by `pushed_within: 7d`; one whose notified push is a month old
     is not. The plan names the source."""
     repository = unique("within")
-    images.image(repository, "pr-7", created=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
+    # ``old`` first, listed by the workers before ``pr-7`` exists: a month-old push time for
+    # it must not contradict a listing of regsweep's that lacked it (such a time is doubted).
     images.image(repository, "old")
+    s.wait_for(lambda: bool(state.sismember("regsweep:reconciled", repository)))
+    s.wait_for(partial(_quiet, state, repository), timeout=30)
+    images.image(repository, "pr-7", created=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
     s.wait_for(lambda: {"pr-7", "old"} <= set(indexed_tags(state, repository)))
     month_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=30)).timestamp()
     state.hset(f"regsweep:idx:{repository}:pushed", "old", repr(month_ago))

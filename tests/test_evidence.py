@@ -15,7 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import NOW, RepoBuilder, image, make_policy, rule
-from worker.engine.evidence import DOCKER_EPOCH, Sighting, TagEvidence, push_time, push_times
+from worker.engine.evidence import (
+    CLOCK_SKEW,
+    DOCKER_EPOCH,
+    ClockSkew,
+    Sighting,
+    TagEvidence,
+    judge,
+    push_time,
+    push_times,
+)
 from worker.engine.model import Digest, PushSource, PushTime
 from worker.engine.plan import Action
 from worker.engine.planner import plan
@@ -26,6 +35,9 @@ D = Digest("sha256:" + "d" * 64)
 OTHER = Digest("sha256:" + "e" * 64)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+MS = timedelta(milliseconds=1)
+#: The registry's clock as a fresh Date header shows it when it agrees with regsweep's.
+AGREES = ClockSkew(timedelta(seconds=-0.2), timedelta(seconds=0.9), NOW)
 #: Build dates reproducible-build tools write (ko/Bazel/Jib, Nix, buildpacks, nix2container).
 SENTINELS = (
     datetime(1970, 1, 1, tzinfo=UTC),
@@ -205,7 +217,7 @@ def keep_rules(draw: st.DrawFn) -> tuple[KeepRule, ...]:
 def _planned(history: History, rules: tuple[KeepRule, ...], use_build_time: bool) -> set[str]:
     """The tags a plan over ``history`` deletes (each tag on an image of its own)."""
     builder = RepoBuilder(now=NOW)
-    times = push_times(history.evidence, NOW, use_build_time=use_build_time)
+    times = judge(history.evidence, NOW, use_build_time=use_build_time, skew=AGREES).push_times
     for tag in history.truth:
         builder.tag(tag, image(tag), pushed=times[tag])
     policy: Policy = make_policy(keep=list(rules))
@@ -237,3 +249,245 @@ def test_no_tag_is_deleted_on_a_guess(
     (keep,) = rules
     for tag in _planned(history, rules, use_build_time):
         assert _justified(tag, history, keep), (tag, history.truth[tag])
+
+
+# --- registry times checked against everything else ------------------------------------------
+
+
+def digest(n: int) -> Digest:
+    return Digest(f"sha256:{n:064x}")
+
+
+def _deleted(times: dict[str, PushTime], *rules: KeepRule) -> set[str]:
+    """The tags a plan deletes over ``times`` (each tag on an image of its own)."""
+    builder = RepoBuilder(now=NOW)
+    for tag, pushed in times.items():
+        builder.tag(tag, image(tag), pushed=pushed)
+    result = plan(builder.inventory(), make_policy(keep=list(rules)), NOW)
+    return {tag for d in result.deletions for tag in d.tags}
+
+
+def test_a_link_older_than_a_listing_that_lacked_the_tag_is_not_its_push_time() -> None:
+    """The registry's clock was 3 days behind when ``new`` was pushed: its link says 3 days
+    ago, but regsweep's listing an hour ago lacked it. The link is doubted (the row says why),
+    ``new`` counts from that listing, ``pushed_within: 1d`` keeps it, and ``newest: 1``
+    deletes ``old`` (pushed before that listing), not ``new``."""
+    listing = NOW - HOUR
+    evidence = {
+        "old": TagEvidence(
+            digest(1), stored=NOW - 2 * HOUR, sighting=Sighting(digest(1), None, listing)
+        ),
+        "new": TagEvidence(
+            digest(2), stored=NOW - 3 * DAY, sighting=Sighting(digest(2), listing, NOW, NOW - MS)
+        ),
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    new = judged.push_times["new"]
+    assert (new.source, new.earliest, new.latest) == (PushSource.FIRST_SEEN, listing, NOW)
+    assert new.doubt == "storage time 2d 23h before a listing that lacked the tag"
+    assert judged.doubted == ("new",) and judged.refused is None
+    assert "new: storage time 2d 23h before a listing that lacked the tag" in judged.notes[0]
+    assert "the registry's clock agrees with regsweep's (+0.35s) now" in judged.notes[0]
+    assert _deleted(judged.push_times, rule(0, "*", within=DAY)) == set()
+    assert _deleted(judged.push_times, rule(0, "*", newest=1)) == {"old"}
+    # What the link alone said: 3 days old, and older than ``old``.
+    alone = push_times(evidence, NOW, use_build_time=False)
+    assert _deleted(alone, rule(0, "*", within=DAY)) == {"new"}
+    assert _deleted(alone, rule(0, "*", newest=1)) == {"new"}
+
+
+def test_link_times_of_1970_rank_nothing_even_one_second_apart() -> None:
+    """Links dated 0 and 1 (an archive without times, a Nix-like store): no push's time, so
+    ``newest: 1`` deletes nothing and a tag pushed a minute ago is not 20,000 days old."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    evidence = {
+        f"v{i}": TagEvidence(
+            digest(i),
+            stored=epoch + i * timedelta(seconds=1),
+            sighting=Sighting(digest(i), None, NOW),
+        )
+        for i in range(2)
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert {t.source for t in judged.push_times.values()} == {PushSource.FIRST_SEEN}
+    assert _deleted(judged.push_times, rule(0, "*", newest=1)) == set()
+    assert _deleted(judged.push_times, rule(0, "*", within=DAY)) == set()
+    assert judged.refused is not None and "before 2013" in judged.refused
+    assert "rsync -a, cp -a, tar without --touch" in judged.notes[0]
+    alone = push_times(evidence, NOW, use_build_time=False)
+    assert _deleted(alone, rule(0, "*", newest=1)) == {"v0"}
+
+
+def test_links_a_copy_wrote_in_archive_order_rank_nothing_and_later_pushes_still_count() -> None:
+    """Storage copied without times: every link at one instant, in archive order (the builds
+    pushed last copied first). ``newest: 3`` deletes none of them on that order; after one
+    real push the copied ones still rank nothing among themselves, and that push (provably
+    after the copy) does not make three of them go."""
+    copy = NOW - DAY
+    evidence = {f"build-{n}": TagEvidence(digest(n), stored=copy + (9 - n) * MS) for n in range(10)}
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert judged.refused is not None
+    assert "as a copy that kept no times writes them" in judged.refused
+    assert _deleted(judged.push_times, rule(0, "build-*", newest=3)) == set()
+    assert _deleted(judged.push_times, rule(0, "build-*", within=HOUR)) == set()
+    assert (
+        len(_deleted(push_times(evidence, NOW, use_build_time=False), rule(0, "build-*", newest=3)))
+        == 7
+    )
+    evidence["build-10"] = TagEvidence(digest(10), stored=NOW - HOUR)
+    after = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert after.refused is None
+    assert after.push_times["build-10"] == PushTime.exact(PushSource.STORAGE, NOW - HOUR)
+    assert set(after.doubted) == {f"build-{n}" for n in range(10)}
+    assert _deleted(after.push_times, rule(0, "build-*", newest=3)) == set()
+
+
+def test_a_burst_of_one_image_under_several_tags_keeps_its_storage_times() -> None:
+    """One image pushed under three tags in the same second (a CI job's tags): one image is
+    no copy, the links stay exact."""
+    evidence = {tag: TagEvidence(D, stored=NOW - HOUR + i * MS) for i, tag in enumerate("abc")}
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert judged.doubted == () and judged.refused is None
+    assert {t.source for t in judged.push_times.values()} == {PushSource.STORAGE}
+
+
+def test_a_doubted_link_never_makes_a_re_pushed_tag_older() -> None:
+    """``stable`` was first seen 30 days ago and re-pushed an hour ago, in the same instant as
+    another image's tag: its link is doubted, yet ``pushed_within: 14d`` keeps it (the link
+    may stand for a later push than the listing showed); it only ranks nothing."""
+    evidence = {
+        "stable": TagEvidence(
+            D, stored=NOW - HOUR, sighting=Sighting(D, NOW - 31 * DAY, NOW - 30 * DAY)
+        ),
+        "other": TagEvidence(OTHER, stored=NOW - HOUR + MS),
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    stable = judged.push_times["stable"]
+    assert (stable.earliest, stable.latest) == (NOW - 31 * DAY, NOW - HOUR)
+    assert _deleted(judged.push_times, rule(0, "*", within=14 * DAY)) == set()
+
+
+def test_links_all_older_than_every_notification_are_refused_as_a_whole() -> None:
+    """A storage not written since regsweep was first notified (a stale copy, another
+    registry's storage): every link older than the oldest notification is refused."""
+    evidence = {
+        "a": TagEvidence(D, notified=NOW - HOUR, stored=NOW - 9 * DAY),
+        "b": TagEvidence(OTHER, stored=NOW - 8 * DAY),
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert judged.refused is not None and "not being written by that registry" in judged.refused
+    a, b = judged.push_times["a"], judged.push_times["b"]
+    assert (a.source, a.earliest, a.latest) == (PushSource.NOTIFICATION, NOW - HOUR, NOW - HOUR)
+    assert b.source is PushSource.UNKNOWN and b.doubt == "storage times refused: see the note"
+
+
+def test_a_registry_clock_off_by_days_ranks_nothing() -> None:
+    """The registry's Date says it is 3 days behind: its links and notifications say
+    "3 days ago" for pushes of today. None ranks or ages a tag; the note says so once."""
+    behind = ClockSkew(-3 * DAY - timedelta(seconds=1), -3 * DAY + timedelta(seconds=1), NOW)
+    evidence = {
+        "a": TagEvidence(D, notified=NOW - 3 * DAY, sighting=Sighting(D, None, NOW)),
+        "b": TagEvidence(OTHER, stored=NOW - 3 * DAY - HOUR, sighting=Sighting(OTHER, None, NOW)),
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=behind)
+    assert judged.refused is not None and "3d 0h behind regsweep's" in judged.refused
+    assert _deleted(judged.push_times, rule(0, "*", within=DAY)) == set()
+    assert _deleted(judged.push_times, rule(0, "*", newest=1)) == set()
+    (note,) = judged.notes
+    assert "until the clocks agree" in note
+    alone = push_times(evidence, NOW, use_build_time=False)
+    assert _deleted(alone, rule(0, "*", within=DAY)) == {"a", "b"}
+
+
+def test_clock_skew_from_a_date_header() -> None:
+    """A Date of whole seconds, asked at ``sent`` and answered at ``received``: the offset
+    lies between Date - received and Date + 1s - sent; 5 minutes off is the limit."""
+    sent = NOW
+    skew = ClockSkew.observed(NOW - DAY, sent, sent + timedelta(milliseconds=200))
+    assert skew.low == -DAY - timedelta(milliseconds=200)
+    assert skew.high == -DAY + timedelta(seconds=1)
+    assert not skew.agrees
+    assert skew.describe() == "the registry's clock is 1d 0h behind regsweep's"
+    near = ClockSkew.observed(NOW + CLOCK_SKEW, sent, sent)
+    assert near.agrees and near.describe().startswith("the registry's clock agrees")
+
+
+# --- property: registry times that lie never beat regsweep's own listings ---------------------
+
+_EPOCH_1970 = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@st.composite
+def _lie(draw: st.DrawFn, truth: datetime, copy: datetime, rank: int) -> datetime | None:
+    """A registry time that is not the push's: a clock behind or ahead, 1970, a copy's
+    instant in archive order, the future, or any time at all."""
+    return draw(
+        st.sampled_from(
+            [
+                None,
+                truth - timedelta(minutes=draw(st.integers(1, 60 * 24 * 90))),
+                truth + timedelta(minutes=draw(st.integers(1, 60 * 24 * 3))),
+                _EPOCH_1970 + timedelta(seconds=draw(st.integers(0, 2))),
+                copy + rank * MS,
+                NOW - timedelta(minutes=draw(_MINUTES)),
+            ]
+        )
+    )
+
+
+def _told(
+    truth: datetime, honest: bool, copy: datetime, rank: int
+) -> st.SearchStrategy[datetime | None]:
+    """What a registry time says of a push: the truth (or nothing) for an honest tag."""
+    return st.sampled_from([None, truth]) if honest else _lie(truth, copy, rank)
+
+
+Lying = tuple[History, set[str], list[datetime], ClockSkew | None]
+
+
+@st.composite
+def lying(draw: st.DrawFn) -> Lying:
+    """Tags truly pushed at random times, instantaneous listings between them, and registry
+    times (links, notifications) true for the honest tags and anything for the rest; the
+    registry's clock as a Date header shows it (or no header at all)."""
+    count = draw(st.integers(2, 7))
+    truth = {f"t{i}": NOW - timedelta(minutes=draw(_MINUTES)) for i in range(count)}
+    digests = {tag: digest(i) for i, tag in enumerate(truth)}
+    moments = {NOW - timedelta(minutes=draw(_MINUTES)) for _ in range(draw(st.integers(0, 4)))}
+    instants = sorted(moments)
+    seen = _sightings(truth, digests, [*((t, t, t) for t in instants), (NOW, NOW, NOW)])
+    honest = {tag for tag in truth if draw(st.booleans())}
+    copy = NOW - timedelta(minutes=draw(_MINUTES))
+    evidence = {
+        tag: TagEvidence(
+            digests[tag],
+            notified=draw(_told(at, tag in honest, copy, rank)),
+            stored=draw(_told(at, tag in honest, copy, rank)),
+            sighting=seen[tag],
+        )
+        for rank, (tag, at) in enumerate(truth.items())
+    }
+    behind = ClockSkew(-3 * DAY, -3 * DAY + timedelta(seconds=1), NOW)
+    skew = draw(st.sampled_from([None, AGREES, behind]))
+    return History(truth, evidence), honest, [*instants, NOW], skew
+
+
+@PROPERTY
+@given(lying())
+def test_no_registry_time_beats_a_listing(case: Lying) -> None:
+    """Whatever links and notifications say (a clock behind or ahead, 1970, a copy's instant,
+    the future, anything), no tag is provably pushed before a listing that lacked it, nor
+    provably older than an honestly dated tag that listing showed: one it followed."""
+    history, honest, instants, skew = case
+    times = judge(history.evidence, NOW, use_build_time=False, skew=skew).push_times
+    for tag, item in history.evidence.items():
+        earliest = item.sighting.earliest if item.sighting else None
+        latest = times[tag].latest
+        assert earliest is None or latest is None or latest >= earliest, (tag, times[tag])
+    for listing in instants:
+        shown = {t for t, at in history.truth.items() if at <= listing} & honest
+        lacked = {t for t, at in history.truth.items() if at > listing}
+        for before in shown:
+            for after in lacked:
+                newer, older = times[before].earliest, times[after].latest
+                assert newer is None or older is None or older >= newer, (before, after, times)

@@ -11,22 +11,32 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
+import redis
 
+from tests.harness import cli, redisdb
 from tests.harness.images import ImageBuilder, PushedImage
-from tests.harness.registry import RegistryProcess
+from tests.harness.proxy import FaultyProxy
+from tests.harness.registry import RegistryProcess, tag_link
 from tests.test_cli import run
+from worker.engine.events import RegistryEvent
 from worker.engine.inventory import UNTAGGED_UNSEEN
 from worker.engine.model import Descriptor, Digest, PushSource
 from worker.engine.plan import Action
 from worker.engine.policy import AgeSource, KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruner, RepositoryPlan
+from worker.errors import StorageError
+from worker.queue import jobs
+from worker.queue.context import WorkerContext
 from worker.registry import mediatypes as mt
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of, untag_manifest
+from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config, RegistrySettings
 from worker.store.audit import AuditEntry, JsonlAuditLog, Outcome, Settlement
 from worker.store.history import LocalHistory
@@ -127,6 +137,9 @@ async def test_reproducible_builds_are_not_deleted_after_their_push(
     7d`` keeps them, with build times opted in or not, with the storage or without it."""
     for i, created in enumerate(SENTINELS):
         builder.image(repo_name, f"rb-{i}", created=created)
+        # Minutes apart, as separate builds push: links of several images written within
+        # a second of each other would be one instant, and rank nothing.
+        registry.set_pushed(repo_name, NOW - dt.timedelta(minutes=10 - i), f"rb-{i}")
     rule = keep("*", within=dt.timedelta(days=7))
     for age_from in AgeSource:
         for storage in (True, False):
@@ -207,6 +220,7 @@ async def test_a_cold_plan_with_storage_reads_no_image_config(
     for a policy that opted in to build times."""
     for i in range(4):
         builder.image(repo_name, f"main-{i}", created=days_ago(i))
+        registry.set_pushed(repo_name, NOW - dt.timedelta(minutes=10 - i), f"main-{i}")
     counts: Counter[str] = Counter()
 
     def hook(method: str, path: str, status: int | None, seconds: float) -> None:
@@ -382,3 +396,357 @@ async def test_one_unreadable_repository_does_not_stop_the_others(
     assert bad in line and "manifests" in line
     assert not builder.manifest_exists(good, doomed.digest)
     assert f"{good}: done (1 deleted)" in result.stdout
+
+
+# --- registry times that lie (each test on a registry of its own: its times are made to lie) --
+
+
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """A registry no other test reads: the storage times these tests set would mislead them."""
+    reg = RegistryProcess.create(tmp_path / "registry")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def engine_on(reg: RegistryProcess, client: RegistryClient, rule: KeepRule, root: Path) -> Engine:
+    """The CLI's engine (state in ``root``) with the storage of ``reg`` read."""
+    config = Config(registry=settings(reg, storage=True), policies=(policy(rule),))
+    return Engine(client, config, root)
+
+
+async def test_a_link_from_a_clock_behind_never_ages_a_tag_a_listing_proves_new(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """The registry host's clock stepped 3 days back after ``old`` was pushed: ``new``'s link
+    says 3 days ago, but regsweep listed the repository before ``new`` existed. ``pushed_within:
+    1d`` keeps it (it was "pushed 3d ago (storage)" before), ``newest: 1`` deletes ``old`` and
+    not the later push, and the plan says which link it did not believe and why."""
+    reg, repo = own_registry, "t/stepped"
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        with ImageBuilder.connect(reg.url) as b:
+            b.image(repo, "old")
+            within = engine_on(reg, client, keep("*", within=dt.timedelta(days=1)), tmp_path)
+            assert (await within.plan(repo)).plan.is_empty  # the listing before ``new``
+            b.image(repo, "new")
+        reg.set_pushed(repo, dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "new")
+        kept = await within.plan(repo)
+        assert kept.plan.is_empty, kept.plan.deletions
+        newest = await engine_on(reg, client, keep("*", newest=1), tmp_path).plan(repo)
+    assert removed_tags(newest) == {"old"}
+    pushed = newest.inventory.push_time("new")
+    assert pushed.source is PushSource.FIRST_SEEN
+    assert pushed.doubt is not None and "before a listing that lacked the tag" in pushed.doubt
+    assert any("new: storage time 3d 0h before a listing" in n for n in newest.plan.notes)
+
+
+async def test_a_registry_clock_days_behind_ages_nothing(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """The registry's host is 3 days behind (its Date header, through a proxy that moves it:
+    the real clock cannot be moved here): links written an hour ago and now say 3 days ago.
+    ``pushed_within: 1d`` deletes neither; the plan says the clock is off and what to do."""
+    reg, repo = own_registry, "t/behind"
+    with ImageBuilder.connect(reg.url) as b:
+        b.image(repo, "a")
+        b.image(repo, "b")
+    now = dt.datetime.now(dt.UTC)
+    reg.set_pushed(repo, now - dt.timedelta(days=3, hours=1), "a")
+    reg.set_pushed(repo, now - dt.timedelta(days=3), "b")
+    rule = keep("*", within=dt.timedelta(days=1))
+    with FaultyProxy(("127.0.0.1", reg.port), date_offset=-dt.timedelta(days=3)) as proxy:
+        via = RegistrySettings(url=proxy.url, storage_path=str(reg.storage_path))
+        async with RegistryClient.from_settings(via) as client:
+            config = Config(registry=via, policies=(policy(rule),))
+            planned = await Engine(client, config, tmp_path).plan(repo)
+    assert planned.plan.is_empty, planned.plan.deletions
+    (note,) = planned.plan.notes
+    assert "the registry's clock is 3d 0h behind regsweep's" in note
+    assert "until the clocks agree" in note
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        honest = await engine_on(reg, client, rule, tmp_path / "direct").plan(repo)
+    assert removed_tags(honest) == {"a", "b"}  # on a clock that agrees, the links stand
+
+
+async def test_links_dated_1970_rank_and_age_nothing(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """Links of 0 and 1 second after 1970 (a store that keeps no times): tags pushed a minute
+    ago are not "20000d ago", and their one-second order of 1970 deletes nothing."""
+    reg, repo = own_registry, "t/nix"
+    with ImageBuilder.connect(reg.url) as b:
+        b.image(repo, "v0")
+        b.image(repo, "v1")
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    reg.set_pushed(repo, epoch, "v0")
+    reg.set_pushed(repo, epoch + dt.timedelta(seconds=1), "v1")
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        for n, rule in enumerate((keep("*", newest=1), keep("*", within=dt.timedelta(days=7)))):
+            planned = await engine_on(reg, client, rule, tmp_path / str(n)).plan(repo)
+            assert planned.plan.is_empty, (rule, planned.plan.deletions)
+            (note,) = planned.plan.notes
+            assert "every tag link is dated before 2013" in note
+            assert "nothing is deleted on them" in note
+
+
+def _moved(source: RegistryProcess, target: Path, how: str) -> RegistryProcess:
+    """The registry's storage moved to ``target`` as an operator might, and a registry
+    started on it there."""
+    target.mkdir(parents=True)
+    src = str(source.storage_path)
+    commands = {
+        "cp -r": f"cp -r {src} {target}/data",
+        "tar -x --touch": f"tar -C {src}/.. -cf - data | tar -C {target} -x --touch -f -",
+        "cp -a": f"cp -a {src} {target}/data",
+    }
+    subprocess.run(["sh", "-c", commands[how]], check=True)
+    moved = RegistryProcess.create(target)
+    moved.start()
+    return moved
+
+
+@pytest.mark.parametrize("how", ["cp -r", "tar -x --touch"])
+def test_a_storage_copied_without_times_ranks_nothing_and_every_command_says_so(
+    own_registry: RegistryProcess, tmp_path: Path, how: str
+) -> None:
+    """Six builds pushed a day apart, the storage moved to a new host without its times: every
+    link now says "copied just now", in archive order. ``regsweep prune`` with ``newest: 3``
+    deletes none of them on that order (it deleted three before), and ``plan``, ``status``
+    and ``check-config --online`` each say why and how to fix it."""
+    reg, repo = own_registry, "t/moved"
+    with ImageBuilder.connect(reg.url) as b:
+        for i in range(6):
+            b.image(repo, f"build-{i}")
+            reg.set_pushed(repo, days_ago(6 - i), f"build-{i}")
+    reg.stop()
+    moved = _moved(reg, tmp_path / "new-host", how)
+    redis_db = redisdb.url(8)
+    redis.Redis.from_url(redis_db).flushdb()
+    try:
+        config = cli.write_config(
+            tmp_path / "regsweep.yaml",
+            moved.url,
+            [{"name": "p", "repositories": ["t/**"], "mode": "enforce",
+              "keep": [{"tags": ["build-*"], "newest": 3}]}],
+            redis_url=redis_db,
+            storage_path=moved.storage_path,
+        )  # fmt: skip
+        pruned = run("prune", config=config)
+        assert pruned.returncode == 0, pruned.stderr
+        with ImageBuilder.connect(moved.url) as b:
+            assert b.tags(repo) == [f"build-{i}" for i in range(6)]
+        assert "as a copy that kept no times writes them" in pruned.stdout
+        assert "rsync -a, cp -a, tar without --touch" in pruned.stdout
+        assert "nothing is deleted on them" in pruned.stdout
+        status = run("status", config=config)
+        assert status.returncode == 0, status.stderr
+        assert "registry clock: the registry's clock agrees with regsweep's" in status.stdout
+        assert "push times refused in 1 repositories (nothing is deleted on them):" in status.stdout
+        assert f"{repo}: all 6 tag links were written within" in status.stdout
+        online = json.loads(run("check-config", "--online", "--json", config=config).stdout)
+        checks = {c["check"]: c for c in online["checks"]}
+        assert checks["storage"]["status"] == "ok"
+        assert checks["push-times"]["status"] == "fail"
+        assert "as a copy that kept no times writes them" in checks["push-times"]["detail"]
+    finally:
+        moved.stop()
+        redis.Redis.from_url(redis_db).flushdb()
+
+
+def test_a_storage_moved_keeping_times_is_used_as_before(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """The same move with ``cp -a`` (times kept, as docs/operations.md says): the links are
+    believed and ``newest: 3`` deletes the three builds pushed first."""
+    reg, repo = own_registry, "t/moved"
+    with ImageBuilder.connect(reg.url) as b:
+        for i in range(6):
+            b.image(repo, f"build-{i}")
+            reg.set_pushed(repo, days_ago(6 - i), f"build-{i}")
+    reg.stop()
+    moved = _moved(reg, tmp_path / "new-host", "cp -a")
+    try:
+        config = cli.write_config(
+            tmp_path / "regsweep.yaml",
+            moved.url,
+            [{"name": "p", "repositories": ["t/**"], "mode": "enforce",
+              "keep": [{"tags": ["build-*"], "newest": 3}]}],
+            audit_path=tmp_path / "audit.jsonl",
+            storage_path=moved.storage_path,
+        )  # fmt: skip
+        pruned = run("prune", config=config)
+        assert pruned.returncode == 0, pruned.stderr
+        with ImageBuilder.connect(moved.url) as b:
+            assert b.tags(repo) == ["build-3", "build-4", "build-5"]
+    finally:
+        moved.stop()
+
+
+@pytest.mark.parametrize("off", ["one level deep", "one level shallow"])
+def test_a_storage_path_one_level_off_is_refused_with_the_right_one(
+    own_registry: RegistryProcess, tmp_path: Path, off: str
+) -> None:
+    """``storage_path`` set to ``<root>/docker/registry/v2`` (or to the directory above the
+    root): ``check-config`` refuses it naming the root to use, and ``prune`` leaves the
+    repository alone (exit 1, saying so) instead of deleting the per-arch image that an index
+    deployed by digest still lists (only the storage shows that index): ``amd64-v1``, first
+    listed before ``amd64-v2`` was pushed, is provably older, and went by digest before."""
+    reg, repo = own_registry, "t/deployed"
+    wrong = reg.storage_path / "docker/registry/v2" if off == "one level deep" else reg.root
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        reg.url,
+        [{"name": "p", "repositories": ["t/**"], "mode": "enforce",
+          "keep": [{"tags": ["*"], "newest": 1}]}],
+        audit_path=tmp_path / "audit.jsonl",
+        storage_path=wrong,
+    )  # fmt: skip
+    with ImageBuilder.connect(reg.url) as b:
+        amd = b.image(repo, "amd64-v1")
+        arm = b.image(repo, architecture="arm64")
+        deployed = b.index(repo, [amd, arm])  # by digest only
+        checked = run("check-config", config=config)
+        run("plan", config=config)  # a listing before amd64-v2
+        b.image(repo, "amd64-v2")
+        pruned = run("prune", config=config)
+        assert all(b.manifest_exists(repo, d) for d in (deployed.digest, amd.digest, arm.digest))
+    assert checked.returncode == 2, checked.stdout
+    assert f"registry.storage_path: {wrong} is not the registry's storage root" in checked.stderr
+    assert f"{reg.storage_path} is: set registry.storage_path to it" in checked.stderr
+    assert pruned.returncode == 1, pruned.stdout + pruned.stderr
+    assert "Traceback" not in pruned.stderr
+    (line,) = [ln for ln in pruned.stderr.splitlines() if "not planned" in ln]
+    assert f"has no repository {repo}, which the registry has" in line
+    assert f"{reg.storage_path} is: set registry.storage_path to it" in line
+
+
+#: Run as root without the capabilities that let root read any file: permission bits then
+#: refuse it as they refuse any other user (a regsweep run as its own user, the registry's
+#: files not readable by it). ``chmod 000`` alone does nothing to root.
+WITHOUT_ROOTS_READS: Final = (
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
+
+
+def _locked_out(path: Path) -> None:
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("locked", ["a tag link", "the revisions directory"])
+def test_an_unreadable_storage_file_leaves_its_repository_alone_and_the_others_go_on(
+    own_registry: RegistryProcess, tmp_path: Path, locked: str
+) -> None:
+    """A tag link (or the revisions directory) regsweep's user cannot read: ``prune`` names
+    the file, leaves that repository alone, prunes the other, and exits 1; no traceback."""
+    reg = own_registry
+    with ImageBuilder.connect(reg.url) as b:
+        for repo in ("t/locked", "t/open"):
+            b.image(repo, "v1")
+            b.image(repo, "v2")
+            reg.set_pushed(repo, days_ago(9), "v1")
+        doomed = b.head("t/open", "v1")
+    manifests = reg.storage_path / "docker/registry/v2/repositories/t/locked/_manifests"
+    target = (
+        manifests / "tags/v2/current/link" if locked == "a tag link" else manifests / "revisions"
+    )
+    _locked_out(target)
+    config = cli.write_config(
+        tmp_path / "regsweep.yaml",
+        reg.url,
+        [{"name": "p", "repositories": ["t/**"], "mode": "enforce",
+          "keep": [{"tags": ["*"], "newest": 1}]}],
+        audit_path=tmp_path / "audit.jsonl",
+        storage_path=reg.storage_path,
+    )  # fmt: skip
+    try:
+        pruned = subprocess.run(
+            [*WITHOUT_ROOTS_READS, *cli.REGSWEEP, "-c", str(config), "prune"],
+            capture_output=True,
+            text=True,
+            env=cli.environment() | {"XDG_CACHE_HOME": str(tmp_path / "cache")},
+            timeout=180,
+            check=False,
+        )
+    finally:
+        target.chmod(0o755 if target.is_dir() else 0o644)
+    assert pruned.returncode == 1, pruned.stdout + pruned.stderr
+    assert "Traceback" not in pruned.stderr
+    (line,) = [ln for ln in pruned.stderr.splitlines() if "not planned" in ln]
+    assert line.startswith("regsweep: t/locked: not planned:")
+    assert f"cannot read {target}" in line and "Permission denied" in line
+    assert "t/open: done (1 deleted)" in pruned.stdout
+    with ImageBuilder.connect(reg.url) as b:
+        assert doomed is not None and not b.manifest_exists("t/open", doomed.digest)
+        assert b.tags("t/locked") == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("shape", ["a symlink loop", "a FIFO", "a dangling symlink"])
+def test_a_tag_link_that_is_no_file_is_an_error_naming_it_never_a_hang(
+    tmp_path: Path, shape: str
+) -> None:
+    """A tag link replaced by a symlink to itself (ELOOP), a FIFO (a plain read would block
+    forever) or a symlink to nothing: reading it raises StorageError naming the file, at
+    once, instead of taking the tag as unpushed. (A registry serving such a storage fails
+    too; these are read here without one, which would hang on the FIFO.)"""
+    link = tag_link(tmp_path, "t/odd", "v1")
+    link.parent.mkdir(parents=True)
+    if shape == "a FIFO":
+        os.mkfifo(link)
+    else:
+        link.symlink_to(link.name if shape == "a symlink loop" else "nowhere")
+    with pytest.raises(StorageError, match=rf"{link}.*left alone"):
+        RegistryStorage(tmp_path).tags("t/odd", ["v1"])
+    assert RegistryStorage(tmp_path).tags("t/odd", ["v2"]) == {}  # absent: no push known
+
+
+# --- notifications out of order (issue 23) -------------------------------------------------
+
+
+async def test_a_late_notification_never_makes_a_re_pushed_tag_older(
+    own_registry: RegistryProcess,
+) -> None:
+    """``x`` pushed, then ``y``, ``z``, then ``x`` again (same image); the events worker
+    applies the re-push before the first push (several processes, a redelivery). ``x``'s push
+    time stays the later one, so ``newest: 2`` deletes ``y``, not ``x``, the tag pushed last."""
+    reg, repo = own_registry, "t/late"
+    with ImageBuilder.connect(reg.url) as b:
+        images = {tag: b.image(repo, tag) for tag in ("x", "y", "z")}
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=4)
+    pushes = [("x", 0), ("y", 1), ("z", 2), ("x", 3)]
+    events = [
+        RegistryEvent(
+            id=f"ev-{n}",
+            action="push",
+            repository=repo,
+            digest=images[tag].digest,
+            tag=tag,
+            media_type=mt.OCI_MANIFEST,
+            size=100,
+            timestamp=start + dt.timedelta(hours=hour),
+        )
+        for n, (tag, hour) in enumerate(pushes)
+    ]
+    config = Config(
+        registry=RegistrySettings(url=reg.url),
+        policies=(policy(keep("*", newest=2)),),
+        redis_url=redisdb.url(8),
+    )
+    ctx = await WorkerContext.open(config, prefix=f"late-{os.urandom(4).hex()}:")
+    try:
+        await jobs.apply_registry_events(ctx, [events[1], events[2], events[3]])
+        await jobs.apply_registry_events(ctx, [events[0]])  # delivered last
+        assert (await ctx.index.pushed_at(repo))["x"] == events[3].timestamp
+        planned = await ctx.pruner.plan_one(repo)
+    finally:
+        await _drop_prefix(ctx)
+        await ctx.aclose()
+    assert planned is not None and removed_tags(planned) == {"y"}
+
+
+async def _drop_prefix(ctx: WorkerContext) -> None:
+    keys = [k async for k in ctx.redis.scan_iter(match=f"{ctx.index.keys.prefix}*")]
+    if keys:
+        await ctx.redis.delete(*keys)

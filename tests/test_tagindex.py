@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from tests.harness import redisdb
 from worker.engine.evidence import Sighting
 from worker.engine.model import Digest, Hold
 from worker.errors import StateError
-from worker.store.tagindex import TagIndex
+from worker.store.tagindex import TOMBSTONE_AGE, TagIndex
 
 pytestmark = pytest.mark.anyio
 
@@ -181,3 +182,119 @@ async def test_a_stored_time_no_datetime_can_hold_is_skipped(
     )
     await redis_client.hset(pushed, "worse", "not a time")
     assert (await index.snapshot("r")).pushed_at == {"good": T0}
+
+
+# --- registry events in their own order, whatever order they arrive in (issue 23) ----------
+
+HOUR = timedelta(hours=1)
+
+
+async def test_a_late_push_of_the_same_image_never_makes_a_tag_older(index: TagIndex) -> None:
+    """``x`` pushed at T0 and re-pushed an hour later (same image); the re-push's event is
+    applied first: the push time stays the later one, and a redelivery changes nothing."""
+    await index.record_push("r", "x", A, T0 + HOUR, "ev-2")
+    await index.record_push("r", "x", A, T0, "ev-1")
+    assert await index.pushed_at("r") == {"x": T0 + HOUR}
+    await index.record_push("r", "x", A, T0 + HOUR, "ev-2")
+    assert await index.pushed_at("r") == {"x": T0 + HOUR}
+
+
+async def test_a_late_push_never_moves_a_tag_back_to_an_image_it_left(index: TagIndex) -> None:
+    """``x`` moved from A to B; the event of the push to A comes last: ``x`` stays on B with
+    B's push time, and A, left untagged by the later push, is marked so from then."""
+    await index.record_push("r", "x", B, T0 + HOUR, "ev-2")
+    assert await index.record_push("r", "x", A, T0, "ev-1") is None
+    assert await index.tags("r") == {"x": B}
+    assert await index.pushed_at("r") == {"x": T0 + HOUR}
+    assert await index.untagged_since("r") == {A: T0 + HOUR}
+
+
+async def test_push_events_in_any_order_leave_the_same_index(
+    index: TagIndex, redis_client: aioredis.Redis
+) -> None:
+    """Four pushes of two tags (one moved, one re-pushed), applied in each of their 24 orders:
+    tags, push times and untagged marks always end as the in-order application leaves them."""
+    events = [
+        ("x", A, T0, "e1"),
+        ("y", B, T0 + HOUR, "e2"),
+        ("x", C, T0 + 2 * HOUR, "e3"),
+        ("y", B, T0 + 3 * HOUR, "e4"),
+    ]
+    outcomes = set()
+    for n, order in enumerate(itertools.permutations(events)):
+        repo = f"perm-{n}"
+        for tag, digest, at, event_id in order:
+            await index.record_push(repo, tag, digest, at, event_id)
+        outcomes.add(
+            (
+                tuple(sorted((await index.tags(repo)).items())),
+                tuple(sorted((await index.pushed_at(repo)).items())),
+                tuple(sorted((await index.untagged_since(repo)).items())),
+            )
+        )
+    assert outcomes == {
+        (
+            (("x", C), ("y", B)),
+            (("x", T0 + 2 * HOUR), ("y", T0 + 3 * HOUR)),
+            ((A, T0 + 2 * HOUR),),
+        )
+    }
+
+
+async def test_a_late_push_never_brings_back_a_deleted_tag_and_a_late_delete_spares_a_newer_push(
+    index: TagIndex,
+) -> None:
+    """A tag deleted at T0+1h whose push at T0 is applied after the delete stays gone (its
+    tombstone is newer); a tag re-pushed at T0+2h whose delete at T0+1h comes last stays."""
+    assert await index.record_delete("r", digest=None, tag="gone", at=T0 + HOUR, event_id="d1") == [
+        "gone"
+    ]
+    await index.record_push("r", "gone", A, T0, "p0")
+    await index.record_push("r", "back", B, T0 + 2 * HOUR, "p2")
+    assert (
+        await index.record_delete("r", digest=None, tag="back", at=T0 + HOUR, event_id="d2") == []
+    )
+    assert await index.record_delete("r", digest=B, tag=None, at=T0 + HOUR, event_id="d3") == []
+    assert await index.tags("r") == {"back": B}
+    assert await index.pushed_at("r") == {"back": T0 + 2 * HOUR}
+
+
+async def test_regsweeps_own_deletes_are_never_ordered_against_events(index: TagIndex) -> None:
+    """regsweep's own bookkeeping of what it deleted (no event id, on its own clock, here
+    hours ahead of the registry's) leaves no tombstone: the tag's next push, on the registry's
+    clock earlier than regsweep's "now", still applies."""
+    await index.record_push("r", "x", A, T0 + HOUR, "p1")
+    assert await index.record_delete("r", digest=None, tag="x", at=T0 + 5 * HOUR) == ["x"]
+    await index.record_push("r", "x", B, T0 + 2 * HOUR, "p2")
+    assert await index.tags("r") == {"x": B}
+
+
+async def test_an_index_from_before_event_order_is_respected(
+    index: TagIndex, redis_client: aioredis.Redis
+) -> None:
+    """An index written before events carried their order (a push time, no version): an
+    event older than that push time is late and changes nothing."""
+    tags_key, pushed_key, _ = index._keys("r")
+    await redis_client.hset(tags_key, "x", B)
+    await redis_client.hset(pushed_key, "x", repr((T0 + HOUR).timestamp()))
+    await index.record_push("r", "x", A, T0, "old")
+    assert await index.tags("r") == {"x": B}
+    await index.record_push("r", "x", C, T0 + 2 * HOUR, "new")
+    assert await index.tags("r") == {"x": C}
+
+
+async def test_tombstones_are_forgotten_by_a_listing_a_week_on(
+    index: TagIndex, redis_client: aioredis.Redis
+) -> None:
+    """A delete's tombstone outlives the tag for TOMBSTONE_AGE (late events stay late), and
+    the first listing after that forgets it; a live tag's version is kept."""
+    versions = index.keys.index("r", "versions")
+    await index.record_push("r", "live", A, T0, "p")
+    await index.record_delete("r", digest=None, tag="gone", at=T0, event_id="d")
+    soon = T0 + timedelta(days=1)
+    await index.record_listing("r", {"live": A}, soon, soon)
+    assert await redis_client.hexists(versions, "gone")
+    later = T0 + TOMBSTONE_AGE + HOUR
+    await index.record_listing("r", {"live": A}, later, later)
+    assert not await redis_client.hexists(versions, "gone")
+    assert await redis_client.hexists(versions, "live")

@@ -12,6 +12,7 @@
     │   ├── ManifestUnknown          404 for a manifest or tag
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
+    ├── StorageError                 registry.storage_path unreadable, or not this registry's
     ├── UnknownJob                   no job record by that id (or prefix), or several
     ├── NothingToReplay              no dead letter or recorded CI event by that id, or one
     │                                with nothing in it to run again
@@ -103,6 +104,12 @@ class RegistryProtocolError(RegistryError):
 
 class StateError(RegsweepError):
     """Redis, which holds state, dedup keys, locks and the audit stream, failed."""
+
+
+class StorageError(RegsweepError):
+    """``registry.storage_path`` cannot serve a repository's plan: a file in it regsweep
+    cannot read, or a repository the registry has and the storage lacks. That repository is
+    left alone (a plan never runs on part of its evidence); the others go on."""
 
 
 class UnknownJob(RegsweepError):

@@ -29,6 +29,10 @@ Faults (``Fault``):
   then close both sides (the server never gets a whole request).
 - ``RESET``: close the client's connection without forwarding anything.
 
+``date_offset`` moves every answer's ``Date`` header by that much: the registry's clock as
+a host whose clock is off would show it (the real registry's clock cannot be moved on a
+shared machine, and Go reads it through the vDSO, past libfaketime).
+
 A rule without a fault only runs its callbacks. ``before`` runs before the
 request is forwarded; ``then`` once the fault happened and the client's
 connection is closed (or, without a fault, once the answer was passed on).
@@ -38,11 +42,13 @@ Both run on the connection's thread and hold up that connection only.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import re
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self
@@ -184,9 +190,16 @@ def _body(reader: _Reader, headers: dict[str, str], *, to_close: bool) -> bytes:
 class FaultyProxy:
     """Listens on 127.0.0.1 (a free port, kept across :meth:`refuse`/:meth:`listen`)."""
 
-    def __init__(self, upstream: tuple[str, int], rules: list[Rule] | None = None) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        rules: list[Rule] | None = None,
+        *,
+        date_offset: timedelta | None = None,
+    ) -> None:
         self.upstream = upstream
         self.rules: list[Rule] = list(rules or [])
+        self.date_offset = date_offset
         self.exchanges: list[Exchange] = []
         self.port = 0
         self._lock = threading.Lock()
@@ -268,7 +281,9 @@ class FaultyProxy:
 
     def _serve(self, client: socket.socket) -> None:
         self._track(client)
-        connection = _Connection(client, _Reader(client), self.upstream, self._track)
+        connection = _Connection(
+            client, _Reader(client), self.upstream, self._track, self.date_offset
+        )
         rule: Rule | None = None
         seen: Exchange | None = None
         try:
@@ -314,6 +329,7 @@ class _Connection:
     reader: _Reader
     upstream: tuple[str, int]
     track: Callable[[socket.socket], None]
+    date_offset: timedelta | None = None
     server: socket.socket | None = None
     answers: _Reader | None = None
 
@@ -343,7 +359,7 @@ class _Connection:
             server.sendall(request[: rule.after if rule else 0])
             return Exchange(method, target, None, fault)
         server.sendall(request)
-        head = answers.until(b"\r\n\r\n")
+        head = _dated(answers.until(b"\r\n\r\n"), self.date_offset)
         start, headers = _head(head)
         status = int(start.split(" ")[1])
         bodiless = method == "HEAD" or status in BODILESS or status < 200
@@ -361,6 +377,18 @@ class _Connection:
         for sock in sockets:
             _close(sock)
         return sockets
+
+
+def _dated(head: bytes, offset: timedelta | None) -> bytes:
+    """An answer's head with its ``Date`` moved by ``offset`` (unchanged without one)."""
+    if offset is None:
+        return head
+
+    def moved(match: re.Match[bytes]) -> bytes:
+        at = email.utils.parsedate_to_datetime(match.group(1).decode("latin-1")) + offset
+        return b"Date: " + email.utils.format_datetime(at, usegmt=True).encode()
+
+    return re.sub(rb"(?im)^Date: ([^\r\n]+)", moved, head)
 
 
 def _then(rule: Rule | None, seen: Exchange | None) -> None:

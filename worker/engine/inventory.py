@@ -13,19 +13,27 @@ process (they are content addresses).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-from worker.engine.evidence import Sighting, TagEvidence, push_times
+from worker.engine.evidence import (
+    ClockSkew,
+    EvidenceSummary,
+    Judgement,
+    Sighting,
+    TagEvidence,
+    judge,
+)
 from worker.engine.model import Digest, Inventory, Manifest, parse_manifest, referrer_tag_subject
 from worker.engine.policy import AgeSource, Policy
-from worker.errors import ManifestUnknown, RegistryError, RegistryProtocolError
+from worker.errors import ManifestUnknown, RegistryError, RegistryProtocolError, StorageError
 from worker.registry import mediatypes as mt
 from worker.registry.client import RegistryClient, digest_of
 from worker.registry.storage import RegistryStorage, StoredTag
@@ -51,6 +59,9 @@ MANIFEST_CACHE_SIZE: Final = 50_000
 
 #: Entries a persisted created-cache keeps (oldest dropped first).
 CREATED_CACHE_SIZE: Final = 200_000
+#: A plan with registry times to check asks the registry's clock (``GET /v2/``) when no answer
+#: has shown it for this long.
+CLOCK_CHECK_AGE: Final = timedelta(minutes=5)
 
 
 @dataclass
@@ -185,6 +196,7 @@ class InventoryBuilder:
         await self._find_missing_subjects(snap)
         taken_at = now or datetime.now(UTC)
         evidence = await self._evidence(snap, sightings, policy)
+        judged = await self._judge(snap, evidence, policy, taken_at)
         if self._storage is None and not (self._history and self._history.notified):
             snap.notes.append(UNTAGGED_UNSEEN)
         return Inventory(
@@ -192,9 +204,7 @@ class InventoryBuilder:
             taken_at=taken_at,
             tags=dict(snap.tags),
             manifests=dict(snap.manifests),
-            push_times=push_times(
-                evidence, taken_at, use_build_time=policy.age_from is AgeSource.BUILD_TIME
-            ),
+            push_times=judged.push_times,
             untagged_since={
                 d: t for d, t in snap.history.untagged_since.items() if d in snap.manifests
             },
@@ -234,10 +244,11 @@ class InventoryBuilder:
         if storage is None:
             return
         if not await asyncio.to_thread(storage.has_repository, snap.repository):
-            snap.notes.append(
-                f"registry.storage_path has no repository {snap.repository}: "
-                "is it this registry's storage? push times from it not used"
-            )
+            if snap.tags:
+                # Not this registry's storage (or not its root): a plan on part of the
+                # evidence would miss the untagged indexes only the storage shows.
+                missing = await asyncio.to_thread(storage.missing, snap.repository)
+                raise StorageError(f"{missing}; {snap.repository} is left alone until they agree")
             return
         names = sorted(snap.tags)
         snap.stored_tags = await asyncio.to_thread(storage.tags, snap.repository, names)
@@ -367,6 +378,33 @@ class InventoryBuilder:
         if policy.age_from is AgeSource.BUILD_TIME:
             await self._fill_build_times(snap, evidence)
         return evidence
+
+    async def _judge(
+        self, snap: _Snapshot, evidence: dict[str, TagEvidence], policy: Policy, now: datetime
+    ) -> Judgement:
+        """Push times from the evidence that holds up; what did not is said in the notes
+        and kept for ``regsweep status``."""
+        registry_times = any(e.notified or e.stored for e in evidence.values())
+        skew = await self._clock_skew() if registry_times else None
+        use_build_time = policy.age_from is AgeSource.BUILD_TIME
+        judged = judge(evidence, now, use_build_time=use_build_time, skew=skew)
+        snap.notes.extend(judged.notes)
+        if self._history is not None and registry_times:
+            summary = EvidenceSummary(
+                snap.repository, now, skew, judged.refused, len(judged.doubted)
+            )
+            await self._history.record_evidence(summary)
+        return judged
+
+    async def _clock_skew(self) -> ClockSkew | None:
+        """The registry's clock as its latest answer showed it; asked afresh (one
+        ``GET /v2/``) when no answer showed it lately. Unknown when it sends no ``Date``."""
+        skew = self._client.clock.skew
+        if skew is None or datetime.now(UTC) - skew.measured_at > CLOCK_CHECK_AGE:
+            with contextlib.suppress(RegistryError):
+                await self._client.ping()
+            skew = self._client.clock.skew
+        return skew
 
     async def _fill_build_times(self, snap: _Snapshot, evidence: dict[str, TagEvidence]) -> None:
         """Build times, read only for tags without a notification or a storage push time."""

@@ -47,6 +47,8 @@ class PushTime:
     earliest: datetime | None = None
     latest: datetime | None = None
     listed: datetime | None = None
+    #: Why a registry time (tag link, notification) was not used as it stands, if one was not.
+    doubt: str | None = None
 
     @classmethod
     def exact(cls, source: PushSource, at: datetime) -> PushTime:

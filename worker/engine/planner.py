@@ -330,15 +330,17 @@ def _limits(rule: KeepRule, later: int, pushed: PushTime, now: datetime) -> list
 
 
 def describe_push(pushed: PushTime, now: datetime) -> str:
-    """``pushed 3d ago (storage)``, ``pushed 2d to 5d ago (first seen)``, ``push time unknown``."""
+    """``pushed 3d ago (storage)``, ``pushed 2d to 5d ago (first seen)``, ``push time unknown``;
+    with a doubted registry time, why: ``(first seen; storage time 3d before a listing ...)``."""
+    source = f"{pushed.source}; {pushed.doubt}" if pushed.doubt else str(pushed.source)
     if pushed.source is PushSource.UNKNOWN or pushed.latest is None:
-        return "push time unknown"
+        return f"push time unknown ({pushed.doubt})" if pushed.doubt else "push time unknown"
     newest = _age(now - pushed.latest)
     if pushed.earliest == pushed.latest:
-        return f"pushed {newest} ago ({pushed.source})"
+        return f"pushed {newest} ago ({source})"
     if pushed.earliest is None:
-        return f"pushed {newest} ago or earlier ({pushed.source})"
-    return f"pushed {newest} to {_age(now - pushed.earliest)} ago ({pushed.source})"
+        return f"pushed {newest} ago or earlier ({source})"
+    return f"pushed {newest} to {_age(now - pushed.earliest)} ago ({source})"
 
 
 # --- settling deletions ----------------------------------------------------------------

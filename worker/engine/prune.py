@@ -2,8 +2,8 @@
 
 This is the one core function the CLI and the Celery tasks call. Dry-run is
 "don't call the executor" (invariant 7). One repository that cannot be read
-(a manifest that is not JSON, a registry 5xx on one tag) is reported with what
-went wrong and left alone; the others are planned and pruned.
+(a manifest that is not JSON, a registry 5xx on one tag, a storage file it cannot read)
+is reported with what went wrong and left alone; the others are planned and pruned.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from worker.engine.names import repository_problem
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
-from worker.errors import PruneWaits, RegistryError, StateError, UnknownRepository
+from worker.errors import PruneWaits, RegistryError, StateError, StorageError, UnknownRepository
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config
@@ -166,7 +166,7 @@ class Pruner:
     async def _plan_or_failure(self, repository: str) -> RepositoryPlan | RepositoryFailure | None:
         try:
             return await self.plan_one(repository)
-        except (RegistryError, StateError) as exc:
+        except (RegistryError, StateError, StorageError) as exc:
             return RepositoryFailure(repository, str(exc))
 
     async def execute(
@@ -244,7 +244,7 @@ class Pruner:
                             on_planned=on_planned,
                             on_progress=progress,
                         )
-                except (RegistryError, StateError, PruneWaits) as exc:
+                except (RegistryError, StateError, StorageError, PruneWaits) as exc:
                     return RepositoryFailure(name, str(exc))
 
         results = await asyncio.gather(*(one(n) for n in repositories))

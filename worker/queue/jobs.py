@@ -62,19 +62,29 @@ def keys(ctx: WorkerContext) -> Keys:
 
 
 async def apply_registry_events(ctx: WorkerContext, events: Sequence[RegistryEvent]) -> list[str]:
-    """Apply pushes and deletes to the tag index; the repositories a push may let shrink."""
+    """Apply pushes and deletes to the tag index; the repositories a push may let shrink.
+
+    Each carries its registry time and id: the index applies them in that order, whatever
+    order they come in (several event workers, redeliveries), so a late one never makes a
+    tag older or moves it back."""
     touched: list[str] = []
     for event in events:
         kind = event.kind
         if kind is RegistryEventKind.MANIFEST_PUSH and event.tag and event.digest:
-            await ctx.index.record_push(event.repository, event.tag, event.digest, event.timestamp)
+            await ctx.index.record_push(
+                event.repository, event.tag, event.digest, event.timestamp, event.id
+            )
             touched.append(event.repository)
         elif kind is RegistryEventKind.MANIFEST_PUSH and event.digest and _is_index(event):
             # Pushed by digest only (deployed by digest): it protects what it lists.
             await ctx.index.record_stored_index(event.repository, event.digest, event.timestamp)
         elif kind in (RegistryEventKind.MANIFEST_DELETE, RegistryEventKind.TAG_DELETE):
             await ctx.index.record_delete(
-                event.repository, digest=event.digest, tag=event.tag, at=event.timestamp
+                event.repository,
+                digest=event.digest,
+                tag=event.tag,
+                at=event.timestamp,
+                event_id=event.id,
             )
     return [r for r in dict.fromkeys(touched) if ctx.config.policy_for(r) is not None]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self
@@ -43,6 +45,7 @@ from typing import Any, Final, Self
 import httpx
 
 from worker.backoff import backoff
+from worker.engine.evidence import ClockSkew
 from worker.engine.model import Descriptor, Digest, Manifest, parse_manifest
 from worker.errors import (
     ConfigError,
@@ -251,6 +254,27 @@ class TagWriteGate:
                 self._changed.notify_all()
 
 
+class RegistryClock:
+    """The registry's clock as the ``Date`` headers of its answers show it: the skew of the
+    latest answer that carried one (tag links and notifications are on that clock)."""
+
+    def __init__(self) -> None:
+        self.skew: ClockSkew | None = None
+
+    def observe(self, date: str | None, sent: float, received: float) -> None:
+        """An answer dated ``date`` to a request sent at ``sent``, answered at ``received``
+        (``time.time()``); an answer without a readable date changes nothing."""
+        try:
+            at = email.utils.parsedate_to_datetime(date) if date else None
+        except (TypeError, ValueError, IndexError):
+            return
+        if at is None or at.tzinfo is None:
+            return
+        self.skew = ClockSkew.observed(
+            at, datetime.fromtimestamp(sent, UTC), datetime.fromtimestamp(received, UTC)
+        )
+
+
 class RegistryClient:
     """Async client for one registry; make one per process and share it."""
 
@@ -274,6 +298,8 @@ class RegistryClient:
         #: learnt from the first answer, so a 2.8 registry is asked once per process.
         self.referrers_supported: bool | None = None
         self._tag_gates: dict[str, TagWriteGate] = {}
+        #: The registry's clock, from every answer's ``Date`` header.
+        self.clock = RegistryClock()
 
     def _gate(self, repo: str) -> TagWriteGate:
         return self._tag_gates.setdefault(repo, TagWriteGate())
@@ -722,9 +748,11 @@ class RegistryClient:
         status: int | None = None
         async with self._slots:
             started = time.perf_counter()
+            sent = time.time()
             try:
                 response = await self._http.send(request, follow_redirects=follow_redirects)
                 status = response.status_code
+                self.clock.observe(response.headers.get("Date"), sent, time.time())
                 return response
             except httpx.TransportError as exc:
                 message, hint = transport_failure(request, exc)

@@ -16,22 +16,36 @@ regsweep never writes here.
 A pull-through cache rewrites tag links on every pull, so its mtimes say nothing
 about pushes: such storage (it has the proxy's ``scheduler-state.json`` at its
 root) is refused.
+
+A plan never runs on part of this evidence: a file it cannot read (permissions, a
+symlink loop, a FIFO where a link should be) raises :class:`StorageError` naming the
+file, and so does a repository the registry has and the storage lacks (the path is
+not the registry's root: :func:`layout_problem` says which path would be).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 from worker.engine.model import Digest
-from worker.errors import ConfigError
+from worker.errors import ConfigError, StorageError
 
 V2: Final = Path("docker/registry/v2")
 #: Written at the storage root by a registry configured with ``proxy:`` (its TTL scheduler).
 PROXY_STATE: Final = "scheduler-state.json"
+#: What a fresh filesystem may hold at a root no registry has written to yet.
+_FRESH: Final = frozenset({"lost+found", PROXY_STATE})
+#: Directories looked into (per level) for the storage root under a path that is too shallow.
+_SEARCH_WIDTH: Final = 200
+#: Absence, not a failure to read: the file or a directory on its way is not there.
+_ABSENT: Final = frozenset({errno.ENOENT, errno.ENOTDIR})
 _HEX: Final = frozenset("0123456789abcdef")
 
 
@@ -57,6 +71,67 @@ def check_storage_root(path: str) -> str | None:
     return None
 
 
+def layout_problem(path: str) -> str | None:
+    """Why ``path``, a readable directory, is not a registry's storage root, with the path
+    that is when one is near (one level too deep or too shallow); ``None`` when it is one,
+    or when it is empty (a registry that has stored nothing yet writes nothing there)."""
+    root = Path(path)
+    try:
+        if stat.S_ISDIR(os.stat(root / V2).st_mode):
+            return None
+    except PermissionError as exc:
+        return f"cannot be read: {root / V2}: {exc.strerror}"
+    except OSError:
+        pass  # not there: look around for the root
+    found = _root_around(root)
+    if found is not None:
+        return f"is not the registry's storage root; {found} is: set registry.storage_path to it"
+    try:
+        entries = {e for e in os.listdir(root) if not e.startswith(".")} - _FRESH
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if not entries:
+        return None
+    return (
+        f"holds no {V2}, so it is not a registry's storage root (storage.filesystem."
+        "rootdirectory in the registry's config.yml, the directory that holds docker/)"
+    )
+
+
+def _root_around(root: Path) -> Path | None:
+    """The storage root ``root`` is inside of (too deep) or holds (too shallow), if any."""
+    resolved = root.resolve()
+    for parent in resolved.parents:
+        if resolved.is_relative_to(parent / "docker") and _looks_like_root(parent):
+            return parent
+    for candidate in _below(root, depth=2):
+        if _looks_like_root(candidate):
+            return candidate
+    return None
+
+
+def _below(root: Path, depth: int) -> Iterator[Path]:
+    """Directories under ``root`` down to ``depth`` levels, a bounded number per level."""
+    if depth == 0:
+        return
+    try:
+        with os.scandir(root) as entries:
+            children = sorted(e.name for e in entries if e.is_dir() and e.name != "docker")
+    except OSError:
+        return
+    for name in children[:_SEARCH_WIDTH]:
+        yield root / name
+        yield from _below(root / name, depth - 1)
+
+
+def _looks_like_root(path: Path) -> bool:
+    """Whether ``path`` holds the registry's tree (an unreadable one counts as not)."""
+    try:
+        return (path / V2).is_dir()
+    except OSError:
+        return False
+
+
 class RegistryStorage:
     """One registry's storage root, read-only. Methods block: call them in a thread."""
 
@@ -70,7 +145,23 @@ class RegistryStorage:
         return self.root / V2 / "repositories" / repository / "_manifests"
 
     def has_repository(self, repository: str) -> bool:
-        return self._manifests(repository).is_dir()
+        return _is_dir(self._manifests(repository))
+
+    def missing(self, repository: str) -> str:
+        """What to say of a repository the registry has and this storage lacks."""
+        layout = layout_problem(str(self.root))
+        why = (
+            f"{self.root} {layout}"
+            if layout
+            else (f"{self.root} is not this registry's storage (storage.filesystem.rootdirectory)")
+        )
+        return (
+            f"registry.storage_path has no repository {repository}, which the registry has: {why}"
+        )
+
+    def tag_names(self, repository: str) -> list[str]:
+        """Every tag the storage has for ``repository`` (a directory each)."""
+        return sorted(_listing(self._manifests(repository) / "tags"))
 
     def tags(self, repository: str, names: list[str]) -> dict[str, StoredTag]:
         """Digest and last push of each named tag that the storage has."""
@@ -88,14 +179,10 @@ class RegistryStorage:
         A manifest deleted through the API loses its revision's ``link`` but keeps the
         directory (until garbage collection): only revisions with a link count."""
         base = self._manifests(repository) / "revisions" / "sha256"
-        try:
-            names = os.listdir(base)
-        except FileNotFoundError:
-            return []
         return sorted(
             Digest(f"sha256:{n}")
-            for n in names
-            if len(n) == 64 and set(n) <= _HEX and (base / n / "link").exists()
+            for n in _listing(base)
+            if len(n) == 64 and set(n) <= _HEX and _is_file(base / n / "link")
         )
 
     def blob(self, digest: str) -> bytes | None:
@@ -106,18 +193,74 @@ class RegistryStorage:
         path = self.root / V2 / "blobs" / algorithm / hexdigits[:2] / hexdigits / "data"
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except OSError as exc:
+            if exc.errno in _ABSENT and not os.path.lexists(path):
+                return None
+            raise unreadable(path, exc) from exc
+
+
+def unreadable(path: Path, exc: OSError) -> StorageError:
+    """The error for a storage file regsweep cannot read: named, with what to change."""
+    return StorageError(
+        f"registry.storage_path: cannot read {path}: {exc.strerror or exc}; the repository "
+        "is left alone (regsweep needs to read the whole storage: give its user read access, "
+        "e.g. the registry's group, or mount the storage read-only for it)"
+    )
+
+
+def _listing(directory: Path) -> list[str]:
+    """A directory's entries; none when it is absent, an error when it cannot be read."""
+    try:
+        return os.listdir(directory)
+    except OSError as exc:
+        if exc.errno in _ABSENT and not os.path.lexists(directory):
+            return []
+        raise unreadable(directory, exc) from exc
+
+
+def _status(path: Path) -> os.stat_result | None:
+    """``stat`` of ``path``; None when absent, an error when it cannot be looked at (no
+    permission, a symlink loop or one that points nowhere)."""
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        if exc.errno in _ABSENT and not os.path.lexists(path):
             return None
+        raise unreadable(path, exc) from exc
+
+
+def _is_dir(path: Path) -> bool:
+    found = _status(path)
+    return found is not None and stat.S_ISDIR(found.st_mode)
+
+
+def _is_file(path: Path) -> bool:
+    found = _status(path)
+    return found is not None and stat.S_ISREG(found.st_mode)
 
 
 def _read_link(path: Path) -> StoredTag | None:
-    """A link file's digest and mtime; None when absent or caught mid-rewrite (empty)."""
+    """A link file's digest and mtime; None when absent or caught mid-rewrite (empty).
+
+    Opened without blocking, so a FIFO where a link should be is an error, not a hang."""
     try:
-        with path.open("rb") as fh:
-            stat = os.fstat(fh.fileno())
-            text = fh.read(200).decode("ascii", "replace").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in _ABSENT and not os.path.lexists(path):
+            return None
+        raise unreadable(path, exc) from exc
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise StorageError(
+                f"registry.storage_path: {path} is not a file (the registry writes a small "
+                "file there); the repository is left alone"
+            )
+        text = os.read(fd, 200).decode("ascii", "replace").strip()
+    except OSError as exc:
+        raise unreadable(path, exc) from exc
+    finally:
+        os.close(fd)
     if ":" not in text:
         return None
-    return StoredTag(Digest(text), datetime.fromtimestamp(stat.st_mtime, UTC))
+    return StoredTag(Digest(text), datetime.fromtimestamp(status.st_mtime, UTC))

@@ -15,7 +15,7 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-from worker.registry.storage import check_storage_root
+from worker.registry.storage import check_storage_root, layout_problem
 from worker.settings.model import DEFAULT_AUDIT_PATH, HookSettings, RegistrySettings
 
 Problem = tuple[str, str]
@@ -39,7 +39,7 @@ def _registry_files(registry: RegistrySettings) -> list[Problem]:
         if ca is not None:
             problems.append(("registry.ca_file", ca))
     if registry.storage_path is not None:
-        storage = check_storage_root(registry.storage_path)
+        storage = check_storage_root(registry.storage_path) or layout_problem(registry.storage_path)
         if storage is not None:
             problems.append(("registry.storage_path", f"{registry.storage_path} {storage}"))
     return problems

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from worker.engine.evidence import Sighting
+from worker.engine.evidence import EvidenceSummary, Sighting
 from worker.engine.model import Digest, Hold
 from worker.errors import StateError
 
@@ -76,6 +76,9 @@ class History(Protocol):
 
     async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
         """regsweep removed these tags and manifests: no untagged grace to wait out for them."""
+
+    async def record_evidence(self, summary: EvidenceSummary) -> None:
+        """What a plan found of the registry's times (its clock, refused or doubted times)."""
 
 
 def new_sightings(
@@ -173,6 +176,10 @@ class LocalHistory:
                 repo.get("untagged", {}).pop(digest, None)
 
         await asyncio.to_thread(self._update, repository, change)
+
+    async def record_evidence(self, summary: EvidenceSummary) -> None:
+        """Not kept: ``regsweep status``, which shows it, reads the Redis one only (the plan
+        itself already said it in its notes)."""
 
     async def hold(self, repository: str, hold: Hold) -> None:
         entry = {"until": _ts(hold.until), "reason": hold.reason}

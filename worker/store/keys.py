@@ -12,8 +12,9 @@ prunes                 ``lock:prune:<repo>``, ``pending:prune:<repo>``,
                        ``sweep:<job>``, ``sweep:<job>:done``
 maintenance window     ``maintenance`` (the flag), ``lock:gc``, ``gc:session``,
                        ``gc:window:<start>``
-tag index (history)    ``idx:<repo>:tags|pushed|untagged|seen|listed|stored``, ``idx:repos``,
-                       ``hold:<repo>``, ``holds``
+tag index (history)    ``idx:<repo>:tags|pushed|versions|untagged|seen|listed|stored``,
+                       ``idx:repos``, ``hold:<repo>``, ``holds``,
+                       ``evidence:clock``, ``evidence:doubts``
 audit                  ``audit`` (the stream), ``audit:digests:<repo>``, ``audit:job:<job>``,
                        ``audit:job:<job>:outcomes``, ``audit:job:<job>:restored``,
                        ``audit:deleted:<repo>``
@@ -131,13 +132,26 @@ class Keys:
     # --- the tag index ----------------------------------------------------------------
 
     def index(self, repository: str, part: str) -> str:
-        """``tags``, ``pushed``, ``untagged``, ``seen`` (sightings), ``listed`` (the last
-        listing's start), ``stored`` (indexes pushed by digest only)."""
+        """``tags``, ``pushed``, ``versions`` (the registry time and id of the newest event
+        applied to each tag: later events win, whatever order they come in), ``untagged``,
+        ``seen`` (sightings), ``listed`` (the last listing's start), ``stored`` (indexes
+        pushed by digest only)."""
         return f"{self.prefix}idx:{repository}:{part}"
 
     @property
     def indexed_repositories(self) -> str:
         return f"{self.prefix}idx:repos"
+
+    @property
+    def evidence_clock(self) -> str:
+        """The registry's clock skew as the last plan measured it (JSON)."""
+        return f"{self.prefix}evidence:clock"
+
+    @property
+    def evidence_doubts(self) -> str:
+        """Repository -> what its last plan doubted of the registry's times (JSON); only
+        repositories with a refusal or a doubted tag have an entry."""
+        return f"{self.prefix}evidence:doubts"
 
     def hold(self, repository: str) -> str:
         return f"{self.prefix}hold:{repository}"

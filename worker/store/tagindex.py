@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from worker.engine.evidence import CLOCK_SKEW, Sighting
+from worker.engine.evidence import CLOCK_SKEW, EvidenceSummary, Sighting
 from worker.engine.model import Digest, Hold
 from worker.store.history import RepositoryHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
@@ -26,55 +26,103 @@ from worker.store.redis import text, wrapped
 
 T = TypeVar("T")
 
-# KEYS: tags, pushed, untagged, repos; ARGV: repository, tag, digest, now
-_PUSH = """
-local old = redis.call('HGET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
-redis.call('HDEL', KEYS[3], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[1])
-if old and old ~= ARGV[3] then
-  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-    if v == old then return old end
+#: A delete's tombstone (its event's time and id, for the tag) is kept this long after a
+#: listing no longer shows the tag: a push event delivered later than that is older than any
+#: retry and is applied as new (the next listing puts the index right again).
+TOMBSTONE_AGE: Final = timedelta(days=7)
+
+# Events are applied in the order of their registry time, then id, whatever order they
+# come in (the events worker runs several processes, and the registry retries): each tag
+# keeps the "time|id" of the newest event applied to it in ``versions`` (tombstones for
+# deletes), and an event no newer changes nothing of that tag. So a late push never makes
+# a tag older, nor puts it back on an image it has left, nor back after its delete.
+# Index entries from before ``versions`` existed count with their pushed time.
+# KEYS[1] is the tags hash, KEYS[2] pushed, KEYS[5] versions.
+_NEWER = """
+local function held(tag)
+  local version = redis.call('HGET', KEYS[5], tag)
+  if not version then
+    local pushed = redis.call('HGET', KEYS[2], tag)
+    if pushed then version = pushed .. '|' end
   end
+  if not version then return nil, nil end
+  local sep = string.find(version, '|', 1, true)
+  return string.sub(version, 1, sep - 1), string.sub(version, sep + 1)
+end
+local function stale(tag, at, id)
+  local hat, hid = held(tag)
+  hat = tonumber(hat)
+  return hat ~= nil and (at < hat or (at == hat and id ~= '' and id <= hid))
+end
+local function tagged(digest)
+  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+    if v == digest then return true end
+  end
+  return false
+end
+"""
+
+# KEYS: tags, pushed, untagged, repos, versions; ARGV: repository, tag, digest, at, event id
+_PUSH = (
+    _NEWER
+    + """
+local tag, digest, at, id = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+redis.call('SADD', KEYS[4], ARGV[1])
+if stale(tag, at, id) then
+  -- delivered late: the tag has moved on since; an image it left may be untagged now
+  if not tagged(digest) then redis.call('HSETNX', KEYS[3], digest, (held(tag))) end
+  return false
+end
+local old = redis.call('HGET', KEYS[1], tag)
+redis.call('HSET', KEYS[1], tag, digest)
+redis.call('HSET', KEYS[2], tag, ARGV[4])
+redis.call('HSET', KEYS[5], tag, ARGV[4] .. '|' .. id)
+redis.call('HDEL', KEYS[3], digest)
+if old and old ~= digest and not tagged(old) then
   redis.call('HSET', KEYS[3], old, ARGV[4])
 end
 return old
 """
+)
 
-# KEYS: tags, pushed, untagged, stored; ARGV: digest ('' for none), tag ('' for none), now
-_DELETE = """
+# KEYS: tags, pushed, untagged, stored, versions; ARGV: digest ('' for none), tag ('' for
+# none), at, event id ('' for regsweep's own deletes, on its own clock: never ordered, no
+# tombstone; the registry's notification of the same delete leaves one).
+_DELETE = (
+    _NEWER
+    + """
+local at, id = tonumber(ARGV[3]), ARGV[4]
+local function gone(tag)
+  if id ~= '' and stale(tag, at, id) then return false end
+  redis.call('HDEL', KEYS[1], tag)
+  redis.call('HDEL', KEYS[2], tag)
+  if id ~= '' then redis.call('HSET', KEYS[5], tag, ARGV[3] .. '|' .. id) end
+  return true
+end
 local removed = {}
 if ARGV[2] ~= '' then
   local d = redis.call('HGET', KEYS[1], ARGV[2])
-  redis.call('HDEL', KEYS[1], ARGV[2])
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  if d then
-    local still = false
-    for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-      if v == d then still = true end
-    end
-    if not still and d ~= ARGV[1] then redis.call('HSET', KEYS[3], d, ARGV[3]) end
+  if gone(ARGV[2]) then
+    if d and d ~= ARGV[1] and not tagged(d) then redis.call('HSET', KEYS[3], d, ARGV[3]) end
+    table.insert(removed, ARGV[2])
   end
-  table.insert(removed, ARGV[2])
 end
 if ARGV[1] ~= '' then
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    if all[i + 1] == ARGV[1] then
-      redis.call('HDEL', KEYS[1], all[i])
-      redis.call('HDEL', KEYS[2], all[i])
-      table.insert(removed, all[i])
-    end
+    if all[i + 1] == ARGV[1] and gone(all[i]) then table.insert(removed, all[i]) end
   end
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
 end
 return removed
 """
+)
 
 # A listing that started at ARGV[2] and finished at ARGV[3] showed the tag/digest pairs
-# from ARGV[5] on. KEYS: tags, pushed, untagged, seen, listed, repos; ARGV[1]: repository.
+# from ARGV[6] on. KEYS: tags, pushed, untagged, seen, listed, repos, versions; ARGV[1]:
+# repository; ARGV[5]: the versions of tags neither live nor indexed (delete tombstones)
+# older than this are forgotten (an event that late is older than any retry).
 # An older listing that finishes after a newer one changes nothing: the newer counted.
 # A tag notified as pushed since ARGV[4] (the listing's start, less clock skew) may be
 # missing from it or shown on its previous digest, pushed while the listing was read:
@@ -83,7 +131,7 @@ _LISTING = """
 local last = redis.call('GET', KEYS[5])
 if last and tonumber(ARGV[2]) < tonumber(last) then return 0 end
 local live, still = {}, {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   live[ARGV[i]] = ARGV[i + 1]
   still[ARGV[i + 1]] = true
 end
@@ -121,6 +169,15 @@ end
 for tag, digest in pairs(live) do
   if not fresh[tag] then redis.call('HSET', KEYS[1], tag, digest) end
   redis.call('HDEL', KEYS[3], digest)
+end
+local versions = redis.call('HGETALL', KEYS[7])
+for i = 1, #versions, 2 do
+  local tag = versions[i]
+  local at = tonumber(string.match(versions[i + 1], '^([^|]*)'))
+  if not live[tag] and redis.call('HEXISTS', KEYS[1], tag) == 0
+      and (at == nil or at < tonumber(ARGV[5])) then
+    redis.call('HDEL', KEYS[7], tag)
+  end
 end
 redis.call('SET', KEYS[5], ARGV[2])
 redis.call('SADD', KEYS[6], ARGV[1])
@@ -172,6 +229,14 @@ def _sighting(value: str | bytes) -> Sighting:
     )
 
 
+def _json_object(value: str | bytes | None) -> dict[str, Any] | None:
+    try:
+        data = json.loads(value) if value is not None else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _hold(tag: str, value: str | bytes) -> Hold:
     data = json.loads(value)
     return Hold(tag, _dt(str(data["until"])), str(data.get("reason", "")))
@@ -199,23 +264,40 @@ class TagIndex:
             return await awaitable
 
     async def record_push(
-        self, repository: str, tag: str, digest: str, at: datetime
+        self, repository: str, tag: str, digest: str, at: datetime, event_id: str = ""
     ) -> Digest | None:
-        """Record ``tag`` → ``digest``; returns the digest the tag left, if it moved."""
-        keys = [*self._keys(repository), self.keys.indexed_repositories]
-        old = await self._call(self._push(keys=keys, args=[repository, tag, digest, _ts(at)]))
-        if old is None or text(old) == digest:
+        """Record ``tag`` → ``digest`` pushed at ``at`` (the registry's time of the event
+        ``event_id``); returns the digest the tag left, if it moved. An event older than
+        the newest applied to the tag changes nothing (see ``_NEWER``)."""
+        keys = [*self._keys(repository), self.keys.indexed_repositories, self._versions(repository)]
+        args = [repository, tag, digest, _ts(at), event_id]
+        old = await self._call(self._push(keys=keys, args=args))
+        if not old or text(old) == digest:
             return None
         return Digest(text(old))
 
     async def record_delete(
-        self, repository: str, *, digest: str | None, tag: str | None, at: datetime
+        self,
+        repository: str,
+        *,
+        digest: str | None,
+        tag: str | None,
+        at: datetime,
+        event_id: str = "",
     ) -> list[str]:
-        """A manifest (all its tags) or one tag was deleted; returns the tags removed."""
-        args = [digest or "", tag or "", _ts(at)]
-        keys = [*self._keys(repository), self.keys.index(repository, "stored")]
+        """A manifest (all its tags) or one tag was deleted; returns the tags removed. With
+        ``event_id`` (a registry event), a tag pushed by a newer event stays."""
+        args = [digest or "", tag or "", _ts(at), event_id]
+        keys = [
+            *self._keys(repository),
+            self.keys.index(repository, "stored"),
+            self._versions(repository),
+        ]
         removed = await self._call(self._delete(keys=keys, args=args))
         return [text(t) for t in removed]
+
+    def _versions(self, repository: str) -> str:
+        return self.keys.index(repository, "versions")
 
     async def record_stored_index(self, repository: str, digest: str, at: datetime) -> None:
         """An index pushed by digest only: it protects what it lists until it is deleted."""
@@ -237,8 +319,10 @@ class TagIndex:
             self.keys.index(repository, "seen"),
             self.keys.index(repository, "listed"),
             self.keys.indexed_repositories,
+            self._versions(repository),
         ]
-        args = [repository, _ts(started), _ts(finished), _ts(started - CLOCK_SKEW)]
+        fresh, forgotten = started - CLOCK_SKEW, started - TOMBSTONE_AGE
+        args = [repository, _ts(started), _ts(finished), _ts(fresh), _ts(forgotten)]
         for tag, digest in live.items():
             args += [tag, digest]
         await self._call(self._listing(keys=keys, args=args))
@@ -305,6 +389,40 @@ class TagIndex:
             await self.record_delete(repository, digest=None, tag=tag, at=now)
         for digest in digests:
             await self.record_delete(repository, digest=digest, tag=None, at=now)
+
+    async def record_evidence(self, summary: EvidenceSummary) -> None:
+        """The registry's clock as the plan measured it, and what it doubted of the
+        repository's registry times (an entry only while something is doubted)."""
+        pipe = self._redis.pipeline(transaction=False)
+        if summary.skew is not None:
+            skew = summary.skew
+            clock = {
+                "low_seconds": skew.low.total_seconds(),
+                "high_seconds": skew.high.total_seconds(),
+                "measured_at": skew.measured_at.isoformat(),
+            }
+            pipe.set(self.keys.evidence_clock, json.dumps(clock))
+        if summary.refused or summary.doubted:
+            doubts = {
+                "refused": summary.refused,
+                "doubted": summary.doubted,
+                "time": summary.at.isoformat(),
+            }
+            pipe.hset(self.keys.evidence_doubts, summary.repository, json.dumps(doubts))
+        else:
+            pipe.hdel(self.keys.evidence_doubts, summary.repository)
+        await self._call(pipe.execute())
+
+    async def evidence(self) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+        """What :meth:`record_evidence` kept: the clock, and the doubts by repository (the
+        unreadable entries left out)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self.keys.evidence_clock)
+        pipe.hgetall(self.keys.evidence_doubts)
+        clock, doubts = await self._call(pipe.execute())
+        return _json_object(clock), {
+            text(k): parsed for k, v in doubts.items() if (parsed := _json_object(v)) is not None
+        }
 
     async def repositories(self) -> list[str]:
         raw = await self._call(self._redis.smembers(self.keys.indexed_repositories))
