@@ -8,11 +8,15 @@ Each check is one line, ok, fail or skip, with a hint on failure:
 - ``deletes``: a DELETE of a digest no content has answers 404 (deletes
   enabled), not 405 ``UNSUPPORTED`` (``storage.delete.enabled`` false) nor the
   read-only 405 of a maintenance window;
+- ``tag delete``: whether the registry removes a tag by ``DELETE .../manifests/<tag>``
+  (3.x), asked with a tag nobody pushed: how regsweep will remove a tag whose digest a
+  kept tag shares (one DELETE, or the placeholder method 2.8 needs). Informational:
+  either answer is ok;
 - ``storage``: ``registry.storage_path`` is readable and holds the repositories
   the registry lists;
 - ``redis``: Redis answers ``PING``.
 
-Nothing is written anywhere: the DELETE names a manifest that cannot exist.
+Nothing is written anywhere: the DELETEs name a manifest and a tag that do not exist.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from worker.errors import (
+    DeletesDisabled,
     RegistryAuthError,
     RegistryError,
     RegistryReadOnly,
@@ -76,6 +81,7 @@ async def online_checks(config: Config) -> list[Check]:
         checks.append(await _registry(client, config, seen))
         checks.append(await _credentials(client, config, seen))
         checks.append(await _deletes(client, config, seen))
+        checks.append(await _tag_delete(client, config, seen))
     checks.append(_storage(config, seen))
     checks.append(await _redis(config))
     return checks
@@ -169,6 +175,34 @@ async def _deletes(client: RegistryClient, config: Config, seen: _Seen) -> Check
             "(or REGISTRY_STORAGE_DELETE_ENABLED=true) and restart it",
         )
     return Check("deletes", Status.OK, f"enabled (a DELETE in {repository} answered 404)")
+
+
+async def _tag_delete(client: RegistryClient, config: Config, seen: _Seen) -> Check:
+    name = "tag delete"
+    if not seen.reachable:
+        return Check(name, Status.SKIP, "the registry is not reachable")
+    repository = _probe_repository(config, seen.catalog)
+    try:
+        supported = await client.tag_delete(repository)
+    except RegistryReadOnly:
+        return Check(name, Status.SKIP, "the registry is read-only: it cannot tell now")
+    except DeletesDisabled:
+        return Check(name, Status.SKIP, "deletes are disabled: regsweep removes no tag either")
+    except RegistryError as exc:
+        return Check(name, Status.FAIL, exc.detail, exc.hint or "")
+    if supported:
+        return Check(
+            name,
+            Status.OK,
+            f"supported (a DELETE of an unknown tag in {repository} answered 404 "
+            "MANIFEST_UNKNOWN): a tag is removed with one DELETE",
+        )
+    return Check(
+        name,
+        Status.OK,
+        f"not supported (asked in {repository}; 2.8 answers 400 DIGEST_INVALID): a tag is "
+        "removed by the placeholder method (docs/safety.md)",
+    )
 
 
 def _storage(config: Config, seen: _Seen) -> Check:

@@ -23,7 +23,7 @@ import pytest
 from tests.harness import cli, redisdb
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder
-from tests.harness.registry import RegistryProcess, free_port
+from tests.harness.registry import RegistryBinary, RegistryProcess, free_port
 from worker.errors import ConfigError, RegistryAuthError, RegistryUnavailable
 from worker.registry.client import RegistryClient
 from worker.registry.diagnosis import describe
@@ -232,7 +232,7 @@ def _online(config: Path, **env: str) -> tuple[int, dict[str, dict[str, Any]], s
     assert result.returncode in (0, 1), result.stdout + result.stderr
     document = json.loads(result.stdout)
     checks = {c["check"]: c for c in document["checks"]}
-    assert list(checks) == ["registry", "credentials", "deletes", "storage", "redis"]
+    assert list(checks) == ["registry", "credentials", "deletes", "tag delete", "storage", "redis"]
     return result.returncode, checks, result.stdout + result.stderr
 
 
@@ -261,20 +261,29 @@ def deletes_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryPr
     reg.stop()
 
 
-def test_online_all_ok(tmp_path: Path, registry: RegistryProcess, repo_name: str) -> None:
+def test_online_all_ok(
+    tmp_path: Path, registry: RegistryProcess, registry_binary: RegistryBinary, repo_name: str
+) -> None:
     """Against the real registry (deletes on) with its storage and Redis, every check is ok
-    and check-config exits 0; the text form has one line per check."""
+    and check-config exits 0; the text form has one line per check; `tag delete` says what
+    the probe found: DELETE by tag on 3.x, the placeholder method on 2.8 (whose 400
+    DIGEST_INVALID it names), and the probe deleted nothing."""
+    repository = "team/" + repo_name.replace("/", "-")
     with ImageBuilder.connect(registry.url) as builder:
-        builder.image("team/" + repo_name.replace("/", "-"), "v1")
-    config = _config(tmp_path, registry.url, storage_path=registry.storage_path)
-    code, checks, _ = _online(config)
+        builder.image(repository, "v1")
+        config = _config(tmp_path, registry.url, storage_path=registry.storage_path)
+        code, checks, _ = _online(config)
+        assert builder.tags(repository) == ["v1"]
     assert code == 0
     assert _statuses(checks) == dict.fromkeys(checks, "ok")
     assert "answered 404" in checks["deletes"]["detail"]
+    expected = "supported (" if registry_binary.major >= 3 else "not supported (asked in"
+    assert checks["tag delete"]["detail"].startswith(expected), checks["tag delete"]
     text = cli.run("check-config", "--online", config=config)
     assert text.returncode == 0
-    lines = [line.split()[:2] for line in text.stdout.splitlines()[-5:]]
-    assert lines == [[name, "ok"] for name in checks]
+    lines = [line.split("  ")[0].strip() for line in text.stdout.splitlines()[-6:]]
+    assert lines == list(checks)
+    assert all(" ok " in line for line in text.stdout.splitlines()[-6:])
 
 
 def test_online_deletes_disabled_fails_with_the_setting_to_change(
@@ -289,6 +298,7 @@ def test_online_deletes_disabled_fails_with_the_setting_to_change(
         "registry": "ok",
         "credentials": "ok",
         "deletes": "fail",
+        "tag delete": "skip",
         "storage": "skip",
         "redis": "ok",
     }
