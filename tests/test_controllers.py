@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness.docker import (
     CONFIG_PATH,
+    CONFIG_PATH_3,
     REGISTRY_IMAGE,
     SESSION_LABEL,
     RegistryContainer,
@@ -33,6 +34,7 @@ from worker.maintenance.controllers import (
     DockerController,
     ProcessController,
     RegistryController,
+    served_config,
 )
 from worker.maintenance.gc import GcResult, parse_gc_output
 from worker.settings.model import DockerControllerSettings, ProcessControllerSettings
@@ -452,6 +454,29 @@ def test_docker_switch_keeps_networks_and_aliases(
                 remove_with_volumes(client.containers.get(leftover))
         for network in networks:
             network.remove()
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "cmd", "env", "expected"),
+    [
+        # The upstream images: registry:3, registry:2.8 (entrypoint.sh runs `registry serve`).
+        (["/entrypoint.sh"], ["/etc/distribution/config.yml"], [], CONFIG_PATH_3),
+        (["/entrypoint.sh"], ["/etc/docker/registry/config.yml"], [], CONFIG_PATH),
+        # scripts/images' local images, and compose.yaml's command.
+        (["/bin/registry"], ["serve", "/etc/distribution/config.yml"], [], CONFIG_PATH_3),
+        (["/entrypoint.sh"], ["serve", "/srv/r.yaml"], [], "/srv/r.yaml"),
+        # No file on the command line: the registry reads REGISTRY_CONFIGURATION_PATH.
+        (["registry"], ["serve"], ["REGISTRY_CONFIGURATION_PATH=/cfg/r.yml"], "/cfg/r.yml"),
+        (None, None, None, CONFIG_PATH),
+    ],
+)
+def test_served_config_is_the_file_the_container_serves(
+    entrypoint: list[str] | None, cmd: list[str] | None, env: list[str] | None, expected: str
+) -> None:
+    """GC reads the config the registry container serves: the last .yml/.yaml word of its
+    entrypoint and command, else REGISTRY_CONFIGURATION_PATH, else registry:2's path."""
+    attrs = {"Config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env}}
+    assert served_config(attrs) == expected
 
 
 # --------------------------------------------------------------------------- parser

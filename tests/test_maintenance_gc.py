@@ -203,11 +203,50 @@ def test_delete_untagged_on_2_8_breaks_multi_arch_but_regsweeps_gc_does_not(
         ours.stop()
 
 
+def test_delete_untagged_on_3x_deletes_what_regsweep_keeps_but_regsweeps_gc_does_not(
+    tmp_path: Path, space: RedisSpace, registry_binary_3: RegistryBinary
+) -> None:
+    """3.1.0's `garbage-collect --delete-untagged` keeps a tagged index's children (#3178 is
+    fixed) but deletes a kept image's OCI referrer (no tag: pushed through the referrers
+    API) and sweeps the blobs of an image in a repository pushed to by digest only; the
+    same registry content through regsweep's GC (no flag) keeps all of it."""
+    bare = ProcessRegistry.create(tmp_path / "bare", binary=registry_binary_3)
+    ours = ProcessRegistry.create(tmp_path / "ours", binary=registry_binary_3)
+    seeded: dict[str, list[Seeded]] = {}
+    try:
+        for name, reg in (("bare", bare), ("ours", ours)):
+            reg.start()
+            with ImageBuilder.connect(reg.url) as builder:
+                index = multi_arch(builder, "gc/multi", "latest", 1)
+                signed = image(builder, "gc/signed", "v1", 1)
+                sbom = builder.referrer("gc/signed", signed, fallback=False)
+                loose = builder.image("free/by-digest", (), layers=[random_layer(LAYER_SIZE)])
+            seeded[name] = [index, Seeded("gc/signed", sbom), Seeded("free/by-digest", loose)]
+
+        done = _bare_gc(bare, "--delete-untagged")
+        assert done.returncode == 0, done.stderr
+        bare.start()  # a restart, as after any GC: the blob-descriptor cache is emptied
+        with ImageBuilder.connect(bare.url) as builder:
+            kept_index, referrer, by_digest = seeded["bare"]
+            assert missing_parts(builder, kept_index) == []
+            assert f"manifest {referrer.top.digest}" in missing_parts(builder, referrer)
+            assert any(p.startswith("blob") for p in missing_parts(builder, by_digest))
+
+        m = make_maintenance(space, SessionTrackedController(ours.settings), ours.url)
+        assert run_gc(m, GcRequest(space.state.create_job("gc", {}))).status == "done"
+        with ImageBuilder.connect(ours.url) as builder:
+            for kept in seeded["ours"]:
+                assert missing_parts(builder, kept) == [], kept
+    finally:
+        bare.stop()
+        ours.stop()
+
+
 def _bare_gc(reg: ProcessRegistry, *flags: str) -> Any:
     import subprocess
 
     return subprocess.run(
-        [REGISTRY_BINARY, "garbage-collect", *flags, str(reg.config_rw)],
+        [reg.binary.path, "garbage-collect", *flags, str(reg.config_rw)],
         capture_output=True,
         text=True,
         check=False,

@@ -1,6 +1,10 @@
-"""Invariant 9 with the real CLI and the real 2.8.2 registry: restore puts back everything one
+"""Invariant 9 with the real CLI and the real registry: restore puts back everything one
 deletion removed, byte-identical, in an order the registry accepts, and never moves a tag
 that now points elsewhere unless told to; `regsweep audit` shows and filters what it can.
+
+The tests of what the registry does (tag-only removals, which 3.x makes by DELETE of the
+tag; index children put back before their index, which 3.x checks on PUT; a tag moved
+since) run on 2.8.2 and 3.x (``ON_BOTH``); those of the CLI and the audit alone on 2.8.2.
 
 Each test prunes with `regsweep prune` (a subprocess), restores with `regsweep restore`,
 and asks the registry itself what is there: same digest and same bytes as pushed.
@@ -28,6 +32,8 @@ from worker.store.audit import AuditEntry, Outcome, Settlement
 from worker.store.open import Stores
 
 pytestmark = pytest.mark.anyio
+#: Runs on 2.8.2 and on 3.x: ``registry``, ``images`` and ``config`` are that version's.
+ON_BOTH = pytest.mark.usefixtures("registry_binary")
 
 KEEP_PREFIXED: dict[str, Any] = {
     "name": "restore",
@@ -90,6 +96,7 @@ def position(lines: Sequence[str], digest: str) -> int:
 # --- everything comes back, byte for byte ---------------------------------------------
 
 
+@ON_BOTH
 def test_three_tags_removed_from_one_digest_all_come_back(
     config: Path, images: ImageBuilder, repo_name: str
 ) -> None:
@@ -111,6 +118,7 @@ def test_three_tags_removed_from_one_digest_all_come_back(
         assert images.manifest(repo_name, tag)[0] == image.raw
 
 
+@ON_BOTH
 async def test_tags_removed_by_untag_and_by_digest_in_one_job_all_come_back(
     tmp_path: Path, config: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str
 ) -> None:
@@ -148,6 +156,7 @@ async def _prune_in_process(config_path: Path, repo: str, job_id: str) -> list[s
     return [d.action.value for d, _, _ in report.done]
 
 
+@ON_BOTH
 def test_fallback_tag_referrers_come_back_children_before_their_index(
     config: Path, images: ImageBuilder, repo_name: str
 ) -> None:
@@ -200,6 +209,7 @@ def test_two_deleted_indexes_sharing_a_child_restore_in_either_order(
     assert images.tags(repo_name) == ["drop-0", "drop-1", "keep-1"]
 
 
+@ON_BOTH
 def test_a_child_shared_with_an_index_deleted_by_a_later_job_comes_back_too(
     tmp_path: Path, config: Path, registry: RegistryProcess, images: ImageBuilder, repo_name: str
 ) -> None:
@@ -261,6 +271,7 @@ def test_an_ambiguous_prefix_is_refused_and_nothing_written(
 # --- never clobber ----------------------------------------------------------------------
 
 
+@ON_BOTH
 def test_restore_refuses_a_tag_pushed_elsewhere_since_and_force_moves_it(
     config: Path, images: ImageBuilder, repo_name: str
 ) -> None:
