@@ -406,20 +406,23 @@ async def test_delete_tag_on_3x_is_one_delete_and_writes_nothing(
 ) -> None:
     """On 3.x a tag-only removal is one DELETE of the tag: no placeholder manifest is ever
     stored (the repository's revisions hold the image alone), no blob uploaded, the other
-    tag and the manifest stay; the probe is asked once for both removals."""
+    tag and the manifest stay; the probe is asked once for three removals made at once (as
+    a wave makes them)."""
     reg = RegistryProcess.create(tmp_path, binary=registry_binary_3)
     reg.start()
     try:
-        digest, _ = push_image(reg.url, repo_name, "old", "older", "keep")
+        digest, _ = push_image(reg.url, repo_name, "old", "older", "oldest", "keep")
         calls = Calls()
         async with make_client(reg.url, calls) as c:
-            assert await c.delete_tag(repo_name, "old", digest) is Removal.DELETED
-            assert await c.delete_tag(repo_name, "older", digest) is Removal.DELETED
+            removals = await asyncio.gather(
+                *(c.delete_tag(repo_name, t, digest) for t in ("old", "older", "oldest"))
+            )
+            assert removals == [Removal.DELETED] * 3
             assert c.tag_delete_supported is True
             assert await c.tags(repo_name) == ["keep"]
             ref = await c.head_manifest(repo_name, digest)
             assert ref is not None and ref.digest == digest
-        assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 2 + 2
+        assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 2 + 3
         writes = [(m, t) for m, t, _ in calls.seen if m in ("PUT", "POST", "PATCH")]
         assert writes == []
         assert _stored_revisions(reg, repo_name) == {digest.split(":")[1]}

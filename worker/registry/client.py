@@ -279,6 +279,8 @@ class RegistryClient:
         self._tag_gates: dict[str, TagWriteGate] = {}
         #: Per list endpoint, the page size the registry accepted (see ``_paginated``).
         self._page_sizes: dict[str, int] = {}
+        #: One probe at a time: a wave's concurrent untags wait for the first one's answer.
+        self._probing = asyncio.Lock()
 
     def _gate(self, repo: str) -> TagWriteGate:
         return self._tag_gates.setdefault(repo, TagWriteGate())
@@ -387,22 +389,24 @@ class RegistryClient:
         about first (:meth:`deletes_enabled`): where they are disabled this raises
         :class:`DeletesDisabled`, and no tag is removed on either version.
         """
-        if self.tag_delete_supported is None:
-            if not await self.deletes_enabled(repo):
-                raise DeletesDisabled(
-                    f"DELETE probe of {repo}: 405 UNSUPPORTED",
-                    status=405,
-                    hint=DELETES_DISABLED_HINT,
-                )
-            tag = PROBE_TAG_PREFIX + secrets.token_hex(16)
-            response = await self._request(
-                "DELETE",
-                f"/v2/{repo}/manifests/{tag}",
-                template="/v2/{name}/manifests/{reference}",
-                headers={"Accept": mt.MANIFEST_ACCEPT},
-            )
-            self.tag_delete_supported = _tag_delete_answer(response, repo)
+        async with self._probing:
+            if self.tag_delete_supported is None:
+                self.tag_delete_supported = await self._probe_tag_delete(repo)
         return self.tag_delete_supported
+
+    async def _probe_tag_delete(self, repo: str) -> bool:
+        if not await self.deletes_enabled(repo):
+            raise DeletesDisabled(
+                f"DELETE probe of {repo}: 405 UNSUPPORTED", status=405, hint=DELETES_DISABLED_HINT
+            )
+        tag = PROBE_TAG_PREFIX + secrets.token_hex(16)
+        response = await self._request(
+            "DELETE",
+            f"/v2/{repo}/manifests/{tag}",
+            template="/v2/{name}/manifests/{reference}",
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+        )
+        return _tag_delete_answer(response, repo)
 
     async def repository_exists(self, repo: str) -> bool:
         """Whether the registry has ``repo``: its tag list answers, or (a repository only
