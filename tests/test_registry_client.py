@@ -377,22 +377,28 @@ async def test_tag_delete_probe_answers_per_version_and_deletes_nothing(
     registry: RegistryProcess, registry_binary: RegistryBinary, repo_name: str
 ) -> None:
     """The capability is probed, never read from a version: 3.x answers the DELETE of an
-    unknown tag with 404 MANIFEST_UNKNOWN (supported), 2.8 with 400 DIGEST_INVALID (not);
-    asked once per client, in a pushed repository and in one that does not exist, and
+    unknown tag with 404 MANIFEST_UNKNOWN (supported), 2.8 with 400 DIGEST_INVALID (not),
+    in a pushed repository and in one that does not exist alike; a client asks once, and
     nothing is deleted by asking."""
     digest, _ = push_image(registry.url, repo_name, "v1", "v2")
+    never_pushed = f"{repo_name}-never-pushed"
     calls = Calls()
     async with make_client(registry.url, calls) as c:
         supported = await c.tag_delete(repo_name)
         assert supported is (registry_binary.major >= 3)
-        assert await c.tag_delete(f"{repo_name}-never-pushed") is supported
+        assert await c.tag_delete(never_pushed) is supported
         assert sorted(await c.tags(repo_name)) == ["v1", "v2"]
     assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 2  # deletes, tags
     assert revisions(registry, repo_name) == [digest.split(":")[1]]
+    async with make_client(registry.url) as fresh:
+        assert await fresh.tag_delete(never_pushed) is supported
     with httpx.Client(base_url=registry.url) as http:  # the answers themselves
-        answer = http.delete(f"/v2/{repo_name}/manifests/regsweep-probe-x")
+        answers = [
+            http.delete(f"/v2/{r}/manifests/regsweep-probe-x") for r in (repo_name, never_pushed)
+        ]
     expected = (404, "MANIFEST_UNKNOWN") if registry_binary.major >= 3 else (400, "DIGEST_INVALID")
-    assert (answer.status_code, answer.json()["errors"][0]["code"]) == expected
+    for answer in answers:
+        assert (answer.status_code, answer.json()["errors"][0]["code"]) == expected
 
 
 def _stored_revisions(registry: RegistryProcess, repo: str) -> set[str]:
