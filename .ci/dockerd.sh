@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# Make a Docker engine and the image local/registry:2.8.2 available for the tests.
+# Make a Docker engine and the images local/registry:2.8.2 and local/registry:3.1.0
+# available for the tests and the local stack.
 #
 # Idempotent: installs docker.io when dockerd is missing, starts dockerd when
-# `docker info` fails, builds the registry image when it is missing. Nothing is
-# pulled (the CI machines have no network to a registry): the image is made
-# from Debian's /usr/bin/docker-registry and the shared libraries it links.
+# `docker info` fails, builds a registry image when it is missing. Nothing is
+# pulled (the CI machines have no network to a registry):
+#   local/registry:2.8.2  Debian's /usr/bin/docker-registry and the shared libraries it
+#                         links; its config at /etc/docker/registry/config.yml, as in the
+#                         upstream registry:2.8 image
+#   local/registry:3.1.0  distribution 3.x as scripts/registry-v3 finds or builds it (from
+#                         ../shared/registry: static, CGO disabled), its config at
+#                         /etc/distribution/config.yml, as in the upstream registry:3 image;
+#                         skipped, saying so, where there is no ../shared (a user's own
+#                         clone) and no REGSWEEP_REGISTRY_V3
 #
 # Environment:
-#   DOCKERD_LOG       where dockerd logs (default /tmp/regsweep-dockerd.log)
-#   DOCKERD_TIMEOUT   seconds to wait for the engine (default 60)
-#   REGISTRY_IMAGE    tag to build (default local/registry:2.8.2)
+#   DOCKERD_LOG          where dockerd logs (default /tmp/regsweep-dockerd.log)
+#   DOCKERD_TIMEOUT      seconds to wait for the engine (default 60)
+#   REGISTRY_IMAGE       tag of the 2.8.2 image (default local/registry:2.8.2)
+#   REGSWEEP_REGISTRY_V3 a distribution 3.x binary (default: what ../shared builds)
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 DOCKERD_LOG=${DOCKERD_LOG:-/tmp/regsweep-dockerd.log}
 DOCKERD_TIMEOUT=${DOCKERD_TIMEOUT:-60}
 REGISTRY_IMAGE=${REGISTRY_IMAGE:-local/registry:2.8.2}
 REGISTRY_VERSION=2.8.2
 REGISTRY_BINARY=/usr/bin/docker-registry
-# Bumped when the image's content changes, so an image built by an older script is rebuilt.
+V3_LOCATOR="$here/../scripts/registry-v3"
+# Bumped when an image's content changes, so an image built by an older script is rebuilt.
 RECIPE=2
+RECIPE_3=1
 RECIPE_LABEL=io.regsweep.recipe
 
 log() { echo "dockerd.sh: $*" >&2; }
@@ -63,9 +75,9 @@ copy_with_parents() {  # copy_with_parents FILE ROOTDIR: keep FILE's absolute pa
     cp -L "$file" "$root$file"
 }
 
-write_registry_config() {
-    mkdir -p "$1/etc/docker/registry" "$1/var/lib/registry" "$1/tmp"
-    cat >"$1/etc/docker/registry/config.yml" <<'YAML'
+write_registry_config() {  # write_registry_config ROOTDIR CONFIG_PATH
+    mkdir -p "$1$(dirname "$2")" "$1/var/lib/registry" "$1/tmp"
+    cat >"$1$2" <<'YAML'
 version: 0.1
 log:
   fields:
@@ -88,36 +100,71 @@ add_binary() {  # add_binary BINARY DEST ROOTDIR: BINARY at DEST plus every libr
     local binary=$1 dest=$2 root=$3 lib
     mkdir -p "$root$(dirname "$dest")"
     cp -L "$binary" "$root$dest"
-    # Libraries ldd resolves ("name => /path") and the loader (a bare "/path").
-    for lib in $(ldd "$binary" | awk '/=> \//{print $3} /^\t\//{print $1}'); do
+    # Libraries ldd resolves ("name => /path") and the loader (a bare "/path"); a static
+    # binary has none (ldd exits 1: "not a dynamic executable").
+    for lib in $( (ldd "$binary" 2>/dev/null || true) | awk '/=> \//{print $3} /^\t\//{print $1}'); do
         copy_with_parents "$lib" "$root"
     done
 }
 
-build_registry_image() {
-    local recipe
-    recipe=$(docker image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "$REGISTRY_IMAGE" 2>/dev/null || true)
-    [ "$recipe" = "$RECIPE" ] && return 0
-    [ -x "$REGISTRY_BINARY" ] || die "$REGISTRY_BINARY missing (apt-get install docker-registry)"
-    log "building $REGISTRY_IMAGE from $REGISTRY_BINARY"
+BUILD_DIR=""
+trap '[ -z "$BUILD_DIR" ] || rm -rf "$BUILD_DIR"' EXIT
+
+build_registry_image() {  # build_registry_image IMAGE BINARY VERSION CONFIG_PATH RECIPE [ENV]
+    local image=$1 binary=$2 version=$3 config=$4 recipe=$5 env=${6:-} have
+    have=$(docker image inspect -f "{{index .Config.Labels \"$RECIPE_LABEL\"}}" "$image" 2>/dev/null || true)
+    [ "$have" = "$recipe" ] && return 0
+    log "building $image from $binary"
     BUILD_DIR=$(mktemp -d)
-    trap 'rm -rf "$BUILD_DIR"' EXIT
-    add_binary "$REGISTRY_BINARY" /bin/registry "$BUILD_DIR"
-    # The official image (alpine) has du, which regsweep measures bytes reclaimed with,
+    add_binary "$binary" /bin/registry "$BUILD_DIR"
+    # The official images (alpine) have du, which regsweep measures bytes reclaimed with,
     # and wget, which compose.yaml's healthcheck asks the registry with.
     add_binary "$(command -v du)" /bin/du "$BUILD_DIR"
     command -v wget >/dev/null || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wget >/dev/null
     add_binary "$(command -v wget)" /bin/wget "$BUILD_DIR"
-    write_registry_config "$BUILD_DIR"
-    tar -C "$BUILD_DIR" -c . | docker import \
-        -c 'ENTRYPOINT ["/bin/registry"]' \
-        -c 'CMD ["serve","/etc/docker/registry/config.yml"]' \
-        -c "LABEL org.opencontainers.image.version=$REGISTRY_VERSION" \
-        -c "LABEL $RECIPE_LABEL=$RECIPE" \
-        - "$REGISTRY_IMAGE" >/dev/null || die "docker import failed"
+    write_registry_config "$BUILD_DIR" "$config"
+    local changes=(
+        -c 'ENTRYPOINT ["/bin/registry"]'
+        -c "CMD [\"serve\",\"$config\"]"
+        -c "LABEL org.opencontainers.image.version=$version"
+        -c "LABEL $RECIPE_LABEL=$recipe"
+    )
+    [ -z "$env" ] || changes+=(-c "ENV $env")
+    tar -C "$BUILD_DIR" -c . | docker import "${changes[@]}" - "$image" >/dev/null \
+        || die "docker import of $image failed"
+    rm -rf "$BUILD_DIR"
+    BUILD_DIR=""
+}
+
+v3_binary() {  # the distribution 3.x binary's path, or nothing (said on stderr)
+    local code=0 path
+    path=$("$V3_LOCATOR") || code=$?
+    case $code in
+        0) echo "$path" ;;
+        3) log "no local/registry:3.x image (see above)" ;;
+        *) die "$V3_LOCATOR failed" ;;
+    esac
+}
+
+build_registry_3_image() {
+    local binary version
+    binary=$(v3_binary)
+    [ -n "$binary" ] || return 0
+    # "... github.com/distribution/distribution/v3 v3.1.0" -> 3.1.0
+    version=$("$binary" --version | awk '{print $NF}' | sed 's/^v//')
+    case $version in 3.*) ;; *) die "$binary is distribution $version, not 3.x" ;; esac
+    # The upstream image sets OTEL_TRACES_EXPORTER=none: 3.x would otherwise try to export
+    # traces to localhost:4318 and log every failure.
+    build_registry_image "local/registry:$version" "$binary" "$version" \
+        /etc/distribution/config.yml "$RECIPE_3" OTEL_TRACES_EXPORTER=none
+    REGISTRY_3_IMAGE="local/registry:$version"
 }
 
 install_engine
 start_engine
-build_registry_image
-log "ready: $(docker version --format '{{.Server.Version}}') with $REGISTRY_IMAGE"
+[ -x "$REGISTRY_BINARY" ] || die "$REGISTRY_BINARY missing (apt-get install docker-registry)"
+build_registry_image "$REGISTRY_IMAGE" "$REGISTRY_BINARY" "$REGISTRY_VERSION" \
+    /etc/docker/registry/config.yml "$RECIPE"
+REGISTRY_3_IMAGE=""
+build_registry_3_image
+log "ready: $(docker version --format '{{.Server.Version}}') with $REGISTRY_IMAGE${REGISTRY_3_IMAGE:+ and $REGISTRY_3_IMAGE}"

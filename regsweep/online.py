@@ -10,6 +10,10 @@ Each check is one line, ok, fail or skip, with a hint on failure:
   read-only 405 of a maintenance window;
 - ``clock``: the registry's clock (its answers' ``Date`` header) is within
   :data:`~worker.engine.evidence.CLOCK_SKEW` of this host's: push times on it rank tags;
+- ``tag delete``: whether the registry removes a tag by ``DELETE .../manifests/<tag>``
+  (3.x), asked with a tag nobody pushed: how regsweep will remove a tag whose digest a
+  kept tag shares (one DELETE, or the placeholder method 2.8 needs). Informational:
+  either answer is ok;
 - ``storage``: ``registry.storage_path`` is the registry's storage root, readable, and
   holds the repositories the registry lists, their tags on the digests the registry
   answers (a path one level off gets the right one suggested);
@@ -18,7 +22,7 @@ Each check is one line, ok, fail or skip, with a hint on failure:
   leaves them), so they can rank tags;
 - ``redis``: Redis answers ``PING``.
 
-Nothing is written anywhere: the DELETE names a manifest that cannot exist.
+Nothing is written anywhere: the DELETEs name a manifest and a tag that do not exist.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, Final
 from worker.engine.evidence import StoredLink, duration, moment, signed, storage_refusal
 from worker.engine.model import referrer_tag_subject
 from worker.errors import (
+    DeletesDisabled,
     RegistryAuthError,
     RegistryError,
     RegistryReadOnly,
@@ -93,6 +98,7 @@ async def online_checks(config: Config) -> list[Check]:
         checks.append(await _registry(client, config, seen))
         checks.append(await _credentials(client, config, seen))
         checks.append(await _deletes(client, config, seen))
+        checks.append(await _tag_delete(client, config, seen))
         checks.append(_clock(client, seen))
         checks.append(await _storage(client, config, seen))
     checks.append(await asyncio.to_thread(_push_times, config, seen))
@@ -213,6 +219,34 @@ _STORAGE_HINT: Final = (
     "registry.storage_path must be this registry's storage.filesystem.rootdirectory "
     "(the directory that holds docker/registry/v2), not a copy nor another registry's"
 )
+
+
+async def _tag_delete(client: RegistryClient, config: Config, seen: _Seen) -> Check:
+    name = "tag delete"
+    if not seen.reachable:
+        return Check(name, Status.SKIP, "the registry is not reachable")
+    repository = _probe_repository(config, seen.catalog)
+    try:
+        supported = await client.tag_delete(repository)
+    except RegistryReadOnly:
+        return Check(name, Status.SKIP, "the registry is read-only: it cannot tell now")
+    except DeletesDisabled:
+        return Check(name, Status.SKIP, "deletes are disabled: regsweep removes no tag either")
+    except RegistryError as exc:
+        return Check(name, Status.FAIL, exc.detail, exc.hint or "")
+    if supported:
+        return Check(
+            name,
+            Status.OK,
+            f"supported (a DELETE of an unknown tag in {repository} answered 404 "
+            "MANIFEST_UNKNOWN): a tag is removed with one DELETE",
+        )
+    return Check(
+        name,
+        Status.OK,
+        f"not supported (asked in {repository}; 2.8 answers 400 DIGEST_INVALID): a tag is "
+        "removed by the placeholder method (docs/safety.md)",
+    )
 
 
 async def _storage(client: RegistryClient, config: Config, seen: _Seen) -> Check:

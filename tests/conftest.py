@@ -1,4 +1,11 @@
-"""Shared fixtures: a real registry per session (and fresh repositories per test)."""
+"""Shared fixtures: a real registry per session (and fresh repositories per test).
+
+A test that takes ``registry_binary`` (or is marked ``usefixtures("registry_binary")``)
+runs once per registry version, 2.8.2 and 3.x (``tests/harness/registry.py``), and its
+``registry``, ``images`` and ``registry_container`` are that version's; every other test
+gets 2.8.2. Where no 3.x binary can be had (``../shared`` absent: a user's own clone)
+the 3.x runs are skipped with that reason; with ``$REGSWEEP_REQUIRE_V3`` set (CI) they fail.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +22,88 @@ from tests.harness.docker import (
     RegistryContainer,
     docker_engine,
     new_session_id,
+    registry_image,
     remove_session_containers,
 )
 from tests.harness.images import ImageBuilder
-from tests.harness.registry import RegistryProcess
+from tests.harness.registry import (
+    DISTRIBUTION_2,
+    REQUIRE_V3_ENV,
+    VERSIONS,
+    RegistryBinary,
+    RegistryProcess,
+    RegistryUnavailable,
+    v3_required,
+)
+from tests.harness.registry import registry_binary as binary_of
 
 _repo_counter = itertools.count()
 
 
+def _binary(version: str) -> RegistryBinary:
+    try:
+        return binary_of(version)
+    except RegistryUnavailable as exc:
+        if v3_required():
+            pytest.fail(f"{exc}; ${REQUIRE_V3_ENV} is set, so the 3.x runs may not be skipped")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(params=VERSIONS)
+def registry_binary(request: pytest.FixtureRequest) -> RegistryBinary:
+    """The registry binary of this run of the test: once 2.8.2, once 3.x."""
+    return _binary(request.param)
+
+
+@pytest.fixture
+def registry_binary_3() -> RegistryBinary:
+    """Distribution 3.x, for a test of what only 3.x does (or does differently)."""
+    return _binary("3.x")
+
+
+def binary_for(request: pytest.FixtureRequest) -> RegistryBinary:
+    """The version this test runs on: its ``registry_binary``, else 2.8.2."""
+    if "registry_binary" in request.fixturenames:
+        binary: RegistryBinary = request.getfixturevalue("registry_binary")
+        return binary
+    return DISTRIBUTION_2
+
+
+class SessionRegistries:
+    """One plain registry per version, started when a test first asks for it."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._started: dict[str, RegistryProcess] = {}
+
+    def get(self, binary: RegistryBinary) -> RegistryProcess:
+        if binary.path not in self._started:
+            reg = RegistryProcess.create(
+                self._factory.mktemp(f"registry-{binary.version}"), binary=binary
+            )
+            reg.start()
+            self._started[binary.path] = reg
+        return self._started[binary.path]
+
+    def stop(self) -> None:
+        for reg in self._started.values():
+            reg.stop()
+
+
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    """A plain 2.8.2 registry (no auth, deletes enabled) shared by the session."""
-    reg = RegistryProcess.create(tmp_path_factory.mktemp("registry"))
-    reg.start()
-    yield reg
-    reg.stop()
+def session_registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionRegistries]:
+    registries = SessionRegistries(tmp_path_factory)
+    yield registries
+    registries.stop()
+
+
+@pytest.fixture
+def registry(
+    request: pytest.FixtureRequest, session_registries: SessionRegistries
+) -> RegistryProcess:
+    """A plain registry (no auth, deletes enabled) shared by the session: 2.8.2, or the
+    ``registry_binary`` of a test that takes it."""
+    return session_registries.get(binary_for(request))
 
 
 @pytest.fixture
@@ -116,11 +190,15 @@ def docker_session() -> Iterator[tuple[docker.DockerClient, str]]:
 
 @pytest.fixture
 def registry_container(
-    docker_session: tuple[docker.DockerClient, str], tmp_path: Path
+    request: pytest.FixtureRequest,
+    docker_session: tuple[docker.DockerClient, str],
+    tmp_path: Path,
 ) -> Iterator[RegistryContainer]:
     """A fresh registry container: host network, bind-mounted storage, compose labels,
-    restart policy ``unless-stopped`` and an anonymous volume at /scratch."""
+    restart policy ``unless-stopped`` and an anonymous volume at /scratch; the image of the
+    test's registry version (``local/registry:2.8.2``, ``local/registry:3.1.0``)."""
     client, session = docker_session
-    made = RegistryContainer.start(client, tmp_path / "storage", session)
+    image = registry_image(binary_for(request))
+    made = RegistryContainer.start(client, tmp_path / "storage", session, image=image)
     yield made
     made.remove()

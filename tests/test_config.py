@@ -75,7 +75,6 @@ def test_minimal_file_gets_every_default() -> None:
     assert config.hooks.body_limit == DEFAULT_BODY_LIMIT
     assert config.maintenance.window_cron is None
     assert config.maintenance.window_duration == DEFAULT_WINDOW_DURATION
-    assert config.maintenance.gc_delete_untagged == "auto"
     assert config.maintenance.controller is None
     assert config.source == "p.yaml"
 
@@ -172,14 +171,24 @@ def test_on_without_sources_is_refused() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [("auto", "auto"), ("true", "always"), ("false", "never"), ("'true'", "always")],
-)
-def test_delete_untagged_maps_to_gc_setting(value: str, expected: str) -> None:
-    """gc.delete_untagged auto/true/false map to auto/always/never."""
-    config = _parse(REGISTRY + f"maintenance:\n  gc:\n    delete_untagged: {value}\n")
-    assert config.maintenance.gc_delete_untagged == expected
+@pytest.mark.parametrize("value", ["auto", "false", "'false'"])
+def test_delete_untagged_auto_or_false_loads(value: str) -> None:
+    """gc.delete_untagged auto and false load (both mean what regsweep always does: the flag
+    is never passed)."""
+    assert _parse(REGISTRY + f"maintenance:\n  gc:\n    delete_untagged: {value}\n")
+
+
+@pytest.mark.parametrize("value", ["true", "'true'"])
+def test_delete_untagged_true_is_refused_with_the_reason(value: str) -> None:
+    """gc.delete_untagged: true is refused at load, saying what the flag would delete on
+    2.8 and on 3.x and where untagged manifests go instead."""
+    problems = _problems(REGISTRY + f"maintenance:\n  gc:\n    delete_untagged: {value}\n")
+    assert len(problems) == 1
+    (problem,) = problems
+    assert problem.startswith("p.yaml:5: maintenance.gc.delete_untagged: true is refused: ")
+    for reason in ("children of kept multi-arch indexes", "referrers of kept images"):
+        assert reason in problem
+    assert "untagged.delete_after" in problem and "docs/safety.md" in problem
 
 
 def test_process_controller_and_window() -> None:
@@ -544,7 +553,7 @@ BAD_FILES = [
         [
             "p.yaml: maintenance.window.duration: must be longer than 0s",
             "p.yaml: maintenance.window.cron: '0 3 * *' is not a 5-field cron expression (UTC)",
-            "p.yaml: maintenance.gc.delete_untagged: must be auto, true or false",
+            "p.yaml: maintenance.gc.delete_untagged: must be auto or false",
             "p.yaml: maintenance.registry_version: must be major.minor, like 2.8 or 3.0",
         ],
         id="maintenance-window-gc",
@@ -627,7 +636,7 @@ def test_problems_across_sections_come_together() -> None:
     assert str(info.value).splitlines() == [
         "p.yaml:1: registry.url: must be an http:// or https:// URL with a host",
         "p.yaml:3: policies[0] (web).keep[0].newest: must be at least 1",
-        "p.yaml:4: maintenance.gc.delete_untagged: must be auto, true or false",
+        "p.yaml:4: maintenance.gc.delete_untagged: must be auto or false",
     ]
 
 

@@ -1,4 +1,6 @@
-"""Registry controllers driving the real 2.8.2 registry: as a process, and in a real dockerd."""
+"""Registry controllers driving the real registry, 2.8.2 and 3.x: as a process, and in a real
+dockerd (local/registry:2.8.2 and local/registry:3.1.0, laid out like registry:2.8 and
+registry:3)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from tests.harness.docker import (
     CONFIG_PATH,
+    CONFIG_PATH_3,
     REGISTRY_IMAGE,
     SESSION_LABEL,
     RegistryContainer,
@@ -22,7 +25,7 @@ from tests.harness.docker import (
 )
 from tests.harness.images import ImageBuilder, PushedImage, PushError, random_layer
 from tests.harness.maintenance import ProcessRegistry
-from tests.harness.registry import REGISTRY_BINARY
+from tests.harness.registry import REGISTRY_BINARY, RegistryBinary
 from worker.errors import ControllerError
 from worker.maintenance.controllers import (
     BACKUP_SUFFIX,
@@ -31,6 +34,7 @@ from worker.maintenance.controllers import (
     DockerController,
     ProcessController,
     RegistryController,
+    served_config,
 )
 from worker.maintenance.gc import GcResult, parse_gc_output
 from worker.settings.model import DockerControllerSettings, ProcessControllerSettings
@@ -109,9 +113,20 @@ def process_registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
     made.stop()
 
 
-def test_process_controller_full_cycle(process_registry: ProcessRegistry) -> None:
-    """Through shell commands the real registry goes read-only, GC reclaims bytes, and writes
-    work again after the switch back."""
+@pytest.fixture
+def versioned_process_registry(
+    tmp_path: Path, registry_binary: RegistryBinary
+) -> Iterator[ProcessRegistry]:
+    """:func:`process_registry` of the test's registry version."""
+    made = ProcessRegistry.create(tmp_path, log_level="warn", binary=registry_binary)
+    yield made
+    made.stop()
+
+
+def test_process_controller_full_cycle(versioned_process_registry: ProcessRegistry) -> None:
+    """Through shell commands the real registry (2.8.2 and 3.x) goes read-only, GC reclaims
+    bytes, and writes work again after the switch back."""
+    process_registry = versioned_process_registry
     controller = ProcessController(process_registry.settings)
     assert isinstance(controller, RegistryController)
     controller.set_readonly(False)
@@ -126,7 +141,7 @@ def test_process_controller_full_cycle(process_registry: ProcessRegistry) -> Non
 
         before = controller.storage_bytes()
         seen: list[str] = []
-        result = controller.run_gc(dry_run=False, delete_untagged=False, on_line=seen.append)
+        result = controller.run_gc(dry_run=False, on_line=seen.append)
         after = controller.storage_bytes()
         assert before is not None and after is not None
         assert before - after >= LAYER_SIZE
@@ -143,8 +158,8 @@ def test_process_controller_full_cycle(process_registry: ProcessRegistry) -> Non
 
 
 def test_process_dry_run_reports_without_deleting(process_registry: ProcessRegistry) -> None:
-    """A dry run with --delete-untagged counts the untagged manifest and the blobs GC would
-    remove, deletes nothing, and survives a listener that raises on every line."""
+    """A dry run counts the blobs GC would remove, never an untagged manifest (no
+    --delete-untagged), deletes nothing, and survives a listener that raises on every line."""
     controller = ProcessController(process_registry.settings)
     controller.set_readonly(False)
     wait_until_answers(process_registry.url)
@@ -156,14 +171,12 @@ def test_process_dry_run_reports_without_deleting(process_registry: ProcessRegis
     def broken_listener(line: str) -> None:
         raise RuntimeError("listener down")
 
-    result = controller.run_gc(dry_run=True, delete_untagged=True, on_line=broken_listener)
+    result = controller.run_gc(dry_run=True, on_line=broken_listener)
     assert result.ok and result.dry_run
-    assert result.manifests_eligible == 1
-    assert result.blobs_eligible >= 6
+    assert result.manifests_eligible == 0
+    assert result.blobs_eligible >= 3
     assert (result.blobs_deleted, result.manifests_deleted) == (0, 0)
-    assert any(
-        line.startswith("manifest eligible for deletion: sha256:") for line in result.lines_tail
-    )
+    assert not any("manifest eligible" in line for line in result.lines_tail)
     assert controller.storage_bytes() == before
 
 
@@ -174,7 +187,7 @@ def test_process_gc_failure_is_an_exit_code(tmp_path: Path) -> None:
         readwrite_command="true",
         gc_command=f"{REGISTRY_BINARY} garbage-collect {tmp_path / 'missing.yml'}",
     )
-    result = ProcessController(settings).run_gc(dry_run=False, delete_untagged=False)
+    result = ProcessController(settings).run_gc(dry_run=False)
     assert result.exit_code == 1
     assert not result.ok and not result.completed
     assert result.error is not None and result.error.startswith("configuration error")
@@ -187,7 +200,7 @@ def test_process_unknown_flag_is_not_ok(tmp_path: Path) -> None:
         readwrite_command="true",
         gc_command=f"{REGISTRY_BINARY} garbage-collect --no-such-flag {tmp_path / 'x.yml'}",
     )
-    result = ProcessController(settings).run_gc(dry_run=True, delete_untagged=False)
+    result = ProcessController(settings).run_gc(dry_run=True)
     assert result.exit_code == 0
     assert not result.ok
     assert result.error == "Error: unknown flag: --no-such-flag"
@@ -239,13 +252,17 @@ def test_process_interrupted_gc_is_killed() -> None:
         raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        ProcessController(settings).run_gc(dry_run=True, delete_untagged=False, on_line=interrupt)
+        ProcessController(settings).run_gc(dry_run=True, on_line=interrupt)
     assert not Path(f"/proc/{pids[0]}").exists()
 
 
-def test_process_registry_version_from_binary(process_registry: ProcessRegistry) -> None:
-    """The version comes from the GC command's binary: ``2.8.2`` for Debian's 2.8.2+ds1."""
-    assert ProcessController(process_registry.settings).registry_version() == "2.8.2"
+def test_process_registry_version_from_binary(
+    versioned_process_registry: ProcessRegistry, registry_binary: RegistryBinary
+) -> None:
+    """The version comes from the GC command's binary: ``2.8.2`` for Debian's 2.8.2+ds1,
+    ``3.1.0`` for ``github.com/distribution/distribution/v3 v3.1.0``."""
+    controller = ProcessController(versioned_process_registry.settings)
+    assert controller.registry_version() == registry_binary.version
 
 
 # --------------------------------------------------------------------------- docker
@@ -309,18 +326,23 @@ def test_docker_switch_recreates_with_same_settings(registry_container: Registry
 
 
 @pytest.mark.docker
-def test_docker_gc_through_exec(registry_container: RegistryContainer) -> None:
-    """GC runs in the read-only container with a real exit code and parsed counts, bytes come
-    back, and the kept image survives both recreations on the mounted storage."""
+def test_docker_gc_through_exec(
+    registry_container: RegistryContainer, registry_binary: RegistryBinary
+) -> None:
+    """GC runs in the read-only container (registry:2.8 and registry:3 layouts) with a real
+    exit code and parsed counts, reading the config the container serves (no config_path
+    set: /etc/distribution/config.yml in 3.x), bytes come back, and the kept image survives
+    both recreations on the mounted storage."""
     controller = docker_controller(registry_container)
     with ImageBuilder.connect(registry_container.url) as builder:
         kept, deleted = make_garbage(builder, "team/api")
+        assert controller.run_gc(dry_run=True).ok  # the config it derived is the served one
         controller.set_readonly(True)
         registry_container.wait_ready()
 
         before = controller.storage_bytes()
         seen: list[str] = []
-        result = controller.run_gc(dry_run=False, delete_untagged=False, on_line=seen.append)
+        result = controller.run_gc(dry_run=False, on_line=seen.append)
         after = controller.storage_bytes()
         controller.set_readonly(False)
         registry_container.wait_ready()
@@ -334,7 +356,10 @@ def test_docker_gc_through_exec(registry_container: RegistryContainer) -> None:
         )
         assert builder.manifest_exists("team/api", "new")
         assert builder.blob_exists("team/api", kept.layer_digests[0])
+        # 404, not the stale 200 of a blob-descriptor cache from before GC: the switch back
+        # restarted the registry (3.1.0 and 2.8.2 both answer 200 without it).
         assert not builder.blob_exists("team/api", deleted.layer_digests[0])
+        assert controller.registry_version() == registry_binary.version
         blob_dir = registry_container.storage / "docker/registry/v2/blobs/sha256"
         assert (blob_dir / kept.layer_digests[0][7:9] / kept.layer_digests[0][7:]).is_dir()
         assert push(builder, "team/api", "after-gc").digest
@@ -344,7 +369,7 @@ def test_docker_gc_through_exec(registry_container: RegistryContainer) -> None:
 def test_docker_gc_failure_is_an_exit_code(registry_container: RegistryContainer) -> None:
     """GC with a config path missing in the container returns its exit code 1, not success."""
     controller = docker_controller(registry_container, config_path="/etc/missing.yml")
-    result = controller.run_gc(dry_run=True, delete_untagged=False)
+    result = controller.run_gc(dry_run=True)
     assert result.exit_code == 1
     assert not result.ok
     assert result.error is not None and "configuration error" in result.error
@@ -429,6 +454,29 @@ def test_docker_switch_keeps_networks_and_aliases(
                 remove_with_volumes(client.containers.get(leftover))
         for network in networks:
             network.remove()
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "cmd", "env", "expected"),
+    [
+        # The upstream images: registry:3, registry:2.8 (entrypoint.sh runs `registry serve`).
+        (["/entrypoint.sh"], ["/etc/distribution/config.yml"], [], CONFIG_PATH_3),
+        (["/entrypoint.sh"], ["/etc/docker/registry/config.yml"], [], CONFIG_PATH),
+        # scripts/images' local images, and compose.yaml's command.
+        (["/bin/registry"], ["serve", "/etc/distribution/config.yml"], [], CONFIG_PATH_3),
+        (["/entrypoint.sh"], ["serve", "/srv/r.yaml"], [], "/srv/r.yaml"),
+        # No file on the command line: the registry reads REGISTRY_CONFIGURATION_PATH.
+        (["registry"], ["serve"], ["REGISTRY_CONFIGURATION_PATH=/cfg/r.yml"], "/cfg/r.yml"),
+        (None, None, None, CONFIG_PATH),
+    ],
+)
+def test_served_config_is_the_file_the_container_serves(
+    entrypoint: list[str] | None, cmd: list[str] | None, env: list[str] | None, expected: str
+) -> None:
+    """GC reads the config the registry container serves: the last .yml/.yaml word of its
+    entrypoint and command, else REGISTRY_CONFIGURATION_PATH, else registry:2's path."""
+    attrs = {"Config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env}}
+    assert served_config(attrs) == expected
 
 
 # --------------------------------------------------------------------------- parser

@@ -14,7 +14,8 @@ import yaml
 from docker.utils.build import exclude_paths
 
 from regsweep.cli import _parser, split_celery_args
-from tests.harness.registry import REGISTRY_BINARY, free_port
+from tests.harness.registry import RegistryBinary, free_port
+from worker.maintenance.controllers import served_config
 from worker.settings.load import load_config
 from worker.settings.model import DockerControllerSettings
 
@@ -47,8 +48,11 @@ def test_compose_commands_are_regsweep_commands(service: str) -> None:
     assert celery == command[1:] or args.command == "serve"
 
 
-def test_deploy_registry_config_runs_on_the_real_binary(tmp_path: Path) -> None:
-    """deploy/registry-config.yml starts Debian's 2.8.2 registry (addr and root overridden)."""
+def test_deploy_registry_config_runs_on_the_real_binary(
+    tmp_path: Path, registry_binary: RegistryBinary
+) -> None:
+    """deploy/registry-config.yml starts Debian's 2.8.2 registry and distribution 3.x (addr
+    and root overridden), the two images compose.yaml's REGISTRY_VERSION picks from."""
     port = free_port()
     env = {
         **os.environ,
@@ -56,7 +60,7 @@ def test_deploy_registry_config_runs_on_the_real_binary(tmp_path: Path) -> None:
         "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path),
     }
     proc = subprocess.Popen(
-        [REGISTRY_BINARY, "serve", str(ROOT / "deploy/registry-config.yml")],
+        [registry_binary.path, "serve", str(ROOT / "deploy/registry-config.yml")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -75,6 +79,26 @@ def test_deploy_registry_config_runs_on_the_real_binary(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_both_registry_versions_serve_the_mounted_config_and_gc_reads_it() -> None:
+    """compose.yaml's registry serves the config it mounts whichever image REGISTRY_VERSION
+    picks (registry:3 keeps its own at /etc/distribution/config.yml, registry:2.8 at the
+    mounted path), and the docker controller's GC, with no config_path in the deploy policy,
+    reads the file the container's command names."""
+    registry = compose()["registry"]
+    assert registry["image"] == "registry:${REGISTRY_VERSION:-2.8}"
+    mounted = next(
+        v.split(":")[1]
+        for v in registry["volumes"]  # type: ignore[attr-defined]
+        if "registry-config.yml" in v
+    )
+    assert registry["command"] == ["serve", mounted]
+    controller = load_config(ROOT / "deploy/regsweep.yaml", {}).maintenance.controller
+    assert isinstance(controller, DockerControllerSettings) and controller.config_path is None
+    # What Docker reports for the recreated container: the image's entrypoint, our command.
+    attrs = {"Config": {"Entrypoint": ["/entrypoint.sh"], "Cmd": registry["command"], "Env": []}}
+    assert served_config(attrs) == mounted
 
 
 def test_every_compose_service_has_a_healthcheck_and_a_restart_policy() -> None:

@@ -1,8 +1,13 @@
-"""End to end with real processes: registry 2.8.2 → `regsweep serve` → Redis → `regsweep worker`.
+"""End to end with real processes: registry → `regsweep serve` → Redis → `regsweep worker`.
 
 Pushes go through the registry's API, the registry's own notifications reach
 the service, Celery workers prune, and every deletion is observed on the
 registry itself (HEAD by digest → 404; kept manifests and blobs → 200).
+
+Every test runs against 2.8.2; those marked ``ON_BOTH`` (the events a registry sends and
+what the workers do with them: pushes, a moved tag, a tag-only removal, which 3.x
+notifies as a tag delete, CI events and a restore) against 3.x too, a second stack with
+its own Redis, started when the first 3.x test needs it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ import redis
 from tests.harness import service as payloads
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder, PushedImage
+from tests.harness.registry import DISTRIBUTION_2, RegistryBinary, free_port
+from tests.harness.service import RedisServer
 from worker.registry import mediatypes as mt
+
+#: The test runs on 2.8.2 and on 3.x: its ``stack`` (and ``images``, ``http``, ``state``)
+#: is that version's.
+ON_BOTH = pytest.mark.usefixtures("registry_binary")
 
 POLICIES: list[dict[str, Any]] = [
     {
@@ -82,18 +93,57 @@ POLICIES: list[dict[str, Any]] = [
 ]
 
 
+class Stacks:
+    """One running stack per registry version, started on first use: 2.8.2's on DB 11,
+    3.x's on a private redis-server (both use the default key prefix)."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._running: dict[str, s.Stack] = {}
+        self._servers: list[RedisServer] = []
+
+    def get(self, binary: RegistryBinary) -> s.Stack:
+        if binary.version not in self._running:
+            redis_url = s.REDIS_URL
+            if binary != DISTRIBUTION_2:
+                server = RedisServer(free_port())
+                server.start()
+                self._servers.append(server)
+                redis_url = server.url
+            running = s.Stack(
+                self._factory.mktemp(f"e2e-{binary.version}"),
+                POLICIES,
+                worker_args=("--concurrency", "2", "--without-mingle", "--without-gossip"),
+                redis_url=redis_url,
+                binary=binary,
+            )
+            self._running[binary.version] = running
+            running.start()
+        return self._running[binary.version]
+
+    def stop(self) -> None:
+        for running in self._running.values():
+            running.stop()
+        for server in self._servers:
+            server.stop()
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s.Stack]:
-    running = s.Stack(
-        tmp_path_factory.mktemp("e2e"),
-        POLICIES,
-        worker_args=("--concurrency", "2", "--without-mingle", "--without-gossip"),
-    )
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stacks]:
+    made = Stacks(tmp_path_factory)
     try:
-        running.start()
-        yield running
+        yield made
     finally:
-        running.stop()
+        made.stop()
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest, stacks: Stacks) -> s.Stack:
+    """The stack of the test's registry version (2.8.2 unless it takes ``registry_binary``)."""
+    binary: RegistryBinary = DISTRIBUTION_2
+    if "registry_binary" in request.fixturenames:
+        binary = request.getfixturevalue("registry_binary")
+    return stacks.get(binary)
 
 
 @pytest.fixture
@@ -110,8 +160,8 @@ def http(stack: s.Stack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def state() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(s.REDIS_URL, decode_responses=True)
+def state(stack: s.Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     yield client
     client.close()
 
@@ -161,6 +211,7 @@ def post_job(http: httpx.Client, **body: Any) -> str:
     return str(response.json()["job_id"])
 
 
+@ON_BOTH
 def test_moved_tag_leaves_old_digest_deleted(stack: s.Stack, images: ImageBuilder) -> None:
     """A tag pushed twice to new digests: the superseded digest goes, the new image stays whole."""
     repository = unique("moved")
@@ -187,6 +238,7 @@ def test_superseded_digest_waits_for_its_grace_then_goes(
     assert_intact(images, second)
 
 
+@ON_BOTH
 def test_push_out_of_newest_prunes_right_after(stack: s.Stack, images: ImageBuilder) -> None:
     """The push that displaces a tag out of `newest: 2` gets the oldest build pruned."""
     repository = unique("newest")
@@ -199,6 +251,7 @@ def test_push_out_of_newest_prunes_right_after(stack: s.Stack, images: ImageBuil
         assert_intact(images, kept)
 
 
+@ON_BOTH
 def test_github_pull_request_closed_deletes_its_tags(
     stack: s.Stack, images: ImageBuilder, http: httpx.Client, state: redis.Redis
 ) -> None:
@@ -392,6 +445,7 @@ def test_the_cli_decides_from_the_pushes_the_service_recorded(
     assert plan["deletions"][0]["pushed"]["old"]["source"] == "notification"
 
 
+@ON_BOTH
 def test_an_index_pushed_by_digest_keeps_what_it_lists(
     stack: s.Stack, images: ImageBuilder, state: redis.Redis
 ) -> None:
@@ -408,6 +462,29 @@ def test_an_index_pushed_by_digest_keeps_what_it_lists(
     s.wait_for(lambda: _quiet(state, repository), timeout=30)
     for part in (deployed.digest, amd.digest, arm.digest):
         assert manifest_status(images, repository, part) == 200, part
+
+
+def test_a_tag_deleted_on_3x_is_notified_and_forgotten(
+    registry_binary_3: RegistryBinary, stacks: Stacks
+) -> None:
+    """3.x deletes a tag alone (DELETE .../manifests/<tag>, by someone else than regsweep) and
+    notifies it as a delete with the tag and no digest: the service accepts it and the
+    workers' tag index forgets that tag, keeping the other tag on the same manifest."""
+    stack = stacks.get(registry_binary_3)
+    assert stack.registry is not None
+    repository = unique("moved")
+    state = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    with ImageBuilder.connect(stack.registry.url) as images:
+        image = images.image(repository, ["a", "b"])
+        s.wait_for(lambda: set(indexed_tags(state, repository)) == {"a", "b"})
+        assert images.client.delete(f"/v2/{repository}/manifests/a").status_code == 202
+        s.wait_for(
+            lambda: set(indexed_tags(state, repository)) == {"b"},
+            what="the tag index forgetting the deleted tag",
+        )
+        assert indexed_tags(state, repository)["b"] == image.digest
+        assert_intact(images, image)
+    state.close()
 
 
 def test_healthz_shows_the_prune_a_real_worker_finished(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import jwt
@@ -21,7 +24,14 @@ from tests.harness.images import (
     referrers_tag,
     sha256_digest,
 )
-from tests.harness.registry import RegistryProcess
+from tests.harness.registry import (
+    V3_ABSENT,
+    V3_BINARY_ENV,
+    V3_LOCATOR,
+    RegistryBinary,
+    RegistryProcess,
+    binary_version,
+)
 from worker.registry import mediatypes as mt
 
 
@@ -327,3 +337,42 @@ def test_builder_accepts_a_plain_client(registry: RegistryProcess, repo_name: st
     """ImageBuilder works over any httpx.Client whose base_url is the registry."""
     with ImageBuilder(httpx.Client(base_url=registry.url)) as builder:
         _assert_round_trip(builder, repo_name)
+
+
+# -- the registry binaries ------------------------------------------------------------
+
+
+def _locator_copy(tmp_path: Path) -> Path:
+    """scripts/registry-v3 in a checkout of its own, with no ../shared beside it (a clone)."""
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    copy = clone / "scripts" / "registry-v3"
+    shutil.copy2(V3_LOCATOR, copy)
+    return copy
+
+
+def test_registry_v3_absent_says_why_and_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a clone without ../shared and without $REGSWEEP_REGISTRY_V3 the locator exits 3
+    naming the build script it looked for and the variable: the reason the 3.x tests are
+    skipped with (tests/conftest.py); a variable naming no executable is an error, not a
+    reason to skip."""
+    monkeypatch.delenv(V3_BINARY_ENV, raising=False)
+    copy = _locator_copy(tmp_path)
+    absent = subprocess.run([str(copy)], capture_output=True, text=True, check=False)
+    assert absent.returncode == V3_ABSENT and absent.stdout == ""
+    assert "../shared/registry/build-v3" in absent.stderr and V3_BINARY_ENV in absent.stderr
+    monkeypatch.setenv(V3_BINARY_ENV, str(tmp_path / "nothing-here"))
+    wrong = subprocess.run([str(copy)], capture_output=True, text=True, check=False)
+    assert wrong.returncode not in (0, V3_ABSENT)
+    assert "is not an executable" in wrong.stderr
+
+
+def test_registry_v3_is_what_the_suite_runs_as_3x(registry_binary_3: RegistryBinary) -> None:
+    """The 3.x the suite runs is distribution 3 by its own --version, and the locator finds it
+    beside this checkout (or as $REGSWEEP_REGISTRY_V3 says)."""
+    found = subprocess.run([str(V3_LOCATOR)], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == registry_binary_3.path
+    assert registry_binary_3.major == 3
+    assert binary_version(registry_binary_3.path) == registry_binary_3.version

@@ -1,4 +1,6 @@
-"""A GC worker SIGKILLed at each point of the window: a real `regsweep worker -Q gc -c 1`."""
+"""A GC worker SIGKILLed at each point of the window: a real `regsweep worker -Q gc -c 1`, on
+2.8.2 at every point, on 3.x where the registry itself is in play (during GC and while it is
+switched back)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tests.harness.maintenance import (
     upload_status,
     write_config,
 )
+from tests.harness.registry import DISTRIBUTION_2, RegistryBinary
 from worker.identity import ProcessIdentity, group_alive
 from worker.maintenance.lock import LockHolder
 from worker.store.keys import Keys
@@ -98,7 +101,27 @@ def test_sigkilled_gc_worker_leaves_the_registry_writable(
     command the dead worker left running (GC or switch) is killed, so it cannot sweep or
     switch the registry read-only behind the recovery, the flag is cleared and the job is
     `interrupted`."""
-    registry = marked_registry(tmp_path)
+    _kill_and_recover(tmp_path, db10, victim, point, DISTRIBUTION_2)
+
+
+# 3.x once, where its own binary runs under the dead worker: its GC, orphaned mid-sweep.
+# Every other point only waits on Redis and on the switch commands, which restart 3.x as
+# they restart 2.8 (the window's full cycle on 3.x switches it both ways); the whole
+# worker, because its recovery on start is the longer path (a pool child's redelivery is
+# version-blind). One run costs about 10 s.
+def test_sigkilled_gc_worker_on_3x_leaves_the_registry_writable(
+    tmp_path: Path, db10: redis.Redis, registry_binary_3: RegistryBinary
+) -> None:
+    """The same on distribution 3.x: a worker SIGKILLed while 3.x's GC sweeps is recovered
+    on the next start: 3.x accepts writes, the orphaned GC is killed (it cannot sweep behind
+    the recovery), the flag cleared, the job `interrupted`."""
+    _kill_and_recover(tmp_path, db10, "whole-worker", "during-gc", registry_binary_3)
+
+
+def _kill_and_recover(
+    tmp_path: Path, db10: redis.Redis, victim: str, point: str, binary: RegistryBinary
+) -> None:
+    registry = marked_registry(tmp_path, binary=binary)
     os.system(registry.settings.readwrite_command)
     for marker in KILL_POINTS:
         (tmp_path / marker).unlink(missing_ok=True)

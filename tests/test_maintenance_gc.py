@@ -1,4 +1,5 @@
-"""The maintenance window on the real 2.8.2 registry, driven by the process controller."""
+"""The maintenance window on the real registry (2.8.2, and 3.x where it matters), driven by the
+process controller."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tests.harness.maintenance import (
     DuringGc,
     ProcessRegistry,
     RedisSpace,
+    Seeded,
     engine_config,
     image,
     job_record,
@@ -39,7 +41,7 @@ from tests.harness.maintenance import (
     worker_release,
     write_config,
 )
-from tests.harness.registry import REGISTRY_BINARY
+from tests.harness.registry import REGISTRY_BINARY, RegistryBinary
 from worker.errors import Deferred
 from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
 from worker.maintenance.recovery import recover_crashed_window
@@ -63,15 +65,45 @@ def registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
     made.stop()
 
 
+@pytest.fixture
+def versioned_registry(
+    tmp_path: Path, registry_binary: RegistryBinary
+) -> Iterator[ProcessRegistry]:
+    """:func:`registry` of the test's registry version."""
+    made = ProcessRegistry.create(tmp_path / "registry", binary=registry_binary)
+    made.start()
+    yield made
+    made.stop()
+
+
+def _untagged_keepers(builder: ImageBuilder, kept: list[Seeded]) -> list[Seeded]:
+    """Untagged manifests regsweep keeps, which `--delete-untagged` would not: an OCI 1.1
+    referrer of a kept image (listed by the referrers API only, no fallback tag) and an
+    image pushed by digest into a repository no policy covers."""
+    signed = next(s.top for s in kept if s.repository == "gc/signed")
+    sbom = builder.referrer("gc/signed", signed, fallback=False)
+    loose = builder.image("free/by-digest", (), layers=[random_layer(LAYER_SIZE)])
+    return [Seeded("gc/signed", sbom), Seeded("free/by-digest", loose)]
+
+
 def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
-    registry: ProcessRegistry, space: RedisSpace, tmp_path: Path
+    versioned_registry: ProcessRegistry,
+    registry_binary: RegistryBinary,
+    space: RedisSpace,
+    tmp_path: Path,
 ) -> None:
-    """Prune, then GC read-only: bytes come back, every kept tag (children, signatures, blobs)
-    still answers 200, a push during the window gets 405 and works after it, a second GC
-    request gets the running job's id, and a prune asked for meanwhile runs after the window."""
+    """Prune, then GC read-only, on 2.8.2 and 3.x: bytes come back, every kept tag (children,
+    signatures, blobs) still answers 200, and so do the untagged manifests regsweep keeps (a
+    kept image's referrer, an ungoverned repository's digest-only image: no
+    `--delete-untagged`, which sweeps them on 3.x); a swept blob answers 404 (the restart
+    emptied the blob-descriptor cache); a push during the window gets 405 and works after
+    it, a second GC request gets the running job's id, and a prune asked for meanwhile runs
+    after the window."""
+    registry = versioned_registry
     config = engine_config(registry.url, tmp_path, keep_newest(2), registry.storage)
     with ImageBuilder.connect(registry.url) as builder:
         kept, doomed = seed(builder, registry.storage)
+        kept += _untagged_keepers(builder, kept)
         for age in (30, 20, 10):
             image(builder, "gc/later", f"d{age}", age, registry.storage)
         prune(config, ["gc/single", "gc/multi", "gc/signed"])
@@ -113,7 +145,8 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
         assert report.writes_while_readonly == "read-only" and report.writes_after == "writable"
         assert report.readonly_seconds is not None and report.gc_seconds is not None
         assert report.readonly_seconds >= report.gc_seconds
-        assert not report.delete_untagged and report.registry_version == "2.8.2"
+        assert report.registry_version == registry_binary.version
+        assert not any("manifest eligible" in line for line in report.gc.lines_tail)
         assert not report.overran
 
         for s in kept:
@@ -163,9 +196,47 @@ def test_delete_untagged_on_2_8_breaks_multi_arch_but_regsweeps_gc_does_not(
         m = make_maintenance(space, SessionTrackedController(ours.settings), ours.url)
         outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
         assert outcome.status == "done" and outcome.report is not None
-        assert outcome.report.delete_untagged is False
         with ImageBuilder.connect(ours.url) as builder:
             assert missing_parts(builder, our_index) == []
+    finally:
+        bare.stop()
+        ours.stop()
+
+
+def test_delete_untagged_on_3x_deletes_what_regsweep_keeps_but_regsweeps_gc_does_not(
+    tmp_path: Path, space: RedisSpace, registry_binary_3: RegistryBinary
+) -> None:
+    """3.1.0's `garbage-collect --delete-untagged` keeps a tagged index's children (#3178 is
+    fixed) but deletes a kept image's OCI referrer (no tag: pushed through the referrers
+    API) and sweeps the blobs of an image in a repository pushed to by digest only; the
+    same registry content through regsweep's GC (no flag) keeps all of it."""
+    bare = ProcessRegistry.create(tmp_path / "bare", binary=registry_binary_3)
+    ours = ProcessRegistry.create(tmp_path / "ours", binary=registry_binary_3)
+    seeded: dict[str, list[Seeded]] = {}
+    try:
+        for name, reg in (("bare", bare), ("ours", ours)):
+            reg.start()
+            with ImageBuilder.connect(reg.url) as builder:
+                index = multi_arch(builder, "gc/multi", "latest", 1)
+                signed = image(builder, "gc/signed", "v1", 1)
+                sbom = builder.referrer("gc/signed", signed, fallback=False)
+                loose = builder.image("free/by-digest", (), layers=[random_layer(LAYER_SIZE)])
+            seeded[name] = [index, Seeded("gc/signed", sbom), Seeded("free/by-digest", loose)]
+
+        done = _bare_gc(bare, "--delete-untagged")
+        assert done.returncode == 0, done.stderr
+        bare.start()  # a restart, as after any GC: the blob-descriptor cache is emptied
+        with ImageBuilder.connect(bare.url) as builder:
+            kept_index, referrer, by_digest = seeded["bare"]
+            assert missing_parts(builder, kept_index) == []
+            assert f"manifest {referrer.top.digest}" in missing_parts(builder, referrer)
+            assert any(p.startswith("blob") for p in missing_parts(builder, by_digest))
+
+        m = make_maintenance(space, SessionTrackedController(ours.settings), ours.url)
+        assert run_gc(m, GcRequest(space.state.create_job("gc", {}))).status == "done"
+        with ImageBuilder.connect(ours.url) as builder:
+            for kept in seeded["ours"]:
+                assert missing_parts(builder, kept) == [], kept
     finally:
         bare.stop()
         ours.stop()
@@ -175,7 +246,7 @@ def _bare_gc(reg: ProcessRegistry, *flags: str) -> Any:
     import subprocess
 
     return subprocess.run(
-        [REGISTRY_BINARY, "garbage-collect", *flags, str(reg.config_rw)],
+        [reg.binary.path, "garbage-collect", *flags, str(reg.config_rw)],
         capture_output=True,
         text=True,
         check=False,

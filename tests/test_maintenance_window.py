@@ -25,7 +25,7 @@ from tests.harness.maintenance import (
     upload_status,
 )
 from worker.identity import ProcessIdentity
-from worker.maintenance.job import GcRequest, SessionTrackedController, delete_untagged, run_gc
+from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
 from worker.maintenance.lock import GcLock, LockHolder
 from worker.maintenance.recovery import recover_crashed_window
 from worker.maintenance.tasks import _gc_time_limits
@@ -127,21 +127,6 @@ def test_beat_fires_exactly_when_a_window_opens(cron: str) -> None:
     for earlier, later in itertools.pairwise(fired):
         # No window started between two fires: the last one before `later` is `earlier`.
         assert latest_window(cron, settings.window_duration, later - JUST_BEFORE).start == earlier
-
-
-@pytest.mark.parametrize(
-    ("mode", "version", "expected"),
-    [
-        ("auto", "2.8.2", False),
-        ("auto", "3.0.0", True),
-        ("auto", None, False),
-        ("never", "3.0", False),
-        ("always", "2.8", True),
-    ],
-)
-def test_delete_untagged_auto_only_from_3_0(mode: str, version: str | None, expected: bool) -> None:
-    """`auto` passes --delete-untagged only to a registry known to be 3.0 or later (#3178)."""
-    assert delete_untagged(mode, version) is expected
 
 
 # --------------------------------------------------------------------------- the lock

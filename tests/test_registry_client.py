@@ -1,8 +1,10 @@
-"""The registry client against the real 2.8.2 binary, and MockTransport where 2.8 cannot answer.
+"""The registry client against the real binaries (2.8.2, and 3.x for what 3.x does differently:
+tag deletes, tag-list pages, page-size limits), and MockTransport where neither can answer.
 
-MockTransport is used only for answers a 2.8 registry cannot be made to give
-(3.x tag deletes and tag-list pages, the referrers API, corrupt content) and
-for a flaky network (5xx bursts, dropped connections); each such test says so.
+MockTransport is used only for answers no real registry here can be made to give
+(a 3.x replaced by a 2.8 under a running client, the referrers API's pages,
+corrupt content) and for a flaky network (5xx bursts, dropped connections); each
+such test says so.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness.registry import RegistryProcess
+from tests.harness.registry import RegistryBinary, RegistryProcess
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
@@ -218,24 +220,43 @@ async def test_tags_of_unknown_and_emptied_repositories_are_empty(
     assert await client.tags(repo_name) == []
 
 
-async def test_tags_pages_like_3x() -> None:
-    """3.x pages tags by n with relative Link URLs (MockTransport: 2.8 ignores n on tags)."""
-    tags = [f"t{i}" for i in range(5)]
+@pytest.fixture
+def small_pages_3x(tmp_path: Path, registry_binary_3: RegistryBinary) -> Iterator[RegistryProcess]:
+    """A 3.x registry that answers at most 3 tags and 3 repositories a page (``tags.maxtags``,
+    ``catalog.maxentries``): n above that is 400 PAGINATION_NUMBER_INVALID."""
+    reg = RegistryProcess.create(
+        tmp_path, {"tags": {"maxtags": 3}, "catalog": {"maxentries": 3}}, binary=registry_binary_3
+    )
+    reg.start()
+    yield reg
+    reg.stop()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        n = int(request.url.params["n"])
-        last = request.url.params.get("last")
-        start = tags.index(last) + 1 if last else 0
-        page = tags[start : start + n]
-        headers = {}
-        if start + n < len(tags):
-            headers["Link"] = f'</v2/a/b/tags/list?last={page[-1]}&n={n}>; rel="next"'
-        return httpx.Response(200, json={"name": "a/b", "tags": page}, headers=headers)
 
+async def test_tags_and_catalog_on_3x_learn_the_page_limit_and_follow_link(
+    small_pages_3x: RegistryProcess,
+) -> None:
+    """On 3.x with tags.maxtags and catalog.maxentries of 3, the default n=1000 is refused
+    (400 PAGINATION_NUMBER_INVALID): the client halves n until it is accepted, follows the
+    Link pages to every tag and repository, and asks with the learnt size from then on."""
+    reg = small_pages_3x
+    tags = [f"t{i}" for i in range(7)]
+    push_image(reg.url, "pages/app", *tags)
+    for i in range(4):
+        push_image(reg.url, f"pages/r{i}", "v1")
+    with httpx.Client(base_url=reg.url) as http:  # what the client meets first
+        refused = http.get("/v2/pages/app/tags/list", params={"n": 1000})
+    assert refused.status_code == 400 and "PAGINATION_NUMBER_INVALID" in refused.text
     calls = Calls()
-    async with mock_client(handler, calls) as c:
-        assert await c.tags("a/b", page_size=2) == tags
-    assert calls.count("GET", "/v2/{name}/tags/list") == 3
+    async with make_client(reg.url, calls) as c:
+        assert await c.tags("pages/app") == tags
+        first = calls.count("GET", "/v2/{name}/tags/list")
+        assert await c.tags("pages/app") == tags
+        assert sorted(await c.catalog()) == ["pages/app", *(f"pages/r{i}" for i in range(4))]
+    tag_lists = [s for m, t, s in calls.seen if t == "/v2/{name}/tags/list"]
+    # 1000, 500, ..., 7 refused; 3 accepted: pages of 3, 3, 1; then 3 pages straight away.
+    assert tag_lists == [400] * 8 + [200] * 3 + [200] * 3
+    assert first == 11
+    assert [s for m, t, s in calls.seen if t == "/v2/_catalog"] == [400] * 8 + [200] * 2
 
 
 # -- manifests and blobs ---------------------------------------------------------
@@ -335,7 +356,8 @@ async def test_delete_manifest_then_already_gone(
 
 
 async def test_delete_tag_dummy_method_on_2_8(registry: RegistryProcess, repo_name: str) -> None:
-    """On 2.8 (400 DIGEST_INVALID) one tag goes; the other tag and the manifest stay, no dummy."""
+    """On 2.8 (the probe's 400 DIGEST_INVALID) one tag goes; the other tag and the manifest
+    stay, no dummy."""
     digest, _ = push_image(registry.url, repo_name, "old", "keep")
     calls = Calls()
     async with make_client(registry.url, calls) as c:
@@ -346,8 +368,72 @@ async def test_delete_tag_dummy_method_on_2_8(registry: RegistryProcess, repo_na
         assert ref is not None and ref.digest == digest
         # The capability is remembered: the second untag goes straight to the dummy method.
         assert await c.delete_tag(repo_name, "keep", digest) is Removal.DELETED
-    assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 3
+    # The two probes (deletes, then tags), then one dummy deleted per untag.
+    assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 4
     assert revisions(registry, repo_name) == [digest.split(":")[1]]
+
+
+async def test_tag_delete_probe_answers_per_version_and_deletes_nothing(
+    registry: RegistryProcess, registry_binary: RegistryBinary, repo_name: str
+) -> None:
+    """The capability is probed, never read from a version: 3.x answers the DELETE of an
+    unknown tag with 404 MANIFEST_UNKNOWN (supported), 2.8 with 400 DIGEST_INVALID (not),
+    in a pushed repository and in one that does not exist alike; a client asks once, and
+    nothing is deleted by asking."""
+    digest, _ = push_image(registry.url, repo_name, "v1", "v2")
+    never_pushed = f"{repo_name}-never-pushed"
+    calls = Calls()
+    async with make_client(registry.url, calls) as c:
+        supported = await c.tag_delete(repo_name)
+        assert supported is (registry_binary.major >= 3)
+        assert await c.tag_delete(never_pushed) is supported
+        assert sorted(await c.tags(repo_name)) == ["v1", "v2"]
+    assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 2  # deletes, tags
+    assert revisions(registry, repo_name) == [digest.split(":")[1]]
+    async with make_client(registry.url) as fresh:
+        assert await fresh.tag_delete(never_pushed) is supported
+    with httpx.Client(base_url=registry.url) as http:  # the answers themselves
+        answers = [
+            http.delete(f"/v2/{r}/manifests/regsweep-probe-x") for r in (repo_name, never_pushed)
+        ]
+    expected = (404, "MANIFEST_UNKNOWN") if registry_binary.major >= 3 else (400, "DIGEST_INVALID")
+    for answer in answers:
+        assert (answer.status_code, answer.json()["errors"][0]["code"]) == expected
+
+
+def _stored_revisions(registry: RegistryProcess, repo: str) -> set[str]:
+    """Every manifest revision the repository's storage ever got, linked or since unlinked."""
+    root = registry.storage_path / "docker/registry/v2/repositories" / repo
+    return {p.name for p in (root / "_manifests/revisions/sha256").iterdir()}
+
+
+async def test_delete_tag_on_3x_is_one_delete_and_writes_nothing(
+    registry_binary_3: RegistryBinary, tmp_path: Path, repo_name: str
+) -> None:
+    """On 3.x a tag-only removal is one DELETE of the tag: no placeholder manifest is ever
+    stored (the repository's revisions hold the image alone), no blob uploaded, the other
+    tag and the manifest stay; the probe is asked once for three removals made at once (as
+    a wave makes them)."""
+    reg = RegistryProcess.create(tmp_path, binary=registry_binary_3)
+    reg.start()
+    try:
+        digest, _ = push_image(reg.url, repo_name, "old", "older", "oldest", "keep")
+        calls = Calls()
+        async with make_client(reg.url, calls) as c:
+            removals = await asyncio.gather(
+                *(c.delete_tag(repo_name, t, digest) for t in ("old", "older", "oldest"))
+            )
+            assert removals == [Removal.DELETED] * 3
+            assert c.tag_delete_supported is True
+            assert await c.tags(repo_name) == ["keep"]
+            ref = await c.head_manifest(repo_name, digest)
+            assert ref is not None and ref.digest == digest
+        assert calls.count("DELETE", "/v2/{name}/manifests/{reference}") == 2 + 3
+        writes = [(m, t) for m, t, _ in calls.seen if m in ("PUT", "POST", "PATCH")]
+        assert writes == []
+        assert _stored_revisions(reg, repo_name) == {digest.split(":")[1]}
+    finally:
+        reg.stop()
 
 
 async def test_delete_tag_refuses_a_moved_tag(
@@ -370,30 +456,33 @@ async def test_delete_tag_already_gone(
     assert await client.delete_tag(repo_name, "gone", digest) is Removal.ABSENT
 
 
-async def test_delete_tag_3x_uses_tag_delete() -> None:
-    """3.x answers 202 to DELETE by tag, so no dummy is pushed (MockTransport: 3.x-only answer)."""
+async def test_delete_tag_falls_back_when_3x_was_replaced_by_2_8() -> None:
+    """A registry that answered the probe as 3.x and later answers a tag DELETE with 2.8's
+    400 DIGEST_INVALID (replaced under a running worker) gets the placeholder method, and
+    the client stops asking it to delete tags (MockTransport: no real registry changes
+    version under a client)."""
     digest = _digest(b"manifest")
     seen: list[tuple[str, str]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append((request.method, request.url.path))
+        path = request.url.path
+        if request.method == "HEAD" and "/blobs/" in path:
+            return httpx.Response(200)
         if request.method == "HEAD":
-            return httpx.Response(
-                200,
-                headers={
-                    "Docker-Content-Digest": digest,
-                    "Content-Type": mt.OCI_MANIFEST,
-                    "Content-Length": "8",
-                },
-            )
-        if request.method == "DELETE":
-            return httpx.Response(202)
-        return httpx.Response(500)
+            headers = {"Docker-Content-Digest": digest, "Content-Type": mt.OCI_MANIFEST}
+            return httpx.Response(200, headers=headers)
+        if request.method == "PUT":
+            return httpx.Response(201, headers={"Docker-Content-Digest": _digest(request.content)})
+        if path.endswith("/old"):
+            return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID"}]})
+        return httpx.Response(202)
 
     async with mock_client(handler) as c:
+        c.tag_delete_supported = True  # what the probe said before the replacement
         assert await c.delete_tag("a/b", "old", digest) is Removal.DELETED
-        assert c.tag_delete_supported is True
-    assert seen == [("HEAD", "/v2/a/b/manifests/old"), ("DELETE", "/v2/a/b/manifests/old")]
+        assert c.tag_delete_supported is False
+    assert ("PUT", "/v2/a/b/manifests/old") in seen
 
 
 # -- registry modes -----------------------------------------------------------------
@@ -426,12 +515,14 @@ async def test_read_only_registry(readonly_registry: tuple[RegistryProcess, str]
             await c.put_manifest("ro/repo", "v3", mt.OCI_MANIFEST, b"{}")
         with pytest.raises(RegistryReadOnly):
             await c.delete_tag("ro/repo", "v1", digest)
+        assert c.tag_delete_supported is None  # a read-only registry cannot tell
         assert await c.head_manifest("ro/repo", "v1") is not None
 
 
-async def test_deletes_disabled_registry(tmp_path: Path) -> None:
-    """storage.delete.enabled false: deletes by digest and by tag raise DeletesDisabled (405)."""
-    reg = RegistryProcess.create(tmp_path)
+async def test_deletes_disabled_registry(tmp_path: Path, registry_binary: RegistryBinary) -> None:
+    """storage.delete.enabled false: deletes by digest and by tag raise DeletesDisabled (405),
+    on 3.x too, whose tag store would remove the tag regardless: nothing is removed."""
+    reg = RegistryProcess.create(tmp_path, binary=registry_binary)
     reg.config["storage"]["delete"]["enabled"] = False
     reg.start()
     try:

@@ -29,6 +29,7 @@ from tests.harness import stack as s
 from tests.harness.compose import ComposeStack, json_log_lines, remove_project
 from tests.harness.docker import docker_engine
 from tests.harness.images import ImageBuilder, PushedImage, random_layer
+from tests.harness.registry import RegistryBinary
 from worker.registry import mediatypes as mt
 
 pytestmark = pytest.mark.docker
@@ -464,7 +465,7 @@ def test_check_config_online_in_the_worker_container(
     document = json.loads(stdout)
     statuses = {check["check"]: check["status"] for check in document["checks"]}
     assert statuses == dict.fromkeys(
-        ["registry", "credentials", "deletes", "storage", "redis"], "ok"
+        ["registry", "credentials", "deletes", "tag delete", "storage", "redis"], "ok"
     )
     for secret in s.SECRETS:
         assert secret not in output
@@ -529,3 +530,81 @@ def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerCl
     done = stack.down()
     assert done.returncode == 0, done.stderr
     assert stack.leftovers(client) == {"containers": [], "networks": [], "volumes": []}
+
+
+# --------------------------------------------------------------------------- registry:3
+
+
+@pytest.fixture
+def stack_3(
+    tmp_path: Path, client: docker.DockerClient, registry_binary_3: RegistryBinary
+) -> Iterator[ComposeStack]:
+    """The same stack with ``REGISTRY_VERSION=3``: local/registry:3.1.0, laid out like the
+    upstream registry:3 (its own config at /etc/distribution/config.yml)."""
+    made = ComposeStack(tmp_path / "compose-3", POLICIES, registry_version="3")
+    try:
+        made.up()
+        yield made
+    finally:
+        made.down()
+        remove_project(client, made.project)
+
+
+def _revisions_seen_by_worker(
+    stack: ComposeStack, client: docker.DockerClient, repository: str
+) -> set[str]:
+    """Every manifest the repository's storage ever held (a revision directory stays after
+    its manifest is deleted), read where the worker sees the registry's volume."""
+    root = f"/var/lib/registry/docker/registry/v2/repositories/{repository}"
+    revisions = f"{root}/_manifests/revisions/sha256"
+    done = stack.container(client, "worker").exec_run(["ls", revisions])
+    assert done.exit_code == 0, done.output
+    return {"sha256:" + name for name in done.output.decode().split()}
+
+
+def test_registry_3_stack_prunes_by_tag_delete_and_collects_garbage(
+    stack_3: ComposeStack, client: docker.DockerClient
+) -> None:
+    """`REGISTRY_VERSION=3 scripts/stack up` runs local/registry:3.1.0 with every service
+    healthy. Pushes reach the worker by notification: the build out of `newest: 2` goes by
+    digest, and the one `latest` still needs loses its tag by one DELETE (no placeholder
+    ever stored). `check-config --online` in the worker says tag delete is supported, and a
+    GC job through the docker controller (reading the config the container serves, which
+    compose.yaml names) reclaims bytes and leaves the registry read-write."""
+    stack = stack_3
+    registry = stack.container(client, "registry")
+    assert registry.attrs["Config"]["Image"] == "local/registry:3.1.0"
+    states = dict(line.split() for line in stack.run("status").stdout.splitlines())
+    assert set(states.values()) == {"healthy"}, states
+    repository = "e2e/on-3"
+    with (
+        ImageBuilder.connect(stack.registry_url) as images,
+        httpx.Client(base_url=stack.service_url, timeout=10) as http,
+    ):
+        first = images.image(repository, ("main-1", "latest"), layers=[random_layer(LAYER_SIZE)])
+        read_live(http, repository)
+        builds = [image(images, repository, f"main-{n}") for n in (2, 3, 4)]
+        wait_gone(images, stack, repository, builds[0].digest)
+        s.wait_for(lambda: tags(images, repository) == {"latest", "main-3", "main-4"}, 60, 0.2)
+        assert_whole(images, first)
+        pushed = {first.digest, *(b.digest for b in builds)}
+        assert _revisions_seen_by_worker(stack, client, repository) == pushed
+
+        code, stdout, _ = regsweep_in(
+            stack.container(client, "worker"), "check-config", "--online", "--json"
+        )
+        checks = {c["check"]: c for c in json.loads(stdout)["checks"]}
+        assert code == 0 and checks["tag delete"]["detail"].startswith("supported"), checks
+
+        response = http.post("/api/v1/jobs", json={"kind": "gc"}, headers=s.API_HEADERS)
+        job = finished_job(http, response.json()["job_id"], timeout=180)
+        assert job["state"] == "succeeded", f"{job}\n{stack.logs('gc-worker')}"
+        assert job["report"]["registry_version"] == "3.1.0" and job["bytes"] > 0
+        assert not any(
+            "MAINTENANCE_READONLY" in e
+            for e in stack.container(client, "registry").attrs["Config"]["Env"]
+        )
+        after = image(images, repository, "main-5")
+        assert_whole(images, after)
+        for kept in (first, builds[2]):
+            assert_whole(images, kept)

@@ -58,6 +58,8 @@ class ComposeStack:
     #: The policy's ``notify:`` section, and variables added to the stack's env file.
     notify: Sequence[Mapping[str, Any]] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: ``REGISTRY_VERSION`` for scripts/stack: 2.8 (local/registry:2.8.2) or 3 (:3.1.0).
+    registry_version: str = "2.8"
 
     @property
     def registry_url(self) -> str:
@@ -88,11 +90,8 @@ class ComposeStack:
             "policies": list(self.policies),
             "maintenance": {
                 "window": {"cron": "0 3 * * sun", "duration": "2h"},
-                "controller": {
-                    "kind": "docker",
-                    "container": self.registry_selector(),
-                    "config_path": "/etc/docker/registry/config.yml",
-                },
+                # No config_path, as deploy/regsweep.yaml: GC reads what the container serves.
+                "controller": {"kind": "docker", "container": self.registry_selector()},
             },
         }
         if self.notify:
@@ -112,6 +111,7 @@ class ComposeStack:
             "REGSWEEP_POLICY": str(self.policy_file),
             "REGISTRY_PUBLISH": f"127.0.0.1:{self.registry_port}",
             "SERVICE_PUBLISH": f"127.0.0.1:{self.service_port}",
+            "REGISTRY_VERSION": self.registry_version,
         }
 
     def run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,11 @@
-"""A real Docker engine and registry containers made from Debian's 2.8.2 binary, for tests."""
+"""A real Docker engine and registry containers, for tests: ``local/registry:2.8.2`` (Debian's
+binary) and ``local/registry:3.1.0`` (distribution 3.x from ``../shared``, laid out like the
+upstream ``registry:3`` image), both built by ``.ci/dockerd.sh``."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 import uuid
@@ -15,22 +18,50 @@ import docker.errors
 import httpx
 from docker.models.containers import Container
 
-from tests.harness.registry import free_port
+from tests.harness.registry import (
+    DISTRIBUTION_2,
+    V3_BINARY_ENV,
+    RegistryBinary,
+    RegistryUnavailable,
+    distribution_3,
+    free_port,
+)
 from worker.maintenance.controllers import BACKUP_SUFFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERD_SCRIPT = REPO_ROOT / ".ci" / "dockerd.sh"
 REGISTRY_IMAGE = "local/registry:2.8.2"
+#: Where each image keeps its config: the upstream images' paths (registry:3 moved it).
 CONFIG_PATH = "/etc/docker/registry/config.yml"
+CONFIG_PATH_3 = "/etc/distribution/config.yml"
 STORAGE_ROOT = "/var/lib/registry"
 #: Every container the test session makes carries this label, so cleanup finds them all.
 SESSION_LABEL = "io.regsweep.test-session"
 
 
+def registry_image(binary: RegistryBinary) -> str:
+    """The local image of ``binary``'s version."""
+    return REGISTRY_IMAGE if binary == DISTRIBUTION_2 else f"local/registry:{binary.version}"
+
+
+def config_path(binary: RegistryBinary) -> str:
+    """Where the image of ``binary``'s version keeps the registry's config."""
+    return CONFIG_PATH if binary.major < 3 else CONFIG_PATH_3
+
+
 def docker_engine(timeout: float = 180.0) -> docker.DockerClient:
-    """Start dockerd and build the registry image if needed (``.ci/dockerd.sh``); a client."""
+    """Start dockerd and build the registry images if needed (``.ci/dockerd.sh``; the 3.x one
+    where a 3.x binary is to be had); a client."""
+    env = dict(os.environ)
+    with contextlib.suppress(RegistryUnavailable):
+        env[V3_BINARY_ENV] = distribution_3().path  # found (or built) once per session
     done = subprocess.run(
-        ["bash", str(DOCKERD_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False
+        ["bash", str(DOCKERD_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{DOCKERD_SCRIPT} failed:\n{done.stderr}")
@@ -43,7 +74,8 @@ def new_session_id() -> str:
 
 @dataclass
 class RegistryContainer:
-    """One ``local/registry:2.8.2`` container on the host network, storage bind-mounted."""
+    """One registry container (``local/registry:2.8.2`` unless told) on the host network,
+    storage bind-mounted."""
 
     client: docker.DockerClient
     name: str
@@ -51,17 +83,26 @@ class RegistryContainer:
     storage: Path
     session: str
     project: str
+    image: str = REGISTRY_IMAGE
 
     @classmethod
-    def start(cls, client: docker.DockerClient, storage: Path, session: str) -> RegistryContainer:
+    def start(
+        cls,
+        client: docker.DockerClient,
+        storage: Path,
+        session: str,
+        *,
+        image: str = REGISTRY_IMAGE,
+    ) -> RegistryContainer:
         name = f"regsweep-test-{session}-{uuid.uuid4().hex[:6]}"
         storage.mkdir(parents=True, exist_ok=True)
-        made = cls(client, name, free_port(), storage, session, f"regsweep-test-{session}")
+        project = f"regsweep-test-{session}"
+        made = cls(client, name, free_port(), storage, session, project, image)
         api = client.api
         # Low-level create, so /scratch is a Config.Volumes anonymous volume, like an
         # image's VOLUME (the official registry image declares /var/lib/registry).
         created = api.create_container(
-            REGISTRY_IMAGE,
+            image,
             name=name,
             environment={"REGISTRY_HTTP_ADDR": f"127.0.0.1:{made.port}"},
             labels=made.labels,

@@ -1,8 +1,9 @@
 """Maintenance-window test parts: a registry run by shell scripts, Redis DB 10, seeded images.
 
-``ProcessRegistry`` is Debian's 2.8.2 registry restarted by a script with a
-read-write or a read-only config, the way an operator's systemd units would
-run it, and driven by regsweep's process controller. ``RedisSpace`` is a key
+``ProcessRegistry`` is a registry (Debian's 2.8.2 unless told: any
+``RegistryBinary``) restarted by a script with a read-write or a read-only
+config, the way an operator's systemd units would run it, and driven by
+regsweep's process controller. ``RedisSpace`` is a key
 prefix of its own on Redis DB 10, deleted at the end.
 """
 
@@ -27,7 +28,7 @@ import yaml
 
 from tests.harness import redisdb
 from tests.harness.images import ImageBuilder, PushedImage, PushedIndex, random_layer
-from tests.harness.registry import REGISTRY_BINARY, RegistryProcess, set_pushed
+from tests.harness.registry import DISTRIBUTION_2, RegistryBinary, RegistryProcess, set_pushed
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruner
 from worker.maintenance.controllers import LineCallback, RegistryController
@@ -97,13 +98,20 @@ class ProcessRegistry:
     pidfile: Path
     settings: ProcessControllerSettings
 
+    binary: RegistryBinary = DISTRIBUTION_2
+
     @classmethod
     def create(
-        cls, root: Path, gc_command: str | None = None, *, log_level: str = "info"
+        cls,
+        root: Path,
+        gc_command: str | None = None,
+        *,
+        log_level: str = "info",
+        binary: RegistryBinary = DISTRIBUTION_2,
     ) -> ProcessRegistry:
         """Info level by default, so the GC's "Deleting blob" lines are there to stream."""
         root.mkdir(parents=True, exist_ok=True)
-        proc = RegistryProcess.create(root)
+        proc = RegistryProcess.create(root, binary=binary)
         proc.config["log"]["level"] = log_level
         config_rw, config_ro = root / "config-rw.yml", root / "config-ro.yml"
         config_rw.write_text(yaml.safe_dump(proc.config))
@@ -114,17 +122,17 @@ class ProcessRegistry:
         script.write_text(
             RESTART_SCRIPT.format(
                 pidfile=shlex.quote(str(pidfile)),
-                binary=shlex.quote(REGISTRY_BINARY),
+                binary=shlex.quote(binary.path),
                 log=shlex.quote(str(root / "registry.log")),
             )
         )
         settings = ProcessControllerSettings(
             readonly_command=f"sh {script} {config_ro}",
             readwrite_command=f"sh {script} {config_rw}",
-            gc_command=gc_command or f"{REGISTRY_BINARY} garbage-collect {config_rw}",
+            gc_command=gc_command or f"{binary.path} garbage-collect {config_rw}",
             storage_path=str(proc.storage_path),
         )
-        return cls(root, proc.url, proc.storage_path, config_rw, pidfile, settings)
+        return cls(root, proc.url, proc.storage_path, config_rw, pidfile, settings, binary)
 
     def start(self) -> None:
         os.system(self.settings.readwrite_command)
@@ -151,12 +159,16 @@ KILL_POINTS = ("before-readonly", "switching-readonly", "during-gc", "switching-
 
 
 def marked_registry(
-    root: Path, *, switch_seconds: float = 1.0, gc_seconds: float = 2.0
+    root: Path,
+    *,
+    switch_seconds: float = 1.0,
+    gc_seconds: float = 2.0,
+    binary: RegistryBinary = DISTRIBUTION_2,
 ) -> ProcessRegistry:
     """A :class:`ProcessRegistry` whose switch and GC commands first touch a marker file
     named after their point of the window (``root/<point>``, see :data:`KILL_POINTS`) and
     take a moment, so a worker can be killed while each one runs."""
-    registry = ProcessRegistry.create(root / "registry")
+    registry = ProcessRegistry.create(root / "registry", binary=binary)
     s = registry.settings
     registry.settings = replace(
         s,
@@ -165,7 +177,7 @@ def marked_registry(
         readwrite_command=f"touch {root}/switching-back; sleep {switch_seconds}; "
         f"{s.readwrite_command}",
         gc_command=f"touch {root}/during-gc; sleep {gc_seconds}; "
-        f"{REGISTRY_BINARY} garbage-collect {registry.config_rw}",
+        f"{binary.path} garbage-collect {registry.config_rw}",
     )
     return registry
 
@@ -287,14 +299,11 @@ class DuringGc:
         self,
         *,
         dry_run: bool,
-        delete_untagged: bool,
         on_line: LineCallback | None = None,
         stop: threading.Event | None = None,
     ) -> GcResult:
         self.hook()
-        return self.inner.run_gc(
-            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line, stop=stop
-        )
+        return self.inner.run_gc(dry_run=dry_run, on_line=on_line, stop=stop)
 
     def storage_bytes(self) -> int | None:
         return self.inner.storage_bytes()

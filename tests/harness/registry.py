@@ -1,8 +1,15 @@
-"""Start and stop Debian's CNCF distribution 2.8.2 (``docker-registry``) for tests."""
+"""Start and stop a CNCF distribution registry for tests: Debian's 2.8.2 (``docker-registry``),
+or distribution 3.1.0 built from the source in ``../shared/registry`` (:func:`distribution_3`).
+
+Which binary a test runs is a parameter (``RegistryProcess.create(..., binary=...)``,
+the ``registry_binary`` fixture in ``tests/conftest.py``); without one, 2.8.2.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -12,12 +19,87 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import yaml
 
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+#: Prints a distribution 3.x binary's path: ``$REGSWEEP_REGISTRY_V3``, else what
+#: ``../shared/registry/build-v3`` builds; exit 3 when there is neither.
+V3_LOCATOR: Final = REPO_ROOT / "scripts" / "registry-v3"
+V3_ABSENT: Final = 3
+#: A distribution 3.x binary to use instead of building one from ``../shared``.
+V3_BINARY_ENV: Final = "REGSWEEP_REGISTRY_V3"
+#: Set (to anything but empty or 0) where the 3.x runs must not be skipped: CI.
+REQUIRE_V3_ENV: Final = "REGSWEEP_REQUIRE_V3"
+_VERSION: Final = re.compile(r"\bv?(\d+\.\d+\.\d+)")
+
+
+@dataclass(frozen=True)
+class RegistryBinary:
+    """One distribution registry binary and the version it reports."""
+
+    version: str
+    path: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".", 1)[0])
+
+
+#: Debian's docker-registry package (2.8.2+ds1).
+DISTRIBUTION_2: Final = RegistryBinary("2.8.2", REGISTRY_BINARY)
+
+
+class RegistryUnavailable(Exception):
+    """No binary of this version on this machine; the message says why and what to do."""
+
+
+@functools.cache
+def distribution_3() -> RegistryBinary:
+    """Distribution 3.x, as ``scripts/registry-v3`` finds or builds it (about a minute the
+    first time, cached after that).
+
+    Raises :class:`RegistryUnavailable` when there is none to be had (a user's own clone);
+    a build that fails, or a binary that is not 3.x, is an error, never a reason to skip.
+    """
+    done = subprocess.run([str(V3_LOCATOR)], capture_output=True, text=True, check=False)
+    if done.returncode == V3_ABSENT:
+        raise RegistryUnavailable(done.stderr.strip())
+    if done.returncode != 0:
+        raise RuntimeError(f"{V3_LOCATOR} failed:\n{done.stderr[-3000:]}")
+    path = done.stdout.strip().splitlines()[-1]
+    version = binary_version(path)
+    if not version.startswith("3."):
+        raise RuntimeError(f"{path} is distribution {version}, not 3.x")
+    return RegistryBinary(version, path)
+
+
+def binary_version(path: str) -> str:
+    """``3.1.0`` from ``registry --version`` (``<path> github.com/distribution/distribution/v3
+    v3.1.0``; Debian's 2.8: ``<path> github.com/docker/distribution 2.8.2+ds1``)."""
+    done = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    match = _VERSION.search(done.stdout.split()[-1] if done.stdout.split() else "")
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"{path} --version: {done.stdout or done.stderr}")
+    return match.group(1)
+
+
+#: The registry versions a test given the ``registry_binary`` fixture runs on, as test ids.
+VERSIONS: Final = ("2.8.2", "3.x")
+
+
+def registry_binary(version: str) -> RegistryBinary:
+    """The binary a :data:`VERSIONS` id names (:class:`RegistryUnavailable` for 3.x without
+    one)."""
+    return DISTRIBUTION_2 if version == "2.8.2" else distribution_3()
+
+
+def v3_required() -> bool:
+    """Whether a missing 3.x binary fails the run instead of skipping its tests (CI)."""
+    return os.environ.get(REQUIRE_V3_ENV, "") not in ("", "0")
 
 
 def free_port() -> int:
@@ -41,7 +123,8 @@ def set_pushed(storage: Path, repository: str, when: datetime, *tags: str) -> No
 
 
 def base_config(root: Path, port: int) -> dict[str, Any]:
-    """A registry config with deletes enabled and filesystem storage under ``root``."""
+    """A registry config with deletes enabled and filesystem storage under ``root``; 2.8 and
+    3.x read it alike."""
     return {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -56,20 +139,27 @@ def base_config(root: Path, port: int) -> dict[str, Any]:
 
 @dataclass
 class RegistryProcess:
-    """One ``docker-registry serve`` process with its own root directory and port."""
+    """One ``registry serve`` process with its own root directory and port."""
 
     root: Path
     config: dict[str, Any] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    binary: RegistryBinary = DISTRIBUTION_2
 
     @classmethod
-    def create(cls, root: Path, overrides: Mapping[str, Any] | None = None) -> RegistryProcess:
+    def create(
+        cls,
+        root: Path,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        binary: RegistryBinary = DISTRIBUTION_2,
+    ) -> RegistryProcess:
         port = free_port()
         config = base_config(root, port)
         for key, value in (overrides or {}).items():
             config[key] = value
-        return cls(root=root, config=config, port=port)
+        return cls(root=root, config=config, port=port, binary=binary)
 
     @property
     def url(self) -> str:
@@ -99,7 +189,7 @@ class RegistryProcess:
         self.write_config()
         log = open(self.root / "registry.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(self.config_path)],
+            [self.binary.path, "serve", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
@@ -137,7 +227,7 @@ class RegistryProcess:
 
     def garbage_collect(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [REGISTRY_BINARY, "garbage-collect", *extra, str(self.config_path)],
+            [self.binary.path, "garbage-collect", *extra, str(self.config_path)],
             capture_output=True,
             text=True,
             check=False,

@@ -3,8 +3,8 @@
 ``regsweep serve`` (uvicorn) and ``regsweep worker`` (Celery, prefork) run as
 subprocesses against Redis DB 11 of the shared server (broker and state: the
 workers use the default ``regsweep:`` prefix, so the database is flushed at
-start and end, and nothing else may use DB 11), with a 2.8.2 registry whose
-``notifications:`` point at the service.
+start and end, and nothing else may use DB 11), with a registry (2.8.2 unless told)
+whose ``notifications:`` point at the service.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import redis
 import yaml
 
 from tests.harness import redisdb
-from tests.harness.registry import RegistryProcess, free_port
+from tests.harness.registry import DISTRIBUTION_2, RegistryBinary, RegistryProcess, free_port
 
 T = TypeVar("T")
 
@@ -87,8 +87,10 @@ def policy_file(
     return path
 
 
-def notifying_registry(root: Path, hook_url: str) -> RegistryProcess:
-    """A 2.8.2 registry notifying ``hook_url``; pulls and blob pushes ignored (docs/webhooks.md)."""
+def notifying_registry(
+    root: Path, hook_url: str, binary: RegistryBinary = DISTRIBUTION_2
+) -> RegistryProcess:
+    """A registry notifying ``hook_url``; pulls and blob pushes ignored (docs/webhooks.md)."""
     endpoint = {
         "name": "regsweep",
         "url": hook_url,
@@ -98,7 +100,7 @@ def notifying_registry(root: Path, hook_url: str) -> RegistryProcess:
         "backoff": "200ms",
         "ignore": {"actions": ["pull"], "mediatypes": ["application/octet-stream"]},
     }
-    return RegistryProcess.create(root, {"notifications": {"endpoints": [endpoint]}})
+    return RegistryProcess.create(root, {"notifications": {"endpoints": [endpoint]}}, binary=binary)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Stack:
     #: DB 11 of the shared server (flushed), or a private server's URL (left alone).
     redis_url: str = REDIS_URL
     port: int = field(default_factory=free_port)
+    binary: RegistryBinary = DISTRIBUTION_2
     registry: RegistryProcess | None = None
     service: Process | None = None
     worker: Process | None = None
@@ -164,7 +167,9 @@ class Stack:
 
     def start(self) -> None:
         self._flush()
-        self.registry = notifying_registry(self.root / "registry", f"{self.url}/hooks/registry")
+        self.registry = notifying_registry(
+            self.root / "registry", f"{self.url}/hooks/registry", self.binary
+        )
         policy_file(self.config, self.registry.url, self.policies, self.redis_url)
         self.registry.start()
         self.service = self._process("serve", ["serve", "--port", str(self.port)])

@@ -64,6 +64,10 @@ READONLY_VALUE: Final = '{"enabled":true}'
 #: The same switch spelled as a leaf key; removed too when switching read-write.
 READONLY_ENABLED_ENV: Final = f"{READONLY_ENV}_ENABLED"
 ROOTDIRECTORY_ENV: Final = "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"
+#: Where the registry reads its config when its command names none (2.8 and 3.x).
+CONFIGURATION_PATH_ENV: Final = "REGISTRY_CONFIGURATION_PATH"
+#: The upstream registry:2 image's config; registry:3 moved it to /etc/distribution/.
+DEFAULT_CONFIG_PATH: Final = "/etc/docker/registry/config.yml"
 DEFAULT_STORAGE_ROOT: Final = "/var/lib/registry"
 DEFAULT_REGISTRY_BINARY: Final = "registry"
 VERSION_LABEL: Final = "org.opencontainers.image.version"
@@ -92,12 +96,11 @@ class RegistryController(Protocol):
         self,
         *,
         dry_run: bool,
-        delete_untagged: bool,
         on_line: LineCallback | None = None,
         stop: threading.Event | None = None,
     ) -> GcResult:
-        """Run ``registry garbage-collect``, passing each output line to ``on_line``;
-        stopped (:class:`GcLockLost`) once ``stop`` is set."""
+        """Run ``registry garbage-collect`` (never with ``--delete-untagged``), passing each
+        output line to ``on_line``; stopped (:class:`GcLockLost`) once ``stop`` is set."""
 
     def storage_bytes(self) -> int | None:
         """Bytes the registry's storage takes now; ``None`` when it cannot be measured."""
@@ -163,11 +166,10 @@ class ProcessController:
         self,
         *,
         dry_run: bool,
-        delete_untagged: bool,
         on_line: LineCallback | None = None,
         stop: threading.Event | None = None,
     ) -> GcResult:
-        flags = gc_flags(dry_run=dry_run, delete_untagged=delete_untagged)
+        flags = gc_flags(dry_run=dry_run)
         # cobra takes flags after the config path too, so they can be appended.
         command = " ".join([self._settings.gc_command, *flags])
         parser = GcOutputParser()
@@ -321,6 +323,9 @@ def _gc_sink(
 class DockerController:
     """A registry in a Docker container, switched by recreating the container.
 
+    GC reads the config file the container's registry serves (:func:`served_config`)
+    unless ``settings.config_path`` names one.
+
     ``settings.container`` is a container name, or a label selector
     ``label=key=value`` (several joined by ``,`` must all match) that has to
     match exactly one container. The switch renames the old container to
@@ -373,19 +378,15 @@ class DockerController:
         self,
         *,
         dry_run: bool,
-        delete_untagged: bool,
         on_line: LineCallback | None = None,
         stop: threading.Event | None = None,
     ) -> GcResult:
-        command = [
-            self._binary,
-            "garbage-collect",
-            *gc_flags(dry_run=dry_run, delete_untagged=delete_untagged),
-            self._settings.config_path,
-        ]
+        container = self.container()
+        config = self._settings.config_path or served_config(container.attrs)
+        command = [self._binary, "garbage-collect", *gc_flags(dry_run=dry_run), config]
         parser = GcOutputParser()
         started = time.monotonic()
-        exit_code = self._exec(self.container(), command, _gc_sink(parser, on_line, stop))
+        exit_code = self._exec(container, command, _gc_sink(parser, on_line, stop))
         return parser.result(
             exit_code=exit_code, dry_run=dry_run, duration_s=time.monotonic() - started
         )
@@ -643,6 +644,20 @@ def _connect_kwargs(endpoint: dict[str, Any]) -> dict[str, Any]:
         "link_local_ips": ipam.get("LinkLocalIPs") or None,
         "driver_opt": endpoint.get("DriverOpts"),
     }
+
+
+def served_config(attrs: dict[str, Any]) -> str:
+    """The config file the container's registry serves, which its GC must read too (another
+    file may name another storage root): the last ``.yml``/``.yaml`` argument of its
+    entrypoint and command (``serve /etc/distribution/config.yml`` in registry:3,
+    ``/etc/docker/registry/config.yml`` in registry:2.8), else ``REGISTRY_CONFIGURATION_PATH``,
+    else registry:2's path."""
+    config = attrs["Config"]
+    words = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    files = [w for w in words if isinstance(w, str) and w.endswith((".yml", ".yaml"))]
+    if files:
+        return files[-1]
+    return _env_value(_env(attrs), CONFIGURATION_PATH_ENV) or DEFAULT_CONFIG_PATH
 
 
 # --------------------------------------------------------------------------- environment

@@ -7,7 +7,8 @@ deletions as info-level log lines on stderr (``vacuum.go``). Real 2.8.2 output::
     team/web
     team/web: marking manifest sha256:72d4...
     team/web: marking blob sha256:9675...
-    manifest eligible for deletion: sha256:72d4...           (--delete-untagged)
+    manifest eligible for deletion: sha256:72d4...           (--delete-untagged, never
+                                                             passed by regsweep)
 
     3 blobs marked, 3 blobs and 0 manifests eligible for deletion
     blob eligible for deletion: sha256:36a7...
@@ -163,12 +164,15 @@ def parse_gc_output(
     return parser.result(exit_code=exit_code, dry_run=dry_run, duration_s=duration_s)
 
 
-def gc_flags(*, dry_run: bool, delete_untagged: bool) -> list[str]:
-    """The ``garbage-collect`` flags for these options (long names exist in 2.7+ and 3.x)."""
-    return [
-        *(["--dry-run"] if dry_run else []),
-        *(["--delete-untagged"] if delete_untagged else []),
-    ]
+def gc_flags(*, dry_run: bool) -> list[str]:
+    """The ``garbage-collect`` flags for these options (the long name exists in 2.7+ and 3.x).
+
+    Never ``--delete-untagged``: on 2.8 it deletes the children of kept multi-arch
+    indexes (distribution#3178); on 3.1.0 it deletes kept images' OCI referrers, every
+    untagged manifest of repositories no policy covers, and the blobs (not the
+    manifests) of repositories pushed by digest only (docs/safety.md, invariant 3).
+    """
+    return ["--dry-run"] if dry_run else []
 
 
 def parse_registry_version(text: str) -> str | None:

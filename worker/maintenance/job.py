@@ -16,6 +16,10 @@ back fails every retry, the flag stays set (prunes keep deferring instead of
 meeting 405s) and the recovery check (:mod:`worker.maintenance.recovery`)
 keeps trying. ``dry_run`` runs ``garbage-collect --dry-run`` on the registry
 as it is: it only reads, so nothing is paused or switched.
+
+``--delete-untagged`` is never passed, on any version (docs/safety.md, invariant 3):
+untagged manifests are deleted by the policies' ``untagged`` rule, audited and
+restorable.
 """
 
 from __future__ import annotations
@@ -64,8 +68,6 @@ log = logging.getLogger("regsweep.gc")
 
 #: First line a process controller's GC prints: its session id, so a recovery can kill it.
 SESSION_MARKER: Final = "regsweep-gc-session"
-#: Registry major version from which ``--delete-untagged`` keeps index children (#3178).
-SAFE_DELETE_UNTAGGED_MAJOR: Final = 3
 
 
 class GcStatus(StrEnum):
@@ -216,13 +218,10 @@ class SessionTrackedController:
         self,
         *,
         dry_run: bool,
-        delete_untagged: bool,
         on_line: LineCallback | None = None,
         stop: threading.Event | None = None,
     ) -> GcResult:
-        return self._marked.run_gc(
-            dry_run=dry_run, delete_untagged=delete_untagged, on_line=on_line, stop=stop
-        )
+        return self._marked.run_gc(dry_run=dry_run, on_line=on_line, stop=stop)
 
     def storage_bytes(self) -> int | None:
         return self._plain.storage_bytes()
@@ -326,17 +325,9 @@ def _run_locked(
     m.metrics.job_state(JobState.RUNNING.value)
     try:
         report.registry_version = registry_version(m)
-        report.delete_untagged = delete_untagged(
-            m.settings.gc_delete_untagged, report.registry_version
-        )
         listener = GcListener(m, request.job_id, lock)
         if request.dry_run:
-            report.gc = m.controller.run_gc(
-                dry_run=True,
-                delete_untagged=report.delete_untagged,
-                on_line=listener,
-                stop=listener.stop,
-            )
+            report.gc = m.controller.run_gc(dry_run=True, on_line=listener, stop=listener.stop)
         else:
             _window(m, report, listener)
     except RegsweepError as exc:
@@ -370,12 +361,7 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
         # push before the switch or right after the switch back made the difference
         # negative (reports showed "bytes reclaimed: -24684").
         report.bytes_before = _storage_bytes(m)
-        report.gc = m.controller.run_gc(
-            dry_run=False,
-            delete_untagged=report.delete_untagged,
-            on_line=listener,
-            stop=listener.stop,
-        )
+        report.gc = m.controller.run_gc(dry_run=False, on_line=listener, stop=listener.stop)
         report.bytes_after = _storage_bytes(m)
         if report.storage_grew:
             note = "the storage grew while read-only: something besides the registry writes to it"
@@ -480,34 +466,14 @@ def _storage_bytes(m: Maintenance) -> int | None:
 
 
 def registry_version(m: Maintenance) -> str | None:
-    """From the controller (image label, ``--version``), else ``maintenance.registry_version``."""
+    """For the report: from the controller (image label, ``--version``), else
+    ``maintenance.registry_version``. Nothing is decided from it."""
     try:
         found = m.controller.registry_version()
     except RegsweepError as exc:
         log.warning("registry version not found by the controller: %s", exc)
         found = None
     return found or m.settings.registry_version
-
-
-def delete_untagged(mode: str, version: str | None) -> bool:
-    """Whether to pass ``--delete-untagged``.
-
-    2.8's deletes the children of tagged multi-arch indexes (distribution#3178),
-    so ``auto`` passes it only to a registry known to be 3.0 or later; regsweep's
-    own planner removes untagged manifests safely instead.
-    """
-    if mode == "always":
-        if version is None or _major(version) < SAFE_DELETE_UNTAGGED_MAJOR:
-            log.warning("gc.delete_untagged is on for registry %s: see distribution#3178", version)
-        return True
-    if mode == "never" or version is None:
-        return False
-    return _major(version) >= SAFE_DELETE_UNTAGGED_MAJOR
-
-
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
 
 
 def gc_failure(result: GcResult) -> str:

@@ -37,7 +37,6 @@ class GcReport:
     started: datetime
     deadline: datetime | None = None
     registry_version: str | None = None
-    delete_untagged: bool = False
     #: Repositories whose prune still held its lock when the wait for them ended.
     prunes_still_running: list[str] = field(default_factory=list)
     #: How the write probe answered while read-only / after the switch back.
@@ -112,7 +111,6 @@ class GcReport:
             "deadline": self.deadline.isoformat() if self.deadline else None,
             "overran_window": self.overran,
             "registry_version": self.registry_version,
-            "delete_untagged": self.delete_untagged,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "bytes_reclaimed": self.bytes_reclaimed,

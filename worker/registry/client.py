@@ -63,6 +63,7 @@ from worker.registry import mediatypes as mt
 from worker.registry.auth import RegistryAuth
 from worker.registry.diagnosis import (
     API_VERSION_HEADER,
+    DELETES_DISABLED_HINT,
     describe,
     operation,
     response_hint,
@@ -78,13 +79,18 @@ DEFAULT_RETRIES: Final = 4
 #: Backoff before retry k is ``DEFAULT_BACKOFF * 2**(k-1)`` seconds, give or take half.
 DEFAULT_BACKOFF: Final = 0.2
 DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, pool=60.0)
-#: Page size for the catalog and tag lists; 2.8 refuses n above its
-#: ``catalog.maxentries`` (default 1000) with 400 PAGINATION_NUMBER_INVALID.
+#: Page size asked for first for the catalog and tag lists. A registry refuses n above
+#: its limit with 400 PAGINATION_NUMBER_INVALID (2.8's and 3.x's catalog:
+#: ``catalog.maxentries``; 3.x's tag lists: ``tags.maxtags``; both default 1000), and
+#: the client then halves it until one is accepted (:meth:`RegistryClient._paginated`).
 DEFAULT_PAGE_SIZE: Final = 1000
 #: A pagination loop longer than this is a registry bug, not a big registry.
 MAX_PAGES: Final = 100_000
 #: A digest no content has: what ``deletes_enabled`` asks the registry to delete.
 IMPOSSIBLE_DIGEST: Final = "sha256:" + "0" * 64
+#: The tag-delete probe's tag starts with this and ends with 128 random bits: a tag nobody
+#: has pushed, so asking deletes nothing (:meth:`RegistryClient.tag_delete`).
+PROBE_TAG_PREFIX: Final = "regsweep-probe-"
 #: The OCI empty descriptor's content, the config of the throw-away manifest.
 EMPTY_CONFIG: Final = b"{}"
 
@@ -292,7 +298,8 @@ class RegistryClient:
         self._retries = max(1, retries)
         self._backoff = backoff
         self._on_response = on_response
-        #: Whether ``DELETE /v2/<name>/manifests/<tag>`` works; ``None`` until tried.
+        #: Whether ``DELETE /v2/<name>/manifests/<tag>`` removes a tag (3.x); ``None``
+        #: until :meth:`tag_delete` has asked (once per client).
         self.tag_delete_supported: bool | None = None
         #: Whether the registry has the OCI referrers API (3.x does, 2.8 does not);
         #: learnt from the first answer, so a 2.8 registry is asked once per process.
@@ -300,6 +307,10 @@ class RegistryClient:
         self._tag_gates: dict[str, TagWriteGate] = {}
         #: The registry's clock, from every answer's ``Date`` header.
         self.clock = RegistryClock()
+        #: Per list endpoint, the page size the registry accepted (see ``_paginated``).
+        self._page_sizes: dict[str, int] = {}
+        #: One probe at a time: a wave's concurrent untags wait for the first one's answer.
+        self._probing = asyncio.Lock()
 
     def _gate(self, repo: str) -> TagWriteGate:
         return self._tag_gates.setdefault(repo, TagWriteGate())
@@ -384,6 +395,48 @@ class RegistryClient:
         if isinstance(failure, DeletesDisabled):
             return False
         raise failure
+
+    async def tag_delete(self, repo: str) -> bool:
+        """Whether the registry removes a tag by ``DELETE /v2/<name>/manifests/<tag>`` (OCI
+        distribution-spec 1.1, distribution 3.x), asked once per client by deleting a tag
+        nobody has pushed in ``repo`` (a repository whose deletes regsweep may make).
+
+        What the real binaries answer to that DELETE:
+
+        - 3.1.0: 404 ``MANIFEST_UNKNOWN`` (detail ``filesystem: Path not found:
+          .../_manifests/tags/regsweep-probe-...``), in any repository: it looked the tag
+          up. To a tag that exists it answers 202 and removes the tag, not the manifest.
+        - 2.8.2: 400 ``DIGEST_INVALID`` ("provided digest did not match uploaded
+          content"): it parses every DELETE reference as a digest.
+
+        Only 404 ``MANIFEST_UNKNOWN`` counts as support; any other 400 or 405 (the spec's
+        answers where tag deletion is disabled) as none, and the placeholder method is
+        used. A read-only registry (:class:`RegistryReadOnly`) cannot tell: nothing is
+        remembered. Never read from a version string.
+
+        3.1.0 removes tags even with ``storage.delete.enabled: false`` (its tag store does
+        not look at the setting; 2.8 answers 405 ``UNSUPPORTED``), so deletes are asked
+        about first (:meth:`deletes_enabled`): where they are disabled this raises
+        :class:`DeletesDisabled`, and no tag is removed on either version.
+        """
+        async with self._probing:
+            if self.tag_delete_supported is None:
+                self.tag_delete_supported = await self._probe_tag_delete(repo)
+        return self.tag_delete_supported
+
+    async def _probe_tag_delete(self, repo: str) -> bool:
+        if not await self.deletes_enabled(repo):
+            raise DeletesDisabled(
+                f"DELETE probe of {repo}: 405 UNSUPPORTED", status=405, hint=DELETES_DISABLED_HINT
+            )
+        tag = PROBE_TAG_PREFIX + secrets.token_hex(16)
+        response = await self._request(
+            "DELETE",
+            f"/v2/{repo}/manifests/{tag}",
+            template="/v2/{name}/manifests/{reference}",
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+        )
+        return _tag_delete_answer(response, repo)
 
     async def repository_exists(self, repo: str) -> bool:
         """Whether the registry has ``repo``: its tag list answers, or (a repository only
@@ -554,7 +607,7 @@ class RegistryClient:
             raise SafetyViolation(
                 f"{repo}:{tag} now points at {current.digest}, not {expected_digest}; left alone"
             )
-        if self.tag_delete_supported is not False:
+        if await self.tag_delete(repo):
             removed = await self._delete_tag_reference(repo, tag, expected_digest)
             if removed is not None:
                 return removed
@@ -563,7 +616,10 @@ class RegistryClient:
     async def _delete_tag_reference(
         self, repo: str, tag: str, expected_digest: str
     ) -> Removal | None:
-        """``DELETE /manifests/<tag>`` (3.x); ``None`` when the registry refuses tag references."""
+        """``DELETE /manifests/<tag>`` (3.x): the tag goes, its manifest stays, nothing is
+        written. Like the placeholder PUT, it is not atomic with the re-check before it: a
+        push to the same tag in between loses that tag (never its manifest). ``None`` when
+        the registry now refuses tag references (replaced by a 2.8 since the probe)."""
 
         async def gone() -> bool:
             now = await self.head_manifest(repo, tag)
@@ -675,13 +731,25 @@ class RegistryClient:
     # -- plumbing --------------------------------------------------------------
 
     async def _paginated(self, path: str, key: str, page_size: int, template: str) -> list[str]:
+        """Every item of a paginated list, following ``Link: <...>; rel="next"``.
+
+        2.8 pages the catalog only (its tag list ignores n); 3.x pages both. The first
+        page asks for ``page_size`` items, or less once the registry has refused that:
+        a 400 PAGINATION_NUMBER_INVALID (n above ``tags.maxtags`` or
+        ``catalog.maxentries``) halves n until one is accepted, remembered per endpoint.
+        """
         items: list[str] = []
         url: httpx.URL | str | None = path
-        params: dict[str, int] | None = {"n": page_size}
+        size = min(page_size, self._page_sizes.get(template, page_size))
+        params: dict[str, int] | None = {"n": size}
         for _ in range(MAX_PAGES):
             if url is None:
                 return items
             response = await self._request("GET", url, template=template, params=params)
+            if params is not None and _page_too_large(response) and params["n"] > 1:
+                params = {"n": params["n"] // 2}
+                self._page_sizes[template] = params["n"]
+                continue
             if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response):
                 return items
             body = json_object(response)
@@ -769,6 +837,23 @@ class RegistryClient:
                     self._on_response(
                         request.method, template, status, time.perf_counter() - started
                     )
+
+
+def _tag_delete_answer(response: httpx.Response, repo: str) -> bool:
+    """What the answer to a DELETE of a tag nobody pushed says (see ``tag_delete``)."""
+    codes = error_codes(response)
+    if response.status_code == 404 and "MANIFEST_UNKNOWN" in codes:
+        return True
+    failure = error_for(response, f"DELETE-by-tag probe of {repo}")
+    if isinstance(failure, RegistryReadOnly | RegistryAuthError | DeletesDisabled):
+        raise failure
+    if response.status_code in (400, 404, 405):
+        return False
+    raise failure
+
+
+def _page_too_large(response: httpx.Response) -> bool:
+    return response.status_code == 400 and "PAGINATION_NUMBER_INVALID" in error_codes(response)
 
 
 def _never_sent(exc: RegistryUnavailable) -> bool:

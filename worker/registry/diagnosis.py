@@ -25,6 +25,11 @@ import httpx
 
 #: Every distribution registry (2.x, 3.x) sends this header on every answer.
 API_VERSION_HEADER = "Docker-Distribution-Api-Version"
+#: What to change when the registry answers a DELETE with 405 UNSUPPORTED.
+DELETES_DISABLED_HINT = (
+    "deletes are disabled on the registry: set storage.delete.enabled: true in its "
+    "config.yml (or REGISTRY_STORAGE_DELETE_ENABLED=true) and restart it"
+)
 #: Go's TLS server answers a plain-HTTP request with this 400 body.
 _HTTP_TO_HTTPS = "Client sent an HTTP request to an HTTPS server"
 _CREDENTIAL_KEYS = "registry.username and registry.password_env"
@@ -112,10 +117,7 @@ def response_hint(response: httpx.Response, codes: list[str]) -> str | None:
             "to the repository"
         )
     if status == 405 and "UNSUPPORTED" in codes:
-        return (
-            "deletes are disabled on the registry: set storage.delete.enabled: true in its "
-            "config.yml (or REGISTRY_STORAGE_DELETE_ENABLED=true) and restart it"
-        )
+        return DELETES_DISABLED_HINT
     if not looks_like_registry(response, codes):
         return (
             f"this is not a registry's API (no {API_VERSION_HEADER} header): registry.url must "

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 import yaml
 from croniter import croniter
@@ -147,13 +147,15 @@ _PROCESS_KEYS: Final = (
     "gc_command",
     "storage_path",
 )
-_DELETE_UNTAGGED: Final[Mapping[object, Literal["auto", "always", "never"]]] = {
-    "auto": "auto",
-    True: "always",
-    "true": "always",
-    False: "never",
-    "false": "never",
-}
+#: ``maintenance.gc.delete_untagged`` values that mean "not passed", which is all regsweep
+#: does; ``true`` is refused with the reason (:data:`_DELETE_UNTAGGED_REFUSED`).
+_DELETE_UNTAGGED_OFF: Final = ("auto", False, "false")
+_DELETE_UNTAGGED_REFUSED: Final = (
+    "true is refused: registry garbage-collect --delete-untagged deletes what regsweep keeps "
+    "(2.8: children of kept multi-arch indexes; 3.x: referrers of kept images and untagged "
+    "manifests of repositories no policy covers), unaudited and beyond restore; untagged "
+    "manifests go by the policies' untagged.delete_after (docs/safety.md); set auto or false"
+)
 
 _DURATION: Final = re.compile(
     r"(?:(?P<weeks>\d+)w)?(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?"
@@ -962,11 +964,12 @@ def _maintenance(top: _Section) -> MaintenanceSettings:
             f"must be longer than the margin ({DEFAULT_WINDOW_MARGIN.seconds // 60}m "
             "unless maintenance.window.margin says otherwise)",
         )
+    cron = _cron(window)
+    _check_delete_untagged(section)
     return MaintenanceSettings(
-        window_cron=_cron(window),
+        window_cron=cron,
         window_duration=duration,
         window_margin=DEFAULT_WINDOW_MARGIN if margin is None else margin,
-        gc_delete_untagged=_delete_untagged(section),
         controller=_controller(section),
         registry_version=_registry_version(section),
     )
@@ -998,16 +1001,17 @@ def _cron_runs(expression: str) -> bool:
     return True
 
 
-def _delete_untagged(section: _Section) -> Literal["auto", "always", "never"]:
+def _check_delete_untagged(section: _Section) -> None:
+    """``gc.delete_untagged`` is read for its problems only: nothing is ever passed."""
     gc = section.section("gc", ("delete_untagged",))
     value = gc.get("delete_untagged")
-    if value is None:
-        return "auto"
-    # isinstance first: 1 == True, and 1 is no answer here.
-    if isinstance(value, bool | str) and value in _DELETE_UNTAGGED:
-        return _DELETE_UNTAGGED[value]
-    gc.problem("delete_untagged", "must be auto, true or false")
-    return "auto"
+    # isinstance first: 0 == False, and 0 is no answer here.
+    if value is None or (isinstance(value, bool | str) and value in _DELETE_UNTAGGED_OFF):
+        return
+    if value is True or value == "true":
+        gc.problem("delete_untagged", _DELETE_UNTAGGED_REFUSED)
+        return
+    gc.problem("delete_untagged", "must be auto or false")
 
 
 def _registry_version(section: _Section) -> str | None:
@@ -1029,7 +1033,7 @@ def _controller(section: _Section) -> ControllerSettings | None:
         docker = section.section("controller", _DOCKER_KEYS)
         return DockerControllerSettings(
             container=docker.text("container") or DockerControllerSettings.container,
-            config_path=docker.text("config_path") or DockerControllerSettings.config_path,
+            config_path=docker.text("config_path"),
         )
     if kind == "process":
         process = section.section("controller", _PROCESS_KEYS)

@@ -24,7 +24,6 @@ DEFAULT_HEAD_LIMIT: Final = 64 * 1024
 DEFAULT_HEAD_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_BODY_TIMEOUT: Final = timedelta(seconds=30)
 DEFAULT_MAX_CONNECTIONS: Final = 512
-DEFAULT_CONFIG_PATH: Final = "/etc/docker/registry/config.yml"
 #: How long ``restore`` holds what it put back (every plan keeps a held tag).
 DEFAULT_RESTORE_HOLD: Final = timedelta(days=7)
 
@@ -98,7 +97,8 @@ class HookSettings:
 class DockerControllerSettings:
     kind: Literal["docker"] = "docker"
     container: str = "registry"
-    config_path: str = DEFAULT_CONFIG_PATH
+    #: The registry config GC reads; ``None``: the one the container serves (its command).
+    config_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,8 @@ class MaintenanceSettings:
     window_cron: str | None = None
     window_duration: timedelta = DEFAULT_WINDOW_DURATION
     window_margin: timedelta = DEFAULT_WINDOW_MARGIN
-    #: ``auto``: pass --delete-untagged only to registry >= 3.0 (2.8's is unsafe).
-    gc_delete_untagged: Literal["auto", "always", "never"] = "auto"
     controller: ControllerSettings | None = None
-    #: Registry major.minor when the controller cannot tell, e.g. "2.8" or "3.0".
+    #: Registry major.minor for the GC report when the controller cannot tell, e.g. "3.1".
     registry_version: str | None = None
 
 
