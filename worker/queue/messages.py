@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from worker.errors import ConfigError
-from worker.queue.names import GC_QUEUE, PRUNE_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
+from worker.queue.names import GC_QUEUE, JOBS_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
 
 
 def follow_hint(job_id: str) -> str:
@@ -57,21 +57,22 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
 
     A prune of one repository asked for by a person reads the live registry
     (``incremental=False``): the tag index may lag, and the point of asking is
-    usually "look again". A prune without a repository is a sweep.
+    usually "look again". A prune without a repository is a sweep. All go to the
+    ``jobs`` queue, apart from the prunes pushes ask for.
     """
     dry_run = bool(params.get("dry_run", False))
     repository = params.get("repository")
     if kind == "prune" and repository:
         kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
         return TaskMessage(
-            TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE
+            TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, JOBS_QUEUE
         )
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
-        return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)
+        return TaskMessage(TASK_SWEEP, kwargs, JOBS_QUEUE)
     if kind == "gc":
         return TaskMessage(TASK_GC, {"job_id": job_id, "dry_run": dry_run}, GC_QUEUE)
     if kind == "restore":
         kwargs = {"job_id": job_id, "repository": repository, "digest": params.get("digest")}
-        return TaskMessage(TASK_RESTORE, kwargs, PRUNE_QUEUE)
+        return TaskMessage(TASK_RESTORE, kwargs, JOBS_QUEUE)
     raise ConfigError(f"no task carries out jobs of kind {kind!r}")
