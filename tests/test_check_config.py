@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.harness import cli, redisdb
+from tests.harness import service as h
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
@@ -240,8 +241,10 @@ def _statuses(checks: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {name: check["status"] for name, check in checks.items()}
 
 
-def _config(tmp_path: Path, url: str, **registry: Any) -> Path:
-    path = cli.write_config(tmp_path / "regsweep.yaml", url, [POLICY], redis_url=redisdb.url(5))
+def _config(tmp_path: Path, url: str, redis_url: str | None = None, **registry: Any) -> Path:
+    path = cli.write_config(
+        tmp_path / "regsweep.yaml", url, [POLICY], redis_url=redis_url or redisdb.url(5)
+    )
     text = path.read_text()
     extra = "".join(f"  {key}: {value}\n" for key, value in registry.items())
     path.write_text(text.replace("registry:\n", "registry:\n" + extra, 1))
@@ -261,12 +264,23 @@ def deletes_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryPr
     reg.stop()
 
 
-def test_online_all_ok(tmp_path: Path, registry: RegistryProcess, repo_name: str) -> None:
-    """Against the real registry (deletes on) with its storage and Redis, every check is ok
-    and check-config exits 0; the text form has one line per check."""
+@pytest.fixture(scope="module")
+def persistent_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis with its append-only file on (else the redis check warns)."""
+    server = h.RedisServer(free_port(), data_dir=tmp_path_factory.mktemp("redis-aof"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+def test_online_all_ok(
+    tmp_path: Path, registry: RegistryProcess, repo_name: str, persistent_redis: str
+) -> None:
+    """Against the real registry (deletes on) with its storage and a Redis that persists,
+    every check is ok and check-config exits 0; the text form has one line per check."""
     with ImageBuilder.connect(registry.url) as builder:
         builder.image("team/" + repo_name.replace("/", "-"), "v1")
-    config = _config(tmp_path, registry.url, storage_path=registry.storage_path)
+    config = _config(tmp_path, registry.url, persistent_redis, storage_path=registry.storage_path)
     code, checks, _ = _online(config)
     assert code == 0
     assert _statuses(checks) == dict.fromkeys(checks, "ok")
@@ -278,11 +292,11 @@ def test_online_all_ok(tmp_path: Path, registry: RegistryProcess, repo_name: str
 
 
 def test_online_deletes_disabled_fails_with_the_setting_to_change(
-    tmp_path: Path, deletes_off: RegistryProcess
+    tmp_path: Path, deletes_off: RegistryProcess, persistent_redis: str
 ) -> None:
     """storage.delete.enabled false: the DELETE probe gets 405 UNSUPPORTED, the check fails
     naming the setting, the exit code is 1, and nothing was deleted."""
-    config = _config(tmp_path, deletes_off.url)
+    config = _config(tmp_path, deletes_off.url, persistent_redis)
     code, checks, _ = _online(config)
     assert code == 1
     assert _statuses(checks) == {
