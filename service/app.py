@@ -67,7 +67,7 @@ from worker.settings.model import Config, HookSettings
 from worker.settings.watch import PolicyChanging, PolicyWatch, StalePolicy
 from worker.store.intake import JobIntake
 from worker.store.metrics import WorkerMetricsSnapshot
-from worker.store.processes import REPORT_EVERY, ProcessReport, report_async
+from worker.store.processes import REPORT_EVERY, ProcessReport, report_async, withdraw_async
 from worker.store.redis import async_client
 from worker.store.state import State
 
@@ -180,13 +180,18 @@ class Endpoints:
             )
         return self._intake
 
-    async def report(self) -> None:
-        """This service's report in Redis (``regsweep status``): the policy it runs."""
+    async def report(self, *, withdraw: bool = False) -> None:
+        """This service's report in Redis (``regsweep status``): the policy it runs; taken
+        away with ``withdraw`` (the service stops)."""
         if self.watch is None or self.state_store is None:
             return
         process = ProcessReport.of("service", self.watch, self.started)
+        client, keys = self.state_store.client, self.state_store.keys
         try:
-            await report_async(self.state_store.client, self.state_store.keys, process)
+            if withdraw:
+                await withdraw_async(client, keys, process.id)
+            else:
+                await report_async(client, keys, process)
         except StateError as exc:
             log.warning("%s not reported: %s", process.id, exc)
 
@@ -453,6 +458,7 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
             reports.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reports
+            await endpoints.report(withdraw=True)
             endpoints.health = None
             await registry.aclose()
             if collector is not None:

@@ -117,6 +117,10 @@ class MirroredTagIndex(TagIndex):
         with wrapped("cannot read the installation mark"):
             if await self._redis.exists(marker):
                 return 0
+        if not await asyncio.to_thread(self.mirror.path.exists):
+            # Nothing to rebuild from here: a process that cannot see the file must not mark
+            # the holds rebuilt for the ones that can (it is written at the first hold).
+            return 0
         holds = held_in(await asyncio.to_thread(self.mirror.notes, frozenset({HOLD, UNHOLD})))
         for (repository, _), hold in sorted(holds.items()):
             await super().hold(repository, hold)

@@ -103,6 +103,15 @@ def withdraw(client: redis.Redis, keys: Keys, process_id: str) -> None:
         pipe.execute()
 
 
+async def withdraw_async(client: aioredis.Redis, keys: Keys, process_id: str) -> None:
+    """:func:`withdraw` over the asyncio client (the service)."""
+    with wrapped("cannot withdraw this process's report"):
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(keys.process(process_id))
+        pipe.srem(keys.processes, process_id)
+        await pipe.execute()
+
+
 async def reports(client: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
     """The reports alive, by role and id; ids whose report expired are dropped."""
     with wrapped("cannot read the processes' reports"):
