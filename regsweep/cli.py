@@ -602,8 +602,8 @@ def _celery_help(command: str) -> int:
 CELERY_HELP: Final = {
     "worker": """usage: regsweep [-c FILE] worker [CELERY WORKER OPTIONS]
 
-Run a Celery worker with regsweep's tasks. It consumes every queue (events, prune, gc)
-unless -Q says otherwise, e.g. `regsweep worker -Q gc -c 1` for the one GC worker. Its
+Run a Celery worker with regsweep's tasks. It consumes every queue (events, prune, jobs,
+gc) unless -Q says otherwise, e.g. `regsweep worker -Q gc -c 1` for the one GC worker. Its
 log is JSON lines on stderr. The options below are Celery's and pass through unchanged
 (after `worker`, -c is Celery's concurrency; give the policy file before the command).
 """,

@@ -20,7 +20,8 @@ Each check is one line, ok, fail or skip, with a hint on failure:
 - ``push-times``: the storage's tag-link times are plausible as a whole (not all equal,
   not all before 2013, not all written at one instant as a copy that kept no times
   leaves them), so they can rank tags;
-- ``redis``: Redis answers ``PING``.
+- ``redis``: Redis answers ``PING``; a warning when it keeps no append-only file
+  (what lives only in Redis is then lost with a restart: docs/operations.md).
 
 Nothing is written anywhere: the DELETEs name a manifest and a tag that do not exist.
 """
@@ -32,6 +33,8 @@ import contextlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
+
+import redis
 
 from worker.engine.evidence import StoredLink, duration, moment, signed, storage_refusal
 from worker.engine.model import referrer_tag_subject
@@ -63,6 +66,8 @@ PROBE_REPOSITORY: Final = "regsweep/check-config"
 
 class Status(StrEnum):
     OK = "ok"
+    #: Works, but something should be changed; does not fail the check.
+    WARN = "warn"
     FAIL = "fail"
     SKIP = "skip"
 
@@ -351,11 +356,39 @@ async def _redis(config: Config) -> Check:
     state = State.from_url(config.redis_url)
     try:
         await state.ping()
+        lost = await _unpersisted(state)
     except StateError as exc:
         return Check("redis", Status.FAIL, str(exc), "is Redis running at redis.url?")
     finally:
         await _close(state)
+    if lost is not None:
+        hint = "run it with appendonly yes (compose.yaml does); see docs/operations.md, Redis"
+        return Check("redis", Status.WARN, f"{state.server} answers PING, but {lost}", hint)
     return Check("redis", Status.OK, f"{state.server} answers PING")
+
+
+async def _unpersisted(state: State) -> str | None:
+    """What a restart of Redis would lose when it keeps no append-only file; None when it
+    does, or when it will not say (INFO refused)."""
+    try:
+        info = await state.client.info("persistence")
+    except (redis.RedisError, OSError):
+        return None
+    if str(info.get("aof_enabled", "0")) == "1":
+        return None
+    try:  # CONFIG is often renamed away on managed Redis: then the snapshots are unknown
+        save = str((await state.client.config_get("save")).get("save", ""))
+    except (redis.RedisError, OSError):
+        save = "?"
+    if not save:
+        return (
+            'it persists nothing (appendonly no, save ""): a restart empties it, queued '
+            "work, holds and the audit stream included"
+        )
+    return (
+        f"its append-only file is off (appendonly no, snapshots save {save!r}): a crash "
+        "loses what was written since the last snapshot"
+    )
 
 
 async def _close(state: State) -> None:

@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 
 from worker.errors import ConfigError, StateError
 from worker.settings.model import Config
-from worker.store.audit import AuditEntry, AuditQuery, RedisAuditLog
+from worker.store.audit import AuditEntry, AuditLog, AuditQuery
+from worker.store.open import redis_audit, tag_index
 from worker.store.redis import redis_options, shown_url
 from worker.store.state import State
 from worker.store.tagindex import TagIndex
@@ -30,7 +31,7 @@ class Records:
     """Job records, the audit and the tag index over one connection to the installation's Redis."""
 
     state: State
-    audit: RedisAuditLog
+    audit: AuditLog
     index: TagIndex
     #: The Redis URL as messages show it.
     location: str
@@ -74,7 +75,8 @@ async def reading(config: Config, command: str) -> AsyncIterator[Records]:
                 f"cannot reach Redis at {location} (redis.url or REGSWEEP_REDIS_URL): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        records = Records(state, RedisAuditLog(client, keys=state.keys), TagIndex(client), location)
+        audit = redis_audit(client, config)
+        records = Records(state, audit, tag_index(client, config), location)
         try:
             yield records
         except StateError as exc:

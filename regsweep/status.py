@@ -4,7 +4,8 @@ The next maintenance window (from ``maintenance.window``) and whether a GC holds
 pruning paused now, the prunes parked until it ends, the holds in force, the dead
 letters, the registry's clock and the push times the last plans refused or doubted
 (:mod:`regsweep.evidence`), the last successful prune (what ``/healthz`` reports), the
-last sweep and GC, and the jobs of the last 24 hours by state. Read from the Redis the service and
+last sweep and GC, the jobs of the last 24 hours by state, the processes reporting (the
+policy digest each runs) and what waits on each queue. Read from the Redis the service and
 workers use; exit 0, 1 when Redis does not answer, 2 without ``redis.url``.
 """
 
@@ -23,7 +24,10 @@ from regsweep.jobs import when
 from regsweep.records import Records, reading
 from worker.engine.model import Hold
 from worker.maintenance.window import MaintenanceWindow, current_window, next_window
+from worker.queue.names import QUEUES
 from worker.settings.model import Config, MaintenanceSettings
+from worker.store.processes import reports
+from worker.store.redis import wrapped
 from worker.store.state import RECENT_JOBS_CAP
 from worker.store.status import dead_letters, deferred_prunes, health_records
 
@@ -79,6 +83,7 @@ async def status_document(
             # Counted from the recent-jobs index: at its cap, older jobs are not counted.
             "capped_at": RECENT_JOBS_CAP if len(jobs) >= RECENT_JOBS_CAP else None,
         },
+        **await processes_document(records),
     }
 
 
@@ -161,7 +166,7 @@ def status_lines(doc: Mapping[str, Any]) -> list[str]:
     capped = doc["jobs"]["capped_at"]
     among = f" (among the newest {capped:,} jobs)" if capped else ""
     lines.append(f"jobs in the last 24h{among}: {by_state}")
-    return lines
+    return lines + processes_lines(doc)
 
 
 def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
@@ -203,3 +208,41 @@ def _job_line(job: Mapping[str, Any] | None) -> str:
     if job is None:
         return "none in the last 7 days"
     return f"{when(job.get('created'))} job {job.get('id')} {job.get('state')}"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+async def processes_document(records: Records) -> dict[str, Any]:
+    """The processes reporting (each one's policy digest) and the queues' lengths."""
+    client, keys = records.state.client, records.state.keys
+    processes = await reports(client, keys)
+    with wrapped("cannot read the queues' lengths"):
+        pipe = client.pipeline(transaction=False)
+        for name in QUEUES:
+            pipe.llen(name)
+        lengths = await pipe.execute()
+    consumed = {q for p in processes if p.get("role") == "worker" for q in p.get("queues") or ()}
+    queues = {
+        name: {"waiting": int(n), "consumed": name in consumed}
+        for name, n in zip(QUEUES, lengths, strict=True)
+    }
+    return {"processes": processes, "queues": queues}
+
+
+def processes_lines(doc: Mapping[str, Any]) -> list[str]:
+    lines = [f"processes: {len(doc['processes']) or 'none reporting'}"]
+    for process in doc["processes"]:
+        queues = f" ({','.join(process['queues'])})" if process.get("queues") else ""
+        line = f"  {process['id']}{queues}  policy {process['policy']}"
+        if process.get("problem"):
+            line += f"; the file does not load: {str(process['problem'])[:300]}"
+        if process.get("restart_needed"):
+            line += f"; restart for: {', '.join(process['restart_needed'])}"
+        lines.append(line)
+    shown = [
+        f"{name} {q['waiting']}" + ("" if q["consumed"] else " (no worker reporting takes it)")
+        for name, q in doc["queues"].items()
+    ]
+    lines.append(f"queues: {', '.join(shown)}")
+    return lines

@@ -3,20 +3,30 @@
 Handlers parse, call one function of :mod:`service.ingest`, and leave error
 mapping to the exception handlers below: :class:`~worker.errors.Unverified`
 → 401, :class:`~worker.errors.BadEvent` → 400, ``HTTPException`` → its status,
+:class:`~worker.errors.QueueFull` → 429 with ``Retry-After``,
 :class:`~worker.errors.StateError` → 503, a client that went away before its
 body arrived → nothing sent (counted as 499), anything else → 500; always
 ``{"error": ...}``, never a traceback. Connection-level bounds (head size and
 time, body time, connections) are :mod:`service.protocol`'s, before the app.
+
+The policy file is looked at between requests (:class:`PolicyLook`): a change
+that loads is taken at once (policies, hook secrets, limits of the job API);
+while a change does not load, CI events are queued unfiltered (the workers,
+which hold their tasks until the file loads, decide) and a job whose
+repository only the policy could vouch for gets 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -52,9 +62,13 @@ from service.publish import CelerySink, EventSink
 from service.replay import replay
 from worker import logs
 from worker.engine.events import CiEvent
-from worker.errors import BadEvent, ConfigError, NothingToReplay, StateError, Unverified
+from worker.errors import BadEvent, ConfigError, NothingToReplay, QueueFull, StateError, Unverified
+from worker.queue.messages import JobKind, JobRequest
 from worker.settings.model import Config, HookSettings
+from worker.settings.watch import PolicyChanging, PolicyWatch, StalePolicy
+from worker.store.intake import JobIntake
 from worker.store.metrics import WorkerMetricsSnapshot
+from worker.store.processes import REPORT_EVERY, ProcessReport, report_async, withdraw_async
 from worker.store.redis import async_client
 from worker.store.state import State
 
@@ -74,6 +88,11 @@ REPLAY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{3,127}")
 METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.
 CLIENT_CLOSED_REQUEST: Final = 499
+#: The job API's one client today: the token ``hooks.api_token_env`` names (by that key,
+#: so the intake's Redis keys hold nothing derived from the token).
+API_CLIENT: Final = "api_token"
+#: The service looks at the policy file at most this often (between requests).
+LOOK_EVERY: Final = 0.5
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,6 +141,62 @@ class Endpoints:
         self._registry_ingest: RegistryIngest | None = None
         #: Made by the lifespan (it needs the state store and a registry client).
         self.health: Health | None = None
+        #: The policy file this service runs, when it was loaded from one.
+        self.watch = _watch(config)
+        #: Why the policy file as it is now cannot be run (None while it can).
+        self.stale: str | None = None
+        self._looked = float("-inf")
+        #: Set when the policy this service runs changes: reported at once.
+        self.changed = asyncio.Event()
+        self._intake: JobIntake | None = None
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+    def look(self) -> None:
+        """Take a changed policy file (between requests); at most every :data:`LOOK_EVERY`."""
+        now = time.monotonic()
+        if self.watch is None or now - self._looked < LOOK_EVERY:
+            return
+        self._looked = now
+        before = (self.watch.digest, self.stale)
+        try:
+            new = self.watch.check()
+            self.stale = None
+        except PolicyChanging:
+            return  # being written: the current one serves until it settles
+        except StalePolicy as exc:
+            new, self.stale = None, str(exc)
+        if new is not None:
+            self.config = new
+            self._intake = None  # its bounds may have changed
+            _log_hooks(new.hooks)
+        if (self.watch.digest, self.stale) != before:
+            self.changed.set()
+
+    @property
+    def intake(self) -> JobIntake:
+        """The job API's bounds, over this state store (made again for a reloaded policy)."""
+        state = self.state
+        if self._intake is None or self._intake.state is not state:
+            hooks = self.config.hooks
+            self._intake = JobIntake(
+                state, total=hooks.max_queued_jobs, per_client=hooks.max_queued_jobs_per_token
+            )
+        return self._intake
+
+    async def report(self, *, withdraw: bool = False) -> None:
+        """This service's report in Redis (``regsweep status``): the policy it runs; taken
+        away with ``withdraw`` (the service stops)."""
+        if self.watch is None or self.state_store is None:
+            return
+        process = ProcessReport.of("service", self.watch, self.started)
+        client, keys = self.state_store.client, self.state_store.keys
+        try:
+            if withdraw:
+                await withdraw_async(client, keys, process.id)
+            else:
+                await report_async(client, keys, process)
+        except StateError as exc:
+            log.warning("%s not reported: %s", process.id, exc)
 
     @property
     def state(self) -> State:
@@ -186,7 +261,8 @@ class Endpoints:
             self.metrics.count(source, "ignored")
             reason = f"{what} does not delete images"
             return JSONResponse({"status": "ignored", "reason": reason}, status_code=202)
-        unwanted = sources.unwanted(self.config.policies, event)
+        # While the policy file does not load, nobody here can tell: the workers decide.
+        unwanted = sources.unwanted(self.config.policies, event) if self.stale is None else None
         if unwanted is not None:
             self.metrics.count(source, "ignored")
             log.info("%s delivery %s ignored: %s", source, event.delivery_id, unwanted)
@@ -202,7 +278,14 @@ class Endpoints:
         body = await read_body(request, self.config.hooks.body_limit)
         _require_json(request, "Job requests")
         job = parse_job_request(body)
-        job_id = await submit_job(job, self.state, self.sink)
+        self._check_governed(job)
+        job_id = await self.intake.admit(API_CLIENT)
+        try:
+            await submit_job(job, self.state, self.sink, job_id=job_id)
+        except BaseException:
+            with contextlib.suppress(StateError):
+                await self.intake.release(API_CLIENT, job_id)
+            raise
         self.metrics.jobs.labels(job.kind.value, "queued").inc()
         status_url = f"/api/v1/jobs/{job_id}"
         return JSONResponse({"job_id": job_id, "status_url": status_url}, status_code=202)
@@ -228,6 +311,24 @@ class Endpoints:
         if done.job_id is not None:
             answer["status_url"] = f"/api/v1/jobs/{done.job_id}"
         return JSONResponse(answer, status_code=202)
+
+    def _check_governed(self, job: JobRequest) -> None:
+        """A prune or sweep of a repository no policy governs would do nothing: refused, as
+        ``regsweep prune NAME`` refuses it (restores are of what the audit holds)."""
+        if job.kind not in (JobKind.PRUNE, JobKind.SWEEP) or job.repository is None:
+            return
+        if self.stale is not None:
+            raise HTTPException(
+                503,
+                "the policy file changed and does not load, so which policy governs "
+                f"{job.repository} is not known; retry once it is fixed (regsweep check-config)",
+            )
+        if self.config.policy_for(job.repository) is None:
+            raise HTTPException(
+                422,
+                f"no policy governs {job.repository}: regsweep never prunes it "
+                "(no policy's repositories match it)",
+            )
 
     def _check_api_token(self, request: Request) -> None:
         token = self.config.hooks.api_token
@@ -292,6 +393,11 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
         count(request, "rejected")
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
+    async def queue_full(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, QueueFull)
+        headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
+
     async def unavailable(request: Request, exc: Exception) -> Response:
         count(request, "unavailable")
         log.error("%s %s: %s", request.method, request.url.path, exc)
@@ -314,6 +420,7 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
         Unverified: unverified,
         BadEvent: bad_event,
         HTTPException: http_error,
+        QueueFull: queue_full,
         StateError: unavailable,
         ClientDisconnect: client_gone,
         Exception: internal,
@@ -362,9 +469,14 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
         registry = registry_client(config.registry)
         if endpoints.state_store is not None:
             endpoints.health = Health(endpoints.state_store, registry)
+        reports = asyncio.create_task(_report_regularly(endpoints))
         try:
             yield
         finally:
+            reports.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reports
+            await endpoints.report(withdraw=True)
             endpoints.health = None
             await registry.aclose()
             if collector is not None:
@@ -376,7 +488,10 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
             if isinstance(sink, CelerySink):
                 await sink.aclose()
 
-    middleware = [Middleware(RequestLatency, metrics=metrics)]
+    middleware = [
+        Middleware(RequestLatency, metrics=metrics),
+        Middleware(PolicyLook, endpoints=endpoints),
+    ]
     if config.hooks.metrics_listen is not None:
         _, metrics_port = split_address(config.hooks.metrics_listen)
         middleware.append(Middleware(MetricsApart, port=metrics_port))
@@ -388,6 +503,38 @@ def create_app(config: Config, *, sink: EventSink, state: State | None = None) -
     )
     app.state.metrics = metrics
     return app
+
+
+def _watch(config: Config) -> PolicyWatch | None:
+    """A watch on the file ``config`` came from; None for a Config made in memory."""
+    try:
+        return PolicyWatch(config)
+    except ConfigError:
+        return None
+
+
+async def _report_regularly(endpoints: Endpoints) -> None:
+    """Look at the policy file and report it every :data:`REPORT_EVERY`, requests or not,
+    and at once when a request found it changed."""
+    while True:
+        endpoints.look()
+        endpoints.changed.clear()
+        await endpoints.report()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(endpoints.changed.wait(), REPORT_EVERY.total_seconds())
+
+
+class PolicyLook:
+    """Takes a changed policy file between requests (:meth:`Endpoints.look`)."""
+
+    def __init__(self, app: ASGIApp, endpoints: Endpoints) -> None:
+        self.app = app
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.endpoints.look()
+        await self.app(scope, receive, send)
 
 
 def _worker_metrics(metrics: ServiceMetrics, url: str | None) -> WorkerMetricsSnapshot | None:

@@ -187,9 +187,12 @@ async def ingest_ci(event: CiEvent, state: State, sink: EventSink, dedup: Sequen
     return bool(queued)
 
 
-async def submit_job(request: JobRequest, state: State, sink: EventSink) -> str:
-    """Record a job and enqueue it; the record is marked failed when enqueueing fails."""
-    job_id = await state.create_job(request.kind.value, request.params)
+async def submit_job(
+    request: JobRequest, state: State, sink: EventSink, *, job_id: str | None = None
+) -> str:
+    """Record a job (under ``job_id`` when given) and enqueue it; the record is marked
+    failed when enqueueing fails."""
+    job_id = await state.create_job(request.kind.value, request.params, job_id=job_id)
     try:
         await sink.job(job_id, request.kind.value, request.params)
     except Exception:

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import binary_for
 from tests.harness import cli, redisdb
+from tests.harness import service as h
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder
 from tests.harness.proxy import FaultyProxy
@@ -254,8 +255,10 @@ def _statuses(checks: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {name: check["status"] for name, check in checks.items()}
 
 
-def _config(tmp_path: Path, url: str, **registry: Any) -> Path:
-    path = cli.write_config(tmp_path / "regsweep.yaml", url, [POLICY], redis_url=redisdb.url(5))
+def _config(tmp_path: Path, url: str, redis_url: str | None = None, **registry: Any) -> Path:
+    path = cli.write_config(
+        tmp_path / "regsweep.yaml", url, [POLICY], redis_url=redis_url or redisdb.url(5)
+    )
     text = path.read_text()
     extra = "".join(f"  {key}: {value}\n" for key, value in registry.items())
     path.write_text(text.replace("registry:\n", "registry:\n" + extra, 1))
@@ -286,21 +289,36 @@ def own_registry(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Reg
     reg.stop()
 
 
+@pytest.fixture(scope="module")
+def persistent_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis with its append-only file on (else the redis check warns)."""
+    server = h.RedisServer(free_port(), data_dir=tmp_path_factory.mktemp("redis-aof"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
 def test_online_all_ok(
-    tmp_path: Path, own_registry: RegistryProcess, registry_binary: RegistryBinary
+    tmp_path: Path,
+    own_registry: RegistryProcess,
+    registry_binary: RegistryBinary,
+    persistent_redis: str,
 ) -> None:
-    """Against the real registry (deletes on) with its storage and Redis, every check is ok
-    and check-config exits 0: the clock agrees, the storage holds the tags on the digests the
-    registry answers, its link times are a day apart; the text form has one line per check;
-    `tag delete` says what the probe found: DELETE by tag on 3.x, the placeholder method on
-    2.8 (whose 400 DIGEST_INVALID it names), and the probe deleted nothing."""
+    """Against the real registry (deletes on) with its storage and a Redis that persists,
+    every check is ok and check-config exits 0: the clock agrees, the storage holds the tags
+    on the digests the registry answers, its link times are a day apart; the text form has
+    one line per check; `tag delete` says what the probe found: DELETE by tag on 3.x, the
+    placeholder method on 2.8 (whose 400 DIGEST_INVALID it names), and the probe deleted
+    nothing."""
     registry = own_registry
     with ImageBuilder.connect(registry.url) as builder:
         for i, repo in enumerate(("team/web", "team/api")):
             builder.image(repo, "v1")
             builder.image(repo, "v2")
             registry.set_pushed(repo, datetime.now(UTC) - timedelta(days=2 + i), "v1")
-        config = _config(tmp_path, registry.url, storage_path=registry.storage_path)
+        config = _config(
+            tmp_path, registry.url, persistent_redis, storage_path=registry.storage_path
+        )
         code, checks, _ = _online(config)
         assert builder.tags("team/web") == ["v1", "v2"]
     assert code == 0, checks
@@ -353,11 +371,11 @@ def test_online_storage_with_the_same_names_and_other_digests_fails(
 
 
 def test_online_deletes_disabled_fails_with_the_setting_to_change(
-    tmp_path: Path, deletes_off: RegistryProcess
+    tmp_path: Path, deletes_off: RegistryProcess, persistent_redis: str
 ) -> None:
     """storage.delete.enabled false: the DELETE probe gets 405 UNSUPPORTED, the check fails
     naming the setting, the exit code is 1, and nothing was deleted."""
-    config = _config(tmp_path, deletes_off.url)
+    config = _config(tmp_path, deletes_off.url, persistent_redis)
     code, checks, _ = _online(config)
     assert code == 1
     assert _statuses(checks) == {

@@ -55,6 +55,9 @@ REPLAYED: Final = (
     "needs a dead letter or a recorded CI event: tests/test_worker_jobs.py, "
     "tests/test_e2e_nolost.py"
 )
+#: The compose stack's command lines: tests/test_stack.py runs each in its container.
+_IN_STACK: Final = "tests/test_stack.py runs it in the stack's container (docker exec)"
+_EXEC_WORKER: Final = "docker compose exec worker regsweep -c /etc/regsweep/regsweep.yaml"
 #: Commands the docs show that this test does not run, and where they are run instead.
 NOT_RUN: Final[dict[str, str]] = {
     "scripts/test": "the suite itself: CI runs it",
@@ -63,6 +66,13 @@ NOT_RUN: Final[dict[str, str]] = {
     "scripts/stack status": "tests/test_stack.py",
     "scripts/stack logs worker": "tests/test_stack.py",
     "scripts/stack down": "tests/test_stack.py",
+    "REGSWEEP_POLICY_DIGEST=$(sha256sum deploy/regsweep.yaml | cut -c1-64) docker compose up -d": (
+        "what scripts/stack up does; tests/test_stack.py edits the policy and runs it again"
+    ),
+    f"{_EXEC_WORKER} plan team/web": _IN_STACK,
+    f"{_EXEC_WORKER} status": _IN_STACK,
+    f"{_EXEC_WORKER} gc --enqueue --dry-run": _IN_STACK,
+    "docker compose exec gc-worker regsweep -c /etc/regsweep/regsweep.yaml gc --dry-run": _IN_STACK,
     "regsweep completion zsh > ~/.zfunc/_regsweep": "writes into the home directory; "
     "tests/test_cli_polish.py checks the zsh script",
     "regsweep -c regsweep.yaml replay 7c1e0a92d4b4": REPLAYED,

@@ -207,7 +207,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                 str(config),
                 "worker",
                 "-Q",
-                "events,prune,gc",
+                "events,prune,jobs,gc",
                 "-c",
                 "2",
                 "--loglevel",
@@ -271,7 +271,7 @@ def test_a_prune_tells_every_target_as_it_can_take_it(rig: Rig) -> None:
 
     slack = wait_for(lambda: rig.receiver.of("slack", "prune.deleted"), "the Slack delivery")
     message = slack[0].body
-    assert set(message) == {"text", "blocks"}
+    assert set(message) == {"text", "blocks", "link_names", "unfurl_links", "unfurl_media"}
     assert message["text"].startswith(f"regsweep deleted 2 from {REPOSITORY}")
     assert [b["type"] for b in message["blocks"]] == ["header", "section", "context"]
     assert message["blocks"][1]["text"]["type"] == "mrkdwn" and "b1" in message["text"]
@@ -295,7 +295,7 @@ def test_a_prune_tells_every_target_as_it_can_take_it(rig: Rig) -> None:
     assert rig.receiver.of("ok-gc") == []
     assert rig.outcomes()[("ok", "prune.deleted", "sent")] == 1
     log = rig.log
-    assert "no answer within 1s" in log and "HTTP 500: internal error at <url>" in log
+    assert "no complete answer within 1s" in log and "HTTP 500: internal error at <url>" in log
     everything = log + json.dumps(rig.job(job_id)) + json.dumps(list(rig.outcomes()))
     for secret in SECRETS.values():
         assert secret not in everything

@@ -9,6 +9,7 @@ one stack; the last one takes it down and looks for anything left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ import yaml
 
 from tests.harness import service as payloads
 from tests.harness import stack as s
-from tests.harness.compose import ComposeStack, json_log_lines, remove_project
+from tests.harness.compose import UP_TIMEOUT, ComposeStack, json_log_lines, remove_project
 from tests.harness.docker import docker_engine
 from tests.harness.images import ImageBuilder, PushedImage, random_layer
 from tests.harness.registry import RegistryBinary
@@ -522,6 +523,54 @@ def test_jobs_and_status_in_the_worker_container(
 
     code, stdout, _ = regsweep_in(worker, "--version")
     assert code == 0 and stdout.startswith("regsweep ")
+
+
+def test_an_edited_policy_is_taken_by_every_process_after_stack_up(
+    stack: ComposeStack, client: docker.DockerClient
+) -> None:
+    """The policy file replaced by a new one (renamed over it, which a running container's
+    single-file mount never shows) and `scripts/stack up` run again: the containers that
+    mount it are recreated, and `regsweep status` in the worker lists the service, both
+    workers and beat, every one on the new file's digest."""
+    roles = ("service", "worker", "gc-worker", "beat")
+    before = {role: stack.container(client, role).id for role in roles}
+    document = yaml.safe_load(stack.policy_file.read_text())
+    stack.write_policy(document | {"sweep": {"every": "5h"}})
+    digest = "sha256:" + hashlib.sha256(stack.policy_file.read_bytes()).hexdigest()
+    done = stack.run("up", timeout=UP_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = {role: stack.container(client, role).id for role in roles}
+    assert [role for role in roles if after[role] == before[role]] == []
+    worker = stack.container(client, "worker")
+
+    def every_process_on_the_new_policy() -> list[str] | None:
+        code, stdout, _ = regsweep_in(worker, "status", "--json")
+        if code != 0:
+            return None
+        reported = json.loads(stdout)["processes"]
+        on_it = sorted(p["role"] for p in reported if p["policy"] == digest)
+        return on_it if on_it == ["beat", "service", "worker", "worker"] else None
+
+    s.wait_for(every_process_on_the_new_policy, timeout=90, step=1)
+
+
+def test_the_command_line_as_operations_md_runs_it_in_the_stack(
+    stack: ComposeStack, client: docker.DockerClient, http: httpx.Client
+) -> None:
+    """docs/operations.md's command lines against the stack: plan and status in the worker,
+    a GC enqueued from the worker (the gc-worker runs it), a GC run in the gc-worker (the
+    one with the Docker socket): each exits 0."""
+    worker = stack.container(client, "worker")
+    code, stdout, stderr = regsweep_in(worker, "plan", "e2e/jobs")
+    assert code == 0 and "e2e/jobs" in stdout, stderr
+    code, stdout, stderr = regsweep_in(worker, "status")
+    assert code == 0 and "processes:" in stdout, stderr
+    code, stdout, stderr = regsweep_in(worker, "gc", "--enqueue", "--dry-run")
+    assert code == 0, stderr
+    job = finished_job(http, stdout.split()[0], timeout=120)
+    assert job["state"] == "succeeded", job
+    code, stdout, stderr = regsweep_in(stack.container(client, "gc-worker"), "gc", "--dry-run")
+    assert code == 0, stdout + stderr
 
 
 def test_down_leaves_nothing_behind(stack: ComposeStack, client: docker.DockerClient) -> None:

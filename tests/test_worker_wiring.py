@@ -72,9 +72,10 @@ def test_celery_args_pass_through_untouched() -> None:
 
 
 def test_job_kinds_map_to_tasks_and_queues() -> None:
-    """prune (one repository or all), sweep, gc and restore each become the right task."""
+    """prune (one repository or all), sweep, gc and restore each become the right task, on
+    the `jobs` queue apart from GC: never in the way of the prunes pushes ask for."""
     one = job_message("j", "prune", {"repository": "a/b", "dry_run": True})
-    assert (one.name, one.queue) == ("regsweep.prune", "prune")
+    assert (one.name, one.queue) == ("regsweep.prune", "jobs")
     assert one.kwargs == {
         "repository": "a/b",
         "job_id": "j",
@@ -83,15 +84,16 @@ def test_job_kinds_map_to_tasks_and_queues() -> None:
         "trigger": "api",
     }
     every = job_message("j", "prune", {})
-    assert (every.name, every.kwargs["repository"]) == ("regsweep.sweep", None)
+    assert (every.name, every.queue, every.kwargs["repository"]) == ("regsweep.sweep", "jobs", None)
     gc = job_message("j", "gc", {"dry_run": True})
     assert (gc.name, gc.queue, gc.kwargs) == ("regsweep.gc", "gc", {"job_id": "j", "dry_run": True})
     restore = job_message("j", "restore", {"repository": "a/b", "digest": "sha256:" + "0" * 64})
-    assert (restore.name, restore.kwargs["digest"]) == ("regsweep.restore", "sha256:" + "0" * 64)
+    assert (restore.name, restore.queue) == ("regsweep.restore", "jobs")
+    assert restore.kwargs["digest"] == "sha256:" + "0" * 64
 
 
 def test_celery_sink_puts_each_message_on_its_own_queue(broker: redis.Redis) -> None:
-    """Events go to `events`, prunes to `prune`, GC to `gc`: each exactly once."""
+    """Events go to `events`, jobs to `jobs`, GC to `gc`: each exactly once."""
     sink = CelerySink.from_config(config())
     event = RegistryEvent(
         id="e1",
@@ -117,7 +119,8 @@ def test_celery_sink_puts_each_message_on_its_own_queue(broker: redis.Redis) -> 
     assert [name for name, _ in events] == ["regsweep.registry_events", "regsweep.ci_event"]
     assert events[0][1]["events"][0]["id"] == "e1"
     assert events[1][1]["event"]["branch"] == "feature"
-    assert messages(broker, "prune") == [
+    assert messages(broker, "prune") == []
+    assert messages(broker, "jobs") == [
         (
             "regsweep.prune",
             {
@@ -154,7 +157,7 @@ def test_prune_enqueue_records_jobs_and_queues_prunes(
         record = broker.hgetall(f"regsweep:job:{job_id}")
         assert json.loads(record["state"]) == "queued"
         assert json.loads(record["params"]) == {"repository": repository, "dry_run": True}
-    queued = messages(broker, "prune")
+    queued = messages(broker, "jobs")
     assert [(k["repository"], k["job_id"], k["dry_run"]) for _, k in queued] == [
         ("a/b", job_ids[0], True),
         ("c/d", job_ids[1], True),

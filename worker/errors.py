@@ -24,6 +24,7 @@
     │   ├── Deferred                 a maintenance window runs: after its end
     │   └── RepositoryBusy           another prune holds the repository: retried shortly
     ├── BadEvent                     a webhook payload or job request that cannot be used (4xx)
+    ├── QueueFull                    too many jobs accepted and not started yet (429)
     ├── Unverified                   a delivery failed authentication (401)
     └── ControllerError              switching the registry or running GC failed
         └── GcLockLost               the GC lock expired under a running GC: the GC is stopped
@@ -151,6 +152,14 @@ class RepositoryBusy(PruneWaits):
 
 class BadEvent(RegsweepError):
     """A webhook payload that cannot be used; the message says which field is wrong."""
+
+
+class QueueFull(RegsweepError):
+    """Too many jobs the API accepted are waiting for a worker: ask again in ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class Unverified(RegsweepError):

@@ -85,6 +85,8 @@ class ComposeStack:
         document = {
             "registry": {"url": "http://registry:5000", "storage_path": "/var/lib/registry"},
             "redis": {"url": "redis://redis:6379/0"},
+            # As deploy/regsweep.yaml: the audit copied to the volume every container shares.
+            "audit": {"path": "/var/lib/regsweep/audit.jsonl"},
             "sweep": {"every": "6h"},
             "hooks": hooks(),
             "policies": list(self.policies),
@@ -97,11 +99,17 @@ class ComposeStack:
         if self.notify:
             document["notify"] = list(self.notify)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.policy_file.write_text(yaml.safe_dump(document, sort_keys=False))
-        # The container's non-root user reads it through a bind mount.
-        self.policy_file.chmod(0o644)
+        self.write_policy(document)
         variables = {**ENVIRONMENT, **self.extra_env}
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
+
+    def write_policy(self, document: Mapping[str, Any]) -> None:
+        """Replace the policy file (a new file renamed over it, as many editors save)."""
+        fresh = self.policy_file.with_suffix(".new")
+        fresh.write_text(yaml.safe_dump(dict(document), sort_keys=False))
+        # The container's non-root user reads it through a bind mount.
+        fresh.chmod(0o644)
+        fresh.replace(self.policy_file)
 
     def environ(self) -> dict[str, str]:
         return {

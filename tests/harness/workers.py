@@ -57,7 +57,17 @@ class Rig:
         unshare = ["unshare", "--pid", "--fork", "--mount-proc"] if namespace else []
         quiet = ["--without-heartbeat", "--without-mingle", "--without-gossip"]
         proc = subprocess.Popen(
-            [*unshare, REGSWEEP, "-c", str(self.config), "worker", "-Q", "prune", *args, *quiet],
+            [
+                *unshare,
+                REGSWEEP,
+                "-c",
+                str(self.config),
+                "worker",
+                "-Q",
+                "prune,jobs",
+                *args,
+                *quiet,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

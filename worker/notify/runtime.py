@@ -27,7 +27,8 @@ from worker.store.redis import sync_client
 log = logging.getLogger("regsweep.notify")
 
 _lock = threading.Lock()
-_process: tuple[int, Notifier, redis.Redis | None] | None = None
+#: This process's notifier: the pid and Config it was made for, and its Redis client.
+_process: tuple[int, Notifier, redis.Redis | None, Config] | None = None
 
 
 def counting(client: redis.Redis | None, keys: Keys) -> OutcomeCallback:
@@ -60,11 +61,20 @@ def publish(config: Config, note: Notification | None) -> None:
         return
     global _process  # noqa: PLW0603 - one notifier per process by design
     try:
+        replaced = None
         with _lock:
-            if _process is None or _process[0] != os.getpid():
+            if _process is None or _process[0] != os.getpid() or _process[3] is not config:
+                # A reloaded policy file may name other targets: a notifier of its own.
+                if _process is not None and _process[0] == os.getpid():
+                    replaced = _process
                 notifier, client = make_notifier(config)
-                _process = (os.getpid(), notifier, client)
+                _process = (os.getpid(), notifier, client, config)
             notifier = _process[1]
+        if replaced is not None:
+            # What the old one holds is still delivered, without holding up this job.
+            drain = threading.Thread(target=_close, args=(replaced, DEFAULT_DRAIN_SECONDS))
+            drain.daemon = True
+            drain.start()
         notifier.publish(note)
     except Exception:  # a notification never fails what published it
         log.warning("notification %s not queued", note.event, exc_info=True)
@@ -77,6 +87,10 @@ def close(wait: float = DEFAULT_DRAIN_SECONDS) -> None:
         made, _process = _process, None
     if made is None or made[0] != os.getpid():
         return
+    _close(made, wait)
+
+
+def _close(made: tuple[int, Notifier, redis.Redis | None, Config], wait: float) -> None:
     made[1].close(wait)
     if made[2] is not None:
         made[2].close()

@@ -12,6 +12,16 @@ the notification was made; any other answer (a 404 for a deleted Slack hook,
 ``sent``, ``failed`` or ``dropped`` (a full queue, or pending when the process
 closed the sender), logged and counted through ``on_outcome``.
 
+Each attempt is bounded as a whole, not per read: connecting, sending, the
+status line, headers and what is read of the body all happen within
+``timeout`` (an asyncio deadline around the request, on the thread's own
+event loop), so a receiver that answers one byte a second cannot keep an
+attempt, or its target's queue, for longer than that. Of an answer, at most
+:data:`ANSWER_LIMIT` bytes are read (only a failure's are, for its log line;
+a 2xx is not read at all), undecoded; headers are bounded by h11's 16 KiB.
+A process that closes cancels the attempt under way, which then ends
+``failed`` like any other.
+
 Why threads in the process that made the notification, rather than Celery
 tasks: a notification must go out when the broker is the thing in trouble
 (the alert of a window that left the registry read-only, a recovery), from
@@ -26,6 +36,8 @@ text and a receiver's answer are scrubbed of it before they are logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -64,6 +76,10 @@ RETRY_CAP_SECONDS: Final = 30.0
 RETRYABLE: Final = frozenset({408, 425, 429})
 #: How long a closing process waits for its pending notifications.
 DEFAULT_DRAIN_SECONDS: Final = 10.0
+#: Bytes of an answer read at most (of a failure's, for its log line; a 2xx is not read).
+ANSWER_LIMIT: Final = 4096
+#: Characters of an answer put in a log line or an outcome's detail.
+SHOWN_LIMIT: Final = 200
 USER_AGENT: Final = f"regsweep/{_version()}"
 
 #: Told (target name, event, outcome) for every notification that ends.
@@ -81,8 +97,11 @@ class Attempt:
     retry_after: float | None = None
 
 
-def post(client: httpx.Client, target: NotifyTarget, note: Notification, timeout: float) -> Attempt:
-    """One delivery attempt of ``note`` to ``target``; never raises."""
+async def post(
+    client: httpx.AsyncClient, target: NotifyTarget, note: Notification, timeout: float
+) -> Attempt:
+    """One delivery attempt of ``note`` to ``target``, all of it within ``timeout``
+    seconds; never raises (but a cancelled attempt is cancelled)."""
     url = target.url.reveal()
     content = json.dumps(payload.body(target.kind, note), default=str).encode()
     headers = {
@@ -90,19 +109,38 @@ def post(client: httpx.Client, target: NotifyTarget, note: Notification, timeout
         "User-Agent": USER_AGENT,
         "X-Regsweep-Event": note.event,
         "X-Regsweep-Delivery": note.id,
+        # The answer is read raw (a few KiB at most): no compressed body to expand.
+        "Accept-Encoding": "identity",
     }
     try:
-        response = client.post(url, content=content, headers=headers, timeout=timeout)
-    except httpx.TimeoutException:
-        return Attempt(False, retry=True, detail=f"no answer within {timeout:.3g}s")
+        async with asyncio.timeout(timeout):
+            request = client.stream("POST", url, content=content, headers=headers, timeout=timeout)
+            async with request as response:
+                if 200 <= response.status_code < 300:
+                    return Attempt(True)
+                return _failure(response, await _excerpt(response), url)
+    except (TimeoutError, httpx.TimeoutException):
+        return Attempt(False, retry=True, detail=f"no complete answer within {timeout:.3g}s")
     except httpx.TransportError as exc:
         return Attempt(False, retry=True, detail=scrub(f"{type(exc).__name__}: {exc}", url))
     except httpx.HTTPError as exc:
         return Attempt(False, detail=scrub(f"{type(exc).__name__}: {exc}", url))
+
+
+async def _excerpt(response: httpx.Response) -> str:
+    """The first :data:`ANSWER_LIMIT` bytes of an answer's body; the rest is never read
+    (leaving the block closes the connection)."""
+    got = bytearray()
+    async for chunk in response.aiter_raw():
+        got += chunk[: ANSWER_LIMIT - len(got)]
+        if len(got) >= ANSWER_LIMIT:
+            break
+    return got.decode("utf-8", errors="replace")
+
+
+def _failure(response: httpx.Response, body: str, url: str) -> Attempt:
     status = response.status_code
-    if 200 <= status < 300:
-        return Attempt(True)
-    detail = scrub(f"HTTP {status}: {response.text[:200]}".rstrip(": "), url)
+    detail = scrub(f"HTTP {status}: {body[:SHOWN_LIMIT]}".rstrip(": "), url)
     if status in RETRYABLE or status >= 500:
         return Attempt(False, retry=True, detail=detail, retry_after=_retry_after(response))
     return Attempt(False, detail=detail)
@@ -123,24 +161,25 @@ def scrub(text: str, url: str) -> str:
 
 
 class TargetSender:
-    """One target's queue and the thread that delivers it."""
+    """One target's queue and the thread that delivers it, on an event loop of its own."""
 
     def __init__(
         self,
         target: NotifyTarget,
         on_outcome: OutcomeCallback,
         *,
-        client: httpx.Client | None = None,
         queue_limit: int = QUEUE_LIMIT,
         retry_base: float = RETRY_BASE_SECONDS,
     ) -> None:
         self.target = target
         self._on_outcome = on_outcome
-        self._client = client or httpx.Client(follow_redirects=False)
         self._queue: queue.Queue[tuple[Notification, float] | None] = queue.Queue()
         self._limit = queue_limit
         self._retry_base = retry_base
         self.stop = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        #: The attempt under way (cancelled when the process closes the sender).
+        self._current: asyncio.Task[Attempt] | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"regsweep-notify-{target.name}", daemon=True
         )
@@ -157,8 +196,11 @@ class TargetSender:
         self._queue.put(None)
 
     def abandon(self) -> None:
-        """Stop retrying; what is still queued is dropped (and counted) now."""
+        """Stop: the attempt under way is cancelled (it ends failed), what is still queued
+        is dropped (and counted) now."""
         self.stop.set()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no attempt is under way
+            self._loop.call_soon_threadsafe(self._cancel)
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -166,28 +208,43 @@ class TargetSender:
                 break
             if item is not None:
                 self._end(item[0], DROPPED, "the process closed before it was sent")
-        self._queue.put(None)  # the thread, still in an attempt, ends after it
+        self._queue.put(None)
+
+    def _cancel(self) -> None:
+        if self._current is not None:
+            self._current.cancel()
 
     def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        client = httpx.AsyncClient(follow_redirects=False)
         try:
             while (item := self._queue.get()) is not None:
                 note, made = item
                 if self.stop.is_set():
                     self._end(note, DROPPED, "the process closed before it was sent")
                 else:
-                    self.deliver(note, made)
+                    self.deliver(client, note, made)
         finally:
-            self._client.close()
+            self._loop.run_until_complete(client.aclose())
+            self._loop.close()
 
-    def deliver(self, note: Notification, made: float) -> None:
+    def _attempt(self, client: httpx.AsyncClient, note: Notification, timeout: float) -> Attempt:
+        """One attempt on this thread's loop; a cancelled one is a failure."""
+        self._current = self._loop.create_task(post(client, self.target, note, timeout))
+        try:
+            return self._loop.run_until_complete(self._current)
+        except asyncio.CancelledError:
+            return Attempt(False, detail="the process closed during the attempt")
+        finally:
+            self._current = None
+
+    def deliver(self, client: httpx.AsyncClient, note: Notification, made: float) -> None:
         target = self.target
         deadline = made + target.give_up_after.total_seconds()
         attempts, detail = 0, "given up before the first attempt"
-        while (remaining := deadline - time.monotonic()) > 0:
+        while (remaining := deadline - time.monotonic()) > 0 and not self.stop.is_set():
             attempts += 1
-            result = post(
-                self._client, target, note, min(target.timeout.total_seconds(), remaining)
-            )
+            result = self._attempt(client, note, min(target.timeout.total_seconds(), remaining))
             if result.ok:
                 self._end(note, SENT, f"attempt {attempts}")
                 return

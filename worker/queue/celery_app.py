@@ -2,7 +2,10 @@
 
 Queues (DESIGN.md "Workers"):
 - ``events``: cheap and many — apply registry/CI events to the tag index, fan out prunes;
-- ``prune``: one repository per task, serialized per repository by a Redis lock;
+- ``prune``: the prunes pushes ask for (and untagged graces), one repository per task,
+  serialized per repository by a Redis lock;
+- ``jobs``: the work people, the API, CI events and sweeps ask for (prunes, sweeps,
+  restores): a flood of those never stands between a push and its prune;
 - ``gc``: one consumer, concurrency 1 (``regsweep worker -Q gc -c 1``).
 
 Every task is ``acks_late`` and idempotent; a worker lost mid-task means the
@@ -111,7 +114,7 @@ class CronSchedule(BaseSchedule):
         return f"<cron {self.expression}>"
 
 
-def _beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
+def beat_schedule(config: Config) -> dict[str, dict[str, Any]]:
     schedule: dict[str, dict[str, Any]] = {
         "sweep": {"task": TASK_SWEEP, "schedule": config.sweep_every.total_seconds()},
         "tick": {"task": TASK_TICK, "schedule": TICK_EVERY.total_seconds()},
@@ -138,6 +141,7 @@ TASK_MODULES: Final = (
     "worker.queue.tasks",
     "worker.queue.leases",
     "worker.maintenance.tasks",
+    "worker.queue.reload",
 )
 
 
@@ -173,7 +177,9 @@ def make_celery(config: Config) -> Celery:
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         timezone="UTC",
         enable_utc=True,
-        beat_schedule=_beat_schedule(config),
+        beat_schedule=beat_schedule(config),
+        # Follows a changed policy file (worker.queue.reload).
+        beat_scheduler="worker.queue.reload:PolicyScheduler",
         worker_hijack_root_logger=False,
     )
     return app

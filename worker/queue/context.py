@@ -15,9 +15,10 @@ from worker.engine.prune import Pruner
 from worker.errors import ConfigError
 from worker.registry.client import RegistryClient
 from worker.settings.model import Config
-from worker.store.audit import RedisAuditLog
-from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.audit import AuditLog
+from worker.store.keys import DEFAULT_PREFIX
 from worker.store.metrics import WorkerMetrics
+from worker.store.open import redis_audit, tag_index
 from worker.store.redis import redis_options
 from worker.store.state import State
 from worker.store.tagindex import TagIndex
@@ -29,7 +30,7 @@ class WorkerContext:
     redis: aioredis.Redis
     client: RegistryClient
     index: TagIndex
-    audit: RedisAuditLog
+    audit: AuditLog
     state: State
     pruner: Pruner
     metrics: WorkerMetrics
@@ -43,8 +44,8 @@ class WorkerContext:
         client = RegistryClient.from_settings(
             config.registry, on_response=metrics.registry_response
         )
-        index = TagIndex(redis, prefix=prefix)
-        audit = RedisAuditLog(redis, keys=Keys(prefix))
+        index = tag_index(redis, config, prefix=prefix)
+        audit = redis_audit(redis, config, prefix=prefix)
         pruner = Pruner(config, client, history=index, audit=audit, manifest_cache=ManifestCache())
         state = State(redis, prefix=prefix)
         return cls(config, redis, client, index, audit, state, pruner, metrics)

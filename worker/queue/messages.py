@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from worker.errors import ConfigError
-from worker.queue.names import GC_QUEUE, PRUNE_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
+from worker.queue.names import GC_QUEUE, JOBS_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
 
 
 def follow_hint(job_id: str) -> str:
@@ -59,6 +59,7 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
     (``incremental=False``): the tag index may lag, and the point of asking is
     usually "look again". A prune without a repository is a sweep. A replayed prune
     (``regsweep replay``) carries the CI requests and the trigger of the one it replays.
+    All go to the ``jobs`` queue, apart from the prunes pushes ask for.
     """
     dry_run = bool(params.get("dry_run", False))
     repository = params.get("repository")
@@ -67,13 +68,13 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
         kwargs |= {"incremental": False, "trigger": str(params.get("trigger") or "api")}
         if params.get("requests"):
             kwargs["requests"] = list(params["requests"])
-        return TaskMessage(TASK_PRUNE, kwargs, PRUNE_QUEUE)
+        return TaskMessage(TASK_PRUNE, kwargs, JOBS_QUEUE)
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
-        return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)
+        return TaskMessage(TASK_SWEEP, kwargs, JOBS_QUEUE)
     if kind == "gc":
         return TaskMessage(TASK_GC, {"job_id": job_id, "dry_run": dry_run}, GC_QUEUE)
     if kind == "restore":
         kwargs = {"job_id": job_id, "repository": repository, "digest": params.get("digest")}
-        return TaskMessage(TASK_RESTORE, kwargs, PRUNE_QUEUE)
+        return TaskMessage(TASK_RESTORE, kwargs, JOBS_QUEUE)
     raise ConfigError(f"no task carries out jobs of kind {kind!r}")

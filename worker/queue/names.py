@@ -11,13 +11,28 @@ from typing import Final
 EVENTS_QUEUE: Final = "events"
 
 
+#: The prunes pushes ask for (and untagged graces): never behind a flood of jobs.
 PRUNE_QUEUE: Final = "prune"
+
+
+#: What people, the API, CI events and sweeps ask for: prunes, sweeps, restores.
+JOBS_QUEUE: Final = "jobs"
 
 
 GC_QUEUE: Final = "gc"
 
 
-QUEUES: Final = (EVENTS_QUEUE, PRUNE_QUEUE, GC_QUEUE)
+QUEUES: Final = (EVENTS_QUEUE, PRUNE_QUEUE, JOBS_QUEUE, GC_QUEUE)
+
+
+#: Prune triggers that come from the registry's own pushes: the ``prune`` queue.
+PUSH_TRIGGERS: Final = frozenset({"push", "untagged grace"})
+
+
+def prune_queue(trigger: str) -> str:
+    """The queue of a prune asked for by ``trigger``: ``prune`` for a push's (and the
+    untagged grace it schedules), ``jobs`` for everything else."""
+    return PRUNE_QUEUE if trigger in PUSH_TRIGGERS else JOBS_QUEUE
 
 
 TASK_REGISTRY_EVENTS: Final = "regsweep.registry_events"
@@ -49,7 +64,7 @@ ROUTES: Final = {
     TASK_CI_EVENT: EVENTS_QUEUE,
     TASK_TICK: EVENTS_QUEUE,
     TASK_PRUNE: PRUNE_QUEUE,
-    TASK_SWEEP: PRUNE_QUEUE,
-    TASK_RESTORE: PRUNE_QUEUE,
+    TASK_SWEEP: JOBS_QUEUE,
+    TASK_RESTORE: JOBS_QUEUE,
     TASK_GC: GC_QUEUE,
 }

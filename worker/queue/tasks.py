@@ -44,6 +44,7 @@ from worker.queue.names import (
     TASK_RESTORE,
     TASK_SWEEP,
     TASK_TICK,
+    prune_queue,
 )
 from worker.queue.runtime import EventLoopThread, configured
 from worker.store.state import JobState
@@ -124,13 +125,24 @@ def _close_clients(**_: Any) -> None:
     _loop = _ctx = None
 
 
+def reopen_context() -> None:
+    """Close this process's clients; the next task opens them from the Config configured now
+    (a policy file reloaded between tasks: :mod:`worker.queue.reload`)."""
+    global _loop, _ctx  # noqa: PLW0603
+    if _loop is not None and _ctx is not None:
+        _loop.run(_ctx.aclose())
+        _loop.close()
+    _loop = _ctx = None
+
+
 def _backoff(retries: int) -> float:
     """Before Celery retry ``retries + 1`` of a prune the registry failed: spread out."""
     return backoff(retries + 1, base=RETRY_BASE_SECONDS, cap=RETRY_MAX_SECONDS, jitter=0.5)
 
 
 def enqueue_prune(repository: str, **kwargs: Any) -> None:
-    prune.apply_async(kwargs={"repository": repository, **kwargs}, queue=PRUNE_QUEUE)
+    queue = prune_queue(str(kwargs.get("trigger", "api")))
+    prune.apply_async(kwargs={"repository": repository, **kwargs}, queue=queue)
 
 
 @shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import hashlib
 import os
 import re
 import shlex
@@ -51,6 +52,8 @@ from worker.settings.model import (
     DEFAULT_HEAD_LIMIT,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED_JOBS,
+    DEFAULT_MAX_QUEUED_JOBS_PER_TOKEN,
     DEFAULT_NOTIFY_GIVE_UP,
     DEFAULT_NOTIFY_RETRIES,
     DEFAULT_NOTIFY_TIMEOUT,
@@ -117,6 +120,8 @@ _HOOK_KEYS: Final = (
     "head_timeout",
     "body_timeout",
     "max_connections",
+    "max_queued_jobs",
+    "max_queued_jobs_per_token",
 )
 _POLICY_KEYS: Final = (
     "name",
@@ -181,8 +186,9 @@ def load_config(
     cannot serve on this machine (:mod:`worker.settings.local`)."""
     source = os.fspath(path)
     try:
+        raw = Path(path).read_bytes()
         # utf-8-sig: editors on Windows save a BOM, which YAML would read as content.
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such file") from None
     except IsADirectoryError:
@@ -191,13 +197,24 @@ def load_config(
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
-    return parse_config(text, source, environ, strict=strict)
+    return parse_config(text, source, environ, strict=strict, digest=policy_digest(raw))
+
+
+def policy_digest(raw: bytes) -> str:
+    """What ``status`` and the processes' reports name a policy file's content by."""
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def parse_config(
-    text: str, source: str, environ: Mapping[str, str] | None = None, *, strict: bool = False
+    text: str,
+    source: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    strict: bool = False,
+    digest: str | None = None,
 ) -> Config:
-    """Parse and validate policy-file ``text``; ``source`` names it in messages."""
+    """Parse and validate policy-file ``text``; ``source`` names it in messages, ``digest``
+    its bytes (by default, those of ``text`` as UTF-8)."""
     environ = env.current() if environ is None else environ
     problems = _Problems(source)
     top = _Section(_load_yaml(text, source, problems), "", problems, _TOP_KEYS)
@@ -207,11 +224,13 @@ def parse_config(
     hooks = _hooks(top, environ)
     policies = _policies(top)
     maintenance = _maintenance(top)
-    audit_path = _audit_path(top, source)
+    audit_path, audit_given = _audit_path(top, source)
     restore_hold = top.section("restore", ("hold",)).duration("hold") or DEFAULT_RESTORE_HOLD
     notify = _notify(top, environ)
     if strict:
-        for key, message in local_problems(registry, hooks, audit_path, redis_url):
+        # The audit file is written without Redis, and beside it when audit.path is given.
+        file_redis = None if audit_given else redis_url
+        for key, message in local_problems(registry, hooks, audit_path, file_redis):
             problems.add(key, message, problems.key_lines.get(key))
         for unset in notify.unset:  # a notification target that would never send
             key, _, message = unset.partition(": ")
@@ -225,9 +244,12 @@ def parse_config(
         hooks=hooks,
         maintenance=maintenance,
         audit_path=audit_path,
+        # With Redis, the file is a second copy of the audit only when asked for.
+        audit_mirror=audit_path if audit_given and redis_url is not None else None,
         restore_hold=restore_hold,
         source=source,
         notify=notify,
+        digest=digest or policy_digest(text.encode()),
     )
 
 
@@ -578,12 +600,13 @@ def _storage_path(section: _Section) -> str | None:
     return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
-def _audit_path(top: _Section, source: str) -> str:
+def _audit_path(top: _Section, source: str) -> tuple[str, bool]:
     """The JSONL audit file: ``audit.path``, relative to the policy file's directory, by
-    default ``regsweep-audit.jsonl`` beside it, whatever the working directory is."""
-    given = top.section("audit", ("path",)).text("path") or DEFAULT_AUDIT_PATH
+    default ``regsweep-audit.jsonl`` beside it, whatever the working directory is; and
+    whether the file names it."""
+    given = top.section("audit", ("path",)).text("path")
     base = Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
-    return str(base / Path(given).expanduser())
+    return str(base / Path(given or DEFAULT_AUDIT_PATH).expanduser()), given is not None
 
 
 def _registry_url(section: _Section) -> str:
@@ -693,6 +716,9 @@ def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
         head_timeout=section.duration("head_timeout") or DEFAULT_HEAD_TIMEOUT,
         body_timeout=section.duration("body_timeout") or DEFAULT_BODY_TIMEOUT,
         max_connections=section.integer("max_connections", low=1) or DEFAULT_MAX_CONNECTIONS,
+        max_queued_jobs=section.integer("max_queued_jobs", low=1) or DEFAULT_MAX_QUEUED_JOBS,
+        max_queued_jobs_per_token=section.integer("max_queued_jobs_per_token", low=1)
+        or DEFAULT_MAX_QUEUED_JOBS_PER_TOKEN,
         unset=tuple(sorted(unset)),
         variables=tuple(variables),
     )
@@ -1057,6 +1083,9 @@ def _command(controller: _Section, key: str) -> str:
     command = controller.text(key, required=True)
     if command is None:
         return ""
+    # A YAML block scalar ends in a newline, which the shell would read as the end of the
+    # command: whatever regsweep appends would then run as a command of its own.
+    command = command.strip()
     try:
         words = shlex.split(command)
     except ValueError as exc:
@@ -1065,7 +1094,40 @@ def _command(controller: _Section, key: str) -> str:
         return ""
     if not words:
         controller.problem(key, "is empty")
+    elif key == "gc_command" and (problem := _flags_go_astray(command)) is not None:
+        controller.problem(key, problem)
     return command
+
+
+#: Shell operators after which appended words no longer belong to the command before them.
+_SEPARATORS: Final = frozenset({";", "&", "&&", "||", "|", "|&", ";;"})
+
+
+def _flags_go_astray(command: str) -> str | None:
+    """Why ``--dry-run`` appended to ``command`` (which runs through ``sh``) would not reach
+    the garbage collector: a comment would swallow it, or a trailing operator or a
+    pipe would hand it to another command. None when it reaches the last command."""
+    plain = shlex.shlex(command, posix=True, punctuation_chars=True)
+    plain.commenters = ""
+    words = list(plain)
+    commented = shlex.shlex(command, posix=True, punctuation_chars=True)
+    if list(commented) != words:
+        return (
+            "has a '#' the shell reads as the start of a comment, which would swallow the "
+            "--dry-run regsweep appends: quote it, or remove the comment"
+        )
+    if words[-1] in _SEPARATORS or words[-1] in ("(", ")", "{", "}"):
+        return (
+            f"ends with {words[-1]!r}: regsweep appends --dry-run / --delete-untagged, so it "
+            "must end with the garbage-collect invocation"
+        )
+    last = max((i for i, w in enumerate(words) if w in _SEPARATORS - {"|", "|&"}), default=-1)
+    if any(w in ("|", "|&") for w in words[last + 1 :]):
+        return (
+            "ends in a pipe: the --dry-run regsweep appends would go to the last command of "
+            "the pipe, not to garbage-collect (wrap it in a script)"
+        )
+    return None
 
 
 # -- notifications --------------------------------------------------------------------------

@@ -24,6 +24,9 @@ DEFAULT_HEAD_LIMIT: Final = 64 * 1024
 DEFAULT_HEAD_TIMEOUT: Final = timedelta(seconds=10)
 DEFAULT_BODY_TIMEOUT: Final = timedelta(seconds=30)
 DEFAULT_MAX_CONNECTIONS: Final = 512
+#: Jobs the API has accepted that no worker has started yet, in all and per API token.
+DEFAULT_MAX_QUEUED_JOBS: Final = 1000
+DEFAULT_MAX_QUEUED_JOBS_PER_TOKEN: Final = 100
 #: How long ``restore`` holds what it put back (every plan keeps a held tag).
 DEFAULT_RESTORE_HOLD: Final = timedelta(days=7)
 
@@ -79,6 +82,9 @@ class HookSettings:
     body_timeout: timedelta = DEFAULT_BODY_TIMEOUT
     #: Open connections; one more is answered 503 and closed.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Jobs ``POST /api/v1/jobs`` accepted and no worker started yet; one more gets 429.
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS
+    max_queued_jobs_per_token: int = DEFAULT_MAX_QUEUED_JOBS_PER_TOKEN
     #: ``/metrics`` wants ``Authorization: Bearer`` with it when set.
     metrics_token: Secret | None = None
     #: ``host:port`` to serve ``/metrics`` on instead of the hooks' address.
@@ -181,10 +187,15 @@ class Config:
     #: The audit log (and, beside it, the CLI's state file) when no Redis is configured:
     #: an absolute path, by default next to the policy file.
     audit_path: str | None = None
+    #: With Redis, ``audit.path`` when the file gives it: every audit record (and hold) is
+    #: appended there too, so that restore and holds outlive a Redis that lost its data.
+    audit_mirror: str | None = None
     restore_hold: timedelta = DEFAULT_RESTORE_HOLD
     source: str = "<memory>"
     #: Where job summaries, GC reports and alerts are sent (``notify:``).
     notify: NotifySettings = field(default_factory=NotifySettings)
+    #: ``sha256:<hex>`` of the policy file's bytes as loaded (what ``status`` shows).
+    digest: str | None = None
 
     def policy_for(self, repository: str) -> Policy | None:
         """The first policy matching ``repository``; unmatched repositories are never touched."""

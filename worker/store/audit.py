@@ -10,7 +10,9 @@ garbage collection removes its blobs; the restore then marks the records it
 undid (a :class:`Restoration`), so the next restore of that digest leaves them be.
 
 One audit per installation: the Redis stream when ``redis.url`` is set (the
-workers and the CLI alike), else the JSONL file (:class:`JsonlAuditLog`).
+workers and the CLI alike), else the JSONL file (:class:`JsonlAuditLog`). With
+both ``redis.url`` and ``audit.path``, every record goes to both
+(:mod:`worker.store.mirror`): a Redis that lost its data keeps restore possible.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import uuid
@@ -274,6 +277,9 @@ def merge(
 
 # --- the file ---------------------------------------------------------------------------
 
+#: Records of the file that are not deletions: holds put and ended (:mod:`worker.store.mirror`).
+NOTE_KINDS: Final = frozenset({"hold", "unhold"})
+
 
 class JsonlAuditLog:
     """Append-only JSON lines. ``intend`` returns once its lines are fsynced.
@@ -306,6 +312,24 @@ class JsonlAuditLog:
         if restorations:
             await self._group.submit("".join(r.to_json() + "\n" for r in restorations))
 
+    async def note(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append records that are not deletions (holds: :mod:`worker.store.mirror`), each
+        with its ``record`` kind; durable when this returns, like an intent."""
+        if records:
+            await self._group.submit("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    def notes(self, kinds: frozenset[str]) -> list[dict[str, Any]]:
+        """The records of ``kinds`` (see :meth:`note`), in the order they were written."""
+        found: list[dict[str, Any]] = []
+        for _, line in self._lines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn line; reading the deletions reports it
+            if isinstance(record, dict) and record.get("record") in kinds:
+                found.append(record)
+        return found
+
     async def _write(self, chunks: list[str]) -> list[None]:
         await asyncio.to_thread(self._append, "".join(chunks))
         return [None] * len(chunks)
@@ -318,6 +342,10 @@ class JsonlAuditLog:
             if created:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a+b") as fh:
+                # Several processes may append (workers, the CLI): one at a time.
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                if created:
+                    _give_to_directory_owner(fh.fileno(), self.path.parent)
                 start = fh.seek(0, os.SEEK_END)
                 if start > 0:
                     fh.seek(start - 1)
@@ -362,7 +390,7 @@ class JsonlAuditLog:
                     settlements.append(Settlement.from_json(line))
                 elif kind == "restored":
                     restorations.append(Restoration.from_json(line))
-                else:
+                elif kind not in NOTE_KINDS:
                     entries.append(AuditEntry.from_json(line))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 problems.append(AuditProblem(number, f"not an audit record ({exc})"[:200]))
@@ -379,6 +407,17 @@ class JsonlAuditLog:
             return
         except OSError as exc:
             raise StateError(f"cannot read the audit log {self.path}: {exc.strerror}") from exc
+
+
+def _give_to_directory_owner(fd: int, directory: Path) -> None:
+    """A file root creates in another user's directory (compose's gc-worker runs as root,
+    the other regsweep processes as ``regsweep``) belongs to that user, or they could not
+    append to it, and could not delete anything."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(directory)
+    with contextlib.suppress(OSError):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _cut_back(fh: BinaryIO, size: int) -> None:

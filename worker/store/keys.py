@@ -22,6 +22,8 @@ metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:regist
                        ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
 health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
 worker leases          ``leases``, ``worker:<id>``
+processes, intake      ``processes``, ``process:<role>@<host>:<pid>``, ``jobs:queued``,
+                       ``jobs:queued:<client>``, ``installation``
 =====================  ==================================================================
 
 The Celery broker's own keys (the queues ``events``, ``prune``, ``gc`` and kombu's
@@ -209,6 +211,35 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
+
+    # --- processes (their reports: the policy each runs) -------------------------------
+
+    @property
+    def processes(self) -> str:
+        """The ids of the processes that reported (a set; each report expires)."""
+        return f"{self.prefix}processes"
+
+    def process(self, process_id: str) -> str:
+        return f"{self.prefix}process:{process_id}"
+
+    # --- intake: jobs the API accepted that no worker started yet ----------------------
+
+    @property
+    def queued_jobs(self) -> str:
+        """Job ids the API accepted, by the time they were accepted (a sorted set)."""
+        return f"{self.prefix}jobs:queued"
+
+    def queued_jobs_of(self, client: str) -> str:
+        """The same, of one API client (a token's fingerprint, never the token)."""
+        return f"{self.prefix}jobs:queued:{client}"
+
+    # --- the installation ------------------------------------------------------------
+
+    @property
+    def installation(self) -> str:
+        """Set once and never expiring: its absence means Redis lost its data (a restart
+        without persistence, a flush), and the holds are rebuilt from the audit file."""
+        return f"{self.prefix}installation"
 
     # --- health and notifications -----------------------------------------------------
 

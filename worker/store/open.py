@@ -4,7 +4,8 @@ With ``redis.url`` set, both live in Redis: the tag index (push times,
 sightings, holds) and the audit stream the service and workers write, so the
 CLI decides from, and records into, the same ones. Without it, the CLI keeps
 both in files: the JSONL audit at ``audit.path`` (by default beside the policy
-file) and its state directory next to it.
+file) and its state directory next to it. With both, ``audit.path`` is a second copy
+of the audit and the holds (:mod:`worker.store.mirror`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from worker.settings.model import DEFAULT_AUDIT_PATH, Config
 from worker.store.audit import AuditLog, JsonlAuditLog, RedisAuditLog
 from worker.store.history import STATE_DIRECTORY, History, LocalHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.mirror import MirroredAuditLog, MirroredTagIndex
 from worker.store.redis import redis_options, shown_url
 from worker.store.tagindex import TagIndex
 
@@ -32,6 +34,23 @@ def audit_file(config: Config) -> Path:
 def state_directory(config: Config) -> Path:
     """The CLI's state (history and holds without Redis), beside the audit file."""
     return audit_file(config).with_name(STATE_DIRECTORY)
+
+
+def tag_index(client: aioredis.Redis, config: Config, *, prefix: str = DEFAULT_PREFIX) -> TagIndex:
+    """The tag index in Redis; its holds mirrored to ``audit.path`` when that is set."""
+    if config.audit_mirror is None:
+        return TagIndex(client, prefix=prefix)
+    return MirroredTagIndex(client, JsonlAuditLog(config.audit_mirror), prefix=prefix)
+
+
+def redis_audit(
+    client: aioredis.Redis, config: Config, *, prefix: str = DEFAULT_PREFIX
+) -> AuditLog:
+    """The audit stream in Redis; every record also appended to ``audit.path`` when set."""
+    primary = RedisAuditLog(client, keys=Keys(prefix))
+    if config.audit_mirror is None:
+        return primary
+    return MirroredAuditLog(primary, JsonlAuditLog(config.audit_mirror))
 
 
 @dataclass
@@ -49,8 +68,8 @@ class Stores:
             return cls(LocalHistory(state_directory(config)), JsonlAuditLog(audit_file(config)))
         client = aioredis.Redis.from_url(config.redis_url, **redis_options())
         return cls(
-            TagIndex(client, prefix=prefix),
-            RedisAuditLog(client, keys=Keys(prefix)),
+            tag_index(client, config, prefix=prefix),
+            redis_audit(client, config, prefix=prefix),
             client,
             Keys(prefix),
             shown_url(config.redis_url),
