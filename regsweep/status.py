@@ -20,7 +20,7 @@ from typing import Any, Final
 from regsweep.jobs import when
 from regsweep.records import Records, reading
 from worker.engine.model import Hold
-from worker.maintenance.window import MaintenanceWindow, current_window, next_window
+from worker.maintenance.window import window_document
 from worker.settings.model import Config, MaintenanceSettings
 from worker.store.state import RECENT_JOBS_CAP
 from worker.store.status import dead_letters, deferred_prunes, health_records
@@ -77,23 +77,6 @@ async def status_document(
             "capped_at": RECENT_JOBS_CAP if len(jobs) >= RECENT_JOBS_CAP else None,
         },
     }
-
-
-def window_document(settings: MaintenanceSettings, now: datetime) -> dict[str, Any] | None:
-    if settings.window_cron is None:
-        return None
-    return {
-        "cron": settings.window_cron,
-        "duration_seconds": int(settings.window_duration.total_seconds()),
-        "open": _span(current_window(settings, now)),
-        "next": _span(next_window(settings, now)),
-    }
-
-
-def _span(window: MaintenanceWindow | None) -> dict[str, str] | None:
-    if window is None:
-        return None
-    return {"start": window.start.isoformat(), "end": window.end.isoformat()}
 
 
 def holds_document(holds: Mapping[str, Sequence[Hold]], now: datetime) -> list[dict[str, str]]:

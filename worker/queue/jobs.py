@@ -17,10 +17,11 @@ from worker.engine.ci_requests import request_for
 from worker.engine.events import CiEvent, RegistryEvent, RegistryEventKind
 from worker.engine.executor import ExecutionReport, RunOutcome, Status
 from worker.engine.model import Digest
-from worker.engine.plan import Action
+from worker.engine.plan import Action, Deletion
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
-from worker.errors import Deferred, RepositoryBusy
+from worker.engine.view import after_execution, plan_view
+from worker.errors import Deferred, PlanChanged, RepositoryBusy
 from worker.notify.message import Deleted
 from worker.queue.context import WorkerContext
 from worker.registry.mediatypes import INDEX_TYPES
@@ -28,6 +29,7 @@ from worker.store.audit import AuditQuery, Outcome
 from worker.store.keys import Keys
 from worker.store.locks import PruneLock
 from worker.store.redis import text, wrapped
+from worker.store.views import save_view
 
 T = TypeVar("T")
 
@@ -40,6 +42,8 @@ SWEEP_TTL: Final = timedelta(days=7)
 #: coalesce into it. Short, because a prune lost with Redis (its mark left behind)
 #: would otherwise swallow the pushes that follow for this long.
 PENDING_TTL: Final = timedelta(seconds=60)
+#: Deletions a job record lists (its plan's fingerprint and counts cover the rest).
+LISTED_DELETIONS: Final = 200
 
 
 # KEYS: tally, done set; ARGV: ttl, child id, then field/amount pairs.
@@ -160,6 +164,10 @@ class PruneJob:
     dry_run: bool = False
     #: Plan from the tag index (event-driven) rather than walking the live tag list.
     incremental: bool = True
+    #: Delete what ``requests`` ask for and nothing else (the dashboard's deletions).
+    requests_only: bool = False
+    #: Carry the plan out only if its fingerprint is this one (its preview's).
+    expect: str | None = None
 
 
 async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
@@ -210,12 +218,16 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
         dry_run=job.dry_run,
         requests=job.requests,
         known_tags=known,
+        requests_only=job.requests_only,
+        on_planned=lambda planned: _planned(ctx, job, planned),
     )
     if pruned is None:
         return {"repository": repository, "skipped": "no policy matches"}
     if known is None:  # the inventory recorded its listing in the index
         await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
     planned, report = pruned
+    if not job.requests_only:
+        await _keep_view(ctx, job.job_id, planned, report)
     summary = plan_summary(planned) | {"incremental": known is not None}
     if report is None:
         return summary | {"executed": False}
@@ -226,6 +238,34 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     return summary
 
 
+async def _planned(ctx: WorkerContext, job: PruneJob, planned: RepositoryPlan) -> None:
+    """Before anything is carried out: a confirmed deletion whose plan is no longer its
+    preview's stops here; otherwise the plan goes on the job record (a page following the
+    job shows what is to come, and how far along it is)."""
+    if job.expect is not None and planned.plan.fingerprint != job.expect:
+        raise PlanChanged(
+            f"the plan of {job.repository} changed since its preview (a push or another "
+            "prune came between): nothing was deleted; preview it again"
+        )
+    await ctx.state.update_job(job.job_id, **plan_summary(planned))
+
+
+async def _keep_view(
+    ctx: WorkerContext, job_id: str, planned: RepositoryPlan, report: ExecutionReport | None
+) -> None:
+    """The dashboard's view of this plan, as the repository stands after the run."""
+    inventory, plan = planned.inventory, planned.plan
+    deleted = None
+    if report is not None:
+        gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
+        gone_tags = {t for d in gone if d.action is Action.UNTAG for t in d.tags}
+        gone_digests = {d.digest for d in gone if d.action is not Action.UNTAG}
+        inventory, plan = after_execution(inventory, plan, gone_tags, gone_digests)
+        deleted = sum(1 for _, s, _ in report.done if s is Status.DELETED)
+    view = plan_view(inventory, plan, planned.policy, job_id=job_id, executed=report is not None)
+    await save_view(ctx.redis, keys(ctx), view, deleted=deleted)
+
+
 def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:
     for deletion, status, _ in report.done:
         if status is Status.DELETED:
@@ -233,6 +273,7 @@ def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -
 
 
 def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
+    """A plan on its job record: counts, fingerprint, and the first deletions in order."""
     plan = planned.plan
     return {
         "repository": plan.repository,
@@ -244,7 +285,23 @@ def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
             "manifests_removed": plan.manifests_removed,
             "manifests_kept": plan.manifests_kept,
             "reclaimable_bytes": plan.reclaimable_bytes,
+            "fingerprint": plan.fingerprint,
+            "deletions": len(plan.deletions),
+            "listed": [_planned_deletion(d) for d in plan.deletions[:LISTED_DELETIONS]],
         },
+    }
+
+
+def _planned_deletion(deletion: Deletion) -> dict[str, Any]:
+    return {
+        "action": deletion.action.value,
+        "digest": deletion.digest,
+        "media_type": deletion.media_type,
+        "size": deletion.size,
+        "tags": list(deletion.tags),
+        "rule": deletion.reason.rule,
+        "reason": deletion.reason.detail,
+        "parents": list(deletion.parents),
     }
 
 

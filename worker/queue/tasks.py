@@ -202,6 +202,8 @@ def prune(
     incremental: bool = True,
     trigger: str = "api",
     parent: str | None = None,
+    requests_only: bool = False,
+    expect: str | None = None,
 ) -> None:
     params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
     if job_id is None:
@@ -214,12 +216,22 @@ def prune(
         tuple(request_from_json(r) for r in requests or ()),
         dry_run,
         incremental,
+        requests_only,
+        expect,
     )
     _start(job_id)
     try:
         summary = run_patiently(lambda ctx: jobs.prune_repository(ctx, job))
     except Deferred as exc:
-        again = {**params, "job_id": job_id, "requests": requests, "incremental": incremental}
+        # Parked as asked: a dashboard deletion stays that one deletion, bound to its preview.
+        again = {
+            **params,
+            "job_id": job_id,
+            "requests": requests,
+            "incremental": incremental,
+            "requests_only": requests_only,
+            "expect": expect,
+        }
         run(lambda ctx: jobs.defer(ctx, repository, again | {"parent": parent}))
         _update(job_id, JobState.DEFERRED, errors=[str(exc)])
         return

@@ -19,6 +19,8 @@ metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:regist
                        ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
 health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
 worker leases          ``leases``, ``worker:<id>``
+dashboard              ``view:<repo>`` (the last plan), ``views`` (summaries), ``gc:history``,
+                       ``ui:signin:<client>``
 =====================  ==================================================================
 
 The Celery broker's own keys (the queues ``events``, ``prune``, ``gc`` and kombu's
@@ -207,3 +209,23 @@ class Keys:
     def notified(self, event: str, subject: str) -> str:
         """Set once ``event`` about ``subject`` (a job) was told: an alert goes out once."""
         return f"{self.prefix}notify:{event}:{subject}"
+
+    # --- the dashboard and the read API -----------------------------------------------
+
+    def plan_view(self, repository: str) -> str:
+        """The last plan a worker made of ``repository``, as the dashboard shows it (JSON)."""
+        return f"{self.prefix}view:{repository}"
+
+    @property
+    def plan_views(self) -> str:
+        """Repository -> the summary of its last plan (a hash): the repositories page."""
+        return f"{self.prefix}views"
+
+    @property
+    def gc_history(self) -> str:
+        """The newest GC reports, newest first (a capped list): the maintenance page."""
+        return f"{self.prefix}gc:history"
+
+    def signin_failures(self, client: str) -> str:
+        """Failed dashboard sign-ins from one client address, counted for a while."""
+        return f"{self.prefix}ui:signin:{client}"
