@@ -97,9 +97,10 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
         return TaskMessage(TASK_PRUNE, kwargs, PRUNE_QUEUE)
     if kind == "prune" and repository:
         kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
-        return TaskMessage(
-            TASK_PRUNE, kwargs | {"incremental": False, "trigger": "api"}, PRUNE_QUEUE
-        )
+        kwargs |= {"incremental": False, "trigger": "api"}
+        if params.get("expect"):  # the dashboard's "run" of a previewed prune
+            kwargs["expect"] = params["expect"]
+        return TaskMessage(TASK_PRUNE, kwargs, PRUNE_QUEUE)
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}
         return TaskMessage(TASK_SWEEP, kwargs, PRUNE_QUEUE)
