@@ -43,7 +43,7 @@ class Ui:
 
     def enqueued(self) -> list[dict[str, Any]]:
         raw = self.sync.lrange(f"{self.prefix}queue:jobs", 0, -1)
-        return [json.loads(m) for m in reversed(raw)]  # type: ignore[union-attr]
+        return [json.loads(m) for m in reversed(raw)]
 
     def job(self, job_id: str) -> dict[str, Any]:
         raw = self.sync.hgetall(f"{self.prefix}job:{job_id}")
@@ -243,7 +243,7 @@ def test_hold_and_unhold_are_recorded_as_jobs(ui: Ui) -> None:
         csrf = csrf_of(http.get("/ui/"))
         form = {"csrf": csrf, "repository": "team/web", "tag": "build-0002"}
         assert http.post("/ui/actions/hold", data=form | {"days": "3"}).status_code == 303
-        assert b"build-0002" in ui.sync.hkeys(f"{ui.prefix}hold:team/web")  # type: ignore[operator]
+        assert b"build-0002" in ui.sync.hkeys(f"{ui.prefix}hold:team/web")
         page = http.get("/ui/tag?repository=team/web&tag=build-0002").text
         assert "held" in page and 'id="unhold"' in page
         assert http.post("/ui/actions/unhold", data=form).status_code == 303
