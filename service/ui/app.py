@@ -429,7 +429,7 @@ def _checked(form: Form) -> dict[str, str]:
 
 
 def _by(session: Session) -> str:
-    return f"{session.role} (dashboard)" if session.role else "nobody"
+    return str(session.role) if session.role else "nobody"
 
 
 def _tag_url(fields: Mapping[str, str]) -> str:

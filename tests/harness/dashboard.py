@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
+import yaml
 
+from tests.harness.faultproxy import FaultProxy
+from tests.harness.maintenance import ProcessRegistry
+from tests.harness.registry import free_port
+from tests.harness.service import RedisServer
+from tests.harness.stack import Process, wait_for
 from worker.engine.model import (
     Digest,
     Inventory,
@@ -122,3 +134,129 @@ async def seed_repository(
         pipe.sadd(keys.indexed_repositories, name)
         await pipe.execute()
     return Seeded(name, inventory, view)
+
+
+# --- the whole stack for the browser tests ------------------------------------------------
+
+HOOK_TOKEN = "ui-hook-token-5Tr"
+ADMIN_TOKEN = "ui-admin-token-8Kw"
+VIEWER_TOKEN = "ui-viewer-token-3Lm"
+ENVIRONMENT = {
+    "REGSWEEP_HOOK_TOKEN": HOOK_TOKEN,
+    "REGSWEEP_API_TOKEN": ADMIN_TOKEN,
+    "REGSWEEP_VIEWER_TOKEN": VIEWER_TOKEN,
+}
+
+
+@dataclass
+class UiStack:
+    """A process-controlled registry (notifying the service, GC by the process controller),
+    a slow proxy in front of it for one repository, a private Redis, ``regsweep serve`` and
+    ``regsweep worker`` (every queue) as processes."""
+
+    root: Path
+    registry: ProcessRegistry
+    proxy: FaultProxy
+    redis_server: RedisServer
+    port: int
+    processes: list[Process]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry.url
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail(60)}" for p in self.processes)
+
+
+def _notifying(config_path: Path, hook_url: str) -> None:
+    """Add the service as a notification endpoint to a registry config file."""
+    config = yaml.safe_load(config_path.read_text())
+    endpoint = {
+        "name": "regsweep",
+        "url": hook_url,
+        "headers": {"Authorization": [f"Bearer {HOOK_TOKEN}"]},
+        "timeout": "2s",
+        "threshold": 3,
+        "backoff": "200ms",
+        "ignore": {"actions": ["pull"], "mediatypes": ["application/octet-stream"]},
+    }
+    config["notifications"] = {"endpoints": [endpoint]}
+    config_path.write_text(yaml.safe_dump(config))
+
+
+def ui_policy_file(
+    stack_root: Path,
+    registry: ProcessRegistry,
+    proxy: FaultProxy,
+    redis_url: str,
+    policies: list[dict[str, Any]],
+) -> Path:
+    settings = registry.settings
+    document = {
+        "registry": {"url": f"http://127.0.0.1:{proxy.port}", "concurrency": 1},
+        "redis": {"url": redis_url},
+        "hooks": {
+            "registry_token_env": "REGSWEEP_HOOK_TOKEN",
+            "api_token_env": "REGSWEEP_API_TOKEN",
+            "viewer_token_env": "REGSWEEP_VIEWER_TOKEN",
+        },
+        "policies": policies,
+        "maintenance": {
+            "window": {"cron": "0 3 * * sun", "duration": "2h"},
+            "controller": {
+                "kind": "process",
+                "readonly_command": settings.readonly_command,
+                "readwrite_command": settings.readwrite_command,
+                "gc_command": settings.gc_command,
+                "storage_path": settings.storage_path,
+            },
+        },
+    }
+    path = stack_root / "regsweep.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@contextmanager
+def ui_stack(root: Path, policies: list[dict[str, Any]], slow: bytes) -> Iterator[UiStack]:
+    """Start everything; every process and server it started is stopped at the end."""
+    redis_server = RedisServer(free_port())
+    redis_server.start()
+    port = free_port()
+    registry = ProcessRegistry.create(root / "registry")
+    for config in (registry.config_rw, registry.root / "config-ro.yml"):
+        _notifying(config, f"http://127.0.0.1:{port}/hooks/registry")
+    registry.start()
+    proxy = FaultProxy(int(registry.url.rsplit(":", 1)[1]), delay=0.15, slow=slow).start()
+    config = ui_policy_file(root, registry, proxy, redis_server.url, policies)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
+    env |= ENVIRONMENT | {"REGSWEEP_CONFIG": str(config)}
+    regsweep = str(Path(sys.executable).with_name("regsweep"))
+    serve = Process("serve", [regsweep, "serve", "--port", str(port)], root / "serve.log", env)
+    quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    worker = Process("worker", [regsweep, "worker", "-c", "2", *quiet], root / "worker.log", env)
+    made = UiStack(root, registry, proxy, redis_server, port, [serve, worker])
+    try:
+        serve.start()
+        wait_for(lambda: _answers(made.url), timeout=20, what="regsweep serve answering")
+        worker.start()
+        wait_for(lambda: "ready" in worker.tail(200), timeout=30, what="the worker ready")
+        yield made
+    finally:
+        for process in made.processes:
+            process.stop()
+        proxy.stop()
+        registry.stop()
+        redis_server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
