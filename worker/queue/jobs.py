@@ -8,6 +8,7 @@ idempotent (404 is success), the per-repository lock has an owner and a TTL.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from worker.engine.plan import Action, Deletion
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
 from worker.engine.view import after_execution, plan_view
-from worker.errors import Deferred, PlanChanged, RepositoryBusy
+from worker.errors import Deferred, PlanChanged, RepositoryBusy, StateError
 from worker.notify.message import Deleted
 from worker.queue.context import WorkerContext
 from worker.registry.mediatypes import INDEX_TYPES
@@ -32,6 +33,7 @@ from worker.store.redis import text, wrapped
 from worker.store.views import save_view
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: A prune scheduled for the end of an ``untagged`` grace runs this much later,
 #: so the digest is surely due (clocks, rounding).
@@ -263,7 +265,10 @@ async def _keep_view(
         inventory, plan = after_execution(inventory, plan, gone_tags, gone_digests)
         deleted = sum(1 for _, s, _ in report.done if s is Status.DELETED)
     view = plan_view(inventory, plan, planned.policy, job_id=job_id, executed=report is not None)
-    await save_view(ctx.redis, keys(ctx), view, deleted=deleted)
+    try:
+        await save_view(ctx.redis, keys(ctx), view, deleted=deleted)
+    except StateError as exc:  # the page shows the previous plan; the prune itself is done
+        log.warning("%s: the dashboard's view of job %s not kept: %s", plan.repository, job_id, exc)
 
 
 def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:
