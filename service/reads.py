@@ -23,7 +23,12 @@ from worker.store.redis import wrapped
 from worker.store.state import RECENT_JOBS_CAP, State
 from worker.store.status import dead_letters, deferred_prunes, health_records
 from worker.store.tagindex import TagIndex
-from worker.store.views import read_gc_history, read_summaries, read_view
+from worker.store.views import (
+    read_gc_history,
+    read_summaries,
+    read_view,
+    summaries_version,
+)
 
 #: Rows per page unless asked otherwise, and the most a page may hold.
 PER_PAGE: Final = 50
@@ -86,6 +91,8 @@ class Reader:
         self.keys = state.keys
         self.index = TagIndex(state.client, prefix=state.keys.prefix)
         self.audit = RedisAuditLog(state.client, keys=state.keys)
+        self._summaries_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._indexed_cache: tuple[int, list[str]] | None = None
 
     # --- repositories ----------------------------------------------------------------
 
@@ -95,15 +102,37 @@ class Reader:
         """Every repository a plan or the tag index knows, filtered by ``search`` (a part of
         the name), sorted and cut to ``page``; rows a worker has not planned yet carry the
         tag index's count."""
-        summaries = await read_summaries(self.state.client, self.keys)
-        names = set(summaries) | set(await self.index.repositories())
+        summaries = await self._summaries()
+        names = await self._names(summaries)
         needle = search.strip().lower()
-        found = [n for n in names if needle in n.lower()] if needle else list(names)
-        rows = [_repository_row(n, summaries.get(n), self.config) for n in found]
-        rows = _sorted(rows, sort)
-        shown = page.cut(rows)
+        found = [n for n in names if needle in n.lower()] if needle else names
+        ordered = _sorted(found, summaries, sort)
+        shown = [_repository_row(n, summaries.get(n), self.config) for n in page.cut(ordered)]
         await self._fill_unplanned(shown)
-        return {**page.document(len(rows)), "sort": sort, "search": search, "repositories": shown}
+        return {
+            **page.document(len(ordered)),
+            "sort": sort,
+            "search": search,
+            "repositories": shown,
+        }
+
+    async def _summaries(self) -> dict[str, dict[str, Any]]:
+        """Every summary, parsed once per change (one GET tells whether any changed): the
+        repositories page of thousands then costs a sort, not a parse of each."""
+        version = await summaries_version(self.state.client, self.keys)
+        if self._summaries_cache is None or self._summaries_cache[0] != version:
+            summaries = await read_summaries(self.state.client, self.keys)
+            self._summaries_cache = (version, summaries)
+        return self._summaries_cache[1]
+
+    async def _names(self, summaries: Mapping[str, Any]) -> list[str]:
+        """The planned repositories and those the tag index knows (a set that only grows, so
+        its size tells whether it changed)."""
+        with wrapped("cannot read the tag index"):
+            count = int(await self.state.client.scard(self.keys.indexed_repositories))
+        if self._indexed_cache is None or self._indexed_cache[0] != count:
+            self._indexed_cache = (count, await self.index.repositories())
+        return sorted(set(summaries) | set(self._indexed_cache[1]))
 
     async def _fill_unplanned(self, rows: list[dict[str, Any]]) -> None:
         unplanned = [r for r in rows if r["planned_at"] is None]
@@ -120,7 +149,7 @@ class Reader:
 
     async def totals(self) -> dict[str, Any]:
         """Sums over every repository's last plan: the overview's sizes."""
-        summaries = (await read_summaries(self.state.client, self.keys)).values()
+        summaries = (await self._summaries()).values()
         return {
             "repositories": len(summaries),
             "bytes": sum(int(s.get("bytes") or 0) for s in summaries),
@@ -259,20 +288,23 @@ def _repository_row(name: str, summary: Mapping[str, Any] | None, config: Config
     return base
 
 
-def _sorted(rows: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
-    """By ``sort`` (``-`` first: descending); rows without the value last either way."""
+def _sorted(names: list[str], summaries: Mapping[str, Any], sort: str) -> list[str]:
+    """``names`` by ``sort`` (``-`` first: descending); those without the value last (by
+    name) either way."""
     field = sort.lstrip("-")
-    descending = sort.startswith("-")
+    if field == "name":
+        return sorted(names, reverse=sort.startswith("-"))
 
-    def value(row: dict[str, Any]) -> Any:
+    def value(name: str) -> Any:
+        summary = summaries.get(name) or {}
         if field == "last_prune":
-            return (row.get("last_prune") or {}).get("time")
-        return row.get(field)
+            return (summary.get("last_prune") or {}).get("time")
+        return summary.get(field)
 
-    known = [r for r in rows if value(r) is not None]
-    unknown = sorted((r for r in rows if value(r) is None), key=lambda r: r["name"])
-    known.sort(key=lambda r: (value(r), r["name"]), reverse=descending)
-    return known + unknown
+    known = [(v, n) for n in names if (v := value(n)) is not None]
+    known.sort(reverse=sort.startswith("-"))
+    unknown = sorted(n for n in names if value(n) is None)
+    return [n for _, n in known] + unknown
 
 
 def _empty_view(repository: str, policy: str | None) -> dict[str, Any]:

@@ -281,3 +281,22 @@ def test_the_openapi_document_describes_every_route(api: Api) -> None:
     paths |= {"/api/v1/jobs", "/api/v1/jobs/{job_id}"}
     assert paths == set(document["paths"])
     assert set(document["paths"]["/api/v1/jobs"]) == {"get", "post"}
+
+
+def test_a_listing_shows_what_changed_since_the_last_one(api: Api) -> None:
+    """The parsed summaries are reused only while nothing changed: a repository planned, or
+    one the tag index learned of, after a listing is in the next listing."""
+    before = {r["name"] for r in api.get("/api/v1/repositories").json()["repositories"]}
+
+    async def change() -> None:
+        client = aioredis.Redis.from_url(h.REDIS_TEST_URL)
+        await seed_repository(client, Keys(api.prefix), "zz/planned", 2)
+        index = TagIndex(client, prefix=api.prefix)
+        await index.record_push("zz/pushed", "v1", fake_digest("zz"), datetime.now(UTC))
+        await client.aclose()
+
+    asyncio.run(change())
+    after = api.get("/api/v1/repositories", sort="-tags").json()["repositories"]
+    assert {r["name"] for r in after} - before == {"zz/planned", "zz/pushed"}
+    planned = next(r for r in after if r["name"] == "zz/planned")
+    assert planned["tags"] == 4 and planned["planned_at"] is not None  # 2 builds, latest, a sig

@@ -19,7 +19,8 @@ metrics                ``metrics:deletions``, ``metrics:jobs``, ``metrics:regist
                        ``metrics:gc``, ``metrics:dead_letters``, ``metrics:notifications``
 health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:<event>:<job>``
 worker leases          ``leases``, ``worker:<id>``
-dashboard              ``view:<repo>`` (the last plan), ``views`` (summaries), ``gc:history``,
+dashboard              ``view:<repo>`` (the last plan), ``views`` (summaries), ``views:version``,
+                       ``gc:history``,
                        ``ui:signin:<client>``
 =====================  ==================================================================
 
@@ -220,6 +221,11 @@ class Keys:
     def plan_views(self) -> str:
         """Repository -> the summary of its last plan (a hash): the repositories page."""
         return f"{self.prefix}views"
+
+    @property
+    def plan_views_version(self) -> str:
+        """Counts every change of ``views``: a reader keeps what it parsed until this moves."""
+        return f"{self.prefix}views:version"
 
     @property
     def gc_history(self) -> str:

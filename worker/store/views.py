@@ -55,6 +55,7 @@ async def save_view(
     pipe = client.pipeline(transaction=True)
     pipe.set(keys.plan_view(repository), json.dumps(view, separators=(",", ":")))
     pipe.hset(keys.plan_views, repository, json.dumps(summary_of(view, last)))
+    pipe.incr(keys.plan_views_version)
     with wrapped(f"cannot keep the plan of {repository}"):
         await pipe.execute()
 
@@ -78,6 +79,12 @@ async def read_view(client: aioredis.Redis, keys: Keys, repository: str) -> dict
         return None
     view = json.loads(raw)
     return view if isinstance(view, dict) and view.get("version") == VIEW_VERSION else None
+
+
+async def summaries_version(client: aioredis.Redis, keys: Keys) -> int:
+    """How many times the summaries changed (a reader's cache is good while this stays)."""
+    with wrapped("cannot read the repository summaries"):
+        return int(await client.get(keys.plan_views_version) or 0)
 
 
 async def read_summaries(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
