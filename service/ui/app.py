@@ -238,7 +238,8 @@ class Dashboard:
             if job is None:
                 return
             context = pages.job_context(job)
-            mark = (job.get("updated"), len(job["deletions"]))
+            # A settled deletion changes neither the record nor the audit's length: count it.
+            mark = (job.get("updated"), len(job["deletions"]), context["settled"])
             if mark != shown:
                 shown = mark
                 html = template.render(session=session, job=job, **context)
