@@ -228,7 +228,7 @@ def gc_chart(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
     top = max(int(h["bytes_reclaimed"]) for h in runs) or 1
-    slot = CHART_WIDTH / len(runs)
+    slot = CHART_WIDTH / max(len(runs), CHART_BARS // 2)  # a few runs: narrow bars, left
     bars = []
     for i, run in enumerate(runs):
         height = round(int(run["bytes_reclaimed"]) / top * (CHART_HEIGHT - 20), 1)
