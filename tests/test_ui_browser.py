@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import pytest
 import redis
@@ -122,6 +122,18 @@ def _view_has(state: redis.Redis, repository: str, tag: str) -> bool:
     return raw is not None and any(r["tag"] == tag for r in json.loads(str(raw))["tags"])
 
 
+def _quiet(state: redis.Redis, repository: str) -> bool:
+    """No prune of ``repository`` is waiting, running or recorded unfinished."""
+    if state.exists(f"regsweep:pending:prune:{repository}", f"regsweep:lock:prune:{repository}"):
+        return False
+    for job_id in cast(list[str], state.zrange("regsweep:jobs:recent", 0, -1)):
+        job = {k: json.loads(v) for k, v in state.hgetall(f"regsweep:job:{job_id}").items()}
+        mine = (job.get("params") or {}).get("repository") == repository
+        if mine and job.get("state") not in ("succeeded", "failed", "skipped"):
+            return False
+    return True
+
+
 def shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"))
@@ -219,6 +231,8 @@ def test_watch_a_prunes_progress(
     for tag in tags:
         images.image(SLOW_REPOSITORY, tag)
     wait_for(lambda: _view_has(state, SLOW_REPOSITORY, "p11"), timeout=WAIT, what="planned")
+    # No push-time prune may still run or wait once the holds end: it would delete for real.
+    wait_for(lambda: _quiet(state, SLOW_REPOSITORY), timeout=WAIT, what="push prunes done")
     state.delete(f"regsweep:hold:{SLOW_REPOSITORY}")
     admin.goto(f"/ui/r/{SLOW_REPOSITORY}")
     admin.click("text=Preview a prune")
