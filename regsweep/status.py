@@ -23,7 +23,7 @@ from regsweep import evidence
 from regsweep.jobs import when
 from regsweep.records import Records, reading
 from worker.engine.model import Hold
-from worker.maintenance.window import MaintenanceWindow, current_window, next_window
+from worker.maintenance.window import window_document
 from worker.queue.names import QUEUES
 from worker.settings.model import Config, MaintenanceSettings
 from worker.store.processes import reports
@@ -85,23 +85,6 @@ async def status_document(
         },
         **await processes_document(records),
     }
-
-
-def window_document(settings: MaintenanceSettings, now: datetime) -> dict[str, Any] | None:
-    if settings.window_cron is None:
-        return None
-    return {
-        "cron": settings.window_cron,
-        "duration_seconds": int(settings.window_duration.total_seconds()),
-        "open": _span(current_window(settings, now)),
-        "next": _span(next_window(settings, now)),
-    }
-
-
-def _span(window: MaintenanceWindow | None) -> dict[str, str] | None:
-    if window is None:
-        return None
-    return {"start": window.start.isoformat(), "end": window.end.isoformat()}
 
 
 def holds_document(holds: Mapping[str, Sequence[Hold]], now: datetime) -> list[dict[str, str]]:

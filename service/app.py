@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import parse_job_request
@@ -55,6 +55,7 @@ from service.hooks.gitlab import gitlab_delivery_id, parse_gitlab, verify_gitlab
 from service.hooks.registry import read_registry_delivery
 from service.hooks.verify import checked_delivery_id
 from service.ingest import OUTCOME_HEADER, RegistryIngest, RegistryOutcome, ingest_ci, submit_job
+from service.lazy import LazyApp
 from service.limits import read_body
 from service.metrics import RequestLatency, Scrapes, ServiceMetrics
 from service.protocol import RequestLimits, bounded_protocol
@@ -360,7 +361,9 @@ class Endpoints:
         return Response(payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _routes(endpoints: Endpoints) -> list[Route]:
+def _routes(endpoints: Endpoints) -> list[BaseRoute]:
+    """The hooks first (the routes are tried in order), the read API and the dashboard last,
+    each loaded by its first request (:mod:`service.lazy`)."""
     return [
         Route("/hooks/registry", endpoints.registry, methods=["POST"]),
         Route("/hooks/github", endpoints.github, methods=["POST"]),
@@ -371,6 +374,8 @@ def _routes(endpoints: Endpoints) -> list[Route]:
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),
+        Mount("/api/v1", app=LazyApp("service.read_api", "create", endpoints)),
+        Mount("/ui", app=LazyApp("service.ui.app", "create", endpoints)),
     ]
 
 

@@ -23,6 +23,20 @@ EDGE_MUST_NOT_IMPORT = (
     "worker.maintenance",
     "docker",
 )
+#: What only the read API and the dashboard load, on their first request (service/lazy.py):
+#: a service that takes hooks only never pays for templates, sessions or the read side.
+EDGE_LOADS_LAZILY = ("jinja2", "itsdangerous", "service.ui", "service.read_api", "service.reads")
+#: What the read side (the read API, the dashboard) must not load either: it reads what the
+#: workers recorded and never plans, deletes or switches anything itself. The maintenance
+#: window's schedule (pure cron arithmetic) is the one maintenance module it reads.
+READ_SIDE_MUST_NOT_IMPORT = (
+    *(m for m in EDGE_MUST_NOT_IMPORT if m != "worker.maintenance"),
+    "worker.maintenance.controllers",
+    "worker.maintenance.job",
+    "worker.maintenance.gc",
+    "worker.maintenance.tasks",
+    "worker.registry.client",
+)
 
 
 def modules() -> Iterator[tuple[str, Path]]:
@@ -53,6 +67,31 @@ def test_the_edge_loads_no_engine_task_code_or_docker() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout.split()
     assert [m for m in loaded if m.startswith(EDGE_MUST_NOT_IMPORT)] == []
+
+
+def test_the_read_side_loads_only_on_its_first_request() -> None:
+    """``import service.app`` and building the app import neither the read API, the dashboard,
+    Jinja2 nor itsdangerous (the hook path stays as lean as before); the read side itself
+    loads no engine, task, registry-client or maintenance-switching code."""
+    code = (
+        "import sys, service.app\n"
+        "from worker.settings.model import Config, RegistrySettings\n"
+        "service.app.create_app(Config(RegistrySettings('http://x')), sink=None, state=object())\n"
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
+    loaded = _loaded(code)
+    assert [m for m in loaded if m.startswith(EDGE_LOADS_LAZILY)] == []
+    read_side = _loaded(
+        "import sys, service.read_api, service.ui.app; print('\\n'.join(sys.modules))"
+    )
+    assert [m for m in read_side if m.startswith(READ_SIDE_MUST_NOT_IMPORT)] == []
+    assert "jinja2" in read_side  # the check above looked at a loaded dashboard
+
+
+def _loaded(code: str) -> list[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
 
 
 def test_no_module_level_import_cycle() -> None:

@@ -563,6 +563,46 @@ def test_parked_prunes_merge_per_repository_and_dry_run_keeping_every_job() -> N
     assert merged[("b", False)]["incremental"] is True
 
 
+def test_a_parked_dashboard_deletion_is_never_merged_with_other_prunes() -> None:
+    """A dashboard deletion (requests only, bound to its preview's plan) parked beside a CI
+    prune and another deletion of the same repository runs alone, with its own request and
+    fingerprint: merged, retention or another request would change the confirmed plan."""
+    pr1 = {"patterns": ["pr-1"], "rule": "on.pull_request_closed", "detail": "#1"}
+    tag_a = {"patterns": ["a"], "rule": "ui", "detail": "tag a"}
+    tag_b = {"patterns": ["b"], "rule": "ui", "detail": "tag b"}
+    entries: list[dict[str, Any]] = [
+        {"repository": "a", "job_id": "ci", "parked": "1", "requests": [pr1]},
+        {
+            "repository": "a",
+            "job_id": "d1",
+            "parked": "2",
+            "requests": [tag_a],
+            "requests_only": True,
+            "expect": "f1",
+        },
+        {
+            "repository": "a",
+            "job_id": "d2",
+            "parked": "3",
+            "requests": [tag_b],
+            "requests_only": True,
+            "expect": "f2",
+        },
+    ]
+    merged = {p["job_id"]: p for p in jobs.merge_parked(entries)}
+    assert set(merged) == {"ci", "d1", "d2"}
+    assert merged["ci"]["requests_only"] is False and merged["ci"]["requests"] == [pr1]
+    assert merged["ci"]["merged"] == []
+    for job_id, request, fingerprint in (("d1", tag_a, "f1"), ("d2", tag_b, "f2")):
+        one = merged[job_id]
+        assert (one["requests"], one["requests_only"], one["expect"]) == (
+            [request],
+            True,
+            fingerprint,
+        )
+        assert one["merged"] == []
+
+
 def test_a_sweep_that_cannot_list_the_registry_is_retried_then_dead_lettered(
     broker: redis.Redis, own_registry: RegistryProcess, config_path: Path
 ) -> None:

@@ -17,6 +17,7 @@
     ├── NothingToReplay              no dead letter or recorded CI event by that id, or one
     │                                with nothing in it to run again
     ├── SafetyViolation              a re-check before DELETE found a kept image in the way
+    ├── PlanChanged                  a confirmed deletion's plan is no longer the one previewed
     ├── RestoreError                 a restore cannot be done as asked
     │   ├── NothingToRestore         the audit has no (unique) deletion of that digest
     │   └── RestoreConflict          a tag to put back now points at another digest
@@ -124,6 +125,11 @@ class NothingToReplay(RegsweepError):
 
 class SafetyViolation(RegsweepError):
     """A re-check right before a DELETE found that a kept image needs the digest."""
+
+
+class PlanChanged(RegsweepError):
+    """A deletion confirmed in the dashboard now plans something other than its preview
+    showed (a push or another prune came between): nothing is deleted; preview again."""
 
 
 class RestoreError(RegsweepError):

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from worker.engine.events import CiEvent
+from worker.engine.model import Digest
 from worker.engine.plan import Reason
 from worker.engine.planner import TagRequest
 from worker.engine.policy import Policy, TagPattern
@@ -69,13 +70,19 @@ def fnmatch_safe(pattern: str) -> str:
 
 
 def request_to_json(request: TagRequest) -> dict[str, Any]:
-    return {
+    """The request as a task message carries it (``digests`` only when there are some: the
+    dashboard's requests; :func:`worker.queue.messages.ui_request` writes the same)."""
+    data: dict[str, Any] = {
         "patterns": [p.source for p in request.patterns],
         "rule": request.reason.rule,
         "detail": request.reason.detail,
     }
+    if request.digests:
+        data["digests"] = sorted(request.digests)
+    return data
 
 
 def request_from_json(data: dict[str, Any]) -> TagRequest:
     patterns = tuple(TagPattern.compile(p) for p in data["patterns"])
-    return TagRequest(patterns, Reason(data["rule"], data["detail"]))
+    digests = frozenset(Digest(str(d)) for d in data.get("digests") or ())
+    return TagRequest(patterns, Reason(data["rule"], data["detail"]), digests)

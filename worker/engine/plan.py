@@ -9,6 +9,7 @@ it, the deleted subjects it refers to).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,6 +114,17 @@ class Plan:
     @property
     def is_empty(self) -> bool:
         return not self.deletions
+
+    @property
+    def fingerprint(self) -> str:
+        """What this plan removes (each deletion's action, digest and tags), hashed: two
+        plans with one fingerprint delete the same things, whatever their reasons say (a
+        reason names ages, which move with the clock). A deletion confirmed in the
+        dashboard runs only while its plan still has its preview's fingerprint."""
+        removed = sorted(
+            f"{d.action} {d.digest} {','.join(sorted(d.tags))}" for d in self.deletions
+        )
+        return hashlib.sha256("\n".join(removed).encode()).hexdigest()
 
 
 def dependency_levels(deletions: Sequence[Deletion]) -> dict[Deletion, int]:

@@ -74,14 +74,17 @@ _UNITS: Final = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 @dataclass(frozen=True)
 class TagRequest:
-    """Tags a CI event asks to delete, patterns already rendered (``pr-42``, ``pr-42-*``).
+    """Tags a CI event asks to delete, patterns already rendered (``pr-42``, ``pr-42-*``),
+    or that a person asked for in the dashboard: by name, or every tag on ``digests``.
 
-    A request overrides ``keep`` but never ``protect``; referrer tags ignore it
-    because they follow their subject.
+    A request overrides ``keep`` but never ``protect`` nor a hold; referrer tags ignore
+    it because they follow their subject.
     """
 
     patterns: tuple[TagPattern, ...]
     reason: Reason
+    #: Every tag resolving to one of these (in the snapshot) is asked for too.
+    digests: frozenset[Digest] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +236,7 @@ def _classify_tags(
             verdicts[tag] = _Verdict(True, Reason(HOLD, f"held ({hold.reason}) until {until}"))
         elif inventory.tags[tag] in placeholders or referrer_tag_subject(tag) is not None:
             continue
-        elif (asked := _requested(tag, requests)) is not None:
+        elif (asked := _requested(tag, inventory.tags[tag], requests)) is not None:
             verdicts[tag] = _Verdict(False, asked)
         else:
             candidates.append(tag)
@@ -241,13 +244,17 @@ def _classify_tags(
     return verdicts
 
 
-def _requested(tag: str, requests: Sequence[TagRequest]) -> Reason | None:
+def _requested(tag: str, digest: Digest, requests: Sequence[TagRequest]) -> Reason | None:
     for request in requests:
         pattern = any_match(request.patterns, tag)
         if pattern is not None:
             matched = f"matches {pattern.source}"
-            detail = f"{request.reason.detail}, {matched}" if request.reason.detail else matched
-            return Reason(request.reason.rule, detail)
+        elif digest in request.digests:
+            matched = f"on {_short(digest)}"
+        else:
+            continue
+        detail = f"{request.reason.detail}, {matched}" if request.reason.detail else matched
+        return Reason(request.reason.rule, detail)
     return None
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Final, NamedTuple
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 #: concurrency limit still caps requests in flight across all of them.
 REPOSITORY_PARALLELISM: Final = 4
 
-PlannedCallback = Callable[["RepositoryPlan"], None]
+#: Told each plan before it is carried out; a coroutine it returns is awaited first, and
+#: an error it raises stops the run before anything is deleted.
+PlannedCallback = Callable[["RepositoryPlan"], Awaitable[None] | None]
 #: (repository, deletion, status) after each deletion of a multi-repository run.
 RepositoryProgress = Callable[[str, Deletion, Status], None]
 #: A repository's turn to be pruned, held while it is (:class:`worker.store.locks.PruneTurns`).
@@ -137,11 +140,16 @@ class Pruner:
         requests: Sequence[TagRequest] = (),
         now: datetime | None = None,
         known_tags: Mapping[str, Digest] | None = None,
+        requests_only: bool = False,
     ) -> RepositoryPlan | None:
-        """Plan one repository; ``known_tags`` (from the tag index) skips the tag walk."""
+        """Plan one repository; ``known_tags`` (from the tag index) skips the tag walk;
+        ``requests_only``: delete what ``requests`` ask for and nothing else
+        (:func:`requests_only_policy`)."""
         policy = self._config.policy_for(repository)
         if policy is None:
             return None
+        if requests_only:
+            policy = requests_only_policy(policy)
         now = now or datetime.now(UTC)
         inventory = await self._inventory.take(repository, policy, now=now, known_tags=known_tags)
         return RepositoryPlan(inventory, plan(inventory, policy, now, requests), policy)
@@ -198,16 +206,21 @@ class Pruner:
         known_tags: Mapping[str, Digest] | None = None,
         on_planned: PlannedCallback | None = None,
         on_progress: ProgressCallback | None = None,
+        requests_only: bool = False,
     ) -> Pruned | None:
         """Plan one repository and, unless this is a dry run, carry the plan out: the one
         place that decides (invariant 7). ``None`` when no policy covers the repository.
         Either way, one summary line is logged for the job."""
         started = time.monotonic()
-        planned = await self.plan_one(repository, requests=requests, known_tags=known_tags)
+        planned = await self.plan_one(
+            repository, requests=requests, known_tags=known_tags, requests_only=requests_only
+        )
         if planned is None:
             return None
         if on_planned:
-            on_planned(planned)
+            told = on_planned(planned)
+            if inspect.isawaitable(told):
+                await told
         if dry_run or not planned.enforced or planned.plan.is_empty:
             pruned = Pruned(planned, None)
         else:
@@ -249,6 +262,15 @@ class Pruner:
 
         results = await asyncio.gather(*(one(n) for n in repositories))
         return [r for r in results if r is not None]
+
+
+def requests_only_policy(policy: Policy) -> Policy:
+    """``policy`` for a deletion a person asked for (the dashboard's delete a tag, delete a
+    digest): no retention and no untagged grace, so only the requests delete, with what
+    goes along with them (referrers, children, a tag-only removal where the digest is
+    shared); ``protect`` and holds still keep. Enforced whatever the policy's mode: the
+    mode governs what regsweep decides on its own, and this was confirmed after a preview."""
+    return replace(policy, keep=None, untagged_delete_after=None, mode=Mode.ENFORCE)
 
 
 def not_executed(planned: RepositoryPlan, dry_run: bool) -> str:

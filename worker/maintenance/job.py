@@ -63,6 +63,7 @@ from worker.settings.model import Config, MaintenanceSettings, ProcessController
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import sync_client, text, wrapped
 from worker.store.state import JobState, SyncState
+from worker.store.views import record_gc
 
 log = logging.getLogger("regsweep.gc")
 
@@ -271,6 +272,7 @@ def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
     status = GcStatus.DONE if report.ok else GcStatus.FAILED
     state = JobState.SUCCEEDED if report.ok else JobState.FAILED
     _update(m, request.job_id, state=state.value, **report.job_fields())
+    _remember(m, request.job_id, report)
     m.metrics.job_state(state.value)
     m.metrics.window(report)
     if report.ok and not request.dry_run:
@@ -481,6 +483,14 @@ def gc_failure(result: GcResult) -> str:
     if not result.completed and result.exit_code == 0:
         return f"garbage-collect did not finish its mark phase: {detail}"
     return f"garbage-collect exited with {result.exit_code}: {detail}"
+
+
+def _remember(m: Maintenance, job_id: str, report: GcReport) -> None:
+    """The report's figures on the GC history (the dashboard's chart); best effort."""
+    try:
+        record_gc(m.redis, m.keys, job_id, report.summary())
+    except StateError as exc:
+        log.warning("GC job %s not added to the GC history: %s", job_id, exc)
 
 
 def _update(m: Maintenance, job_id: str, **fields: Any) -> None:

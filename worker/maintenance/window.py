@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from croniter import croniter
 
@@ -116,3 +116,21 @@ def _human(delta: timedelta) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def window_document(settings: MaintenanceSettings, now: datetime) -> dict[str, Any] | None:
+    """The window as ``regsweep status`` and ``GET /api/v1/status`` show it (None: none)."""
+    if settings.window_cron is None:
+        return None
+    return {
+        "cron": settings.window_cron,
+        "duration_seconds": int(settings.window_duration.total_seconds()),
+        "open": _span(current_window(settings, now)),
+        "next": _span(next_window(settings, now)),
+    }
+
+
+def _span(window: MaintenanceWindow | None) -> dict[str, str] | None:
+    if window is None:
+        return None
+    return {"start": window.start.isoformat(), "end": window.end.isoformat()}

@@ -8,6 +8,7 @@ idempotent (404 is success), the per-repository lock has an owner and a TTL.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -19,10 +20,17 @@ from worker.engine.ci_requests import request_for
 from worker.engine.events import CiEvent, RegistryEvent, RegistryEventKind
 from worker.engine.executor import ExecutionReport, RunOutcome, Status
 from worker.engine.model import Digest
-from worker.engine.plan import Action
+from worker.engine.plan import Action, Deletion
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
-from worker.errors import Deferred, RegistryUnavailable, UnknownRepository
+from worker.engine.view import after_execution, plan_view
+from worker.errors import (
+    Deferred,
+    PlanChanged,
+    RegistryUnavailable,
+    StateError,
+    UnknownRepository,
+)
 from worker.notify.message import Deleted
 from worker.queue.context import WorkerContext
 from worker.registry.mediatypes import INDEX_TYPES
@@ -30,8 +38,10 @@ from worker.store.audit import AuditQuery, Outcome
 from worker.store.keys import Keys
 from worker.store.locks import PruneTurns, window_running
 from worker.store.redis import text, wrapped
+from worker.store.views import save_view
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: A prune scheduled for the end of an ``untagged`` grace runs this much later,
 #: so the digest is surely due (clocks, rounding).
@@ -42,6 +52,8 @@ SWEEP_TTL: Final = timedelta(days=7)
 #: coalesce into it. Short, because a prune lost with Redis (its mark left behind)
 #: would otherwise swallow the pushes that follow for this long.
 PENDING_TTL: Final = timedelta(seconds=60)
+#: Deletions a job record lists (its plan's fingerprint and counts cover the rest).
+LISTED_DELETIONS: Final = 200
 
 
 # KEYS: tally, done set; ARGV: ttl, child id, then field/amount pairs.
@@ -217,41 +229,61 @@ def _parsed(values: Iterable[str]) -> list[dict[str, Any]]:
 
 
 #: What a parked prune keeps of its own when it runs merged into another one.
-_OWN: Final = ("job_id", "parent", "trigger", "requests", "incremental", "dry_run", "repository")
+_OWN: Final = (
+    "job_id",
+    "parent",
+    "trigger",
+    "requests",
+    "incremental",
+    "dry_run",
+    "repository",
+    "requests_only",
+    "expect",
+)
+
+
+def _merge_key(repository: str, one: Mapping[str, Any]) -> tuple[str, bool, str | None]:
+    """Which parked prunes run as one: per repository and dry-run flag; a dashboard
+    deletion (``requests_only``, bound to its preview's plan) only ever with itself."""
+    alone = str(one.get("job_id")) if one.get("requests_only") else None
+    return repository, bool(one.get("dry_run", False)), alone
 
 
 def merge_parked(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One prune per repository (and dry-run flag) for the parked ``entries``: the union of
     their CI requests, a live read if any asked for one, the first job's id and trigger, the
     others' jobs in ``merged`` (each settled when the merged prune ends). A prune that was
-    itself merged brings its own merged jobs along."""
-    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    itself merged brings its own merged jobs along. A dashboard deletion stays alone, with
+    its request and the fingerprint of the plan its person confirmed."""
+    groups: dict[tuple[str, bool, str | None], list[dict[str, Any]]] = {}
     for entry in sorted(entries, key=lambda e: str(e.get("parked", ""))):
         for one in [entry, *(entry.get("merged") or [])]:
-            key = (str(entry["repository"]), bool(one.get("dry_run", False)))
+            key = _merge_key(str(entry["repository"]), one)
             groups.setdefault(key, []).append(
                 {k: one.get(k) for k in _OWN} | {"repository": key[0]}
             )
-    prunes = []
-    for (repository, dry_run), group in groups.items():
-        unique = list({str(g.get("job_id")): g for g in group}.values())
-        first, rest = unique[0], unique[1:]
-        requests = {
-            json.dumps(r, sort_keys=True): r for g in unique for r in (g.get("requests") or [])
-        }
-        prunes.append(
-            {
-                "repository": repository,
-                "job_id": first.get("job_id"),
-                "dry_run": dry_run,
-                "requests": list(requests.values()),
-                "incremental": all(g.get("incremental", True) is not False for g in unique),
-                "trigger": first.get("trigger") or "deferred",
-                "parent": first.get("parent"),
-                "merged": rest,
-            }
-        )
-    return prunes
+    return [
+        _merged_prune(repository, dry_run, group)
+        for (repository, dry_run, _), group in groups.items()
+    ]
+
+
+def _merged_prune(repository: str, dry_run: bool, group: list[dict[str, Any]]) -> dict[str, Any]:
+    unique = list({str(g.get("job_id")): g for g in group}.values())
+    first, rest = unique[0], unique[1:]
+    requests = {json.dumps(r, sort_keys=True): r for g in unique for r in (g.get("requests") or [])}
+    return {
+        "repository": repository,
+        "job_id": first.get("job_id"),
+        "dry_run": dry_run,
+        "requests": list(requests.values()),
+        "incremental": all(g.get("incremental", True) is not False for g in unique),
+        "trigger": first.get("trigger") or "deferred",
+        "parent": first.get("parent"),
+        "merged": rest,
+        "requests_only": bool(first.get("requests_only")),
+        "expect": first.get("expect"),
+    }
 
 
 @dataclass(frozen=True)
@@ -262,6 +294,10 @@ class PruneJob:
     dry_run: bool = False
     #: Plan from the tag index (event-driven) rather than walking the live tag list.
     incremental: bool = True
+    #: Delete what ``requests`` ask for and nothing else (the dashboard's deletions).
+    requests_only: bool = False
+    #: Carry the plan out only if its fingerprint is this one (its preview's).
+    expect: str | None = None
 
 
 async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
@@ -309,6 +345,8 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
         dry_run=job.dry_run,
         requests=job.requests,
         known_tags=known,
+        requests_only=job.requests_only,
+        on_planned=lambda planned: _planned(ctx, job, planned),
     )
     if pruned is None:
         return {"repository": repository, "skipped": "no policy matches"}
@@ -316,6 +354,8 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     await _check_exists(ctx, planned)
     if known is None:  # the inventory recorded its listing in the index
         await _redis(ctx.redis.sadd(keys(ctx).reconciled, repository), "SADD")
+    if not job.requests_only:
+        await _keep_view(ctx, job.job_id, planned, report)
     summary = plan_summary(planned) | {"incremental": known is not None}
     if report is None:
         return summary | {"executed": False}
@@ -343,6 +383,37 @@ async def _check_exists(ctx: WorkerContext, planned: RepositoryPlan) -> None:
         )
 
 
+async def _planned(ctx: WorkerContext, job: PruneJob, planned: RepositoryPlan) -> None:
+    """Before anything is carried out: a confirmed deletion whose plan is no longer its
+    preview's stops here; otherwise the plan goes on the job record (a page following the
+    job shows what is to come, and how far along it is)."""
+    if job.expect is not None and planned.plan.fingerprint != job.expect:
+        raise PlanChanged(
+            f"the plan of {job.repository} changed since its preview (a push or another "
+            "prune came between): nothing was deleted; preview it again"
+        )
+    await ctx.state.update_job(job.job_id, **plan_summary(planned))
+
+
+async def _keep_view(
+    ctx: WorkerContext, job_id: str, planned: RepositoryPlan, report: ExecutionReport | None
+) -> None:
+    """The dashboard's view of this plan, as the repository stands after the run."""
+    inventory, plan = planned.inventory, planned.plan
+    deleted = None
+    if report is not None:
+        gone = [d for d, s, _ in report.done if s in (Status.DELETED, Status.ALREADY_GONE)]
+        gone_tags = {t for d in gone if d.action is Action.UNTAG for t in d.tags}
+        gone_digests = {d.digest for d in gone if d.action is not Action.UNTAG}
+        inventory, plan = after_execution(inventory, plan, gone_tags, gone_digests)
+        deleted = sum(1 for _, s, _ in report.done if s is Status.DELETED)
+    view = plan_view(inventory, plan, planned.policy, job_id=job_id, executed=report is not None)
+    try:
+        await save_view(ctx.redis, keys(ctx), view, deleted=deleted)
+    except StateError as exc:  # the page shows the previous plan; the prune itself is done
+        log.warning("%s: the dashboard's view of job %s not kept: %s", plan.repository, job_id, exc)
+
+
 def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -> None:
     for deletion, status, _ in report.done:
         if status is Status.DELETED:
@@ -350,6 +421,7 @@ def _count_deletions(ctx: WorkerContext, policy: str, report: ExecutionReport) -
 
 
 def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
+    """A plan on its job record: counts, fingerprint, and the first deletions in order."""
     plan = planned.plan
     return {
         "repository": plan.repository,
@@ -361,7 +433,23 @@ def plan_summary(planned: RepositoryPlan) -> dict[str, Any]:
             "manifests_removed": plan.manifests_removed,
             "manifests_kept": plan.manifests_kept,
             "reclaimable_bytes": plan.reclaimable_bytes,
+            "fingerprint": plan.fingerprint,
+            "deletions": len(plan.deletions),
+            "listed": [_planned_deletion(d) for d in plan.deletions[:LISTED_DELETIONS]],
         },
+    }
+
+
+def _planned_deletion(deletion: Deletion) -> dict[str, Any]:
+    return {
+        "action": deletion.action.value,
+        "digest": deletion.digest,
+        "media_type": deletion.media_type,
+        "size": deletion.size,
+        "tags": list(deletion.tags),
+        "rule": deletion.reason.rule,
+        "reason": deletion.reason.detail,
+        "parents": list(deletion.parents),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from worker.errors import ConfigError
 from worker.queue.names import GC_QUEUE, JOBS_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
@@ -52,6 +52,27 @@ class TaskMessage:
     queue: str
 
 
+#: The dashboard's deletions: a job of this kind deletes the tags and digests it names, and
+#: nothing else (``params``: repository, tags, digests, dry_run, expect, by).
+DELETE_KIND: Final = "delete"
+#: The rule a dashboard deletion's plan rows and audit records name.
+DELETE_RULE: Final = "ui"
+
+
+def delete_request(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A delete job's request, as :func:`worker.engine.ci_requests.request_from_json`
+    reads it: each tag by its exact name (tag names hold no glob characters), each digest's
+    tags whatever they are when the worker plans."""
+    tags = [str(t) for t in params.get("tags") or ()]
+    digests = [str(d) for d in params.get("digests") or ()]
+    return {
+        "patterns": tags,
+        "digests": digests,
+        "rule": DELETE_RULE,
+        "detail": f"asked for in the dashboard by {params.get('by') or 'an admin'}",
+    }
+
+
 def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessage:
     """The task that carries out a job the API or the CLI recorded.
 
@@ -59,15 +80,32 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
     (``incremental=False``): the tag index may lag, and the point of asking is
     usually "look again". A prune without a repository is a sweep. A replayed prune
     (``regsweep replay``) carries the CI requests and the trigger of the one it replays.
+    A dashboard deletion is a prune of its repository whose plan holds only its request.
     All go to the ``jobs`` queue, apart from the prunes pushes ask for.
     """
     dry_run = bool(params.get("dry_run", False))
     repository = params.get("repository")
+    if kind == DELETE_KIND and repository:
+        kwargs = {
+            "repository": repository,
+            "job_id": job_id,
+            "dry_run": dry_run,
+            "incremental": False,
+            "trigger": "dashboard",
+            "requests": [delete_request(params)],
+            "requests_only": True,
+            "expect": params.get("expect"),
+        }
+        return TaskMessage(TASK_PRUNE, kwargs, JOBS_QUEUE)
     if kind == "prune" and repository:
         kwargs = {"repository": repository, "job_id": job_id, "dry_run": dry_run}
         kwargs |= {"incremental": False, "trigger": str(params.get("trigger") or "api")}
         if params.get("requests"):
             kwargs["requests"] = list(params["requests"])
+        if params.get("expect"):  # the dashboard's "run" of a previewed prune
+            kwargs["expect"] = params["expect"]
+        if params.get("requests_only"):  # a replayed dashboard deletion
+            kwargs["requests_only"] = True
         return TaskMessage(TASK_PRUNE, kwargs, JOBS_QUEUE)
     if kind in ("prune", "sweep"):
         kwargs = {"job_id": job_id, "repository": repository, "dry_run": dry_run}

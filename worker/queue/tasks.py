@@ -222,6 +222,9 @@ class _Work:
     trigger: str
     parent: str | None
     merged: list[dict[str, Any]]
+    #: A dashboard deletion: its request only, and only on the plan its preview showed.
+    requests_only: bool = False
+    expect: str | None = None
 
     def own(self) -> dict[str, Any]:
         """This task's own job as a parked entry keeps it."""
@@ -233,6 +236,8 @@ class _Work:
             "incremental": self.incremental,
             "trigger": self.trigger,
             "parent": self.parent,
+            "requests_only": self.requests_only,
+            "expect": self.expect,
         }
 
     def jobs(self) -> list[tuple[str, str | None]]:
@@ -243,7 +248,10 @@ class _Work:
     def replay(self) -> dict[str, Any]:
         """What ``regsweep replay`` runs again: the same prune, as a job of its own."""
         params = {"repository": self.repository, "dry_run": self.dry_run}
-        return {"kind": "prune", "params": params | {"requests": self.requests}}
+        params |= {"requests": self.requests}
+        if self.requests_only:  # a dashboard deletion stays that deletion, re-planned
+            params |= {"requests_only": True}
+        return {"kind": "prune", "params": params}
 
 
 @shared_task(name=TASK_PRUNE, bind=True, acks_late=True, max_retries=None)
@@ -258,6 +266,8 @@ def prune(
     trigger: str = "api",
     parent: str | None = None,
     merged: list[dict[str, Any]] | None = None,
+    requests_only: bool = False,
+    expect: str | None = None,
 ) -> None:
     if job_id is None:
         # One record per task, however often it is delivered: a redelivery resumes it.
@@ -265,10 +275,25 @@ def prune(
         params = {"repository": repository, "dry_run": dry_run, "trigger": trigger}
         job_id = run_patiently(lambda ctx: ctx.state.create_job("prune", params, job_id=own))
     work = _Work(
-        repository, job_id, requests or [], dry_run, incremental, trigger, parent, merged or []
+        repository,
+        job_id,
+        requests or [],
+        dry_run,
+        incremental,
+        trigger,
+        parent,
+        merged or [],
+        requests_only,
+        expect,
     )
     job = jobs.PruneJob(
-        repository, job_id, tuple(request_from_json(r) for r in work.requests), dry_run, incremental
+        repository,
+        job_id,
+        tuple(request_from_json(r) for r in work.requests),
+        dry_run,
+        incremental,
+        requests_only,
+        expect,
     )
     _start_all(work)
     try:

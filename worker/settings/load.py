@@ -110,6 +110,7 @@ _HOOK_SECRET_KEYS: Final = (
     "gitlab_token_env",
     "gitlab_signing_key_env",
     "api_token_env",
+    "viewer_token_env",
 )
 _HOOK_KEYS: Final = (
     *_HOOK_SECRET_KEYS,
@@ -709,6 +710,7 @@ def _hooks(top: _Section, environ: Mapping[str, str]) -> HookSettings:
         gitlab_token=secret("gitlab_token_env"),
         gitlab_signing_key=signing_key,
         api_token=secret("api_token_env"),
+        viewer_token=secret("viewer_token_env"),
         metrics_token=secret("metrics_token_env"),
         metrics_listen=_listen_address(section, "metrics_listen"),
         body_limit=section.integer("body_limit", low=MIN_BODY_LIMIT) or DEFAULT_BODY_LIMIT,

@@ -66,6 +66,7 @@ def ca_file_problem(path: str) -> str | None:
 #: What a configured but unset ``hooks.*_env`` turns off.
 _SWITCHED_OFF: Final = {
     "hooks.api_token_env": "the job API answers 404",
+    "hooks.viewer_token_env": "the viewer token signs nobody in",
     "hooks.metrics_token_env": "/metrics answers 404",
 }
 

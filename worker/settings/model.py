@@ -74,6 +74,9 @@ class HookSettings:
     gitlab_token: Secret | None = None
     gitlab_signing_key: Secret | None = None
     api_token: Secret | None = None
+    #: Reads only: the read API (``GET /api/v1/...``) and the dashboard's viewer role.
+    #: The API token is the dashboard's admin role; neither set: both off (404).
+    viewer_token: Secret | None = None
     body_limit: int = DEFAULT_BODY_LIMIT
     #: Request line and headers, in bytes (431 beyond).
     head_limit: int = DEFAULT_HEAD_LIMIT

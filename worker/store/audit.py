@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol, cast
 
 import redis.asyncio as aioredis
 
@@ -440,6 +440,8 @@ def _fsync_directory(path: Path) -> None:
 
 #: The audit stream keeps at least this many records (approximate trim).
 AUDIT_STREAM_MAXLEN: Final = 1_000_000
+#: Stream records read per step of :meth:`RedisAuditLog.newest` (intents and settlements).
+AUDIT_PAGE_READ: Final = 500
 #: How long the lookup indexes beside the stream live after their last write.
 AUDIT_INDEX_TTL: Final = timedelta(days=90)
 
@@ -554,6 +556,39 @@ class RedisAuditLog:
                 merged = _merged(await self._redis.xrange(self._key, min=start, max="+") or ())
         return [e for e in merged.values() if query.matches(e)]
 
+    async def newest(
+        self, query: AuditQuery, limit: int, before: str | None = None
+    ) -> tuple[list[AuditEntry], str | None]:
+        """Up to ``limit`` records matching ``query``, newest first, from the stream id
+        ``before`` down (exclusive; None: from the end): a page, and the cursor of the next
+        one (None: no more). Looked up by index for a job or a digest, else read backwards
+        in chunks, so a page of a long audit costs what it shows."""
+        if query.job_id is not None or (query.repository and query.digest):
+            found = sorted(await self.entries(query), key=lambda e: e.time, reverse=True)
+            return found[:limit], None
+        floor = f"{int(query.since.timestamp() * 1000)}-0" if query.since else "-"
+        picked: list[tuple[str, AuditEntry]] = []
+        top = f"({before}" if before else "+"
+        with wrapped(f"cannot read the audit ({self.location})"):
+            while len(picked) < limit:
+                rows = list(
+                    await self._redis.xrevrange(self._key, top, floor, count=AUDIT_PAGE_READ) or ()
+                )
+                picked += _intents(rows, query)[: limit - len(picked)]
+                if len(rows) < AUDIT_PAGE_READ:
+                    break
+                top = f"({text(cast(Any, rows[-1][0]))}"
+            settled = await self._outcomes({e.job_id for _, e in picked})
+        entries = list(merge([e for _, e in picked], settled).values())
+        return entries, (picked[-1][0] if len(picked) == limit else None)
+
+    async def _outcomes(self, jobs: Iterable[str]) -> list[Settlement]:
+        pipe = self._redis.pipeline(transaction=False)
+        ordered = sorted(jobs)
+        for job_id in ordered:
+            pipe.hvals(self.keys.audit_outcomes(job_id))
+        return [Settlement.from_json(v) for values in await pipe.execute() for v in values]
+
     async def _job_ids(self, job_id: str) -> list[str]:
         return [text(i) for i in await self._redis.lrange(self.keys.audit_job(job_id), 0, -1)]
 
@@ -581,6 +616,19 @@ class RedisAuditLog:
         settled = [Settlement.from_json(v) for values in answers[0::2] for v in values]
         restored = [Restoration.from_json(v) for values in answers[1::2] for v in values]
         return merge(entries.values(), settled, restored)
+
+
+def _intents(rows: Iterable[tuple[Any, Any]], query: AuditQuery) -> list[tuple[str, AuditEntry]]:
+    """The intent records among stream ``rows`` that ``query`` matches, with their ids."""
+    found: list[tuple[str, AuditEntry]] = []
+    for stream_id, fields in rows:
+        raw = _field(fields or {}, "entry")
+        if raw is None:
+            continue
+        entry = AuditEntry.from_json(raw)
+        if query.matches(entry):
+            found.append((text(stream_id), entry))
+    return found
 
 
 def _merged(rows: Iterable[tuple[Any, Any]]) -> dict[str, AuditEntry]:

@@ -24,6 +24,9 @@ health, notifications  ``health:last_prune``, ``notify:dead_letters``, ``notify:
 worker leases          ``leases``, ``worker:<id>``
 processes, intake      ``processes``, ``process:<role>@<host>:<pid>``, ``jobs:queued``,
                        ``jobs:queued:<client>``, ``installation``
+dashboard              ``view:<repo>`` (the last plan), ``views`` (summaries), ``views:version``,
+                       ``gc:history``,
+                       ``ui:signin:<client>``
 =====================  ==================================================================
 
 The Celery broker's own keys (the queues ``events``, ``prune``, ``gc`` and kombu's
@@ -266,3 +269,28 @@ class Keys:
     def notified(self, event: str, subject: str) -> str:
         """Set once ``event`` about ``subject`` (a job) was told: an alert goes out once."""
         return f"{self.prefix}notify:{event}:{subject}"
+
+    # --- the dashboard and the read API -----------------------------------------------
+
+    def plan_view(self, repository: str) -> str:
+        """The last plan a worker made of ``repository``, as the dashboard shows it (JSON)."""
+        return f"{self.prefix}view:{repository}"
+
+    @property
+    def plan_views(self) -> str:
+        """Repository -> the summary of its last plan (a hash): the repositories page."""
+        return f"{self.prefix}views"
+
+    @property
+    def plan_views_version(self) -> str:
+        """Counts every change of ``views``: a reader keeps what it parsed until this moves."""
+        return f"{self.prefix}views:version"
+
+    @property
+    def gc_history(self) -> str:
+        """The newest GC reports, newest first (a capped list): the maintenance page."""
+        return f"{self.prefix}gc:history"
+
+    def signin_failures(self, client: str) -> str:
+        """Failed dashboard sign-ins from one client address, counted for a while."""
+        return f"{self.prefix}ui:signin:{client}"

@@ -357,6 +357,12 @@ class TagIndex:
     async def unhold(self, repository: str, tag: str) -> bool:
         return bool(await self._call(self._redis.hdel(self.keys.hold(repository), tag)))
 
+    async def holds_of(self, repository: str) -> list[Hold]:
+        """The holds recorded on ``repository`` (ended ones included), by tag."""
+        raw = await self._call(self._redis.hgetall(self.keys.hold(repository)))
+        held = _parsed(cast(dict[Any, Any], raw), _hold)
+        return [held[tag] for tag in sorted(held)]
+
     async def all_holds(self) -> dict[str, list[Hold]]:
         repos = sorted(
             text(r) for r in await self._call(self._redis.smembers(self.keys.held_repositories))
