@@ -24,6 +24,7 @@ from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.stack import wait_for
 from tests.harness.workers import REGSWEEP as REGSWEEP_SCRIPT
+from worker.registry.client import IMPOSSIBLE_DIGEST
 
 REPOSITORY = "lk/app"
 #: Tags on the kept image's digest: each is removed as a tag only, through a placeholder
@@ -86,11 +87,12 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 @contextlib.contextmanager
 def worker(rig: Rig) -> Iterator[subprocess.Popen[bytes]]:
-    """`regsweep worker -Q prune -c 1`, SIGKILLed (with its pool) at the end."""
+    """`regsweep worker -Q prune,jobs -c 1` (push prunes and asked-for ones), SIGKILLed (with
+    its pool) at the end."""
     log = (rig.root / "worker.log").open("ab")
     quiet = ["--without-heartbeat", "--without-mingle", "--without-gossip"]
     proc = subprocess.Popen(
-        [REGSWEEP_SCRIPT, "-c", str(rig.config), "worker", "-Q", "prune", "-c", "1", *quiet],
+        [REGSWEEP_SCRIPT, "-c", str(rig.config), "worker", "-Q", "prune,jobs", "-c", "1", *quiet],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -112,8 +114,10 @@ def test_a_cli_prune_waits_for_a_workers_prune_and_never_plans_its_placeholders(
     same repository waits for the worker's lock, saying so, and plans only after it: it
     neither deletes beside the worker nor plans the worker's in-flight placeholder."""
     with worker(rig):
-        # The DELETE of a placeholder, by digest (the tag's own DELETE, tried first, goes).
-        rig.proxy.hold(f"DELETE /v2/{REPOSITORY}/manifests/sha256:".encode())
+        # The DELETE of a placeholder, by digest; the probes before it go (the tag's own
+        # DELETE, and the DELETE of a digest no content has, which asks if deletes are on).
+        placeholder = f"DELETE /v2/{REPOSITORY}/manifests/sha256:".encode()
+        rig.proxy.hold(placeholder, unless=IMPOSSIBLE_DIGEST.encode())
         queued = run("prune", REPOSITORY, "--enqueue", config=rig.config)
         assert queued.returncode == 0, queued.stderr
         job_id = queued.stdout.split()[0]

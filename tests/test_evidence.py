@@ -351,6 +351,20 @@ def test_a_burst_of_one_image_under_several_tags_keeps_its_storage_times() -> No
     assert {t.source for t in judged.push_times.values()} == {PushSource.STORAGE}
 
 
+def test_a_burst_of_a_few_images_is_no_copy_yet_ranks_nothing_among_itself() -> None:
+    """Two images pushed 0.2 s apart (a CI job, a test stack): too few links to call the
+    repository a copy (no refusal as a whole, so check-config does not fail), but the two
+    links still rank neither tag before the other (``newest: 1`` deletes neither)."""
+    evidence = {
+        "a": TagEvidence(D, stored=NOW - HOUR),
+        "b": TagEvidence(OTHER, stored=NOW - HOUR + 200 * MS),
+    }
+    judged = judge(evidence, NOW, use_build_time=False, skew=AGREES)
+    assert judged.refused is None
+    assert set(judged.doubted) == {"a", "b"}
+    assert _deleted(judged.push_times, rule(0, "*", newest=1)) == set()
+
+
 def test_a_doubted_link_never_makes_a_re_pushed_tag_older() -> None:
     """``stable`` was first seen 30 days ago and re-pushed an hour ago, in the same instant as
     another image's tag: its link is doubted, yet ``pushed_within: 14d`` keeps it (the link

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import redis
@@ -34,6 +34,7 @@ from worker.identity import ProcessIdentity
 from worker.queue import jobs, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
+from worker.queue.names import JOBS_QUEUE, PRUNE_QUEUE
 from worker.registry import mediatypes as mt
 from worker.settings.load import load_config
 from worker.settings.model import Config
@@ -112,12 +113,18 @@ def status(images: ImageBuilder, repository: str, reference: str) -> int:
     ).status_code
 
 
-def queued(broker: redis.Redis, queue: str = "prune") -> list[dict[str, Any]]:
-    """The kwargs of each task message waiting on ``queue`` (Celery protocol 2)."""
+#: Where prunes wait: a push's on ``prune``, every other on ``jobs``.
+PRUNE_QUEUES: Final = (PRUNE_QUEUE, JOBS_QUEUE)
+
+
+def queued(broker: redis.Redis, *queues: str) -> list[dict[str, Any]]:
+    """The kwargs of each task message waiting on ``queues`` (Celery protocol 2); by default
+    the two a prune may be sent to (``prune`` for a push's, ``jobs`` for the others)."""
     out = []
-    for raw in reversed(broker.lrange(queue, 0, -1)):
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        out.append(body[1])
+    for queue in queues or PRUNE_QUEUES:
+        for raw in reversed(broker.lrange(queue, 0, -1)):
+            body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            out.append(body[1])
     return out
 
 
@@ -262,7 +269,7 @@ def test_maintenance_flag_defers_and_tick_releases(
     assert status(images, repository, drop.digest) == 200
     tasks.tick.apply()
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     assert message["repository"] == repository and message["job_id"] == job_id
     tasks.prune.apply(kwargs=message)
     assert job(broker, job_id)["state"] == "succeeded"
@@ -301,7 +308,7 @@ def test_sweep_tallies_its_prunes(
     sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
     tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     assert message["parent"] == sweep_id and message["incremental"] is False
     assert job(broker, sweep_id)["state"] == "running"
     tasks.prune.apply(kwargs=message)
@@ -322,7 +329,7 @@ def test_a_poisoned_push_time_is_unknown_and_the_prune_goes_on(
     sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
     tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     broker.hset(f"regsweep:idx:{repository}:pushed", "keep-1", "1e300")
     tasks.prune.apply(kwargs=message)
     assert job(broker, message["job_id"])["state"] == "succeeded"
@@ -340,7 +347,7 @@ def test_a_prune_that_raises_anything_ends_its_job_and_its_sweep(
     sweep_id = tasks.run(lambda ctx: ctx.state.create_job("sweep", {}))
     tasks.sweep.apply(kwargs={"job_id": sweep_id, "repository": repository})
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("unexpected")
@@ -377,7 +384,7 @@ def test_registry_events_task_applies_the_good_and_dead_letters_the_bad(
     assert broker.hgetall(f"regsweep:idx:{repository}:tags") == {"v1": good["digest"]}
     (entry,) = [json.loads(raw) for raw in broker.lrange("regsweep:deadletter", 0, -1)]
     assert "bad-1" in entry["reason"] and "timestamp" in entry["reason"]
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
 
 
 def test_metrics_flushed_by_tasks(broker: redis.Redis) -> None:
@@ -436,12 +443,12 @@ def test_a_ci_prune_that_never_reaches_the_registry_is_dead_lettered_and_replaye
         push_event(repository, "main", main.digest),
     ]
     tasks.registry_events.apply(kwargs={"events": events})
-    broker.delete("prune")  # the pushes' own prunes
+    broker.delete(*PRUNE_QUEUES)  # the pushes' own prunes
     delivery = uuid.uuid4().hex
     event = CiEvent("github", delivery, "acme/web", "pull_request_closed", number=7, merged=False)
     tasks.ci_event.apply(kwargs={"event": event.to_dict()})
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     own_registry.stop()
     try:
         tasks.prune.apply(kwargs=message)
@@ -464,7 +471,7 @@ def test_a_ci_prune_that_never_reaches_the_registry_is_dead_lettered_and_replaye
     new_job = replayed.stdout.split()[-1]
     assert replayed.stdout.startswith(f"dead letter {letter['id']} replayed: prune job {new_job}")
     (again,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     assert again["job_id"] == new_job and again["requests"] == message["requests"]
     tasks.prune.apply(kwargs=again)
     assert job(broker, new_job)["state"] == "succeeded"
@@ -624,5 +631,5 @@ def test_a_sweep_that_cannot_list_the_registry_is_retried_then_dead_lettered(
     assert replayed.returncode == 0, replayed.stderr
     new_sweep = json.loads(replayed.stdout)["job_id"]
     (message,) = queued(broker)
-    broker.delete("prune")
+    broker.delete(*PRUNE_QUEUES)
     assert message["job_id"] == new_sweep and message["repository"] is None

@@ -54,6 +54,7 @@ class FaultProxy:
         self._fault: Fault | None = None
         #: While set, client chunks holding it wait here (in order) until release().
         self._gate = b""
+        self._gate_unless = b""
         self._held: list[tuple[socket.socket, bytes]] = []
         self._open_gate = threading.Event()
         self._down = False
@@ -81,11 +82,12 @@ class FaultProxy:
         with self._lock:
             self._fault = Fault(marker, after, skip)
 
-    def hold(self, marker: bytes) -> None:
-        """Stop forwarding client chunks that hold ``marker`` until :meth:`release`: the
-        requests about one thing hang, everything else flows."""
+    def hold(self, marker: bytes, *, unless: bytes = b"") -> None:
+        """Stop forwarding client chunks that hold ``marker`` (and not ``unless``) until
+        :meth:`release`: the requests about one thing hang, everything else flows."""
         with self._lock:
             self._gate = marker
+            self._gate_unless = unless
 
     def release(self) -> None:
         """Forward what :meth:`hold` kept back, in order, and hold nothing any more."""
@@ -147,7 +149,10 @@ class FaultProxy:
         if sock in self._clients and self._strikes(data):
             self._cut(peer, data)
             return
-        if sock in self._clients and self._gate and self._gate in data:
+        held = self._gate and self._gate in data
+        if held and self._gate_unless and self._gate_unless in data:
+            held = False
+        if sock in self._clients and held:
             self._held.append((peer, data))
             return
         if sock in self._clients and self.delay and self.slow in data:

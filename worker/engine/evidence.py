@@ -62,6 +62,10 @@ DOCKER_EPOCH: Final = datetime(2013, 3, 20, tzinfo=UTC)
 CLOCK_SKEW: Final = timedelta(minutes=5)
 #: Tag links written this close one after another are one instant (see the module docstring).
 ONE_INSTANT: Final = timedelta(seconds=1)
+#: Fewer links than this, written in one instant, are taken for a burst of pushes (a CI job
+#: pushing a few images at once), not for a copy: the repository is not refused as a whole
+#: (nor check-config failed), though its clustered links still rank nothing, tag by tag.
+COPY_MIN_LINKS: Final = 5
 #: A tag link is written just before the notification of its push is dated; the two may
 #: come from two hosts' clocks (a storage on NFS), so a link counts as older than its
 #: notification only by more than this.
@@ -316,7 +320,8 @@ def storage_refusal(
             f"all {count} tag links carry the same time ({moment(first)}), as an archive "
             f"stamped with one time leaves them: {RESTORE_TIMES}"
         )
-    if count > 1 and len({link.digest for link in links}) > 1 and _one_instant(times):
+    copied = count >= COPY_MIN_LINKS and len({link.digest for link in links}) > 1
+    if copied and _one_instant(times):
         return (
             f"all {count} tag links were written within {duration(last - first)} of each "
             f"other ({moment(first)}), as a copy that kept no times writes them (cp -r, rsync "
