@@ -466,7 +466,17 @@ def test_check_config_online_in_the_worker_container(
     document = json.loads(stdout)
     statuses = {check["check"]: check["status"] for check in document["checks"]}
     assert statuses == dict.fromkeys(
-        ["registry", "credentials", "deletes", "tag delete", "storage", "redis"], "ok"
+        [
+            "registry",
+            "credentials",
+            "deletes",
+            "tag delete",
+            "clock",
+            "storage",
+            "push-times",
+            "redis",
+        ],
+        "ok",
     )
     for secret in s.SECRETS:
         assert secret not in output
