@@ -23,9 +23,9 @@ from typing import Any, Final
 
 from regsweep import checkconfig, console, jobs, render, replay, status
 from worker import logs
+from worker.durations import DurationTooLong, parse_duration
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
-from worker.engine.model import Hold
 from worker.engine.names import (
     Named,
     Second,
@@ -38,9 +38,10 @@ from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPla
 from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
 from worker.queue.messages import JobKind, JobRequest, follow_hint
+from worker.records import Hold
 from worker.registry.client import RegistryClient
 from worker.settings import env
-from worker.settings.load import DurationTooLong, load_config, parse_duration
+from worker.settings.load import load_config
 from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery

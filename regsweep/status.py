@@ -22,9 +22,10 @@ from typing import Any, Final
 from regsweep import evidence
 from regsweep.jobs import when
 from regsweep.records import Records, reading
-from worker.engine.model import Hold
+from worker.durations import exact
 from worker.maintenance.window import window_document
 from worker.queue.names import QUEUES
+from worker.records import Hold
 from worker.settings.model import Config, MaintenanceSettings
 from worker.store.processes import reports
 from worker.store.redis import wrapped
@@ -157,7 +158,7 @@ def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
     if window is None:
         lines = ["maintenance window: none configured (maintenance.window.cron)"]
     else:
-        lasting = _duration(window["duration_seconds"])
+        lasting = exact(timedelta(seconds=window["duration_seconds"]))
         lines = [f"maintenance window: {window['cron']!r} (UTC), {lasting} long"]
         if window["open"]:
             lines.append(f"  open now, until {when(window['open']['end'])}")
@@ -170,12 +171,6 @@ def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
         else "maintenance: not running (pruning active)"
     )
     return lines
-
-
-def _duration(seconds: int) -> str:
-    """``2h``, ``1h30m``, ``45m``: the config's duration syntax."""
-    hours, minutes = divmod(seconds // 60, 60)
-    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or not hours else "")
 
 
 def _last_prune(record: Mapping[str, Any] | None) -> str:

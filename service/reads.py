@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from worker.engine.model import Digest, Hold
 from worker.maintenance.window import window_document
+from worker.oci import Digest
+from worker.records import Hold
 from worker.settings.model import Config
 from worker.store.audit import AuditEntry, AuditQuery, RedisAuditLog
 from worker.store.redis import wrapped

@@ -25,11 +25,11 @@ from tests.harness import cli, redisdb
 from tests.harness.cli import REGSWEEP
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from worker.engine.model import Hold
 from worker.queue import jobs as worker_jobs
 from worker.queue import tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
+from worker.records import Hold
 from worker.settings.load import load_config
 from worker.store.audit import AuditEntry, Outcome, RedisAuditLog, Settlement
 from worker.store.keys import Keys

@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from worker.durations import DurationTooLong, parse_duration
 from worker.engine.policy import Mode
 from worker.errors import ConfigError
 from worker.registry.storage import RegistryStorage, check_storage_root
 from worker.settings import env
-from worker.settings.load import (
-    DurationTooLong,
-    config_source,
-    load_config,
-    parse_config,
-    parse_duration,
-)
+from worker.settings.load import config_source, load_config, parse_config
 from worker.settings.model import (
     DEFAULT_BODY_LIMIT,
     DEFAULT_CONCURRENCY,

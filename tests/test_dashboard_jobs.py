@@ -21,11 +21,11 @@ from tests.harness import redisdb
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import DISTRIBUTION_2
-from worker.engine.model import Hold
+from worker import oci
 from worker.queue import jobs, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.messages import job_message
-from worker.registry import mediatypes as mt
+from worker.records import Hold
 from worker.settings.load import load_config
 from worker.settings.model import Config
 
@@ -79,7 +79,7 @@ def job(broker: redis.Redis, job_id: str) -> dict[str, Any]:
 
 
 def exists(images: ImageBuilder, repository: str, reference: str) -> bool:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     url = f"/v2/{repository}/manifests/{reference}"
     return images.client.head(url, headers=headers).status_code == 200
 

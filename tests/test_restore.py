@@ -28,8 +28,8 @@ from tests.harness.proxy import Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
 from worker.engine.prune import Pruner, RepositoryPlan
+from worker.oci import OCI_INDEX, OCI_MANIFEST
 from worker.registry.client import RegistryClient
-from worker.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from worker.settings.load import load_config
 from worker.store.audit import AuditEntry, Outcome, Settlement
 from worker.store.history import LocalHistory

@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import redisdb
-from worker.engine.evidence import Sighting
-from worker.engine.model import Digest, Hold
 from worker.errors import StateError
+from worker.oci import Digest
+from worker.records import Hold, Sighting
 from worker.store.tagindex import TOMBSTONE_AGE, TagIndex
 
 pytestmark = pytest.mark.anyio

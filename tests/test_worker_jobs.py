@@ -27,6 +27,7 @@ from tests.harness import stack as s
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
+from worker import oci
 from worker.engine.events import CiEvent
 from worker.engine.prune import Pruner
 from worker.errors import RegistryUnavailable, RepositoryBusy
@@ -34,7 +35,6 @@ from worker.identity import ProcessIdentity
 from worker.queue import jobs, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
-from worker.registry import mediatypes as mt
 from worker.settings.load import load_config
 from worker.settings.model import Config
 from worker.store.locks import PruneLock
@@ -106,7 +106,7 @@ def images(own_registry: RegistryProcess) -> Iterator[ImageBuilder]:
 
 
 def status(images: ImageBuilder, repository: str, reference: str) -> int:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     return images.client.head(
         f"/v2/{repository}/manifests/{reference}", headers=headers
     ).status_code
@@ -235,7 +235,7 @@ async def test_incremental_plan_only_after_a_live_read(
 
 
 def images_digest(images: ImageBuilder, repository: str) -> str:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     response = images.client.head(f"/v2/{repository}/manifests/keep-1", headers=headers)
     return response.headers["Docker-Content-Digest"]
 

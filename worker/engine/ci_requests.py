@@ -11,10 +11,10 @@ import re
 from typing import Any
 
 from worker.engine.events import CiEvent
-from worker.engine.model import Digest
 from worker.engine.plan import Reason
 from worker.engine.planner import TagRequest
 from worker.engine.policy import Policy, TagPattern
+from worker.oci import Digest
 
 
 def _fill(template: str, values: dict[str, str]) -> str:

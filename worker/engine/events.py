@@ -15,28 +15,7 @@ from enum import StrEnum
 from typing import Any, Final, Literal
 
 from worker.errors import BadEvent
-from worker.registry.mediatypes import KNOWN_MANIFEST_TYPES
-
-#: distribution/reference's path component and separator grammar; no domain part,
-#: since the registry reports names relative to itself.
-_COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-
-
-REPOSITORY_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-
-
-REPOSITORY_MAX_LENGTH: Final = 255
-
-
-TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
-
-
-DIGEST: Final = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
-
-
-#: What a restore job names: a digest, or the beginning of one (as plan tables show it).
-DIGEST_PREFIX: Final = re.compile(r"(?:sha256:)?[a-f0-9]{1,64}")
-
+from worker.oci import KNOWN_MANIFEST_TYPES
 
 #: Schema 1 types still show up in 2.8 notifications for old clients.
 MANIFEST_TYPES: Final = KNOWN_MANIFEST_TYPES
@@ -162,23 +141,6 @@ def excerpt(raw: bytes | str, limit: int = EXCERPT_LIMIT) -> str:
     """The start of a payload, safe to store and log."""
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     return text[:limit]
-
-
-def valid_repository(name: str) -> bool:
-    return len(name) <= REPOSITORY_MAX_LENGTH and REPOSITORY_NAME.fullmatch(name) is not None
-
-
-def valid_tag(tag: str) -> bool:
-    return TAG.fullmatch(tag) is not None
-
-
-def valid_digest(digest: str) -> bool:
-    return DIGEST.fullmatch(digest) is not None
-
-
-def valid_digest_or_prefix(digest: str) -> bool:
-    """A whole digest or a prefix of a sha256 one (a restore resolves it, unique or refused)."""
-    return valid_digest(digest) or DIGEST_PREFIX.fullmatch(digest) is not None
 
 
 def _classify(event: RegistryEvent) -> RegistryEventKind:

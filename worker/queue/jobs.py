@@ -19,7 +19,6 @@ from typing import Any, Final, TypeVar
 from worker.engine.ci_requests import request_for
 from worker.engine.events import CiEvent, RegistryEvent, RegistryEventKind
 from worker.engine.executor import ExecutionReport, RunOutcome, Status
-from worker.engine.model import Digest
 from worker.engine.plan import Action, Deletion
 from worker.engine.planner import TagRequest
 from worker.engine.prune import RepositoryPlan
@@ -32,8 +31,8 @@ from worker.errors import (
     UnknownRepository,
 )
 from worker.notify.message import Deleted
+from worker.oci import INDEX_TYPES, Digest
 from worker.queue.context import WorkerContext
-from worker.registry.mediatypes import INDEX_TYPES
 from worker.store.audit import AuditQuery, Outcome
 from worker.store.keys import Keys
 from worker.store.locks import PruneTurns, window_running

@@ -31,6 +31,7 @@ from typing import Any, Final, TypeVar
 import yaml
 from croniter import croniter
 
+from worker.durations import DURATION_HINT, exact, parse_duration
 from worker.engine.policy import (
     AgeSource,
     EventTemplates,
@@ -163,15 +164,6 @@ _DELETE_UNTAGGED_REFUSED: Final = (
     "manifests go by the policies' untagged.delete_after (docs/safety.md); set auto or false"
 )
 
-_DURATION: Final = re.compile(
-    r"(?:(?P<weeks>\d+)w)?(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?"
-    r"(?:(?P<minutes>\d+)m)?(?:(?P<seconds>\d+)s)?",
-    re.ASCII,
-)
-_DURATION_HINT: Final = "must be a duration like 30s, 15m, 1h30m, 14d or 2w"
-#: The longest duration anywhere (policy file, --for, --since): now plus or minus it is
-#: still a date (200000w back from now is not, and a plan or hold would crash on it).
-MAX_DURATION: Final = timedelta(days=36500)
 _VERSION: Final = re.compile(r"\d+\.\d+")
 
 
@@ -260,32 +252,6 @@ def config_source(given: str | None, environ: Mapping[str, str]) -> str:
     if path is None:
         raise ConfigError(f"no policy file: pass -c FILE or set {env.CONFIG_PATH_VAR}")
     return path
-
-
-class DurationTooLong(ValueError):
-    """A duration written right that is longer than :data:`MAX_DURATION`."""
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30s``, ``15m``, ``1h30m``, ``14d``, ``2w`` as a timedelta; raises ``ValueError``
-    (:class:`DurationTooLong` past :data:`MAX_DURATION`)."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or not any(match.groupdict().values()):
-        raise ValueError(_DURATION_HINT)
-    parts = {unit: amount for unit, amount in match.groupdict().items() if amount}
-    try:
-        # More digits than any bounded duration has: no int() of thousands of digits.
-        digits = max(len(amount.lstrip("0")) for amount in parts.values())
-        duration = None if digits > 12 else timedelta(**_ints(parts))
-    except OverflowError:
-        duration = None
-    if duration is None or duration > MAX_DURATION:
-        raise DurationTooLong(f"is too long: at most {MAX_DURATION.days}d (about 100 years)")
-    return duration
-
-
-def _ints(parts: Mapping[str, str]) -> dict[str, int]:
-    return {unit: int(amount) for unit, amount in parts.items()}
 
 
 # -- YAML ---------------------------------------------------------------------------------
@@ -573,7 +539,7 @@ def _item_line(value: object, index: int) -> int | None:
 
 def _duration_of(value: object) -> timedelta:
     if not isinstance(value, str):
-        raise ValueError(_DURATION_HINT)
+        raise ValueError(DURATION_HINT)
     return parse_duration(value)
 
 
@@ -1239,11 +1205,6 @@ def _bounded(section: _Section, key: str, default: timedelta, most: timedelta) -
     if value is None:
         return default
     if value > most:
-        section.problem(key, f"must be at most {_short_duration(most)}")
+        section.problem(key, f"must be at most {exact(most)}")
         return default
     return value
-
-
-def _short_duration(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m"

@@ -15,17 +15,27 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import redis
 import redis.asyncio as aioredis
 
-from worker.settings.watch import PolicyWatch
 from worker.store.keys import Keys
 from worker.store.redis import text, wrapped
 
 REPORT_EVERY: Final = timedelta(seconds=15)
 REPORT_TTL: Final = timedelta(seconds=60)
+
+
+class PolicyWatch(Protocol):
+    """What a report says of the process's policy (:class:`worker.settings.watch.PolicyWatch`)."""
+
+    @property
+    def digest(self) -> str | None: ...
+    @property
+    def problem(self) -> str | None: ...
+    @property
+    def restart_needed(self) -> tuple[str, ...]: ...
 
 
 def _now() -> str:

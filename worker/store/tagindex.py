@@ -18,8 +18,9 @@ from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from worker.engine.evidence import CLOCK_SKEW, EvidenceSummary, Sighting
-from worker.engine.model import Digest, Hold
+from worker.clock import CLOCK_SKEW
+from worker.oci import Digest
+from worker.records import EvidenceSummary, Hold, Sighting
 from worker.store.history import RepositoryHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import text, wrapped
