@@ -97,7 +97,7 @@ def test_example_file_loads() -> None:
     assert web.untagged_delete_after == timedelta(hours=1)
     assert web.on.pull_request_closed == ("pr-{number}", "pr-{number}-*")
     assert web.on.branch_deleted == ("{branch}", "{branch}-*")
-    assert web.sources.github[0].matches("acme/web")
+    assert web.sources["github"][0].matches("acme/web")
     assert config.maintenance.window_cron == "0 3 * * sun"
     assert config.maintenance.controller == DockerControllerSettings(
         container="registry", config_path="/etc/docker/registry/config.yml"

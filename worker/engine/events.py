@@ -111,7 +111,34 @@ class RegistryEnvelope:
         return named + (f"; {more} more unusable events" if more > 0 else "")
 
 
-CiSource = Literal["github", "gitlab"]
+#: A CI system regsweep takes webhooks from: its hook's route (``/hooks/<source>``), its key
+#: under a policy's ``sources:``, its metrics label. One of :data:`CI_SOURCES`.
+CiSource = str
+
+
+@dataclass(frozen=True)
+class ProjectForm:
+    """How a CI source names a project: ``segments`` parts joined by ``/`` (at least
+    ``fewest``, at most ``most``; None: no limit), as a policy's ``sources:`` refuses others."""
+
+    shape: str
+    fewest: int
+    most: int | None
+
+    def problem(self, text: str) -> str | None:
+        """Why ``text`` is not a project of this form (None when it is)."""
+        segments = text.split("/")
+        fits = len(segments) >= self.fewest and (self.most is None or len(segments) <= self.most)
+        return None if fits and all(segments) else f"must look like {self.shape}"
+
+
+#: Every CI source, and the form of its projects. Adding one: a row here, and its hook module
+#: in ``service/hooks/`` listed in ``service.hooks.sources.SOURCES`` (docs/webhooks.md).
+CI_SOURCES: Final[Mapping[CiSource, ProjectForm]] = {
+    "github": ProjectForm("owner/name", 2, 2),
+    # GitLab nests groups: group/subgroup/project.
+    "gitlab": ProjectForm("group/project or group/subgroup/project", 2, None),
+}
 
 
 CiKind = Literal["pull_request_closed", "branch_deleted"]

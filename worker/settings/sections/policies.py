@@ -9,6 +9,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Final
 
+from worker.engine.events import CI_SOURCES, ProjectForm
 from worker.engine.policy import (
     AgeSource,
     EventTemplates,
@@ -101,7 +102,8 @@ def _event_templates(section: Section) -> EventTemplates:
     )
     # CI events reach a policy only through its sources: templates without them never fire.
     if (templates.pull_request_closed or templates.branch_deleted) and not section.has("sources"):
-        section.problem("on", "has no effect without sources (github: or gitlab: projects)")
+        offered = " or ".join(f"{name}:" for name in CI_SOURCES)
+        section.problem("on", f"has no effect without sources ({offered} projects)")
     return templates
 
 
@@ -247,23 +249,15 @@ def _template(text: str, allowed: Sequence[str]) -> str:
 
 
 def _sources(section: Section) -> Sources:
-    sources = section.section("sources", ("github", "gitlab"))
-    return Sources(
-        github=sources.strings("github", _github_project),
-        gitlab=sources.strings("gitlab", _gitlab_project),
-    )
+    sources = section.section("sources", tuple(CI_SOURCES))
+    found = {
+        name: sources.strings(name, partial(_project, form)) for name, form in CI_SOURCES.items()
+    }
+    return Sources(**found)
 
 
-def _github_project(text: str) -> RepositoryPattern:
-    segments = text.split("/")
-    if len(segments) != 2 or not all(segments):
-        raise ValueError("must look like owner/name")
-    return RepositoryPattern.compile(text)
-
-
-def _gitlab_project(text: str) -> RepositoryPattern:
-    # GitLab nests groups: group/subgroup/project.
-    segments = text.split("/")
-    if len(segments) < 2 or not all(segments):
-        raise ValueError("must look like group/project or group/subgroup/project")
+def _project(form: ProjectForm, text: str) -> RepositoryPattern:
+    problem = form.problem(text)
+    if problem is not None:
+        raise ValueError(problem)
     return RepositoryPattern.compile(text)
