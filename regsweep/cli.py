@@ -217,13 +217,13 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
     What ``--enqueue`` does for every command that has it.
     """
     from service.ingest import submit_job
-    from service.publish import CelerySink
+    from worker.queue.enqueue import Enqueuer
     from worker.store.state import State
 
     if config.redis_url is None:
         raise ConfigError("--enqueue needs redis.url (or REGSWEEP_REDIS_URL)")
     state = State.from_url(config.redis_url)
-    sink = CelerySink.from_config(config)
+    sink = Enqueuer.from_config(config)
     try:
         return [await submit_job(request, state, sink) for request in requests]
     finally:
@@ -570,7 +570,7 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _gc(args: argparse.Namespace, config: Config) -> int:
-    from worker.maintenance.command import gc_command
+    from regsweep.gc import gc_command
 
     return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue, as_json=args.json)
 

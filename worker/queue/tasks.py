@@ -36,15 +36,14 @@ from worker.notify import message
 from worker.notify import runtime as notify_runtime
 from worker.queue import jobs
 from worker.queue.context import WorkerContext
+from worker.queue.enqueue import enqueue, prune_message
 from worker.queue.names import (
-    PRUNE_QUEUE,
     TASK_CI_EVENT,
     TASK_PRUNE,
     TASK_REGISTRY_EVENTS,
     TASK_RESTORE,
     TASK_SWEEP,
     TASK_TICK,
-    prune_queue,
 )
 from worker.queue.runtime import EventLoopThread, configured
 from worker.store.state import JobState
@@ -140,9 +139,9 @@ def _backoff(retries: int) -> float:
     return backoff(retries + 1, base=RETRY_BASE_SECONDS, cap=RETRY_MAX_SECONDS, jitter=0.5)
 
 
-def enqueue_prune(repository: str, **kwargs: Any) -> None:
-    queue = prune_queue(str(kwargs.get("trigger", "api")))
-    prune.apply_async(kwargs={"repository": repository, **kwargs}, queue=queue)
+def enqueue_prune(repository: str, *, countdown: float | None = None, **kwargs: Any) -> None:
+    """Queue a prune of ``repository`` (:func:`worker.queue.enqueue.enqueue`)."""
+    enqueue(prune.app, prune_message(repository, **kwargs), countdown=countdown)
 
 
 @shared_task(name=TASK_REGISTRY_EVENTS, acks_late=True)
@@ -344,11 +343,7 @@ def _schedule_grace_prune(repository: str) -> None:
         log.warning("cannot schedule the grace prune of %s; the sweep will", repository)
         return
     if delay is not None:
-        prune.apply_async(
-            kwargs={"repository": repository, "trigger": "untagged grace"},
-            queue=PRUNE_QUEUE,
-            countdown=delay.total_seconds(),
-        )
+        enqueue_prune(repository, trigger="untagged grace", countdown=delay.total_seconds())
 
 
 def _finish(work: _Work, summary: dict[str, Any]) -> None:
