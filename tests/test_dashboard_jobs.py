@@ -22,7 +22,7 @@ from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import DISTRIBUTION_2
 from worker import oci
-from worker.queue import jobs, tasks
+from worker.queue import parking, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.messages import job_message
 from worker.records import Hold
@@ -187,7 +187,7 @@ def test_a_deletion_parked_by_the_window_stays_that_deletion(
     assert job(broker, job_id)["state"] == "deferred"
     parked = json.loads(broker.hget("regsweep:deferred", job_id) or "{}")
     assert parked["requests_only"] is True and parked["requests"][0]["patterns"] == ["a"]
-    released = tasks.run(jobs.parked_prunes).prunes
+    released = tasks.run(parking.parked_prunes).prunes
     assert [p["job_id"] for p in released] == [job_id] and released[0]["requests_only"]
     broker.delete("prune")
     tasks.prune.apply(kwargs=released[0])

@@ -34,8 +34,8 @@ from worker.engine.policy import AgeSource, KeepRule, Mode, Policy, RepositoryPa
 from worker.engine.prune import Pruner, RepositoryPlan
 from worker.errors import StorageError
 from worker.oci import Descriptor, Digest
-from worker.queue import jobs
 from worker.queue.context import WorkerContext
+from worker.queue.pushes import apply_registry_events
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of, untag_manifest
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config, RegistrySettings
@@ -522,7 +522,7 @@ def test_a_storage_copied_without_times_ranks_nothing_and_every_command_says_so(
             reg.set_pushed(repo, days_ago(6 - i), f"build-{i}")
     reg.stop()
     moved = _moved(reg, tmp_path / "new-host", how)
-    redis_db = redisdb.url(8)
+    redis_db = redisdb.url(4)
     redis.Redis.from_url(redis_db).flushdb()
     try:
         config = cli.write_config(
@@ -733,12 +733,12 @@ async def test_a_late_notification_never_makes_a_re_pushed_tag_older(
     config = Config(
         registry=RegistrySettings(url=reg.url),
         policies=(policy(keep("*", newest=2)),),
-        redis_url=redisdb.url(8),
+        redis_url=redisdb.url(4),
     )
     ctx = await WorkerContext.open(config, prefix=f"late-{os.urandom(4).hex()}:")
     try:
-        await jobs.apply_registry_events(ctx, [events[1], events[2], events[3]])
-        await jobs.apply_registry_events(ctx, [events[0]])  # delivered last
+        await apply_registry_events(ctx, [events[1], events[2], events[3]])
+        await apply_registry_events(ctx, [events[0]])  # delivered last
         assert (await ctx.index.pushed_at(repo))["x"] == events[3].timestamp
         planned = await ctx.pruner.plan_one(repo)
     finally:

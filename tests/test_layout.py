@@ -175,12 +175,7 @@ def test_the_digest_grammar_is_written_once() -> None:
     """Only worker/oci.py spells out a digest's grammar (``sha256:`` and hex digits, or the
     ``algorithm:encoded`` form); every other module asks it."""
     grammar = re.compile(r"sha(?:256|384|512):\[|\[a-zA-Z0-9=_-\]")
-    spelling = {
-        str(path.relative_to(ROOT))
-        for _, path in modules()
-        if any(grammar.search(s) for s in _strings(path))
-    }
-    assert spelling == {"worker/oci.py"}
+    assert _spelling(grammar) == {"worker/oci.py"}
 
 
 def test_no_module_level_import_cycle() -> None:
@@ -217,13 +212,16 @@ def _strings(path: Path) -> Iterator[str]:
 def test_the_key_prefix_is_named_in_one_module() -> None:
     """Only worker/store/keys.py writes a Redis key (``regsweep:…``) out: every other module
     asks it (log messages saying ``regsweep: …`` are no keys)."""
-    key = re.compile(r"^regsweep:(\S|$)")
-    naming = {
+    assert _spelling(re.compile(r"^regsweep:(\S|$)")) == {"worker/store/keys.py"}
+
+
+def _spelling(pattern: re.Pattern[str]) -> set[str]:
+    """The modules with a string constant ``pattern`` finds something in."""
+    return {
         str(path.relative_to(ROOT))
         for _, path in modules()
-        if any(key.match(s) for s in _strings(path))
+        if any(pattern.search(s) for s in _strings(path))
     }
-    assert naming == {"worker/store/keys.py"}
 
 
 def _opening(path: Path) -> str:

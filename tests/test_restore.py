@@ -35,7 +35,7 @@ from worker.store.audit import AuditEntry, Outcome, Settlement
 from worker.store.history import LocalHistory
 from worker.store.open import Stores
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("private_cache")]
 #: Runs on 2.8.2 and on 3.x: ``registry``, ``images`` and ``config`` are that version's.
 ON_BOTH = pytest.mark.usefixtures("registry_binary")
 
@@ -45,12 +45,6 @@ KEEP_PREFIXED: dict[str, Any] = {
     "mode": "enforce",
     "keep": [{"tags": ["keep-*"]}],
 }
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own cache directory (the CLI's build-time cache lives there)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ A, B, C = (Digest(f"sha256:{c * 64}") for c in "abc")
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redisdb.url(12))
+    client = aioredis.Redis.from_url(redisdb.url(6))
     yield client
     await client.aclose()
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any, Protocol
 
-from celery import Celery
+from celery import Celery, current_app
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
@@ -53,6 +53,11 @@ def prune_message(repository: str, **kwargs: Any) -> TaskMessage:
     """A prune of ``repository``, on the queue its ``trigger`` (default ``api``) belongs to."""
     queue = prune_queue(str(kwargs.get("trigger", "api")))
     return TaskMessage(TASK_PRUNE, {"repository": repository, **kwargs}, queue)
+
+
+def enqueue_prune(repository: str, *, countdown: float | None = None, **kwargs: Any) -> None:
+    """A worker's prune of ``repository``, sent through the process's Celery app."""
+    enqueue(current_app, prune_message(repository, **kwargs), countdown=countdown)
 
 
 class JobSink(Protocol):
