@@ -27,8 +27,7 @@ from worker.maintenance.window import window_document
 from worker.queue.names import QUEUES
 from worker.records import Hold
 from worker.settings.model import Config, MaintenanceSettings
-from worker.store.processes import reports
-from worker.store.redis import wrapped
+from worker.store.processes import queue_lengths, reports
 from worker.store.state import RECENT_JOBS_CAP
 from worker.store.status import dead_letters, deferred_prunes, health_records
 
@@ -195,11 +194,7 @@ async def processes_document(records: Records) -> dict[str, Any]:
     """The processes reporting (each one's policy digest) and the queues' lengths."""
     client, keys = records.state.client, records.state.keys
     processes = await reports(client, keys)
-    with wrapped("cannot read the queues' lengths"):
-        pipe = client.pipeline(transaction=False)
-        for name in QUEUES:
-            pipe.llen(name)
-        lengths = await pipe.execute()
+    lengths = await queue_lengths(client, QUEUES)
     consumed = {q for p in processes if p.get("role") == "worker" for q in p.get("queues") or ()}
     queues = {
         name: {"waiting": int(n), "consumed": name in consumed}
