@@ -8,7 +8,7 @@ import ast
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,13 @@ def modules() -> Iterator[tuple[str, Path]]:
 
 def module_level_imports(path: Path) -> set[str]:
     """Modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
+    return _imported(ast.parse(path.read_text()).body)
+
+
+def _imported(nodes: Iterable[ast.AST]) -> set[str]:
+    """The modules (and ``module.name``s) ``nodes`` import, absolute imports only."""
     found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in nodes:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -124,14 +129,7 @@ def _loaded(code: str) -> list[str]:
 
 def all_imports(path: Path) -> set[str]:
     """Modules ``path`` imports anywhere (inside functions too, not under TYPE_CHECKING alone)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
+    return _imported(ast.walk(ast.parse(path.read_text())))
 
 
 def package_of(module: str) -> tuple[int, str]:
