@@ -12,6 +12,13 @@ own path: Bearer check, envelope parse, ``SET NX`` per event, ``send_task``.
    and records each latency from its scheduled time.
 
     python -m bench.ingest_bench [--seconds 15] [--connections 16] [--rate 200]
+        [--without direct-push|bounds]
+
+``--without`` prices one of the service's two reaches into private internals, run as
+``regsweep serve`` otherwise runs: ``direct-push`` publishes every message with Celery's
+``send_task`` in a thread instead of LPUSHing the envelope kombu's Redis transport would
+(``service/publish.py``: ``redis_envelope``, ``_protocol2``); ``bounds`` serves on uvicorn's
+own httptools protocol instead of the bounded subclass (``service/protocol.py``).
 """
 
 from __future__ import annotations
@@ -107,6 +114,24 @@ def serve_bare(port: int) -> None:
     uvicorn.run(bare_app, host="127.0.0.1", port=port, **UVICORN_OPTIONS)
 
 
+def serve_regsweep(port: int, without: str) -> None:
+    """``regsweep serve`` (policy from REGSWEEP_CONFIG) with one private reach taken out."""
+    import service.app
+    import service.publish
+    from worker.queue.celery_app import make_celery
+    from worker.settings.load import load_config
+
+    if without == "direct-push":
+        service.publish.CelerySink.from_config = classmethod(  # type: ignore[method-assign,assignment]
+            lambda cls, config: cls(make_celery(config), None)
+        )
+    elif without == "bounds":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        setattr(service.app, "bounded_protocol", lambda limits: HttpToolsProtocol)  # noqa: B010
+    service.app.serve(load_config(os.environ["REGSWEEP_CONFIG"], os.environ), port=port)
+
+
 def _lua_string(text: str) -> str:
     return "[==[" + text + "]==]"
 
@@ -123,13 +148,16 @@ def _wait_up(url: str) -> None:
 
 
 @contextmanager
-def servers(root: Path) -> Iterator[dict[str, str]]:
+def servers(root: Path, without: str | None = None) -> Iterator[dict[str, str]]:
     """`regsweep serve` and the bare endpoint, each on a free port; name -> base URL."""
     config = s.policy_file(root / "regsweep.yaml", "http://127.0.0.1:1", [], s.REDIS_URL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
     env |= s.ENVIRONMENT | {"REGSWEEP_CONFIG": str(config)}
     full_port, bare_port = free_port(), free_port()
     regsweep = [s.REGSWEEP, "serve", "--port", str(full_port)]
+    if without is not None:
+        regsweep = [sys.executable, "-m", "bench.ingest_bench", "--serve-regsweep", str(full_port)]
+        regsweep += ["--without", without]
     bare = [sys.executable, "-m", "bench.ingest_bench", "--serve-bare", str(bare_port)]
     procs = [
         subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -245,10 +273,18 @@ async def fixed_rate(
     }
 
 
-def run(seconds: int, connections: int, rate: float, rate_seconds: float, rounds: int) -> None:
+def run(
+    seconds: int,
+    connections: int,
+    rate: float,
+    rate_seconds: float,
+    rounds: int,
+    *,
+    without: str | None = None,
+) -> None:
     s.flush()
     results: dict[str, Any] = {"throughput": {"bare": [], "regsweep": []}}
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as urls:
+    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), without) as urls:
         for url in urls.values():  # warm both up (imports, first connections)
             wrk(url, write_script(Path(tmp)), 2, connections)
         for _ in range(rounds):
@@ -293,11 +329,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--rate-seconds", type=float, default=20.0)
+    parser.add_argument("--serve-regsweep", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--without", choices=["direct-push", "bounds"])
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return
-    run(args.seconds, args.connections, args.rate, args.rate_seconds, args.rounds)
+    if args.serve_regsweep:
+        serve_regsweep(args.serve_regsweep, args.without)
+        return
+    run(
+        args.seconds,
+        args.connections,
+        args.rate,
+        args.rate_seconds,
+        args.rounds,
+        without=args.without,
+    )
 
 
 if __name__ == "__main__":

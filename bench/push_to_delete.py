@@ -33,7 +33,7 @@ import httpx
 import redis
 
 from tests.harness import stack as s
-from worker.registry import mediatypes as mt
+from worker import oci
 
 POLICY = {
     "name": "bench",
@@ -74,13 +74,15 @@ async def _push(
     config_desc = await _blob(client, repository, config)
     manifest = {
         "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, **config_desc},
+        "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, **config_desc},
         "layers": [{"mediaType": LAYER_TYPE, **layer}],
     }
     raw = json.dumps(manifest).encode()
     response = await client.put(
-        f"/v2/{repository}/manifests/latest", content=raw, headers={"Content-Type": mt.OCI_MANIFEST}
+        f"/v2/{repository}/manifests/latest",
+        content=raw,
+        headers={"Content-Type": oci.OCI_MANIFEST},
     )
     response.raise_for_status()
     return _digest(raw), time.time()
@@ -134,7 +136,7 @@ def deleted_at() -> dict[str, float]:
 
 
 def still_there(registry: str, pushes: list[Push]) -> list[str]:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     left = []
     with httpx.Client(base_url=registry, timeout=10) as client:
         for push in pushes:

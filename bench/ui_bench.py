@@ -6,7 +6,7 @@ Data: one registry holding ``bench/big`` (2,000 tags, bench/seed.py) and 5,000
 repositories of one tag each. regsweep's side is what a worker keeps: each
 repository planned by the real pruner from the live registry
 (:meth:`~worker.engine.prune.Pruner.plan_many`) and its view saved as
-:mod:`worker.queue.jobs` saves it. Then ``regsweep serve`` runs (uvicorn, as
+:mod:`worker.queue.pruning` saves it. Then ``regsweep serve`` runs (uvicorn, as
 operators run it) and, warm (three requests first, not timed), each page is
 fetched ``--rounds`` times one at a time; the time is the client's from request
 to last byte on the same machine (an upper bound of the server's time).

@@ -23,9 +23,9 @@ from typing import Any, Final
 
 from regsweep import checkconfig, console, jobs, render, replay, status
 from worker import logs
+from worker.durations import DurationTooLong, parse_duration
 from worker.engine.executor import RunOutcome, deletions_log
 from worker.engine.inventory import CreatedCache
-from worker.engine.model import Hold
 from worker.engine.names import (
     Named,
     Second,
@@ -38,9 +38,10 @@ from worker.engine.prune import Pruned, Pruner, RepositoryFailure, RepositoryPla
 from worker.engine.restore import restore
 from worker.errors import ConfigError, RegsweepError
 from worker.queue.messages import JobKind, JobRequest, follow_hint
+from worker.records import Hold
 from worker.registry.client import RegistryClient
 from worker.settings import env
-from worker.settings.load import DurationTooLong, load_config, parse_duration
+from worker.settings.load import load_config
 from worker.settings.local import audit_unwritable
 from worker.settings.model import Config
 from worker.store.audit import AuditQuery
@@ -216,13 +217,13 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
     What ``--enqueue`` does for every command that has it.
     """
     from service.ingest import submit_job
-    from service.publish import CelerySink
+    from worker.queue.enqueue import Enqueuer
     from worker.store.state import State
 
     if config.redis_url is None:
         raise ConfigError("--enqueue needs redis.url (or REGSWEEP_REDIS_URL)")
     state = State.from_url(config.redis_url)
-    sink = CelerySink.from_config(config)
+    sink = Enqueuer.from_config(config)
     try:
         return [await submit_job(request, state, sink) for request in requests]
     finally:
@@ -569,7 +570,7 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _gc(args: argparse.Namespace, config: Config) -> int:
-    from worker.maintenance.command import gc_command
+    from regsweep.gc import gc_command
 
     return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue, as_json=args.json)
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from regsweep.jobs import when
-from worker.engine.evidence import ClockSkew
+from worker.clock import ClockSkew
 from worker.store.tagindex import TagIndex
 
 #: Repositories named under each heading; the rest are counted.

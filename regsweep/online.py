@@ -36,8 +36,8 @@ from typing import Any, Final
 
 import redis
 
-from worker.engine.evidence import StoredLink, duration, moment, signed, storage_refusal
-from worker.engine.model import referrer_tag_subject
+from worker.durations import approximate, signed
+from worker.engine.evidence import StoredLink, moment, storage_refusal
 from worker.errors import (
     DeletesDisabled,
     RegistryAuthError,
@@ -47,6 +47,7 @@ from worker.errors import (
     StateError,
     StorageError,
 )
+from worker.oci import referrer_tag_subject
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage, check_storage_root, layout_problem
 from worker.settings.model import Config
@@ -342,7 +343,7 @@ def _judged_links(links: dict[str, list[StoredLink]]) -> Check:
     times = sorted(link.at for link in everything)
     detail = (
         f"{len(everything)} tag links in {len(links)} repositories, written "
-        f"{moment(times[0])} to {moment(times[-1])} (over {duration(times[-1] - times[0])})"
+        f"{moment(times[0])} to {moment(times[-1])} (over {approximate(times[-1] - times[0])})"
     )
     if refused:
         named = ", ".join(list(refused)[:NAMED])

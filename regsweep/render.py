@@ -7,11 +7,12 @@ from datetime import datetime
 from typing import Any
 
 from worker.engine.executor import ExecutionReport, Status
-from worker.engine.model import Inventory, PushTime, referrer_tag_subject
+from worker.engine.model import Inventory, PushTime
 from worker.engine.plan import Action, Plan
 from worker.engine.planner import describe_push
 from worker.engine.prune import Pruned, RepositoryFailure, RepositoryPlan, not_executed
 from worker.engine.restore import Restored
+from worker.oci import referrer_tag_subject
 from worker.store.audit import AuditEntry, Outcome
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")

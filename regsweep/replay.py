@@ -27,15 +27,14 @@ def add_parser(sub: Any) -> None:
 
 async def replay_command(args: argparse.Namespace, config: Config) -> int:
     # Celery and the service's modules only for the command that sends (as cli.py does).
-    from service.publish import CelerySink  # noqa: PLC0415
     from service.replay import replay  # noqa: PLC0415
+    from worker.queue.enqueue import Enqueuer  # noqa: PLC0415
 
     async with reading(config, "replay") as records:
-        sink = CelerySink.from_config(config)
+        sink = Enqueuer.from_config(config)
         try:
             done = await replay(args.id, records.state, sink)
         finally:
-            await sink.aclose()
             sink.close()
     if args.json:
         print(json.dumps(done.as_dict()))

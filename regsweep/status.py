@@ -22,12 +22,12 @@ from typing import Any, Final
 from regsweep import evidence
 from regsweep.jobs import when
 from regsweep.records import Records, reading
-from worker.engine.model import Hold
+from worker.durations import exact
 from worker.maintenance.window import window_document
 from worker.queue.names import QUEUES
+from worker.records import Hold
 from worker.settings.model import Config, MaintenanceSettings
-from worker.store.processes import reports
-from worker.store.redis import wrapped
+from worker.store.processes import queue_lengths, reports
 from worker.store.state import RECENT_JOBS_CAP
 from worker.store.status import dead_letters, deferred_prunes, health_records
 
@@ -157,7 +157,7 @@ def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
     if window is None:
         lines = ["maintenance window: none configured (maintenance.window.cron)"]
     else:
-        lasting = _duration(window["duration_seconds"])
+        lasting = exact(timedelta(seconds=window["duration_seconds"]))
         lines = [f"maintenance window: {window['cron']!r} (UTC), {lasting} long"]
         if window["open"]:
             lines.append(f"  open now, until {when(window['open']['end'])}")
@@ -170,12 +170,6 @@ def _maintenance_lines(maintenance: Mapping[str, Any]) -> list[str]:
         else "maintenance: not running (pruning active)"
     )
     return lines
-
-
-def _duration(seconds: int) -> str:
-    """``2h``, ``1h30m``, ``45m``: the config's duration syntax."""
-    hours, minutes = divmod(seconds // 60, 60)
-    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or not hours else "")
 
 
 def _last_prune(record: Mapping[str, Any] | None) -> str:
@@ -200,11 +194,7 @@ async def processes_document(records: Records) -> dict[str, Any]:
     """The processes reporting (each one's policy digest) and the queues' lengths."""
     client, keys = records.state.client, records.state.keys
     processes = await reports(client, keys)
-    with wrapped("cannot read the queues' lengths"):
-        pipe = client.pipeline(transaction=False)
-        for name in QUEUES:
-            pipe.llen(name)
-        lengths = await pipe.execute()
+    lengths = await queue_lengths(client, QUEUES)
     consumed = {q for p in processes if p.get("role") == "worker" for q in p.get("queues") or ()}
     queues = {
         name: {"waiting": int(n), "consumed": name in consumed}

@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from service.hooks.payload import json_object
-from worker.engine.events import valid_digest_or_prefix
 from worker.engine.names import repository_problem
 from worker.errors import BadEvent
+from worker.oci import valid_digest_or_prefix
 from worker.queue.messages import JobKind, JobRequest
 
 _JOB_KEYS: Final = frozenset({"kind", "repository", "dry_run", "digest"})

@@ -27,7 +27,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -44,16 +44,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api import parse_job_request
 from service.health import Health, registry_client
 from service.hooks import sources, verify
-from service.hooks.github import (
-    check_github_signature,
-    github_dedup_keys,
-    github_payload,
-    github_zen,
-    parse_github,
-)
-from service.hooks.gitlab import gitlab_delivery_id, parse_gitlab, verify_gitlab
 from service.hooks.registry import read_registry_delivery
-from service.hooks.verify import checked_delivery_id
+from service.hooks.source import HookSource, media_type, require_json
 from service.ingest import OUTCOME_HEADER, RegistryIngest, RegistryOutcome, ingest_ci, submit_job
 from service.lazy import LazyApp
 from service.limits import read_body
@@ -79,8 +71,7 @@ log = logging.getLogger("regsweep.service")
 
 HOOK_SOURCES: Final = {
     "/hooks/registry": "registry",
-    "/hooks/github": "github",
-    "/hooks/gitlab": "gitlab",
+    **{f"/hooks/{source.name}": source.name for source in sources.SOURCES},
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
 #: A dead letter's id (or a prefix of one), or a CI delivery's id, as replay takes them.
@@ -101,25 +92,6 @@ def _registry_answer(outcome: RegistryOutcome) -> Response:
     """The 202 for ``outcome``, made once: a Response is only read when sent, and a
     handful of outcomes cover nearly every delivery."""
     return Response(status_code=202, headers={OUTCOME_HEADER: outcome.header()})
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _require_json(request: Request, sender: str) -> None:
-    media_type = _media_type(request)
-    if media_type != "application/json":
-        raise HTTPException(
-            415, f"{sender} deliveries must be application/json, got {media_type[:100]!r}"
-        )
-
-
-def _header(request: Request, name: str) -> str:
-    value = request.headers.get(name)
-    if not value:
-        raise HTTPException(400, f"missing {name} header")
-    return value
 
 
 def _disabled() -> Response:
@@ -219,41 +191,28 @@ class Endpoints:
             return _disabled()
         body = await read_body(request, self.config.hooks.body_limit)
         verify.check_bearer(secret, request.headers.get("authorization"))
-        envelope = read_registry_delivery(_media_type(request), body)
+        envelope = read_registry_delivery(media_type(request), body)
         outcome = await self.registry_ingest.ingest(envelope, body)
         self.metrics.count_many("registry", outcome.metric_counts())
         return _registry_answer(outcome)
 
-    async def github(self, request: Request) -> Response:
-        secret = self.config.hooks.github_secret
-        if secret is None:
-            return _disabled()
-        body = await read_body(request, self.config.hooks.body_limit)
-        # The signature covers the raw body, form-encoded or not: checked before parsing.
-        check_github_signature(secret, body, request.headers.get("x-hub-signature-256"))
-        payload = github_payload(_media_type(request), body)
-        event_name = _header(request, "X-GitHub-Event")
-        delivery_id = checked_delivery_id(
-            "X-GitHub-Delivery", _header(request, "X-GitHub-Delivery")
-        )
-        if event_name == "ping":
-            return JSONResponse({"ok": True, "zen": github_zen(payload)})
-        event = parse_github(event_name, payload, delivery_id)
-        dedup = github_dedup_keys(self.state, delivery_id, body)
-        return await self._ci(event, "github", f"GitHub event {event_name[:64]!r}", dedup)
+    def ci_hook(self, source: HookSource) -> Callable[[Request], Awaitable[Response]]:
+        """The handler of ``/hooks/<source>``: every CI source's deliveries take these steps."""
 
-    async def gitlab(self, request: Request) -> Response:
-        hooks = self.config.hooks
-        if hooks.gitlab_token is None and hooks.gitlab_signing_key is None:
-            return _disabled()
-        body = await read_body(request, self.config.hooks.body_limit)
-        verify_gitlab(hooks, request, body)
-        _require_json(request, "GitLab")
-        event_header = _header(request, "X-Gitlab-Event")
-        delivery_id = gitlab_delivery_id(request, signed=hooks.gitlab_signing_key is not None)
-        event = parse_gitlab(event_header, body, delivery_id)
-        dedup = [self.state.keys.delivery("gitlab", delivery_id)]
-        return await self._ci(event, "gitlab", f"GitLab {event_header[:64]!r}", dedup)
+        async def hook(request: Request) -> Response:
+            hooks = self.config.hooks
+            if not source.enabled(hooks):
+                return _disabled()
+            body = await read_body(request, hooks.body_limit)
+            source.verify(hooks, request, body)
+            delivery_id = source.delivery_id(hooks, request)
+            parsed = source.parse(request, body, delivery_id)
+            if parsed.answer is not None:
+                return JSONResponse(parsed.answer)
+            dedup = source.dedup_keys(self.state.keys, delivery_id, body)
+            return await self._ci(parsed.event, source.name, parsed.what, dedup)
+
+        return hook
 
     async def _ci(
         self, event: CiEvent | None, source: str, what: str, dedup: list[str]
@@ -277,7 +236,7 @@ class Endpoints:
     async def create_job(self, request: Request) -> Response:
         self._check_api_token(request)
         body = await read_body(request, self.config.hooks.body_limit)
-        _require_json(request, "Job requests")
+        require_json(request, "Job requests")
         job = parse_job_request(body)
         self._check_governed(job)
         job_id = await self.intake.admit(API_CLIENT)
@@ -366,8 +325,10 @@ def _routes(endpoints: Endpoints) -> list[BaseRoute]:
     each loaded by its first request (:mod:`service.lazy`)."""
     return [
         Route("/hooks/registry", endpoints.registry, methods=["POST"]),
-        Route("/hooks/github", endpoints.github, methods=["POST"]),
-        Route("/hooks/gitlab", endpoints.gitlab, methods=["POST"]),
+        *(
+            Route(f"/hooks/{source.name}", endpoints.ci_hook(source), methods=["POST"])
+            for source in sources.SOURCES
+        ),
         Route("/api/v1/jobs", endpoints.create_job, methods=["POST"]),
         Route("/api/v1/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
         Route("/api/v1/dead-letters/{letter_id}/replay", endpoints.replay, methods=["POST"]),
@@ -435,8 +396,10 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
 def _log_hooks(hooks: HookSettings) -> None:
     switches = (
         ("/hooks/registry", hooks.registry_token, "hooks.registry_token_env"),
-        ("/hooks/github", hooks.github_secret, "hooks.github_secret_env"),
-        ("/hooks/gitlab", hooks.gitlab_token or hooks.gitlab_signing_key, "hooks.gitlab_token_env"),
+        *(
+            (f"/hooks/{source.name}", source.enabled(hooks) or None, source.setting)
+            for source in sources.SOURCES
+        ),
         ("/api/v1/jobs", hooks.api_token, "hooks.api_token_env"),
     )
     for path, secret, setting in switches:

@@ -22,6 +22,7 @@ from typing import Final
 from service.publish import EventSink
 from worker.engine.events import CiEvent, RegistryEnvelope, RegistryEvent, excerpt
 from worker.errors import StateError
+from worker.queue.enqueue import JobSink
 from worker.queue.messages import JobRequest
 from worker.store.groupcommit import GroupCommit
 from worker.store.state import JobState, Push, State
@@ -188,7 +189,7 @@ async def ingest_ci(event: CiEvent, state: State, sink: EventSink, dedup: Sequen
 
 
 async def submit_job(
-    request: JobRequest, state: State, sink: EventSink, *, job_id: str | None = None
+    request: JobRequest, state: State, sink: JobSink, *, job_id: str | None = None
 ) -> str:
     """Record a job (under ``job_id`` when given) and enqueue it; the record is marked
     failed when enqueueing fails."""

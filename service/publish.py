@@ -28,14 +28,14 @@ import anyio.to_thread
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
-from kombu.exceptions import KombuError
 from kombu.utils.json import dumps
 
 from worker.engine.events import CiEvent, RegistryEvent
 from worker.errors import StateError
 from worker.queue.celery_app import make_celery
-from worker.queue.messages import TaskMessage, job_message
-from worker.queue.names import EVENTS_QUEUE, TASK_CI_EVENT, TASK_REGISTRY_EVENTS
+from worker.queue.enqueue import enqueue
+from worker.queue.messages import TaskMessage, ci_message, job_message
+from worker.queue.names import EVENTS_QUEUE, TASK_REGISTRY_EVENTS
 from worker.settings.model import Config
 from worker.store.redis import async_client, server_of, wrapped
 from worker.store.state import Push
@@ -103,10 +103,10 @@ class CelerySink:
         self._broker = self._broker_loop = None
 
     async def ci_event(self, event: CiEvent) -> None:
-        await self.publish(_ci_message(event))
+        await self.publish(ci_message(event))
 
     def ci_push(self, event: CiEvent) -> Push | None:
-        return self.push(_ci_message(event))
+        return self.push(ci_message(event))
 
     async def job(self, job_id: str, kind: str, params: Mapping[str, Any]) -> None:
         await self.publish(job_message(job_id, kind, params))
@@ -133,28 +133,11 @@ class CelerySink:
         await anyio.to_thread.run_sync(partial(self.send_blocking, message, kwargsrepr=kwargsrepr))
 
     def send_blocking(self, message: TaskMessage, *, kwargsrepr: str | None = None) -> None:
-        """Publish ``message``; ``kwargsrepr`` replaces the repr Celery would compute.
-
-        That repr (``saferepr`` over every event, for logs and Flower) was half
-        the cost of ``send_task`` for a group-committed batch.
-        """
-        try:
-            self.app.send_task(
-                message.name,
-                kwargs=message.kwargs,
-                queue=message.queue,
-                argsrepr="()" if kwargsrepr is not None else None,
-                kwargsrepr=kwargsrepr,
-            )
-        except (KombuError, redis.RedisError, OSError) as exc:
-            raise StateError(f"broker refused {message.name}: {type(exc).__name__}: {exc}") from exc
+        """Publish ``message`` (:func:`worker.queue.enqueue.enqueue`)."""
+        enqueue(self.app, message, kwargsrepr=kwargsrepr)
 
     def close(self) -> None:
         self.app.close()
-
-
-def _ci_message(event: CiEvent) -> TaskMessage:
-    return TaskMessage(TASK_CI_EVENT, {"event": event.to_dict()}, EVENTS_QUEUE)
 
 
 def _kwargsrepr(message: TaskMessage) -> str:

@@ -29,9 +29,9 @@ from service.reads import (
     Readers,
     ServiceParts,
 )
-from worker.engine.events import valid_digest_or_prefix, valid_repository
+from worker.durations import parse_duration
 from worker.errors import BadEvent
-from worker.settings.load import parse_duration
+from worker.oci import valid_digest_or_prefix, valid_repository
 from worker.store.audit import AuditQuery
 
 #: Jobs and audit records one answer holds at most.

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from worker.engine.model import Digest, Hold
 from worker.maintenance.window import window_document
+from worker.oci import Digest
+from worker.records import Hold
 from worker.settings.model import Config
 from worker.store.audit import AuditEntry, AuditQuery, RedisAuditLog
 from worker.store.redis import wrapped
@@ -138,14 +139,10 @@ class Reader:
         unplanned = [r for r in rows if r["planned_at"] is None]
         if not unplanned:
             return
-        pipe = self.state.client.pipeline(transaction=False)
-        for row in unplanned:
-            pipe.hlen(self.keys.index(row["name"], "tags"))
-            pipe.hlen(self.keys.hold(row["name"]))
         with wrapped("cannot read the tag index"):
-            counts = await pipe.execute()
-        for row, tags, held in zip(unplanned, counts[::2], counts[1::2], strict=True):
-            row["tags"], row["held"] = int(tags), int(held)
+            sizes = await self.index.sizes([row["name"] for row in unplanned])
+        for row, (tags, held) in zip(unplanned, sizes, strict=True):
+            row["tags"], row["held"] = tags, held
 
     async def totals(self) -> dict[str, Any]:
         """Sums over every repository's last plan: the overview's sizes."""
@@ -178,7 +175,7 @@ class Reader:
         """The tag index's tags of ``repository`` (and notified push times); None when the
         index does not know the repository."""
         with wrapped("cannot read the tag index"):
-            known = await self.state.client.sismember(self.keys.indexed_repositories, repository)
+            known = await self.index.knows(repository)
         if not known:
             return None
         tags, pushed = await asyncio.gather(

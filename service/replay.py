@@ -16,9 +16,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from service.publish import EventSink
 from worker.engine.events import CiEvent
 from worker.errors import NothingToReplay, StateError
+from worker.queue.enqueue import JobSink
 from worker.store.state import JobState, State
 
 log = logging.getLogger("regsweep.service")
@@ -45,7 +45,7 @@ class Replayed:
         return asdict(self)
 
 
-async def replay(given: str, state: State, sink: EventSink) -> Replayed:
+async def replay(given: str, state: State, sink: JobSink) -> Replayed:
     """Run again the dead letter or the CI event ``given`` names; NothingToReplay if none."""
     letters = await state.find_dead_letters(given) if len(given) >= MIN_PREFIX else []
     if len(letters) > 1:
@@ -70,7 +70,7 @@ async def replay(given: str, state: State, sink: EventSink) -> Replayed:
     return Replayed(given, "ci_event", detail=what)
 
 
-async def _replay_letter(letter: dict[str, Any], state: State, sink: EventSink) -> Replayed:
+async def _replay_letter(letter: dict[str, Any], state: State, sink: JobSink) -> Replayed:
     letter_id = str(letter["id"])
     work = letter.get("replay")
     if not isinstance(work, dict) or work.get("kind") not in REPLAYABLE:

@@ -115,6 +115,13 @@ def repo_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache directory of the test's own (the CLI keeps build times and manifests there), so
+    no test sees what another one cached."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 

@@ -15,19 +15,13 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from worker.engine.model import (
-    Digest,
-    Hold,
-    Inventory,
-    Manifest,
-    PushSource,
-    PushTime,
-    parse_manifest,
-)
+from worker import oci
+from worker.engine.model import Inventory, PushSource, PushTime
 from worker.engine.plan import Reason
 from worker.engine.planner import TagRequest
 from worker.engine.policy import KeepRule, Policy, RepositoryPattern, TagPattern
-from worker.registry import mediatypes as mt
+from worker.oci import Digest, Manifest, parse_manifest
+from worker.records import Hold
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -60,10 +54,10 @@ def image(
     subject: Manifest | None = None,
     artifact_type: str | None = None,
     created: datetime | None = None,
-    media_type: str = mt.OCI_MANIFEST,
+    media_type: str = oci.OCI_MANIFEST,
 ) -> Manifest:
     """An image manifest; ``label`` makes it unique, ``layers`` are (blob label, size) pairs."""
-    config_type = mt.DOCKER_CONFIG if media_type == mt.DOCKER_MANIFEST else mt.OCI_CONFIG
+    config_type = oci.DOCKER_CONFIG if media_type == oci.DOCKER_MANIFEST else oci.OCI_CONFIG
     body: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": media_type,
@@ -85,7 +79,7 @@ def index(
     children: Sequence[Manifest],
     *,
     attestations: Sequence[tuple[Manifest, Manifest]] = (),
-    media_type: str = mt.OCI_INDEX,
+    media_type: str = oci.OCI_INDEX,
 ) -> Manifest:
     """An index of ``children``, plus BuildKit attestation entries (attestation, image) pairs."""
     entries = [descriptor(c) for c in children]
@@ -108,11 +102,11 @@ def signature(subject: Manifest | Digest, label: str = "sig") -> Manifest:
         return image(f"{label} of {subject.digest}", subject=subject, artifact_type=COSIGN_SIG)
     body = {
         "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
+        "mediaType": oci.OCI_MANIFEST,
         "artifactType": COSIGN_SIG,
-        "config": {"mediaType": mt.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
+        "config": {"mediaType": oci.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
         "layers": [],
-        "subject": {"mediaType": mt.OCI_MANIFEST, "digest": subject, "size": 1},
+        "subject": {"mediaType": oci.OCI_MANIFEST, "digest": subject, "size": 1},
         "annotations": {"label": label},
     }
     return _manifest(body)
@@ -122,10 +116,10 @@ def untag_placeholder(nonce: str = "0f" * 16) -> Manifest:
     """regsweep's own throw-away manifest of a tag-only removal (as the client pushes it)."""
     body = {
         "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
+        "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_EMPTY, "digest": sha256("{}"), "size": 2},
         "layers": [],
-        "annotations": {mt.UNTAG_ANNOTATION: nonce},
+        "annotations": {oci.UNTAG_ANNOTATION: nonce},
     }
     return _manifest(body)
 
@@ -275,8 +269,8 @@ _PUSH = push_evidence()
 _LAYERS = st.lists(
     st.tuples(st.sampled_from("abcde"), st.integers(1, 1000)), min_size=1, max_size=3
 )
-_IMAGE_TYPES = st.sampled_from([mt.OCI_MANIFEST, mt.DOCKER_MANIFEST])
-_INDEX_TYPES = st.sampled_from([mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST])
+_IMAGE_TYPES = st.sampled_from([oci.OCI_MANIFEST, oci.DOCKER_MANIFEST])
+_INDEX_TYPES = st.sampled_from([oci.OCI_INDEX, oci.DOCKER_MANIFEST_LIST])
 _REFERRER_KINDS = st.sampled_from(["subject", "api", "cosign", "fallback"])
 _COSIGN_SUFFIXES = st.sampled_from(["sig", "att", "sbom"])
 _POSITION = st.integers(0, 63)

@@ -26,6 +26,9 @@ from tests.harness.proxy import Exchange, Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
 
+#: The CLI's caches (build times, manifests) are each test's own.
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 POLICY: dict[str, Any] = {
     "name": "faults",
     "repositories": ["t/**"],
@@ -34,12 +37,6 @@ POLICY: dict[str, Any] = {
 }
 #: A DELETE by digest (2.8 refuses DELETE by tag; regsweep then untags with a placeholder).
 DELETE_BY_DIGEST = r"/manifests/sha256:"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own cache directory (the CLI's build-time cache lives there)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture

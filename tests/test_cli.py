@@ -15,6 +15,9 @@ import pytest
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
 
+#: The CLI's caches (build times, manifests) are each test's own.
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 REGSWEEP = [sys.executable, "-m", "regsweep.cli"]
 
 
@@ -24,12 +27,6 @@ def run(*args: str, config: Path | None = None, **env: str) -> subprocess.Comple
     return subprocess.run(
         cmd, capture_output=True, text=True, env=environ, timeout=120, check=False
     )
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own cache directory, so no test sees another's cached configs."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def write_config(

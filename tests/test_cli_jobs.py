@@ -25,16 +25,18 @@ from tests.harness import cli, redisdb
 from tests.harness.cli import REGSWEEP
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from worker.engine.model import Hold
-from worker.queue import jobs as worker_jobs
-from worker.queue import tasks
+from worker.queue import news, parking, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
+from worker.records import Hold
 from worker.settings.load import load_config
 from worker.store.audit import AuditEntry, Outcome, RedisAuditLog, Settlement
 from worker.store.keys import Keys
 from worker.store.state import JOB_TTL, RECENT_JOBS_CAP, State
 from worker.store.tagindex import TagIndex
+
+#: The CLI's caches (build times, manifests) are each test's own.
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 T = TypeVar("T")
 REDIS_URL = redisdb.url(7)
@@ -61,11 +63,6 @@ def clean_db() -> Iterator[None]:
     _flush()
     yield
     _flush()
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def write_config(path: Path, registry_url: str, *, redis_url: str | None = REDIS_URL) -> Path:
@@ -377,12 +374,12 @@ async def test_status_shows_window_holds_deferred_dead_letters_and_jobs(
     index = TagIndex(ctx.redis)
     await index.hold("j/held", Hold("pr-7", now + timedelta(days=3), "regsweep hold"))
     await index.hold("j/held", Hold("ended", now - timedelta(minutes=1), "regsweep hold"))
-    await worker_jobs.defer(ctx, "j/parked", {"job_id": "p1", "trigger": "push"})
+    await parking.defer(ctx, "j/parked", {"job_id": "p1", "trigger": "push"})
     for n in range(4):
         await ctx.state.dead_letter("registry", f"unusable {n}", "{}")
     sweep = await ctx.state.create_job("sweep", {"trigger": "beat"})
     await ctx.state.update_job(sweep, state="succeeded")
-    await worker_jobs.prune_succeeded(ctx, "job-1", "j/pruned")
+    await news.prune_succeeded(ctx, "job-1", "j/pruned")
     await ctx.redis.set(KEYS.maintenance_flag, "gc-job-9")
     try:
         done = await asyncio.to_thread(cli.run, "status", "--json", config=config)

@@ -20,6 +20,9 @@ from tests.harness.cli import write_config as harness_config
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
 
+#: The CLI's caches (build times, manifests) are each test's own.
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = (
     "check-config",
@@ -38,11 +41,6 @@ COMMANDS = (
     "beat",
     "completion",
 )
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def write_config(tmp_path: Path, registry: RegistryProcess) -> Path:

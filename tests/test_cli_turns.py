@@ -26,6 +26,9 @@ from tests.harness.stack import wait_for
 from tests.harness.workers import REGSWEEP as REGSWEEP_SCRIPT
 from worker.registry.client import IMPOSSIBLE_DIGEST
 
+#: The CLI's caches (build times, manifests) are each test's own.
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 REPOSITORY = "lk/app"
 #: Tags on the kept image's digest: each is removed as a tag only, through a placeholder
 #: manifest pushed onto it and then deleted (2.8 cannot delete a tag by name).
@@ -36,11 +39,6 @@ POLICY = {
     "mode": "enforce",
     "keep": [{"tags": ["keep-*"]}],
 }
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @dataclass

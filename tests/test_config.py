@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from worker.durations import DurationTooLong, parse_duration
 from worker.engine.policy import Mode
 from worker.errors import ConfigError
 from worker.registry.storage import RegistryStorage, check_storage_root
 from worker.settings import env
-from worker.settings.load import (
-    DurationTooLong,
-    config_source,
-    load_config,
-    parse_config,
-    parse_duration,
-)
+from worker.settings.load import config_source, load_config, parse_config
 from worker.settings.model import (
     DEFAULT_BODY_LIMIT,
     DEFAULT_CONCURRENCY,
@@ -102,7 +97,7 @@ def test_example_file_loads() -> None:
     assert web.untagged_delete_after == timedelta(hours=1)
     assert web.on.pull_request_closed == ("pr-{number}", "pr-{number}-*")
     assert web.on.branch_deleted == ("{branch}", "{branch}-*")
-    assert web.sources.github[0].matches("acme/web")
+    assert web.sources["github"][0].matches("acme/web")
     assert config.maintenance.window_cron == "0 3 * * sun"
     assert config.maintenance.controller == DockerControllerSettings(
         container="registry", config_path="/etc/docker/registry/config.yml"

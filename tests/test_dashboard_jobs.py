@@ -21,11 +21,11 @@ from tests.harness import redisdb
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import DISTRIBUTION_2
-from worker.engine.model import Hold
-from worker.queue import jobs, tasks
+from worker import oci
+from worker.queue import parking, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.messages import job_message
-from worker.registry import mediatypes as mt
+from worker.records import Hold
 from worker.settings.load import load_config
 from worker.settings.model import Config
 
@@ -79,7 +79,7 @@ def job(broker: redis.Redis, job_id: str) -> dict[str, Any]:
 
 
 def exists(images: ImageBuilder, repository: str, reference: str) -> bool:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     url = f"/v2/{repository}/manifests/{reference}"
     return images.client.head(url, headers=headers).status_code == 200
 
@@ -187,7 +187,7 @@ def test_a_deletion_parked_by_the_window_stays_that_deletion(
     assert job(broker, job_id)["state"] == "deferred"
     parked = json.loads(broker.hget("regsweep:deferred", job_id) or "{}")
     assert parked["requests_only"] is True and parked["requests"][0]["patterns"] == ["a"]
-    released = tasks.run(jobs.parked_prunes).prunes
+    released = tasks.run(parking.parked_prunes).prunes
     assert [p["job_id"] for p in released] == [job_id] and released[0]["requests_only"]
     broker.delete("prune")
     tasks.prune.apply(kwargs=released[0])

@@ -32,7 +32,7 @@ from worker.engine import planner
 from worker.maintenance.gc import GcResult
 from worker.maintenance.report import GcReport, MaintenanceMetrics
 from worker.notify.runtime import counting
-from worker.queue import jobs
+from worker.queue import news
 from worker.queue.context import WorkerContext
 from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
 from worker.store.keys import Keys
@@ -303,7 +303,7 @@ def _populate(url: str) -> None:
         state = State(async_client)
         await state.dead_letter("registry", "unusable", "{}")
         ctx = cast(WorkerContext, SimpleNamespace(redis=async_client, state=state))
-        await jobs.prune_succeeded(ctx, "j1", "team/web")
+        await news.prune_succeeded(ctx, "j1", "team/web")
         await async_client.aclose()
 
     asyncio.run(worker_side())

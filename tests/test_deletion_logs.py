@@ -20,7 +20,7 @@ from tests.harness.registry import RegistryProcess
 from worker.engine.executor import RunOutcome
 from worker.engine.prune import Pruner
 from worker.logs import JsonFormatter
-from worker.queue.jobs import report_summary
+from worker.queue.pruning import report_summary
 from worker.registry.client import RegistryClient
 from worker.settings.load import parse_config
 from worker.store.open import Stores

@@ -23,7 +23,7 @@ from tests.harness import service as payloads
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import free_port
-from worker.registry import mediatypes as mt
+from worker import oci
 
 POLICIES = [
     {
@@ -151,7 +151,7 @@ def test_push_during_redis_outage_is_delivered_by_registry_retry(
         def first_gone() -> bool:
             response = images.client.head(
                 f"/v2/{repository}/manifests/{first.digest}",
-                headers={"Accept": mt.MANIFEST_ACCEPT},
+                headers={"Accept": oci.MANIFEST_ACCEPT},
             )
             return response.status_code == 404
 
@@ -160,7 +160,7 @@ def test_push_during_redis_outage_is_delivered_by_registry_retry(
         except AssertionError as exc:
             raise AssertionError(outage_stack.logs()) from exc
         kept = images.client.head(
-            f"/v2/{repository}/manifests/v1", headers={"Accept": mt.MANIFEST_ACCEPT}
+            f"/v2/{repository}/manifests/v1", headers={"Accept": oci.MANIFEST_ACCEPT}
         )
         assert kept.headers["Docker-Content-Digest"] == second.digest
     assert outage_stack.worker.proc is not None and outage_stack.worker.proc.poll() is None

@@ -30,7 +30,7 @@ from tests.harness import stack as s
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.registry import DISTRIBUTION_2, RegistryBinary, free_port
 from tests.harness.service import RedisServer
-from worker.registry import mediatypes as mt
+from worker import oci
 
 #: The test runs on 2.8.2 and on 3.x: its ``stack`` (and ``images``, ``http``, ``state``)
 #: is that version's.
@@ -172,7 +172,7 @@ def unique(kind: str) -> str:
 
 def manifest_status(images: ImageBuilder, repository: str, reference: str) -> int:
     response = images.client.head(
-        f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+        f"/v2/{repository}/manifests/{reference}", headers={"Accept": oci.MANIFEST_ACCEPT}
     )
     return response.status_code
 

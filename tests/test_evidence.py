@@ -15,20 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import NOW, RepoBuilder, image, make_policy, rule
-from worker.engine.evidence import (
-    CLOCK_SKEW,
-    DOCKER_EPOCH,
-    ClockSkew,
-    Sighting,
-    TagEvidence,
-    judge,
-    push_time,
-    push_times,
-)
-from worker.engine.model import Digest, PushSource, PushTime
+from worker.clock import CLOCK_SKEW, ClockSkew
+from worker.engine.evidence import DOCKER_EPOCH, TagEvidence, judge, push_time, push_times
+from worker.engine.model import PushSource, PushTime
 from worker.engine.plan import Action
 from worker.engine.planner import plan
 from worker.engine.policy import KeepRule, Policy
+from worker.oci import Digest
+from worker.records import Sighting
 from worker.store.history import new_sightings
 
 D = Digest("sha256:" + "d" * 64)

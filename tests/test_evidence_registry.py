@@ -25,16 +25,17 @@ from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.proxy import FaultyProxy
 from tests.harness.registry import RegistryProcess, tag_link
 from tests.test_cli import run
+from worker import oci
 from worker.engine.events import RegistryEvent
 from worker.engine.inventory import UNTAGGED_UNSEEN
-from worker.engine.model import Descriptor, Digest, PushSource
+from worker.engine.model import PushSource
 from worker.engine.plan import Action
 from worker.engine.policy import AgeSource, KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruner, RepositoryPlan
 from worker.errors import StorageError
-from worker.queue import jobs
+from worker.oci import Descriptor, Digest
 from worker.queue.context import WorkerContext
-from worker.registry import mediatypes as mt
+from worker.queue.pushes import apply_registry_events
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of, untag_manifest
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import Config, RegistrySettings
@@ -251,9 +252,9 @@ async def test_an_interrupted_untag_is_finished_and_never_ranked(
     the placeholder, finishing the removal."""
     older, newest = builder.image(repo_name, "main-1"), builder.image(repo_name, "main-2")
     await client.upload_blob(repo_name, EMPTY_CONFIG)
-    empty = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
+    empty = Descriptor(digest_of(EMPTY_CONFIG), oci.OCI_EMPTY, len(EMPTY_CONFIG))
     placeholder = await client.put_manifest(
-        repo_name, "main-3", mt.OCI_MANIFEST, untag_manifest(empty)
+        repo_name, "main-3", oci.OCI_MANIFEST, untag_manifest(empty)
     )
     registry.set_pushed(repo_name, days_ago(2), "main-1")
     registry.set_pushed(repo_name, days_ago(1), "main-2")
@@ -343,17 +344,17 @@ async def test_a_config_that_is_not_json_costs_one_build_time_not_the_run(
 ) -> None:
     """An image whose config blob is not JSON: its build time is unknown (kept) and the plan
     names the digest; the other tags are planned as usual."""
-    bad_config = builder.blob(repo_name, b"\x00not json", mt.OCI_CONFIG)
+    bad_config = builder.blob(repo_name, b"\x00not json", oci.OCI_CONFIG)
     layer = builder.blob(repo_name, os.urandom(64))
     raw = json.dumps(
         {
             "schemaVersion": 2,
-            "mediaType": mt.OCI_MANIFEST,
+            "mediaType": oci.OCI_MANIFEST,
             "config": bad_config.descriptor(),
             "layers": [layer.descriptor()],
         }
     ).encode()
-    builder.put_manifest(repo_name, "odd", raw, mt.OCI_MANIFEST)
+    builder.put_manifest(repo_name, "odd", raw, oci.OCI_MANIFEST)
     builder.image(repo_name, "old", created=days_ago(30))
     builder.image(repo_name, "new", created=days_ago(1))
     pol = policy(keep("*", within=dt.timedelta(days=7)), age_from=AgeSource.BUILD_TIME)
@@ -521,7 +522,7 @@ def test_a_storage_copied_without_times_ranks_nothing_and_every_command_says_so(
             reg.set_pushed(repo, days_ago(6 - i), f"build-{i}")
     reg.stop()
     moved = _moved(reg, tmp_path / "new-host", how)
-    redis_db = redisdb.url(8)
+    redis_db = redisdb.url(4)
     redis.Redis.from_url(redis_db).flushdb()
     try:
         config = cli.write_config(
@@ -723,7 +724,7 @@ async def test_a_late_notification_never_makes_a_re_pushed_tag_older(
             repository=repo,
             digest=images[tag].digest,
             tag=tag,
-            media_type=mt.OCI_MANIFEST,
+            media_type=oci.OCI_MANIFEST,
             size=100,
             timestamp=start + dt.timedelta(hours=hour),
         )
@@ -732,12 +733,12 @@ async def test_a_late_notification_never_makes_a_re_pushed_tag_older(
     config = Config(
         registry=RegistrySettings(url=reg.url),
         policies=(policy(keep("*", newest=2)),),
-        redis_url=redisdb.url(8),
+        redis_url=redisdb.url(4),
     )
     ctx = await WorkerContext.open(config, prefix=f"late-{os.urandom(4).hex()}:")
     try:
-        await jobs.apply_registry_events(ctx, [events[1], events[2], events[3]])
-        await jobs.apply_registry_events(ctx, [events[0]])  # delivered last
+        await apply_registry_events(ctx, [events[1], events[2], events[3]])
+        await apply_registry_events(ctx, [events[0]])  # delivered last
         assert (await ctx.index.pushed_at(repo))["x"] == events[3].timestamp
         planned = await ctx.pruner.plan_one(repo)
     finally:

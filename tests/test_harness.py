@@ -32,7 +32,7 @@ from tests.harness.registry import (
     RegistryProcess,
     binary_version,
 )
-from worker.registry import mediatypes as mt
+from worker import oci as mt
 
 
 def _assert_round_trip(builder: ImageBuilder, repo: str) -> None:

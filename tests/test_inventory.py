@@ -17,9 +17,10 @@ from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
 from tests.strategies import make_policy
 from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache, parse_created
-from worker.engine.model import Digest, PushSource, PushTime
+from worker.engine.model import PushSource, PushTime
 from worker.engine.policy import AgeSource
 from worker.errors import RegistryProtocolError
+from worker.oci import Digest
 from worker.registry.client import RegistryClient
 from worker.settings.model import RegistrySettings
 

@@ -1,5 +1,6 @@
-"""The code's layout keeps its promises: the edge loads no engine, no module imports in a
-circle, the keyspace is named in one module, and every module says what it is for."""
+"""The code's layout keeps its promises: the edge loads no engine, every import runs down the
+table of layers (none in a circle), the keyspace is named in one module, and every module says
+what it is for."""
 
 from __future__ import annotations
 
@@ -7,11 +8,38 @@ import ast
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("regsweep", "service", "worker")
+#: The layers, lowest first. A module imports only from a lower layer or from its own package
+#: (the foundation's modules from each other too): the registry client and the store never
+#: reach up into the engine or the settings; they are handed what they need where the objects
+#: are made. Packages of one layer (the registry and the store) do not import each other.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # The foundation: the error tree, the OCI vocabulary and the records both sides keep.
+    (
+        "worker",
+        "worker.errors",
+        "worker.backoff",
+        "worker.identity",
+        "worker.logs",
+        "worker.durations",
+        "worker.oci",
+        "worker.clock",
+        "worker.records",
+    ),
+    # The two outside parts regsweep talks to: the registry, and what outlives a process.
+    ("worker.registry", "worker.store"),
+    ("worker.engine",),
+    ("worker.settings",),
+    ("worker.notify",),
+    ("worker.queue",),
+    ("worker.maintenance",),
+    ("service",),
+    ("regsweep",),
+)
 #: What the HTTP edge must not load: the engine's working parts, task code, Docker.
 EDGE_MUST_NOT_IMPORT = (
     "worker.engine.executor",
@@ -49,8 +77,13 @@ def modules() -> Iterator[tuple[str, Path]]:
 
 def module_level_imports(path: Path) -> set[str]:
     """Modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
+    return _imported(ast.parse(path.read_text()).body)
+
+
+def _imported(nodes: Iterable[ast.AST]) -> set[str]:
+    """The modules (and ``module.name``s) ``nodes`` import, absolute imports only."""
     found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in nodes:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -94,6 +127,55 @@ def _loaded(code: str) -> list[str]:
     ).stdout.split()
 
 
+def all_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports anywhere (inside functions too, not under TYPE_CHECKING alone)."""
+    return _imported(ast.walk(ast.parse(path.read_text())))
+
+
+def package_of(module: str) -> tuple[int, str]:
+    """The layer and the package (the longest prefix in :data:`LAYERS`) ``module`` belongs to."""
+    matches = [
+        (len(prefix), level, prefix)
+        for level, layer in enumerate(LAYERS)
+        for prefix in layer
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    _, level, prefix = max(matches)
+    return level, prefix
+
+
+def test_every_package_has_a_layer() -> None:
+    """Every module of the three packages falls in a package the table of layers names below
+    its top (``worker`` alone is only its ``__init__``): a new package must be given a place."""
+    unplaced = [
+        name for name, _ in modules() if package_of(name)[1] == "worker" and name != "worker"
+    ]
+    assert unplaced == []
+
+
+def test_no_import_runs_up_the_layers() -> None:
+    """No module imports from a higher layer or from another package of its own layer
+    (anywhere in the module, inside functions too)."""
+    names = dict(modules())
+    upward = []
+    for name, path in names.items():
+        level, package = package_of(name)
+        for imported in sorted(m for m in all_imports(path) if m in names):
+            to_level, to_package = package_of(imported)
+            if to_package == package or (level == to_level == 0):
+                continue
+            if to_level >= level:
+                upward.append(f"{name} -> {imported}")
+    assert upward == []
+
+
+def test_the_digest_grammar_is_written_once() -> None:
+    """Only worker/oci.py spells out a digest's grammar (``sha256:`` and hex digits, or the
+    ``algorithm:encoded`` form); every other module asks it."""
+    grammar = re.compile(r"sha(?:256|384|512):\[|\[a-zA-Z0-9=_-\]")
+    assert _spelling(grammar) == {"worker/oci.py"}
+
+
 def test_no_module_level_import_cycle() -> None:
     """The import graph of regsweep's own modules (at module level) has no cycle."""
     names = dict(modules())
@@ -128,13 +210,16 @@ def _strings(path: Path) -> Iterator[str]:
 def test_the_key_prefix_is_named_in_one_module() -> None:
     """Only worker/store/keys.py writes a Redis key (``regsweep:…``) out: every other module
     asks it (log messages saying ``regsweep: …`` are no keys)."""
-    key = re.compile(r"^regsweep:(\S|$)")
-    naming = {
+    assert _spelling(re.compile(r"^regsweep:(\S|$)")) == {"worker/store/keys.py"}
+
+
+def _spelling(pattern: re.Pattern[str]) -> set[str]:
+    """The modules with a string constant ``pattern`` finds something in."""
+    return {
         str(path.relative_to(ROOT))
         for _, path in modules()
-        if any(key.match(s) for s in _strings(path))
+        if any(pattern.search(s) for s in _strings(path))
     }
-    assert naming == {"worker/store/keys.py"}
 
 
 def _opening(path: Path) -> str:

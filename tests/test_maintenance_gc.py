@@ -58,7 +58,7 @@ def space() -> Iterator[RedisSpace]:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
+def process_registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
     made = ProcessRegistry.create(tmp_path / "registry")
     made.start()
     yield made
@@ -99,13 +99,13 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
     emptied the blob-descriptor cache); a push during the window gets 405 and works after
     it, a second GC request gets the running job's id, and a prune asked for meanwhile runs
     after the window."""
-    registry = versioned_registry
-    config = engine_config(registry.url, tmp_path, keep_newest(2), registry.storage)
-    with ImageBuilder.connect(registry.url) as builder:
-        kept, doomed = seed(builder, registry.storage)
+    process_registry = versioned_registry
+    config = engine_config(process_registry.url, tmp_path, keep_newest(2), process_registry.storage)
+    with ImageBuilder.connect(process_registry.url) as builder:
+        kept, doomed = seed(builder, process_registry.storage)
         kept += _untagged_keepers(builder, kept)
         for age in (30, 20, 10):
-            image(builder, "gc/later", f"d{age}", age, registry.storage)
+            image(builder, "gc/later", f"d{age}", age, process_registry.storage)
         prune(config, ["gc/single", "gc/multi", "gc/signed"])
         assert all(missing_parts(builder, s) for s in doomed if s.top.tags)
 
@@ -113,15 +113,15 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
         seen: dict[str, Any] = {}
         m = make_maintenance(
             space,
-            SessionTrackedController(registry.settings),
-            registry.url,
+            SessionTrackedController(process_registry.settings),
+            process_registry.url,
             release=worker_release(config, space.prefix, released),
         )
         job_id = space.state.create_job("gc", {})
         second_id = space.state.create_job("gc", {})
 
         def during_gc() -> None:
-            seen["upload"] = upload_status(registry.url)
+            seen["upload"] = upload_status(process_registry.url)
             with pytest.raises(PushError) as refused:
                 builder.image("gc/single", "pushed-in-window", layers=[random_layer()])
             seen["push"] = refused.value.status
@@ -254,17 +254,19 @@ def _bare_gc(reg: ProcessRegistry, *flags: str) -> Any:
 
 
 def test_dry_run_reports_without_switching_or_pausing(
-    registry: ProcessRegistry, space: RedisSpace
+    process_registry: ProcessRegistry, space: RedisSpace
 ) -> None:
     """A dry run counts what GC would remove, never sets the flag or switches read-only,
     and deletes nothing."""
-    with ImageBuilder.connect(registry.url) as builder:
+    with ImageBuilder.connect(process_registry.url) as builder:
         gone = image(builder, "gc/dry", "old", 5)
         image(builder, "gc/dry", "new", 1)
         assert builder.client.delete(f"/v2/gc/dry/manifests/{gone.digest}").status_code == 202
 
         flags: list[bytes | str | None] = []
-        m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+        m = make_maintenance(
+            space, SessionTrackedController(process_registry.settings), process_registry.url
+        )
         m.controller = DuringGc(
             m.controller,
             lambda: flags.append(space.client.get(space.keys.maintenance_flag)) or None,  # type: ignore[func-returns-value]
@@ -275,7 +277,7 @@ def test_dry_run_reports_without_switching_or_pausing(
         assert report.gc.dry_run and report.gc.blobs_eligible >= 3
         assert report.gc.blobs_deleted == 0 and report.readonly_seconds is None
         assert flags == [None]
-        assert upload_status(registry.url) == 202
+        assert upload_status(process_registry.url) == 202
         assert builder.blob_exists("gc/dry", gone.layer_digests[0])
 
 
@@ -361,12 +363,16 @@ def test_failed_switch_to_readonly_is_undone(tmp_path: Path, space: RedisSpace) 
         reg.stop()
 
 
-def test_running_gc_records_its_session(registry: ProcessRegistry, space: RedisSpace) -> None:
+def test_running_gc_records_its_session(
+    process_registry: ProcessRegistry, space: RedisSpace
+) -> None:
     """The process controller's GC names its session (for a recovery to kill an orphan),
     and the key is gone once the window ends."""
-    _one_image(registry)
+    _one_image(process_registry)
     sessions: list[dict[str, Any]] = []
-    m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+    m = make_maintenance(
+        space, SessionTrackedController(process_registry.settings), process_registry.url
+    )
     m.controller = DuringGc(m.controller, lambda: None)
     inner_run = m.controller.run_gc
 
@@ -403,7 +409,7 @@ def db10_new_keys() -> Iterator[redis.Redis]:
 
 
 def test_cli_gc_runs_in_process_and_says_it_needs_redis(
-    registry: ProcessRegistry,
+    process_registry: ProcessRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -412,12 +418,12 @@ def test_cli_gc_runs_in_process_and_says_it_needs_redis(
     """`regsweep gc --dry-run` prints the report of a GC run in-process; without Redis
     configured it exits 2 and says why."""
     monkeypatch.delenv("REGSWEEP_REDIS_URL", raising=False)
-    _one_image(registry)
-    no_redis = write_config(tmp_path / "no-redis.yaml", registry, redis_url=None)
+    _one_image(process_registry)
+    no_redis = write_config(tmp_path / "no-redis.yaml", process_registry, redis_url=None)
     assert cli.main(["-c", str(no_redis), "gc"]) == 2
     assert "regsweep gc needs Redis" in capsys.readouterr().err
 
-    config = write_config(tmp_path / "regsweep.yaml", registry)
+    config = write_config(tmp_path / "regsweep.yaml", process_registry)
     assert cli.main(["-c", str(config), "gc", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: GC would remove 0 blobs and 0 manifests" in out
@@ -464,23 +470,23 @@ def _blob_sizes(storage: Path) -> dict[str, int]:
 
 
 def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
-    registry: ProcessRegistry, space: RedisSpace, tmp_path: Path
+    process_registry: ProcessRegistry, space: RedisSpace, tmp_path: Path
 ) -> None:
     """A pusher hammers the registry before, during and right after the window (its pushes
     land up to the switch to read-only and again from the switch back): the report's bytes
     reclaimed are exactly the sizes of the blobs GC deleted (what the storage held once
     read-only minus what is left of it), never pushes counted against it."""
-    config = engine_config(registry.url, tmp_path, keep_newest(1), registry.storage)
-    with ImageBuilder.connect(registry.url) as builder:
+    config = engine_config(process_registry.url, tmp_path, keep_newest(1), process_registry.storage)
+    with ImageBuilder.connect(process_registry.url) as builder:
         for age in (30, 20, 10):
-            image(builder, "gc/bytes", f"b{age}", age, registry.storage)
+            image(builder, "gc/bytes", f"b{age}", age, process_registry.storage)
         prune(config, ["gc/bytes"])
     before: dict[str, int] = {}
     stop = threading.Event()
     pushed: list[int] = []
 
     def hammer() -> None:
-        with ImageBuilder.connect(registry.url) as pusher:
+        with ImageBuilder.connect(process_registry.url) as pusher:
             while not stop.is_set():
                 try:
                     pusher.image("gc/hammer", f"h{len(pushed)}", layers=[random_layer(4096)])
@@ -488,10 +494,14 @@ def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
                 except (PushError, httpx.TransportError):
                     continue  # read-only (405) or restarting: try again
 
-    m = make_maintenance(space, SessionTrackedController(registry.settings), registry.url)
+    m = make_maintenance(
+        space, SessionTrackedController(process_registry.settings), process_registry.url
+    )
     # What the storage holds once read-only: blobs of pushes cut off by the switch included
     # (GC rightly sweeps those too).
-    m.controller = DuringGc(m.controller, lambda: before.update(_blob_sizes(registry.storage)))
+    m.controller = DuringGc(
+        m.controller, lambda: before.update(_blob_sizes(process_registry.storage))
+    )
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
     try:
@@ -504,7 +514,7 @@ def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
         thread.join(timeout=30)
     report = outcome.report
     assert outcome.status == "done" and report is not None, report and report.errors
-    after = _blob_sizes(registry.storage)
+    after = _blob_sizes(process_registry.storage)
     swept = sum(size for digest, size in before.items() if digest not in after)
     assert swept > 2 * LAYER_SIZE  # two images' layers, configs and manifests
     assert report.bytes_reclaimed == swept

@@ -52,7 +52,7 @@ def space() -> Iterator[RedisSpace]:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
+def process_registry(tmp_path: Path) -> Iterator[ProcessRegistry]:
     made = ProcessRegistry.create(tmp_path / "registry")
     made.start()
     with ImageBuilder.connect(made.url) as builder:
@@ -186,15 +186,15 @@ def test_only_a_provably_dead_holder_is_broken(space: RedisSpace) -> None:
 
 
 def test_two_beats_firing_one_window_start_one_gc(
-    registry: ProcessRegistry, space: RedisSpace
+    process_registry: ProcessRegistry, space: RedisSpace
 ) -> None:
     """The second `trigger=window` message of the same window is answered with the first
     job's id instead of a second GC."""
     now = START + timedelta(minutes=1)
     m = make_maintenance(
         space,
-        SessionTrackedController(registry.settings),
-        registry.url,
+        SessionTrackedController(process_registry.settings),
+        process_registry.url,
         settings=WINDOW,
         clock=lambda: now,
     )
@@ -206,15 +206,15 @@ def test_two_beats_firing_one_window_start_one_gc(
 
 
 def test_too_late_in_the_window_nothing_is_switched(
-    registry: ProcessRegistry, space: RedisSpace
+    process_registry: ProcessRegistry, space: RedisSpace
 ) -> None:
     """With less than the margin left, beat's GC is skipped: no flag, no switch, no lock;
     one that runs past its deadline finishes and is reported as overrunning."""
     late = START + timedelta(minutes=115)
     m = make_maintenance(
         space,
-        SessionTrackedController(registry.settings),
-        registry.url,
+        SessionTrackedController(process_registry.settings),
+        process_registry.url,
         settings=WINDOW,
         clock=lambda: late,
     )
@@ -236,7 +236,7 @@ def test_too_late_in_the_window_nothing_is_switched(
 
 
 def test_recovery_after_a_dead_gc_switches_back_and_resumes(
-    registry: ProcessRegistry, space: RedisSpace
+    process_registry: ProcessRegistry, space: RedisSpace
 ) -> None:
     """A flag whose lock holder died: the check kills nothing it cannot prove, switches the
     registry read-write, clears the flag, releases parked prunes and marks the job
@@ -244,8 +244,8 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     released: list[int] = []
     m = make_maintenance(
         space,
-        SessionTrackedController(registry.settings),
-        registry.url,
+        SessionTrackedController(process_registry.settings),
+        process_registry.url,
         release=lambda: released.append(1) or 1,  # type: ignore[func-returns-value]
     )
     job_id = space.state.create_job("gc", {})
@@ -257,7 +257,7 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     alive = LockHolder(job_id, ProcessIdentity.of(), "n")
     space.client.set(space.keys.gc_lock, alive.token(), ex=60)
     assert recover_crashed_window(m) is None
-    assert upload_status(registry.url) == 405
+    assert upload_status(process_registry.url) == 405
 
     sleeper = subprocess.Popen(["sleep", "30"])
     dead = LockHolder(job_id, ProcessIdentity.of(sleeper.pid), "n")
@@ -266,7 +266,7 @@ def test_recovery_after_a_dead_gc_switches_back_and_resumes(
     space.client.set(space.keys.gc_lock, dead.token(), ex=60)
     recovered = recover_crashed_window(m)
     assert recovered is not None and recovered.registry_writable
-    assert upload_status(registry.url) == 202
+    assert upload_status(process_registry.url) == 202
     assert space.client.get(space.keys.maintenance_flag) is None
     assert space.client.get(space.keys.gc_lock) is None
     assert released == [1]

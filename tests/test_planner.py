@@ -21,10 +21,11 @@ from tests.strategies import (
     signature,
     untag_placeholder,
 )
-from worker.engine.model import Digest, Inventory, PushSource, PushTime
+from worker.engine.model import Inventory, PushSource, PushTime
 from worker.engine.plan import Action, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Policy
+from worker.oci import Digest
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import NOW, inventories, policies, request, tag_requests
-from worker.engine.model import Digest, Inventory, referrer_tag_subject
+from worker.engine.model import Inventory
 from worker.engine.plan import Action, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Policy
+from worker.oci import Digest, referrer_tag_subject
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 K = TypeVar("K")

@@ -20,7 +20,7 @@ from tests.harness.images import ImageBuilder
 from tests.harness.proxy import Exchange, Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess
 from tests.harness.service import running
-from worker.registry import mediatypes as mt
+from worker import oci
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_head_answers_have_no_body(
     image = through.image(repo_name, "v1")
     for _ in range(3):
         head = through.client.head(
-            f"/v2/{repo_name}/manifests/v1", headers={"Accept": mt.MANIFEST_ACCEPT}
+            f"/v2/{repo_name}/manifests/v1", headers={"Accept": oci.MANIFEST_ACCEPT}
         )
         assert int(head.headers["Content-Length"]) == image.size
         assert through.manifest(repo_name, "v1")[0] == image.raw

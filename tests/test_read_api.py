@@ -25,7 +25,7 @@ from service.read_api import OPENAPI, ReadApi
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, fake_digest, seed_repository
 from tests.harness.sinks import RedisListSink
-from worker.engine.model import Hold
+from worker.records import Hold
 from worker.settings.model import (
     Config,
     HookSettings,

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests.harness.auth import AuthRegistry
+from worker import oci
 from worker.errors import RegistryAuthError, RegistryUnavailable
-from worker.registry import mediatypes as mt
 from worker.registry.auth import CATALOG_SCOPE, RegistryAuth, merge_scopes, required_scope
 from worker.registry.client import RegistryClient, Removal
 from worker.settings.model import RegistrySettings, Secret
@@ -246,11 +246,11 @@ async def push_and_untag(client: RegistryClient, repo: str) -> str:
     """Push one tiny image under two tags, untag one (2.8: the dummy method), return its digest."""
     config = await client.upload_blob(repo, b'{"os":"linux"}')
     raw = (
-        f'{{"schemaVersion":2,"mediaType":"{mt.OCI_MANIFEST}","config":{{"mediaType":'
-        f'"{mt.OCI_CONFIG}","digest":"{config}","size":14}},"layers":[]}}'
+        f'{{"schemaVersion":2,"mediaType":"{oci.OCI_MANIFEST}","config":{{"mediaType":'
+        f'"{oci.OCI_CONFIG}","digest":"{config}","size":14}},"layers":[]}}'
     ).encode()
-    digest = await client.put_manifest(repo, "old", mt.OCI_MANIFEST, raw)
-    await client.put_manifest(repo, "keep", mt.OCI_MANIFEST, raw)
+    digest = await client.put_manifest(repo, "old", oci.OCI_MANIFEST, raw)
+    await client.put_manifest(repo, "keep", oci.OCI_MANIFEST, raw)
     assert await client.delete_tag(repo, "old", digest) is Removal.DELETED
     assert await client.tags(repo) == ["keep"]
     return digest

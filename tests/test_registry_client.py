@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.harness.registry import RegistryBinary, RegistryProcess
+from worker import oci as mt
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
@@ -36,9 +37,8 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
 )
-from worker.registry import mediatypes as mt
+from worker.oci import UNTAG_ANNOTATION
 from worker.registry.client import DEFAULT_RETRIES, RegistryClient, Removal
-from worker.registry.mediatypes import UNTAG_ANNOTATION
 from worker.settings.model import RegistrySettings
 
 pytestmark = pytest.mark.anyio
@@ -718,7 +718,7 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_untag_manifest_annotation_is_unique() -> None:
     """Each throw-away untag manifest differs (its nonce), so its digest is nobody else's."""
-    from worker.engine.model import Descriptor, Digest
+    from worker.oci import Descriptor, Digest
     from worker.registry.client import untag_manifest
 
     config = Descriptor(Digest(_digest(b"{}")), mt.OCI_EMPTY, 2)

@@ -28,14 +28,14 @@ from tests.harness.proxy import Fault, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.service import RedisServer
 from worker.engine.prune import Pruner, RepositoryPlan
+from worker.oci import OCI_INDEX, OCI_MANIFEST
 from worker.registry.client import RegistryClient
-from worker.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from worker.settings.load import load_config
 from worker.store.audit import AuditEntry, Outcome, Settlement
 from worker.store.history import LocalHistory
 from worker.store.open import Stores
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("private_cache")]
 #: Runs on 2.8.2 and on 3.x: ``registry``, ``images`` and ``config`` are that version's.
 ON_BOTH = pytest.mark.usefixtures("registry_binary")
 
@@ -45,12 +45,6 @@ KEEP_PREFIXED: dict[str, Any] = {
     "mode": "enforce",
     "keep": [{"tags": ["keep-*"]}],
 }
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own cache directory (the CLI's build-time cache lives there)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ ANSWER_BOUND = CHECK_TIMEOUT + 1.5
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+def own_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
     made = RegistryProcess.create(tmp_path / "registry")
     made.start()
     yield made
@@ -58,7 +58,7 @@ def timed_get(url: str) -> tuple[httpx.Response, float]:
 
 
 def test_healthz_details_redis_registry_and_the_last_successful_prune(
-    registry: RegistryProcess,
+    own_registry: RegistryProcess,
 ) -> None:
     """With both parts up, /healthz says so and shows the last prune a worker recorded as
     succeeded (and how long ago); with the registry stopped it still answers 200 (liveness)
@@ -69,7 +69,7 @@ def test_healthz_details_redis_registry_and_the_last_successful_prune(
     client.set(Keys(prefix).last_prune, json.dumps(record))
     client.set(Keys(prefix).maintenance_flag, "gc-job-7")
     try:
-        with serve(registry.url, h.REDIS_TEST_URL, prefix) as url:
+        with serve(own_registry.url, h.REDIS_TEST_URL, prefix) as url:
             body = httpx.get(f"{url}/healthz").json()
             assert body["ok"] is True
             assert body["redis"]["ok"] is True and body["registry"] == body["registry"] | {
@@ -81,12 +81,12 @@ def test_healthz_details_redis_registry_and_the_last_successful_prune(
             assert last["age_seconds"] > 0
             assert body["maintenance_job"] == "gc-job-7"
 
-            registry.stop()
+            own_registry.stop()
             # A check within HEALTH_INTERVAL of the last shares its answer: wait it out.
             down = wait_for_json(f"{url}/healthz", lambda b: not b["registry"]["ok"])
             assert down["ok"] is True and down["redis"]["ok"] is True
             assert "ConnectError" in down["registry"]["error"]
-            assert registry.url not in json.dumps(down)
+            assert own_registry.url not in json.dumps(down)
             assert httpx.get(f"{url}/readyz").status_code == 200
     finally:
         h.delete_prefix(client, prefix)

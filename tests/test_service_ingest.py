@@ -332,7 +332,7 @@ def test_celery_sink_with_state_on_another_database_claims_and_publishes_apart(
 ) -> None:
     """State store and broker on different databases: claims go to one, the message to
     the other (two round trips, same outcome)."""
-    other = redisdb.url(13)
+    other = redisdb.url(3)
     config, state, sink = _celery_serve(prefix, state_url=other)
     body = h.envelope(h.registry_event(event_id="apart"))
     try:

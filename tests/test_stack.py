@@ -31,7 +31,7 @@ from tests.harness.compose import UP_TIMEOUT, ComposeStack, json_log_lines, remo
 from tests.harness.docker import docker_engine
 from tests.harness.images import ImageBuilder, PushedImage, random_layer
 from tests.harness.registry import RegistryBinary
-from worker.registry import mediatypes as mt
+from worker import oci
 
 pytestmark = pytest.mark.docker
 
@@ -125,7 +125,7 @@ def image(images: ImageBuilder, repository: str, tag: str) -> PushedImage:
 
 def manifest_status(images: ImageBuilder, repository: str, reference: str) -> int:
     response = images.client.head(
-        f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+        f"/v2/{repository}/manifests/{reference}", headers={"Accept": oci.MANIFEST_ACCEPT}
     )
     return response.status_code
 

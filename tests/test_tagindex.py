@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import redisdb
-from worker.engine.evidence import Sighting
-from worker.engine.model import Digest, Hold
 from worker.errors import StateError
+from worker.oci import Digest
+from worker.records import Hold, Sighting
 from worker.store.tagindex import TOMBSTONE_AGE, TagIndex
 
 pytestmark = pytest.mark.anyio
@@ -24,7 +24,7 @@ A, B, C = (Digest(f"sha256:{c * 64}") for c in "abc")
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redisdb.url(12))
+    client = aioredis.Redis.from_url(redisdb.url(6))
     yield client
     await client.aclose()
 

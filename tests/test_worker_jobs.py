@@ -27,15 +27,15 @@ from tests.harness import stack as s
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
+from worker import oci
 from worker.engine.events import CiEvent
 from worker.engine.prune import Pruner
 from worker.errors import RegistryUnavailable, RepositoryBusy
 from worker.identity import ProcessIdentity
-from worker.queue import jobs, tasks
+from worker.queue import parking, pruning, pushes, tasks
 from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
 from worker.queue.names import JOBS_QUEUE, PRUNE_QUEUE
-from worker.registry import mediatypes as mt
 from worker.settings.load import load_config
 from worker.settings.model import Config
 from worker.store.locks import PruneLock
@@ -107,7 +107,7 @@ def images(own_registry: RegistryProcess) -> Iterator[ImageBuilder]:
 
 
 def status(images: ImageBuilder, repository: str, reference: str) -> int:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     return images.client.head(
         f"/v2/{repository}/manifests/{reference}", headers=headers
     ).status_code
@@ -142,13 +142,13 @@ async def test_held_lock_makes_prune_busy_at_once_and_nothing_is_deleted(
     repository = f"w/{repo_name}"
     drop = images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    other = PruneLock(ctx.redis, jobs.keys(ctx).prune_lock(repository))
+    other = PruneLock(ctx.redis, pruning.keys(ctx).prune_lock(repository))
     assert await other.acquire()
     with pytest.raises(RepositoryBusy):
-        await jobs.prune_repository(ctx, jobs.PruneJob(repository, "busy"))
+        await pruning.prune_repository(ctx, pruning.PruneJob(repository, "busy"))
     assert status(images, repository, drop.digest) == 200
     await other.release()
-    summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "free"))
+    summary = await pruning.prune_repository(ctx, pruning.PruneJob(repository, "free"))
     assert summary["counts"]["deleted"] == 1
     assert status(images, repository, drop.digest) == 404
 
@@ -162,7 +162,7 @@ async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_tt
     repository = f"w/{repo_name}"
     drop = images.image(repository, "drop-1")
     images.image(repository, "keep-1")
-    key = jobs.keys(ctx).prune_lock(repository)
+    key = pruning.keys(ctx).prune_lock(repository)
     gone = subprocess.Popen(["sleep", "30"])
     dead = ProcessIdentity.of(gone.pid)
     gone.kill()
@@ -170,9 +170,9 @@ async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_tt
     elsewhere = replace(ProcessIdentity.of(), host="another-host")
     await ctx.redis.set(key, json.dumps({"owner": asdict(elsewhere), "nonce": "x"}), px=30_000)
     with pytest.raises(RepositoryBusy):
-        await jobs.prune_repository(ctx, jobs.PruneJob(repository, "elsewhere"))
+        await pruning.prune_repository(ctx, pruning.PruneJob(repository, "elsewhere"))
     await ctx.redis.set(key, json.dumps({"owner": asdict(dead), "nonce": "y"}), px=30_000)
-    summary = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "after-death"))
+    summary = await pruning.prune_repository(ctx, pruning.PruneJob(repository, "after-death"))
     assert summary["counts"]["deleted"] == 1
     assert status(images, repository, drop.digest) == 404
     assert await ctx.redis.exists(key) == 0
@@ -182,7 +182,7 @@ async def test_lock_of_a_dead_prune_is_broken_and_one_elsewhere_waits_for_its_tt
 async def test_prune_lock_is_renewed_while_held_and_loss_is_noticed(ctx: WorkerContext) -> None:
     """A 2 s lock renewed every 0.2 s outlives 5 s of work; taken away, the renewal
     notices and says so."""
-    key = jobs.keys(ctx).prune_lock("renewal-test")
+    key = pruning.keys(ctx).prune_lock("renewal-test")
     lock = PruneLock(ctx.redis, key, ttl=timedelta(seconds=2), renew_every=timedelta(seconds=0.2))
     assert await lock.acquire()
     async with lock.held():
@@ -205,8 +205,8 @@ async def test_concurrent_prunes_of_one_repository_never_overlap(
     images.image(repository, "drop-1")
     images.image(repository, "keep-1")
     outcomes = await asyncio.gather(
-        jobs.prune_repository(ctx, jobs.PruneJob(repository, "a", incremental=False)),
-        jobs.prune_repository(ctx, jobs.PruneJob(repository, "b", incremental=False)),
+        pruning.prune_repository(ctx, pruning.PruneJob(repository, "a", incremental=False)),
+        pruning.prune_repository(ctx, pruning.PruneJob(repository, "b", incremental=False)),
         return_exceptions=True,
     )
     busy = [o for o in outcomes if isinstance(o, RepositoryBusy)]
@@ -222,10 +222,10 @@ async def test_pushes_coalesce_until_the_prune_starts(
     """Only the first push claims a prune; once it starts, the next push claims a new one."""
     repository = f"w/{repo_name}"
     images.image(repository, "keep-1")
-    assert await jobs.claim_prune(ctx, repository) is True
-    assert await jobs.claim_prune(ctx, repository) is False
-    await jobs.prune_repository(ctx, jobs.PruneJob(repository, "c"))
-    assert await jobs.claim_prune(ctx, repository) is True
+    assert await pushes.claim_prune(ctx, repository) is True
+    assert await pushes.claim_prune(ctx, repository) is False
+    await pruning.prune_repository(ctx, pruning.PruneJob(repository, "c"))
+    assert await pushes.claim_prune(ctx, repository) is True
 
 
 @pytest.mark.anyio
@@ -235,14 +235,14 @@ async def test_incremental_plan_only_after_a_live_read(
     """The first prune of a repository reads the registry; later ones plan from the index."""
     repository = f"w/{repo_name}"
     images.image(repository, "keep-1")
-    first = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "d"))
-    second = await jobs.prune_repository(ctx, jobs.PruneJob(repository, "e"))
+    first = await pruning.prune_repository(ctx, pruning.PruneJob(repository, "d"))
+    second = await pruning.prune_repository(ctx, pruning.PruneJob(repository, "e"))
     assert (first["incremental"], second["incremental"]) == (False, True)
     assert await ctx.index.tags(repository) == {"keep-1": images_digest(images, repository)}
 
 
 def images_digest(images: ImageBuilder, repository: str) -> str:
-    headers = {"Accept": mt.MANIFEST_ACCEPT}
+    headers = {"Accept": oci.MANIFEST_ACCEPT}
     response = images.client.head(f"/v2/{repository}/manifests/keep-1", headers=headers)
     return response.headers["Docker-Content-Digest"]
 
@@ -533,11 +533,13 @@ async def test_a_registry_lost_between_plan_and_deletes_makes_the_prune_retry(
     try:
         proxy.cut_at(b"DELETE /v2/", after=False)
         with pytest.raises(RegistryUnavailable):
-            await jobs.prune_repository(ctx, jobs.PruneJob(repository, "cut", incremental=False))
+            await pruning.prune_repository(
+                ctx, pruning.PruneJob(repository, "cut", incremental=False)
+            )
         assert status(images, repository, drop.digest) == 200
         proxy.restore()
-        summary = await jobs.prune_repository(
-            ctx, jobs.PruneJob(repository, "cut", incremental=False)
+        summary = await pruning.prune_repository(
+            ctx, pruning.PruneJob(repository, "cut", incremental=False)
         )
     finally:
         await ctx.aclose()
@@ -559,7 +561,7 @@ def test_parked_prunes_merge_per_repository_and_dry_run_keeping_every_job() -> N
         {"repository": "a", "job_id": "j4", "parked": "4", "requests": [pr1], "dry_run": True},
         {"repository": "b", "job_id": "j5", "parked": "5", "trigger": "push"},
     ]
-    merged = {(p["repository"], p["dry_run"]): p for p in jobs.merge_parked(entries)}
+    merged = {(p["repository"], p["dry_run"]): p for p in parking.merge_parked(entries)}
     assert set(merged) == {("a", False), ("a", True), ("b", False)}
     enforced = merged[("a", False)]
     assert (enforced["job_id"], enforced["trigger"], enforced["parent"]) == ("j1", "ci", None)
@@ -596,7 +598,7 @@ def test_a_parked_dashboard_deletion_is_never_merged_with_other_prunes() -> None
             "expect": "f2",
         },
     ]
-    merged = {p["job_id"]: p for p in jobs.merge_parked(entries)}
+    merged = {p["job_id"]: p for p in parking.merge_parked(entries)}
     assert set(merged) == {"ci", "d1", "d2"}
     assert merged["ci"]["requests_only"] is False and merged["ci"]["requests"] == [pr1]
     assert merged["ci"]["merged"] == []

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from service.hooks.payload import (
     MAX_BRANCH_LENGTH,
@@ -22,11 +23,12 @@ from service.hooks.payload import (
     json_object,
     pushed_ref_deleted,
 )
-from service.hooks.verify import same
+from service.hooks.source import Parsed, header, media_type
+from service.hooks.verify import checked_delivery_id, same
 from worker.engine.events import CiEvent
 from worker.errors import BadEvent, Unverified
-from worker.settings.model import Secret
-from worker.store.state import State
+from worker.settings.model import HookSettings, Secret
+from worker.store.keys import Keys
 
 
 def github_zen(body: bytes) -> str:
@@ -125,11 +127,45 @@ def check_github_signature(secret: Secret, body: bytes, header: str | None) -> N
         raise Unverified("X-Hub-Signature-256 does not match the body")
 
 
-def github_dedup_keys(state: State, delivery_id: str, body: bytes) -> list[str]:
+def github_dedup_keys(keys: Keys, delivery_id: str, body: bytes) -> list[str]:
     """A GitHub delivery is a duplicate if its id or its (signed) body was seen: the
     signature covers the body only, so a captured delivery replayed under a new
     ``X-GitHub-Delivery`` is caught by the body's hash."""
     return [
-        state.keys.delivery("github", delivery_id),
-        state.keys.delivery("github-body", hashlib.sha256(body).hexdigest()),
+        keys.delivery("github", delivery_id),
+        keys.delivery("github-body", hashlib.sha256(body).hexdigest()),
     ]
+
+
+class GitHub:
+    """GitHub's hook (:class:`~service.hooks.source.HookSource`)."""
+
+    name: Final = "github"
+    setting: Final = "hooks.github_secret_env"
+
+    def enabled(self, hooks: HookSettings) -> bool:
+        return hooks.github_secret is not None
+
+    def verify(self, hooks: HookSettings, request: Request, body: bytes) -> None:
+        # The signature covers the raw body, form-encoded or not: checked before parsing.
+        assert hooks.github_secret is not None
+        check_github_signature(
+            hooks.github_secret, body, request.headers.get("x-hub-signature-256")
+        )
+
+    def delivery_id(self, hooks: HookSettings, request: Request) -> str:
+        return checked_delivery_id("X-GitHub-Delivery", header(request, "X-GitHub-Delivery"))
+
+    def parse(self, request: Request, body: bytes, delivery_id: str) -> Parsed:
+        payload = github_payload(media_type(request), body)
+        event_name = header(request, "X-GitHub-Event")
+        what = f"GitHub event {event_name[:64]!r}"
+        if event_name == "ping":
+            return Parsed(None, what, {"ok": True, "zen": github_zen(payload)})
+        return Parsed(parse_github(event_name, payload, delivery_id), what)
+
+    def dedup_keys(self, keys: Keys, delivery_id: str, body: bytes) -> list[str]:
+        return github_dedup_keys(keys, delivery_id, body)
+
+
+SOURCE: Final = GitHub()

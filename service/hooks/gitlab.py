@@ -15,10 +15,12 @@ from starlette.requests import Request
 
 from service.hooks import verify
 from service.hooks.payload import MAX_BRANCH_LENGTH, field, json_object, pushed_ref_deleted
+from service.hooks.source import Parsed, header, require_json
 from service.hooks.verify import checked_delivery_id
 from worker.engine.events import CiEvent
 from worker.errors import BadEvent
 from worker.settings.model import HookSettings
+from worker.store.keys import Keys
 
 ZERO_SHA: Final = "0" * 40
 
@@ -81,3 +83,32 @@ def verify_gitlab(hooks: HookSettings, request: Request, body: bytes) -> None:
             timestamp=request.headers.get("webhook-timestamp"),
             signatures=request.headers.get("webhook-signature"),
         )
+
+
+class GitLab:
+    """GitLab's hook (:class:`~service.hooks.source.HookSource`)."""
+
+    name: Final = "gitlab"
+    setting: Final = "hooks.gitlab_token_env"
+
+    def enabled(self, hooks: HookSettings) -> bool:
+        return hooks.gitlab_token is not None or hooks.gitlab_signing_key is not None
+
+    def verify(self, hooks: HookSettings, request: Request, body: bytes) -> None:
+        verify_gitlab(hooks, request, body)
+
+    def delivery_id(self, hooks: HookSettings, request: Request) -> str:
+        return gitlab_delivery_id(request, signed=hooks.gitlab_signing_key is not None)
+
+    def parse(self, request: Request, body: bytes, delivery_id: str) -> Parsed:
+        require_json(request, "GitLab")
+        event_header = header(request, "X-Gitlab-Event")
+        return Parsed(
+            parse_gitlab(event_header, body, delivery_id), f"GitLab {event_header[:64]!r}"
+        )
+
+    def dedup_keys(self, keys: Keys, delivery_id: str, body: bytes) -> list[str]:
+        return [keys.delivery("gitlab", delivery_id)]
+
+
+SOURCE: Final = GitLab()

@@ -22,13 +22,11 @@ from worker.engine.events import (
     RegistryEventKind,
     event_time,
     printable_ascii,
-    valid_digest,
     valid_media_type,
-    valid_repository,
-    valid_tag,
     valid_url,
 )
 from worker.errors import BadEvent
+from worker.oci import valid_digest, valid_repository, valid_tag
 
 REGISTRY_EVENTS_V1: Final = "application/vnd.docker.distribution.events.v1+json"
 

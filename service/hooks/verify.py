@@ -18,8 +18,8 @@ from typing import Final
 from starlette.exceptions import HTTPException
 
 from worker.errors import Unverified
-from worker.settings.load import SIGNING_KEY_PREFIX
 from worker.settings.model import Secret
+from worker.settings.sections.hooks import SIGNING_KEY_PREFIX
 
 #: Standard Webhooks: a delivery older or newer than this is refused (replay window).
 TIMESTAMP_TOLERANCE: Final = 5 * 60

@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from service.publish import EventSink
-from worker.engine.model import Hold
 from worker.errors import BadEvent, StateError
 from worker.queue.messages import DELETE_KIND
+from worker.records import Hold
 from worker.store.state import JobState, State
 from worker.store.tagindex import TagIndex
 

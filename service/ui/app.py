@@ -33,8 +33,8 @@ from service.reads import Reader, Readers, ServiceParts
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
 from service.ui.session import Session, Sessions, SigninLimit, csrf_ok, same_origin
-from worker.engine.events import valid_digest, valid_repository, valid_tag
 from worker.errors import BadEvent, StateError
+from worker.oci import valid_digest, valid_repository, valid_tag
 from worker.store.audit import AuditQuery
 
 log = logging.getLogger("regsweep.service")

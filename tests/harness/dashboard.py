@@ -31,18 +31,12 @@ from tests.harness.maintenance import ProcessRegistry
 from tests.harness.registry import free_port
 from tests.harness.service import RedisServer
 from tests.harness.stack import Process, wait_for
-from worker.engine.model import (
-    Digest,
-    Inventory,
-    Manifest,
-    PushSource,
-    PushTime,
-    parse_manifest,
-)
+from worker import oci
+from worker.engine.model import Inventory, PushSource, PushTime
 from worker.engine.planner import plan
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.view import plan_view
-from worker.registry import mediatypes as mt
+from worker.oci import Digest, Manifest, parse_manifest
 from worker.store.keys import Keys
 from worker.store.views import save_view
 
@@ -70,18 +64,18 @@ def image_manifest(seed: str, subject: Digest | None = None) -> Manifest:
     layers = [BASE_LAYER, own]
     document: dict[str, Any] = {
         "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
+        "mediaType": oci.OCI_MANIFEST,
         "config": {
-            "mediaType": mt.OCI_CONFIG,
+            "mediaType": oci.OCI_CONFIG,
             "digest": fake_digest(f"config {seed}"),
             "size": 900,
         },
         "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": s} for d, s in layers],
     }
     if subject is not None:
-        document["subject"] = {"mediaType": mt.OCI_MANIFEST, "digest": subject, "size": 500}
+        document["subject"] = {"mediaType": oci.OCI_MANIFEST, "digest": subject, "size": 500}
     raw = json.dumps(document).encode()
-    return parse_manifest(f"sha256:{hashlib.sha256(raw).hexdigest()}", mt.OCI_MANIFEST, raw)
+    return parse_manifest(f"sha256:{hashlib.sha256(raw).hexdigest()}", oci.OCI_MANIFEST, raw)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from worker.registry import mediatypes as mt
+from worker import oci
 
 Format = Literal["oci", "docker"]
 CosignKind = Literal["sig", "att", "sbom"]
@@ -259,7 +259,7 @@ class ImageBuilder:
         layer_type = OCI_LAYER if fmt == "oci" else DOCKER_LAYER
         pushed = [self.blob(repository, data, layer_type) for data in layer_data]
         config = _image_config(platform, created, [b.digest for b in pushed])
-        config_type = mt.OCI_CONFIG if fmt == "oci" else mt.DOCKER_CONFIG
+        config_type = oci.OCI_CONFIG if fmt == "oci" else oci.DOCKER_CONFIG
         config_blob = self.blob(repository, _encode(config), config_type)
         return self._image_manifest(
             repository,
@@ -284,7 +284,7 @@ class ImageBuilder:
         artifact_type: str | None = None,
         subject: Pushed | None = None,
     ) -> PushedImage:
-        media_type = mt.OCI_MANIFEST if fmt == "oci" else mt.DOCKER_MANIFEST
+        media_type = oci.OCI_MANIFEST if fmt == "oci" else oci.DOCKER_MANIFEST
         document: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": media_type,
@@ -335,7 +335,7 @@ class ImageBuilder:
                 for e in entries
                 if isinstance(e.manifest, PushedImage) and e.manifest.platform is not None
             ]
-        media_type = mt.OCI_INDEX if fmt == "oci" else mt.DOCKER_MANIFEST_LIST
+        media_type = oci.OCI_INDEX if fmt == "oci" else oci.DOCKER_MANIFEST_LIST
         document: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": media_type,
@@ -364,12 +364,12 @@ class ImageBuilder:
         statement = {"_type": "https://in-toto.io/Statement/v0.1", "subject": subject.digest}
         layer = self.blob(repository, _encode(statement), IN_TOTO)
         config = _image_config(UNKNOWN_PLATFORM, "absent", [layer.digest])
-        config_blob = self.blob(repository, _encode(config), mt.OCI_CONFIG)
+        config_blob = self.blob(repository, _encode(config), oci.OCI_CONFIG)
         manifest = self._image_manifest(
             repository, (), "oci", config_blob, [layer], platform=UNKNOWN_PLATFORM
         )
         annotations = {
-            mt.BUILDKIT_REFERENCE_TYPE: ATTESTATION_MANIFEST,
+            oci.BUILDKIT_REFERENCE_TYPE: ATTESTATION_MANIFEST,
             REFERENCE_DIGEST: subject.digest,
         }
         return IndexEntry(manifest, UNKNOWN_PLATFORM, annotations)
@@ -403,7 +403,7 @@ class ImageBuilder:
         )
         layer = self.blob(repository, body, COSIGN_LAYER_TYPES[kind])
         config = _image_config(Platform("", ""), "absent", [layer.digest])
-        config_type = mt.OCI_CONFIG if fmt == "oci" else mt.DOCKER_CONFIG
+        config_type = oci.OCI_CONFIG if fmt == "oci" else oci.DOCKER_CONFIG
         config_blob = self.blob(repository, _encode(config), config_type)
         tag = f"{referrers_tag(subject_digest)}.{kind}"
         return self._image_manifest(repository, (tag,), fmt, config_blob, [layer])
@@ -423,7 +423,7 @@ class ImageBuilder:
         With ``fallback`` (the default) the ``sha256-<hex>`` index tag lists it too, as
         oras and cosign maintain on registries without the referrers API (2.8).
         """
-        config = self.blob(repository, EMPTY_JSON, mt.OCI_EMPTY)
+        config = self.blob(repository, EMPTY_JSON, oci.OCI_EMPTY)
         layer = self.blob(repository, payload or os.urandom(32), artifact_type)
         artifact = self._image_manifest(
             repository,
@@ -455,12 +455,12 @@ class ImageBuilder:
         if annotations:
             entry["annotations"] = annotations
         manifests.append(entry)
-        document = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
+        document = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": manifests}
         raw = _encode(document)
         return PushedIndex(
             repository=repository,
-            digest=self.put_manifest(repository, tag, raw, mt.OCI_INDEX),
-            media_type=mt.OCI_INDEX,
+            digest=self.put_manifest(repository, tag, raw, oci.OCI_INDEX),
+            media_type=oci.OCI_INDEX,
             raw=raw,
             children=tuple(m["digest"] for m in manifests),
             tags=(tag,),
@@ -471,7 +471,7 @@ class ImageBuilder:
     def head(self, repository: str, reference: str) -> ManifestHead | None:
         """HEAD a manifest with all four Accept types; ``None`` when the registry says 404."""
         response = self.client.head(
-            f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+            f"/v2/{repository}/manifests/{reference}", headers={"Accept": oci.MANIFEST_ACCEPT}
         )
         if response.status_code == 404:
             return None
@@ -489,7 +489,7 @@ class ImageBuilder:
         """GET a manifest's raw bytes and Content-Type."""
         response = self._check(
             self.client.get(
-                f"/v2/{repository}/manifests/{reference}", headers={"Accept": mt.MANIFEST_ACCEPT}
+                f"/v2/{repository}/manifests/{reference}", headers={"Accept": oci.MANIFEST_ACCEPT}
             )
         )
         return response.content, response.headers["Content-Type"]

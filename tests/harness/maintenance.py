@@ -35,7 +35,7 @@ from worker.maintenance.controllers import LineCallback, RegistryController
 from worker.maintenance.gc import GcResult
 from worker.maintenance.job import Maintenance, Timing
 from worker.maintenance.probe import RegistryProbe
-from worker.queue import jobs
+from worker.queue import parking, pruning
 from worker.queue.context import WorkerContext
 from worker.registry.client import RegistryClient
 from worker.settings.model import (
@@ -431,13 +431,13 @@ def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[st
     async def go() -> dict[str, Any]:
         ctx = await WorkerContext.open(config, prefix=prefix)
         try:
-            job = jobs.PruneJob(
+            job = pruning.PruneJob(
                 kwargs["repository"],
                 kwargs["job_id"],
                 dry_run=kwargs.get("dry_run", False),
                 incremental=kwargs.get("incremental", False),
             )
-            return await jobs.prune_repository(ctx, job)
+            return await pruning.prune_repository(ctx, job)
         finally:
             await ctx.aclose()
 
@@ -450,7 +450,7 @@ def worker_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
     async def go() -> None:
         ctx = await WorkerContext.open(config, prefix=prefix)
         try:
-            await jobs.defer(ctx, kwargs["repository"], kwargs)
+            await parking.defer(ctx, kwargs["repository"], kwargs)
         finally:
             await ctx.aclose()
 
@@ -464,8 +464,8 @@ def worker_release(config: Config, prefix: str, into: list[dict[str, Any]]) -> C
         async def go() -> list[dict[str, Any]]:
             ctx = await WorkerContext.open(config, prefix=prefix)
             try:
-                parked = await jobs.parked_prunes(ctx)
-                await jobs.unpark(ctx, parked.entries)
+                parked = await parking.parked_prunes(ctx)
+                await parking.unpark(ctx, parked.entries)
                 return parked.prunes
             finally:
                 await ctx.aclose()

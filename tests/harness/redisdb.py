@@ -4,11 +4,30 @@
 ``redis-server`` of that worker's own (started on first use, stopped when the
 worker exits); else the machine's 6379.
 
-Each test module keeps its own database number on that server (and a key prefix
-of its own where it shares one). Modules that run side by side in xdist workers
-never share a server, so their database numbers cannot collide; pointing
-``REGSWEEP_TEST_REDIS`` at a private ``redis-server`` lets two checkouts run the
-suite side by side.
+Each user below keeps its own database number on that server, so that modules run side
+by side on one server (``REGSWEEP_TEST_REDIS`` with ``-n``) never flush each other's data;
+the harnesses several modules share give each test a key prefix of its own and delete only
+that prefix's keys. A new module takes a free number (or a shared harness), and says so here:
+
+==  ==========================================================================
+ 3  tests/test_service_ingest.py: a broker that is not the state store's Redis
+ 4  tests/test_evidence_registry.py
+ 5  tests/test_check_config.py
+ 6  tests/test_tagindex.py
+ 7  tests/test_cli_jobs.py
+ 8  tests/test_dashboard_jobs.py
+ 9  tests/test_service_ingest.py
+10  tests/harness/maintenance.py (the maintenance tests; a prefix per test)
+11  tests/harness/stack.py (the worker, stack and e2e tests; bench/ingest_bench.py)
+12  tests/test_audit.py
+13  tests/harness/service.py (the service tests; a prefix per test)
+14  tests/test_docs.py
+15  tests/test_logs.py
+==  ==========================================================================
+
+Modules that run side by side in xdist workers without ``REGSWEEP_TEST_REDIS`` never share
+a server at all; pointing ``REGSWEEP_TEST_REDIS`` at a private ``redis-server`` lets two
+checkouts run the suite side by side.
 """
 
 from __future__ import annotations

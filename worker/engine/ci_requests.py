@@ -11,10 +11,10 @@ import re
 from typing import Any
 
 from worker.engine.events import CiEvent
-from worker.engine.model import Digest
 from worker.engine.plan import Reason
 from worker.engine.planner import TagRequest
 from worker.engine.policy import Policy, TagPattern
+from worker.oci import Digest
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -41,14 +41,9 @@ def _event_values(event: CiEvent) -> dict[str, str]:
     return values
 
 
-def _policy_sources(policy: Policy, event: CiEvent) -> bool:
-    patterns = policy.sources.github if event.source == "github" else policy.sources.gitlab
-    return any(p.matches(event.project) for p in patterns)
-
-
 def request_for(policy: Policy, event: CiEvent) -> TagRequest | None:
     """The tags ``event`` asks ``policy`` to delete, or None when it asks for nothing."""
-    if not _policy_sources(policy, event):
+    if not policy.fed_by(event.source, event.project):
         return None
     templates = (
         policy.on.pull_request_closed

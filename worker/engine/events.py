@@ -15,28 +15,7 @@ from enum import StrEnum
 from typing import Any, Final, Literal
 
 from worker.errors import BadEvent
-from worker.registry.mediatypes import KNOWN_MANIFEST_TYPES
-
-#: distribution/reference's path component and separator grammar; no domain part,
-#: since the registry reports names relative to itself.
-_COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-
-
-REPOSITORY_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-
-
-REPOSITORY_MAX_LENGTH: Final = 255
-
-
-TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
-
-
-DIGEST: Final = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
-
-
-#: What a restore job names: a digest, or the beginning of one (as plan tables show it).
-DIGEST_PREFIX: Final = re.compile(r"(?:sha256:)?[a-f0-9]{1,64}")
-
+from worker.oci import KNOWN_MANIFEST_TYPES
 
 #: Schema 1 types still show up in 2.8 notifications for old clients.
 MANIFEST_TYPES: Final = KNOWN_MANIFEST_TYPES
@@ -132,7 +111,34 @@ class RegistryEnvelope:
         return named + (f"; {more} more unusable events" if more > 0 else "")
 
 
-CiSource = Literal["github", "gitlab"]
+#: A CI system regsweep takes webhooks from: its hook's route (``/hooks/<source>``), its key
+#: under a policy's ``sources:``, its metrics label. One of :data:`CI_SOURCES`.
+CiSource = str
+
+
+@dataclass(frozen=True)
+class ProjectForm:
+    """How a CI source names a project: ``segments`` parts joined by ``/`` (at least
+    ``fewest``, at most ``most``; None: no limit), as a policy's ``sources:`` refuses others."""
+
+    shape: str
+    fewest: int
+    most: int | None
+
+    def problem(self, text: str) -> str | None:
+        """Why ``text`` is not a project of this form (None when it is)."""
+        segments = text.split("/")
+        fits = len(segments) >= self.fewest and (self.most is None or len(segments) <= self.most)
+        return None if fits and all(segments) else f"must look like {self.shape}"
+
+
+#: Every CI source, and the form of its projects. Adding one: a row here, and its hook module
+#: in ``service/hooks/`` listed in ``service.hooks.sources.SOURCES`` (docs/webhooks.md).
+CI_SOURCES: Final[Mapping[CiSource, ProjectForm]] = {
+    "github": ProjectForm("owner/name", 2, 2),
+    # GitLab nests groups: group/subgroup/project.
+    "gitlab": ProjectForm("group/project or group/subgroup/project", 2, None),
+}
 
 
 CiKind = Literal["pull_request_closed", "branch_deleted"]
@@ -162,23 +168,6 @@ def excerpt(raw: bytes | str, limit: int = EXCERPT_LIMIT) -> str:
     """The start of a payload, safe to store and log."""
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     return text[:limit]
-
-
-def valid_repository(name: str) -> bool:
-    return len(name) <= REPOSITORY_MAX_LENGTH and REPOSITORY_NAME.fullmatch(name) is not None
-
-
-def valid_tag(tag: str) -> bool:
-    return TAG.fullmatch(tag) is not None
-
-
-def valid_digest(digest: str) -> bool:
-    return DIGEST.fullmatch(digest) is not None
-
-
-def valid_digest_or_prefix(digest: str) -> bool:
-    """A whole digest or a prefix of a sha256 one (a restore resolves it, unique or refused)."""
-    return valid_digest(digest) or DIGEST_PREFIX.fullmatch(digest) is not None
 
 
 def _classify(event: RegistryEvent) -> RegistryEventKind:

@@ -53,13 +53,14 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Final
 
-from worker.engine.model import UNKNOWN, Digest, PushSource, PushTime
+from worker.clock import CLOCK_SKEW, ClockSkew
+from worker.durations import approximate
+from worker.engine.model import UNKNOWN, PushSource, PushTime
+from worker.oci import Digest
+from worker.records import Sighting
 
 #: Docker's first public release: no image was built before it (as gcr-cleaner checks).
 DOCKER_EPOCH: Final = datetime(2013, 3, 20, tzinfo=UTC)
-#: Clocks disagree a little: a time this far ahead of ours is taken as now; further is doubtful.
-#: A registry whose clock is further off than this (either way) ranks nothing by its times.
-CLOCK_SKEW: Final = timedelta(minutes=5)
 #: Tag links written this close one after another are one instant (see the module docstring).
 ONE_INSTANT: Final = timedelta(seconds=1)
 #: Fewer links than this, written in one instant, are taken for a burst of pushes (a CI job
@@ -80,58 +81,11 @@ RESTORE_TIMES: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class ClockSkew:
-    """How far the registry's clock is ahead of regsweep's (negative: behind), from one
-    answer's ``Date`` header: the true offset lies between ``low`` and ``high`` (the header
-    has whole seconds, and the answer took time to come)."""
-
-    low: timedelta
-    high: timedelta
-    measured_at: datetime
-
-    @classmethod
-    def observed(cls, date: datetime, sent: datetime, received: datetime) -> ClockSkew:
-        """The skew an answer dated ``date`` shows, asked at ``sent`` and answered at
-        ``received`` (regsweep's clock)."""
-        return cls(date - received, date + timedelta(seconds=1) - sent, received)
-
-    @property
-    def offset(self) -> timedelta:
-        return (self.low + self.high) / 2
-
-    @property
-    def agrees(self) -> bool:
-        """Whether the two clocks may be within :data:`CLOCK_SKEW` of each other."""
-        return self.low <= CLOCK_SKEW and self.high >= -CLOCK_SKEW
-
-    def describe(self) -> str:
-        """``the registry's clock is 3d 2h behind regsweep's``, or how close they agree."""
-        offset = self.offset
-        if self.agrees:
-            return f"the registry's clock agrees with regsweep's ({signed(offset)})"
-        way = "ahead of" if offset > timedelta(0) else "behind"
-        return f"the registry's clock is {duration(abs(offset))} {way} regsweep's"
-
-
-@dataclass(frozen=True, slots=True)
 class StoredLink:
     """One tag link's time and the image it names: what :func:`storage_refusal` judges."""
 
     at: datetime
     digest: Digest
-
-
-@dataclass(frozen=True, slots=True)
-class Sighting:
-    """A tag regsweep first saw on ``digest`` in a listing that started at ``shown`` and
-    finished at ``latest``; the listing before, which lacked it (or showed another digest),
-    started at ``earliest``."""
-
-    digest: Digest
-    earliest: datetime | None
-    latest: datetime
-    #: None for sightings recorded before this was kept: ``latest`` stands in.
-    shown: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -236,19 +190,6 @@ class Judgement:
     doubted: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class EvidenceSummary:
-    """What one plan found of the registry's times: kept for ``regsweep status``."""
-
-    repository: str
-    at: datetime
-    skew: ClockSkew | None
-    #: Why the repository's registry times were refused as a whole, if they were.
-    refused: str | None
-    #: Tags whose registry times were not used as they stand.
-    doubted: int
-
-
 #: How a time before a listing that lacked its tag is said.
 LACKED: Final = "before a listing that lacked the tag"
 #: A tag's doubt when the repository's links are refused as a whole (its note says why).
@@ -323,7 +264,7 @@ def storage_refusal(
     copied = count >= COPY_MIN_LINKS and len({link.digest for link in links}) > 1
     if copied and _one_instant(times):
         return (
-            f"all {count} tag links were written within {duration(last - first)} of each "
+            f"all {count} tag links were written within {approximate(last - first)} of each "
             f"other ({moment(first)}), as a copy that kept no times writes them (cp -r, rsync "
             f"without -t, tar -x --touch): {RESTORE_TIMES}"
         )
@@ -393,10 +334,10 @@ def _doubt_stored(tag: str, item: TagEvidence, at: datetime, checks: _Checks) ->
     if lacked is not None:
         return _Doubt(f"storage time {lacked}", at)
     if item.notified is not None and at < item.notified - LINK_BEFORE_EVENT:
-        before = duration(item.notified - at)
+        before = approximate(item.notified - at)
         return _Doubt(f"storage time {before} before the notified push of the same image", at)
     if tag in checks.instants:
-        return _Doubt(f"storage time within {duration(ONE_INSTANT)} of other images' links", at)
+        return _Doubt(f"storage time within {approximate(ONE_INSTANT)} of other images' links", at)
     return None
 
 
@@ -405,7 +346,7 @@ def _impossible(at: datetime, now: datetime) -> str | None:
     if at < DOCKER_EPOCH:
         return f"{moment(at)} is before 2013"
     if at > now + CLOCK_SKEW:
-        return f"{duration(at - now)} in the future"
+        return f"{approximate(at - now)} in the future"
     return None
 
 
@@ -417,7 +358,7 @@ def _lacked_by_listing(item: TagEvidence, at: datetime) -> str | None:
         return None
     if at >= seen.earliest:
         return None
-    return f"{duration(seen.earliest - at)} {LACKED}"
+    return f"{approximate(seen.earliest - at)} {LACKED}"
 
 
 def _corrected(at: datetime, checks: _Checks) -> datetime:
@@ -519,27 +460,3 @@ def _refused_whole(doubts: Sequence[_Doubt], checks: _Checks) -> bool:
 def moment(at: datetime) -> str:
     """``2026-03-01 10:00:03 UTC``."""
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def duration(delta: timedelta) -> str:
-    """A short duration, rounded to its smaller unit: ``3d 2h``, ``5h 10m``, ``4m 3s``,
-    ``12s``, ``0.25s``, ``under 0.01s``."""
-    seconds = abs(delta.total_seconds())
-    if seconds < 0.01:
-        return "0s" if seconds == 0 else "under 0.01s"
-    if seconds < 10:
-        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
-    for size, big, unit, small in (
-        (86400, "d", 3600, "h"),
-        (3600, "h", 60, "m"),
-        (60, "m", 1, "s"),
-    ):
-        if seconds >= size - unit / 2:
-            whole, part = divmod(round(seconds / unit), size // unit)
-            return f"{whole}{big} {part}{small}"
-    return f"{seconds:.0f}s"
-
-
-def signed(delta: timedelta) -> str:
-    """``+0.4s`` / ``-3d 2h``."""
-    return ("-" if delta < timedelta(0) else "+") + duration(delta)

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, NamedTuple
 
-from worker.engine.model import Digest, Manifest
 from worker.engine.plan import Action, Deletion, Plan, dependency_levels
 from worker.errors import (
     DeletesDisabled,
@@ -38,6 +37,7 @@ from worker.errors import (
     SafetyViolation,
     StateError,
 )
+from worker.oci import Digest, Manifest
 from worker.registry.client import RegistryClient, Removal
 from worker.store.audit import AuditEntry, AuditLog, Outcome, Settlement
 

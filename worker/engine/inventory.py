@@ -23,18 +23,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-from worker.engine.evidence import (
-    ClockSkew,
-    EvidenceSummary,
-    Judgement,
-    Sighting,
-    TagEvidence,
-    judge,
-)
-from worker.engine.model import Digest, Inventory, Manifest, parse_manifest, referrer_tag_subject
+from worker import oci
+from worker.clock import ClockSkew
+from worker.engine.evidence import Judgement, TagEvidence, judge
+from worker.engine.model import Inventory
 from worker.engine.policy import AgeSource, Policy
 from worker.errors import ManifestUnknown, RegistryError, RegistryProtocolError, StorageError
-from worker.registry import mediatypes as mt
+from worker.oci import Digest, Manifest, parse_manifest, referrer_tag_subject
+from worker.records import EvidenceSummary, Sighting
 from worker.registry.client import RegistryClient, digest_of
 from worker.registry.storage import RegistryStorage, StoredTag
 from worker.store.history import History, RepositoryHistory, new_sightings
@@ -294,7 +290,7 @@ class InventoryBuilder:
             manifest = await self._client.get_manifest(repository, reference)
         except ManifestUnknown:
             return None
-        if manifest.media_type not in mt.KNOWN_MANIFEST_TYPES:
+        if manifest.media_type not in oci.KNOWN_MANIFEST_TYPES:
             # It may reference manifests in ways regsweep cannot see: planning around it
             # could delete what it needs, so the repository is left alone.
             raise RegistryProtocolError(
@@ -420,7 +416,7 @@ class InventoryBuilder:
         built = dict(zip(ordered, times, strict=True))
         for tag, image in wanted.items():
             annotated = parse_created(
-                snap.manifests[evidence[tag].digest].annotations.get(mt.CREATED_ANNOTATION)
+                snap.manifests[evidence[tag].digest].annotations.get(oci.CREATED_ANNOTATION)
             )
             evidence[tag] = replace(evidence[tag], built=annotated or built.get(image))
 
@@ -433,10 +429,10 @@ class InventoryBuilder:
             return None
 
     async def _created_of(self, repository: str, image: Manifest) -> datetime | None:
-        annotated = parse_created(image.annotations.get(mt.CREATED_ANNOTATION))
+        annotated = parse_created(image.annotations.get(oci.CREATED_ANNOTATION))
         if annotated or image.config is None:
             return annotated
-        if image.config.media_type not in mt.CONFIG_TYPES:
+        if image.config.media_type not in oci.CONFIG_TYPES:
             return None  # an artifact (signature, SBOM): its config says nothing about time
         key = image.config.digest
         if key not in self._created.entries:

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from worker.engine.events import (
-    REPOSITORY_MAX_LENGTH,
-    valid_digest_or_prefix,
-    valid_repository,
-    valid_tag,
-)
+from worker.oci import REPOSITORY_MAX_LENGTH, valid_digest_or_prefix, valid_repository, valid_tag
 
 NAME_GRAMMAR: Final = "lowercase letters and digits, separated by . _ __ or -, joined by /"
 TAG_GRAMMAR: Final = "up to 128 letters, digits, _ . or -, not starting with . or -"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from worker.engine.model import Digest
 from worker.engine.policy import Mode
+from worker.oci import Digest
 
 
 class Action(StrEnum):

@@ -46,19 +46,14 @@ from bisect import bisect_right
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Final
 
-from worker.engine.model import (
-    Descriptor,
-    Digest,
-    Inventory,
-    PushSource,
-    PushTime,
-    referrer_tag_subject,
-)
+from worker.durations import coarse, exact
+from worker.engine.model import Inventory, PushSource, PushTime
 from worker.engine.plan import ACTION_ORDER, Action, Deletion, Kept, Plan, Reason, dependency_levels
 from worker.engine.policy import KeepRule, Policy, TagPattern, any_match
+from worker.oci import Descriptor, Digest, referrer_tag_subject
 
 #: Rule names used in reasons besides ``keep[i]`` and ``on.<event>``.
 PROTECT: Final = "protect"
@@ -68,8 +63,6 @@ RETENTION: Final = "retention"
 UNTAGGED: Final = "untagged"
 REFERRER: Final = "referrer"
 CHILD: Final = "child"
-
-_UNITS: Final = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
 @dataclass(frozen=True)
@@ -332,7 +325,7 @@ def _limits(rule: KeepRule, later: int, pushed: PushTime, now: datetime) -> list
         limits.append((later < rule.newest, text))
     if rule.pushed_within is not None:
         kept = not pushed.older_than(now - rule.pushed_within)
-        limits.append((kept, f"{describe_push(pushed, now)}, keeps {_span(rule.pushed_within)}"))
+        limits.append((kept, f"{describe_push(pushed, now)}, keeps {exact(rule.pushed_within)}"))
     return limits
 
 
@@ -342,12 +335,12 @@ def describe_push(pushed: PushTime, now: datetime) -> str:
     source = f"{pushed.source}; {pushed.doubt}" if pushed.doubt else str(pushed.source)
     if pushed.source is PushSource.UNKNOWN or pushed.latest is None:
         return f"push time unknown ({pushed.doubt})" if pushed.doubt else "push time unknown"
-    newest = _age(now - pushed.latest)
+    newest = coarse(now - pushed.latest)
     if pushed.earliest == pushed.latest:
         return f"pushed {newest} ago ({source})"
     if pushed.earliest is None:
         return f"pushed {newest} ago or earlier ({source})"
-    return f"pushed {newest} to {_age(now - pushed.earliest)} ago ({source})"
+    return f"pushed {newest} to {coarse(now - pushed.earliest)} ago ({source})"
 
 
 # --- settling deletions ----------------------------------------------------------------
@@ -465,7 +458,7 @@ def _expired_untagged(ctx: _Context) -> Iterator[tuple[Digest, _Mark]]:
         subjects = ctx.graph.subjects.get(digest, frozenset())
         if not all(_orphaned(ctx, subject) for subject in subjects):
             continue
-        detail = f"untagged for {_age(age)}, grace {_span(grace)}"
+        detail = f"untagged for {coarse(age)}, grace {exact(grace)}"
         yield digest, _Mark(Action.MANIFEST, Reason(UNTAGGED, detail))
 
 
@@ -589,23 +582,3 @@ def _short(digest: Digest) -> str:
     """``sha256:`` and the first 12 hex digits: enough to tell digests apart in a table."""
     algorithm, _, hexdigits = digest.partition(":")
     return f"{algorithm}:{hexdigits[:12]}"
-
-
-def _age(delta: timedelta) -> str:
-    """A coarse age in its largest unit: ``20d``, ``3h``, ``5m``, ``12s``."""
-    seconds = max(0, int(delta.total_seconds()))
-    for unit, size in _UNITS:
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return "0s"
-
-
-def _span(delta: timedelta) -> str:
-    """An exact duration: ``14d``, ``1d12h``, ``90s`` → ``1m30s``."""
-    seconds = max(0, int(delta.total_seconds()))
-    parts: list[str] = []
-    for unit, size in _UNITS:
-        count, seconds = divmod(seconds, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or "0s"

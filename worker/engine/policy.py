@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -107,12 +108,29 @@ class EventTemplates:
     branch_deleted: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Sources:
-    """Which CI projects feed a policy (``owner/name`` / ``group/project`` globs)."""
+class Sources(Mapping[str, tuple[RepositoryPattern, ...]]):
+    """Which CI projects feed a policy, by source: ``Sources(github=(...), gitlab=(...))``,
+    read as a mapping (a source without projects is left out). Frozen and hashable."""
 
-    github: tuple[RepositoryPattern, ...] = ()
-    gitlab: tuple[RepositoryPattern, ...] = ()
+    __slots__ = ("_projects",)
+
+    def __init__(self, **projects: tuple[RepositoryPattern, ...]) -> None:
+        self._projects = {source: found for source, found in projects.items() if found}
+
+    def __getitem__(self, source: str) -> tuple[RepositoryPattern, ...]:
+        return self._projects[source]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._projects)
+
+    def __len__(self) -> int:
+        return len(self._projects)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._projects.items()))
+
+    def __repr__(self) -> str:
+        return f"Sources({self._projects!r})"
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,10 @@ class Policy:
     on: EventTemplates = field(default_factory=EventTemplates)
     sources: Sources = field(default_factory=Sources)
     age_from: AgeSource = AgeSource.PUSH
+
+    def fed_by(self, source: str, project: str) -> bool:
+        """Whether ``source``'s project ``project`` feeds this policy (``sources:``)."""
+        return any(p.matches(project) for p in self.sources.get(source, ()))
 
     def matches_repository(self, repository: str) -> bool:
         return any(p.matches(repository) for p in self.repositories)

@@ -18,9 +18,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
-from worker.engine.events import REPOSITORY_MAX_LENGTH, REPOSITORY_NAME
 from worker.engine.executor import (
     WAVE_FACTOR,
     ExecutionReport,
@@ -31,15 +30,15 @@ from worker.engine.executor import (
     deletions_log,
 )
 from worker.engine.inventory import CreatedCache, InventoryBuilder, ManifestCache
-from worker.engine.model import Digest, Inventory
+from worker.engine.model import Inventory
 from worker.engine.names import repository_problem
 from worker.engine.plan import Action, Deletion, Plan
 from worker.engine.planner import TagRequest, plan
 from worker.engine.policy import Mode, Policy
 from worker.errors import PruneWaits, RegistryError, StateError, StorageError, UnknownRepository
+from worker.oci import Digest, valid_repository
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
-from worker.settings.model import Config
 from worker.store.audit import AuditLog
 from worker.store.history import History
 
@@ -85,10 +84,29 @@ class RepositoryFailure:
     error: str
 
 
+class RegistryPlace(Protocol):
+    """Where the registry is, as a prune needs it (``registry:`` in the policy file)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def storage_path(self) -> str | None: ...
+
+
+class PruneSettings(Protocol):
+    """What a prune needs of the settings (:class:`worker.settings.model.Config` has it)."""
+
+    @property
+    def registry(self) -> RegistryPlace: ...
+    def policy_for(self, repository: str) -> Policy | None: ...
+
+
 class Pruner:
     def __init__(
         self,
-        config: Config,
+        config: PruneSettings,
         client: RegistryClient,
         *,
         history: History | None = None,
@@ -119,9 +137,9 @@ class Pruner:
         """``names``, each checked: raises :class:`UnknownRepository` naming every one that
         is not a repository name, that no policy governs, or that the registry lacks."""
         problems = [p for n in names if (p := repository_problem(n)) is not None]
-        unruled = [n for n in names if _valid(n) and self._config.policy_for(n) is None]
+        unruled = [n for n in names if valid_repository(n) and self._config.policy_for(n) is None]
         problems += [f"{n}: no policy's repositories match it; nothing to plan" for n in unruled]
-        candidates = [n for n in names if _valid(n) and n not in unruled]
+        candidates = [n for n in names if valid_repository(n) and n not in unruled]
         found = await asyncio.gather(*(self._client.repository_exists(n) for n in candidates))
         url = self._config.registry.url
         problems += [
@@ -311,10 +329,6 @@ def log_summary(pruned: Pruned, job_id: str, seconds: float, *, dry_run: bool) -
             "seconds": round(seconds, 3),
         },
     )
-
-
-def _valid(name: str) -> bool:
-    return len(name) <= REPOSITORY_MAX_LENGTH and REPOSITORY_NAME.fullmatch(name) is not None
 
 
 async def _forget(history: History, repository: str, report: ExecutionReport) -> None:

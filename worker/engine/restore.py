@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from graphlib import CycleError, TopologicalSorter
 
-from worker.engine.model import Hold, Manifest, parse_manifest
 from worker.errors import (
     ManifestUnknown,
     NothingToRestore,
@@ -44,6 +43,8 @@ from worker.errors import (
     RestoreConflict,
     StateError,
 )
+from worker.oci import Manifest, parse_manifest
+from worker.records import Hold
 from worker.registry.client import RegistryClient
 from worker.store.audit import AuditEntry, AuditLog, AuditQuery, Outcome, Restoration
 from worker.store.history import History

@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Final
 
-from worker.engine.model import Digest, Inventory, Manifest, PushTime, referrer_tag_subject
+from worker.engine.model import Inventory, PushTime
 from worker.engine.plan import Action, Plan, Reason
 from worker.engine.policy import Policy
+from worker.oci import Digest, Manifest, referrer_tag_subject
+from worker.store.views import VIEW_VERSION
 
-#: The document's shape; a reader refuses others (an older worker's are simply replaced).
-VIEW_VERSION: Final = 1
 KEEP: Final = "keep"
 DELETE: Final = "delete"
 UNTAG: Final = "untag"

@@ -30,10 +30,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from worker.oci import DIGEST_SYNTAX
+
 #: How many of the last output lines a result keeps for the report.
 DEFAULT_TAIL_LINES: Final = 50
 
-_DIGEST: Final = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}"
+_DIGEST: Final = DIGEST_SYNTAX
 _REPOSITORY_LINE: Final = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 )

@@ -64,6 +64,7 @@ from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import sync_client, text, wrapped
 from worker.store.state import JobState, SyncState
 from worker.store.views import record_gc
+from worker.store.window import pause_pruning, resume_pruning
 
 log = logging.getLogger("regsweep.gc")
 
@@ -411,23 +412,13 @@ def switch_back(m: Maintenance, failures: list[str]) -> str | None:
 
 
 def set_flag(m: Maintenance, job_id: str) -> None:
-    with wrapped("cannot set the maintenance flag"):
-        m.redis.set(m.keys.maintenance_flag, job_id)
-
-
-def maintenance_flag(client: redis.Redis, keys: Keys) -> str | None:
-    """The job id of the window in progress (or crashed), ``None`` when pruning runs freely."""
-    with wrapped("cannot read the maintenance flag"):
-        raw = client.get(keys.maintenance_flag)
-    if raw is None:
-        return None
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+    pause_pruning(m.redis, m.keys, job_id)
 
 
 def end_pause(m: Maintenance) -> int | None:
     """Clear the flag and let the parked prunes go; how many were released (None: by tick)."""
     try:
-        m.redis.delete(m.keys.maintenance_flag, m.keys.gc_session)
+        resume_pruning(m.redis, m.keys)
     except RedisError as exc:
         # The recovery check finds the flag without a lock owner and clears it.
         log.error("cannot clear the maintenance flag: %s", exc)

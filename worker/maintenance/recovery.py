@@ -34,13 +34,13 @@ from worker.maintenance.job import (
     Maintenance,
     alert_left_read_only,
     end_pause,
-    maintenance_flag,
     switch_back,
 )
 from worker.maintenance.lock import kill_session
 from worker.notify import message
 from worker.store.redis import wrapped
 from worker.store.state import JobState
+from worker.store.window import running_window
 
 log = logging.getLogger("regsweep.gc")
 
@@ -60,13 +60,13 @@ class Recovery:
 
 def recover_crashed_window(m: Maintenance) -> Recovery | None:
     """Recover the window in progress if its GC is provably dead; ``None`` when nothing to do."""
-    if maintenance_flag(m.redis, m.keys) is None:
+    if running_window(m.redis, m.keys) is None:
         return None
     lock = m.lock()
     holder = lock.holder()
     if holder is not None and not lock.break_if_dead(holder):
         return None  # the GC runs (or its lock's TTL has not run out yet)
-    job_id = maintenance_flag(m.redis, m.keys)
+    job_id = running_window(m.redis, m.keys)
     if job_id is None or lock.acquire(job_id) is not None:
         return None  # finished meanwhile, or another checker is recovering it
     with lock.held():
@@ -74,7 +74,7 @@ def recover_crashed_window(m: Maintenance) -> Recovery | None:
 
 
 def _recover_locked(m: Maintenance) -> Recovery | None:
-    job_id = maintenance_flag(m.redis, m.keys)
+    job_id = running_window(m.redis, m.keys)
     if job_id is None:
         return None
     orphan = _orphan_gc(m)

@@ -26,7 +26,7 @@ from celery import shared_task
 from celery.signals import worker_init, worker_ready
 
 from worker.errors import ConfigError, RegsweepError
-from worker.maintenance.job import GcRequest, maintenance_flag, open_maintenance, run_gc
+from worker.maintenance.job import GcRequest, open_maintenance, run_gc
 from worker.maintenance.recovery import recover_crashed_window
 from worker.notify import runtime as notify_runtime
 from worker.notify.message import Notification
@@ -37,6 +37,7 @@ from worker.settings.model import Config
 from worker.store.keys import Keys
 from worker.store.redis import sync_client
 from worker.store.state import JobState
+from worker.store.window import running_window
 
 log = logging.getLogger("regsweep.gc")
 
@@ -98,7 +99,7 @@ def check(
     try:
         client = sync_client(config.redis_url)
         try:
-            pending = maintenance_flag(client, Keys())
+            pending = running_window(client, Keys())
         finally:
             client.close()
         if pending is None:

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from croniter import croniter
 
+from worker.durations import exact
 from worker.settings.model import MaintenanceSettings
 
 WINDOW_TRIGGER: Final = "window"
@@ -98,24 +99,15 @@ def may_start(settings: MaintenanceSettings, trigger: str, now: datetime) -> Sta
     if left < settings.window_margin:
         return StartDecision(
             False,
-            f"only {_human(left)} of the window left, less than the margin "
-            f"of {_human(settings.window_margin)}",
+            f"only {exact(left)} of the window left, less than the margin "
+            f"of {exact(settings.window_margin)}",
             window,
         )
-    return StartDecision(True, f"window {window.key}, {_human(left)} left", window)
+    return StartDecision(True, f"window {window.key}, {exact(left)} left", window)
 
 
 def overran(deadline: datetime | None, finished: datetime) -> bool:
     return deadline is not None and finished > deadline
-
-
-def _human(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def window_document(settings: MaintenanceSettings, now: datetime) -> dict[str, Any] | None:

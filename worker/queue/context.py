@@ -19,6 +19,7 @@ from worker.store.audit import AuditLog
 from worker.store.keys import DEFAULT_PREFIX
 from worker.store.metrics import WorkerMetrics
 from worker.store.open import redis_audit, tag_index
+from worker.store.prunes import PruneRecords
 from worker.store.redis import redis_options
 from worker.store.state import State
 from worker.store.tagindex import TagIndex
@@ -54,3 +55,8 @@ class WorkerContext:
         await self.metrics.flush(self.redis)
         await self.client.aclose()
         await self.redis.aclose()
+
+
+def records(ctx: WorkerContext) -> PruneRecords:
+    """The prune queue's records of ``ctx``'s installation (:mod:`worker.store.prunes`)."""
+    return PruneRecords(ctx.redis, ctx.state.keys)

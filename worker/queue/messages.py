@@ -11,8 +11,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
+from worker.engine.events import CiEvent
 from worker.errors import ConfigError
-from worker.queue.names import GC_QUEUE, JOBS_QUEUE, TASK_GC, TASK_PRUNE, TASK_RESTORE, TASK_SWEEP
+from worker.queue.names import (
+    EVENTS_QUEUE,
+    GC_QUEUE,
+    JOBS_QUEUE,
+    TASK_CI_EVENT,
+    TASK_GC,
+    TASK_PRUNE,
+    TASK_RESTORE,
+    TASK_SWEEP,
+)
 
 
 def follow_hint(job_id: str) -> str:
@@ -116,3 +126,8 @@ def job_message(job_id: str, kind: str, params: Mapping[str, Any]) -> TaskMessag
         kwargs = {"job_id": job_id, "repository": repository, "digest": params.get("digest")}
         return TaskMessage(TASK_RESTORE, kwargs, JOBS_QUEUE)
     raise ConfigError(f"no task carries out jobs of kind {kind!r}")
+
+
+def ci_message(event: CiEvent) -> TaskMessage:
+    """The task that applies a CI event's requests."""
+    return TaskMessage(TASK_CI_EVENT, {"event": event.to_dict()}, EVENTS_QUEUE)

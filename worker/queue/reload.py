@@ -30,7 +30,7 @@ from celery.beat import PersistentScheduler
 from celery.signals import task_prerun, worker_init, worker_ready, worker_shutdown
 
 from worker.errors import ConfigError, StateError
-from worker.queue import tasks
+from worker.queue import process
 from worker.queue.celery_app import beat_schedule
 from worker.queue.names import TASK_MAINTENANCE_CHECK
 from worker.queue.runtime import configure, configured
@@ -159,7 +159,7 @@ def _before_task(sender: Any = None, **_: Any) -> None:
 def _switch(new: Config) -> None:
     """Run the next tasks of this process under ``new``."""
     configure(new)
-    tasks.reopen_context()
+    process.reopen_context()
 
 
 # --- beat -------------------------------------------------------------------------------

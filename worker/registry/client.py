@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 import httpx
 
+from worker import oci
 from worker.backoff import backoff
-from worker.engine.evidence import ClockSkew
-from worker.engine.model import Descriptor, Digest, Manifest, parse_manifest
+from worker.clock import ClockSkew
 from worker.errors import (
     ConfigError,
     DeletesDisabled,
@@ -59,7 +59,7 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
 )
-from worker.registry import mediatypes as mt
+from worker.oci import Descriptor, Digest, Manifest, is_digest, parse_manifest
 from worker.registry.auth import RegistryAuth
 from worker.registry.diagnosis import (
     API_VERSION_HEADER,
@@ -70,7 +70,6 @@ from worker.registry.diagnosis import (
     shown_url,
     transport_failure,
 )
-from worker.settings.model import RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +93,31 @@ PROBE_TAG_PREFIX: Final = "regsweep-probe-"
 #: The OCI empty descriptor's content, the config of the throw-away manifest.
 EMPTY_CONFIG: Final = b"{}"
 
-_DIGEST: Final = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _LINK_NEXT: Final = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
 _HASHES: Final = frozenset({"sha256", "sha512"})
+
+
+class Secret(Protocol):
+    """A password that shows itself only when asked (:class:`worker.settings.model.Secret`)."""
+
+    def reveal(self) -> str: ...
+
+
+class RegistryAccess(Protocol):
+    """Where the registry is and how to talk to it (``registry:`` in the policy file,
+    :class:`worker.settings.model.RegistrySettings`)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> Secret | None: ...
+    @property
+    def ca_file(self) -> str | None: ...
+    @property
+    def concurrency(self) -> int: ...
+
 
 #: Called after every HTTP exchange: (method, path template, status or None on a
 #: transport error, seconds). Where Prometheus metrics plug in.
@@ -129,11 +150,6 @@ class ManifestRef:
     digest: Digest
     media_type: str
     size: int
-
-
-def is_digest(reference: str) -> bool:
-    """Whether a manifest reference is a digest (``algorithm:hex``) rather than a tag."""
-    return _DIGEST.match(reference) is not None
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
@@ -189,20 +205,20 @@ def untag_manifest(config: Descriptor) -> bytes:
     """A unique throw-away OCI manifest; the nonce makes its digest nobody else's."""
     body = {
         "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
+        "mediaType": oci.OCI_MANIFEST,
         "config": {
             "mediaType": config.media_type,
             "digest": config.digest,
             "size": config.size,
         },
         "layers": [],
-        "annotations": {mt.UNTAG_ANNOTATION: secrets.token_hex(16)},
+        "annotations": {oci.UNTAG_ANNOTATION: secrets.token_hex(16)},
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 #: The config descriptor of every placeholder: the OCI empty descriptor.
-PLACEHOLDER_CONFIG: Final = Descriptor(digest_of(EMPTY_CONFIG), mt.OCI_EMPTY, len(EMPTY_CONFIG))
+PLACEHOLDER_CONFIG: Final = Descriptor(digest_of(EMPTY_CONFIG), oci.OCI_EMPTY, len(EMPTY_CONFIG))
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -318,7 +334,7 @@ class RegistryClient:
     @classmethod
     def from_settings(
         cls,
-        settings: RegistrySettings,
+        settings: RegistryAccess,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         retries: int = DEFAULT_RETRIES,
@@ -387,7 +403,7 @@ class RegistryClient:
             "DELETE",
             f"/v2/{repo}/manifests/{IMPOSSIBLE_DIGEST}",
             template="/v2/{name}/manifests/{reference}",
-            headers={"Accept": mt.MANIFEST_ACCEPT},
+            headers={"Accept": oci.MANIFEST_ACCEPT},
         )
         if response.status_code == 404 and error_codes(response):
             return True
@@ -434,7 +450,7 @@ class RegistryClient:
             "DELETE",
             f"/v2/{repo}/manifests/{tag}",
             template="/v2/{name}/manifests/{reference}",
-            headers={"Accept": mt.MANIFEST_ACCEPT},
+            headers={"Accept": oci.MANIFEST_ACCEPT},
         )
         return _tag_delete_answer(response, repo)
 
@@ -525,7 +541,7 @@ class RegistryClient:
                 "GET",
                 url,
                 template="/v2/{name}/referrers/{digest}",
-                headers={"Accept": mt.OCI_INDEX},
+                headers={"Accept": oci.OCI_INDEX},
             )
             index = json_object(response)
             if response.status_code == 404 and not _is_index(index):
@@ -534,7 +550,7 @@ class RegistryClient:
             self.referrers_supported = True
             if response.status_code not in (200, 404) or index is None:
                 raise error_for(response, f"GET referrers {repo}@{digest}")
-            found.extend(parse_manifest(digest, mt.OCI_INDEX, response.content).children)
+            found.extend(parse_manifest(digest, oci.OCI_INDEX, response.content).children)
             url = next_link(response)
         return found
 
@@ -650,7 +666,7 @@ class RegistryClient:
                     "DELETE",
                     path,
                     template="/v2/{name}/manifests/{reference}",
-                    headers={"Accept": mt.MANIFEST_ACCEPT},
+                    headers={"Accept": oci.MANIFEST_ACCEPT},
                     attempts=1,
                 )
             except RegistryUnavailable as exc:
@@ -721,12 +737,12 @@ class RegistryClient:
         mid-rewrite by someone else's upload). The caller holds the gate, so the other
         removals' PUTs wait for the upload instead of failing too."""
         try:
-            return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+            return await self.put_manifest(repo, tag, oci.OCI_MANIFEST, raw)
         except RegistryError as exc:
             if "MANIFEST_BLOB_UNKNOWN" not in exc.codes:
                 raise
         await self.upload_blob(repo, EMPTY_CONFIG)
-        return await self.put_manifest(repo, tag, mt.OCI_MANIFEST, raw)
+        return await self.put_manifest(repo, tag, oci.OCI_MANIFEST, raw)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -768,7 +784,7 @@ class RegistryClient:
             method,
             f"/v2/{repo}/manifests/{reference}",
             template="/v2/{name}/manifests/{reference}",
-            headers={"Accept": mt.MANIFEST_ACCEPT},
+            headers={"Accept": oci.MANIFEST_ACCEPT},
         )
 
     async def _request(

@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from worker.engine.model import Digest
 from worker.errors import ConfigError, StorageError
+from worker.oci import Digest
 
 V2: Final = Path("docker/registry/v2")
 #: Written at the storage root by a registry configured with ``proxy:`` (its TTL scheduler).

@@ -200,6 +200,11 @@ class Config:
     #: ``sha256:<hex>`` of the policy file's bytes as loaded (what ``status`` shows).
     digest: str | None = None
 
+    @property
+    def audit_file(self) -> str:
+        """The JSONL audit file of a configuration without Redis."""
+        return self.audit_path or DEFAULT_AUDIT_PATH
+
     def policy_for(self, repository: str) -> Policy | None:
         """The first policy matching ``repository``; unmatched repositories are never touched."""
         return next((p for p in self.policies if p.matches_repository(repository)), None)

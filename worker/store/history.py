@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from worker.engine.evidence import EvidenceSummary, Sighting
-from worker.engine.model import Digest, Hold
 from worker.errors import StateError
+from worker.oci import Digest
+from worker.records import EvidenceSummary, Hold, Sighting
 
 #: Beside the audit file: the CLI's history without Redis, one file per repository.
 STATE_DIRECTORY: Final = "regsweep-state"

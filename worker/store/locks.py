@@ -38,7 +38,8 @@ from worker.backoff import backoff
 from worker.errors import Deferred, RepositoryBusy
 from worker.identity import ProcessIdentity
 from worker.store.keys import Keys
-from worker.store.redis import text, wrapped
+from worker.store.redis import wrapped
+from worker.store.window import window_running
 
 log = logging.getLogger("regsweep.worker")
 
@@ -133,13 +134,6 @@ class PruneLock:
             await self._redis.eval(_DELETE_IF, 1, self.key, self._token)
         except RedisError as exc:
             log.warning("could not release %s; it expires by itself: %s", self.key, exc)
-
-
-async def window_running(redis: aioredis.Redis, keys: Keys) -> str | None:
-    """The GC job whose maintenance window holds pruning paused, or None."""
-    with wrapped("cannot read the maintenance flag"):
-        flag = await redis.get(keys.maintenance_flag)
-    return None if flag is None else text(flag)
 
 
 def holder_text(raw: bytes | str | None) -> str:

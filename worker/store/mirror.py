@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 
-from worker.engine.model import Hold
+from worker.records import Hold
 from worker.store.audit import (
     AuditEntry,
     AuditProblem,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import redis
 import redis.asyncio as aioredis
 
 from worker.errors import StateError
-from worker.settings.model import DEFAULT_AUDIT_PATH, Config
 from worker.store.audit import AuditLog, JsonlAuditLog, RedisAuditLog
 from worker.store.history import STATE_DIRECTORY, History, LocalHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
@@ -26,17 +26,30 @@ from worker.store.redis import redis_options, shown_url
 from worker.store.tagindex import TagIndex
 
 
-def audit_file(config: Config) -> Path:
+class StoreSettings(Protocol):
+    """What the stores need of the settings (:class:`worker.settings.model.Config` has it)."""
+
+    @property
+    def redis_url(self) -> str | None: ...
+    @property
+    def audit_file(self) -> str: ...
+    @property
+    def audit_mirror(self) -> str | None: ...
+
+
+def audit_file(config: StoreSettings) -> Path:
     """The JSONL audit file of a configuration without Redis."""
-    return Path(config.audit_path or DEFAULT_AUDIT_PATH)
+    return Path(config.audit_file)
 
 
-def state_directory(config: Config) -> Path:
+def state_directory(config: StoreSettings) -> Path:
     """The CLI's state (history and holds without Redis), beside the audit file."""
     return audit_file(config).with_name(STATE_DIRECTORY)
 
 
-def tag_index(client: aioredis.Redis, config: Config, *, prefix: str = DEFAULT_PREFIX) -> TagIndex:
+def tag_index(
+    client: aioredis.Redis, config: StoreSettings, *, prefix: str = DEFAULT_PREFIX
+) -> TagIndex:
     """The tag index in Redis; its holds mirrored to ``audit.path`` when that is set."""
     if config.audit_mirror is None:
         return TagIndex(client, prefix=prefix)
@@ -44,7 +57,7 @@ def tag_index(client: aioredis.Redis, config: Config, *, prefix: str = DEFAULT_P
 
 
 def redis_audit(
-    client: aioredis.Redis, config: Config, *, prefix: str = DEFAULT_PREFIX
+    client: aioredis.Redis, config: StoreSettings, *, prefix: str = DEFAULT_PREFIX
 ) -> AuditLog:
     """The audit stream in Redis; every record also appended to ``audit.path`` when set."""
     primary = RedisAuditLog(client, keys=Keys(prefix))
@@ -63,7 +76,7 @@ class Stores:
     location: str | None = None
 
     @classmethod
-    def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> Stores:
+    def open(cls, config: StoreSettings, *, prefix: str = DEFAULT_PREFIX) -> Stores:
         if config.redis_url is None:
             return cls(LocalHistory(state_directory(config)), JsonlAuditLog(audit_file(config)))
         client = aioredis.Redis.from_url(config.redis_url, **redis_options())

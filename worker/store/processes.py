@@ -13,19 +13,30 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import redis
 import redis.asyncio as aioredis
 
-from worker.settings.watch import PolicyWatch
 from worker.store.keys import Keys
 from worker.store.redis import text, wrapped
 
 REPORT_EVERY: Final = timedelta(seconds=15)
 REPORT_TTL: Final = timedelta(seconds=60)
+
+
+class PolicyWatch(Protocol):
+    """What a report says of the process's policy (:class:`worker.settings.watch.PolicyWatch`)."""
+
+    @property
+    def digest(self) -> str | None: ...
+    @property
+    def problem(self) -> str | None: ...
+    @property
+    def restart_needed(self) -> tuple[str, ...]: ...
 
 
 def _now() -> str:
@@ -110,6 +121,15 @@ async def withdraw_async(client: aioredis.Redis, keys: Keys, process_id: str) ->
         pipe.delete(keys.process(process_id))
         pipe.srem(keys.processes, process_id)
         await pipe.execute()
+
+
+async def queue_lengths(client: aioredis.Redis, queues: Sequence[str]) -> list[int]:
+    """How many messages wait on each of ``queues`` (the broker's lists), in one round trip."""
+    with wrapped("cannot read the queues' lengths"):
+        pipe = client.pipeline(transaction=False)
+        for name in queues:
+            pipe.llen(name)
+        return [int(n) for n in await pipe.execute()]
 
 
 async def reports(client: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:

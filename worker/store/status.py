@@ -3,7 +3,7 @@
 The last prune that succeeded and the running maintenance window's GC job (both for
 ``/healthz`` and ``status``), the prunes parked until a window ends, and the dead
 letters kept. Reads only; the records are written by the workers
-(:mod:`worker.queue.jobs`, :mod:`worker.maintenance.job`) and the service.
+(:mod:`worker.store.prunes`, :mod:`worker.maintenance.job`) and the service.
 """
 
 from __future__ import annotations

@@ -12,14 +12,15 @@ and the tag source of incremental (event-driven) plans.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from worker.engine.evidence import CLOCK_SKEW, EvidenceSummary, Sighting
-from worker.engine.model import Digest, Hold
+from worker.clock import CLOCK_SKEW
+from worker.oci import Digest
+from worker.records import EvidenceSummary, Hold, Sighting
 from worker.store.history import RepositoryHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import text, wrapped
@@ -429,6 +430,20 @@ class TagIndex:
         return _json_object(clock), {
             text(k): parsed for k, v in doubts.items() if (parsed := _json_object(v)) is not None
         }
+
+    async def knows(self, repository: str) -> bool:
+        """Whether the index has recorded anything of ``repository``."""
+        known = self._redis.sismember(self.keys.indexed_repositories, repository)
+        return bool(await self._call(known))
+
+    async def sizes(self, repositories: Sequence[str]) -> list[tuple[int, int]]:
+        """(tags, holds) the index counts for each of ``repositories``, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for repository in repositories:
+            pipe.hlen(self.keys.index(repository, "tags"))
+            pipe.hlen(self.keys.hold(repository))
+        counts = await self._call(pipe.execute())
+        return [(int(t), int(h)) for t, h in zip(counts[::2], counts[1::2], strict=True)]
 
     async def repositories(self) -> list[str]:
         raw = await self._call(self._redis.smembers(self.keys.indexed_repositories))

@@ -18,10 +18,12 @@ from typing import Any, Final
 import redis
 import redis.asyncio as aioredis
 
-from worker.engine.view import VIEW_VERSION
 from worker.store.keys import Keys
 from worker.store.redis import text, wrapped
 
+#: The shape of a plan view (:mod:`worker.engine.view` writes it); a reader refuses others
+#: (an older worker's are simply replaced).
+VIEW_VERSION: Final = 1
 #: GC reports kept for the maintenance page's history.
 GC_HISTORY_CAP: Final = 200
 #: The summary fields the repositories page reads (the view's ``summary`` and these).

@@ -19,14 +19,12 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from kombu.exceptions import KombuError
-from redis.exceptions import RedisError
-
-from worker.errors import ConfigError, StateError
+from worker.errors import ConfigError
 from worker.maintenance.job import GcRequest, GcStatus, open_maintenance, run_gc
 from worker.maintenance.lock import GcLock
 from worker.queue.celery_app import make_celery
-from worker.queue.messages import follow_hint
+from worker.queue.enqueue import enqueue
+from worker.queue.messages import TaskMessage, follow_hint
 from worker.queue.names import GC_QUEUE, TASK_GC
 from worker.settings.model import Config
 from worker.store.keys import Keys
@@ -122,9 +120,7 @@ def _enqueue(
     app = make_celery(config)
     kwargs = {"job_id": job_id, "dry_run": dry_run, "trigger": TRIGGER}
     try:
-        app.send_task(TASK_GC, kwargs=kwargs, queue=GC_QUEUE)
-    except (KombuError, RedisError, OSError) as exc:
-        raise StateError(f"broker refused {TASK_GC}: {type(exc).__name__}: {exc}") from exc
+        enqueue(app, TaskMessage(TASK_GC, kwargs, GC_QUEUE))
     finally:
         app.close()
     out(json.dumps(_result(job_id, "queued", "", None, [])) if as_json else job_id)
