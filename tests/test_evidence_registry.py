@@ -750,3 +750,27 @@ async def _drop_prefix(ctx: WorkerContext) -> None:
     keys = [k async for k in ctx.redis.scan_iter(match=f"{ctx.index.keys.prefix}*")]
     if keys:
         await ctx.redis.delete(*keys)
+
+
+async def test_a_link_dated_after_a_listing_showed_its_tag_never_makes_it_newest(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """``x`` pushed while the registry host's clock ran 2 minutes fast (then corrected),
+    listed, then ``y`` pushed: ``x``'s link is dated after ``y``'s, although regsweep's own
+    listing showed ``x`` before ``y`` existed. ``newest: 1`` must not delete ``y``, the later
+    push, on that link; the plan names the link it did not believe."""
+    reg, repo = own_registry, "t/fast"
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        with ImageBuilder.connect(reg.url) as b:
+            b.image(repo, "x")
+            newest = engine_on(reg, client, keep("*", newest=1), tmp_path)
+            assert (await newest.plan(repo)).plan.is_empty  # the listing that shows x, not y
+            b.image(repo, "y")
+        y_link = dt.datetime.fromtimestamp(
+            tag_link(reg.storage_path, repo, "y").stat().st_mtime, dt.UTC
+        )
+        reg.set_pushed(repo, y_link + dt.timedelta(minutes=2), "x")
+        planned = await newest.plan(repo)
+    assert "y" not in removed_tags(planned), planned.plan.deletions
+    pushed = planned.inventory.push_time("x")
+    assert pushed.doubt is not None and "after a listing that showed the tag" in pushed.doubt
