@@ -258,6 +258,29 @@ async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
 
 
 @ON_BOTH
+async def test_a_condemned_tag_pushed_again_after_the_plan_keeps_its_new_image_whole(
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
+) -> None:
+    """Invariant 5 for a tag the plan removes: ``old`` is pushed again between plan and
+    DELETE, as a new index sharing its arm64 child with the old one. The old index goes, but
+    the child the new ``old`` lists stays: a newly pushed image is never broken."""
+    shared = builder.image(repo_name, created=days_ago(30), architecture="arm64")
+    old_amd = builder.image(repo_name, created=days_ago(30))
+    old = builder.index(repo_name, [old_amd, shared], "old")
+    builder.image(repo_name, "new")
+    registry.set_pushed(repo_name, days_ago(30), "old")
+    eng = make_engine(policy(keep=(newest(1),)))
+    planned = await eng.plan(repo_name)
+    assert {d.digest for d in planned.plan.deletions} == {old.digest, old_amd.digest, shared.digest}
+    rebuilt = builder.index(repo_name, [builder.image(repo_name), shared], "old")
+    await eng.pruner.execute(planned, job_id="j")
+    assert not builder.manifest_exists(repo_name, old.digest)
+    assert builder.head(repo_name, "old") is not None
+    assert builder.manifest_exists(repo_name, rebuilt.digest)
+    assert_pullable(builder, repo_name, shared)
+
+
+@ON_BOTH
 async def test_subject_kept_after_planning_keeps_its_signature(
     make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
 ) -> None:

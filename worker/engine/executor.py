@@ -203,8 +203,8 @@ class Executor:
         report = ExecutionReport(plan.repository, job_id)
         run = _Run(plan, manifests, job_id, self._audit.location)
         guard = _LiveGuard(self._client, plan)
-        for level in _levels(plan.deletions):
-            await self._run_level(run, guard, level, report)
+        for depth, level in enumerate(_levels(plan.deletions)):
+            await self._run_level(run, guard.at(depth), level, report)
         report.fatal = run.fatal
         return report
 
@@ -419,37 +419,53 @@ def _audit_entry(run: _Run, deletion: Deletion) -> AuditEntry:
 class _LiveGuard:
     """What the live registry says kept images need, re-read before every wave.
 
-    Tags the plan removes are not re-read: a tag the policy condemned may go
-    with its digest. Every other tag — the kept ones and any pushed since the
-    plan — is HEADed; one that moved or is new has its manifest graph read,
-    and all of it is protected.
+    Every tag the plan keeps, and any pushed since the plan, is HEADed; one that
+    moved or is new has its manifest graph read, and all of it is protected. A
+    tag the plan removes may go with its digest, so it is not re-read while its
+    own removal is pending; once its level has run it should be gone, and one
+    still listed then (pushed again since the plan, onto another image) is a new
+    push like any other: the children and referrers the later levels delete are
+    checked against it.
     """
 
     def __init__(self, client: RegistryClient, plan: Plan) -> None:
         self._client = client
         self._plan = plan
-        self._removed_tags = {t for d in plan.deletions for t in d.tags}
+        depth = dependency_levels(plan.deletions)
+        #: Each removed tag: the digest the plan removes it with, and that removal's level.
+        self._removed = {t: (d.digest, depth[d]) for d in plan.deletions for t in d.tags}
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
-        self._last: tuple[float, frozenset[Digest]] | None = None
+        self._level = 0
+        self._last: tuple[float, int, frozenset[Digest]] | None = None
+
+    def at(self, level: int) -> _LiveGuard:
+        """The guard for the waves of dependency level ``level`` (re-read afresh)."""
+        self._level = level
+        return self
 
     async def refresh(self) -> frozenset[Digest]:
-        """The protected set as the registry says now; reused while under RECHECK_MAX_AGE."""
+        """The protected set as the registry says now; reused within a level while under
+        RECHECK_MAX_AGE (a new level's removed tags are to be looked at again)."""
         now = time.monotonic()
-        if self._last is not None and now - self._last[0] < RECHECK_MAX_AGE:
-            return self._last[1]
+        last = self._last
+        if last is not None and last[1] == self._level and now - last[0] < RECHECK_MAX_AGE:
+            return last[2]
         protected = await self._read_live()
-        self._last = (now, protected)
+        self._last = (now, self._level, protected)
         return protected
 
     async def _read_live(self) -> frozenset[Digest]:
         repo = self._plan.repository
-        live = [t for t in await self._client.tags(repo) if t not in self._removed_tags]
+        pending = {t for t, (_, level) in self._removed.items() if level >= self._level}
+        live = [t for t in await self._client.tags(repo) if t not in pending]
         refs = await asyncio.gather(*(self._client.head_manifest(repo, t) for t in live))
         protected = set(self._plan.protected_digests)
         for tag, ref in zip(live, refs, strict=True):
             if ref is None:
                 continue
+            if tag in self._removed and ref.digest == self._removed[tag][0]:
+                continue  # its removal was skipped or failed: still condemned, not kept
             protected.add(ref.digest)
             if self._known.get(tag) != ref.digest:
                 protected |= await self._graph(Digest(ref.digest))
