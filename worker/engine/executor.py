@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -183,6 +183,10 @@ class _Run:
         return None
 
 
+#: The tags of a repository held now (``regsweep hold``, a restore), read with each re-check.
+HeldTags = Callable[[str], Awaitable[Collection[str]]]
+
+
 class Executor:
     def __init__(
         self,
@@ -191,18 +195,20 @@ class Executor:
         *,
         wave_size: int = 32,
         on_progress: ProgressCallback | None = None,
+        held: HeldTags | None = None,
     ) -> None:
         self._client = client
         self._audit = audit
         self._wave_size = max(1, wave_size)
         self._on_progress = on_progress
+        self._held = held
 
     async def run(
         self, plan: Plan, manifests: Mapping[Digest, Manifest], *, job_id: str
     ) -> ExecutionReport:
         report = ExecutionReport(plan.repository, job_id)
         run = _Run(plan, manifests, job_id, self._audit.location)
-        guard = _LiveGuard(self._client, plan)
+        guard = _LiveGuard(self._client, plan, self._held)
         for depth, level in enumerate(_levels(plan.deletions)):
             await self._run_level(run, guard.at(depth), level, report)
         report.fatal = run.fatal
@@ -221,8 +227,8 @@ class Executor:
                 self._leave(run, wave, report)
                 continue
             try:
-                protected = await guard.refresh()
-            except RegistryError as exc:
+                live = await guard.refresh()
+            except (RegistryError, StateError) as exc:
                 transient = isinstance(exc, RegistryUnavailable)
                 for deletion in wave:
                     detail = f"live re-check failed: {exc}"
@@ -230,7 +236,7 @@ class Executor:
                 continue
             if not run.placeholder_ready and any(d.action is Action.UNTAG for d in wave):
                 await self._prepare_placeholder(run)
-            in_flight.append(asyncio.create_task(self._wave(run, wave, protected, report)))
+            in_flight.append(asyncio.create_task(self._wave(run, wave, live, report)))
             if len(in_flight) > MAX_WAVES_IN_FLIGHT - 1:
                 await in_flight.pop(0)
         await asyncio.gather(*in_flight)
@@ -252,12 +258,16 @@ class Executor:
             log.warning("%s: the placeholder's config blob: %s", run.plan.repository, exc)
 
     async def _wave(
-        self, run: _Run, wave: list[Deletion], protected: frozenset[Digest], report: ExecutionReport
+        self, run: _Run, wave: list[Deletion], live: _Live, report: ExecutionReport
     ) -> None:
         """Record, delete, settle: the intents of the whole wave are made durable first."""
         attempted: list[tuple[Deletion, AuditEntry]] = []
         for deletion in wave:
-            blocked = run.blocked(deletion) or _needed(deletion, protected)
+            blocked = (
+                run.blocked(deletion)
+                or _needed(deletion, live.protected)
+                or _held(deletion, live.held)
+            )
             if blocked is not None:
                 self._note(run, report, deletion, *blocked)
             else:
@@ -391,6 +401,14 @@ def _needed(deletion: Deletion, protected: frozenset[Digest]) -> tuple[Status, s
     return None
 
 
+def _held(deletion: Deletion, held: frozenset[str]) -> tuple[Status, str] | None:
+    """A deletion that would remove a tag someone held since the plan was made."""
+    tags = sorted(held.intersection(deletion.tags))
+    if tags:
+        return Status.SKIPPED, f"{', '.join(tags)} held since the plan was made; left alone"
+    return None
+
+
 def _waves(deletions: Sequence[Deletion], size: int) -> list[list[Deletion]]:
     """Chunks of at most ``size``."""
     return [list(deletions[i : i + size]) for i in range(0, len(deletions), size)]
@@ -416,6 +434,13 @@ def _audit_entry(run: _Run, deletion: Deletion) -> AuditEntry:
     )
 
 
+class _Live(NamedTuple):
+    """What a re-check found: digests kept images need now, and the tags held now."""
+
+    protected: frozenset[Digest]
+    held: frozenset[str]
+
+
 class _LiveGuard:
     """What the live registry says kept images need, re-read before every wave.
 
@@ -428,32 +453,35 @@ class _LiveGuard:
     checked against it.
     """
 
-    def __init__(self, client: RegistryClient, plan: Plan) -> None:
+    def __init__(self, client: RegistryClient, plan: Plan, held: HeldTags | None) -> None:
         self._client = client
         self._plan = plan
+        self._held = held
         depth = dependency_levels(plan.deletions)
         #: Each removed tag: the digest the plan removes it with, and that removal's level.
         self._removed = {t: (d.digest, depth[d]) for d in plan.deletions for t in d.tags}
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
         self._level = 0
-        self._last: tuple[float, int, frozenset[Digest]] | None = None
+        self._last: tuple[float, int, _Live] | None = None
 
     def at(self, level: int) -> _LiveGuard:
         """The guard for the waves of dependency level ``level`` (re-read afresh)."""
         self._level = level
         return self
 
-    async def refresh(self) -> frozenset[Digest]:
-        """The protected set as the registry says now; reused within a level while under
-        RECHECK_MAX_AGE (a new level's removed tags are to be looked at again)."""
+    async def refresh(self) -> _Live:
+        """The protected set as the registry says now, and the holds as the state store
+        says; reused within a level while under RECHECK_MAX_AGE (a new level's removed
+        tags are to be looked at again)."""
         now = time.monotonic()
         last = self._last
         if last is not None and last[1] == self._level and now - last[0] < RECHECK_MAX_AGE:
             return last[2]
-        protected = await self._read_live()
-        self._last = (now, self._level, protected)
-        return protected
+        held = await self._held(self._plan.repository) if self._held is not None else ()
+        live = _Live(await self._read_live(), frozenset(held))
+        self._last = (now, self._level, live)
+        return live
 
     async def _read_live(self) -> frozenset[Digest]:
         repo = self._plan.repository
