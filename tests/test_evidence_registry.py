@@ -774,3 +774,35 @@ async def test_a_link_dated_after_a_listing_showed_its_tag_never_makes_it_newest
     assert "y" not in removed_tags(planned), planned.plan.deletions
     pushed = planned.inventory.push_time("x")
     assert pushed.doubt is not None and "after a listing that showed the tag" in pushed.doubt
+
+
+async def test_a_tag_regsweep_deleted_and_pushed_again_is_a_new_push_not_the_one_listed(
+    own_registry: RegistryProcess,
+) -> None:
+    """A listing 30 days ago showed ``t``; ``pushed_within: 7d`` deletes it (with Redis, no
+    notifications or storage: first seen is all there is). The same image is pushed again
+    as ``t`` before any listing: that is a push of now, not the one the old listing saw,
+    so the next prune keeps it (the deletion ended the old sighting)."""
+    reg, repo = own_registry, "t/again"
+    with ImageBuilder.connect(reg.url) as b:
+        image = b.image(repo, "t")
+        b.image(repo, "keep-me")
+    config = Config(
+        registry=RegistrySettings(url=reg.url),
+        policies=(policy(keep("*", within=dt.timedelta(days=7))),),
+        redis_url=redisdb.url(8),
+    )
+    ctx = await WorkerContext.open(config, prefix=f"again-{os.urandom(4).hex()}:")
+    try:
+        month = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        live = {"t": Digest(image.digest)}
+        await ctx.index.record_listing(repo, live, month, month + dt.timedelta(seconds=1))
+        first = await ctx.pruner.run(repo, job_id="first")
+        assert first is not None and removed_tags(first.planned) == {"t"}
+        with ImageBuilder.connect(reg.url) as b:
+            b.tag(repo, image, "t")  # pushed again: a rebuild with the same digest
+        again = await ctx.pruner.run(repo, job_id="again")
+    finally:
+        await _drop_prefix(ctx)
+        await ctx.aclose()
+    assert again is not None and removed_tags(again.planned) == set(), again.planned.plan

@@ -510,9 +510,7 @@ def _notes(checks: _Checks, doubts: Mapping[str, Sequence[_Doubt]]) -> tuple[str
 
 def _clock_now(checks: _Checks, doubts: Mapping[str, Sequence[_Doubt]]) -> str:
     """Where a listing contradicts a registry time: what the registry's clock says now."""
-    contradicted = any(
-        LACKED in d.why or SHOWN in d.why for found in doubts.values() for d in found
-    )
+    contradicted = any(LACKED in d.why for found in doubts.values() for d in found)
     if checks.skew is None or not contradicted:
         return ""
     return f" ({checks.skew.describe()} now: those times were written while it was off)"
