@@ -168,3 +168,23 @@ def test_a_hold_set_on_the_dashboard_outlives_a_redis_that_lost_everything(rig: 
     pruned = rig.regsweep(policy, "prune", REPOSITORY)
     assert pruned.returncode == 0, pruned.stderr
     assert rig.tags() == ["drop", "keep"]
+
+
+def test_restore_after_a_redis_loss_puts_back_the_tags_of_deletions_on_both_sides_of_it(
+    rig: Rig,
+) -> None:
+    """The image lost tag ``drop`` to a prune before Redis restarted empty (that record is in
+    the file only) and, pushed again as ``again``, lost that tag to a prune after (in Redis
+    and the file): a restore of the digest puts back both tags, as it does without a loss."""
+    policy = rig.policy(mirrored=True)
+    with ImageBuilder.connect(rig.registry.url) as builder:
+        raw, media_type = builder.manifest(REPOSITORY, "drop")
+        assert rig.regsweep(policy, "prune", REPOSITORY).returncode == 0
+        rig.redis_lost()
+        builder.put_manifest(REPOSITORY, "again", raw, media_type)
+        assert rig.regsweep(policy, "prune", REPOSITORY).returncode == 0
+    assert rig.tags() == ["keep"]
+
+    restored = rig.regsweep(policy, "restore", REPOSITORY, rig.dropped[:19])
+    assert restored.returncode == 0, restored.stderr
+    assert rig.tags() == ["again", "drop", "keep"]
