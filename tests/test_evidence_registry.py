@@ -805,4 +805,5 @@ async def test_a_tag_regsweep_deleted_and_pushed_again_is_a_new_push_not_the_one
     finally:
         await _drop_prefix(ctx)
         await ctx.aclose()
-    assert again is not None and removed_tags(again.planned) == set(), again.planned.plan
+    assert again is not None
+    assert removed_tags(again.planned) == set(), again.planned.plan
