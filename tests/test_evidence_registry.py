@@ -807,3 +807,25 @@ async def test_a_tag_regsweep_deleted_and_pushed_again_is_a_new_push_not_the_one
         await ctx.aclose()
     assert again is not None
     assert removed_tags(again.planned) == set(), again.planned.plan
+
+
+async def test_a_date_header_at_the_end_of_time_is_no_clock_and_breaks_no_request(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """A proxy in front of the registry answers ``Date: Fri, 31 Dec 9999 23:59:59 GMT`` (and
+    one whose offset carries it past year 9999): each request still works, the registry's
+    clock is said to be off, and its times rank nothing (``pushed_within`` keeps both)."""
+    reg, repo = own_registry, "t/endoftime"
+    with ImageBuilder.connect(reg.url) as b:
+        b.image(repo, "a")
+        b.image(repo, "b")
+    reg.set_pushed(repo, dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "a", "b")
+    rule = keep("*", within=dt.timedelta(days=1))
+    for date in ("Fri, 31 Dec 9999 23:59:59 GMT", "Fri, 31 Dec 9999 23:59:59 -2359"):
+        with FaultyProxy(("127.0.0.1", reg.port), date_header=date) as proxy:
+            via = RegistrySettings(url=proxy.url, storage_path=str(reg.storage_path))
+            async with RegistryClient.from_settings(via) as client:
+                config = Config(registry=via, policies=(policy(rule),))
+                planned = await Engine(client, config, tmp_path / date[-5:]).plan(repo)
+        assert planned.plan.is_empty, planned.plan.deletions
+        assert "the registry's clock is" in planned.plan.notes[0], planned.plan.notes
