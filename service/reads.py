@@ -20,10 +20,10 @@ from worker.oci import Digest
 from worker.records import Hold
 from worker.settings.model import Config
 from worker.store.audit import AuditEntry, AuditQuery, RedisAuditLog
+from worker.store.open import tag_index
 from worker.store.redis import wrapped
 from worker.store.state import RECENT_JOBS_CAP, State
 from worker.store.status import dead_letters, deferred_prunes, health_records
-from worker.store.tagindex import TagIndex
 from worker.store.views import (
     read_gc_history,
     read_summaries,
@@ -90,7 +90,9 @@ class Reader:
         self.config = config
         self.state = state
         self.keys = state.keys
-        self.index = TagIndex(state.client, prefix=state.keys.prefix)
+        # The holds the dashboard sets go to the audit file too (audit.path), as the CLI's
+        # and restore's do: a Redis that loses its data must not lose them.
+        self.index = tag_index(state.client, config, prefix=state.keys.prefix)
         self.audit = RedisAuditLog(state.client, keys=state.keys)
         self._summaries_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self._indexed_cache: tuple[int, list[str]] | None = None

@@ -46,14 +46,17 @@ class Replayed:
 
 
 async def replay(given: str, state: State, sink: JobSink) -> Replayed:
-    """Run again the dead letter or the CI event ``given`` names; NothingToReplay if none."""
+    """Run again the dead letter or the CI event ``given`` names; NothingToReplay if none.
+    A name given whole wins over a prefix: a dead letter's id, then a CI event's delivery
+    id, then the beginning of a dead letter's id."""
     letters = await state.find_dead_letters(given) if len(given) >= MIN_PREFIX else []
-    if len(letters) > 1:
+    exact = [e for e in letters if e.get("id") == given]
+    record = None if exact else await state.ci_event(given)
+    if record is None and len(letters) > 1:
         ids = ", ".join(str(e.get("id")) for e in letters[:5])
         raise NothingToReplay(f"{len(letters)} dead letters start with {given}: {ids}")
-    if letters:
+    if record is None and letters:
         return await _replay_letter(letters[0], state, sink)
-    record = await state.ci_event(given)
     if record is None:
         raise NothingToReplay(
             f"no dead letter and no recorded CI event {given} (CI events are kept as long "

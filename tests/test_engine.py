@@ -20,6 +20,7 @@ from worker.engine.plan import Action
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruned, Pruner, RepositoryPlan
 from worker.engine.restore import restore
+from worker.records import Hold
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of
 from worker.settings.model import Config, RegistrySettings, Secret
 from worker.store.audit import AuditQuery, JsonlAuditLog
@@ -255,6 +256,54 @@ async def test_kept_tag_moved_onto_a_doomed_digest_stops_its_delete(
     report = await eng.pruner.execute(planned, job_id="j")
     assert report.by_status(Status.SKIPPED) == list(planned.plan.deletions)
     assert_pullable(builder, repo_name, old)
+
+
+@ON_BOTH
+async def test_a_condemned_tag_pushed_again_after_the_plan_keeps_its_new_image_whole(
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
+) -> None:
+    """Invariant 5 for a tag the plan removes: ``old`` is pushed again between plan and
+    DELETE, as a new index sharing its arm64 child with the old one. The old index goes, but
+    the child the new ``old`` lists stays: a newly pushed image is never broken."""
+    shared = builder.image(repo_name, created=days_ago(30), architecture="arm64")
+    old_amd = builder.image(repo_name, created=days_ago(30))
+    old = builder.index(repo_name, [old_amd, shared], "old")
+    builder.image(repo_name, "new")
+    registry.set_pushed(repo_name, days_ago(30), "old")
+    eng = make_engine(policy(keep=(newest(1),)))
+    planned = await eng.plan(repo_name)
+    assert {d.digest for d in planned.plan.deletions} == {old.digest, old_amd.digest, shared.digest}
+    rebuilt = builder.index(repo_name, [builder.image(repo_name), shared], "old")
+    await eng.pruner.execute(planned, job_id="j")
+    assert not builder.manifest_exists(repo_name, old.digest)
+    assert builder.head(repo_name, "old") is not None
+    assert builder.manifest_exists(repo_name, rebuilt.digest)
+    assert_pullable(builder, repo_name, shared)
+
+
+async def test_a_tag_held_after_the_plan_is_not_deleted_by_it(
+    make_engine: MakeEngine, registry: RegistryProcess, builder: ImageBuilder, repo_name: str
+) -> None:
+    """``regsweep hold`` said "held" while a prune planned before it was running: the
+    executor reads the holds with its live re-check, so the held tag (alone on its image,
+    and one sharing its image with a kept tag) stays; the rest of the plan goes."""
+    held = builder.image(repo_name, "held", created=days_ago(30))
+    builder.tag(repo_name, builder.image(repo_name, "shared", created=days_ago(30)), "untag-me")
+    gone = builder.image(repo_name, "gone", created=days_ago(30))
+    builder.image(repo_name, "new")
+    for tag in ("held", "untag-me", "gone", "shared"):
+        registry.set_pushed(repo_name, days_ago(30), tag)
+    eng = make_engine(policy(keep=(newest(1, "new"), KeepRule(1, (TagPattern.compile("shared"),)))))
+    planned = await eng.plan(repo_name)
+    assert {t for d in planned.plan.deletions for t in d.tags} == {"held", "untag-me", "gone"}
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    for tag in ("held", "untag-me"):
+        await eng.history.hold(repo_name, Hold(tag, until, "regsweep hold"))
+    report = await eng.pruner.execute(planned, job_id="j")
+    assert builder.tags(repo_name) == ["held", "new", "shared", "untag-me"]
+    assert_pullable(builder, repo_name, held)
+    assert not builder.manifest_exists(repo_name, gone.digest)
+    assert {t for d in report.by_status(Status.SKIPPED) for t in d.tags} == {"held", "untag-me"}
 
 
 @ON_BOTH

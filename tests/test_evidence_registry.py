@@ -751,3 +751,82 @@ async def _drop_prefix(ctx: WorkerContext) -> None:
     keys = [k async for k in ctx.redis.scan_iter(match=f"{ctx.index.keys.prefix}*")]
     if keys:
         await ctx.redis.delete(*keys)
+
+
+async def test_a_link_dated_after_a_listing_showed_its_tag_never_makes_it_newest(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """``x`` pushed while the registry host's clock ran 2 minutes fast (then corrected),
+    listed, then ``y`` pushed: ``x``'s link is dated after ``y``'s, although regsweep's own
+    listing showed ``x`` before ``y`` existed. ``newest: 1`` must not delete ``y``, the later
+    push, on that link; the plan names the link it did not believe."""
+    reg, repo = own_registry, "t/fast"
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        with ImageBuilder.connect(reg.url) as b:
+            b.image(repo, "x")
+            newest = engine_on(reg, client, keep("*", newest=1), tmp_path)
+            assert (await newest.plan(repo)).plan.is_empty  # the listing that shows x, not y
+            b.image(repo, "y")
+        y_link = dt.datetime.fromtimestamp(
+            tag_link(reg.storage_path, repo, "y").stat().st_mtime, dt.UTC
+        )
+        reg.set_pushed(repo, y_link + dt.timedelta(minutes=2), "x")
+        planned = await newest.plan(repo)
+    assert "y" not in removed_tags(planned), planned.plan.deletions
+    pushed = planned.inventory.push_time("x")
+    assert pushed.doubt is not None and "after a listing that showed the tag" in pushed.doubt
+
+
+async def test_a_tag_regsweep_deleted_and_pushed_again_is_a_new_push_not_the_one_listed(
+    own_registry: RegistryProcess,
+) -> None:
+    """A listing 30 days ago showed ``t``; ``pushed_within: 7d`` deletes it (with Redis, no
+    notifications or storage: first seen is all there is). The same image is pushed again
+    as ``t`` before any listing: that is a push of now, not the one the old listing saw,
+    so the next prune keeps it (the deletion ended the old sighting)."""
+    reg, repo = own_registry, "t/again"
+    with ImageBuilder.connect(reg.url) as b:
+        image = b.image(repo, "t")
+        b.image(repo, "keep-me")
+    config = Config(
+        registry=RegistrySettings(url=reg.url),
+        policies=(policy(keep("*", within=dt.timedelta(days=7))),),
+        redis_url=redisdb.url(8),
+    )
+    ctx = await WorkerContext.open(config, prefix=f"again-{os.urandom(4).hex()}:")
+    try:
+        month = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        live = {"t": Digest(image.digest)}
+        await ctx.index.record_listing(repo, live, month, month + dt.timedelta(seconds=1))
+        first = await ctx.pruner.run(repo, job_id="first")
+        assert first is not None and removed_tags(first.planned) == {"t"}
+        with ImageBuilder.connect(reg.url) as b:
+            b.tag(repo, image, "t")  # pushed again: a rebuild with the same digest
+        again = await ctx.pruner.run(repo, job_id="again")
+    finally:
+        await _drop_prefix(ctx)
+        await ctx.aclose()
+    assert again is not None
+    assert removed_tags(again.planned) == set(), again.planned.plan
+
+
+async def test_a_date_header_at_the_end_of_time_is_no_clock_and_breaks_no_request(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """A proxy in front of the registry answers ``Date: Fri, 31 Dec 9999 23:59:59 GMT`` (and
+    one whose offset carries it past year 9999): each request still works, the registry's
+    clock is said to be off, and its times rank nothing (``pushed_within`` keeps both)."""
+    reg, repo = own_registry, "t/endoftime"
+    with ImageBuilder.connect(reg.url) as b:
+        b.image(repo, "a")
+        b.image(repo, "b")
+    reg.set_pushed(repo, dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "a", "b")
+    rule = keep("*", within=dt.timedelta(days=1))
+    for date in ("Fri, 31 Dec 9999 23:59:59 GMT", "Fri, 31 Dec 9999 23:59:59 -2359"):
+        with FaultyProxy(("127.0.0.1", reg.port), date_header=date) as proxy:
+            via = RegistrySettings(url=proxy.url, storage_path=str(reg.storage_path))
+            async with RegistryClient.from_settings(via) as client:
+                config = Config(registry=via, policies=(policy(rule),))
+                planned = await Engine(client, config, tmp_path / date[-5:]).plan(repo)
+        assert planned.plan.is_empty, planned.plan.deletions
+        assert "the registry's clock is" in planned.plan.notes[0], planned.plan.notes

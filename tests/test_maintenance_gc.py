@@ -523,3 +523,29 @@ def test_bytes_reclaimed_are_what_gc_deleted_while_pushes_go_on(
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     stack.wait_for(condition, timeout, what=what)
+
+
+def test_a_gc_request_made_as_the_window_ends_is_not_skipped_as_covered(
+    registry: ProcessRegistry, space: RedisSpace
+) -> None:
+    """A GC request queued just after the window switched the registry back and let the
+    prunes go (their deletions free blobs this window's GC never saw) stays queued for a
+    window of its own; one queued while the registry was read-only is skipped as covered."""
+    with ImageBuilder.connect(registry.url) as builder:
+        builder.image("gc/ending", "v1")  # GC fails on an empty storage
+    job_id = space.state.create_job("gc", {})
+    made: dict[str, str] = {}
+
+    def release() -> int:
+        made["after"] = space.state.create_job("gc", {})
+        return 0
+
+    m = make_maintenance(
+        space, SessionTrackedController(registry.settings), registry.url, release=release
+    )
+    m.controller = DuringGc(
+        m.controller, lambda: made.setdefault("during", space.state.create_job("gc", {}))
+    )
+    assert run_gc(m, GcRequest(job_id)).status == "done"
+    assert job_record(space.state, made["during"])["state"] == JobState.SKIPPED.value
+    assert job_record(space.state, made["after"])["state"] == JobState.QUEUED.value

@@ -17,12 +17,17 @@ import httpx
 import pytest
 import yaml
 
+from service.app import create_app
 from tests.harness import service as h
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
+from tests.harness.sinks import RedisListSink
 from tests.harness.workers import REGSWEEP
+from tests.test_dashboard import csrf_of, sign_in
+from worker.settings.load import load_config
 
 REPOSITORY = "loss/app"
+DASHBOARD_TOKEN = "dashboard-admin-Zr4"
 
 
 @dataclass
@@ -141,3 +146,45 @@ def test_check_config_online_warns_about_a_redis_that_persists_nothing(
     checked = rig.regsweep(policy, "check-config", "--online", "--json")
     [redis_check] = [c for c in json.loads(checked.stdout)["checks"] if c["check"] == "redis"]
     assert redis_check["status"] == "ok", redis_check
+
+
+def test_a_hold_set_on_the_dashboard_outlives_a_redis_that_lost_everything(rig: Rig) -> None:
+    """A hold an admin sets on the dashboard is mirrored to the audit file like the CLI's:
+    Redis restarts empty, the hold is rebuilt from the file, and the next prune keeps the
+    held tag the policy would delete."""
+    policy = rig.policy(mirrored=True)
+    document = yaml.safe_load(policy.read_text())
+    document["hooks"] = {"api_token_env": "RT_DASHBOARD_TOKEN"}
+    policy.write_text(yaml.safe_dump(document))
+    config = load_config(policy, {"RT_DASHBOARD_TOKEN": DASHBOARD_TOKEN})
+    sink = RedisListSink.from_url(rig.redis.url)
+    with h.running(create_app(config, sink=sink)) as url, httpx.Client(base_url=url) as http:
+        sign_in(http, DASHBOARD_TOKEN)
+        form = {"csrf": csrf_of(http.get("/ui/")), "repository": REPOSITORY, "tag": "drop"}
+        assert http.post("/ui/actions/hold", data=form | {"days": "3"}).status_code == 303
+    assert f"{REPOSITORY}:drop until" in rig.regsweep(policy, "status").stdout
+    rig.redis_lost()
+
+    pruned = rig.regsweep(policy, "prune", REPOSITORY)
+    assert pruned.returncode == 0, pruned.stderr
+    assert rig.tags() == ["drop", "keep"]
+
+
+def test_restore_after_a_redis_loss_puts_back_the_tags_of_deletions_on_both_sides_of_it(
+    rig: Rig,
+) -> None:
+    """The image lost tag ``drop`` to a prune before Redis restarted empty (that record is in
+    the file only) and, pushed again as ``again``, lost that tag to a prune after (in Redis
+    and the file): a restore of the digest puts back both tags, as it does without a loss."""
+    policy = rig.policy(mirrored=True)
+    with ImageBuilder.connect(rig.registry.url) as builder:
+        raw, media_type = builder.manifest(REPOSITORY, "drop")
+        assert rig.regsweep(policy, "prune", REPOSITORY).returncode == 0
+        rig.redis_lost()
+        builder.put_manifest(REPOSITORY, "again", raw, media_type)
+        assert rig.regsweep(policy, "prune", REPOSITORY).returncode == 0
+    assert rig.tags() == ["keep"]
+
+    restored = rig.regsweep(policy, "restore", REPOSITORY, rig.dropped[:19])
+    assert restored.returncode == 0, restored.stderr
+    assert rig.tags() == ["again", "drop", "keep"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 
+from service.replay import Replayed, replay
 from tests.harness.registry import free_port
 from tests.harness.service import REDIS_TEST_URL, delete_prefix, unique_prefix
+from tests.harness.sinks import RedisListSink
+from worker.engine.events import CiEvent
 from worker.errors import StateError
 from worker.store.redis import sync_client
 from worker.store.state import DEAD_LETTER_CAP, State, SyncState
@@ -127,3 +131,36 @@ def test_unreachable_redis_raises_state_error() -> None:
         run(scenario())
     with pytest.raises(StateError):
         SyncState(sync_client(f"redis://127.0.0.1:{free_port()}/0")).get_job("x")
+
+
+def test_replay_of_a_delivery_id_that_is_also_a_dead_letter_prefix_replays_the_delivery(
+    prefix: str,
+) -> None:
+    """``regsweep replay ID`` where ID is exactly a recorded CI event's delivery id and only
+    the beginning of a dead letter's id: the CI event is replayed (an exact name wins over
+    a prefix), not the unrelated dead-lettered prune; the whole dead letter id still
+    replays the dead letter."""
+
+    async def scenario() -> tuple[Replayed, Replayed, list[dict[str, Any]]]:
+        state = State.from_url(REDIS_TEST_URL, prefix=prefix)
+        sink = RedisListSink.from_url(REDIS_TEST_URL, prefix=prefix)
+        try:
+            params = {"repository": "team/other", "dry_run": False, "requests": []}
+            letter = await state.dead_letter(
+                "prune", "failed", "{}", replay={"kind": "prune", "params": params}
+            )
+            event = CiEvent("gitlab", letter[:12], "acme/web", "pull_request_closed", number=7)
+            await state.record_ci_event(event.delivery_id, event.to_dict())
+            by_delivery = await replay(event.delivery_id, state, sink)
+            by_letter = await replay(letter, state, sink)
+            raw = await sink.client.lrange(f"{prefix}queue:events", 0, -1)
+            return by_delivery, by_letter, [json.loads(m) for m in raw]
+        finally:
+            await sink.aclose()
+            await state.aclose()
+
+    by_delivery, by_letter, events = run(scenario())
+    assert (by_delivery.kind, by_delivery.job_id) == ("ci_event", None)
+    assert "#7" in by_delivery.detail
+    assert by_letter.kind == "prune" and by_letter.id != by_delivery.id
+    assert len(events) == 1, events

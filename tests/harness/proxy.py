@@ -29,7 +29,8 @@ Faults (``Fault``):
   then close both sides (the server never gets a whole request).
 - ``RESET``: close the client's connection without forwarding anything.
 
-``date_offset`` moves every answer's ``Date`` header by that much: the registry's clock as
+``date_header`` replaces every answer's ``Date`` with that text (a garbled or impossible one),
+and ``date_offset`` moves it by that much: the registry's clock as
 a host whose clock is off would show it (the real registry's clock cannot be moved on a
 shared machine, and Go reads it through the vDSO, past libfaketime).
 
@@ -196,10 +197,11 @@ class FaultyProxy:
         rules: list[Rule] | None = None,
         *,
         date_offset: timedelta | None = None,
+        date_header: str | None = None,
     ) -> None:
         self.upstream = upstream
         self.rules: list[Rule] = list(rules or [])
-        self.date_offset = date_offset
+        self.date_offset: timedelta | str | None = date_header or date_offset
         self.exchanges: list[Exchange] = []
         self.port = 0
         self._lock = threading.Lock()
@@ -329,7 +331,7 @@ class _Connection:
     reader: _Reader
     upstream: tuple[str, int]
     track: Callable[[socket.socket], None]
-    date_offset: timedelta | None = None
+    date_offset: timedelta | str | None = None
     server: socket.socket | None = None
     answers: _Reader | None = None
 
@@ -379,12 +381,15 @@ class _Connection:
         return sockets
 
 
-def _dated(head: bytes, offset: timedelta | None) -> bytes:
-    """An answer's head with its ``Date`` moved by ``offset`` (unchanged without one)."""
+def _dated(head: bytes, offset: timedelta | str | None) -> bytes:
+    """An answer's head with its ``Date`` moved by ``offset``, or replaced by it when it is
+    text (unchanged without one)."""
     if offset is None:
         return head
 
     def moved(match: re.Match[bytes]) -> bytes:
+        if isinstance(offset, str):
+            return b"Date: " + offset.encode("latin-1")
         at = email.utils.parsedate_to_datetime(match.group(1).decode("latin-1")) + offset
         return b"Date: " + email.utils.format_datetime(at, usegmt=True).encode()
 

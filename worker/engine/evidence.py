@@ -29,7 +29,10 @@ with everything else regsweep knows:
 - a time before 2013-03-20 (:data:`DOCKER_EPOCH`) or more than :data:`CLOCK_SKEW`
   ahead of regsweep's clock is no push's;
 - a time before the start of a listing of regsweep's that lacked the tag (or showed it
-  on another image) contradicts that listing;
+  on another image) contradicts that listing, and so does a time after the end of the
+  listing that first showed the tag on this image (a clock that ran fast, then was set
+  right; or a re-push of the same image, which no time tells apart: either way the push
+  may be later than the listing, never proved to be);
 - a link older than the notified push of the same image contradicts the notification;
 - links of several images written within :data:`ONE_INSTANT` of each other are one
   instant: a copy that kept no times writes them so, and pushes that close are not
@@ -192,6 +195,8 @@ class Judgement:
 
 #: How a time before a listing that lacked its tag is said.
 LACKED: Final = "before a listing that lacked the tag"
+#: How a time after the listing that first showed its tag (on the same image) is said.
+SHOWN: Final = "after a listing that showed the tag"
 #: A tag's doubt when the repository's links are refused as a whole (its note says why).
 REFUSED_WHOLE: Final = "storage times refused: see the note"
 
@@ -316,9 +321,9 @@ def _doubt_notified(item: TagEvidence, at: datetime, checks: _Checks) -> _Doubt 
         return _Doubt(f"notified time {impossible}", None)
     if checks.clock is not None:
         return _Doubt("notified time on the registry's clock, which is off", _corrected(at, checks))
-    lacked = _lacked_by_listing(item, at)
-    if lacked is not None:
-        return _Doubt(f"notified time {lacked}", at)
+    listed = _contradicted_by_listing(item, at)
+    if listed is not None:
+        return _Doubt(f"notified time {listed}", at)
     return None
 
 
@@ -330,9 +335,9 @@ def _doubt_stored(tag: str, item: TagEvidence, at: datetime, checks: _Checks) ->
         return _Doubt(f"storage time {impossible}", None)
     if checks.clock is not None:
         return _Doubt("storage time on the registry's clock, which is off", _corrected(at, checks))
-    lacked = _lacked_by_listing(item, at)
-    if lacked is not None:
-        return _Doubt(f"storage time {lacked}", at)
+    listed = _contradicted_by_listing(item, at)
+    if listed is not None:
+        return _Doubt(f"storage time {listed}", at)
     if item.notified is not None and at < item.notified - LINK_BEFORE_EVENT:
         before = approximate(item.notified - at)
         return _Doubt(f"storage time {before} before the notified push of the same image", at)
@@ -350,15 +355,18 @@ def _impossible(at: datetime, now: datetime) -> str | None:
     return None
 
 
-def _lacked_by_listing(item: TagEvidence, at: datetime) -> str | None:
-    """How far ``at`` is before the listing that lacked the tag (or showed it on another
-    image): the push came after that listing started, on regsweep's own clock."""
+def _contradicted_by_listing(item: TagEvidence, at: datetime) -> str | None:
+    """How ``at`` contradicts regsweep's own listings, on its own clock: the push came after
+    the listing that lacked the tag (or showed it on another image) started, and before the
+    listing that first showed it on this image finished."""
     seen = item.sighting
-    if seen is None or seen.digest != item.digest or seen.earliest is None:
+    if seen is None or seen.digest != item.digest:
         return None
-    if at >= seen.earliest:
-        return None
-    return f"{approximate(seen.earliest - at)} {LACKED}"
+    if seen.earliest is not None and at < seen.earliest:
+        return f"{approximate(seen.earliest - at)} {LACKED}"
+    if at > seen.latest:
+        return f"{approximate(at - seen.latest)} {SHOWN}"
+    return None
 
 
 def _corrected(at: datetime, checks: _Checks) -> datetime:

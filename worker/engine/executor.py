@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -183,6 +183,10 @@ class _Run:
         return None
 
 
+#: The tags of a repository held now (``regsweep hold``, a restore), read with each re-check.
+HeldTags = Callable[[str], Awaitable[Collection[str]]]
+
+
 class Executor:
     def __init__(
         self,
@@ -191,20 +195,22 @@ class Executor:
         *,
         wave_size: int = 32,
         on_progress: ProgressCallback | None = None,
+        held: HeldTags | None = None,
     ) -> None:
         self._client = client
         self._audit = audit
         self._wave_size = max(1, wave_size)
         self._on_progress = on_progress
+        self._held = held
 
     async def run(
         self, plan: Plan, manifests: Mapping[Digest, Manifest], *, job_id: str
     ) -> ExecutionReport:
         report = ExecutionReport(plan.repository, job_id)
         run = _Run(plan, manifests, job_id, self._audit.location)
-        guard = _LiveGuard(self._client, plan)
-        for level in _levels(plan.deletions):
-            await self._run_level(run, guard, level, report)
+        guard = _LiveGuard(self._client, plan, self._held)
+        for depth, level in enumerate(_levels(plan.deletions)):
+            await self._run_level(run, guard.at(depth), level, report)
         report.fatal = run.fatal
         return report
 
@@ -221,8 +227,8 @@ class Executor:
                 self._leave(run, wave, report)
                 continue
             try:
-                protected = await guard.refresh()
-            except RegistryError as exc:
+                live = await guard.refresh()
+            except (RegistryError, StateError) as exc:
                 transient = isinstance(exc, RegistryUnavailable)
                 for deletion in wave:
                     detail = f"live re-check failed: {exc}"
@@ -230,7 +236,7 @@ class Executor:
                 continue
             if not run.placeholder_ready and any(d.action is Action.UNTAG for d in wave):
                 await self._prepare_placeholder(run)
-            in_flight.append(asyncio.create_task(self._wave(run, wave, protected, report)))
+            in_flight.append(asyncio.create_task(self._wave(run, wave, live, report)))
             if len(in_flight) > MAX_WAVES_IN_FLIGHT - 1:
                 await in_flight.pop(0)
         await asyncio.gather(*in_flight)
@@ -252,12 +258,16 @@ class Executor:
             log.warning("%s: the placeholder's config blob: %s", run.plan.repository, exc)
 
     async def _wave(
-        self, run: _Run, wave: list[Deletion], protected: frozenset[Digest], report: ExecutionReport
+        self, run: _Run, wave: list[Deletion], live: _Live, report: ExecutionReport
     ) -> None:
         """Record, delete, settle: the intents of the whole wave are made durable first."""
         attempted: list[tuple[Deletion, AuditEntry]] = []
         for deletion in wave:
-            blocked = run.blocked(deletion) or _needed(deletion, protected)
+            blocked = (
+                run.blocked(deletion)
+                or _needed(deletion, live.protected)
+                or _held(deletion, live.held)
+            )
             if blocked is not None:
                 self._note(run, report, deletion, *blocked)
             else:
@@ -391,6 +401,14 @@ def _needed(deletion: Deletion, protected: frozenset[Digest]) -> tuple[Status, s
     return None
 
 
+def _held(deletion: Deletion, held: frozenset[str]) -> tuple[Status, str] | None:
+    """A deletion that would remove a tag someone held since the plan was made."""
+    tags = sorted(held.intersection(deletion.tags))
+    if tags:
+        return Status.SKIPPED, f"{', '.join(tags)} held since the plan was made; left alone"
+    return None
+
+
 def _waves(deletions: Sequence[Deletion], size: int) -> list[list[Deletion]]:
     """Chunks of at most ``size``."""
     return [list(deletions[i : i + size]) for i in range(0, len(deletions), size)]
@@ -416,40 +434,66 @@ def _audit_entry(run: _Run, deletion: Deletion) -> AuditEntry:
     )
 
 
+class _Live(NamedTuple):
+    """What a re-check found: digests kept images need now, and the tags held now."""
+
+    protected: frozenset[Digest]
+    held: frozenset[str]
+
+
 class _LiveGuard:
     """What the live registry says kept images need, re-read before every wave.
 
-    Tags the plan removes are not re-read: a tag the policy condemned may go
-    with its digest. Every other tag — the kept ones and any pushed since the
-    plan — is HEADed; one that moved or is new has its manifest graph read,
-    and all of it is protected.
+    Every tag the plan keeps, and any pushed since the plan, is HEADed; one that
+    moved or is new has its manifest graph read, and all of it is protected. A
+    tag the plan removes may go with its digest, so it is not re-read while its
+    own removal is pending; once its level has run it should be gone, and one
+    still listed then (pushed again since the plan, onto another image) is a new
+    push like any other: the children and referrers the later levels delete are
+    checked against it.
     """
 
-    def __init__(self, client: RegistryClient, plan: Plan) -> None:
+    def __init__(self, client: RegistryClient, plan: Plan, held: HeldTags | None) -> None:
         self._client = client
         self._plan = plan
-        self._removed_tags = {t for d in plan.deletions for t in d.tags}
+        self._held = held
+        depth = dependency_levels(plan.deletions)
+        #: Each removed tag: the digest the plan removes it with, and that removal's level.
+        self._removed = {t: (d.digest, depth[d]) for d in plan.deletions for t in d.tags}
         self._known = {k.tag: k.digest for k in plan.kept}
         self._graphs: dict[Digest, frozenset[Digest]] = {}
-        self._last: tuple[float, frozenset[Digest]] | None = None
+        self._level = 0
+        self._last: tuple[float, int, _Live] | None = None
 
-    async def refresh(self) -> frozenset[Digest]:
-        """The protected set as the registry says now; reused while under RECHECK_MAX_AGE."""
+    def at(self, level: int) -> _LiveGuard:
+        """The guard for the waves of dependency level ``level`` (re-read afresh)."""
+        self._level = level
+        return self
+
+    async def refresh(self) -> _Live:
+        """The protected set as the registry says now, and the holds as the state store
+        says; reused within a level while under RECHECK_MAX_AGE (a new level's removed
+        tags are to be looked at again)."""
         now = time.monotonic()
-        if self._last is not None and now - self._last[0] < RECHECK_MAX_AGE:
-            return self._last[1]
-        protected = await self._read_live()
-        self._last = (now, protected)
-        return protected
+        last = self._last
+        if last is not None and last[1] == self._level and now - last[0] < RECHECK_MAX_AGE:
+            return last[2]
+        held = await self._held(self._plan.repository) if self._held is not None else ()
+        live = _Live(await self._read_live(), frozenset(held))
+        self._last = (now, self._level, live)
+        return live
 
     async def _read_live(self) -> frozenset[Digest]:
         repo = self._plan.repository
-        live = [t for t in await self._client.tags(repo) if t not in self._removed_tags]
+        pending = {t for t, (_, level) in self._removed.items() if level >= self._level}
+        live = [t for t in await self._client.tags(repo) if t not in pending]
         refs = await asyncio.gather(*(self._client.head_manifest(repo, t) for t in live))
         protected = set(self._plan.protected_digests)
         for tag, ref in zip(live, refs, strict=True):
             if ref is None:
                 continue
+            if tag in self._removed and ref.digest == self._removed[tag][0]:
+                continue  # its removal was skipped or failed: still condemned, not kept
             protected.add(ref.digest)
             if self._known.get(tag) != ref.digest:
                 protected |= await self._graph(Digest(ref.digest))

@@ -208,6 +208,7 @@ class Pruner:
             self._audit,
             wave_size=self._config.registry.concurrency * WAVE_FACTOR,
             on_progress=on_progress,
+            held=partial(_held_tags, self._history) if self._history is not None else None,
         )
         report = await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
         if self._history is not None:
@@ -329,6 +330,13 @@ def log_summary(pruned: Pruned, job_id: str, seconds: float, *, dry_run: bool) -
             "seconds": round(seconds, 3),
         },
     )
+
+
+async def _held_tags(history: History, repository: str) -> set[str]:
+    """Tags held now: a hold made after the plan (``regsweep hold`` while the prune runs)
+    still keeps its tag."""
+    now = datetime.now(UTC)
+    return {hold.tag for hold in await history.holds_of(repository) if hold.active(now)}
 
 
 async def _forget(history: History, repository: str, report: ExecutionReport) -> None:

@@ -276,24 +276,26 @@ def run_gc(m: Maintenance, request: GcRequest) -> GcOutcome:
     _remember(m, request.job_id, report)
     m.metrics.job_state(state.value)
     m.metrics.window(report)
-    if report.ok and not request.dry_run:
-        coalesce(m, request.job_id)
+    if report.ok and not request.dry_run and report.covered_until is not None:
+        coalesce(m, request.job_id, report.covered_until)
     log.info("GC job %s %s: %s", request.job_id, status, "; ".join(report.lines()[1:]))
     if not request.dry_run:
         m.notify(message.gc_finished(request.job_id, report.summary(), report.ok, report.errors))
     return GcOutcome(status, request.job_id, report=report)
 
 
-def coalesce(m: Maintenance, job_id: str) -> list[str]:
+def coalesce(m: Maintenance, job_id: str, covered_until: datetime) -> list[str]:
     """Settle every GC request still queued as ``skipped`` (``running_job_id`` this one):
     made while this window ran, or before it began, this window's GC has collected what
     they asked for. Five requests during one window make one window, not six (the ``gc``
-    queue's one consumer would otherwise run each after the other). A dry run is left to
-    run: it only reads. The ids skipped."""
+    queue's one consumer would otherwise run each after the other). A request made after
+    ``covered_until`` (the registry writable again, the parked prunes let go: their
+    deletions are not collected) runs, and so does a dry run: it only reads. The ids
+    skipped."""
     reason = f"GC job {job_id} ran while this request waited; its window covered it"
     skipped = []
     try:
-        for queued, params in m.state.queued_jobs("gc"):
+        for queued, params in m.state.queued_jobs("gc", created_by=covered_until):
             if queued == job_id or params.get("dry_run"):
                 continue
             if m.state.update_if_queued(
@@ -371,6 +373,7 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
             log.warning("GC job %s: %s", report.job_id, note)
             report.warnings.append(note)
     finally:
+        report.covered_until = datetime.now(UTC)
         writes = switch_back(m, report.warnings)
         report.readonly_seconds = time.monotonic() - started
         report.writes_after = writes

@@ -49,6 +49,9 @@ class GcReport:
     deferred_released: int | None = None
     #: The switch back failed every retry: the recovery check keeps trying.
     left_readonly: bool = False
+    #: Wall-clock time just before the switch back: a GC request made by then asked for
+    #: nothing this GC did not collect (no deletion runs while the registry is read-only).
+    covered_until: datetime | None = None
     finished: datetime | None = None
     errors: list[str] = field(default_factory=list)
     #: Trouble that was overcome (a switch back that worked at the second attempt).

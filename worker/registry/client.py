@@ -276,6 +276,10 @@ class TagWriteGate:
                 self._changed.notify_all()
 
 
+#: The latest ``Date`` a skew is measured from (one second more overflows a datetime).
+END_OF_TIME: Final = datetime(9999, 12, 31, 23, 59, 58, tzinfo=UTC)
+
+
 class RegistryClock:
     """The registry's clock as the ``Date`` headers of its answers show it: the skew of the
     latest answer that carried one (tag links and notifications are on that clock)."""
@@ -292,9 +296,13 @@ class RegistryClock:
             return
         if at is None or at.tzinfo is None:
             return
-        self.skew = ClockSkew.observed(
-            at, datetime.fromtimestamp(sent, UTC), datetime.fromtimestamp(received, UTC)
-        )
+        asked, answered = datetime.fromtimestamp(sent, UTC), datetime.fromtimestamp(received, UTC)
+        try:
+            self.skew = ClockSkew.observed(at, asked, answered)
+        except OverflowError:
+            # A date at the end of time (9999-12-31 23:59:59, or an offset carrying it past
+            # year 9999): as far ahead as a datetime goes, never a failed request.
+            self.skew = ClockSkew.observed(END_OF_TIME, asked, answered)
 
 
 class RegistryClient:

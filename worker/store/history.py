@@ -72,6 +72,9 @@ class History(Protocol):
 
     async def unhold(self, repository: str, tag: str) -> bool: ...
 
+    async def holds_of(self, repository: str) -> list[Hold]:
+        """The holds recorded on ``repository`` (ended ones included), by tag."""
+
     async def all_holds(self) -> dict[str, list[Hold]]: ...
 
     async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
@@ -188,6 +191,10 @@ class LocalHistory:
             repo.setdefault("holds", {})[hold.tag] = entry
 
         await asyncio.to_thread(self._update, repository, change)
+
+    async def holds_of(self, repository: str) -> list[Hold]:
+        held = _holds(await asyncio.to_thread(_read, self.field(repository)))
+        return [held[tag] for tag in sorted(held)]
 
     async def unhold(self, repository: str, tag: str) -> bool:
         ended: list[bool] = []

@@ -7,7 +7,8 @@ everything reads; the file is read when Redis has nothing:
 
 - :class:`MirroredAuditLog`: a query Redis answers with no record (a Redis
   restarted without persistence, or flushed) is answered from the file, so
-  ``restore`` (API, CLI or worker) still finds the deletion and its bytes;
+  ``restore`` (API, CLI or worker) still finds the deletion and its bytes; a
+  query for a digest reads both (deletions of it before and after a loss);
 - :class:`MirroredTagIndex`: when the ``installation`` key is missing (set
   once, never expiring: Redis lost its data, or this is its first use), the
   holds still in force are put back from the file before any plan reads
@@ -79,10 +80,15 @@ class MirroredAuditLog:
 
     async def entries(self, query: AuditQuery = EVERYTHING) -> list[AuditEntry]:
         found = await self.primary.entries(query)
-        if found:
+        if found and query.digest is None:
             return found
-        # Nothing in Redis: never recorded, or Redis lost it. The file knows which.
-        return await self.mirror.entries(query)
+        # Nothing in Redis: never recorded, or Redis lost it. The file knows which. For a
+        # digest (what restore asks) both, always: a digest deleted again after a Redis
+        # loss has its earlier deletions in the file only, and restore puts back the tags
+        # of every one. A record in both is taken from the file, written first.
+        kept = await self.mirror.entries(query)
+        ids = {entry.id for entry in kept}
+        return kept + [entry for entry in found if entry.id not in ids]
 
     async def deleted(self, repository: str, digests: Iterable[str]) -> set[str]:
         # Only Redis: a referrer whose subject's deletion Redis forgot is kept, never

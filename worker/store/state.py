@@ -457,10 +457,14 @@ class SyncState:
         self._create_job = client.register_script(_CREATE_JOB)
         self._update_if_state = client.register_script(_UPDATE_IF_STATE)
 
-    def queued_jobs(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
-        """(id, params) of the jobs of ``kind`` still queued, among the recent-jobs index's."""
+    def queued_jobs(
+        self, kind: str, *, created_by: datetime | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(id, params) of the jobs of ``kind`` still queued, among the recent-jobs index's
+        (those created by ``created_by`` only, when given)."""
+        latest = "+inf" if created_by is None else repr(created_by.timestamp())
         with wrapped("redis read queued jobs failed"):
-            ids = _texts(self.client.zrange(self.keys.recent_jobs, 0, -1))
+            ids = _texts(self.client.zrangebyscore(self.keys.recent_jobs, "-inf", latest))
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hmget(self.keys.job(job_id), ["kind", "state", "params"])

@@ -390,12 +390,24 @@ class TagIndex:
 
     async def forget(self, repository: str, *, tags: Iterable[str], digests: Iterable[str]) -> None:
         """regsweep removed these tags and manifests: keep the index in step without waiting
-        for the registry's own delete notifications."""
+        for the registry's own delete notifications. Their sightings end too (as the file
+        history's do): a tag pushed again, or put back by a restore, before the next
+        listing is a new push, not the one that listing saw."""
         now = datetime.now(UTC)
-        for tag in tags:
+        gone_tags, gone = set(tags), set(digests)
+        for tag in gone_tags:
             await self.record_delete(repository, digest=None, tag=tag, at=now)
-        for digest in digests:
+        for digest in gone:
             await self.record_delete(repository, digest=digest, tag=None, at=now)
+        seen_key = self.keys.index(repository, "seen")
+        seen = await self._call(self._redis.hgetall(seen_key))
+        ended = [
+            tag
+            for tag, value in ((text(k), text(v)) for k, v in seen.items())
+            if tag in gone_tags or value.partition("|")[0] in gone
+        ]
+        if ended:
+            await self._call(self._redis.hdel(seen_key, *ended))
 
     async def record_evidence(self, summary: EvidenceSummary) -> None:
         """The registry's clock as the plan measured it, and what it doubted of the
