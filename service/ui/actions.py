@@ -63,12 +63,19 @@ def preview_params(action: str, fields: Mapping[str, str], by: str) -> tuple[str
         raise BadEvent(f"unknown action {action[:40]!r}")
     params: dict[str, Any] = {"dry_run": True, "by": by}
     if action == "delete-tag":
-        params |= {"repository": fields["repository"], "tags": [fields["tag"]]}
+        params |= {"repository": _need(fields, "repository"), "tags": [_need(fields, "tag")]}
     elif action == "delete-digest":
-        params |= {"repository": fields["repository"], "digests": [fields["digest"]]}
+        digest = _need(fields, "digest")
+        params |= {"repository": _need(fields, "repository"), "digests": [digest]}
     elif action == "prune":
-        params |= {"repository": fields["repository"]}
+        params |= {"repository": _need(fields, "repository")}
     return kind, params
+
+
+def _need(fields: Mapping[str, str], key: str) -> str:
+    if key not in fields:
+        raise BadEvent(f"the form has no {key}")
+    return fields[key]
 
 
 def run_params(preview: Mapping[str, Any], by: str) -> tuple[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from starlette.routing import Route, Router
 
 from service.access import Role, enabled, role_for
 from service.publish import EventSink
-from service.read_api import audit_query, bounded
+from service.read_api import audit_query, bounded, cursor, whole_number
 from service.reads import Reader, Readers, ServiceParts
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
@@ -253,7 +253,7 @@ class Dashboard:
         query = request.query_params
         filters = {k: query.get(k, "") for k in ("since", "repository", "digest", "job")}
         limit = bounded(query, "limit", 100, 1000)
-        page = await self.reader.audit_page(audit_query(query), limit, query.get("before") or None)
+        page = await self.reader.audit_page(audit_query(query), limit, cursor(query))
         more = (
             "?" + urlencode({**{k: v for k, v in filters.items() if v}, "before": page["next"]})
             if page["next"]
@@ -309,27 +309,25 @@ class Dashboard:
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
 
     async def hold(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
-        days = str(form.get("days", "") or actions.DEFAULT_HOLD.days)
-        if not days.isdigit() or not 0 < int(days) <= MAX_HOLD_DAYS:
+        fields = _checked(form, "repository", "tag")
+        days = whole_number(str(form.get("days", "") or actions.DEFAULT_HOLD.days), MAX_HOLD_DAYS)
+        if days is None:
             raise BadEvent(f"days must be a whole number from 1 to {MAX_HOLD_DAYS}")
         index = self.reader.index
         repository, tag = fields["repository"], fields["tag"]
         by = _by(session)
-        await actions.hold(self.parts.state, index, repository, tag, days=int(days), by=by)
+        await actions.hold(self.parts.state, index, repository, tag, days=days, by=by)
         return self.redirect(request, session, _tag_url(fields))
 
     async def unhold(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
+        fields = _checked(form, "repository", "tag")
         await actions.unhold(
             self.parts.state, self.reader.index, fields["repository"], fields["tag"], _by(session)
         )
         return self.redirect(request, session, _tag_url(fields))
 
     async def restore(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
-        if "digest" not in fields:
-            raise BadEvent("restore needs a digest")
+        fields = _checked(form, "repository", "digest")
         params = {
             "repository": fields["repository"],
             "digest": fields["digest"],
@@ -415,13 +413,16 @@ def action(dashboard: Dashboard, handler: Action) -> Callable[[Request], Awaitab
     return guarded
 
 
-def _checked(form: Form) -> dict[str, str]:
-    """The form's repository, tag and digest, each valid when present; BadEvent otherwise."""
+def _checked(form: Form, *required: str) -> dict[str, str]:
+    """The form's repository, tag and digest, each valid when present, the ``required`` ones
+    present; BadEvent naming the field otherwise."""
     out: dict[str, str] = {}
     checks = {"repository": valid_repository, "tag": valid_tag, "digest": valid_digest}
     for key, check in checks.items():
         value = form.get(key)
         if value in (None, ""):
+            if key in required:
+                raise BadEvent(f"the form has no {key}")
             continue
         if not isinstance(value, str) or not check(value):
             raise BadEvent(f"{key} is not a valid {key}")

@@ -1,0 +1,133 @@
+"""The dashboard and the read API attacked over HTTP, on a real uvicorn and Redis: hostile
+numbers and cursors, forms missing their fields, guessing tokens in a burst or through the
+read API, a revoked token, a session kept alive past its age, a confirmation run twice.
+
+Each test is one weakness found in an audit of issue 21 (tests/test_dashboard.py has what
+held from the start; tests/test_ui_browser.py the browser's side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from service.app import create_app
+from tests.harness import service as h
+from tests.harness.dashboard import POLICY, seed_repository
+from tests.harness.sinks import RedisListSink
+from tests.test_dashboard import ADMIN, VIEWER, Ui, csrf_of, sign_in
+from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
+from worker.store.keys import Keys
+from worker.store.state import State
+
+AS_VIEWER = {"Authorization": f"Bearer {VIEWER}"}
+
+
+@pytest.fixture(scope="module")
+def ui() -> Iterator[Ui]:
+    """A service with both tokens over a seeded repository, team/web (30 tags)."""
+    prefix = h.unique_prefix()
+
+    async def seed() -> None:
+        client = aioredis.Redis.from_url(h.REDIS_TEST_URL)
+        await seed_repository(client, Keys(prefix), "team/web", 30, index=True)
+        await client.aclose()
+
+    asyncio.run(seed())
+    hooks = HookSettings(api_token=Secret(ADMIN), viewer_token=Secret(VIEWER))
+    config = Config(
+        registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks, policies=(POLICY,)
+    )
+    sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
+    state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
+    sync = redis.Redis.from_url(h.REDIS_TEST_URL)
+    with h.running(create_app(config, sink=sink, state=state)) as url:
+        yield Ui(url, prefix, sync)
+    h.delete_prefix(sync, prefix)
+    sync.close()
+
+
+#: Numbers ``str.isdigit`` takes and ``int`` refuses: a superscript, 5,000 digits.
+HOSTILE_NUMBERS = ("\u00b2", "9" * 5000)
+
+
+def test_hostile_numbers_are_a_400_or_the_first_page_never_a_500(ui: Ui) -> None:
+    """A limit, page or per_page of ``²`` or of 5,000 digits is a 400 naming it (the read
+    API, the audit page, a hold's days) or reads as the first page (a page's paging), never
+    an internal error."""
+    with ui.client() as http:
+        sign_in(http, ADMIN)
+        csrf = csrf_of(http.get("/ui/"))
+        for number in HOSTILE_NUMBERS:
+            for path, key in (
+                ("/api/v1/jobs", "limit"),
+                ("/api/v1/audit", "limit"),
+                ("/api/v1/dead-letters", "limit"),
+                ("/api/v1/repositories", "page"),
+                ("/api/v1/repositories", "per_page"),
+            ):
+                answer = http.get(path, params={key: number}, headers=AS_VIEWER)
+                assert answer.status_code == 400 and key in answer.json()["error"], (path, key)
+            assert http.get("/ui/audit", params={"limit": number}).status_code == 400
+            for path, row in (
+                ("/ui/repositories", "/ui/r/team/web"),
+                ("/ui/r/team/web", "build-0029"),
+            ):
+                for key in ("page", "per_page"):
+                    page = http.get(path, params={key: number})
+                    assert page.status_code == 200 and row in page.text, (path, key)
+            form = {"csrf": csrf, "repository": "team/web", "tag": "build-0001", "days": number}
+            held = http.post("/ui/actions/hold", data=form)
+            assert held.status_code == 400 and "days" in held.text
+        assert ui.sync.hgetall(f"{ui.prefix}hold:team/web") == {}
+
+
+def test_audit_cursors_and_times_redis_would_refuse_are_a_400_not_an_outage(ui: Ui) -> None:
+    """A ``before`` that is no stream id (a superscript, a part past 2**64, any text on the
+    audit page) is a 400, not the 503 "Redis does not answer"; a ``since`` before 1970 (a
+    year-1 time, a century back) lists everything."""
+    with ui.client() as http:
+        sign_in(http, VIEWER)
+        for before in ("\u00b2-1", "1-\u00b2", f"{2**64}-0", "1-" + "9" * 30, "+", "x"):
+            api = http.get("/api/v1/audit", params={"before": before}, headers=AS_VIEWER)
+            assert api.status_code == 400 and "before" in api.json()["error"], before
+            page = http.get("/ui/audit", params={"before": before})
+            assert page.status_code == 400 and "before" in page.text, before
+        for since in ("0001-01-01", "0001-01-01T00:00:00+14:00", "36000d"):
+            api = http.get("/api/v1/audit", params={"since": since}, headers=AS_VIEWER)
+            assert api.status_code == 200 and api.json()["entries"] == [], since
+            assert http.get("/ui/audit", params={"since": since}).status_code == 200, since
+
+
+def test_an_action_missing_a_field_is_a_400_naming_it(ui: Ui) -> None:
+    """The admin's action posted without the repository, tag or digest it needs is a 400
+    that names the field, and nothing is enqueued or held (it was an internal error)."""
+    with ui.client() as http:
+        sign_in(http, ADMIN)
+        csrf = csrf_of(http.get("/ui/"))
+        before = len(ui.enqueued())
+        for path, form, missing in (
+            ("/ui/actions/preview", {"action": "delete-tag", "repository": "team/web"}, "tag"),
+            ("/ui/actions/preview", {"action": "delete-tag", "tag": "build-0001"}, "repository"),
+            (
+                "/ui/actions/preview",
+                {"action": "delete-digest", "repository": "team/web"},
+                "digest",
+            ),
+            ("/ui/actions/preview", {"action": "prune"}, "repository"),
+            ("/ui/actions/hold", {"repository": "team/web"}, "tag"),
+            ("/ui/actions/hold", {"tag": "build-0001"}, "repository"),
+            ("/ui/actions/unhold", {"repository": "team/web"}, "tag"),
+            ("/ui/actions/restore", {"digest": "sha256:" + "a" * 64}, "repository"),
+            ("/ui/actions/restore", {"repository": "team/web"}, "digest"),
+        ):
+            answer = http.post(path, data=form | {"csrf": csrf})
+            assert answer.status_code == 400, (path, form)
+            assert re.search(rf"has no {missing}\b", answer.text), (path, form)
+        assert len(ui.enqueued()) == before
+        assert ui.sync.hgetall(f"{ui.prefix}hold:team/web") == {}
