@@ -9,18 +9,24 @@ held from the start; tests/test_ui_browser.py the browser's side).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
+import yaml
 
 from service.app import create_app
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
 from tests.harness.sinks import RedisListSink
+from tests.harness.stack import wait_for
 from tests.test_dashboard import ADMIN, VIEWER, Ui, csrf_of, sign_in
+from worker.settings.load import load_config
 from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
 from worker.store.keys import Keys
 from worker.store.state import State
@@ -131,3 +137,51 @@ def test_an_action_missing_a_field_is_a_400_naming_it(ui: Ui) -> None:
             assert re.search(rf"has no {missing}\b", answer.text), (path, form)
         assert len(ui.enqueued()) == before
         assert ui.sync.hgetall(f"{ui.prefix}hold:team/web") == {}
+
+
+def _policy(hooks: dict[str, str]) -> str:
+    return yaml.safe_dump(
+        {
+            "registry": {"url": "http://127.0.0.1:1"},
+            "redis": {"url": h.REDIS_TEST_URL},
+            "hooks": hooks,
+            "policies": [{"name": "team", "repositories": ["team/**"], "keep": [{"tags": ["*"]}]}],
+        }
+    )
+
+
+def test_a_token_revoked_in_the_policy_file_stops_reading_and_its_sessions_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The viewer token removed from the running service's policy file: a fresh sign-in with
+    it is refused, and so are the read API with it and the sessions signed in before (the
+    viewer's and, the signing key being the tokens', the admin's) — not only at a restart."""
+    monkeypatch.setenv("REGSWEEP_API_TOKEN", ADMIN)
+    monkeypatch.setenv("REGSWEEP_VIEWER_TOKEN", VIEWER)
+    monkeypatch.delenv("REGSWEEP_REDIS_URL", raising=False)
+    both = {"api_token_env": "REGSWEEP_API_TOKEN", "viewer_token_env": "REGSWEEP_VIEWER_TOKEN"}
+    path = tmp_path / "regsweep.yaml"
+    path.write_text(_policy(both))
+    os.utime(path, (0, 0))  # long written: a change is taken at once
+    prefix = h.unique_prefix()
+    sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
+    state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
+    app = create_app(load_config(path), sink=sink, state=state)
+    with (
+        h.running(app) as url,
+        httpx.Client(base_url=url, timeout=10) as viewer,
+        httpx.Client(base_url=url, timeout=10) as admin,
+        httpx.Client(base_url=url, timeout=10) as fresh,
+    ):
+        sign_in(viewer, VIEWER)
+        sign_in(admin, ADMIN)
+        assert viewer.get("/ui/").status_code == admin.get("/ui/").status_code == 200
+        assert viewer.get("/api/v1/status", headers=AS_VIEWER).status_code == 200
+        path.write_text(_policy({"api_token_env": "REGSWEEP_API_TOKEN"}))
+        os.utime(path, (0, 0))
+        wait_for(lambda: sign_in(fresh, VIEWER).status_code != 303, 10, what="the edit taken")
+        assert viewer.get("/api/v1/status", headers=AS_VIEWER).status_code == 401
+        for session in (viewer, admin):
+            answer = session.get("/ui/")
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/signin")
+    h.delete_prefix(redis.Redis.from_url(h.REDIS_TEST_URL), prefix)

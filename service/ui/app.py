@@ -76,14 +76,13 @@ class Dashboard:
     def __init__(self, parts: UiParts) -> None:
         self.parts = parts
         self.readers = Readers(parts)
-        self.sessions = Sessions(parts.config.hooks)
+        self._sessions = Sessions(parts.config.hooks)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
         )
         pages.install_filters(self.env)
         self.vendor = {name: path.read_bytes() for name, path in VENDOR.items() if path.exists()}
         self.env.globals["scripts"] = len(self.vendor) == len(VENDOR)
-        self.env.globals["read_only"] = parts.config.hooks.api_token is None
         if not self.env.globals["scripts"]:
             log.warning(
                 "the dashboard's JavaScript is not installed (npm ci in service/ui): pages "
@@ -94,13 +93,25 @@ class Dashboard:
     def reader(self) -> Reader:
         return self.readers()
 
+    @property
+    def sessions(self) -> Sessions:
+        """The cookie's signer for the tokens configured now: an edited policy file that
+        changes or removes a token signs everyone out at once, not at the next restart."""
+        hooks = self.parts.config.hooks
+        if self._sessions.hooks is not hooks:
+            self._sessions = Sessions(hooks)
+        return self._sessions
+
     # --- answering -------------------------------------------------------------------
 
     def render(
         self, request: Request, session: Session, template: str, code: int = 200, **context: Any
     ) -> Response:
         html = self.env.get_template(template).render(
-            session=session, path=request.url.path, **context
+            session=session,
+            path=request.url.path,
+            read_only=self.parts.config.hooks.api_token is None,
+            **context,
         )
         response = HTMLResponse(html, status_code=code, headers=SECURITY_HEADERS)
         self.sessions.save(request, response, session)
