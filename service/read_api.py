@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from service.access import bearer_role
+from service.access import bearer_role, limited
 from service.reads import (
     MAX_PER_PAGE,
     PER_PAGE,
@@ -50,13 +50,16 @@ class ReadApi:
     def __init__(self, reader: Callable[[], Reader]) -> None:
         self._reader = reader
 
-    def _authorized(self, request: Request) -> Reader:
+    async def _authorized(self, request: Request) -> Reader:
         reader = self._reader()
-        bearer_role(reader.config.hooks, request.headers.get("authorization"))
+        authorization = request.headers.get("authorization")
+        await limited(
+            reader.state, request, lambda: bearer_role(reader.config.hooks, authorization)
+        )
         return reader
 
     async def repositories(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         sort = query.get("sort", "name")
         if sort.lstrip("-") not in REPOSITORY_SORTS:
@@ -67,7 +70,7 @@ class ReadApi:
         return JSONResponse(await reader.repositories(query.get("search", "")[:200], sort, page))
 
     async def plan(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         name = request.path_params["name"]
         if not valid_repository(name):
             raise BadEvent("not a repository name")
@@ -77,29 +80,29 @@ class ReadApi:
         return JSONResponse(plan)
 
     async def jobs(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         limit = bounded(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         found = await reader.jobs(limit, query.get("kind") or None, query.get("state") or None)
         return JSONResponse({"jobs": found})
 
     async def audit(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         limit = bounded(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         return JSONResponse(await reader.audit_page(audit_query(query), limit, cursor(query)))
 
     async def holds(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         return JSONResponse({"holds": await reader.holds()})
 
     async def dead_letters(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         limit = bounded(request.query_params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         return JSONResponse(await reader.dead_letters(limit))
 
     async def status(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         return JSONResponse(await reader.status())
 
     async def openapi(self, request: Request) -> Response:

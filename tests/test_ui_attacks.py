@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
+from service.access import SIGNIN_ATTEMPTS
 from service.app import create_app
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
@@ -185,3 +186,65 @@ def test_a_token_revoked_in_the_policy_file_stops_reading_and_its_sessions_at_on
             answer = session.get("/ui/")
             assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/signin")
     h.delete_prefix(redis.Redis.from_url(h.REDIS_TEST_URL), prefix)
+
+
+@pytest.fixture
+def guesses(ui: Ui) -> Iterator[str]:
+    """The count of wrong tokens from this test's address, emptied before and after."""
+    key = f"{ui.prefix}ui:signin:127.0.0.1"
+    ui.sync.delete(key)
+    yield key
+    ui.sync.delete(key)
+
+
+def test_a_burst_of_wrong_sign_ins_is_told_wrong_at_most_the_limit(ui: Ui, guesses: str) -> None:
+    """A hundred wrong sign-ins sent at once: at most SIGNIN_ATTEMPTS are answered 401 (each
+    is counted before it is answered), the rest 429, and the right token then 429 too."""
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=ui.url, timeout=30, limits=httpx.Limits(max_connections=100)
+        ) as http:
+            csrf = csrf_of(await http.get("/ui/signin"))
+            answers = await asyncio.gather(
+                *(
+                    http.post("/ui/signin", data={"csrf": csrf, "token": f"guess-{i}"})
+                    for i in range(100)
+                )
+            )
+            right = await http.post("/ui/signin", data={"csrf": csrf, "token": ADMIN})
+            return [a.status_code for a in answers] + [right.status_code]
+
+    codes = asyncio.run(burst())
+    assert codes.count(401) <= SIGNIN_ATTEMPTS and codes.count(429) == 101 - codes.count(401)
+    assert codes[-1] == 429
+
+
+def test_the_read_and_job_apis_count_wrong_tokens_with_the_sign_in(ui: Ui, guesses: str) -> None:
+    """Wrong bearer tokens on the read API and the job API count with failed sign-ins from
+    the same address: past SIGNIN_ATTEMPTS each route answers 429 with Retry-After, for the
+    right viewer and API token as well, and the sign-in form refuses the right token too; a
+    request without any token is no guess."""
+    wrong = {"Authorization": "Bearer guess"}
+    queued = len(ui.enqueued())
+    with ui.client() as http:
+        for _ in range(3):
+            assert http.get("/api/v1/status").status_code == 401  # no token: not counted
+        for i in range(SIGNIN_ATTEMPTS):
+            path = "/api/v1/status" if i % 2 else f"/api/v1/jobs/{'0' * 32}"
+            assert http.get(path, headers=wrong).status_code == 401, i
+        for path, token in (
+            ("/api/v1/status", "guess"),
+            ("/api/v1/status", VIEWER),
+            ("/api/v1/repositories", ADMIN),
+            (f"/api/v1/jobs/{'0' * 32}", ADMIN),
+        ):
+            answer = http.get(path, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 429 and int(answer.headers["retry-after"]) > 0, path
+            assert "too many wrong tokens" in answer.json()["error"]
+        job = http.post(
+            "/api/v1/jobs", json={"kind": "gc"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert job.status_code == 429
+        assert sign_in(http, VIEWER).status_code == 429
+    assert len(ui.enqueued()) == queued

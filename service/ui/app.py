@@ -26,13 +26,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 
-from service.access import Role, enabled, role_for
+from service.access import Role, SigninLimit, client_address, enabled, role_for
 from service.publish import EventSink
 from service.read_api import audit_query, bounded, cursor, whole_number
 from service.reads import Reader, Readers, ServiceParts
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
-from service.ui.session import Session, Sessions, SigninLimit, csrf_ok, same_origin
+from service.ui.session import Session, Sessions, csrf_ok, same_origin
 from worker.engine.events import valid_digest, valid_repository, valid_tag
 from worker.errors import BadEvent, StateError
 from worker.store.audit import AuditQuery
@@ -141,18 +141,17 @@ class Dashboard:
         form = await read_form(request)
         if not same_origin(request) or not csrf_ok(session, form.get("csrf")):
             return self.error(request, session, 403, "the form expired: reload the page")
-        limit = SigninLimit(self.parts.state)
-        client = request.client.host if request.client else "unknown"
-        wait = await limit.blocked_for(client)
+        limit, client = SigninLimit(self.parts.state), client_address(request)
+        role = role_for(hooks, str(form.get("token") or ""))
+        # A wrong token is counted before it is answered, so a burst cannot outrun the count.
+        wait = await (limit.failed(client) if role is None else limit.blocked_for(client))
         if wait:
             response = self.render(
                 request, session, "signin.html", 429, next=_next(request), wait=wait
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        role = role_for(hooks, str(form.get("token") or ""))
         if role is None:
-            await limit.failed(client)
             return self.render(
                 request, session, "signin.html", 401, next=_next(request), failed=True
             )

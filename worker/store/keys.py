@@ -292,5 +292,6 @@ class Keys:
         return f"{self.prefix}gc:history"
 
     def signin_failures(self, client: str) -> str:
-        """Failed dashboard sign-ins from one client address, counted for a while."""
+        """Wrong tokens from one client address (the dashboard's sign-in, the read API, the
+        job API), counted for a while."""
         return f"{self.prefix}ui:signin:{client}"
