@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -19,9 +21,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import yaml
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from service.access import SIGNIN_ATTEMPTS
 from service.app import create_app
+from service.ui.session import _SALT, session_key
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
 from tests.harness.sinks import RedisListSink
@@ -248,3 +252,34 @@ def test_the_read_and_job_apis_count_wrong_tokens_with_the_sign_in(ui: Ui, guess
         assert job.status_code == 429
         assert sign_in(http, VIEWER).status_code == 429
     assert len(ui.enqueued()) == queued
+
+
+def _cookie(role: str, ago: timedelta) -> str:
+    """A session cookie the service itself would have issued ``ago``."""
+
+    class Then(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time() - ago.total_seconds())
+
+    hooks = HookSettings(api_token=Secret(ADMIN), viewer_token=Secret(VIEWER))
+    serializer = URLSafeTimedSerializer(session_key(hooks), salt=_SALT, signer=Then)
+    return str(serializer.dumps({"r": role, "c": "csrf-token-of-the-session"}))
+
+
+def test_a_session_ends_twelve_hours_after_sign_in_however_busy(ui: Ui) -> None:
+    """Pages do not sign a session's cookie again: a session signed in 11 h 59 min ago is
+    served without a fresher cookie (so it ends at 12 h, not 12 h after its last page),
+    and one signed in 12 h 1 min ago is signed out."""
+    for path in ("/ui/", "/ui/jobs", "/ui/signin"):
+        with ui.client() as http:
+            cookie = _cookie("admin", timedelta(hours=11, minutes=59))
+            http.cookies.set("regsweep_session", cookie, path="/ui")
+            answer = http.get(path)
+            assert answer.status_code == 200 and "set-cookie" not in answer.headers, path
+            assert http.cookies["regsweep_session"] == cookie
+    with ui.client() as http:
+        http.cookies.set(
+            "regsweep_session", _cookie("admin", timedelta(hours=12, minutes=1)), path="/ui"
+        )
+        answer = http.get("/ui/")
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/signin")

@@ -43,10 +43,12 @@ _SALT: Final = "regsweep dashboard session"
 
 @dataclass(frozen=True)
 class Session:
-    """Who is signed in (``role`` None: nobody) and the CSRF token their forms carry."""
+    """Who is signed in (``role`` None: nobody) and the CSRF token their forms carry;
+    ``new`` until its cookie is set (a session read from its cookie is not new)."""
 
     role: Role | None
     csrf: str
+    new: bool = True
 
     @classmethod
     def anonymous(cls) -> Session:
@@ -58,7 +60,7 @@ class Session:
 
     def signed_in(self, role: Role) -> Session:
         """A new session for ``role``, with a new CSRF token (none carried over)."""
-        return replace(self, role=role, csrf=secrets.token_urlsafe(24))
+        return replace(self, role=role, csrf=secrets.token_urlsafe(24), new=True)
 
 
 class Sessions:
@@ -83,9 +85,15 @@ class Sessions:
         role = _role(data.get("r"))
         if role is Role.ADMIN and self.hooks.api_token is None:
             role = None
-        return Session(role, data["c"])
+        return Session(role, data["c"], new=False)
 
     def save(self, request: Request, response: Response, session: Session) -> None:
+        """Set the cookie of a new session (signed in, signed out, or none before). A
+        session read from its cookie is never signed again: the signature's time stays
+        the sign-in's, so a session used all day (or a copied cookie kept busy) still ends
+        :data:`SESSION_AGE` after its sign-in."""
+        if not session.new:
+            return
         value = self._serializer.dumps(
             {"r": session.role.value if session.role else "", "c": session.csrf}
         )
