@@ -9,6 +9,7 @@ held from the start; tests/test_ui_browser.py the browser's side).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -283,3 +284,29 @@ def test_a_session_ends_twelve_hours_after_sign_in_however_busy(ui: Ui) -> None:
         )
         answer = http.get("/ui/")
         assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/signin")
+
+
+def test_a_preview_runs_once_however_often_its_run_is_posted(ui: Ui) -> None:
+    """The run of a succeeded preview posted three times (a double click, a resent form)
+    makes one job: every answer leads to it and one run is enqueued, so a tag re-pushed
+    after the run is never deleted again by the old confirmation."""
+    with ui.client() as http:
+        sign_in(http, ADMIN)
+        csrf = csrf_of(http.get("/ui/"))
+        form = {"csrf": csrf, "action": "delete-tag", "repository": "team/web", "tag": "build-0003"}
+        preview_id = http.post("/ui/actions/preview", data=form).headers["location"].rsplit("/")[-1]
+        plan = {"fingerprint": "e" * 64, "deletions": 1, "listed": []}
+        ui.sync.hset(
+            f"{ui.prefix}job:{preview_id}",
+            mapping={"state": '"succeeded"', "plan": json.dumps(plan)},
+        )
+        before = len(ui.enqueued())
+        answers = [
+            http.post("/ui/actions/run", data={"csrf": csrf, "preview": preview_id})
+            for _ in range(3)
+        ]
+        assert {a.status_code for a in answers} == {303}
+        assert len({a.headers["location"] for a in answers}) == 1
+        runs = ui.enqueued()[before:]
+        assert len(runs) == 1 and runs[0]["params"]["preview"] == preview_id
+        assert answers[0].headers["location"] == f"/ui/jobs/{runs[0]['job_id']}"

@@ -314,8 +314,7 @@ class Dashboard:
         preview = await self.parts.state.get_job(preview_id) if len(preview_id) == 32 else None
         if preview is None:
             raise BadEvent("no such preview (records live 7 days)")
-        kind, params = actions.run_params(preview, _by(session))
-        job_id = await actions.enqueue(self.parts.state, self.parts.sink, kind, params)
+        job_id = await actions.run_once(self.parts.state, self.parts.sink, preview, _by(session))
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
 
     async def hold(self, request: Request, session: Session, form: Form) -> Response:
