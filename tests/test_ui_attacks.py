@@ -9,6 +9,7 @@ held from the start; tests/test_ui_browser.py the browser's side).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from service.access import SIGNIN_ATTEMPTS
 from service.app import create_app
+from service.ui.app import MAX_EVENT_STREAMS
 from service.ui.session import _SALT, session_key
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
@@ -310,3 +312,50 @@ def test_a_preview_runs_once_however_often_its_run_is_posted(ui: Ui) -> None:
         runs = ui.enqueued()[before:]
         assert len(runs) == 1 and runs[0]["params"]["preview"] == preview_id
         assert answers[0].headers["location"] == f"/ui/jobs/{runs[0]['job_id']}"
+
+
+def test_live_job_pages_cannot_take_every_connection(ui: Ui) -> None:
+    """A viewer's script opening event streams of a running job gets MAX_EVENT_STREAMS of
+    them, then 503 with Retry-After (each holds its connection while the job runs, and the
+    registry's hooks share the connections); a stream closed gives its place back."""
+    job_id = _running_job(ui)
+    path = f"/ui/jobs/{job_id}/events"
+
+    async def flood() -> None:
+        async with httpx.AsyncClient(
+            base_url=ui.url, timeout=30, limits=httpx.Limits(max_connections=MAX_EVENT_STREAMS + 2)
+        ) as http:
+            csrf = csrf_of(await http.get("/ui/signin"))
+            await http.post("/ui/signin", data={"csrf": csrf, "token": VIEWER})
+            async with contextlib.AsyncExitStack() as streams:
+                lines = []  # kept: a line iterator let go closes its stream
+                for _ in range(MAX_EVENT_STREAMS):
+                    stream = await streams.enter_async_context(http.stream("GET", path))
+                    assert stream.status_code == 200
+                    lines.append(stream.aiter_lines())
+                    assert (await anext(lines[-1])) == "event: job"
+                refused = await http.get(path, timeout=10)
+                assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+            await _eventually_streams(http, path)
+
+    asyncio.run(flood())
+
+
+async def _eventually_streams(http: httpx.AsyncClient, path: str) -> None:
+    for _ in range(200):
+        async with http.stream("GET", path) as stream:
+            if stream.status_code == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no stream's place came back once the streams closed")
+
+
+def _running_job(ui: Ui) -> str:
+    async def create() -> str:
+        state = State.from_url(h.REDIS_TEST_URL, prefix=ui.prefix)
+        job_id = await state.create_job("prune", {"repository": "team/web", "dry_run": False})
+        await state.start_job(job_id)
+        await state.aclose()
+        return job_id
+
+    return asyncio.run(create())

@@ -25,6 +25,7 @@ from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
 
 from service.access import Role, SigninLimit, client_address, enabled, role_for
 from service.publish import EventSink
@@ -58,6 +59,10 @@ SECURITY_HEADERS: Final = {
 }
 #: How often a job's live page looks at the job again.
 EVENTS_POLL: Final = 0.5
+#: Job event streams one service process keeps open at most, the rest 503: each holds its
+#: connection while its job runs (a GC: an hour), and the registry's hooks need some of
+#: ``hooks.max_connections`` too, whatever a viewer's script opens.
+MAX_EVENT_STREAMS: Final = 32
 MAX_HOLD_DAYS: Final = 3650
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
@@ -70,11 +75,29 @@ class UiParts(ServiceParts, Protocol):
     sink: EventSink
 
 
+class EventStream(StreamingResponse):
+    """A job's server-sent events; ``ended`` is called however the stream ends (the job
+    ended, the client went away, the service stops), even if it never started."""
+
+    def __init__(self, events: AsyncIterator[str], ended: Callable[[], None]) -> None:
+        headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ended()
+
+
 class Dashboard:
     """The dashboard's handlers over the service's state store and sink."""
 
     def __init__(self, parts: UiParts) -> None:
         self.parts = parts
+        #: Job event streams open now (:data:`MAX_EVENT_STREAMS`).
+        self.streams = 0
         self.readers = Readers(parts)
         self._sessions = Sessions(parts.config.hooks)
         self.env = Environment(
@@ -234,11 +257,15 @@ class Dashboard:
         first = await self._job(request)
         if first is None:
             return self.error(request, session, 404, "no such job")
-        return StreamingResponse(
-            self._events(request, session, str(first["id"])),
-            media_type="text/event-stream",
-            headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"},
-        )
+        if self.streams >= MAX_EVENT_STREAMS:
+            busy = self.error(request, session, 503, "too many pages follow jobs live; reload")
+            busy.headers["Retry-After"] = "10"
+            return busy
+        self.streams += 1
+        return EventStream(self._events(request, session, str(first["id"])), self._stream_ended)
+
+    def _stream_ended(self) -> None:
+        self.streams -= 1
 
     async def _events(self, request: Request, session: Session, job_id: str) -> AsyncIterator[str]:
         shown = None
