@@ -1,6 +1,7 @@
 """The dashboard and the read API attacked over HTTP, on a real uvicorn and Redis: hostile
 numbers and cursors, forms missing their fields, guessing tokens in a burst or through the
-read API, a revoked token, a session kept alive past its age, a confirmation run twice.
+read API, a revoked token, a session kept alive past its age, a confirmation run twice,
+live job pages opened until no connection is left.
 
 Each test is one weakness found in an audit of issue 21 (tests/test_dashboard.py has what
 held from the start; tests/test_ui_browser.py the browser's side).
