@@ -6,17 +6,34 @@ compared in constant time, always both, so the answer's timing does not tell
 which one a guess came close to. With neither token configured the read API and
 the dashboard are off (404), as an unconfigured hook is; with only the viewer
 token the deployment is read-only: no admin exists, so nothing can be changed.
+
+Wrong tokens are counted per client address (:class:`SigninLimit`) wherever they
+are tried: the dashboard's sign-in, the read API and the job API share one count,
+so no route lets a guesser past the limit the sign-in form sets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
 from enum import StrEnum
+from typing import Final, TypeVar
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from service.hooks.verify import same
 from worker.errors import Unverified
 from worker.settings.model import HookSettings
+from worker.store.redis import wrapped
+from worker.store.state import State
+
+T = TypeVar("T")
+
+#: Wrong tokens from one address allowed per :data:`SIGNIN_WINDOW`; then 429, even for the
+#: right token (the guesser learns nothing more).
+SIGNIN_ATTEMPTS: Final = 10
+SIGNIN_WINDOW: Final = timedelta(minutes=15)
 
 
 class Role(StrEnum):
@@ -50,3 +67,72 @@ def bearer_role(hooks: HookSettings, authorization: str | None) -> Role:
     if role is None:
         raise Unverified("invalid bearer token")
     return role
+
+
+class TooManyGuesses(HTTPException):
+    """429: this address tried too many wrong tokens; ``Retry-After`` says for how long."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(
+            429,
+            f"too many wrong tokens from this address: try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+class SigninLimit:
+    """Wrong tokens per client address, in Redis (shared by every replica).
+
+    A wrong token is counted before its answer is chosen (:meth:`failed`, one INCR) and a
+    right one is let in only while the count is below the limit (:meth:`blocked_for`, one
+    GET): however many guesses arrive at once, at most :data:`SIGNIN_ATTEMPTS` are told
+    "wrong", and a right one is let in only if it came before those.
+    """
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    async def blocked_for(self, client: str) -> int:
+        """Seconds until ``client`` may try again; 0 when it may now."""
+        key = self.state.keys.signin_failures(client)
+        with wrapped("cannot read the sign-in failures"):
+            pipe = self.state.client.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.ttl(key)
+            count, ttl = await pipe.execute()
+        if count is None or int(count) < SIGNIN_ATTEMPTS:
+            return 0
+        return max(int(ttl), 1)
+
+    async def failed(self, client: str) -> int:
+        """Count a wrong token from ``client``: the seconds it must now wait (0: this one
+        is within the limit, so it is answered as wrong)."""
+        key = self.state.keys.signin_failures(client)
+        with wrapped("cannot count a failed sign-in"):
+            pipe = self.state.client.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, int(SIGNIN_WINDOW.total_seconds()), nx=True)
+            pipe.ttl(key)
+            count, _, ttl = await pipe.execute()
+        return max(int(ttl), 1) if int(count) > SIGNIN_ATTEMPTS else 0
+
+
+async def limited(state: State, request: Request, check: Callable[[], T]) -> T:
+    """``check()``, a bearer token check raising :class:`Unverified`, with a wrong token
+    counted against the request's address; :class:`TooManyGuesses` (429) once the address
+    is over the limit, for the right token too. No ``Authorization`` at all is no guess."""
+    limit = SigninLimit(state)
+    client = client_address(request)
+    try:
+        result = check()
+    except Unverified:
+        if request.headers.get("authorization") and (wait := await limit.failed(client)):
+            raise TooManyGuesses(wait) from None
+        raise
+    if wait := await limit.blocked_for(client):
+        raise TooManyGuesses(wait)
+    return result

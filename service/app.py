@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.access import limited
 from service.api import parse_job_request
 from service.health import Health, registry_client
 from service.hooks import sources, verify
@@ -234,7 +235,7 @@ class Endpoints:
         return JSONResponse({"status": "accepted", "delivery": event.delivery_id}, 202)
 
     async def create_job(self, request: Request) -> Response:
-        self._check_api_token(request)
+        await self._check_api_token(request)
         body = await read_body(request, self.config.hooks.body_limit)
         require_json(request, "Job requests")
         job = parse_job_request(body)
@@ -251,7 +252,7 @@ class Endpoints:
         return JSONResponse({"job_id": job_id, "status_url": status_url}, status_code=202)
 
     async def get_job(self, request: Request) -> Response:
-        self._check_api_token(request)
+        await self._check_api_token(request)
         job_id = request.path_params["job_id"]
         job = await self.state.get_job(job_id) if JOB_ID.fullmatch(job_id) else None
         if job is None:
@@ -259,7 +260,7 @@ class Endpoints:
         return JSONResponse(job)
 
     async def replay(self, request: Request) -> Response:
-        self._check_api_token(request)
+        await self._check_api_token(request)
         given = request.path_params["letter_id"]
         if not REPLAY_ID.fullmatch(given):
             raise BadEvent("not a dead letter or delivery id")
@@ -290,11 +291,14 @@ class Endpoints:
                 "(no policy's repositories match it)",
             )
 
-    def _check_api_token(self, request: Request) -> None:
+    async def _check_api_token(self, request: Request) -> None:
+        """The API token, or 401; wrong ones count with the dashboard's failed sign-ins (it
+        is the admin's token), 429 past the limit."""
         token = self.config.hooks.api_token
         if token is None:
             raise HTTPException(404, "job API disabled")
-        verify.check_bearer(token, request.headers.get("authorization"))
+        authorization = request.headers.get("authorization")
+        await limited(self.state, request, lambda: verify.check_bearer(token, authorization))
 
     async def healthz(self, request: Request) -> Response:
         # Liveness: 200 while the process serves; the details say what it can reach.
@@ -357,7 +361,7 @@ def _error_handlers(metrics: ServiceMetrics) -> dict[type[Exception], Any]:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         count(request, "rejected")
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def queue_full(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, QueueFull)

@@ -11,6 +11,7 @@ routes do not take (:mod:`service.lazy`), so the hooks never load it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from service.access import bearer_role
+from service.access import bearer_role, limited
 from service.reads import (
     MAX_PER_PAGE,
     PER_PAGE,
@@ -38,6 +39,9 @@ from worker.store.audit import AuditQuery
 MAX_LIMIT: Final = 1000
 DEFAULT_LIMIT: Final = 50
 JOB_ID_LENGTH: Final = 32
+#: A Redis stream id, as an audit page's ``next`` cursor is (each part below 2**64).
+STREAM_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class ReadApi:
@@ -46,13 +50,16 @@ class ReadApi:
     def __init__(self, reader: Callable[[], Reader]) -> None:
         self._reader = reader
 
-    def _authorized(self, request: Request) -> Reader:
+    async def _authorized(self, request: Request) -> Reader:
         reader = self._reader()
-        bearer_role(reader.config.hooks, request.headers.get("authorization"))
+        authorization = request.headers.get("authorization")
+        await limited(
+            reader.state, request, lambda: bearer_role(reader.config.hooks, authorization)
+        )
         return reader
 
     async def repositories(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         sort = query.get("sort", "name")
         if sort.lstrip("-") not in REPOSITORY_SORTS:
@@ -63,7 +70,7 @@ class ReadApi:
         return JSONResponse(await reader.repositories(query.get("search", "")[:200], sort, page))
 
     async def plan(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         name = request.path_params["name"]
         if not valid_repository(name):
             raise BadEvent("not a repository name")
@@ -73,32 +80,29 @@ class ReadApi:
         return JSONResponse(plan)
 
     async def jobs(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         limit = bounded(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         found = await reader.jobs(limit, query.get("kind") or None, query.get("state") or None)
         return JSONResponse({"jobs": found})
 
     async def audit(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         query = request.query_params
         limit = bounded(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)
-        before = query.get("before") or None
-        if before is not None and not _stream_id(before):
-            raise BadEvent("before must be the next cursor of an earlier page")
-        return JSONResponse(await reader.audit_page(audit_query(query), limit, before))
+        return JSONResponse(await reader.audit_page(audit_query(query), limit, cursor(query)))
 
     async def holds(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         return JSONResponse({"holds": await reader.holds()})
 
     async def dead_letters(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         limit = bounded(request.query_params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         return JSONResponse(await reader.dead_letters(limit))
 
     async def status(self, request: Request) -> Response:
-        reader = self._authorized(request)
+        reader = await self._authorized(request)
         return JSONResponse(await reader.status())
 
     async def openapi(self, request: Request) -> Response:
@@ -127,14 +131,24 @@ def create(parts: ServiceParts) -> Router:
 # --- parsing the query -------------------------------------------------------------------
 
 
+def whole_number(text: str, most: int) -> int | None:
+    """``text`` as a whole number from 1 to ``most``; None for anything else. ASCII digits
+    only: ``str.isdigit`` also takes ``²`` and thousands of digits, which ``int`` refuses."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(most)):
+        return None
+    number = int(text)
+    return number if 0 < number <= most else None
+
+
 def bounded(query: Mapping[str, str], key: str, default: int, most: int) -> int:
     """A positive integer parameter, at most ``most``; 400 naming it otherwise."""
     raw = query.get(key)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 0 < int(raw) <= most:
+    number = whole_number(raw, most)
+    if number is None:
         raise BadEvent(f"{key} must be a whole number from 1 to {most}")
-    return int(raw)
+    return number
 
 
 def page_of(query: Mapping[str, str]) -> Page:
@@ -144,16 +158,17 @@ def page_of(query: Mapping[str, str]) -> Page:
 
 
 def since(text: str) -> datetime:
-    """A duration back from now (``24h``, ``7d``) or an ISO timestamp, as ``audit --since``."""
+    """A duration back from now (``24h``, ``7d``) or an ISO timestamp, as ``audit --since``;
+    a time before 1970 (the audit's stream ids count from then) reads as 1970: everything."""
     try:
-        return datetime.now(UTC) - parse_duration(text)
+        return max(datetime.now(UTC) - parse_duration(text), EPOCH)
     except ValueError:
         pass
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
         raise BadEvent("since must be a duration like 24h or 7d, or an ISO timestamp") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return max(parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC), EPOCH)
 
 
 def audit_query(query: Mapping[str, str]) -> AuditQuery:
@@ -180,9 +195,15 @@ def _hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def _stream_id(text: str) -> bool:
-    left, _, right = text.partition("-")
-    return left.isdigit() and right.isdigit()
+def cursor(query: Mapping[str, str]) -> str | None:
+    """``before``: the ``next`` of an earlier audit page (a Redis stream id), or None; 400
+    for anything else (Redis would refuse it, and that is no outage)."""
+    before = query.get("before") or None
+    if before is not None and STREAM_ID.fullmatch(before) is None:
+        raise BadEvent("before must be the next cursor of an earlier page")
+    if before is not None and max(int(part) for part in before.split("-")) >= 2**64:
+        raise BadEvent("before must be the next cursor of an earlier page")
+    return before
 
 
 # --- the OpenAPI document ----------------------------------------------------------------

@@ -70,17 +70,19 @@ class ServiceParts(Protocol):
 
 
 class Readers:
-    """The service's :class:`Reader`, made again when the lifespan renews its state store."""
+    """The service's :class:`Reader`, made again when the lifespan renews its state store or
+    the service takes an edited policy file (a token revoked there stops reading at once)."""
 
     def __init__(self, parts: ServiceParts) -> None:
         self.parts = parts
         self._reader: Reader | None = None
 
     def __call__(self) -> Reader:
-        state = self.parts.state
-        if self._reader is None or self._reader.state is not state:
-            self._reader = Reader(self.parts.config, state)
-        return self._reader
+        state, config = self.parts.state, self.parts.config
+        made = self._reader
+        if made is None or made.state is not state or made.config is not config:
+            self._reader = made = Reader(config, state)
+        return made
 
 
 class Reader:

@@ -18,9 +18,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from service.access import SIGNIN_ATTEMPTS
 from service.app import create_app
 from service.ui.app import CSP
-from service.ui.session import SIGNIN_ATTEMPTS
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
 from tests.harness.sinks import RedisListSink

@@ -11,7 +11,9 @@ are jobs too, so each action shows up among the jobs with who asked for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -20,7 +22,8 @@ from service.publish import EventSink
 from worker.errors import BadEvent, StateError
 from worker.queue.messages import DELETE_KIND
 from worker.records import Hold
-from worker.store.state import JobState, State
+from worker.store.redis import text, wrapped
+from worker.store.state import JOB_TTL, JobState, State
 from worker.store.tagindex import TagIndex
 
 log = logging.getLogger("regsweep.service")
@@ -41,10 +44,12 @@ DEFAULT_HOLD: Final = timedelta(days=30)
 HELD_BY: Final = "held in the dashboard"
 
 
-async def enqueue(state: State, sink: EventSink, kind: str, params: Mapping[str, Any]) -> str:
+async def enqueue(
+    state: State, sink: EventSink, kind: str, params: Mapping[str, Any], job_id: str | None = None
+) -> str:
     """Record a job and hand it to the workers; the record is marked failed when the hand-off
     fails. (``POST /api/v1/jobs`` does the same through :func:`service.ingest.submit_job`.)"""
-    job_id = await state.create_job(kind, params)
+    job_id = await state.create_job(kind, params, job_id=job_id)
     try:
         await sink.job(job_id, kind, params)
     except Exception:
@@ -63,12 +68,19 @@ def preview_params(action: str, fields: Mapping[str, str], by: str) -> tuple[str
         raise BadEvent(f"unknown action {action[:40]!r}")
     params: dict[str, Any] = {"dry_run": True, "by": by}
     if action == "delete-tag":
-        params |= {"repository": fields["repository"], "tags": [fields["tag"]]}
+        params |= {"repository": _need(fields, "repository"), "tags": [_need(fields, "tag")]}
     elif action == "delete-digest":
-        params |= {"repository": fields["repository"], "digests": [fields["digest"]]}
+        digest = _need(fields, "digest")
+        params |= {"repository": _need(fields, "repository"), "digests": [digest]}
     elif action == "prune":
-        params |= {"repository": fields["repository"]}
+        params |= {"repository": _need(fields, "repository")}
     return kind, params
+
+
+def _need(fields: Mapping[str, str], key: str) -> str:
+    if key not in fields:
+        raise BadEvent(f"the form has no {key}")
+    return fields[key]
 
 
 def run_params(preview: Mapping[str, Any], by: str) -> tuple[str, dict[str, Any]]:
@@ -88,6 +100,24 @@ def run_params(preview: Mapping[str, Any], by: str) -> tuple[str, dict[str, Any]
             raise BadEvent("the preview deletes nothing: nothing to run")
         run["expect"] = fingerprint
     return kind, run
+
+
+async def run_once(state: State, sink: EventSink, preview: Mapping[str, Any], by: str) -> str:
+    """Carry out ``preview`` (:func:`run_params`): the job that does. A preview runs once: its
+    run asked for again (a double click, a resent form, the back button) is the same job,
+    never a second deletion of what the preview showed, re-pushed meanwhile or not."""
+    kind, params = run_params(preview, by)
+    job_id, key = uuid.uuid4().hex, state.keys.preview_run(str(preview.get("id")))
+    with wrapped("redis SET NX preview run claim failed"):
+        if not await state.client.set(key, job_id, nx=True, ex=JOB_TTL):
+            earlier = await state.client.get(key)
+            return text(earlier) if earlier is not None else job_id
+    try:
+        return await enqueue(state, sink, kind, params, job_id)
+    except BaseException:
+        with contextlib.suppress(StateError), wrapped("redis DEL preview run claim failed"):
+            await state.client.delete(key)
+        raise
 
 
 async def hold(

@@ -25,14 +25,15 @@ from jinja2 import Environment, FileSystemLoader
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
 
-from service.access import Role, enabled, role_for
+from service.access import Role, SigninLimit, client_address, enabled, role_for
 from service.publish import EventSink
-from service.read_api import audit_query, bounded
+from service.read_api import audit_query, bounded, cursor, whole_number
 from service.reads import Reader, Readers, ServiceParts
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
-from service.ui.session import Session, Sessions, SigninLimit, csrf_ok, same_origin
+from service.ui.session import Session, Sessions, csrf_ok, same_origin
 from worker.errors import BadEvent, StateError
 from worker.oci import valid_digest, valid_repository, valid_tag
 from worker.store.audit import AuditQuery
@@ -58,6 +59,10 @@ SECURITY_HEADERS: Final = {
 }
 #: How often a job's live page looks at the job again.
 EVENTS_POLL: Final = 0.5
+#: Job event streams one service process keeps open at most, the rest 503: each holds its
+#: connection while its job runs (a GC: an hour), and the registry's hooks need some of
+#: ``hooks.max_connections`` too, whatever a viewer's script opens.
+MAX_EVENT_STREAMS: Final = 32
 MAX_HOLD_DAYS: Final = 3650
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
@@ -70,20 +75,37 @@ class UiParts(ServiceParts, Protocol):
     sink: EventSink
 
 
+class EventStream(StreamingResponse):
+    """A job's server-sent events; ``ended`` is called however the stream ends (the job
+    ended, the client went away, the service stops), even if it never started."""
+
+    def __init__(self, events: AsyncIterator[str], ended: Callable[[], None]) -> None:
+        headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ended()
+
+
 class Dashboard:
     """The dashboard's handlers over the service's state store and sink."""
 
     def __init__(self, parts: UiParts) -> None:
         self.parts = parts
+        #: Job event streams open now (:data:`MAX_EVENT_STREAMS`).
+        self.streams = 0
         self.readers = Readers(parts)
-        self.sessions = Sessions(parts.config.hooks)
+        self._sessions = Sessions(parts.config.hooks)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"), autoescape=True, auto_reload=False
         )
         pages.install_filters(self.env)
         self.vendor = {name: path.read_bytes() for name, path in VENDOR.items() if path.exists()}
         self.env.globals["scripts"] = len(self.vendor) == len(VENDOR)
-        self.env.globals["read_only"] = parts.config.hooks.api_token is None
         if not self.env.globals["scripts"]:
             log.warning(
                 "the dashboard's JavaScript is not installed (npm ci in service/ui): pages "
@@ -94,13 +116,25 @@ class Dashboard:
     def reader(self) -> Reader:
         return self.readers()
 
+    @property
+    def sessions(self) -> Sessions:
+        """The cookie's signer for the tokens configured now: an edited policy file that
+        changes or removes a token signs everyone out at once, not at the next restart."""
+        hooks = self.parts.config.hooks
+        if self._sessions.hooks is not hooks:
+            self._sessions = Sessions(hooks)
+        return self._sessions
+
     # --- answering -------------------------------------------------------------------
 
     def render(
         self, request: Request, session: Session, template: str, code: int = 200, **context: Any
     ) -> Response:
         html = self.env.get_template(template).render(
-            session=session, path=request.url.path, **context
+            session=session,
+            path=request.url.path,
+            read_only=self.parts.config.hooks.api_token is None,
+            **context,
         )
         response = HTMLResponse(html, status_code=code, headers=SECURITY_HEADERS)
         self.sessions.save(request, response, session)
@@ -130,18 +164,17 @@ class Dashboard:
         form = await read_form(request)
         if not same_origin(request) or not csrf_ok(session, form.get("csrf")):
             return self.error(request, session, 403, "the form expired: reload the page")
-        limit = SigninLimit(self.parts.state)
-        client = request.client.host if request.client else "unknown"
-        wait = await limit.blocked_for(client)
+        limit, client = SigninLimit(self.parts.state), client_address(request)
+        role = role_for(hooks, str(form.get("token") or ""))
+        # A wrong token is counted before it is answered, so a burst cannot outrun the count.
+        wait = await (limit.failed(client) if role is None else limit.blocked_for(client))
         if wait:
             response = self.render(
                 request, session, "signin.html", 429, next=_next(request), wait=wait
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        role = role_for(hooks, str(form.get("token") or ""))
         if role is None:
-            await limit.failed(client)
             return self.render(
                 request, session, "signin.html", 401, next=_next(request), failed=True
             )
@@ -224,11 +257,15 @@ class Dashboard:
         first = await self._job(request)
         if first is None:
             return self.error(request, session, 404, "no such job")
-        return StreamingResponse(
-            self._events(request, session, str(first["id"])),
-            media_type="text/event-stream",
-            headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"},
-        )
+        if self.streams >= MAX_EVENT_STREAMS:
+            busy = self.error(request, session, 503, "too many pages follow jobs live; reload")
+            busy.headers["Retry-After"] = "10"
+            return busy
+        self.streams += 1
+        return EventStream(self._events(request, session, str(first["id"])), self._stream_ended)
+
+    def _stream_ended(self) -> None:
+        self.streams -= 1
 
     async def _events(self, request: Request, session: Session, job_id: str) -> AsyncIterator[str]:
         shown = None
@@ -253,7 +290,7 @@ class Dashboard:
         query = request.query_params
         filters = {k: query.get(k, "") for k in ("since", "repository", "digest", "job")}
         limit = bounded(query, "limit", 100, 1000)
-        page = await self.reader.audit_page(audit_query(query), limit, query.get("before") or None)
+        page = await self.reader.audit_page(audit_query(query), limit, cursor(query))
         more = (
             "?" + urlencode({**{k: v for k, v in filters.items() if v}, "before": page["next"]})
             if page["next"]
@@ -304,32 +341,29 @@ class Dashboard:
         preview = await self.parts.state.get_job(preview_id) if len(preview_id) == 32 else None
         if preview is None:
             raise BadEvent("no such preview (records live 7 days)")
-        kind, params = actions.run_params(preview, _by(session))
-        job_id = await actions.enqueue(self.parts.state, self.parts.sink, kind, params)
+        job_id = await actions.run_once(self.parts.state, self.parts.sink, preview, _by(session))
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
 
     async def hold(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
-        days = str(form.get("days", "") or actions.DEFAULT_HOLD.days)
-        if not days.isdigit() or not 0 < int(days) <= MAX_HOLD_DAYS:
+        fields = _checked(form, "repository", "tag")
+        days = whole_number(str(form.get("days", "") or actions.DEFAULT_HOLD.days), MAX_HOLD_DAYS)
+        if days is None:
             raise BadEvent(f"days must be a whole number from 1 to {MAX_HOLD_DAYS}")
         index = self.reader.index
         repository, tag = fields["repository"], fields["tag"]
         by = _by(session)
-        await actions.hold(self.parts.state, index, repository, tag, days=int(days), by=by)
+        await actions.hold(self.parts.state, index, repository, tag, days=days, by=by)
         return self.redirect(request, session, _tag_url(fields))
 
     async def unhold(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
+        fields = _checked(form, "repository", "tag")
         await actions.unhold(
             self.parts.state, self.reader.index, fields["repository"], fields["tag"], _by(session)
         )
         return self.redirect(request, session, _tag_url(fields))
 
     async def restore(self, request: Request, session: Session, form: Form) -> Response:
-        fields = _checked(form)
-        if "digest" not in fields:
-            raise BadEvent("restore needs a digest")
+        fields = _checked(form, "repository", "digest")
         params = {
             "repository": fields["repository"],
             "digest": fields["digest"],
@@ -415,13 +449,16 @@ def action(dashboard: Dashboard, handler: Action) -> Callable[[Request], Awaitab
     return guarded
 
 
-def _checked(form: Form) -> dict[str, str]:
-    """The form's repository, tag and digest, each valid when present; BadEvent otherwise."""
+def _checked(form: Form, *required: str) -> dict[str, str]:
+    """The form's repository, tag and digest, each valid when present, the ``required`` ones
+    present; BadEvent naming the field otherwise."""
     out: dict[str, str] = {}
     checks = {"repository": valid_repository, "tag": valid_tag, "digest": valid_digest}
     for key, check in checks.items():
         value = form.get(key)
         if value in (None, ""):
+            if key in required:
+                raise BadEvent(f"the form has no {key}")
             continue
         if not isinstance(value, str) or not check(value):
             raise BadEvent(f"{key} is not a valid {key}")

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from jinja2 import Environment
 
+from service.read_api import whole_number
 from service.reads import REPOSITORY_SORTS, TAG_SORTS, Page
 
 __all__ = ["REPOSITORY_SORTS", "TAG_SORTS"]
@@ -22,6 +23,8 @@ __all__ = ["REPOSITORY_SORTS", "TAG_SORTS"]
 REPOSITORIES_PER_PAGE: Final = 50
 TAGS_PER_PAGE: Final = 100
 MOST_PER_PAGE: Final = 5000
+#: The highest page number a link may name (beyond the last page: an empty page).
+MOST_PAGE: Final = 1_000_000
 #: The order verdicts sort in: what goes first.
 VERDICT_ORDER: Final = {"delete": 0, "untag": 1, "moved": 2, "unplanned": 3, "keep": 4, "gone": 5}
 FINAL_STATES: Final = frozenset({"succeeded", "failed", "skipped", "interrupted"})
@@ -80,12 +83,9 @@ def install_filters(env: Environment) -> None:
 
 def page_of(query: Mapping[str, str], default: int) -> Page:
     """The query's page (bad numbers read as the first page: a page is no API)."""
-    number = query.get("page", "1")
     size = query.get("per_page", "")
-    if size == "all":
-        size = str(MOST_PER_PAGE)
-    per_page = int(size) if size.isdigit() and 0 < int(size) <= MOST_PER_PAGE else default
-    return Page(int(number) if number.isdigit() and int(number) > 0 else 1, per_page)
+    per_page = MOST_PER_PAGE if size == "all" else whole_number(size, MOST_PER_PAGE)
+    return Page(whole_number(query.get("page", ""), MOST_PAGE) or 1, per_page or default)
 
 
 # --- a repository's tags -----------------------------------------------------------------

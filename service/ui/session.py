@@ -13,7 +13,9 @@ restricts the cookie, so a forged header can harm no one else).
 Every session, a signed-out one included, carries a random CSRF token that each
 form repeats (the sign-in form too); a POST whose token does not match, or whose
 ``Origin`` is another site, is refused. Failed sign-ins are counted per client
-address in Redis and refused for a while beyond :data:`SIGNIN_ATTEMPTS`.
+address in Redis, with the read API's and the job API's wrong tokens, and refused
+for a while beyond :data:`~service.access.SIGNIN_ATTEMPTS`
+(:class:`~service.access.SigninLimit`).
 """
 
 from __future__ import annotations
@@ -31,25 +33,22 @@ from starlette.responses import Response
 
 from service.access import Role
 from worker.settings.model import HookSettings
-from worker.store.redis import wrapped
-from worker.store.state import State
 
 COOKIE: Final = "regsweep_session"
 COOKIE_PATH: Final = "/ui"
 #: A session lasts this long after sign-in.
 SESSION_AGE: Final = timedelta(hours=12)
-#: Failed sign-ins from one address allowed per :data:`SIGNIN_WINDOW`; then 429.
-SIGNIN_ATTEMPTS: Final = 10
-SIGNIN_WINDOW: Final = timedelta(minutes=15)
 _SALT: Final = "regsweep dashboard session"
 
 
 @dataclass(frozen=True)
 class Session:
-    """Who is signed in (``role`` None: nobody) and the CSRF token their forms carry."""
+    """Who is signed in (``role`` None: nobody) and the CSRF token their forms carry;
+    ``new`` until its cookie is set (a session read from its cookie is not new)."""
 
     role: Role | None
     csrf: str
+    new: bool = True
 
     @classmethod
     def anonymous(cls) -> Session:
@@ -61,7 +60,7 @@ class Session:
 
     def signed_in(self, role: Role) -> Session:
         """A new session for ``role``, with a new CSRF token (none carried over)."""
-        return replace(self, role=role, csrf=secrets.token_urlsafe(24))
+        return replace(self, role=role, csrf=secrets.token_urlsafe(24), new=True)
 
 
 class Sessions:
@@ -86,9 +85,15 @@ class Sessions:
         role = _role(data.get("r"))
         if role is Role.ADMIN and self.hooks.api_token is None:
             role = None
-        return Session(role, data["c"])
+        return Session(role, data["c"], new=False)
 
     def save(self, request: Request, response: Response, session: Session) -> None:
+        """Set the cookie of a new session (signed in, signed out, or none before). A
+        session read from its cookie is never signed again: the signature's time stays
+        the sign-in's, so a session used all day (or a copied cookie kept busy) still ends
+        :data:`SESSION_AGE` after its sign-in."""
+        if not session.new:
+            return
         value = self._serializer.dumps(
             {"r": session.role.value if session.role else "", "c": session.csrf}
         )
@@ -135,30 +140,3 @@ def same_origin(request: Request) -> bool:
 
 def csrf_ok(session: Session, given: object) -> bool:
     return isinstance(given, str) and hmac.compare_digest(session.csrf.encode(), given.encode())
-
-
-class SigninLimit:
-    """Failed sign-ins per client address, in Redis (shared by every replica)."""
-
-    def __init__(self, state: State) -> None:
-        self.state = state
-
-    async def blocked_for(self, client: str) -> int:
-        """Seconds until ``client`` may try again; 0 when it may now."""
-        key = self.state.keys.signin_failures(client)
-        with wrapped("cannot read the sign-in failures"):
-            pipe = self.state.client.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.ttl(key)
-            count, ttl = await pipe.execute()
-        if count is None or int(count) < SIGNIN_ATTEMPTS:
-            return 0
-        return max(int(ttl), 1)
-
-    async def failed(self, client: str) -> None:
-        key = self.state.keys.signin_failures(client)
-        with wrapped("cannot count a failed sign-in"):
-            pipe = self.state.client.pipeline(transaction=True)
-            pipe.incr(key)
-            pipe.expire(key, int(SIGNIN_WINDOW.total_seconds()), nx=True)
-            await pipe.execute()

@@ -26,7 +26,7 @@ processes, intake      ``processes``, ``process:<role>@<host>:<pid>``, ``jobs:qu
                        ``jobs:queued:<client>``, ``installation``
 dashboard              ``view:<repo>`` (the last plan), ``views`` (summaries), ``views:version``,
                        ``gc:history``,
-                       ``ui:signin:<client>``
+                       ``ui:signin:<client>``, ``ui:ran:<preview job>``
 =====================  ==================================================================
 
 The Celery broker's own keys (the queues ``events``, ``prune``, ``gc`` and kombu's
@@ -291,6 +291,11 @@ class Keys:
         """The newest GC reports, newest first (a capped list): the maintenance page."""
         return f"{self.prefix}gc:history"
 
+    def preview_run(self, preview_id: str) -> str:
+        """The job that ran the dashboard's preview ``preview_id`` (a preview runs once)."""
+        return f"{self.prefix}ui:ran:{preview_id}"
+
     def signin_failures(self, client: str) -> str:
-        """Failed dashboard sign-ins from one client address, counted for a while."""
+        """Wrong tokens from one client address (the dashboard's sign-in, the read API, the
+        job API), counted for a while."""
         return f"{self.prefix}ui:signin:{client}"
