@@ -65,6 +65,7 @@ from worker.settings.model import (
     Config,
     ControllerSettings,
     DockerControllerSettings,
+    GcGrace,
     HookSettings,
     MaintenanceSettings,
     NotifySettings,
@@ -143,7 +144,15 @@ _EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 #: Values used only to check that a filled-in template is a valid tag pattern.
 _SAMPLE_FIELDS: Final = {"number": "1", "branch": "main", "branch_slug": "main"}
-_MAINTENANCE_KEYS: Final = ("window", "gc", "controller", "registry_version")
+_MAINTENANCE_KEYS: Final = (
+    "window",
+    "gc",
+    "controller",
+    "registry_version",
+    "storage_prune",
+    "gc_grace",
+    "remove_empty_repositories",
+)
 _WINDOW_KEYS: Final = ("cron", "duration", "margin")
 _DOCKER_KEYS: Final = ("kind", "container", "config_path")
 _PROCESS_KEYS: Final = (
@@ -228,6 +237,12 @@ def parse_config(
     audit_path, audit_given = _audit_path(top, source)
     restore_hold = top.section("restore", ("hold",)).duration("hold") or DEFAULT_RESTORE_HOLD
     notify = _notify(top, environ)
+    if maintenance.storage_prune and registry.storage_path is None:
+        problems.add(
+            "maintenance.storage_prune",
+            "needs registry.storage_path (the storage it prunes)",
+            problems.key_lines.get("maintenance.storage_prune"),
+        )
     if strict:
         # The audit file is written without Redis, and beside it when audit.path is given.
         file_redis = None if audit_given else redis_url
@@ -1000,7 +1015,33 @@ def _maintenance(top: _Section) -> MaintenanceSettings:
         window_margin=DEFAULT_WINDOW_MARGIN if margin is None else margin,
         controller=_controller(section),
         registry_version=_registry_version(section),
+        storage_prune=_flag(section, "storage_prune"),
+        gc_grace=_gc_grace(section),
+        remove_empty_repositories=_flag(section, "remove_empty_repositories"),
     )
+
+
+def _flag(section: _Section, key: str) -> bool:
+    value = section.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    section.problem(key, "must be true or false")
+    return False
+
+
+def _gc_grace(section: _Section) -> GcGrace:
+    """``next-window`` (the default) or ``0``; any longer wait would have to hold back every
+    GC, the API prunes' reclaim with it (docs/safety.md)."""
+    value = section.get("gc_grace")
+    if value is None:
+        return GcGrace.NEXT_WINDOW
+    text = "" if isinstance(value, bool) else str(value).strip()
+    if text in ("0", "0s"):
+        return GcGrace.NONE
+    if text == GcGrace.NEXT_WINDOW.value:
+        return GcGrace.NEXT_WINDOW
+    section.problem("gc_grace", "must be next-window (the default) or 0 (this window's GC)")
+    return GcGrace.NEXT_WINDOW
 
 
 def _cron(window: _Section) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from typing import Final, Literal
 
 from worker.engine.policy import Policy
@@ -122,6 +123,16 @@ class ProcessControllerSettings:
 ControllerSettings = DockerControllerSettings | ProcessControllerSettings
 
 
+class GcGrace(StrEnum):
+    """When GC collects what a storage-level prune deleted (``maintenance.gc_grace``)."""
+
+    #: The next window's GC: the window runs GC first, then the storage prune, so its
+    #: deletions stay restorable until the next window.
+    NEXT_WINDOW = "next-window"
+    #: This window's GC: the storage prune first, then GC.
+    NONE = "0"
+
+
 @dataclass(frozen=True)
 class MaintenanceSettings:
     window_cron: str | None = None
@@ -130,6 +141,13 @@ class MaintenanceSettings:
     controller: ControllerSettings | None = None
     #: Registry major.minor for the GC report when the controller cannot tell, e.g. "3.1".
     registry_version: str | None = None
+    #: Every window prunes the enforced policies on the storage, read-only
+    #: (``maintenance.storage_prune``; ``regsweep gc --storage-prune`` for one window).
+    storage_prune: bool = False
+    gc_grace: GcGrace = GcGrace.NEXT_WINDOW
+    #: A storage prune also takes ``_manifests``, ``_layers`` and ``_uploads`` out of
+    #: repositories with no tag and no manifest left (never the directory).
+    remove_empty_repositories: bool = False
 
 
 # -- notifications (notify:) --------------------------------------------------------------
