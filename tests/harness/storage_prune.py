@@ -11,18 +11,30 @@ registry's own garbage collector would keep of it (``garbage-collect --dry-run``
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 
 from tests.harness.images import Format, ImageBuilder, PushedImage, PushedIndex
+from tests.harness.maintenance import (
+    FAST,
+    REDIS_URL,
+    ProcessRegistry,
+    RedisSpace,
+    make_maintenance,
+)
 from tests.harness.registry import RegistryProcess, set_pushed
 from worker.engine.model import Digest, Hold
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
+from worker.maintenance.job import Maintenance, Timing, controller_for
+from worker.maintenance.storage_prune import StoragePrune
+from worker.settings.model import Config, MaintenanceSettings, RegistrySettings
 from worker.store.history import LocalHistory
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -207,3 +219,57 @@ def dry_run_marks(
 
 def digests_of(*manifests: Iterable[Digest]) -> set[str]:
     return {str(d) for group in manifests for d in group}
+
+
+# --- the window ----------------------------------------------------------------------------
+
+
+def window_config(
+    registry: ProcessRegistry,
+    tmp_path: Path,
+    policy: Policy,
+    **maintenance: Any,
+) -> Config:
+    """A configuration whose window prunes on ``registry``'s storage (process controller)."""
+    return Config(
+        registry=RegistrySettings(
+            url=registry.url, concurrency=4, storage_path=str(registry.storage)
+        ),
+        policies=(policy,),
+        redis_url=REDIS_URL,
+        audit_path=str(tmp_path / "audit.jsonl"),
+        maintenance=MaintenanceSettings(
+            controller=registry.settings, storage_prune=True, **maintenance
+        ),
+    )
+
+
+def storage_window(space: RedisSpace, config: Config, *, timing: Timing = FAST) -> Maintenance:
+    """The window :func:`worker.maintenance.job.open_maintenance` makes for ``config``, on
+    ``space``'s keys."""
+    assert config.maintenance.controller is not None
+    m = make_maintenance(
+        space,
+        controller_for(config.maintenance),
+        config.registry.url,
+        settings=config.maintenance,
+        timing=timing,
+    )
+    m.storage_prune = StoragePrune(
+        config, m.controller, m.probe, space.client, keys=space.keys, prefix=space.prefix
+    )
+    return m
+
+
+#: The write probe's uploads (started and cancelled by every switch): not the prune's doing.
+PROBE_UPLOADS = "docker/registry/v2/repositories/regsweep/"
+
+
+def tree(root: Path) -> set[str]:
+    """Every file and directory under ``root``, relative to it (directories end in /), but
+    the write probe's."""
+    found = set()
+    for directory, dirs, files in os.walk(root):
+        base = Path(directory).relative_to(root)
+        found |= {f"{base / d}/" for d in dirs} | {str(base / f) for f in files}
+    return {path for path in found if not path.startswith(PROBE_UPLOADS)}

@@ -127,8 +127,11 @@ class StorageExecutor:
         layers_links: bool,
         wave_size: int = STORAGE_WAVE,
         on_progress: ProgressCallback | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self._storage = storage
+        #: Asked before each wave: the window lost its lock (a recovery may switch back).
+        self._stop = stop
         self._audit = audit
         self._layers_links = layers_links
         self._wave_size = max(1, wave_size)
@@ -168,6 +171,8 @@ class StorageExecutor:
 
     async def _wave(self, run: _Run, wave: Sequence[Deletion], report: ExecutionReport) -> None:
         """Record, remove, settle: the wave's intents are durable before any file goes."""
+        if run.fatal is None and self._stop is not None and self._stop():
+            run.fatal = "the maintenance window lost its lock; the storage prune stopped"
         attempted: list[tuple[Deletion, AuditEntry]] = []
         for deletion in wave:
             blocked = run.blocked(deletion)
