@@ -40,7 +40,7 @@ from worker.engine.plan import Action, Deletion, Kept, Plan, Reason
 from worker.engine.planner import plan
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.restore import restore
-from worker.engine.storage_executor import REMOVED_FROM_STORAGE, StorageExecutor
+from worker.engine.storage_executor import REMOVED_FROM_STORAGE, TRASH, StorageExecutor
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import StoragePruneRefused
 from worker.maintenance.job import GcRequest, run_gc
@@ -106,12 +106,15 @@ def test_window_prunes_on_storage_and_its_deletions_stay_restorable_until_the_ne
 ) -> None:
     """With the default grace the window runs GC, then prunes on storage: the doomed tags and
     manifests (single-arch, multi-arch with children, signed) answer 404 after the restart,
-    every kept image is whole, the audit holds a settled record of each, their blobs are
-    still there, and restore puts one back whole; the next window's GC collects the rest."""
+    every kept image is whole, the trash (a crashed prune's too) is emptied, the audit holds
+    a settled record of each, their blobs are still there, and restore puts one back whole;
+    the next window's GC collects the rest."""
     registry = versioned_registry
     config = window_config(registry, tmp_path, keep_newest(2, "gc/**"))
     with ImageBuilder.connect(registry.url) as builder:
         kept, doomed = seed(builder, registry.storage)
+        crashed = registry.storage / TRASH / "a-crashed-prune" / "1" / "current"
+        crashed.mkdir(parents=True)  # left by a prune that died before emptying it
         m = storage_window(space, config)
         job_id = space.state.create_job("gc", {})
         outcome = run_gc(m, GcRequest(job_id))
@@ -128,6 +131,7 @@ def test_window_prunes_on_storage_and_its_deletions_stay_restorable_until_the_ne
         for s in doomed:
             assert not builder.manifest_exists(s.repository, s.top.digest), s
             assert not set(s.top.tags) & set(builder.tags(s.repository))
+        assert not (registry.storage / TRASH).exists(), "the trash was not emptied"
         # GC ran before the prune: what the prune removed waits for the next window's GC.
         assert report.gc is not None and report.gc.blobs_deleted == 0
         assert all(builder.blob_exists(r, layer) for r, layer in _doomed_layers(doomed))

@@ -42,7 +42,7 @@ from worker.engine.executor import ExecutionReport, Status
 from worker.engine.plan import Action
 from worker.engine.planner import plan
 from worker.engine.policy import Mode
-from worker.engine.storage_executor import StorageExecutor
+from worker.engine.storage_executor import StorageExecutor, empty_trash
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import (
     RegistryError,
@@ -91,6 +91,8 @@ class StoragePruneResult:
     empty_repositories_removed: list[str] = field(default_factory=list)
     check_seconds: float = 0.0
     prune_seconds: float = 0.0
+    #: Emptying the trash (:class:`~worker.engine.storage_executor.Trash`), after the restart.
+    trash_seconds: float = 0.0
     #: Manifests removed, a few, for the check after the restart.
     removed_sample: list[tuple[str, str]] = field(default_factory=list)
     still_served: list[str] = field(default_factory=list)
@@ -115,6 +117,7 @@ class StoragePruneResult:
         data.pop("removed_sample")
         data["check_seconds"] = round(self.check_seconds, 3)
         data["prune_seconds"] = round(self.prune_seconds, 3)
+        data["trash_seconds"] = round(self.trash_seconds, 3)
         return data
 
 
@@ -165,7 +168,10 @@ class StoragePrune:
 
     def after_restart(self, report: GcReport) -> None:
         """The registry restarted read-write: what the prune removed must answer 404 (an
-        in-memory cache would still answer for it; a restart empties it)."""
+        in-memory cache would still answer for it; a restart empties it). Then the tag
+        directories the prune moved out of the registry's tree are removed for good."""
+        self._empty_trash()
+        report.storage_prune = self.result.summary()
         sample = self.result.removed_sample
         if not sample:
             return
@@ -225,6 +231,7 @@ class StoragePrune:
         config = self._config
         assert config.registry.storage_path is not None  # checked by _guard
         storage = RegistryStorage(config.registry.storage_path)
+        await asyncio.to_thread(self._empty_trash)  # a crashed prune's, if any
         stores = Stores.open(config, prefix=self._prefix)
         try:
             async with RegistryClient.from_settings(config.registry) as client:
@@ -307,6 +314,17 @@ class StoragePrune:
             )
         except StateError as exc:
             log.warning("%s: history not updated after the storage prune: %s", repository, exc)
+
+    def _empty_trash(self) -> None:
+        path = self._config.registry.storage_path
+        if path is None:
+            return
+        started = time.monotonic()
+        try:
+            empty_trash(Path(path))
+        except OSError as exc:
+            log.warning("the storage prune's trash is left (the next prune empties it): %s", exc)
+        self.result.trash_seconds += time.monotonic() - started
 
     def _verify_readonly_now(self) -> None:
         self._last_verified = 0.0
