@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,12 +41,17 @@ from worker.engine.plan import Action, Deletion, Kept, Plan, Reason
 from worker.engine.planner import plan
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.restore import restore
-from worker.engine.storage_executor import REMOVED_FROM_STORAGE, TRASH, StorageExecutor
+from worker.engine.storage_executor import (
+    REMOVED_FROM_STORAGE,
+    TRASH,
+    UNKNOWN_LAYER_LINK,
+    StorageExecutor,
+)
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import StoragePruneRefused
 from worker.maintenance.job import GcRequest, run_gc
 from worker.maintenance.report import GcReport
-from worker.maintenance.storage_guards import cross_check
+from worker.maintenance.storage_guards import cross_check, read_registry_config
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
 from worker.settings.model import GcGrace, RegistrySettings
@@ -540,3 +546,49 @@ def test_a_registry_not_restarted_after_the_prune_is_caught_serving_what_it_remo
             assert not builder.manifest_exists("gc/one", old.digest)
     finally:
         registry.stop()
+
+
+def test_the_process_controllers_config_is_config_path_else_the_file_gc_command_names(
+    process_registry: ProcessRegistry,
+) -> None:
+    """The config the guards read: ``config_path`` when set, else the ``.yml`` that
+    ``gc_command`` names; a ``gc_command`` naming none (a wrapper script) without
+    ``config_path`` refuses the prune, saying which key to set."""
+    settings = process_registry.settings
+    assert read_registry_config(settings).source == str(process_registry.config_rw)
+    wrapped = replace(settings, gc_command="registry-mode gc")
+    with pytest.raises(StoragePruneRefused) as refused:
+        read_registry_config(wrapped)
+    assert "set maintenance.controller.config_path" in str(refused.value)
+    named = replace(wrapped, config_path=str(process_registry.config_rw))
+    assert read_registry_config(named).problem() is None
+
+
+def test_with_the_version_unknown_a_manifest_that_is_also_a_blob_is_left_alone(
+    process_registry: ProcessRegistry, tmp_path: Path
+) -> None:
+    """2.8's DELETE takes a manifest's ``_layers`` link along, 3.x's keeps it: with the
+    registry's version unknown, such a manifest is skipped (said why) and the rest goes."""
+    registry = process_registry
+    repository = "files/unknown"
+    with ImageBuilder.connect(registry.url) as builder:
+        first, second = _pushed_twice(builder, repository)
+        plain = builder.image(repository, "e", layers=[b"layer three" * 10], created="absent")
+    reason = Reason("by hand", "")
+    deletions = [
+        Deletion(Action.MANIFEST, Digest(first.digest), "", 0, ("a", "b"), reason),
+        Deletion(Action.MANIFEST, Digest(plain.digest), "", 0, ("e",), reason),
+    ]
+    kept = [Kept(t, Digest(second.digest), reason) for t in ("c", "d")]
+    executor = StorageExecutor(
+        RegistryStorage(registry.storage), JsonlAuditLog(tmp_path / "a.jsonl"), layers_links=None
+    )
+    report = asyncio.run(executor.run(_by_hand(repository, deletions, kept), {}, job_id="j"))
+    assert [(d.digest, s.value) for d, s, _ in report.done] == [
+        (first.digest, "skipped"),
+        (plain.digest, "deleted"),
+    ]
+    assert UNKNOWN_LAYER_LINK in report.done[0][2]
+    with ImageBuilder.connect(registry.url) as builder:
+        assert builder.tags(repository) == ["a", "b", "c", "d"]
+        assert builder.manifest_exists(repository, first.digest)

@@ -61,6 +61,12 @@ TRASH: Final = "regsweep-trash"
 REMOVED_FROM_STORAGE: Final = "removed from storage (storage-level prune)"
 
 ProgressCallback = Callable[[Deletion, Status], None]
+#: Why a manifest that is also a blob of its repository stays when the version is unknown.
+UNKNOWN_LAYER_LINK: Final = (
+    "its digest is also a blob of the repository (a _layers link), which 2.8's DELETE removes "
+    "and 3.x's keeps; the registry's version is unknown (maintenance.registry_version), so "
+    "it is left for a prune through the API"
+)
 
 
 class _Result(NamedTuple):
@@ -123,15 +129,18 @@ class _Run:
 
 
 class StorageExecutor:
-    """Carries out plans on ``storage``. ``layers_links``: distribution 2.8, whose DELETE
-    also removes a ``_layers`` link of the manifest's digest."""
+    """Carries out plans on ``storage``. ``layers_links``: the registry is distribution 2.8,
+    whose DELETE also removes a ``_layers`` link of the manifest's digest (True), or 3.x,
+    whose DELETE leaves it (False). Unknown (None): a manifest whose digest is also a blob
+    of the repository is left alone, for the two would differ on it (a blob link another
+    image may need)."""
 
     def __init__(
         self,
         storage: RegistryStorage,
         audit: AuditLog,
         *,
-        layers_links: bool,
+        layers_links: bool | None,
         wave_size: int = STORAGE_WAVE,
         on_progress: ProgressCallback | None = None,
         stop: Callable[[], bool] | None = None,
@@ -172,10 +181,11 @@ class StorageExecutor:
 
     def _present(self, repository: str, digest: Digest) -> bool:
         """Whether the registry would serve ``digest`` in ``repository`` (on 2.8 a
-        ``_layers`` link is looked at too, as its manifest store does)."""
+        ``_layers`` link is looked at too, as its manifest store does; with the version
+        unknown too, so a tag on it counts as live and protects it)."""
         if self._storage.has_revision(repository, digest):
             return True
-        return self._layers_links and self._storage.has_layer_link(repository, digest)
+        return self._layers_links is not False and self._storage.has_layer_link(repository, digest)
 
     async def _wave(self, run: _Run, wave: Sequence[Deletion], report: ExecutionReport) -> None:
         """Record, remove, settle: the wave's intents are durable before any file goes."""
@@ -248,9 +258,12 @@ class StorageExecutor:
         """What the registry's DELETE by digest does, file for file."""
         repository = run.plan.repository
         links = [self._storage.revision_link(repository, digest)]
+        layer_link = self._storage.layer_link(repository, digest)
         if self._layers_links:
-            links.append(self._storage.layer_link(repository, digest))
+            links.append(layer_link)
         try:
+            if self._layers_links is None and layer_link.is_file():
+                return _Result(Status.SKIPPED, UNKNOWN_LAYER_LINK)
             present = [link for link in links if link.is_file()]
             if not present:
                 return _Result(Status.ALREADY_GONE)

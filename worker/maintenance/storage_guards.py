@@ -1,8 +1,8 @@
 """What must hold before a storage-level prune touches a file, each checked, never assumed.
 
-- **The registry's config** (the file its garbage collector reads: the process
-  controller's ``gc_command``, the docker controller's ``config_path`` or the file the
-  container serves, with the container's ``REGISTRY_*`` overrides): the filesystem driver,
+- **The registry's config** (the process controller's ``config_path``, else the file its
+  ``gc_command`` names; the docker controller's ``config_path`` or the file the container
+  serves, with the container's ``REGISTRY_*`` overrides): the filesystem driver,
   deletes enabled (a storage prune must not do what the registry's API refuses), and no
   Redis blob-descriptor cache. The window restarts the registry, which empties an
   ``inmemory`` cache; a Redis cache outlives the restart and would go on answering for
@@ -105,7 +105,7 @@ class RegistryConfig:
 
 
 def read_registry_config(
-    settings: ControllerSettings | None, controller: RegistryController
+    settings: ControllerSettings | None, controller: RegistryController | None = None
 ) -> RegistryConfig:
     """The config the registry's garbage collector reads; :class:`StoragePruneRefused` when
     it cannot be read (what is in it cannot be ruled out then)."""
@@ -123,18 +123,18 @@ def read_registry_config(
 
 
 def _process_config(settings: ProcessControllerSettings) -> RegistryConfig:
-    words = shlex.split(settings.gc_command)
-    files = [w for w in words if w.endswith((".yml", ".yaml"))]
-    if not files:
+    files = [w for w in shlex.split(settings.gc_command) if w.endswith((".yml", ".yaml"))]
+    if settings.config_path is None and not files:
         raise OSError(
-            "maintenance.controller.gc_command names no config file (…/config.yml) to read"
+            "maintenance.controller.gc_command names no config file (…/config.yml): set "
+            "maintenance.controller.config_path"
         )
-    path = Path(files[-1])
+    path = Path(settings.config_path or files[-1])
     return RegistryConfig(str(path), _parsed(path.read_bytes()[:CONFIG_MAX_BYTES]), {})
 
 
 def _docker_config(
-    settings: DockerControllerSettings, controller: RegistryController
+    settings: DockerControllerSettings, controller: RegistryController | None
 ) -> RegistryConfig:
     docker_controller = (
         controller

@@ -4,7 +4,8 @@
 
     guards ─► the registry refuses a write (the window switched it; probed again here)
              its config: filesystem driver, deletes enabled, no Redis blob-descriptor cache
-             its version known (2.8's DELETE clears a _layers link too; 3.x's does not)
+             its version (2.8's DELETE clears a _layers link too; 3.x's does not; unknown:
+             a manifest that is also a blob of its repository is left alone)
              the storage agrees with the API: catalog, tags, every tag's digest
     empty repositories (opt-in): _manifests, _layers, _uploads taken out, never the directory
     per repository a policy enforces: storage inventory ─► plan ─► storage executor
@@ -42,7 +43,7 @@ from worker.engine.executor import ExecutionReport, Status
 from worker.engine.plan import Action
 from worker.engine.planner import plan
 from worker.engine.policy import Mode
-from worker.engine.storage_executor import StorageExecutor, empty_trash
+from worker.engine.storage_executor import UNKNOWN_LAYER_LINK, StorageExecutor, empty_trash
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import (
     RegistryError,
@@ -187,9 +188,9 @@ class StoragePrune:
 
     # -- guards -------------------------------------------------------------------------
 
-    def _guard(self, report: GcReport) -> bool:
-        """Refuse unless everything holds that the prune needs; whether 2.8's ``_layers``
-        links go with a manifest."""
+    def _guard(self, report: GcReport) -> bool | None:
+        """Refuse unless everything holds that the prune needs; whether a manifest's
+        ``_layers`` link goes with it (2.8), stays (3.x), or is unknown (None)."""
         if report.writes_while_readonly != WriteState.READ_ONLY.value:
             raise StoragePruneRefused(
                 f"read-only is not verified (the write probe answered "
@@ -205,13 +206,15 @@ class StoragePrune:
         problem = read_registry_config(settings, self._controller).problem()
         if problem is not None:
             raise StoragePruneRefused(problem)
-        version = report.registry_version
-        if not version or not version.split(".")[0].isdigit():
-            raise StoragePruneRefused(
-                "the registry's version is unknown (2.8's DELETE also removes a _layers link, "
-                "3.x's does not): set maintenance.registry_version"
+        major = (report.registry_version or "").split(".")[0]
+        if not major.isdigit():
+            log.warning(
+                "GC job %s: the registry's version is unknown: %s",
+                report.job_id,
+                UNKNOWN_LAYER_LINK,
             )
-        return int(version.split(".")[0]) < 3
+            return None
+        return int(major) < 3
 
     def _verify_readonly(self) -> None:
         """A write must be refused right now; asked again once :data:`REVERIFY_EVERY` passed."""
@@ -227,7 +230,7 @@ class StoragePrune:
 
     # -- the prune ----------------------------------------------------------------------
 
-    async def _prune(self, job_id: str, layers: bool, stop: threading.Event) -> None:
+    async def _prune(self, job_id: str, layers: bool | None, stop: threading.Event) -> None:
         config = self._config
         assert config.registry.storage_path is not None  # checked by _guard
         storage = RegistryStorage(config.registry.storage_path)
@@ -240,7 +243,11 @@ class StoragePrune:
                 repositories = await self._checked(client, storage)
                 await asyncio.to_thread(self._remove_empty, storage, repositories)
                 builder = StorageInventoryBuilder(
-                    client, storage, layers_count=layers, history=stores.history, audit=stores.audit
+                    client,
+                    storage,
+                    layers_count=bool(layers),
+                    history=stores.history,
+                    audit=stores.audit,
                 )
                 executor = StorageExecutor(
                     storage, stores.audit, layers_links=layers, stop=stop.is_set

@@ -161,6 +161,7 @@ _PROCESS_KEYS: Final = (
     "readwrite_command",
     "gc_command",
     "storage_path",
+    "config_path",
 )
 #: ``maintenance.gc.delete_untagged`` values that mean "not passed", which is all regsweep
 #: does; ``true`` is refused with the reason (:data:`_DELETE_UNTAGGED_REFUSED`).
@@ -1111,6 +1112,7 @@ def _controller(section: _Section) -> ControllerSettings | None:
             readwrite_command=_command(process, "readwrite_command"),
             gc_command=_command(process, "gc_command"),
             storage_path=process.text("storage_path"),
+            config_path=process.text("config_path"),
         )
     if raw is None:
         return None

@@ -118,6 +118,9 @@ class ProcessControllerSettings:
     gc_command: str
     storage_path: str | None = None
     kind: Literal["process"] = "process"
+    #: The registry's config, read by the storage-level prune's guards; ``None``: the
+    #: ``.yml`` / ``.yaml`` file ``gc_command`` names.
+    config_path: str | None = None
 
 
 ControllerSettings = DockerControllerSettings | ProcessControllerSettings
