@@ -13,9 +13,9 @@ the same seeded storage (Debian's distribution 2.8.2):
   paused, read-only restart, write refused, GC, then the storage prune — the write probed
   again, the registry's config read, the storage cross-checked against the API (catalog,
   tag lists, a HEAD per tag), the inventory read from storage, the plan, each deletion's
-  audit intent made durable, the files removed, settled — then the read-write restart
-  and the removed manifests asked for. Reported: the storage prune (cross-check
-  included) and the whole window.
+  audit intent made durable, the files removed, settled — then the read-write restart,
+  the removed manifests asked for and the trash emptied. Reported: the storage prune
+  proper, its cross-check, the registry's read-only span, and the whole job.
 
 ``--growth`` adds one repository of N tags per size: the storage prune's time, and the API
 path's, measured as 200 DELETEs at concurrency 8 on a fresh registry with N tags and
@@ -57,6 +57,7 @@ class Row:
     floor: list[float] = field(default_factory=list)
     prune: list[float] = field(default_factory=list)
     check: list[float] = field(default_factory=list)
+    readonly: list[float] = field(default_factory=list)
     window: list[float] = field(default_factory=list)
 
 
@@ -74,9 +75,13 @@ def floor_round(seeded: Path, work: Path, repos: list[str]) -> float:
         registry.stop()
 
 
-def storage_round(seeded: Path, work: Path, repos: dict[str, int]) -> tuple[float, float, float]:
+def storage_round(
+    seeded: Path, work: Path, repos: dict[str, int]
+) -> tuple[float, float, float, float]:
     """Seconds of the storage prune proper (inventory, plan, audit, removal), of its
-    cross-check against the API, and of the whole window."""
+    cross-check against the API, of the registry's read-only span (from the switch until
+    writes are accepted again: GC, the prune, both restarts) and of the whole job (the
+    check after the restart and the trash's emptying too)."""
     shutil.rmtree(work, ignore_errors=True)
     registry = ProcessRegistry.create(work, log_level="warn")
     shutil.copytree(seeded / "data", registry.storage, symlinks=True)
@@ -92,6 +97,8 @@ def storage_round(seeded: Path, work: Path, repos: dict[str, int]) -> tuple[floa
         if outcome.status != "done" or report is None or report.storage_prune is None:
             raise SystemExit(f"window failed: {report.errors if report else outcome.reason}")
         summary = report.storage_prune
+        readonly = report.readonly_seconds or 0.0
+        print(f"  GC {report.gc_seconds}s, trash {summary['trash_seconds']}s", file=sys.stderr)
         with httpx.Client(base_url=registry.url, timeout=60) as client:
             for repo in repos:
                 left = client.get(f"/v2/{repo}/tags/list").json()["tags"]
@@ -99,20 +106,21 @@ def storage_round(seeded: Path, work: Path, repos: dict[str, int]) -> tuple[floa
     finally:
         registry.stop()
         space.cleanup()
-    return float(summary["prune_seconds"]), float(summary["check_seconds"]), window
+    return float(summary["prune_seconds"]), float(summary["check_seconds"]), readonly, window
 
 
 def scenario(label: str, seeded: Path, work: Path, repos: dict[str, int], rounds: int) -> Row:
     row = Row(label)
     for n in range(rounds):
         row.floor.append(floor_round(seeded, work / "floor", list(repos)))
-        prune, check, window = storage_round(seeded, work / "ours", repos)
+        prune, check, readonly, window = storage_round(seeded, work / "ours", repos)
         row.prune.append(prune)
         row.check.append(check)
+        row.readonly.append(readonly)
         row.window.append(window)
         print(
             f"{label} round {n}: floor {row.floor[-1]:.2f}s, storage prune {prune:.2f}s, "
-            f"cross-check {check:.2f}s, window {window:.2f}s",
+            f"cross-check {check:.2f}s, read-only {readonly:.2f}s, job {window:.2f}s",
             file=sys.stderr,
         )
     return row
@@ -144,8 +152,8 @@ async def _delete_sample(url: str, repo: str, count: int) -> float:
 def growth(
     cache: Path, work: Path, sizes: list[int]
 ) -> list[tuple[int, float, float, float, float]]:
-    """Per size: the storage prune's seconds, its cross-check's, the window's, and the API
-    path's projected seconds."""
+    """Per size: the storage prune's seconds, its cross-check's, the registry's read-only
+    span, and the API path's projected seconds."""
     found = []
     for size in sizes:
         repos = {"bench/grow": size}
@@ -155,14 +163,15 @@ def growth(
             per_delete = asyncio.run(_delete_sample(registry.url, "bench/grow", size))
         finally:
             registry.stop()
-        prune, check, window = storage_round(seeded, work / "ours", repos)
+        prune, check, readonly, window = storage_round(seeded, work / "ours", repos)
         api = per_delete * (size - KEEP)
         print(
-            f"{size} tags: storage prune {prune:.2f}s, cross-check {check:.2f}s, window "
-            f"{window:.2f}s; API {per_delete * 1000:.1f} ms per DELETE, {api:.0f}s projected",
+            f"{size} tags: storage prune {prune:.2f}s, cross-check {check:.2f}s, read-only "
+            f"{readonly:.2f}s, job {window:.2f}s; API {per_delete * 1000:.1f} ms per "
+            f"DELETE, {api:.0f}s projected",
             file=sys.stderr,
         )
-        found.append((size, prune, check, window, api))
+        found.append((size, prune, check, readonly, api))
     return found
 
 
@@ -187,26 +196,27 @@ def main() -> int:
     if rows:
         print(
             "| scenario | API floor (s) | storage prune (s) | floor / prune | cross-check (s) "
-            "| floor / (prune + check) | whole window (s) |"
+            "| floor / (prune + check) | read-only (s) | whole job (s) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         floor, prune = statistics.median(row.floor), statistics.median(row.prune)
-        check, window = statistics.median(row.check), statistics.median(row.window)
+        check, readonly = statistics.median(row.check), statistics.median(row.readonly)
         print(
             f"| {row.label} | {floor:.2f} | {prune:.2f} | {floor / prune:.1f}x | {check:.2f} "
-            f"| {floor / (prune + check):.1f}x | {window:.2f} |"
+            f"| {floor / (prune + check):.1f}x | {readonly:.2f} "
+            f"| {statistics.median(row.window):.2f} |"
         )
     sizes = [int(s) for s in args.growth.split(",") if s.strip()]
     if sizes:
         print()
         print(
-            "| tags | storage prune (s) | cross-check (s) | whole window (s) "
+            "| tags | storage prune (s) | cross-check (s) | read-only (s) "
             "| API path, projected (s) |"
         )
         print("|---:|---:|---:|---:|---:|")
-        for size, prune, check, window, api in growth(args.cache, work, sizes):
-            print(f"| {size:,} | {prune:.2f} | {check:.2f} | {window:.2f} | {api:,.0f} |")
+        for size, prune, check, readonly, api in growth(args.cache, work, sizes):
+            print(f"| {size:,} | {prune:.2f} | {check:.2f} | {readonly:.2f} | {api:,.0f} |")
     return 0
 
 

@@ -50,6 +50,8 @@ _NOT_DRIVERS: Final = frozenset({"delete", "cache", "maintenance", "redirect", "
 NAMED: Final = 5
 #: Tags HEADed at once by the cross-check (the client's concurrency still bounds requests).
 CHECK_BATCH: Final = 1000
+#: Repositories checked side by side (the client's concurrency bounds the requests).
+CHECK_REPOSITORIES: Final = 4
 #: The largest config file read.
 CONFIG_MAX_BYTES: Final = 1024 * 1024
 
@@ -174,8 +176,13 @@ async def cross_check(
         catalog = set(await client.catalog())
         stored = set(await asyncio.to_thread(storage.repositories))
         _refuse_differences("repositories", catalog, stored)
-        for repository in repositories:
-            await _same_tags(client, storage, repository)
+        gate = asyncio.Semaphore(CHECK_REPOSITORIES)
+
+        async def same(repository: str) -> None:
+            async with gate:
+                await _same_tags(client, storage, repository)
+
+        await asyncio.gather(*(same(r) for r in repositories))
     except RegistryError as exc:
         raise StoragePruneRefused(f"the registry's API could not be asked: {exc}") from exc
 

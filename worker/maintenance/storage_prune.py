@@ -71,6 +71,8 @@ T = TypeVar("T")
 #: The write probe is asked again before a repository's removals once this much time has
 #: passed since it last answered "read-only".
 REVERIFY_EVERY: Final = 1.0
+#: Repositories planned and pruned at once (as :mod:`worker.engine.prune` plans them).
+REPOSITORY_PARALLELISM: Final = 4
 #: Removed manifests asked for after the restart (each must answer 404).
 RESTART_SAMPLE: Final = 50
 #: What empties a repository takes out of it; never the directory, which may hold others.
@@ -116,6 +118,7 @@ class StoragePruneResult:
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("removed_sample")
+        data["pruned"] = sorted(self.pruned)
         data["check_seconds"] = round(self.check_seconds, 3)
         data["prune_seconds"] = round(self.prune_seconds, 3)
         data["trash_seconds"] = round(self.trash_seconds, 3)
@@ -144,6 +147,7 @@ class StoragePrune:
         self._prefix = prefix
         self.result = StoragePruneResult()
         self._last_verified = 0.0
+        self._probing = threading.Lock()
 
     # -- the window's two calls ---------------------------------------------------------
 
@@ -217,7 +221,12 @@ class StoragePrune:
         return int(major) < 3
 
     def _verify_readonly(self) -> None:
-        """A write must be refused right now; asked again once :data:`REVERIFY_EVERY` passed."""
+        """A write must be refused right now; asked again once :data:`REVERIFY_EVERY` passed
+        (one probe at a time: repositories are pruned side by side)."""
+        with self._probing:
+            self._verify_readonly_locked()
+
+    def _verify_readonly_locked(self) -> None:
         if time.monotonic() - self._last_verified < REVERIFY_EVERY:
             return
         state = self._probe.write_state()
@@ -242,21 +251,26 @@ class StoragePrune:
                 await asyncio.to_thread(self._verify_readonly_now)
                 repositories = await self._checked(client, storage)
                 await asyncio.to_thread(self._remove_empty, storage, repositories)
-                builder = StorageInventoryBuilder(
-                    client,
-                    storage,
-                    layers_count=bool(layers),
-                    history=stores.history,
-                    audit=stores.audit,
-                )
                 executor = StorageExecutor(
                     storage, stores.audit, layers_links=layers, stop=stop.is_set
                 )
-                for repository in repositories:
-                    if stop.is_set():
-                        self.result.failures.append(f"{repository}: the GC lock was lost; stopped")
-                        break
-                    await self._one(repository, builder, executor, stores.history, job_id)
+                gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
+
+                async def one(repository: str) -> None:
+                    async with gate:
+                        if stop.is_set():
+                            self.result.failures.append(f"{repository}: the GC lock was lost")
+                            return
+                        builder = StorageInventoryBuilder(
+                            client,
+                            storage,
+                            layers_count=bool(layers),
+                            history=stores.history,
+                            audit=stores.audit,
+                        )
+                        await self._one(repository, builder, executor, stores.history, job_id)
+
+                await asyncio.gather(*(one(r) for r in repositories))
             await asyncio.to_thread(self._verify_readonly_now)
         finally:
             await stores.aclose()
