@@ -175,6 +175,24 @@ def growth(
     return found
 
 
+def print_rows(rows: list[Row]) -> None:
+    if not rows:
+        return
+    print(
+        "| scenario | API floor (s) | storage prune (s) | floor / prune | cross-check (s) "
+        "| floor / (prune + check) | read-only (s) | whole job (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        floor, prune = statistics.median(row.floor), statistics.median(row.prune)
+        check, readonly = statistics.median(row.check), statistics.median(row.readonly)
+        print(
+            f"| {row.label} | {floor:.2f} | {prune:.2f} | {floor / prune:.1f}x | {check:.2f} "
+            f"| {floor / (prune + check):.1f}x | {readonly:.2f} "
+            f"| {statistics.median(row.window):.2f} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -193,20 +211,7 @@ def main() -> int:
     if args.scenario in ("many", "all"):
         many = seeded_storage(args.cache, "many", MANY)
         rows.append(scenario("20 x 200 tags, 3,800 deleted", many, work, MANY, args.rounds))
-    if rows:
-        print(
-            "| scenario | API floor (s) | storage prune (s) | floor / prune | cross-check (s) "
-            "| floor / (prune + check) | read-only (s) | whole job (s) |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        floor, prune = statistics.median(row.floor), statistics.median(row.prune)
-        check, readonly = statistics.median(row.check), statistics.median(row.readonly)
-        print(
-            f"| {row.label} | {floor:.2f} | {prune:.2f} | {floor / prune:.1f}x | {check:.2f} "
-            f"| {floor / (prune + check):.1f}x | {readonly:.2f} "
-            f"| {statistics.median(row.window):.2f} |"
-        )
+    print_rows(rows)
     sizes = [int(s) for s in args.growth.split(",") if s.strip()]
     if sizes:
         print()

@@ -170,9 +170,8 @@ def open_maintenance(
         controller = controller_for(
             config.maintenance, on_switch=lambda pid: record_session(client, keys, pid)
         )
-        step = None
-        if storage_prune or config.maintenance.storage_prune:
-            step = StoragePrune(config, controller, probe, client, keys=keys, prefix=prefix)
+        wanted = storage_prune or config.maintenance.storage_prune
+        step = StoragePrune(config, controller, probe, client, keys=keys, prefix=prefix)
         yield Maintenance(
             redis=client,
             state=SyncState(client, prefix=prefix),
@@ -182,7 +181,7 @@ def open_maintenance(
             keys=keys,
             release_deferred=release_deferred,
             notify=own[0].publish if own is not None else notify or _no_notification,
-            storage_prune=step,
+            storage_prune=step if wanted else None,
         )
     finally:
         probe.close()
