@@ -19,8 +19,9 @@ the same seeded storage (Debian's distribution 2.8.2):
 
 ``--growth`` adds one repository of N tags per size: the storage prune's time, and the API
 path's, measured as 200 DELETEs at concurrency 8 on a fresh registry with N tags and
-projected to N - 10 (each of distribution's DELETEs reads every tag link of the
-repository, so the whole prune is quadratic and cannot be run at 100,000).
+projected to the whole prune (:func:`projected`: each of distribution's DELETEs reads
+every tag link left in the repository, so the whole prune is quadratic and cannot be run
+at 100,000).
 """
 
 from __future__ import annotations
@@ -149,6 +150,14 @@ async def _delete_sample(url: str, repo: str, count: int) -> float:
         return (time.perf_counter() - started) / SAMPLE
 
 
+def projected(per_delete: float, size: int) -> float:
+    """The API path's whole prune of ``size`` tags down to :data:`KEEP`, from the time per
+    DELETE measured at ``size`` tags: each DELETE reads every tag link left, so its cost is
+    proportional to them, and the prune's to their sum (about a half of size squared)."""
+    per_link = per_delete / (size - SAMPLE / 2)
+    return per_link * (size * (size + 1) - KEEP * (KEEP + 1)) / 2
+
+
 def growth(
     cache: Path, work: Path, sizes: list[int]
 ) -> list[tuple[int, float, float, float, float]]:
@@ -164,7 +173,7 @@ def growth(
         finally:
             registry.stop()
         prune, check, readonly, window = storage_round(seeded, work / "ours", repos)
-        api = per_delete * (size - KEEP)
+        api = projected(per_delete, size)
         print(
             f"{size} tags: storage prune {prune:.2f}s, cross-check {check:.2f}s, read-only "
             f"{readonly:.2f}s, job {window:.2f}s; API {per_delete * 1000:.1f} ms per "

@@ -126,8 +126,8 @@ class StoragePruneResult:
 
 
 class StoragePrune:
-    """The window's storage-level prune (see the module docstring); made by
-    :func:`worker.maintenance.job.open_maintenance` when it is asked for."""
+    """The window's storage-level prune (see the module docstring), which
+    :func:`worker.maintenance.job.open_maintenance` gives the window when it is asked for."""
 
     def __init__(
         self,
@@ -180,7 +180,11 @@ class StoragePrune:
         sample = self.result.removed_sample
         if not sample:
             return
-        served = _in_thread(self._still_served(sample))
+        try:
+            served = _in_thread(self._still_served(sample))
+        except RegistryError as exc:
+            report.warnings.append(f"what the storage prune removed was not asked for: {exc}")
+            return
         self.result.still_served = served
         report.storage_prune = self.result.summary()
         if served:
