@@ -146,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="garbage-collect now: pruning paused, registry read-only")
     gc.add_argument("--dry-run", action="store_true", help="report what GC would remove only")
     gc.add_argument("--enqueue", action="store_true", help="queue it for the gc worker; print id")
+    gc.add_argument(
+        "--storage-prune",
+        action="store_true",
+        help="prune the enforced policies on storage first (maintenance.storage_prune)",
+    )
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     jobs.add_parser(sub)
     status.add_parser(sub)
@@ -572,7 +577,13 @@ async def _audit(args: argparse.Namespace, config: Config) -> int:
 async def _gc(args: argparse.Namespace, config: Config) -> int:
     from regsweep.gc import gc_command
 
-    return gc_command(config, dry_run=args.dry_run, enqueue=args.enqueue, as_json=args.json)
+    return gc_command(
+        config,
+        dry_run=args.dry_run,
+        enqueue=args.enqueue,
+        as_json=args.json,
+        storage_prune=args.storage_prune,
+    )
 
 
 COMMANDS: Final[dict[str, Command]] = {

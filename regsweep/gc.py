@@ -1,4 +1,4 @@
-"""``regsweep gc [--dry-run] [--enqueue]``.
+"""``regsweep gc [--dry-run] [--enqueue] [--storage-prune]``.
 
 Without ``--enqueue`` the window runs in this process, right now (a manual
 GC is not held to the window; see :mod:`worker.maintenance.window`), and the
@@ -10,6 +10,9 @@ With ``--enqueue`` a job is recorded and ``regsweep.gc`` is sent to the
 ``gc`` queue; the job id is printed. Both print the running GC's job id
 instead when a GC is already running. ``--json`` prints one JSON object instead of
 lines: the job id, how the request ended and, when GC ran, its report.
+``--storage-prune`` runs the storage-level prune in this window (as
+``maintenance.storage_prune: true`` does in every window); a dry run cannot, it
+switches nothing read-only (``regsweep plan`` shows what would go).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def gc_command(
     dry_run: bool,
     enqueue: bool,
     as_json: bool = False,
+    storage_prune: bool = False,
     out: Printer = print,
     err: Printer = _stderr,
 ) -> int:
@@ -57,11 +61,18 @@ def gc_command(
             "regsweep gc needs Redis (redis.url or REGSWEEP_REDIS_URL): the GC lock and the "
             "maintenance flag that pauses pruning are kept there"
         )
+    _check_storage_prune(config, dry_run=dry_run, storage_prune=storage_prune)
     if enqueue:
         return _enqueue(
-            config, config.redis_url, dry_run=dry_run, as_json=as_json, out=out, err=err
+            config,
+            config.redis_url,
+            dry_run=dry_run,
+            as_json=as_json,
+            out=out,
+            err=err,
+            storage_prune=storage_prune,
         )
-    with open_maintenance(config) as m:
+    with open_maintenance(config, storage_prune=storage_prune) as m:
         job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": TRIGGER})
         outcome = run_gc(m, GcRequest(job_id, dry_run, TRIGGER))
     ran = outcome.report is not None
@@ -86,6 +97,20 @@ def gc_command(
     return code
 
 
+def _check_storage_prune(config: Config, *, dry_run: bool, storage_prune: bool) -> None:
+    if not storage_prune:
+        return
+    if dry_run:
+        raise ConfigError(
+            "regsweep: --storage-prune cannot be a dry run (a dry run switches nothing "
+            "read-only); regsweep plan shows what it would delete"
+        )
+    if config.registry.storage_path is None:
+        raise ConfigError(
+            "regsweep: --storage-prune needs registry.storage_path (the storage it prunes)"
+        )
+
+
 def _result(
     job_id: str, status: str, reason: str, report: dict[str, Any] | None, errors: list[str]
 ) -> dict[str, Any]:
@@ -100,7 +125,14 @@ def _result(
 
 
 def _enqueue(
-    config: Config, url: str, *, dry_run: bool, as_json: bool, out: Printer, err: Printer
+    config: Config,
+    url: str,
+    *,
+    dry_run: bool,
+    as_json: bool,
+    out: Printer,
+    err: Printer,
+    storage_prune: bool = False,
 ) -> int:
     client = sync_client(url)
     try:
@@ -119,6 +151,8 @@ def _enqueue(
         client.close()
     app = make_celery(config)
     kwargs = {"job_id": job_id, "dry_run": dry_run, "trigger": TRIGGER}
+    if storage_prune:
+        kwargs["storage_prune"] = True
     try:
         enqueue(app, TaskMessage(TASK_GC, kwargs, GC_QUEUE))
     finally:

@@ -583,7 +583,7 @@ BAD_FILES = [
         + "container: r}\n",
         [
             "p.yaml: maintenance.controller.container: unknown key (expected one of: kind, "
-            "readonly_command, readwrite_command, gc_command, storage_path)",
+            "readonly_command, readwrite_command, gc_command, storage_path, config_path)",
             "p.yaml: maintenance.controller.readonly_command: is not a valid command line: "
             "No closing quotation",
             "p.yaml: maintenance.controller.readwrite_command: required",

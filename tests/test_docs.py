@@ -75,6 +75,9 @@ NOT_RUN: Final[dict[str, str]] = {
     "docker compose exec gc-worker regsweep -c /etc/regsweep/regsweep.yaml gc --dry-run": _IN_STACK,
     "regsweep completion zsh > ~/.zfunc/_regsweep": "writes into the home directory; "
     "tests/test_cli_polish.py checks the zsh script",
+    "regsweep -c regsweep.yaml gc --storage-prune": "tests/test_storage_prune_cli.py runs it "
+    "on a registry it prunes; here its window would delete the site's builds before the "
+    "commands that show them",
     "regsweep -c regsweep.yaml replay 7c1e0a92d4b4": REPLAYED,
     "regsweep -c regsweep.yaml replay 2f1c8e40-5a7b-11ef-9d1e-0e3b": REPLAYED,
     "curl -X POST -H Authorization: Bearer $TOKEN "

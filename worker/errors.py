@@ -13,6 +13,7 @@
     │   └── RegistryProtocolError    an answer that breaks the distribution spec
     ├── StateError                   Redis (state, dedup, locks, audit) unreachable or refused
     ├── StorageError                 registry.storage_path unreadable, or not this registry's
+    │   └── StoragePruneRefused      a storage-level prune's guard said no: nothing removed
     ├── UnknownJob                   no job record by that id (or prefix), or several
     ├── NothingToReplay              no dead letter or recorded CI event by that id, or one
     │                                with nothing in it to run again
@@ -112,6 +113,11 @@ class StorageError(RegsweepError):
     """``registry.storage_path`` cannot serve a repository's plan: a file in it regsweep
     cannot read, or a repository the registry has and the storage lacks. That repository is
     left alone (a plan never runs on part of its evidence); the others go on."""
+
+
+class StoragePruneRefused(StorageError):
+    """A guard of the storage-level prune refused it (a Redis blob-descriptor cache, writes
+    not refused, the storage and the API disagreeing): nothing was removed from storage."""
 
 
 class UnknownJob(RegsweepError):

@@ -3,7 +3,9 @@
     set the maintenance flag ─► prunes defer themselves (jobs.prune_repository)
     wait for the per-repository prune locks to drain (bounded)
     switch read-only ─► wait: reads answer, a write gets 405 ─┐
+    [storage prune, when gc_grace is 0]                       │
     run garbage-collect, streaming its output                 │ finally:
+    [storage prune, by default: GC collects it next window]   │
     switch read-write (retried with backoff, alerted) ◄───────┘
       └ this restart also empties the blob-descriptor cache, which would
         otherwise answer for swept blobs and break re-pushes (distribution#1803, #3743)
@@ -33,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import redis
 from redis.exceptions import RedisError
@@ -55,11 +57,12 @@ from worker.maintenance.lock import (
 )
 from worker.maintenance.probe import RegistryProbe
 from worker.maintenance.report import GcReport, MaintenanceMetrics
+from worker.maintenance.storage_prune import StoragePrune
 from worker.maintenance.window import WINDOW_TRIGGER, may_start
 from worker.notify import message
 from worker.notify.message import Notification
 from worker.notify.runtime import make_notifier
-from worker.settings.model import Config, MaintenanceSettings, ProcessControllerSettings
+from worker.settings.model import Config, GcGrace, MaintenanceSettings, ProcessControllerSettings
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.redis import sync_client, text, wrapped
 from worker.store.state import JobState, SyncState
@@ -103,6 +106,16 @@ class Timing:
     poll: float = 0.5
 
 
+class StoragePruneStep(Protocol):
+    """The storage-level prune (:class:`~worker.maintenance.storage_prune.StoragePrune`)."""
+
+    def run(self, report: GcReport, stop: threading.Event) -> None:
+        """Prune on storage now, with the registry read-only; the outcome goes on ``report``."""
+
+    def after_restart(self, report: GcReport) -> None:
+        """The registry is read-write again (restarted): check what the prune removed."""
+
+
 @dataclass
 class Maintenance:
     """What a window works with, made once by the caller (a Celery task, the CLI, a test)."""
@@ -120,6 +133,8 @@ class Maintenance:
     sleep: Callable[[float], None] = time.sleep
     #: Queues a notification (:mod:`worker.notify`); never blocks, never raises.
     notify: Callable[[Notification | None], None] = _no_notification
+    #: The storage-level prune the window runs read-only; ``None``: none.
+    storage_prune: StoragePruneStep | None = None
 
     @property
     def metrics(self) -> MaintenanceMetrics:
@@ -137,10 +152,12 @@ def open_maintenance(
     release_deferred: Callable[[], int] | None = None,
     prefix: str = DEFAULT_PREFIX,
     notify: Callable[[Notification | None], None] | None = None,
+    storage_prune: bool = False,
 ) -> Iterator[Maintenance]:
     """The production :class:`Maintenance` for ``config``, closed afterwards. Without
     ``notify`` (the CLI, a worker's start-up check), notifications go through a notifier of
-    its own, drained (for a bounded time) when the maintenance closes."""
+    its own, drained (for a bounded time) when the maintenance closes. The window prunes on
+    storage when ``maintenance.storage_prune`` or ``storage_prune`` says so."""
     if config.redis_url is None:
         raise ConfigError(
             "GC needs Redis (redis.url or REGSWEEP_REDIS_URL): for the cluster-wide GC lock "
@@ -151,17 +168,21 @@ def open_maintenance(
     probe = RegistryProbe.from_settings(config.registry)
     own = make_notifier(config, prefix=prefix) if notify is None else None
     try:
+        controller = controller_for(
+            config.maintenance, on_switch=lambda pid: record_session(client, keys, pid)
+        )
+        wanted = storage_prune or config.maintenance.storage_prune
+        step = StoragePrune(config, controller, probe, client, keys=keys, prefix=prefix)
         yield Maintenance(
             redis=client,
             state=SyncState(client, prefix=prefix),
-            controller=controller_for(
-                config.maintenance, on_switch=lambda pid: record_session(client, keys, pid)
-            ),
+            controller=controller,
             probe=probe,
             settings=config.maintenance,
             keys=keys,
             release_deferred=release_deferred,
             notify=own[0].publish if own is not None else notify or _no_notification,
+            storage_prune=step if wanted else None,
         )
     finally:
         probe.close()
@@ -358,9 +379,15 @@ def _window(m: Maintenance, report: GcReport, listener: GcListener) -> None:
 
 def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None:
     started = time.monotonic()
+    step = m.storage_prune
+    # gc_grace 0: this window's GC collects what the prune removes. Otherwise GC comes
+    # first and the prune's deletions stay restorable until the next window's GC.
+    first = step if step is not None and m.settings.gc_grace is GcGrace.NONE else None
     try:
         m.controller.set_readonly(True)
         report.writes_while_readonly = m.probe.wait_readonly(m.timing.switch_timeout).value
+        if first is not None:
+            first.run(report, listener.stop)
         # Both sizes are taken while the registry refuses every write, so GC is the only
         # thing that changed the storage in between. Measured around the whole window, a
         # push before the switch or right after the switch back made the difference
@@ -368,6 +395,8 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
         report.bytes_before = _storage_bytes(m)
         report.gc = m.controller.run_gc(dry_run=False, on_line=listener, stop=listener.stop)
         report.bytes_after = _storage_bytes(m)
+        if step is not None and first is None:
+            _prune_after_gc(report, step, listener)
         if report.storage_grew:
             note = "the storage grew while read-only: something besides the registry writes to it"
             log.warning("GC job %s: %s", report.job_id, note)
@@ -381,6 +410,16 @@ def _readonly_gc(m: Maintenance, report: GcReport, listener: GcListener) -> None
         if writes is None:
             report.errors.append("the registry is left read-only: every switch back failed")
             alert_left_read_only(m, report.job_id, report.warnings)
+        elif step is not None:
+            step.after_restart(report)
+
+
+def _prune_after_gc(report: GcReport, step: StoragePruneStep, listener: GcListener) -> None:
+    """The storage prune after a GC that went well (a failed one leaves storage alone)."""
+    if report.gc is not None and report.gc.ok:
+        step.run(report, listener.stop)
+    else:
+        report.errors.append("storage prune not run: the window's garbage-collect failed")
 
 
 def switch_back(m: Maintenance, failures: list[str]) -> str | None:

@@ -56,6 +56,8 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
     #: Trouble that was overcome (a switch back that worked at the second attempt).
     warnings: list[str] = field(default_factory=list)
+    #: What the storage-level prune did (:mod:`worker.maintenance.storage_prune`), if it ran.
+    storage_prune: dict[str, Any] | None = None
 
     def finish(self, at: datetime) -> None:
         self.finished = at
@@ -129,6 +131,7 @@ class GcReport:
             "deferred_released": self.deferred_released,
             "left_readonly": self.left_readonly,
             "warnings": self.warnings,
+            "storage_prune": self.storage_prune,
         }
 
     def job_fields(self) -> dict[str, Any]:
@@ -155,11 +158,31 @@ class GcReport:
                 f"read-only for {_maybe(_round(self.readonly_seconds))} s, "
                 f"GC took {_maybe(_round(self.gc_seconds))} s"
             )
+        out += storage_prune_lines(self.storage_prune)
         out.append(f"overran the window: {'yes' if self.overran else 'no'}")
         out += [f"error: {e}" for e in self.errors]
         if self.left_readonly:
             out.append("ALERT: the registry is still read-only; the recovery check retries")
         return out
+
+
+def storage_prune_lines(summary: dict[str, Any] | None) -> list[str]:
+    """How ``regsweep gc`` says what the storage-level prune did."""
+    if summary is None or summary.get("refused"):
+        return []
+    counts = summary.get("counts") or {}
+    line = (
+        f"storage prune: {summary.get('tags_removed', 0)} tags and "
+        f"{summary.get('manifests_removed', 0)} manifests removed from "
+        f"{len(summary.get('pruned') or [])} of {summary.get('repositories', 0)} repositories "
+        f"in {summary.get('prune_seconds')} s (checked against the API in "
+        f"{summary.get('check_seconds')} s)"
+    )
+    others = {k: v for k, v in counts.items() if v and k != "deleted"}
+    if others:
+        line += "; " + ", ".join(f"{v} {k}" for k, v in sorted(others.items()))
+    empties = summary.get("empty_repositories_removed") or []
+    return [line] + ([f"empty repositories removed: {', '.join(empties)}"] if empties else [])
 
 
 def _round(value: float | None) -> float | None:

@@ -58,8 +58,18 @@ def _publish(note: Notification | None) -> None:
 
 
 @shared_task(name=TASK_GC, acks_late=True)
-def gc(job_id: str | None = None, dry_run: bool = False, trigger: str = "api") -> None:
-    with open_maintenance(configured(), release_deferred=release_deferred, notify=_publish) as m:
+def gc(
+    job_id: str | None = None,
+    dry_run: bool = False,
+    trigger: str = "api",
+    storage_prune: bool = False,
+) -> None:
+    with open_maintenance(
+        configured(),
+        release_deferred=release_deferred,
+        notify=_publish,
+        storage_prune=storage_prune,
+    ) as m:
         if job_id is None:
             job_id = m.state.create_job("gc", {"dry_run": dry_run, "trigger": trigger})
         else:

@@ -11,7 +11,8 @@ Two facts the API cannot give come from here: when a tag was last pushed (the
 ``current/link`` is rewritten on every PUT by tag, even of the same digest, so its
 mtime is the push time; checked on 2.8.2), and every manifest the repository
 stores, tagged or not (an untagged multi-arch index still needs its children).
-regsweep never writes here.
+Nothing in this module writes here; the storage-level prune inside a maintenance
+window (:mod:`worker.engine.storage_executor`) is the only code that does.
 
 A pull-through cache rewrites tag links on every pull, so its mtimes say nothing
 about pushes: such storage (it has the proxy's ``scheduler-state.json`` at its
@@ -172,6 +173,50 @@ class RegistryStorage:
             if stored is not None:
                 found[name] = stored
         return found
+
+    def repositories(self) -> list[str]:
+        """Every repository, found as the registry's catalog finds them (distribution's
+        ``handleRepository``, 2.8 and 3.x): a directory holding ``_manifests`` is one,
+        directories whose names start with ``_`` are never entered, and a repository's
+        other directories may hold repositories nested in it."""
+        found: list[str] = []
+        pending = [""]
+        base = self.root / V2 / "repositories"
+        while pending:
+            current = pending.pop()
+            for name in sorted(_listing(base / current)):
+                path = f"{current}/{name}" if current else name
+                if name == "_manifests":
+                    found.append(current)
+                elif not name.startswith("_") and _is_dir(base / path):
+                    pending.append(path)
+        return sorted(found)
+
+    def tag(self, repository: str, tag: str) -> StoredTag | None:
+        """One tag's digest and last push; None when the storage has no link for it."""
+        return _read_link(self._manifests(repository) / "tags" / tag / "current" / "link")
+
+    def has_revision(self, repository: str, digest: str) -> bool:
+        """Whether ``repository`` stores the manifest ``digest`` (its revision has a link)."""
+        return _is_file(self.revision_link(repository, digest))
+
+    def has_layer_link(self, repository: str, digest: str) -> bool:
+        """Whether ``digest`` is linked into ``repository``'s ``_layers`` (a blob of it)."""
+        return _is_file(self.layer_link(repository, digest))
+
+    def repository_path(self, repository: str) -> Path:
+        return self.root / V2 / "repositories" / repository
+
+    def tag_directory(self, repository: str, tag: str) -> Path:
+        return self._manifests(repository) / "tags" / tag
+
+    def revision_link(self, repository: str, digest: str) -> Path:
+        algorithm, _, hexdigits = digest.partition(":")
+        return self._manifests(repository) / "revisions" / algorithm / hexdigits / "link"
+
+    def layer_link(self, repository: str, digest: str) -> Path:
+        algorithm, _, hexdigits = digest.partition(":")
+        return self.repository_path(repository) / "_layers" / algorithm / hexdigits / "link"
 
     def revisions(self, repository: str) -> list[Digest]:
         """Every manifest the repository stores (tagged or not), by digest.

@@ -102,6 +102,12 @@ def parse_config(
     audit_path, audit_given = parse_audit_path(top, source)
     restore_hold = top.section("restore", ("hold",)).duration("hold") or DEFAULT_RESTORE_HOLD
     notify = parse_notify(top, environ)
+    if maintenance.storage_prune and registry.storage_path is None:
+        problems.add(
+            "maintenance.storage_prune",
+            "needs registry.storage_path (the storage it prunes)",
+            problems.key_lines.get("maintenance.storage_prune"),
+        )
     if strict:
         # The audit file is written without Redis, and beside it when audit.path is given.
         file_redis = None if audit_given else redis_url

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from typing import Final, Literal
 
 from worker.engine.policy import Policy
@@ -117,9 +118,22 @@ class ProcessControllerSettings:
     gc_command: str
     storage_path: str | None = None
     kind: Literal["process"] = "process"
+    #: The registry's config, read by the storage-level prune's guards; ``None``: the
+    #: ``.yml`` / ``.yaml`` file ``gc_command`` names.
+    config_path: str | None = None
 
 
 ControllerSettings = DockerControllerSettings | ProcessControllerSettings
+
+
+class GcGrace(StrEnum):
+    """When GC collects what a storage-level prune deleted (``maintenance.gc_grace``)."""
+
+    #: The next window's GC: the window runs GC first, then the storage prune, so its
+    #: deletions stay restorable until the next window.
+    NEXT_WINDOW = "next-window"
+    #: This window's GC: the storage prune first, then GC.
+    NONE = "0"
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,13 @@ class MaintenanceSettings:
     controller: ControllerSettings | None = None
     #: Registry major.minor for the GC report when the controller cannot tell, e.g. "3.1".
     registry_version: str | None = None
+    #: Every window prunes the enforced policies on the storage, read-only
+    #: (``maintenance.storage_prune``; ``regsweep gc --storage-prune`` for one window).
+    storage_prune: bool = False
+    gc_grace: GcGrace = GcGrace.NEXT_WINDOW
+    #: A storage prune also takes ``_manifests``, ``_layers`` and ``_uploads`` out of
+    #: repositories with no tag and no manifest left (never the directory).
+    remove_empty_repositories: bool = False
 
 
 # -- notifications (notify:) --------------------------------------------------------------

@@ -14,12 +14,21 @@ from worker.settings.model import (
     DEFAULT_WINDOW_MARGIN,
     ControllerSettings,
     DockerControllerSettings,
+    GcGrace,
     MaintenanceSettings,
     ProcessControllerSettings,
 )
 from worker.settings.validate import Section
 
-_MAINTENANCE_KEYS: Final = ("window", "gc", "controller", "registry_version")
+_MAINTENANCE_KEYS: Final = (
+    "window",
+    "gc",
+    "controller",
+    "registry_version",
+    "storage_prune",
+    "gc_grace",
+    "remove_empty_repositories",
+)
 _WINDOW_KEYS: Final = ("cron", "duration", "margin")
 _DOCKER_KEYS: Final = ("kind", "container", "config_path")
 _PROCESS_KEYS: Final = (
@@ -28,6 +37,7 @@ _PROCESS_KEYS: Final = (
     "readwrite_command",
     "gc_command",
     "storage_path",
+    "config_path",
 )
 #: ``maintenance.gc.delete_untagged`` values that mean "not passed", which is all regsweep
 #: does; ``true`` is refused with the reason (:data:`_DELETE_UNTAGGED_REFUSED`).
@@ -64,7 +74,33 @@ def parse_maintenance(top: Section) -> MaintenanceSettings:
         window_margin=DEFAULT_WINDOW_MARGIN if margin is None else margin,
         controller=_controller(section),
         registry_version=_registry_version(section),
+        storage_prune=_flag(section, "storage_prune"),
+        gc_grace=_gc_grace(section),
+        remove_empty_repositories=_flag(section, "remove_empty_repositories"),
     )
+
+
+def _flag(section: Section, key: str) -> bool:
+    value = section.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    section.problem(key, "must be true or false")
+    return False
+
+
+def _gc_grace(section: Section) -> GcGrace:
+    """``next-window`` (the default) or ``0``; any longer wait would have to hold back every
+    GC, the API prunes' reclaim with it (docs/safety.md)."""
+    value = section.get("gc_grace")
+    if value is None:
+        return GcGrace.NEXT_WINDOW
+    text = "" if isinstance(value, bool) else str(value).strip()
+    if text in ("0", "0s"):
+        return GcGrace.NONE
+    if text == GcGrace.NEXT_WINDOW.value:
+        return GcGrace.NEXT_WINDOW
+    section.problem("gc_grace", "must be next-window (the default) or 0 (this window's GC)")
+    return GcGrace.NEXT_WINDOW
 
 
 def _cron(window: Section) -> str | None:
@@ -134,6 +170,7 @@ def _controller(section: Section) -> ControllerSettings | None:
             readwrite_command=_command(process, "readwrite_command"),
             gc_command=_command(process, "gc_command"),
             storage_path=process.text("storage_path"),
+            config_path=process.text("config_path"),
         )
     if raw is None:
         return None
