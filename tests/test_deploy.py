@@ -127,7 +127,7 @@ def test_beat_keeps_its_schedule_in_the_state_volume() -> None:
 
 def test_build_context_is_the_package_only() -> None:
     """What `docker build .` sends: the package's sources and metadata, no .venv, no .git,
-    no tests, well under a megabyte (it was 221 MB)."""
+    no tests: about a megabyte of Python sources and templates (it was 221 MB)."""
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -139,7 +139,9 @@ def test_build_context_is_the_package_only() -> None:
     # Docker always sends the Dockerfile and .dockerignore themselves.
     package = {"pyproject.toml", "constraints.txt", "README.md", "regsweep", "service", "worker"}
     assert tops <= package | {"Dockerfile", ".dockerignore"}, tops
-    assert sum((ROOT / path).stat().st_size for path in sent if (ROOT / path).is_file()) < 1 << 20
+    # The sources alone passed 1 MiB with the dashboard and the storage prune; 2 MiB still
+    # catches a stray wheel, venv or node_modules.
+    assert sum((ROOT / path).stat().st_size for path in sent if (ROOT / path).is_file()) < 2 << 20
 
 
 def test_every_secret_is_in_env_example_and_env_is_ignored() -> None:

@@ -526,12 +526,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) 
 
 
 def test_a_gc_request_made_as_the_window_ends_is_not_skipped_as_covered(
-    registry: ProcessRegistry, space: RedisSpace
+    process_registry: ProcessRegistry, space: RedisSpace
 ) -> None:
     """A GC request queued just after the window switched the registry back and let the
     prunes go (their deletions free blobs this window's GC never saw) stays queued for a
     window of its own; one queued while the registry was read-only is skipped as covered."""
-    with ImageBuilder.connect(registry.url) as builder:
+    with ImageBuilder.connect(process_registry.url) as builder:
         builder.image("gc/ending", "v1")  # GC fails on an empty storage
     job_id = space.state.create_job("gc", {})
     made: dict[str, str] = {}
@@ -541,7 +541,7 @@ def test_a_gc_request_made_as_the_window_ends_is_not_skipped_as_covered(
         return 0
 
     m = make_maintenance(
-        space, SessionTrackedController(registry.settings), registry.url, release=release
+        space, SessionTrackedController(process_registry.settings), process_registry.url, release=release
     )
     m.controller = DuringGc(
         m.controller, lambda: made.setdefault("during", space.state.create_job("gc", {}))
