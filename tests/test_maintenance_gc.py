@@ -541,7 +541,10 @@ def test_a_gc_request_made_as_the_window_ends_is_not_skipped_as_covered(
         return 0
 
     m = make_maintenance(
-        space, SessionTrackedController(process_registry.settings), process_registry.url, release=release
+        space,
+        SessionTrackedController(process_registry.settings),
+        process_registry.url,
+        release=release,
     )
     m.controller = DuringGc(
         m.controller, lambda: made.setdefault("during", space.state.create_job("gc", {}))
