@@ -53,7 +53,7 @@ from service.limits import read_body
 from service.metrics import RequestLatency, Scrapes, ServiceMetrics
 from service.protocol import RequestLimits, bounded_protocol
 from service.publish import CelerySink, EventSink
-from service.replay import replay
+from service.replay import REPLAY_ID, replay
 from worker import logs
 from worker.engine.events import CiEvent
 from worker.errors import BadEvent, ConfigError, NothingToReplay, QueueFull, StateError, Unverified
@@ -75,8 +75,6 @@ HOOK_SOURCES: Final = {
     **{f"/hooks/{source.name}": source.name for source in sources.SOURCES},
 }
 JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
-#: A dead letter's id (or a prefix of one), or a CI delivery's id, as replay takes them.
-REPLAY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{3,127}")
 #: Configured but unset, this key turns /metrics off (404), as an unset hook secret does.
 METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.

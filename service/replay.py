@@ -12,6 +12,7 @@ long as its dedup record lives, which is what this is for.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -23,6 +24,8 @@ from worker.store.state import JobState, State
 
 log = logging.getLogger("regsweep.service")
 
+#: A dead letter's id (or a prefix of one), or a CI delivery's id, as replay takes them.
+REPLAY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{3,127}")
 #: A dead letter's id prefix shorter than this is not looked up.
 MIN_PREFIX: Final = 4
 #: What a dead letter's ``replay`` may ask for.

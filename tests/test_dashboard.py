@@ -276,13 +276,66 @@ def test_sign_in_never_redirects_off_the_dashboard(ui: Ui) -> None:
             assert answer.headers["location"] == "/ui/", target
 
 
-def test_replay_says_it_is_not_in_this_version(ui: Ui) -> None:
-    """The dead-letter replay seam refuses clearly (400) until `regsweep replay` exists."""
+def _dead_letter(ui: Ui, replay: dict[str, Any] | None) -> str:
+    async def keep() -> str:
+        client = aioredis.Redis.from_url(h.REDIS_TEST_URL)
+        try:
+            state = State(client, prefix=ui.prefix)
+            return await state.dead_letter("prune", "registry down", "{}", replay=replay)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(keep())
+
+
+def test_a_dead_letters_work_is_replayed_once_from_its_page(ui: Ui) -> None:
+    """A prune that failed for good shows a replay button to the admin (the viewer sees only
+    that it is replayable, and is refused); replaying makes one job exactly as
+    `regsweep replay` does, and asking again shows that job instead of making another."""
+    work = {"kind": "prune", "params": {"repository": "team/web", "trigger": "github"}}
+    letter = _dead_letter(ui, work)
+    with ui.client() as viewer:
+        sign_in(viewer, VIEWER)
+        seen = viewer.get("/ui/dead-letters").text
+        assert letter in seen and "replayable" in seen
+        assert 'action="/ui/dead-letters/replay"' not in seen
+        csrf = csrf_of(viewer.get("/ui/"))
+        refused = viewer.post("/ui/dead-letters/replay", data={"csrf": csrf, "letter": letter})
+        assert refused.status_code == 403
+    before = len(ui.enqueued())
+    with ui.client() as http:
+        sign_in(http, ADMIN)
+        page = http.get("/ui/dead-letters")
+        assert f'name="letter" value="{letter}"' in page.text
+        form = {"csrf": csrf_of(page), "letter": letter}
+        first = http.post("/ui/dead-letters/replay", data=form)
+        assert first.status_code == 303 and first.headers["location"].startswith("/ui/jobs/")
+        job_id = first.headers["location"].removeprefix("/ui/jobs/")
+        again = http.post("/ui/dead-letters/replay", data=form)
+        assert again.headers["location"] == first.headers["location"]
+    queued = ui.enqueued()[before:]
+    assert [(m["job_id"], m["kind"]) for m in queued] == [(job_id, "prune")]
+    assert queued[0]["params"]["repository"] == "team/web"
+    assert queued[0]["params"]["trigger"] == f"replay of dead letter {letter}"
+    assert ui.job(job_id)["kind"] == "prune"
+
+
+def test_a_replay_of_nothing_says_why_and_queues_nothing(ui: Ui) -> None:
+    """An unknown id, a malformed one, and a dead letter that holds no work (an unusable
+    delivery) are each a 400 naming the reason; nothing is queued."""
+    delivery = _dead_letter(ui, None)
+    before = len(ui.enqueued())
     with ui.client() as http:
         sign_in(http, ADMIN)
         csrf = csrf_of(http.get("/ui/"))
-        answer = http.post("/ui/dead-letters/replay", data={"csrf": csrf, "letter": "1"})
-        assert answer.status_code == 400 and "regsweep replay" in answer.text
+        for letter, reason in (
+            ("0123456789abcdef", "no dead letter"),
+            ("../../x", "not a dead letter id"),
+            (delivery, "holds nothing to run again"),
+        ):
+            answer = http.post("/ui/dead-letters/replay", data={"csrf": csrf, "letter": letter})
+            assert answer.status_code == 400 and reason in answer.text, (letter, answer.text)
+    assert len(ui.enqueued()) == before
 
 
 def test_a_read_only_deployment_has_no_admin(read_only: Ui) -> None:

@@ -19,7 +19,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from service.publish import EventSink
-from worker.errors import BadEvent, StateError
+from service.replay import REPLAY_ID, Replayed, replay
+from worker.errors import BadEvent, NothingToReplay, StateError
 from worker.queue.messages import DELETE_KIND
 from worker.records import Hold
 from worker.store.redis import text, wrapped
@@ -142,10 +143,12 @@ async def _done(state: State, kind: str, params: Mapping[str, Any], **fields: An
     return job_id
 
 
-async def replay_dead_letter(state: State, sink: EventSink, letter: str) -> str:
-    """Replay a dead letter; the job id. The seam for ``regsweep replay`` and its API route:
-    this version keeps dead letters without an id to replay them by, so it says so."""
-    raise BadEvent(
-        "replaying a dead letter needs a regsweep with `regsweep replay`; this one keeps "
-        "dead letters for reading only"
-    )
+async def replay_dead_letter(state: State, sink: EventSink, letter: str) -> Replayed:
+    """Run a dead letter's work again, once, exactly as ``regsweep replay ID`` and
+    ``POST /api/v1/dead-letters/{id}/replay`` do; BadEvent when it names nothing to replay."""
+    if not REPLAY_ID.fullmatch(letter):
+        raise BadEvent("not a dead letter id")
+    try:
+        return await replay(letter, state, sink)
+    except NothingToReplay as exc:
+        raise BadEvent(str(exc)) from exc

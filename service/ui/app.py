@@ -31,6 +31,7 @@ from service.access import Role, SigninLimit, client_address, enabled, role_for
 from service.publish import EventSink
 from service.read_api import audit_query, bounded, cursor, whole_number
 from service.reads import Reader, Readers, ServiceParts
+from service.replay import REPLAYABLE
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
 from service.ui.session import Session, Sessions, csrf_ok, same_origin
@@ -324,7 +325,9 @@ class Dashboard:
 
     async def dead_letters(self, request: Request, session: Session) -> Response:
         letters = await self.reader.dead_letters(200)
-        return self.render(request, session, "dead_letters.html", letters=letters)
+        return self.render(
+            request, session, "dead_letters.html", letters=letters, replayable=REPLAYABLE
+        )
 
     # --- actions (admin, POST, CSRF) -------------------------------------------------
 
@@ -373,10 +376,12 @@ class Dashboard:
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
 
     async def replay(self, request: Request, session: Session, form: Form) -> Response:
-        job_id = await actions.replay_dead_letter(
+        done = await actions.replay_dead_letter(
             self.parts.state, self.parts.sink, str(form.get("letter", ""))
         )
-        return self.redirect(request, session, f"/ui/jobs/{job_id}")
+        return self.redirect(
+            request, session, f"/ui/jobs/{done.job_id}" if done.job_id else "/ui/jobs"
+        )
 
     # --- static files ----------------------------------------------------------------
 
