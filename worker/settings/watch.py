@@ -15,10 +15,13 @@ tick); the answer is one of:
   The caller must not go on as if nothing happened: a worker holds its tasks
   until the file loads, the service refuses what the policy decides.
 
-A file is read only when its ``stat`` changed (inode, size, mtime, ctime), and
-is taken only once it has not been written for :data:`SETTLE` (an editor
-that truncates and then writes would otherwise be caught half-way, and a
-policy cut after its first ``keep`` rule is valid YAML that deletes more):
+A file is read only when its ``stat`` changed (inode, size, mtime, ctime), or
+at a watch's first look (the Config it watches may have been loaded from an
+earlier version of the file: a worker's pool process inherits the Config its
+parent had when it forked), and is taken only once it has not been written
+for :data:`SETTLE` (an editor that truncates and then writes would otherwise
+be caught half-way, and a policy cut after its first ``keep`` rule is valid
+YAML that deletes more):
 meanwhile :class:`PolicyChanging` says how long to wait.
 """
 
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from worker.errors import ConfigError
-from worker.settings.load import load_config
+from worker.settings.load import load_config, policy_digest
 from worker.settings.model import Config
 
 log = logging.getLogger("regsweep.policy")
@@ -100,7 +103,11 @@ class PolicyWatch:
         self.config = config
         self.settle = settle
         self._environ = environ
-        self._seen = _stat(self.path)
+        #: The file as last read. None at first: ``config`` may have been loaded long before
+        #: this watch is made (a worker's pool process inherits the Config its parent had
+        #: when it forked), so the first look reads the file and compares digests rather
+        #: than trusting that the file as it is now is what ``config`` was loaded from.
+        self._seen: _Stat | None = None
         #: Why the file as it is now cannot be run (None while it can).
         self.problem: str | None = None
         #: The restart-only settings that changed since the process started.
@@ -118,9 +125,13 @@ class PolicyWatch:
         Raises :class:`StalePolicy` while the changed file does not load, and
         :class:`PolicyChanging` while it is being written."""
         seen = _stat(self.path)
-        if seen == self._seen and seen is not None:
+        if seen is not None and seen == self._seen:
             if self.problem is not None:
                 raise StalePolicy(self.problem)
+            return None
+        if seen is not None and self._holds_what_runs():
+            self._seen = seen
+            self._recovered()
             return None
         if seen is not None and (age := time.time() - seen.mtime_ns / 1e9) < self.settle:
             raise PolicyChanging(f"{self.path} is being written", self.settle - max(age, 0.0))
@@ -133,6 +144,15 @@ class PolicyWatch:
             self._recovered()
             return None
         return self._taken(new)
+
+    def _holds_what_runs(self) -> bool:
+        """Whether the file's bytes are the ones the running Config was loaded from (touched,
+        or changed back, or this watch's first look): nothing to load."""
+        try:
+            with open(self.path, "rb") as fh:
+                return policy_digest(fh.read()) == self.config.digest
+        except OSError:
+            return False
 
     def _refused(self, exc: ConfigError) -> Config | None:
         problem = f"{self.path} changed and cannot be loaded: {'; '.join(exc.problems)[:2000]}"
