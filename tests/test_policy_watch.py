@@ -17,7 +17,12 @@ from worker.settings.watch import PolicyChanging, PolicyWatch, StalePolicy
 
 
 def _document(mode: str) -> str:
-    policy = {"name": "p", "repositories": ["team/**"], "mode": mode, "keep": [{"tags": ["*"], "newest": 3}]}
+    policy = {
+        "name": "p",
+        "repositories": ["team/**"],
+        "mode": mode,
+        "keep": [{"tags": ["*"], "newest": 3}],
+    }
     return yaml.safe_dump({"registry": {"url": "http://127.0.0.1:1"}, "policies": [policy]})
 
 
