@@ -32,17 +32,16 @@ every one under 30 s. Runs slower than 10 s leave their logs in ``bench/out/``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -57,11 +56,11 @@ from tests.harness.maintenance import (
     marked_registry,
     upload_status,
 )
+from tests.harness.workers import HEARTBEAT_OFF, REGSWEEP, start_worker
 from worker.identity import ProcessIdentity, group_alive
 from worker.maintenance.lock import LockHolder
 from worker.store.keys import Keys
 
-REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 KEYS = Keys()
 POINTS = KILL_POINTS
 #: After a recovery, how long the registry must go on accepting writes.
@@ -79,31 +78,6 @@ class Kill:
     victim: str
     recovery: float
     state: str
-
-
-class Worker:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [REGSWEEP, "-c", str(config), "worker", "-Q", "gc", "-c", "1", "--without-heartbeat"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.log.close()
 
 
 def write_config(path: Path, registry: ProcessRegistry) -> Path:
@@ -156,7 +130,9 @@ def one_kill(
     for marker in POINTS:
         (root / marker).unlink(missing_ok=True)
     config = write_config(root / "regsweep.yaml", registry)
-    workers = [Worker(config, root / "worker.log")]
+    # Each worker after the first appends to the same log.
+    gc_worker = partial(start_worker, config, ("gc",), log=root / "worker.log", extra=HEARTBEAT_OFF)
+    workers = [gc_worker()]
     try:
         wait(lambda: writable(registry.url), 20, "the registry")
         with ImageBuilder.connect(registry.url) as builder:
@@ -181,7 +157,7 @@ def one_kill(
             os.kill(LockHolder.parse(holder_raw).owner.pid, signal.SIGKILL)
         else:
             workers[0].kill()
-            workers.append(Worker(config, root / "worker.log"))
+            workers.append(gc_worker())
         client.delete(HELD_PRUNE)
 
         def recovered() -> bool:

@@ -4,7 +4,7 @@
 
 Per kill (tests/harness/workers.py): a private Redis, Debian's 2.8.2 registry
 behind a proxy that slows the pruned repository's requests (13 deletions take
-seconds), a real ``regsweep worker -Q prune -c 1``; a prune is enqueued and,
+seconds), a real ``regsweep worker -Q prune,jobs --concurrency 1``; a prune is enqueued and,
 after its first deletions, SIGKILLed:
 
 - ``whole-worker``: the worker's process group; a new worker starts on this

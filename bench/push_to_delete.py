@@ -33,6 +33,7 @@ import httpx
 import redis
 
 from tests.harness import stack as s
+from tests.harness.workers import WorkerProcess, start_worker
 from worker import oci
 
 POLICY = {
@@ -173,12 +174,18 @@ def run(rate: float, seconds: float, repositories: int, concurrency: int, settle
         quiet = ("--without-mingle", "--without-gossip")
         # Events get a worker of their own, as docs/operations.md recommends: pushes
         # are applied to the index at once, so prunes of one repository coalesce.
-        worker_args = ("-Q", "prune,gc", "--concurrency", str(concurrency), *quiet)
-        stack = s.Stack(Path(tmp), [POLICY], worker_args=worker_args)
-        events = stack._process("worker-events", ["worker", "-Q", "events", "-c", "1", *quiet])
+        stack = s.Stack(
+            Path(tmp),
+            [POLICY],
+            worker_queues=("prune", "gc"),
+            worker_concurrency=concurrency,
+            worker_args=quiet,
+        )
+        events: WorkerProcess | None = None
         try:
             stack.start()
-            events.start()
+            log = Path(tmp) / "worker-events.log"
+            events = start_worker(stack.config, ("events",), log=log, extra=quiet, env=stack.env())
             assert stack.registry is not None
             started = time.perf_counter()
             pushes = asyncio.run(generate(stack.registry.url, rate, seconds, repositories))
@@ -192,7 +199,8 @@ def run(rate: float, seconds: float, repositories: int, concurrency: int, settle
             result |= {"repositories": repositories, "worker_concurrency": concurrency}
             print(json.dumps(result, indent=2))
         finally:
-            events.stop()
+            if events is not None:
+                events.stop(timeout=15)
             stack.stop()
             if os.environ.get("PUSH_TO_DELETE_LOGS"):  # keep the processes' logs to look at
                 shutil.copytree(tmp, os.environ["PUSH_TO_DELETE_LOGS"], dirs_exist_ok=True)

@@ -25,8 +25,8 @@ from tests.harness import cli, redisdb
 from tests.harness.cli import REGSWEEP
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
+from tests.harness.workers import tasks_in_process
 from worker.queue import news, parking, tasks
-from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
 from worker.records import Hold
 from worker.settings.load import load_config
@@ -195,15 +195,14 @@ def test_expired_job_ids_are_skipped_and_pruned_on_read() -> None:
 
 
 @pytest.fixture
-def worker_config(config: Path) -> Iterator[None]:
-    """The worker's tasks run in this process against ``config`` (its Celery app made)."""
-    make_celery(load_config(config, {}))
-    yield
-    tasks._close_clients()
+def in_process(config: Path) -> Iterator[None]:
+    """The worker's tasks run in this process against ``config``."""
+    with tasks_in_process(load_config(config, {})):
+        yield
 
 
 def test_a_prune_job_shows_what_it_deleted(
-    config: Path, worker_config: None, images: ImageBuilder, repo_name: str
+    config: Path, in_process: None, images: ImageBuilder, repo_name: str
 ) -> None:
     """A prune carried out by the worker's task: ``jobs ID`` shows each deletion with its
     repository, tags, digest and reason, from the audit; the listing shows them too."""

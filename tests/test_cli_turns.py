@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
 from tests.harness.stack import wait_for
-from tests.harness.workers import REGSWEEP as REGSWEEP_SCRIPT
+from tests.harness.workers import WorkerProcess, start_worker
 from worker.registry.client import IMPOSSIBLE_DIGEST
 
 #: The CLI's caches (build times, manifests) are each test's own.
@@ -84,24 +83,14 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 @contextlib.contextmanager
-def worker(rig: Rig) -> Iterator[subprocess.Popen[bytes]]:
-    """`regsweep worker -Q prune,jobs -c 1` (push prunes and asked-for ones), SIGKILLed (with
-    its pool) at the end."""
-    log = (rig.root / "worker.log").open("ab")
-    quiet = ["--without-heartbeat", "--without-mingle", "--without-gossip"]
-    proc = subprocess.Popen(
-        [REGSWEEP_SCRIPT, "-c", str(rig.config), "worker", "-Q", "prune,jobs", "-c", "1", *quiet],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def worker(rig: Rig) -> Iterator[WorkerProcess]:
+    """`regsweep worker -Q prune,jobs --concurrency 1` (push prunes and asked-for ones),
+    SIGKILLed (with its pool) at the end."""
+    made = start_worker(rig.config, ("prune", "jobs"), log=rig.root / "worker.log")
     try:
-        yield proc
+        yield made
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+        made.kill()
 
 
 def test_a_cli_prune_waits_for_a_workers_prune_and_never_plans_its_placeholders(

@@ -21,9 +21,9 @@ from tests.harness import redisdb
 from tests.harness import stack as s
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import DISTRIBUTION_2
+from tests.harness.workers import tasks_in_process
 from worker import oci
 from worker.queue import parking, tasks
-from worker.queue.celery_app import make_celery
 from worker.queue.messages import job_message
 from worker.records import Hold
 from worker.settings.load import load_config
@@ -58,9 +58,8 @@ def broker(config: Config) -> Iterator[redis.Redis]:
     """DB 8 (flushed), the tasks' Celery app and per-process context made for ``config``."""
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     client.flushdb()
-    make_celery(config)
-    yield client
-    tasks._close_clients()
+    with tasks_in_process(config):
+        yield client
     client.flushdb()
     client.close()
 

@@ -41,6 +41,7 @@ from tests.harness.doccommands import REPO_ROOT, DocCommand, commands, commands_
 from tests.harness.docker import docker_engine
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.registry import free_port, set_pushed
+from tests.harness.workers import WorkerProcess, start_worker
 
 pytestmark = pytest.mark.docker
 
@@ -120,6 +121,7 @@ class Site:
     registry_port: int = field(default_factory=free_port)
     service_port: int = field(default_factory=free_port)
     background: list[s.Process] = field(default_factory=list)
+    worker: WorkerProcess | None = None
     #: What the docs leave to the reader: filled in as the commands run.
     deleted_digest: str = ""
     job_ids: list[str] = field(default_factory=list)
@@ -253,19 +255,24 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         s.wait_for(lambda: answers(made.registry_url + "/v2/"), timeout=15)
         made.deleted_digest = seed(made)[0].digest
         local_image(made.env()["IMAGE"])
-        for name, args in (
-            ("service", ["serve", "--port", str(made.service_port)]),
-            ("worker", ["worker", "--concurrency", "1", "--without-mingle", "--without-gossip"]),
-        ):
-            process = s.Process(name, [s.REGSWEEP, *args], made.root / f"{name}.log", made.env())
-            process.start()
-            made.background.append(process)
+        serve = ["serve", "--port", str(made.service_port)]
+        service = s.Process("service", [s.REGSWEEP, *serve], made.root / "service.log", made.env())
+        service.start()
+        made.background.append(service)
+        made.worker = start_worker(
+            made.workdir / "regsweep.yaml",
+            log=made.root / "worker.log",
+            extra=("--without-mingle", "--without-gossip"),
+            env=made.env(),
+        )
         s.wait_for(lambda: answers(made.service_url + "/healthz"), timeout=30)
-        s.wait_for(lambda: "ready." in made.background[1].tail(), timeout=60)
+        made.worker.wait_ready(timeout=60)
         yield made
     finally:
         for process in made.background:
             process.stop()
+        if made.worker is not None:
+            made.worker.stop(timeout=15)
         made.registry_mode("stop")
         docker_engine().images.remove(made.env()["IMAGE"], force=True)
         flush()
@@ -345,6 +352,7 @@ def finished_job(site: Site, job_id: str) -> dict[str, Any]:
         return s.wait_for(final, timeout=120, step=0.2)
     except AssertionError as exc:
         logs = "\n".join(p.tail() for p in site.background)
+        logs += f"\n{site.worker.tail()}" if site.worker else ""
         raise AssertionError(f"job {job_id} never finished\n{logs}") from exc
 
 

@@ -164,5 +164,5 @@ def test_push_during_redis_outage_is_delivered_by_registry_retry(
         )
         assert kept.headers["Docker-Content-Digest"] == second.digest
     assert outage_stack.worker.proc is not None and outage_stack.worker.proc.poll() is None
-    assert "Unrecoverable error" not in outage_stack.worker.log.read_text()
+    assert "Unrecoverable error" not in outage_stack.worker.log()
     state.close()

@@ -113,7 +113,8 @@ class Stacks:
             running = s.Stack(
                 self._factory.mktemp(f"e2e-{binary.version}"),
                 POLICIES,
-                worker_args=("--concurrency", "2", "--without-mingle", "--without-gossip"),
+                worker_concurrency=2,
+                worker_args=("--without-mingle", "--without-gossip"),
                 redis_url=redis_url,
                 binary=binary,
             )
@@ -367,10 +368,10 @@ def test_metrics_include_worker_counters(
 def test_service_and_worker_log_json_without_secrets(stack: s.Stack) -> None:
     """serve and worker log JSON lines, and no configured secret appears in any log."""
     assert stack.service is not None and stack.worker is not None
-    for process in (stack.service, stack.worker):
-        text = process.log.read_text()
+    logs = {"serve": stack.service.log.read_text(), "worker": stack.worker.log()}
+    for name, text in logs.items():
         records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-        assert records, f"no JSON log lines from {process.name}"
+        assert records, f"no JSON log lines from {name}"
         assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
         for secret in s.SECRETS:
             assert secret not in text

@@ -17,6 +17,7 @@ import yaml
 
 from tests.harness import redisdb
 from tests.harness import stack as s
+from tests.harness.workers import start_worker
 
 
 def records(output: str) -> list[dict[str, Any]]:
@@ -65,15 +66,9 @@ def test_beat_that_cannot_write_its_schedule_logs_its_crash_as_whole_records(
 def test_worker_start_and_stop_log_only_json(tmp_path: Path) -> None:
     """A worker's whole output from start to warm shutdown is JSON lines (no banner)."""
     log = tmp_path / "worker.log"
-    worker = s.Process(
-        "worker",
-        [s.REGSWEEP, "-c", str(config(tmp_path)), "worker", "--without-mingle", "-c", "1"],
-        log,
-        dict(os.environ),
-    )
-    worker.start()
+    worker = start_worker(config(tmp_path), log=log, extra=("--without-mingle",), env=os.environ)
     try:
-        s.wait_for(lambda: "ready." in worker.tail(), timeout=60, step=0.1)
+        worker.wait_ready(timeout=60)
     finally:
         worker.stop()
     logged = records(log.read_text())

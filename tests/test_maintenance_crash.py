@@ -4,15 +4,14 @@ switched back)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -30,12 +29,12 @@ from tests.harness.maintenance import (
     write_config,
 )
 from tests.harness.registry import DISTRIBUTION_2, RegistryBinary
+from tests.harness.workers import HEARTBEAT_OFF, REGSWEEP, start_worker
 from worker.identity import ProcessIdentity, group_alive
 from worker.maintenance.lock import LockHolder
 from worker.store.keys import Keys
 from worker.store.state import JobState, SyncState
 
-REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 KEYS = Keys()
 #: The deadline a recovery is waited for; bench/gc_crash.py measures the times (< 30 s).
 RECOVERY_BUDGET = 60.0
@@ -59,34 +58,6 @@ def db10() -> Iterator[redis.Redis]:
     for key in set(client.keys("*")) - before:
         client.delete(key)
     client.close()
-
-
-class Worker:
-    """``regsweep worker -Q gc -c 1`` in a session of its own, logging to a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [REGSWEEP, "-c", str(config), "worker", "-Q", "gc", "-c", "1", "--without-heartbeat"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL the main process and its pool child at once, as a lost machine would."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._log.close()
 
 
 @pytest.mark.parametrize("victim", ["pool-child", "whole-worker"])
@@ -126,7 +97,11 @@ def _kill_and_recover(
     for marker in KILL_POINTS:
         (tmp_path / marker).unlink(missing_ok=True)
     config = write_config(tmp_path / "regsweep.yaml", registry)
-    workers = [Worker(config, tmp_path / "worker.log")]
+    # Each worker after the first appends to the same log.
+    gc_worker = partial(
+        start_worker, config, ("gc",), log=tmp_path / "worker.log", extra=HEARTBEAT_OFF
+    )
+    workers = [gc_worker()]
     session: dict[str, int] = {}
     try:
         _wait(lambda: _writable(registry.url), 20, "the registry")
@@ -151,7 +126,7 @@ def _kill_and_recover(
             os.kill(holder.owner.pid, signal.SIGKILL)
         else:
             workers[0].kill()
-            workers.append(Worker(config, tmp_path / "worker.log"))
+            workers.append(gc_worker())
         _wait(lambda: _recovered(db10, registry.url, job_id), RECOVERY_BUDGET, "recovery")
         print(f"{point}, {victim}: recovered {time.monotonic() - killed_at:.1f}s after SIGKILL")
         assert job_record(SyncState(db10), job_id)["state"] == JobState.INTERRUPTED.value
@@ -161,7 +136,7 @@ def _kill_and_recover(
         assert _writable(registry.url)
     finally:
         for worker in workers:
-            worker.stop()
+            worker.stop(timeout=15)
         registry.stop()
         if session.get("pid") and group_alive(session["pid"]):
             os.killpg(session["pid"], signal.SIGKILL)

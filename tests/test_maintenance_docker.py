@@ -16,6 +16,9 @@ from tests.harness.maintenance import (
     RedisSpace,
     engine_config,
     image,
+    in_process_defer,
+    in_process_prune,
+    in_process_release,
     job_record,
     keep_newest,
     make_maintenance,
@@ -23,9 +26,6 @@ from tests.harness.maintenance import (
     prune,
     seed,
     upload_status,
-    worker_defer,
-    worker_prune,
-    worker_release,
 )
 from tests.harness.registry import RegistryBinary
 from worker.errors import Deferred
@@ -76,14 +76,14 @@ def test_docker_full_cycle(
             seen["push"] = refused.value.status
             later = {"repository": "gc/later", "job_id": "p1", "incremental": False}
             with pytest.raises(Deferred):
-                worker_prune(config, space.prefix, later)
-            worker_defer(config, space.prefix, later)
+                in_process_prune(config, space.prefix, later)
+            in_process_defer(config, space.prefix, later)
 
         m = make_maintenance(
             space,
             DuringGc(controller, during_gc),
             url,
-            release=worker_release(config, space.prefix, released),
+            release=in_process_release(config, space.prefix, released),
         )
         job_id = space.state.create_job("gc", {})
         outcome = run_gc(m, GcRequest(job_id))
@@ -104,7 +104,7 @@ def test_docker_full_cycle(
         assert upload_status(url) == 202
 
         assert released and released[0]["repository"] == "gc/later"
-        assert worker_prune(config, space.prefix, released[0])["counts"]["deleted"] == 1
+        assert in_process_prune(config, space.prefix, released[0])["counts"]["deleted"] == 1
         assert builder.tags("gc/later") == ["d10", "d20"]
 
     labels = registry_container.inspect()["Config"]["Labels"]

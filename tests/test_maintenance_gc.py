@@ -28,6 +28,9 @@ from tests.harness.maintenance import (
     Seeded,
     engine_config,
     image,
+    in_process_defer,
+    in_process_prune,
+    in_process_release,
     job_record,
     keep_newest,
     make_maintenance,
@@ -36,9 +39,6 @@ from tests.harness.maintenance import (
     prune,
     seed,
     upload_status,
-    worker_defer,
-    worker_prune,
-    worker_release,
     write_config,
 )
 from tests.harness.registry import REGISTRY_BINARY, RegistryBinary
@@ -115,7 +115,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
             space,
             SessionTrackedController(process_registry.settings),
             process_registry.url,
-            release=worker_release(config, space.prefix, released),
+            release=in_process_release(config, space.prefix, released),
         )
         job_id = space.state.create_job("gc", {})
         second_id = space.state.create_job("gc", {})
@@ -128,8 +128,8 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
             seen["second"] = run_gc(m, GcRequest(second_id))
             later = {"repository": "gc/later", "job_id": "p1", "incremental": False}
             with pytest.raises(Deferred):
-                worker_prune(config, space.prefix, later)
-            worker_defer(config, space.prefix, later)
+                in_process_prune(config, space.prefix, later)
+            in_process_defer(config, space.prefix, later)
 
         m.controller = DuringGc(m.controller, during_gc)
         outcome = run_gc(m, GcRequest(job_id))
@@ -156,7 +156,7 @@ def test_full_cycle_reclaims_and_keeps_every_kept_image_whole(
 
         assert space.client.get(space.keys.maintenance_flag) is None
         assert report.deferred_released == 1 and released[0]["repository"] == "gc/later"
-        summary = worker_prune(config, space.prefix, released[0])
+        summary = in_process_prune(config, space.prefix, released[0])
         assert summary["counts"]["deleted"] == 1
         assert builder.tags("gc/later") == ["d10", "d20"]
 

@@ -4,12 +4,7 @@ switched by the process controller, a private `redis-server`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
@@ -23,12 +18,12 @@ from tests.harness.images import ImageBuilder
 from tests.harness.maintenance import ProcessRegistry, write_config
 from tests.harness.registry import free_port
 from tests.harness.stack import wait_for
+from tests.harness.workers import HEARTBEAT_OFF, start_worker
 from worker.queue.celery_app import make_celery
 from worker.queue.messages import job_message
 from worker.settings.load import load_config
 from worker.store.state import JobState, SyncState
 
-REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 FINAL = (JobState.SUCCEEDED.value, JobState.SKIPPED.value, JobState.FAILED.value)
 
 
@@ -51,27 +46,6 @@ def counting_registry(root: Path) -> ProcessRegistry:
         gc_command=f"sleep 2; {s.gc_command}",
     )
     return registry
-
-
-@contextlib.contextmanager
-def gc_worker(config: Path, log: Path) -> Iterator[None]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [REGSWEEP, "-c", str(config), "worker", "-Q", "gc", "-c", "1", "--without-heartbeat"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def request_gc(config: Path, state: SyncState) -> str:
@@ -115,7 +89,8 @@ def test_gc_requests_made_while_one_runs_are_skipped_not_run_after_it(
     client = redis.Redis.from_url(server.url)
     state = SyncState(client)
     try:
-        with gc_worker(config, tmp_path / "worker.log"):
+        worker = start_worker(config, ("gc",), log=tmp_path / "worker.log", extra=HEARTBEAT_OFF)
+        try:
             first = request_gc(config, state)
             wait_for(lambda: client.get("regsweep:maintenance") == first.encode(), timeout=60)
             waiting = [request_gc(config, state) for _ in range(5)]
@@ -133,6 +108,8 @@ def test_gc_requests_made_while_one_runs_are_skipped_not_run_after_it(
             assert windows(tmp_path) == 2
             skipped = json.loads(client.hget("regsweep:metrics:jobs", '["gc", "skipped"]') or "0")
             assert skipped == 5
+        finally:
+            worker.stop()
     finally:
         client.close()
         registry.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -34,7 +33,7 @@ from tests.harness.maintenance import (
 )
 from tests.harness.receiver import Receiver
 from tests.harness.registry import free_port, set_pushed
-from tests.harness.workers import REGSWEEP
+from tests.harness.workers import REGSWEEP, WorkerProcess, start_worker
 from worker.errors import ConfigError
 from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
 from worker.maintenance.recovery import recover_crashed_window
@@ -70,7 +69,7 @@ class Rig:
     receiver: Receiver
     late: Receiver
     late_port: int
-    worker: subprocess.Popen[bytes]
+    worker: WorkerProcess
     env: dict[str, str]
 
     @property
@@ -199,41 +198,24 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         config = root / "regsweep.yaml"
         config.write_text(yaml.safe_dump(document))
         environ = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")} | urls
-        log = (root / "worker.log").open("ab")
-        worker = subprocess.Popen(
-            [
-                REGSWEEP,
-                "-c",
-                str(config),
-                "worker",
-                "-Q",
-                "events,prune,jobs,gc",
-                "-c",
-                "2",
-                "--loglevel",
-                "DEBUG",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        debug = ("--loglevel", "DEBUG", "--without-mingle", "--without-gossip")
+        worker = start_worker(
+            config,
+            ("events", "prune", "jobs", "gc"),
+            log=root / "worker.log",
+            concurrency=2,
+            extra=debug,
             env=environ,
-            start_new_session=True,
         )
         client = redis.Redis.from_url(server.url)
         made = Rig(
             root, config, registry, client, server.url, receiver, late, late_port, worker, environ
         )
         try:
-            wait_for(lambda: "ready" in made.log, "the worker started", 60)
+            worker.wait_ready(60)
             yield made
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            worker.stop(timeout=30)
             client.close()
             registry.stop()
             server.stop()

@@ -22,7 +22,7 @@ from tests.harness import service as h
 from tests.harness import stack
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from tests.harness.workers import REGSWEEP
+from tests.harness.workers import REGSWEEP, start_worker
 from worker.settings.load import load_config
 
 T = TypeVar("T")
@@ -44,6 +44,8 @@ class Rig:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``regsweep ARGS`` (beat: the worker is :func:`start_worker`'s), logging to
+        ``NAME.log``."""
         log = (self.root / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [REGSWEEP, "-c", str(self.policy), *args],
@@ -130,12 +132,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     (root / "cli.yaml").write_text(path.read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
     made = Rig(root, path, registry, redis.Redis.from_url(server.url), server.url, env)
-    quiet = ("--without-heartbeat", "--without-mingle", "--without-gossip")
-    made.start("worker", "worker", "-Q", "prune,jobs", "-c", "1", *quiet)
+    worker = start_worker(path, ("prune", "jobs"), log=root / "worker.log", env=env)
     try:
-        wait_for(lambda: "ready" in made.log("worker"), "the worker started")
+        worker.wait_ready()
         yield made
     finally:
+        worker.kill()
         for proc in made.processes:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tests.harness import service as h
 from tests.harness import stack
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess, free_port
-from tests.harness.workers import REGSWEEP
+from tests.harness.workers import WorkerProcess, start_worker
 from worker.engine.events import RegistryEvent
 from worker.queue.messages import JobKind, JobRequest
 from worker.settings.load import load_config
@@ -40,14 +38,15 @@ def test_a_push_is_pruned_while_a_flood_of_jobs_still_waits(tmp_path: Path) -> N
     registry = RegistryProcess.create(tmp_path / "registry")
     registry.start()
     client = redis.Redis.from_url(server.url)
-    worker: subprocess.Popen[bytes] | None = None
+    worker: WorkerProcess | None = None
     try:
         with ImageBuilder.connect(registry.url) as builder:
             builder.image("flood/app", "keep")
             pushed = builder.image("push/app", "new")
         config = _config(tmp_path, registry.url, server.url)
         flood = anyio.run(enqueue, config, [JobRequest(JobKind.PRUNE, "flood/app", True)] * FLOOD)
-        worker = _worker(tmp_path, config)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
+        worker = start_worker(config.source, log=tmp_path / "worker.log", env=env)
         stack.wait_for(lambda: _finished(client, flood[:1]), 60, what="the flood started")
         anyio.run(_notify_push, config, pushed.digest)
         push_job = stack.wait_for(lambda: _push_prune(client), 60, what="the push's prune done")
@@ -56,8 +55,7 @@ def test_a_push_is_pruned_while_a_flood_of_jobs_still_waits(tmp_path: Path) -> N
         assert push_job["state"] == "succeeded", push_job
     finally:
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+            worker.kill()
         client.close()
         registry.stop()
         server.stop()
@@ -72,18 +70,6 @@ def _config(root: Path, registry_url: str, redis_url: str) -> Config:
     path = root / "regsweep.yaml"
     path.write_text(yaml.safe_dump(document))
     return load_config(path, {})
-
-
-def _worker(root: Path, config: Config) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
-    quiet = ("--without-heartbeat", "--without-mingle", "--without-gossip")
-    return subprocess.Popen(
-        [REGSWEEP, "-c", config.source, "worker", "-c", "1", *quiet],
-        stdout=(root / "worker.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
 
 
 async def _notify_push(config: Config, digest: str) -> None:

@@ -3,12 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +17,11 @@ from regsweep import cli
 from tests.harness.images import ImageBuilder
 from tests.harness.maintenance import REDIS_URL, ProcessRegistry, image, write_config
 from tests.harness.stack import wait_for
+from tests.harness.workers import HEARTBEAT_OFF, start_worker
 from worker.errors import ConfigError
 from worker.settings.load import parse_config
 from worker.settings.model import GcGrace, MaintenanceSettings
 from worker.store.state import SyncState
-
-REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
 
 BASE = """\
 registry: {url: http://127.0.0.1:5000, storage_path: /var/lib/registry}
@@ -157,29 +151,6 @@ def test_cli_gc_storage_prune_runs_the_window_and_says_what_it_removed(
         assert builder.tags("gc/json") == ["c"]
 
 
-class GcWorker:
-    """``regsweep worker -Q gc -c 1`` in a session of its own, logging to a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [REGSWEEP, "-c", str(config), "worker", "-Q", "gc", "-c", "1", "--without-heartbeat"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
-
-
 def _finished(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     record = SyncState(client).get_job(job_id)
     if record is None or record.get("state") in ("queued", "running"):
@@ -201,13 +172,13 @@ def test_gc_enqueue_storage_prune_is_carried_out_by_the_gc_worker(
         for age in (30, 20, 10):
             image(builder, "gc/queued", f"v{age}", age, registry.storage)
         config = _config(tmp_path / "regsweep.yaml", registry)
-        worker = GcWorker(config, tmp_path / "worker.log")
+        worker = start_worker(config, ("gc",), log=tmp_path / "worker.log", extra=HEARTBEAT_OFF)
         try:
             assert cli.main(["-c", str(config), "gc", "--enqueue", "--storage-prune"]) == 0
             job_id = capsys.readouterr().out.strip()
             record = wait_for(lambda: _finished(db10_new_keys, job_id), 60, what="the enqueued GC")
         finally:
-            worker.stop()
+            worker.stop(timeout=15)
         assert record["state"] == "succeeded", record.get("errors")
         assert record["report"]["storage_prune"]["pruned"] == ["gc/queued"]
         assert builder.tags("gc/queued") == ["v10"]

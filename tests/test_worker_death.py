@@ -56,7 +56,7 @@ def test_a_busy_repository_waits_in_the_broker_not_in_a_worker_slot(rig: Rig) ->
     the proxy); a second prune of it is retried with a countdown, so the other slot is free
     at once for a prune of another repository, which finishes while the first still hangs;
     let go, the first finishes and then the second runs too."""
-    rig.worker("-c", "2")
+    rig.worker(concurrency=2)
     slow = rig.enqueue()
     wait_for(lambda: deletions(rig) >= 1, 60, "the slow prune's first deletion", rig)
     rig.proxy.hold(REPOSITORY.encode())

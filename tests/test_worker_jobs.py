@@ -27,13 +27,13 @@ from tests.harness import stack as s
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
 from tests.harness.registry import RegistryProcess
+from tests.harness.workers import tasks_in_process
 from worker import oci
 from worker.engine.events import CiEvent
 from worker.engine.prune import Pruner
 from worker.errors import RegistryUnavailable, RepositoryBusy
 from worker.identity import ProcessIdentity
 from worker.queue import parking, pruning, pushes, tasks
-from worker.queue.celery_app import make_celery
 from worker.queue.context import WorkerContext
 from worker.queue.names import JOBS_QUEUE, PRUNE_QUEUE
 from worker.settings.load import load_config
@@ -85,10 +85,9 @@ def config(config_path: Path) -> Config:
 def broker(config: Config) -> Iterator[redis.Redis]:
     """DB 11 (flushed) and the tasks' Celery app and per-process context made for ``config``."""
     s.flush()
-    make_celery(config)
     client = redis.Redis.from_url(s.REDIS_URL, decode_responses=True)
-    yield client
-    tasks._close_clients()
+    with tasks_in_process(config):
+        yield client
     client.close()
     s.flush()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tests.harness.maintenance import ProcessRegistry
 from tests.harness.registry import free_port
 from tests.harness.service import RedisServer
 from tests.harness.stack import Process, wait_for
+from tests.harness.workers import REGSWEEP, WorkerProcess, start_worker
 from worker import oci
 from worker.engine.model import Inventory, PushSource, PushTime
 from worker.engine.planner import plan
@@ -153,7 +153,8 @@ class UiStack:
     proxy: FaultProxy
     redis_server: RedisServer
     port: int
-    processes: list[Process]
+    serve: Process
+    worker: WorkerProcess | None = None
 
     @property
     def url(self) -> str:
@@ -164,7 +165,8 @@ class UiStack:
         return self.registry.url
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.tail(60)}" for p in self.processes)
+        worker = self.worker.tail(60) if self.worker else ""
+        return f"--- serve\n{self.serve.tail(60)}\n--- worker\n{worker}"
 
 
 def _notifying(config_path: Path, hook_url: str) -> None:
@@ -230,20 +232,18 @@ def ui_stack(root: Path, policies: list[dict[str, Any]], slow: bytes) -> Iterato
     config = ui_policy_file(root, registry, proxy, redis_server.url, policies)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGSWEEP_")}
     env |= ENVIRONMENT | {"REGSWEEP_CONFIG": str(config)}
-    regsweep = str(Path(sys.executable).with_name("regsweep"))
-    serve = Process("serve", [regsweep, "serve", "--port", str(port)], root / "serve.log", env)
-    quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    worker = Process("worker", [regsweep, "worker", "-c", "2", *quiet], root / "worker.log", env)
-    made = UiStack(root, registry, proxy, redis_server, port, [serve, worker])
+    serve = Process("serve", [REGSWEEP, "serve", "--port", str(port)], root / "serve.log", env)
+    made = UiStack(root, registry, proxy, redis_server, port, serve)
     try:
         serve.start()
         wait_for(lambda: _answers(made.url), timeout=20, what="regsweep serve answering")
-        worker.start()
-        wait_for(lambda: "ready" in worker.tail(200), timeout=30, what="the worker ready")
+        made.worker = start_worker(config, log=root / "worker.log", concurrency=2, env=env)
+        made.worker.wait_ready(timeout=30)
         yield made
     finally:
-        for process in made.processes:
-            process.stop()
+        serve.stop()
+        if made.worker is not None:
+            made.worker.stop(timeout=15)
         proxy.stop()
         registry.stop()
         redis_server.stop()

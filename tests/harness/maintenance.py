@@ -4,7 +4,9 @@
 ``RegistryBinary``) restarted by a script with a read-write or a read-only
 config, the way an operator's systemd units would run it, and driven by
 regsweep's process controller. ``RedisSpace`` is a key
-prefix of its own on Redis DB 10, deleted at the end.
+prefix of its own on Redis DB 10, deleted at the end. ``in_process_prune``,
+``in_process_defer`` and ``in_process_release`` run the prune task's and the tick's
+code in this process (no Celery); a real worker is ``tests.harness.workers.start_worker``.
 """
 
 from __future__ import annotations
@@ -425,8 +427,9 @@ def prune(config: Config, repositories: list[str]) -> None:
     asyncio.run(go())
 
 
-def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a worker's prune task does with these task kwargs; ``Deferred`` propagates."""
+def in_process_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a worker's prune task does with these task kwargs, run in this process;
+    ``Deferred`` propagates."""
 
     async def go() -> dict[str, Any]:
         ctx = await WorkerContext.open(config, prefix=prefix)
@@ -444,7 +447,7 @@ def worker_prune(config: Config, prefix: str, kwargs: dict[str, Any]) -> dict[st
     return asyncio.run(go())
 
 
-def worker_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
+def in_process_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
     """What the prune task does with ``Deferred``: park the prune."""
 
     async def go() -> None:
@@ -457,7 +460,9 @@ def worker_defer(config: Config, prefix: str, kwargs: dict[str, Any]) -> None:
     asyncio.run(go())
 
 
-def worker_release(config: Config, prefix: str, into: list[dict[str, Any]]) -> Callable[[], int]:
+def in_process_release(
+    config: Config, prefix: str, into: list[dict[str, Any]]
+) -> Callable[[], int]:
     """A release callback doing what ``tick`` does, collecting the prunes instead of queueing."""
 
     def release() -> int:

@@ -24,6 +24,7 @@ import yaml
 
 from tests.harness import redisdb
 from tests.harness.registry import DISTRIBUTION_2, RegistryBinary, RegistryProcess, free_port
+from tests.harness.workers import WorkerProcess, start_worker
 
 T = TypeVar("T")
 
@@ -140,14 +141,17 @@ class Stack:
 
     root: Path
     policies: Sequence[Mapping[str, Any]]
-    worker_args: Sequence[str] = ("--concurrency", "2", "--without-mingle", "--without-gossip")
+    #: The worker's queues (empty: every queue), its pool and its other arguments.
+    worker_queues: Sequence[str] = ()
+    worker_concurrency: int = 2
+    worker_args: Sequence[str] = ("--without-mingle", "--without-gossip")
     #: DB 11 of the shared server (flushed), or a private server's URL (left alone).
     redis_url: str = REDIS_URL
     port: int = field(default_factory=free_port)
     binary: RegistryBinary = DISTRIBUTION_2
     registry: RegistryProcess | None = None
     service: Process | None = None
-    worker: Process | None = None
+    worker: WorkerProcess | None = None
 
     @property
     def url(self) -> str:
@@ -175,9 +179,15 @@ class Stack:
         self.service = self._process("serve", ["serve", "--port", str(self.port)])
         self.service.start()
         wait_for(self._healthy, timeout=20)
-        self.worker = self._process("worker", ["worker", *self.worker_args])
-        self.worker.start()
-        wait_for(lambda: self._log_has(self.worker, "ready"), timeout=30)
+        self.worker = start_worker(
+            self.config,
+            self.worker_queues,
+            log=self.root / "worker.log",
+            concurrency=self.worker_concurrency,
+            extra=self.worker_args,
+            env=self.env(),
+        )
+        self.worker.wait_ready(timeout=30)
 
     def _process(self, name: str, args: list[str]) -> Process:
         return Process(name, [REGSWEEP, *args], self.root / f"{name}.log", self.env())
@@ -188,20 +198,19 @@ class Stack:
         except httpx.TransportError:
             return False
 
-    @staticmethod
-    def _log_has(process: Process | None, text: str) -> bool:
-        return process is not None and process.log.exists() and text in process.log.read_text()
-
     def stop(self) -> None:
-        for process in (self.worker, self.service):
-            if process is not None:
-                process.stop()
+        if self.worker is not None:
+            self.worker.stop(timeout=15)
+        if self.service is not None:
+            self.service.stop()
         if self.registry is not None:
             self.registry.stop()
         self._flush()
 
     def logs(self) -> str:
-        parts = [f"--- {p.name}\n{p.tail()}" for p in (self.service, self.worker) if p]
+        parts = [f"--- serve\n{self.service.tail()}"] if self.service else []
+        if self.worker is not None:
+            parts.append(f"--- worker\n{self.worker.tail()}")
         if self.registry is not None:
             parts.append(f"--- registry\n{self.registry.log_tail()}")
         return "\n".join(parts)
