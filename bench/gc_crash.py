@@ -58,7 +58,7 @@ from tests.harness.maintenance import (
     upload_status,
 )
 from worker.identity import ProcessIdentity, group_alive
-from worker.maintenance.lock import LockHolder
+from worker.store.gclock import LockHolder
 from worker.store.keys import Keys
 
 REGSWEEP = str(Path(sys.executable).with_name("regsweep"))
