@@ -24,12 +24,12 @@ from typing import Any, Final
 
 from worker.errors import ConfigError
 from worker.maintenance.job import GcRequest, GcStatus, open_maintenance, run_gc
-from worker.maintenance.lock import GcLock
 from worker.queue.celery_app import make_celery
 from worker.queue.enqueue import enqueue
 from worker.queue.messages import TaskMessage, follow_hint
 from worker.queue.names import GC_QUEUE, TASK_GC
 from worker.settings.model import Config
+from worker.store.gclock import GcLock
 from worker.store.keys import Keys
 from worker.store.redis import sync_client
 from worker.store.state import SyncState

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-import redis
-
 from worker.durations import approximate, signed
 from worker.engine.evidence import StoredLink, moment, storage_refusal
 from worker.errors import (
@@ -51,6 +49,7 @@ from worker.oci import referrer_tag_subject
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage, check_storage_root, layout_problem
 from worker.settings.model import Config
+from worker.store.persistence import persistence
 from worker.store.state import State
 
 #: Repositories the registry lists that ``storage`` looks for under storage_path.
@@ -371,16 +370,11 @@ async def _redis(config: Config) -> Check:
 async def _unpersisted(state: State) -> str | None:
     """What a restart of Redis would lose when it keeps no append-only file; None when it
     does, or when it will not say (INFO refused)."""
-    try:
-        info = await state.client.info("persistence")
-    except (redis.RedisError, OSError):
+    kept = await persistence(state.client)
+    if kept is None or kept.append_only:
         return None
-    if str(info.get("aof_enabled", "0")) == "1":
-        return None
-    try:  # CONFIG is often renamed away on managed Redis: then the snapshots are unknown
-        save = str((await state.client.config_get("save")).get("save", ""))
-    except (redis.RedisError, OSError):
-        save = "?"
+    # CONFIG is often renamed away on managed Redis: then the snapshots are unknown.
+    save = "?" if kept.snapshots is None else kept.snapshots
     if not save:
         return (
             'it persists nothing (appendonly no, save ""): a restart empties it, queued '

@@ -14,14 +14,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
-
 from worker.errors import ConfigError, StateError
 from worker.settings.model import Config
 from worker.store.audit import AuditEntry, AuditLog, AuditQuery
-from worker.store.open import redis_audit, tag_index
-from worker.store.redis import redis_options, shown_url
+from worker.store.open import check_reachable, redis_audit, tag_index
+from worker.store.redis import async_worker_client, shown_url
 from worker.store.state import State
 from worker.store.tagindex import TagIndex
 
@@ -65,16 +62,10 @@ async def reading(config: Config, command: str) -> AsyncIterator[Records]:
             "audit it reads are kept in the Redis the service and workers use"
         )
     location = shown_url(config.redis_url)
-    client = aioredis.Redis.from_url(config.redis_url, **redis_options())
+    client = async_worker_client(config.redis_url)
     try:
         state = State(client)
-        try:
-            await client.ping()
-        except (redis.RedisError, OSError) as exc:
-            raise StateError(
-                f"cannot reach Redis at {location} (redis.url or REGSWEEP_REDIS_URL): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        await check_reachable(client, location)
         audit = redis_audit(client, config)
         records = Records(state, audit, tag_index(client, config), location)
         try:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from service.hooks.verify import same
 from worker.errors import Unverified
 from worker.settings.model import HookSettings
-from worker.store.redis import wrapped
+from worker.store.signin import SigninFailures
 from worker.store.state import State
 
 T = TypeVar("T")
@@ -95,30 +95,20 @@ class SigninLimit:
 
     def __init__(self, state: State) -> None:
         self.state = state
+        self.failures = SigninFailures(state.client, state.keys)
 
     async def blocked_for(self, client: str) -> int:
         """Seconds until ``client`` may try again; 0 when it may now."""
-        key = self.state.keys.signin_failures(client)
-        with wrapped("cannot read the sign-in failures"):
-            pipe = self.state.client.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.ttl(key)
-            count, ttl = await pipe.execute()
-        if count is None or int(count) < SIGNIN_ATTEMPTS:
+        failures = await self.failures.of(client)
+        if failures.count < SIGNIN_ATTEMPTS:
             return 0
-        return max(int(ttl), 1)
+        return max(failures.ttl, 1)
 
     async def failed(self, client: str) -> int:
         """Count a wrong token from ``client``: the seconds it must now wait (0: this one
         is within the limit, so it is answered as wrong)."""
-        key = self.state.keys.signin_failures(client)
-        with wrapped("cannot count a failed sign-in"):
-            pipe = self.state.client.pipeline(transaction=True)
-            pipe.incr(key)
-            pipe.expire(key, int(SIGNIN_WINDOW.total_seconds()), nx=True)
-            pipe.ttl(key)
-            count, _, ttl = await pipe.execute()
-        return max(int(ttl), 1) if int(count) > SIGNIN_ATTEMPTS else 0
+        failures = await self.failures.add(client, SIGNIN_WINDOW)
+        return max(failures.ttl, 1) if failures.count > SIGNIN_ATTEMPTS else 0
 
 
 async def limited(state: State, request: Request, check: Callable[[], T]) -> T:

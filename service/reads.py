@@ -134,7 +134,7 @@ class Reader:
         """The planned repositories and those the tag index knows (a set that only grows, so
         its size tells whether it changed)."""
         with wrapped("cannot read the tag index"):
-            count = int(await self.state.client.scard(self.keys.indexed_repositories))
+            count = await self.index.repository_count()
         if self._indexed_cache is None or self._indexed_cache[0] != count:
             self._indexed_cache = (count, await self.index.repositories())
         return sorted(set(summaries) | set(self._indexed_cache[1]))

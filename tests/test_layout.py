@@ -1,6 +1,6 @@
 """The code's layout keeps its promises: the edge loads no engine, every import runs down the
-table of layers (none in a circle), the keyspace is named in one module, and every module says
-what it is for."""
+table of layers (none in a circle), the keyspace is named in one module, every Redis command
+is sent from the store, and every module says what it is for."""
 
 from __future__ import annotations
 
@@ -65,6 +65,36 @@ READ_SIDE_MUST_NOT_IMPORT = (
     "worker.maintenance.tasks",
     "worker.registry.client",
 )
+
+#: The modules outside worker/store that may import redis, each for its reason: the broker's
+#: wiring, which speaks kombu's and Celery's transport, not regsweep's keyspace.
+REDIS_ALLOWED: dict[str, str] = {
+    "worker.queue.broker": "kombu's Redis transport, raising redis' error for a lost channel",
+    "worker.queue.enqueue": "catches redis' errors kombu lets through when sending a task",
+    "service.publish": "LPUSHes Celery's messages onto a plain redis:// broker",
+}
+#: redis-py's command methods (and the pipeline that batches them): called on a client-like
+#: name outside the store, one is a Redis operation the store should hold.
+REDIS_COMMANDS = frozenset(
+    {
+        *("get", "set", "getdel", "getex", "mget", "mset", "setnx", "setex", "psetex"),
+        *("delete", "unlink", "exists", "expire", "pexpire", "expireat", "persist"),
+        *("ttl", "pttl", "type", "rename", "incr", "incrby", "incrbyfloat", "decr", "decrby"),
+        *("hset", "hsetnx", "hget", "hmget", "hgetall", "hdel", "hexists", "hkeys", "hvals"),
+        *("hlen", "hincrby", "hincrbyfloat", "hscan", "hscan_iter"),
+        *("sadd", "srem", "smembers", "sismember", "smismember", "scard", "sscan_iter"),
+        *("zadd", "zrem", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore", "zscore"),
+        *("zcard", "zcount", "zincrby", "zremrangebyscore", "zremrangebyrank", "zscan_iter"),
+        *("lpush", "rpush", "lpop", "rpop", "blpop", "brpop", "lrange", "ltrim", "llen", "lrem"),
+        *("lmove", "blmove", "lindex", "xadd", "xrange", "xrevrange", "xlen", "xtrim", "xread"),
+        *("eval", "evalsha", "register_script", "script_load", "pipeline", "transaction"),
+        *("scan", "scan_iter", "keys", "info", "config_get", "config_set", "dbsize"),
+        *("flushdb", "flushall", "publish", "watch", "multi", "execute", "lock"),
+    }
+)
+#: The names a Redis client or pipeline goes by, bare or as an attribute (``self.redis``,
+#: ``state.client``, ``m.redis``).
+CLIENT_NAMES = frozenset({"redis", "_redis", "client", "_client", "pipe", "pipeline", "conn"})
 
 
 def modules() -> Iterator[tuple[str, Path]]:
@@ -255,3 +285,47 @@ def test_shipped_code_never_imports_the_tests() -> None:
             )
             offenders += [f"{name}: {m}" for m in imported if m.split(".")[0] == "tests"]
     assert offenders == []
+
+
+def _outside_the_store() -> Iterator[tuple[str, Path]]:
+    """Every module but the store's and the broker wiring of :data:`REDIS_ALLOWED`."""
+    for name, path in modules():
+        if not (name == "worker.store" or name.startswith("worker.store.")) and (
+            name not in REDIS_ALLOWED
+        ):
+            yield name, path
+
+
+def test_only_the_store_imports_redis() -> None:
+    """Outside worker/store no module imports redis, at module level or inside a function,
+    but the broker wiring :data:`REDIS_ALLOWED` names: the others hold a client the store made
+    (annotated ``RedisClient``) and hand it to a store."""
+    offenders = [
+        f"{name}: {imported}"
+        for name, path in _outside_the_store()
+        for imported in sorted(all_imports(path))
+        if imported.split(".")[0] == "redis"
+    ]
+    assert offenders == []
+
+
+def _client_like(node: ast.expr) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id in CLIENT_NAMES
+    return isinstance(node, ast.Attribute) and node.attr in CLIENT_NAMES
+
+
+def test_only_the_store_sends_redis_commands() -> None:
+    """Outside worker/store (and the broker wiring) no code calls a redis-py command on a
+    client-like name (``client.hset(...)``, ``self.redis.eval(...)``, ``pipe.expire(...)``):
+    every Redis operation is a store's method or function."""
+    calls = [
+        f"{name}:{node.lineno}: {ast.unparse(node.func)}"
+        for name, path in _outside_the_store()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in REDIS_COMMANDS
+        and _client_like(node.func.value)
+    ]
+    assert calls == []

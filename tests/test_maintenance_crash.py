@@ -31,7 +31,7 @@ from tests.harness.maintenance import (
 from tests.harness.registry import DISTRIBUTION_2, RegistryBinary
 from tests.harness.workers import HEARTBEAT_OFF, REGSWEEP, start_worker
 from worker.identity import ProcessIdentity, group_alive
-from worker.maintenance.lock import LockHolder
+from worker.store.gclock import LockHolder
 from worker.store.keys import Keys
 from worker.store.state import JobState, SyncState
 

@@ -26,13 +26,13 @@ from tests.harness.maintenance import (
 )
 from worker.identity import ProcessIdentity
 from worker.maintenance.job import GcRequest, SessionTrackedController, run_gc
-from worker.maintenance.lock import GcLock, LockHolder
 from worker.maintenance.recovery import recover_crashed_window
 from worker.maintenance.tasks import _gc_time_limits
 from worker.maintenance.window import current_window, latest_window, may_start
 from worker.queue.celery_app import CronSchedule, make_celery
 from worker.queue.names import TASK_GC
 from worker.settings.model import Config, MaintenanceSettings, RegistrySettings
+from worker.store.gclock import GcLock, LockHolder
 from worker.store.state import JobState
 
 SUNDAY_3AM = "0 3 * * sun"

@@ -23,8 +23,7 @@ from service.replay import REPLAY_ID, Replayed, replay
 from worker.errors import BadEvent, NothingToReplay, StateError
 from worker.queue.messages import DELETE_KIND
 from worker.records import Hold
-from worker.store.redis import text, wrapped
-from worker.store.state import JOB_TTL, JobState, State
+from worker.store.state import JobState, State
 from worker.store.tagindex import TagIndex
 
 log = logging.getLogger("regsweep.service")
@@ -108,16 +107,15 @@ async def run_once(state: State, sink: EventSink, preview: Mapping[str, Any], by
     run asked for again (a double click, a resent form, the back button) is the same job,
     never a second deletion of what the preview showed, re-pushed meanwhile or not."""
     kind, params = run_params(preview, by)
-    job_id, key = uuid.uuid4().hex, state.keys.preview_run(str(preview.get("id")))
-    with wrapped("redis SET NX preview run claim failed"):
-        if not await state.client.set(key, job_id, nx=True, ex=JOB_TTL):
-            earlier = await state.client.get(key)
-            return text(earlier) if earlier is not None else job_id
+    job_id, preview_id = uuid.uuid4().hex, str(preview.get("id"))
+    earlier = await state.claim_preview_run(preview_id, job_id)
+    if earlier is not None:
+        return earlier
     try:
         return await enqueue(state, sink, kind, params, job_id)
     except BaseException:
-        with contextlib.suppress(StateError), wrapped("redis DEL preview run claim failed"):
-            await state.client.delete(key)
+        with contextlib.suppress(StateError):
+            await state.release_preview_run(preview_id)
         raise
 
 

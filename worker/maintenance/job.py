@@ -12,7 +12,7 @@
     wait: a write is accepted ─► clear the flag ─► release the deferred prunes
     report on the job and in metrics
 
-Exactly one GC runs in the cluster (:class:`~worker.maintenance.lock.GcLock`).
+Exactly one GC runs in the cluster (:class:`~worker.store.gclock.GcLock`).
 Everything after the flag is set is undone in a ``finally``. When the switch
 back fails every retry, the flag stays set (prunes keep deferring instead of
 meeting 405s) and the recovery check (:mod:`worker.maintenance.recovery`)
@@ -26,19 +26,15 @@ restorable.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Protocol
-
-import redis
-from redis.exceptions import RedisError
 
 from worker.backoff import backoff
 from worker.errors import ConfigError, ControllerError, RegsweepError, StateError
@@ -50,11 +46,6 @@ from worker.maintenance.controllers import (
     make_controller,
 )
 from worker.maintenance.gc import GcResult
-from worker.maintenance.lock import (
-    EXTEND_EVERY,
-    LOCK_TTL,
-    GcLock,
-)
 from worker.maintenance.probe import RegistryProbe
 from worker.maintenance.report import GcReport, MaintenanceMetrics
 from worker.maintenance.storage_prune import StoragePrune
@@ -63,11 +54,14 @@ from worker.notify import message
 from worker.notify.message import Notification
 from worker.notify.runtime import make_notifier
 from worker.settings.model import Config, GcGrace, MaintenanceSettings, ProcessControllerSettings
+from worker.store.alerts import first_telling
+from worker.store.gclock import EXTEND_EVERY, LOCK_TTL, GcLock
 from worker.store.keys import DEFAULT_PREFIX, Keys
-from worker.store.redis import sync_client, text, wrapped
+from worker.store.locks import held_repositories
+from worker.store.redis import RedisClient, sync_client
 from worker.store.state import JobState, SyncState
 from worker.store.views import record_gc
-from worker.store.window import pause_pruning, resume_pruning
+from worker.store.window import pause_pruning, record_session, resume_pruning
 
 log = logging.getLogger("regsweep.gc")
 
@@ -120,7 +114,7 @@ class StoragePruneStep(Protocol):
 class Maintenance:
     """What a window works with, made once by the caller (a Celery task, the CLI, a test)."""
 
-    redis: redis.Redis
+    redis: RedisClient
     state: SyncState
     controller: RegistryController
     probe: RegistryProbe
@@ -169,7 +163,7 @@ def open_maintenance(
     own = make_notifier(config, prefix=prefix) if notify is None else None
     try:
         controller = controller_for(
-            config.maintenance, on_switch=lambda pid: record_session(client, keys, pid)
+            config.maintenance, on_switch=lambda pid: note_session(client, keys, pid)
         )
         wanted = storage_prune or config.maintenance.storage_prune
         step = StoragePrune(config, controller, probe, client, keys=keys, prefix=prefix)
@@ -461,9 +455,9 @@ def end_pause(m: Maintenance) -> int | None:
     """Clear the flag and let the parked prunes go; how many were released (None: by tick)."""
     try:
         resume_pruning(m.redis, m.keys)
-    except RedisError as exc:
+    except StateError as exc:
         # The recovery check finds the flag without a lock owner and clears it.
-        log.error("cannot clear the maintenance flag: %s", exc)
+        log.error("%s", exc)
         return None
     if m.release_deferred is None:
         return None
@@ -480,15 +474,13 @@ def wait_for_prunes(m: Maintenance) -> list[str]:
     A prune still running when the wait ends meets the read-only registry's
     405 and defers the rest of its work: late, never lost.
     """
-    prefix = m.keys.prune_locks.removesuffix("*")
     deadline = time.monotonic() + m.timing.prune_drain
     while True:
-        with wrapped("cannot list the prune locks"):
-            held = [text(k) for k in m.redis.scan_iter(match=m.keys.prune_locks, count=1000)]
+        held = held_repositories(m.redis, m.keys)
         if not held or time.monotonic() >= deadline:
             if held:
                 log.warning("%d prunes still running after %gs", len(held), m.timing.prune_drain)
-            return sorted(k.removeprefix(prefix) for k in held)
+            return held
         m.sleep(m.timing.poll)
 
 
@@ -563,14 +555,14 @@ class GcListener:
     def _record_session(self, line: str) -> None:
         _, _, pid = line.partition(" ")
         if pid.strip().isdigit():
-            record_session(self._m.redis, self._m.keys, int(pid))
+            note_session(self._m.redis, self._m.keys, int(pid))
 
 
-def record_session(client: redis.Redis, keys: Keys, pid: int) -> None:
+def note_session(client: RedisClient, keys: Keys, pid: int) -> None:
     """Name the session of the GC or switch command now running, for a recovery to kill."""
     try:
-        client.set(keys.gc_session, json.dumps(asdict(ProcessIdentity.of(pid))))
-    except RedisError as exc:
+        record_session(client, keys, ProcessIdentity.of(pid))
+    except StateError as exc:
         log.warning("session of the running maintenance command not recorded: %s", exc)
 
 
@@ -581,8 +573,8 @@ def alert_left_read_only(m: Maintenance, job_id: str, failures: list[str]) -> No
     """Tell that the registry is left read-only, once per window: the recovery check that
     retries every 30 s would otherwise repeat the alert as often."""
     try:
-        first = m.redis.set(m.keys.notified("left_read_only", job_id), "1", nx=True, ex=86400)
-    except RedisError:
+        first = first_telling(m.redis, m.keys, "left_read_only", job_id)
+    except StateError:
         first = True  # better told twice than not at all
     if first:
         m.notify(message.left_read_only(job_id, failures))

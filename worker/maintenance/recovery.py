@@ -23,7 +23,6 @@ checker joins in) and:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,11 +35,10 @@ from worker.maintenance.job import (
     end_pause,
     switch_back,
 )
-from worker.maintenance.lock import kill_session
+from worker.maintenance.session import kill_session
 from worker.notify import message
-from worker.store.redis import wrapped
 from worker.store.state import JobState
-from worker.store.window import running_window
+from worker.store.window import recorded_session, running_window
 
 log = logging.getLogger("regsweep.gc")
 
@@ -105,14 +103,7 @@ def _recover_locked(m: Maintenance) -> Recovery | None:
 
 def _orphan_gc(m: Maintenance) -> ProcessIdentity | None:
     """The crashed GC's process group, as the GC recorded it (process controller only)."""
-    with wrapped("cannot read the GC session"):
-        raw = m.redis.get(m.keys.gc_session)
-    if raw is None:
-        return None
-    try:
-        return ProcessIdentity.from_json(json.loads(raw))
-    except (ValueError, TypeError, AttributeError):
-        return None
+    return recorded_session(m.redis, m.keys)
 
 
 def _mark_interrupted(m: Maintenance, job_id: str, errors: list[str]) -> None:

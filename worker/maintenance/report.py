@@ -8,21 +8,15 @@ changes in its format, ``metrics:gc`` holds GC totals and alerts.
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-import redis
-from redis.exceptions import RedisError
-
 from worker.maintenance.gc import GcResult
 from worker.maintenance.window import overran
 from worker.store.keys import Keys
-
-log = logging.getLogger(__name__)
+from worker.store.metrics import GcCollected, GcMetrics, GcRun
+from worker.store.redis import RedisClient
 
 JOB_KIND: Final = "gc"
 
@@ -197,49 +191,33 @@ def _maybe(value: object) -> str:
 
 
 class MaintenanceMetrics:
-    """Best-effort counters in Redis; a metric never fails a window."""
+    """Best-effort counters in Redis (:class:`~worker.store.metrics.GcMetrics`); a metric
+    never fails a window."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
-        self._client = client
-        self._keys = keys
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
+        self._metrics = GcMetrics(client, keys)
 
     def job_state(self, state: str) -> None:
-        # Same hash and field format as worker.store.metrics.WorkerMetrics.job.
-        self._write(lambda p: p.hincrby(self._keys.metrics_jobs, _field(state), 1))
+        self._metrics.job(JOB_KIND, state)
 
     def window(self, report: GcReport) -> None:
-        key = self._keys.metrics_gc
         gc = report.gc
-
-        def write(pipe: Any) -> None:
-            pipe.hincrby(key, "runs_dry" if report.dry_run else "runs", 1)
-            pipe.hincrby(key, "runs_failed", 0 if report.ok else 1)
-            pipe.hincrby(key, "runs_overran", 1 if report.overran else 0)
-            if gc is not None and not report.dry_run:
-                pipe.hincrby(key, "blobs_deleted", gc.blobs_deleted)
-                pipe.hincrby(key, "manifests_deleted", gc.manifests_deleted)
-                pipe.hset(key, "last_gc_seconds", gc.duration_s)
-            if report.bytes_reclaimed is not None:
-                pipe.hincrby(key, "bytes_reclaimed", report.bytes_reclaimed)
-            if report.readonly_seconds is not None:
-                pipe.hset(key, "last_readonly_seconds", report.readonly_seconds)
-            if report.ok and not report.dry_run:
-                pipe.hset(key, "last_success_time", time.time())
-
-        self._write(write)
+        collected = (
+            None
+            if gc is None or report.dry_run
+            else GcCollected(gc.blobs_deleted, gc.manifests_deleted, gc.duration_s)
+        )
+        self._metrics.run(
+            GcRun(
+                dry_run=report.dry_run,
+                ok=report.ok,
+                overran=report.overran,
+                collected=collected,
+                bytes_reclaimed=report.bytes_reclaimed,
+                readonly_seconds=report.readonly_seconds,
+            )
+        )
 
     def alert(self, name: str) -> None:
         """``switch_back_failures``, ``recoveries``: counted, and logged by the caller."""
-        self._write(lambda p: p.hincrby(self._keys.metrics_gc, name, 1))
-
-    def _write(self, fill: Any) -> None:
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            fill(pipe)
-            pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("maintenance metrics not written: %s", exc)
-
-
-def _field(state: str) -> str:
-    return json.dumps([JOB_KIND, state])
+        self._metrics.alert(name)

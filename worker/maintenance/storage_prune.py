@@ -37,8 +37,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import redis
-
 from worker.engine.executor import ExecutionReport, Status
 from worker.engine.plan import Action
 from worker.engine.planner import plan
@@ -61,8 +59,9 @@ from worker.registry.storage import RegistryStorage, layout_problem
 from worker.settings.model import Config
 from worker.store.history import History
 from worker.store.keys import Keys
+from worker.store.locks import held_repositories
 from worker.store.open import Stores
-from worker.store.redis import text
+from worker.store.redis import RedisClient
 
 log = logging.getLogger("regsweep.gc")
 
@@ -134,7 +133,7 @@ class StoragePrune:
         config: Config,
         controller: RegistryController,
         probe: RegistryProbe,
-        redis_client: redis.Redis,
+        redis_client: RedisClient,
         *,
         keys: Keys,
         prefix: str,
@@ -300,12 +299,7 @@ class StoragePrune:
 
     def _busy(self) -> set[str]:
         """Repositories whose prune lock is held now."""
-        prefix = self._keys.prune_locks.removesuffix("*")
-        try:
-            keys = self._redis.scan_iter(match=self._keys.prune_locks, count=1000)
-            return {text(k).removeprefix(prefix) for k in keys}
-        except redis.RedisError as exc:
-            raise StateError(f"cannot list the prune locks: {exc}") from exc
+        return set(held_repositories(self._redis, self._keys))
 
     async def _one(
         self,

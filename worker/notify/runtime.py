@@ -10,36 +10,34 @@ CLI and a worker's start-up recovery make one for a single command with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 
-import redis
-from redis.exceptions import RedisError
-
+from worker.errors import StateError
 from worker.notify.message import Notification
 from worker.notify.sender import DEFAULT_DRAIN_SECONDS, Notifier, OutcomeCallback
 from worker.settings.model import Config
 from worker.store.keys import DEFAULT_PREFIX, Keys
-from worker.store.redis import sync_client
+from worker.store.metrics import count_notification
+from worker.store.redis import RedisClient, sync_client
 
 log = logging.getLogger("regsweep.notify")
 
 _lock = threading.Lock()
 #: This process's notifier: the pid and Config it was made for, and its Redis client.
-_process: tuple[int, Notifier, redis.Redis | None, Config] | None = None
+_process: tuple[int, Notifier, RedisClient | None, Config] | None = None
 
 
-def counting(client: redis.Redis | None, keys: Keys) -> OutcomeCallback:
+def counting(client: RedisClient | None, keys: Keys) -> OutcomeCallback:
     """An outcome callback adding to ``metrics:notifications`` (nothing without Redis)."""
 
     def count(target: str, event: str, outcome: str) -> None:
         if client is None:
             return
         try:
-            client.hincrby(keys.metrics_notifications, json.dumps([target, event, outcome]), 1)
-        except (RedisError, OSError) as exc:
+            count_notification(client, keys, target, event, outcome)
+        except StateError as exc:
             log.warning("notification outcome not counted: %s", exc)
 
     return count
@@ -47,7 +45,7 @@ def counting(client: redis.Redis | None, keys: Keys) -> OutcomeCallback:
 
 def make_notifier(
     config: Config, *, prefix: str = DEFAULT_PREFIX
-) -> tuple[Notifier, redis.Redis | None]:
+) -> tuple[Notifier, RedisClient | None]:
     """A notifier for ``config``'s targets and the Redis client its counts go through."""
     for line in config.notify.unset:
         log.warning("notification target off: %s", line)
@@ -90,7 +88,7 @@ def close(wait: float = DEFAULT_DRAIN_SECONDS) -> None:
     _close(made, wait)
 
 
-def _close(made: tuple[int, Notifier, redis.Redis | None, Config], wait: float) -> None:
+def _close(made: tuple[int, Notifier, RedisClient | None, Config], wait: float) -> None:
     made[1].close(wait)
     if made[2] is not None:
         made[2].close()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from worker.engine.inventory import ManifestCache
 from worker.engine.prune import Pruner
 from worker.errors import ConfigError
@@ -20,7 +18,7 @@ from worker.store.keys import DEFAULT_PREFIX
 from worker.store.metrics import WorkerMetrics
 from worker.store.open import redis_audit, tag_index
 from worker.store.prunes import PruneRecords
-from worker.store.redis import redis_options
+from worker.store.redis import AsyncRedisClient, async_worker_client
 from worker.store.state import State
 from worker.store.tagindex import TagIndex
 
@@ -28,7 +26,7 @@ from worker.store.tagindex import TagIndex
 @dataclass
 class WorkerContext:
     config: Config
-    redis: aioredis.Redis
+    redis: AsyncRedisClient
     client: RegistryClient
     index: TagIndex
     audit: AuditLog
@@ -40,7 +38,7 @@ class WorkerContext:
     async def open(cls, config: Config, *, prefix: str = DEFAULT_PREFIX) -> WorkerContext:
         if config.redis_url is None:
             raise ConfigError("workers need Redis: set redis.url or REGSWEEP_REDIS_URL")
-        redis = aioredis.Redis.from_url(config.redis_url, **redis_options())
+        redis = async_worker_client(config.redis_url)
         metrics = WorkerMetrics(prefix=prefix)
         client = RegistryClient.from_settings(
             config.registry, on_response=metrics.registry_response

@@ -23,7 +23,8 @@ So a prune whose worker died runs again within about ``ALIVE_TTL + REAP_EVERY``
 (at once when the worker is restarted on the same machine). A pool process
 that dies is not the worker: Celery puts its task back itself
 (``task_reject_on_worker_lost``), and the next prune breaks the dead process's
-prune lock (:mod:`worker.store.locks`).
+prune lock (:mod:`worker.store.locks`). The leases and liveness keys themselves are kept
+by :class:`worker.store.leases.LeaseRecords`.
 """
 
 from __future__ import annotations
@@ -36,18 +37,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import redis
 from celery import Celery
 from celery.signals import task_received, worker_init, worker_ready, worker_shutdown
 from celery.worker import state as worker_state
-from redis.exceptions import RedisError
 
 from worker.errors import ConfigError, StateError
 from worker.identity import ProcessIdentity
 from worker.queue.names import TASK_PRUNE
 from worker.queue.runtime import configured
 from worker.store.keys import DEFAULT_PREFIX, Keys
-from worker.store.redis import sync_client, text
+from worker.store.leases import LeaseRecords
+from worker.store.redis import RedisClient, sync_client
 from worker.store.state import JobState, SyncState
 
 log = logging.getLogger("regsweep.worker")
@@ -56,8 +56,6 @@ ALIVE_TTL: Final = timedelta(seconds=20)
 BEAT_EVERY: Final = timedelta(seconds=5)
 REAP_EVERY: Final = timedelta(seconds=5)
 REAP_ROUNDS: Final = int(REAP_EVERY / BEAT_EVERY)
-#: A lease outlives any message it can describe (the visibility timeout is hours).
-LEASES_TTL: Final = timedelta(days=2)
 _UNFINISHED: Final = frozenset({JobState.QUEUED.value, JobState.RUNNING.value})
 
 
@@ -99,10 +97,11 @@ class GivenBack:
 class Leases:
     """This worker's leases, its liveness, and the reaping of dead workers' messages."""
 
-    def __init__(self, app: Celery, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, app: Celery, client: RedisClient, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.app = app
         self.client = client
         self.keys = Keys(prefix)
+        self.records = LeaseRecords(client, self.keys)
         self.state = SyncState(client, prefix=prefix)
         self.worker_id = uuid.uuid4().hex
         self.identity = ProcessIdentity.of()
@@ -114,44 +113,31 @@ class Leases:
         """Record that this worker holds the message ``tag`` (never raises: best effort)."""
         lease = Lease(self.worker_id, self.identity, task, task_id, job_id)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hset(self.keys.leases, tag, lease.dumps())
-            pipe.expire(self.keys.leases, LEASES_TTL)
-            pipe.execute()
-        except RedisError as exc:
+            self.records.record(tag, lease.dumps())
+        except StateError as exc:
             log.warning("lease of %s %s not recorded: %s", task, task_id, exc)
 
     def beat(self) -> None:
-        self.client.set(
-            self.keys.worker(self.worker_id), json.dumps(asdict(self.identity)), ex=ALIVE_TTL
-        )
+        self.records.beat(self.worker_id, json.dumps(asdict(self.identity)), ALIVE_TTL)
 
     def reap(self) -> list[GivenBack]:
         """Give back the messages of dead workers, and this worker's own that it no longer
         holds; forget leases of acknowledged ones."""
-        raw = self.client.hgetall(self.keys.leases)
+        raw = self.records.leases()
         if not raw:
             return []
-        leases = {text(key): Lease.loads(value) for key, value in raw.items()}
+        leases = {tag: Lease.loads(value) for tag, value in raw.items()}
         with self.app.connection_for_write() as connection:
             # kombu's Redis channel (its QoS is what restores unacknowledged messages).
             channel: Any = connection.default_channel
-            held = self._unacknowledged(channel.unacked_key, list(leases))
+            held = self.records.unacknowledged(channel.unacked_key, list(leases))
             gone = [tag for tag, lease in leases.items() if lease is None or tag not in held]
-            if gone:
-                self.client.hdel(self.keys.leases, *gone)  # acknowledged (or unreadable)
+            self.records.forget(gone)  # acknowledged (or unreadable)
             live = {tag: lease for tag, lease in leases.items() if lease and tag in held}
             given = self._give_back(channel, live)
         for back in given:
             self._note(back)
         return given
-
-    def _unacknowledged(self, unacked_key: str, tags: list[str]) -> set[str]:
-        """Which of ``tags`` kombu still holds unacknowledged (one round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        for tag in tags:
-            pipe.hexists(unacked_key, tag)
-        return {tag for tag, held in zip(tags, pipe.execute(), strict=True) if held}
 
     def _give_back(self, channel: Any, leases: dict[str, Lease]) -> list[GivenBack]:
         given: list[GivenBack] = []
@@ -163,7 +149,7 @@ class Leases:
             # kombu's own restore: atomic, and a message restored twice is restored
             # once; to the consuming end, so it runs next.
             channel.qos.restore_by_tag(tag, leftmost=False)
-            self.client.hdel(self.keys.leases, tag)
+            self.records.forget([tag])
             given.append(GivenBack(tag, lease, dropped=mine))
         self._suspects = suspects
         return given
@@ -184,7 +170,7 @@ class Leases:
     def _dead(self, lease: Lease) -> bool:
         if lease.owner.is_local():
             return not lease.owner.is_alive()
-        return not self.client.exists(self.keys.worker(lease.worker))
+        return not self.records.alive(lease.worker)
 
     def _note(self, back: GivenBack) -> None:
         lease = back.lease
@@ -225,8 +211,8 @@ class Leases:
         self._rounds += 1
 
     def stop(self) -> None:
-        with contextlib.suppress(RedisError):  # it expires by itself
-            self.client.delete(self.keys.worker(self.worker_id))
+        with contextlib.suppress(StateError):  # it expires by itself
+            self.records.withdraw(self.worker_id)
 
 
 def job_id_of(kwargs: Any) -> str | None:

@@ -25,7 +25,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import redis
 from celery.beat import PersistentScheduler
 from celery.signals import task_prerun, worker_init, worker_ready, worker_shutdown
 
@@ -38,7 +37,7 @@ from worker.settings.model import Config
 from worker.settings.watch import PolicyWatch, StalePolicy, wait_until_loaded
 from worker.store.keys import Keys
 from worker.store.processes import REPORT_EVERY, ProcessReport, report, withdraw
-from worker.store.redis import sync_client
+from worker.store.redis import RedisClient, sync_client
 
 log = logging.getLogger("regsweep.policy")
 
@@ -49,7 +48,7 @@ NEVER_HELD: Final = frozenset({TASK_MAINTENANCE_CHECK})
 class Reporter:
     """One process's policy watch and its report in Redis."""
 
-    def __init__(self, role: str, config: Config, client: redis.Redis | None) -> None:
+    def __init__(self, role: str, config: Config, client: RedisClient | None) -> None:
         self.role = role
         self.watch = PolicyWatch(config)
         self.client = client

@@ -203,7 +203,7 @@ class Keys:
 
     @property
     def metrics_gc(self) -> str:
-        """GC totals and alerts (:mod:`worker.maintenance.report`)."""
+        """GC totals and alerts (:class:`worker.store.metrics.GcMetrics`)."""
         return f"{self.prefix}metrics:gc"
 
     # --- worker leases ----------------------------------------------------------------

@@ -16,6 +16,8 @@ countdown, so no worker slot is held waiting.
 :class:`PruneTurns` is how every prune gets its turn, a worker's and ``regsweep
 prune``'s alike: no maintenance window running (the flag a GC sets), then the
 repository's lock. The CLI waits a while for a busy repository instead of giving up.
+:func:`held_repositories` is what a maintenance window waits on: the repositories whose
+prune holds its lock now.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Final
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -38,7 +41,7 @@ from worker.backoff import backoff
 from worker.errors import Deferred, RepositoryBusy
 from worker.identity import ProcessIdentity
 from worker.store.keys import Keys
-from worker.store.redis import wrapped
+from worker.store.redis import text, wrapped
 from worker.store.window import window_running
 
 log = logging.getLogger("regsweep.worker")
@@ -60,9 +63,9 @@ return 0
 
 def holder_of(raw: bytes | str) -> ProcessIdentity | None:
     """The process a lock value names; ``None`` when unreadable (then only the TTL tells)."""
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    value = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     try:
-        return ProcessIdentity.from_json(json.loads(text)["owner"])
+        return ProcessIdentity.from_json(json.loads(value)["owner"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -134,6 +137,14 @@ class PruneLock:
             await self._redis.eval(_DELETE_IF, 1, self.key, self._token)
         except RedisError as exc:
             log.warning("could not release %s; it expires by itself: %s", self.key, exc)
+
+
+def held_repositories(client: redis.Redis, keys: Keys) -> list[str]:
+    """The repositories whose prune lock is held now, sorted (one ``SCAN`` over the locks)."""
+    prefix = keys.prune_locks.removesuffix("*")
+    with wrapped("cannot list the prune locks"):
+        held = [text(k) for k in client.scan_iter(match=keys.prune_locks, count=1000)]
+    return sorted(k.removeprefix(prefix) for k in held)
 
 
 def holder_text(raw: bytes | str | None) -> str:

@@ -5,7 +5,9 @@ the service, so each worker buffers its counts in memory (the registry
 client's ``on_response`` hook is synchronous and runs on the event loop) and
 adds them to Redis hashes after every task step: one hash per metric, one
 field per label set (a JSON list of label values). The service reads the
-hashes at scrape time through :class:`WorkerMetricsSnapshot`.
+hashes at scrape time through :class:`WorkerMetricsSnapshot`. A maintenance window's
+figures go to ``metrics:gc`` through :class:`GcMetrics`, notification outcomes to
+``metrics:notifications`` through :func:`count_notification`.
 
 Keys (under the state prefix, default ``regsweep:``)::
 
@@ -13,6 +15,8 @@ Keys (under the state prefix, default ``regsweep:``)::
     metrics:jobs               ["<kind>", "<state>"]              -> count
     metrics:registry_latency   ["<method>", "<route>", "<le>"]    -> count in that bucket
                                ["<method>", "<route>", "sum"]     -> seconds (float)
+    metrics:gc                 runs, runs_dry, blobs_deleted...   -> count, or a gauge
+    metrics:notifications      ["<target>", "<event>", "<outcome>"] -> count
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -36,6 +42,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from worker.store.keys import DEFAULT_PREFIX, Keys
+from worker.store.redis import wrapped
 
 log = logging.getLogger("regsweep.metrics")
 
@@ -107,6 +114,81 @@ class WorkerMetrics:
             self._counts.update(counts)
             for series, total in seconds.items():
                 self._seconds[series] += total
+
+
+@dataclass(frozen=True)
+class GcCollected:
+    """What the registry's garbage-collect did in a window that deleted."""
+
+    blobs_deleted: int
+    manifests_deleted: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GcRun:
+    """What one maintenance window's report adds to ``metrics:gc``."""
+
+    dry_run: bool
+    ok: bool
+    overran: bool
+    #: None when no GC ran, or a dry run.
+    collected: GcCollected | None = None
+    bytes_reclaimed: int | None = None
+    readonly_seconds: float | None = None
+
+
+class GcMetrics:
+    """A maintenance window's counters, written at once; best effort: a metric never fails
+    a window (a Redis failure is logged and the figures are lost)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._client = client
+        self._keys = keys
+
+    def job(self, kind: str, state: str) -> None:
+        """A job state change, in :meth:`WorkerMetrics.job`'s hash and field format."""
+        self._write(lambda p: p.hincrby(self._keys.metrics_jobs, _field(kind, state), 1))
+
+    def run(self, run: GcRun) -> None:
+        key = self._keys.metrics_gc
+
+        def write(pipe: Any) -> None:
+            pipe.hincrby(key, "runs_dry" if run.dry_run else "runs", 1)
+            pipe.hincrby(key, "runs_failed", 0 if run.ok else 1)
+            pipe.hincrby(key, "runs_overran", 1 if run.overran else 0)
+            if run.collected is not None:
+                pipe.hincrby(key, "blobs_deleted", run.collected.blobs_deleted)
+                pipe.hincrby(key, "manifests_deleted", run.collected.manifests_deleted)
+                pipe.hset(key, "last_gc_seconds", run.collected.seconds)
+            if run.bytes_reclaimed is not None:
+                pipe.hincrby(key, "bytes_reclaimed", run.bytes_reclaimed)
+            if run.readonly_seconds is not None:
+                pipe.hset(key, "last_readonly_seconds", run.readonly_seconds)
+            if run.ok and not run.dry_run:
+                pipe.hset(key, "last_success_time", time.time())
+
+        self._write(write)
+
+    def alert(self, name: str) -> None:
+        """``switch_back_failures``, ``recoveries``: counted, and logged by the caller."""
+        self._write(lambda p: p.hincrby(self._keys.metrics_gc, name, 1))
+
+    def _write(self, fill: Callable[[Any], object]) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            fill(pipe)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("maintenance metrics not written: %s", exc)
+
+
+def count_notification(
+    client: redis.Redis, keys: Keys, target: str, event: str, outcome: str
+) -> None:
+    """Add one notification outcome (``sent``, ``failed``, ``dropped``) to its count."""
+    with wrapped("cannot count a notification outcome"):
+        client.hincrby(keys.metrics_notifications, _field(target, event, outcome), 1)
 
 
 def _histogram(

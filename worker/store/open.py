@@ -22,7 +22,7 @@ from worker.store.audit import AuditLog, JsonlAuditLog, RedisAuditLog
 from worker.store.history import STATE_DIRECTORY, History, LocalHistory
 from worker.store.keys import DEFAULT_PREFIX, Keys
 from worker.store.mirror import MirroredAuditLog, MirroredTagIndex
-from worker.store.redis import redis_options, shown_url
+from worker.store.redis import async_worker_client, shown_url
 from worker.store.tagindex import TagIndex
 
 
@@ -66,6 +66,18 @@ def redis_audit(
     return MirroredAuditLog(primary, JsonlAuditLog(config.audit_mirror))
 
 
+async def check_reachable(client: aioredis.Redis, location: str) -> None:
+    """That the Redis at ``location`` (its URL as messages show it) answers ``PING``;
+    StateError naming it and the setting that points there when it does not."""
+    try:
+        await client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise StateError(
+            f"cannot reach Redis at {location} (redis.url or REGSWEEP_REDIS_URL): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 @dataclass
 class Stores:
     history: History
@@ -79,7 +91,7 @@ class Stores:
     def open(cls, config: StoreSettings, *, prefix: str = DEFAULT_PREFIX) -> Stores:
         if config.redis_url is None:
             return cls(LocalHistory(state_directory(config)), JsonlAuditLog(audit_file(config)))
-        client = aioredis.Redis.from_url(config.redis_url, **redis_options())
+        client = async_worker_client(config.redis_url)
         return cls(
             tag_index(client, config, prefix=prefix),
             redis_audit(client, config, prefix=prefix),
@@ -91,15 +103,8 @@ class Stores:
     async def check(self) -> None:
         """With Redis configured, that it answers (StateError naming it if not): a CLI
         run must not mistake a Redis that is down for an empty history."""
-        if self.redis is None:
-            return
-        try:
-            await self.redis.ping()
-        except (redis.RedisError, OSError) as exc:
-            raise StateError(
-                f"cannot reach Redis at {self.location} (redis.url or REGSWEEP_REDIS_URL): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        if self.redis is not None:
+            await check_reachable(self.redis, str(self.location))
 
     async def aclose(self) -> None:
         if self.redis is not None:

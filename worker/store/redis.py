@@ -3,6 +3,8 @@
 Every store (state, tag index, audit, locks, metrics) and the service make their
 clients here, so a Redis that is down or frozen answers within seconds, and
 redis' and the socket's exceptions surface as :class:`~worker.errors.StateError`.
+Code outside the store never imports redis: it holds a client made here, annotated
+:data:`RedisClient` or :data:`AsyncRedisClient`, and hands it to a store.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import redis
 import redis.asyncio as aioredis
@@ -32,6 +34,11 @@ SERVICE_TIMEOUT: Final = 0.35
 
 
 SERVICE_RETRIES: Final = 1
+
+#: A blocking client (workers' tasks, the CLI), as code outside the store names it.
+RedisClient: TypeAlias = redis.Redis
+#: An event loop's client (the service, a worker's process context), likewise.
+AsyncRedisClient: TypeAlias = aioredis.Redis
 
 
 def server_of(client: aioredis.Redis) -> str:
@@ -79,6 +86,12 @@ def async_client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, retry=retry, socket_timeout=SERVICE_TIMEOUT, socket_connect_timeout=SERVICE_TIMEOUT
     )
+
+
+def async_worker_client(url: str) -> aioredis.Redis:
+    """A ``redis.asyncio`` client for a worker's event loop and the CLI: the workers'
+    timeouts (a task waits in place for Redis anyway), no retries of the service's."""
+    return aioredis.Redis.from_url(url, **redis_options())
 
 
 def sync_client(url: str) -> redis.Redis:

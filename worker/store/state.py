@@ -342,6 +342,21 @@ class State:
         with wrapped("redis DEL replay claim failed"):
             await self.client.delete(self.keys.replayed(letter_id))
 
+    async def claim_preview_run(self, preview_id: str, job_id: str) -> str | None:
+        """Mark the dashboard's preview ``preview_id`` run as ``job_id``: None when this call
+        did, else the job an earlier run made (``job_id`` itself when that claim is gone)."""
+        key = self.keys.preview_run(preview_id)
+        with wrapped("redis SET NX preview run claim failed"):
+            if await self.client.set(key, job_id, nx=True, ex=JOB_TTL):
+                return None
+            earlier = await self.client.get(key)
+        return job_id if earlier is None else text(earlier)
+
+    async def release_preview_run(self, preview_id: str) -> None:
+        """Undo :meth:`claim_preview_run` when the run could not be queued."""
+        with wrapped("redis DEL preview run claim failed"):
+            await self.client.delete(self.keys.preview_run(preview_id))
+
     async def record_ci_event(self, delivery_id: str, event: Mapping[str, Any]) -> None:
         """Keep a CI event as the workers received it, for ``regsweep replay DELIVERY``, as
         long as its delivery's dedup key (GitHub's and GitLab's redeliveries are duplicates

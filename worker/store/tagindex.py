@@ -494,6 +494,11 @@ class TagIndex:
         known = self._redis.sismember(self.keys.indexed_repositories, repository)
         return bool(await self._call(known))
 
+    async def repository_count(self) -> int:
+        """How many repositories the index has recorded anything of (a set that only grows,
+        so a reader can tell from it whether :meth:`repositories` changed)."""
+        return int(await self._call(self._redis.scard(self.keys.indexed_repositories)))
+
     async def sizes(self, repositories: Sequence[str]) -> list[tuple[int, int]]:
         """(tags, holds) the index counts for each of ``repositories``, in one round trip."""
         pipe = self._redis.pipeline(transaction=False)

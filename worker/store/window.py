@@ -3,13 +3,19 @@
 The one module that reads and writes it; the GC job sets and clears it, the workers' prunes,
 the tick, crash recovery and the CLI ask whether it is set (the health and metrics reads take
 it in their own round trips, in :mod:`worker.store.status` and :mod:`worker.store.metrics`).
+The window's session record lives here too: the maintenance command now running, named so
+that a recovery can kill what a dead worker left behind.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import redis
 import redis.asyncio as aioredis
 
+from worker.identity import ProcessIdentity
 from worker.store.keys import Keys
 from worker.store.redis import text, wrapped
 
@@ -35,6 +41,25 @@ def pause_pruning(client: redis.Redis, keys: Keys, job_id: str) -> None:
 
 
 def resume_pruning(client: redis.Redis, keys: Keys) -> None:
-    """Clear the flag and the window's session record (redis' errors raised as they are: the
-    caller logs them, and crash recovery clears a flag left behind)."""
-    client.delete(keys.maintenance_flag, keys.gc_session)
+    """Clear the flag and the window's session record (the caller logs a failure, and crash
+    recovery clears a flag left behind)."""
+    with wrapped("cannot clear the maintenance flag"):
+        client.delete(keys.maintenance_flag, keys.gc_session)
+
+
+def record_session(client: redis.Redis, keys: Keys, session: ProcessIdentity) -> None:
+    """Name the session (its leader) of the GC or switch command now running."""
+    with wrapped("cannot record the maintenance command's session"):
+        client.set(keys.gc_session, json.dumps(asdict(session)))
+
+
+def recorded_session(client: redis.Redis, keys: Keys) -> ProcessIdentity | None:
+    """The session :func:`record_session` named last; ``None`` when none, or unreadable."""
+    with wrapped("cannot read the GC session"):
+        raw = client.get(keys.gc_session)
+    if raw is None:
+        return None
+    try:
+        return ProcessIdentity.from_json(json.loads(raw))
+    except (ValueError, TypeError, AttributeError):
+        return None

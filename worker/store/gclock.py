@@ -19,10 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import signal
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,11 +30,11 @@ import redis
 from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
-from worker.identity import ProcessIdentity, group_alive, start_time
+from worker.identity import ProcessIdentity
 from worker.store.keys import Keys
 from worker.store.redis import wrapped
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("regsweep.gc")
 
 #: A crashed GC holds the lock at most this long; the watchdog renews it well before.
 LOCK_TTL: Final = timedelta(seconds=30)
@@ -45,38 +42,11 @@ EXTEND_EVERY: Final = timedelta(seconds=5)
 #: A window's "GC started" claim outlives any window's retries of the beat message.
 WINDOW_CLAIM_TTL: Final = timedelta(days=1)
 UNKNOWN_JOB: Final = "unknown"
-#: How long a killed session's processes may take to be gone.
-SESSION_EXIT_WAIT: Final = 10.0
 
 _DELETE_IF_VALUE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def kill_session(identity: ProcessIdentity) -> bool:
-    """SIGKILL the process group ``identity`` leads, if it is provably that process and alive.
-
-    A process controller's GC and switch commands run in sessions of their own
-    and outlive a worker killed with SIGKILL: a GC left running after the switch
-    back to read-write would delete blobs pushed meanwhile, a read-only switch
-    would race the recovery's own restart. Returns once the group is gone.
-    """
-    if not identity.is_local() or start_time(identity.pid) != identity.started:
-        return False
-    try:
-        os.killpg(identity.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # Gone before anything else runs: a registry the killed command had started still
-    # holds its port for a moment, and a restart now would fail to bind.
-    deadline = time.monotonic() + SESSION_EXIT_WAIT
-    while group_alive(identity.pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
-
-
-# --------------------------------------------------------------------------- the lock
 
 
 @dataclass(frozen=True)
