@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
+from tests.harness import service as h
 from tests.harness.auth import AuthRegistry
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.proxy import FaultyProxy, Rule
@@ -20,11 +23,13 @@ from worker.engine.plan import Action
 from worker.engine.policy import KeepRule, Mode, Policy, RepositoryPattern, TagPattern
 from worker.engine.prune import Pruned, Pruner, RepositoryPlan
 from worker.engine.restore import restore
+from worker.errors import TurnLost
 from worker.records import Hold
 from worker.registry.client import EMPTY_CONFIG, RegistryClient, digest_of
 from worker.settings.model import Config, RegistrySettings, Secret
 from worker.store.audit import AuditQuery, JsonlAuditLog
 from worker.store.history import LocalHistory
+from worker.store.locks import PruneLock
 
 pytestmark = pytest.mark.anyio
 #: The test runs on 2.8.2 and on 3.x: its ``registry``, ``client`` and ``builder`` are that
@@ -324,6 +329,50 @@ async def test_subject_kept_after_planning_keeps_its_signature(
     assert len(report.by_status(Status.SKIPPED)) == 2
     assert builder.manifest_exists(repo_name, sig.digest)
     assert_pullable(builder, repo_name, old)
+
+
+async def test_a_prune_whose_lock_is_taken_over_sends_no_further_wave(
+    registry: RegistryProcess,
+    client: RegistryClient,
+    builder: ImageBuilder,
+    repo_name: str,
+    tmp_path: Path,
+) -> None:
+    """The repository's lock expired unrenewed (or Redis lost it) and another prune took it
+    while this one deleted: no wave is sent after that (each is asked of the real lock in
+    Redis first), what is left is a transient error to retry, and its images are whole."""
+    images = [builder.image(repo_name, f"b{i}") for i in range(14)]
+    for i in range(14):
+        registry.set_pushed(repo_name, days_ago(20 - i), f"b{i}")
+    settings = {"storage_path": str(registry.storage_path), "concurrency": 1}  # waves of 4
+    eng = Engine(make_config(registry.url, policy(keep=(newest(1),)), tmp_path, **settings), client)
+    planned = await eng.plan(repo_name)
+    assert len(planned.plan.deletions) == 13
+    prefix = h.unique_prefix()
+    sync = redis.Redis.from_url(h.REDIS_TEST_URL)
+    redis_client = aioredis.Redis.from_url(h.REDIS_TEST_URL)
+    lock = PruneLock(redis_client, f"{prefix}lock:prune:{repo_name}")
+    try:
+        assert await lock.acquire()
+        await lock.still_ours()  # held: no error
+
+        def taken_over(deletion: object, status: Status) -> None:
+            sync.set(lock.key, "another prune's token")
+
+        report = await eng.pruner.execute(planned, job_id="j", on_progress=taken_over, turn=lock)
+    finally:
+        h.delete_prefix(sync, prefix)
+        sync.close()
+        await redis_client.aclose()
+    lost = report.by_status(Status.ERROR)
+    # Waves of 4, two in flight: the third wave is asked after the first deletion at latest.
+    assert len(lost) >= 5 and report.retryable and report.outcome is Outcome.FAILED
+    assert all("lost" in detail for _, status, detail in report.done if status is Status.ERROR)
+    by_digest = {image.digest: image for image in images}
+    for deletion in lost:
+        assert_pullable(builder, repo_name, by_digest[deletion.digest])
+    with pytest.raises(TurnLost):
+        await lock.still_ours()
 
 
 async def test_read_only_registry_defers_everything_left(

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -26,6 +27,7 @@ from tests.harness import cli
 from tests.harness import stack as s
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import ImageBuilder
+from tests.harness.proxy import Exchange, FaultyProxy, Rule
 from tests.harness.registry import RegistryProcess
 from tests.harness.workers import tasks_in_process
 from worker import oci
@@ -150,6 +152,43 @@ async def test_held_lock_makes_prune_busy_at_once_and_nothing_is_deleted(
     summary = await pruning.prune_repository(ctx, pruning.PruneJob(repository, "free"))
     assert summary["counts"]["deleted"] == 1
     assert status(images, repository, drop.digest) == 404
+
+
+@pytest.mark.anyio
+async def test_a_prune_whose_lock_is_taken_over_stops_and_asks_to_be_retried(
+    config: Config,
+    broker: redis.Redis,
+    own_registry: RegistryProcess,
+    images: ImageBuilder,
+    repo_name: str,
+) -> None:
+    """Another prune took the repository's lock (it expired unrenewed, or Redis lost it) as
+    this one sent its first DELETE: no wave after that is sent, and the prune asks to be
+    retried with the one backoff (planned afresh then) rather than ending as if done."""
+    repository = f"w/{repo_name}"
+    drops = [images.image(repository, f"drop-{i:02d}") for i in range(13)]
+    images.image(repository, "keep-1")
+    upstream = urlsplit(own_registry.url)
+    with FaultyProxy((str(upstream.hostname), int(upstream.port or 80))) as proxy:
+        registry = replace(config.registry, url=proxy.url, concurrency=1)  # waves of 4
+        ctx = await WorkerContext.open(replace(config, registry=registry))
+        key = pruning.keys(ctx).prune_lock(repository)
+
+        def take_over(_: Exchange) -> None:
+            broker.set(key, "another prune's token")
+
+        taken = Rule(method="DELETE", before=take_over)
+        proxy.rules.append(taken)
+        try:
+            with pytest.raises(RegistryUnavailable, match="lost"):
+                await pruning.prune_repository(ctx, pruning.PruneJob(repository, "taken"))
+        finally:
+            await ctx.aclose()
+    assert taken.fired, "the prune sent no DELETE"
+    # Two waves may be under way when the lock goes; the third and fourth (5 images) never.
+    left = [d for d in drops if status(images, repository, d.digest) == 200]
+    assert len(left) >= 5, len(left)
+    broker.delete(key)
 
 
 @pytest.mark.anyio

@@ -109,6 +109,12 @@ class StateError(RegsweepError):
     """Redis, which holds state, dedup keys, locks and the audit stream, failed."""
 
 
+class TurnLost(StateError):
+    """A prune's per-repository lock is no longer its own (it expired while Redis could
+    not renew it, or Redis lost it): another prune of the repository may run now, so this
+    one deletes nothing more. The work is retried, as a registry that went away is."""
+
+
 class StorageError(RegsweepError):
     """``registry.storage_path`` cannot serve a repository's plan: a file in it regsweep
     cannot read, or a repository the registry has and the storage lacks. That repository is

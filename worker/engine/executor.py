@@ -36,6 +36,7 @@ from worker.errors import (
     RegistryUnavailable,
     SafetyViolation,
     StateError,
+    TurnLost,
 )
 from worker.oci import Digest, Manifest
 from worker.registry.client import RegistryClient, Removal
@@ -185,6 +186,9 @@ class _Run:
 
 #: The tags of a repository held now (``regsweep hold``, a restore), read with each re-check.
 HeldTags = Callable[[str], Awaitable[Collection[str]]]
+#: Asked before each wave: raises (:class:`~worker.errors.TurnLost`) when the run must
+#: delete nothing more because its repository's lock is no longer its own.
+GoOn = Callable[[], Awaitable[None]]
 
 
 class Executor:
@@ -196,12 +200,14 @@ class Executor:
         wave_size: int = 32,
         on_progress: ProgressCallback | None = None,
         held: HeldTags | None = None,
+        go_on: GoOn | None = None,
     ) -> None:
         self._client = client
         self._audit = audit
         self._wave_size = max(1, wave_size)
         self._on_progress = on_progress
         self._held = held
+        self._go_on = go_on
 
     async def run(
         self, plan: Plan, manifests: Mapping[Digest, Manifest], *, job_id: str
@@ -227,9 +233,12 @@ class Executor:
                 self._leave(run, wave, report)
                 continue
             try:
+                if self._go_on is not None:
+                    await self._go_on()
                 live = await guard.refresh()
             except (RegistryError, StateError) as exc:
-                transient = isinstance(exc, RegistryUnavailable)
+                # A lost lock is retried as an unreachable registry is: planned afresh.
+                transient = isinstance(exc, RegistryUnavailable | TurnLost)
                 for deletion in wave:
                     detail = f"live re-check failed: {exc}"
                     self._note(run, report, deletion, Status.ERROR, detail, transient=transient)

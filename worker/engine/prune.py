@@ -53,8 +53,17 @@ REPOSITORY_PARALLELISM: Final = 4
 PlannedCallback = Callable[["RepositoryPlan"], Awaitable[None] | None]
 #: (repository, deletion, status) after each deletion of a multi-repository run.
 RepositoryProgress = Callable[[str, Deletion, Status], None]
+
+
+class HeldTurn(Protocol):
+    """A repository's turn while it is held (:class:`worker.store.locks.PruneLock`)."""
+
+    async def still_ours(self) -> None:
+        """Raise :class:`~worker.errors.TurnLost` once the turn is no longer this run's."""
+
+
 #: A repository's turn to be pruned, held while it is (:class:`worker.store.locks.PruneTurns`).
-Turn = Callable[[str], AbstractAsyncContextManager[object]]
+Turn = Callable[[str], AbstractAsyncContextManager[HeldTurn]]
 
 
 @dataclass(frozen=True)
@@ -201,14 +210,17 @@ class Pruner:
         *,
         job_id: str,
         on_progress: ProgressCallback | None = None,
+        turn: HeldTurn | None = None,
     ) -> ExecutionReport:
-        """Carry out an enforced plan. Callers decide dry-run by not calling this."""
+        """Carry out an enforced plan. Callers decide dry-run by not calling this. With
+        ``turn`` (the repository's lock), each wave is sent only while the turn is held."""
         executor = Executor(
             self._client,
             self._audit,
             wave_size=self._config.registry.concurrency * WAVE_FACTOR,
             on_progress=on_progress,
             held=partial(_held_tags, self._history) if self._history is not None else None,
+            go_on=turn.still_ours if turn is not None else None,
         )
         report = await executor.run(planned.plan, planned.inventory.manifests, job_id=job_id)
         if self._history is not None:
@@ -226,6 +238,7 @@ class Pruner:
         on_planned: PlannedCallback | None = None,
         on_progress: ProgressCallback | None = None,
         requests_only: bool = False,
+        turn: HeldTurn | None = None,
     ) -> Pruned | None:
         """Plan one repository and, unless this is a dry run, carry the plan out: the one
         place that decides (invariant 7). ``None`` when no policy covers the repository.
@@ -243,7 +256,7 @@ class Pruner:
         if dry_run or not planned.enforced or planned.plan.is_empty:
             pruned = Pruned(planned, None)
         else:
-            report = await self.execute(planned, job_id=job_id, on_progress=on_progress)
+            report = await self.execute(planned, job_id=job_id, on_progress=on_progress, turn=turn)
             pruned = Pruned(planned, report)
         log_summary(pruned, job_id, time.monotonic() - started, dry_run=dry_run)
         return pruned
@@ -268,13 +281,14 @@ class Pruner:
             progress = partial(on_progress, name) if on_progress else None
             async with gate:
                 try:
-                    async with turn(name) if turn else contextlib.nullcontext():
+                    async with turn(name) if turn else contextlib.nullcontext() as held:
                         return await self.run(
                             name,
                             job_id=job_id,
                             dry_run=dry_run,
                             on_planned=on_planned,
                             on_progress=progress,
+                            turn=held,
                         )
                 except (RegistryError, StateError, StorageError, PruneWaits) as exc:
                     return RepositoryFailure(name, str(exc))

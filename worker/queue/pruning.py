@@ -25,7 +25,7 @@ from worker.errors import (
 from worker.oci import Digest
 from worker.queue.context import WorkerContext, records
 from worker.store.keys import Keys
-from worker.store.locks import PruneTurns
+from worker.store.locks import PruneLock, PruneTurns
 from worker.store.views import save_view
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,10 @@ async def prune_repository(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
     A running maintenance window raises :class:`Deferred`; a registry that could not be
     reached, before or during the deletions, :class:`RegistryUnavailable` (retried).
     """
-    async with PruneTurns(ctx.redis, keys(ctx)).take(job.repository):
+    async with PruneTurns(ctx.redis, keys(ctx)).take(job.repository) as turn:
         # A push after this point must trigger a new prune, so the pending mark goes now.
         await records(ctx).clear_pending(job.repository)
-        return await _prune_locked(ctx, job)
+        return await _prune_locked(ctx, job, turn)
 
 
 async def _known_tags(ctx: WorkerContext, job: PruneJob) -> dict[str, Digest] | None:
@@ -81,7 +81,7 @@ async def _known_tags(ctx: WorkerContext, job: PruneJob) -> dict[str, Digest] | 
     return await ctx.index.tags(job.repository) or None
 
 
-async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
+async def _prune_locked(ctx: WorkerContext, job: PruneJob, turn: PruneLock) -> dict[str, Any]:
     repository = job.repository
     known = await _known_tags(ctx, job)
     pruned = await ctx.pruner.run(
@@ -92,6 +92,7 @@ async def _prune_locked(ctx: WorkerContext, job: PruneJob) -> dict[str, Any]:
         known_tags=known,
         requests_only=job.requests_only,
         on_planned=lambda planned: _planned(ctx, job, planned),
+        turn=turn,
     )
     if pruned is None:
         return {"repository": repository, "skipped": "no policy matches"}

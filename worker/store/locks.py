@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker.backoff import backoff
-from worker.errors import Deferred, RepositoryBusy
+from worker.errors import Deferred, RepositoryBusy, TurnLost
 from worker.identity import ProcessIdentity
 from worker.store.keys import Keys
 from worker.store.redis import text, wrapped
@@ -131,6 +131,23 @@ class PruneLock:
                 self.lost = True
                 log.error("lost %s: another prune of the repository may run now", self.key)
                 return
+
+    async def still_ours(self) -> None:
+        """Raise :class:`TurnLost` unless the lock is still this one's: asked before each
+        wave of deletions, so a lock taken over meanwhile stops the prune at once rather
+        than at the next renewal. A Redis that does not answer is no proof of loss (the
+        renewal keeps trying while the TTL lasts)."""
+        if not self.lost:
+            try:
+                raw = await self._redis.get(self.key)
+            except RedisError:
+                return
+            self.lost = raw is None or text(raw) != self._token
+        if self.lost:
+            raise TurnLost(
+                f"lost {self.key} (it expired unrenewed, or Redis lost it): another prune of "
+                "the repository may run now, so this one deletes nothing more"
+            )
 
     async def release(self) -> None:
         try:
