@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import re
 import secrets
 import shutil
@@ -102,11 +103,31 @@ def v3_required() -> bool:
     return os.environ.get(REQUIRE_V3_ENV, "") not in ("", "0")
 
 
+@functools.cache
+def server_ports() -> range:
+    """Where test servers listen: the 12,000 ports below the kernel's ephemeral range. A
+    port the kernel hands out (``bind(0)``) is one it also gives outgoing connections, so a
+    server restarted on it (a registry switched read-only) could find a client's socket
+    holding it ("bind: address already in use"), as it once did under a loaded suite."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing uses right now, outside the ephemeral range."""
+    ports = server_ports()
+    for _ in range(100):
+        port = random.choice(ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports} after 100 tries")
 
 
 def tag_link(storage: Path, repository: str, tag: str) -> Path:
