@@ -177,6 +177,9 @@ async def test_tag_sharing_a_kept_digest_is_removed_as_a_tag_only(
     assert_pullable(builder, repo_name, image)
     stored = stored_revisions(registry, repo_name)
     assert (stored == {image.digest}) is (registry_binary.major >= 3), stored
+    # Nor its config blob: a fresh client probes before the first wave, not after it.
+    placeholder_config = builder.blob_exists(repo_name, digest_of(EMPTY_CONFIG))
+    assert placeholder_config is (registry_binary.major < 3)
 
 
 @ON_BOTH

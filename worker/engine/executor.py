@@ -257,9 +257,10 @@ class Executor:
         by reference (3.x). A failure here is no failure of the run: each removal's PUT
         uploads the blob again if it is still missing."""
         run.placeholder_ready = True
-        if self._client.tag_delete_supported:
-            return
         try:
+            # Probed here, not read: a new client has not asked yet, and 3.x needs no blob.
+            if await self._client.tag_delete(run.plan.repository):
+                return
             await self._client.prepare_placeholder(run.plan.repository)
         except RegistryReadOnly:
             run.read_only = True
