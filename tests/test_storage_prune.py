@@ -8,7 +8,7 @@ import asyncio
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,9 +49,12 @@ from worker.engine.storage_executor import (
 )
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import StoragePruneRefused
+from worker.maintenance import storage_prune
 from worker.maintenance.job import GcRequest, run_gc
+from worker.maintenance.probe import RegistryProbe, WriteState
 from worker.maintenance.report import GcReport
 from worker.maintenance.storage_guards import cross_check, read_registry_config
+from worker.maintenance.storage_prune import StoragePrune
 from worker.oci import Digest
 from worker.registry.client import RegistryClient
 from worker.registry.storage import RegistryStorage
@@ -282,6 +285,60 @@ def test_a_registry_that_accepts_writes_again_is_not_pruned(
     assert tree(registry.storage) == before
 
 
+class WritableAfter(RegistryProbe):
+    """A write probe whose registry is restarted read-write behind its back just before its
+    ``calls``-th question (the registry really takes writes; the probe really asks)."""
+
+    calls = 0
+    asked = 0
+    restart: Callable[[], object] = staticmethod(lambda: None)
+
+    def write_state(self) -> WriteState:
+        self.asked += 1
+        if self.asked == self.calls:
+            self.restart()
+        return super().write_state()
+
+
+def test_a_registry_that_takes_writes_again_mid_prune_stops_it_before_the_next_wave(
+    tmp_path: Path, space: RedisSpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-only is asked again as the prune goes on, not only before it: a registry restarted
+    read-write after the first wave of removals (one removal a wave, one repository at a
+    time, the probe asked before each) stops the prune there. What was removed is audited;
+    the rest of the doomed images stay whole."""
+    monkeypatch.setattr(storage_prune, "WAVE", 1)
+    monkeypatch.setattr(storage_prune, "REVERIFY_EVERY", 0.0)
+    monkeypatch.setattr(storage_prune, "REPOSITORY_PARALLELISM", 1)
+    registry = ProcessRegistry.create(tmp_path / "registry")
+    registry.start()
+    try:
+        config = window_config(registry, tmp_path, keep_newest(2, "gc/**"))
+        with ImageBuilder.connect(registry.url) as builder:
+            _, doomed = seed(builder, registry.storage)
+        m = storage_window(space, config)
+        # Asked at the start, before the first repository, before its first and second wave.
+        probe = WritableAfter.from_settings(config.registry)
+        probe.calls, probe.restart = 4, registry.start
+        m.storage_prune = StoragePrune(
+            config, m.controller, probe, space.client, keys=space.keys, prefix=space.prefix
+        )
+        try:
+            outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
+        finally:
+            probe.close()
+        assert probe.asked >= 4
+        assert outcome.report is not None and outcome.status == "failed"
+        assert any("no longer refuses writes" in e for e in outcome.report.errors)
+        prune = outcome.report.storage_prune
+        assert prune is not None and prune["counts"].get("deleted") == 1, prune
+        with ImageBuilder.connect(registry.url) as builder:
+            whole = [s for s in doomed if not missing_parts(builder, s)]
+        assert whole, "every doomed image was removed: the prune did not stop"
+    finally:
+        registry.stop()
+
+
 def test_read_only_that_cannot_be_told_refuses_the_storage_prune(
     process_registry: ProcessRegistry, tmp_path: Path, space: RedisSpace
 ) -> None:
@@ -483,6 +540,13 @@ def _planned(url: str, root: Path, repository: str, policy: Policy) -> tuple[Pla
     return asyncio.run(take())
 
 
+def _halt_when(lost: bool) -> Callable[[], Awaitable[str | None]]:
+    async def halt() -> str | None:
+        return "the maintenance window lost its lock" if lost else None
+
+    return halt
+
+
 @pytest.mark.parametrize("trouble", ["audit", "new tag", "lock lost"])
 def test_nothing_is_removed_without_a_durable_intent_or_when_storage_moved_or_told_to_stop(
     process_registry: ProcessRegistry, tmp_path: Path, trouble: str
@@ -507,7 +571,7 @@ def test_nothing_is_removed_without_a_durable_intent_or_when_storage_moved_or_to
         RegistryStorage(registry.storage),
         JsonlAuditLog(audit_path),
         layers_links=True,
-        stop=lambda: trouble == "lock lost",
+        halt=_halt_when(trouble == "lock lost"),
     )
     report = asyncio.run(executor.run(planned, inventory.manifests, job_id="j"))
     assert tree(registry.storage) == before

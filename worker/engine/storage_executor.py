@@ -38,7 +38,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,11 +143,12 @@ class StorageExecutor:
         layers_links: bool | None,
         wave_size: int = STORAGE_WAVE,
         on_progress: ProgressCallback | None = None,
-        stop: Callable[[], bool] | None = None,
+        halt: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self._storage = storage
-        #: Asked before each wave: the window lost its lock (a recovery may switch back).
-        self._stop = stop
+        #: Asked before each wave: why to stop (the window lost its lock, the registry takes
+        #: writes again), or None to go on.
+        self._halt = halt
         self._audit = audit
         self._layers_links = layers_links
         self._wave_size = max(1, wave_size)
@@ -189,8 +190,8 @@ class StorageExecutor:
 
     async def _wave(self, run: _Run, wave: Sequence[Deletion], report: ExecutionReport) -> None:
         """Record, remove, settle: the wave's intents are durable before any file goes."""
-        if run.fatal is None and self._stop is not None and self._stop():
-            run.fatal = "the maintenance window lost its lock; the storage prune stopped"
+        if run.fatal is None and self._halt is not None:
+            run.fatal = await self._halt()
         attempted: list[tuple[Deletion, AuditEntry]] = []
         for deletion in wave:
             blocked = run.blocked(deletion)

@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Final
+from typing import Final, Self
 
 import httpx
 
@@ -59,7 +59,7 @@ class RegistryProbe:
     @classmethod
     def from_settings(
         cls, settings: RegistrySettings, *, repository: str = PROBE_REPOSITORY
-    ) -> RegistryProbe:
+    ) -> Self:
         password = settings.password.reveal() if settings.password else None
         http = httpx.Client(
             base_url=settings.url,

@@ -41,7 +41,12 @@ from worker.engine.executor import ExecutionReport, Status
 from worker.engine.plan import Action
 from worker.engine.planner import plan
 from worker.engine.policy import Mode
-from worker.engine.storage_executor import UNKNOWN_LAYER_LINK, StorageExecutor, empty_trash
+from worker.engine.storage_executor import (
+    STORAGE_WAVE,
+    UNKNOWN_LAYER_LINK,
+    StorageExecutor,
+    empty_trash,
+)
 from worker.engine.storage_inventory import StorageInventoryBuilder
 from worker.errors import (
     RegistryError,
@@ -67,9 +72,11 @@ log = logging.getLogger("regsweep.gc")
 
 T = TypeVar("T")
 
-#: The write probe is asked again before a repository's removals once this much time has
-#: passed since it last answered "read-only".
+#: The write probe is asked again before a repository's removals, and before each wave of
+#: them, once this much time has passed since it last answered "read-only".
 REVERIFY_EVERY: Final = 1.0
+#: Removals made durable in the audit, then carried out, at a time (one probe between waves).
+WAVE: Final = STORAGE_WAVE
 #: Repositories planned and pruned at once (as :mod:`worker.engine.prune` plans them).
 REPOSITORY_PARALLELISM: Final = 4
 #: Removed manifests asked for after the restart (each must answer 404).
@@ -254,8 +261,19 @@ class StoragePrune:
                 await asyncio.to_thread(self._verify_readonly_now)
                 repositories = await self._checked(client, storage)
                 await asyncio.to_thread(self._remove_empty, storage, repositories)
+
+                async def halt() -> str | None:
+                    """Before each wave: the lock still held, writes still refused."""
+                    if stop.is_set():
+                        return "the maintenance window lost its lock; the storage prune stopped"
+                    try:
+                        await asyncio.to_thread(self._verify_readonly)
+                    except StoragePruneRefused as exc:
+                        return str(exc)
+                    return None
+
                 executor = StorageExecutor(
-                    storage, stores.audit, layers_links=layers, stop=stop.is_set
+                    storage, stores.audit, layers_links=layers, wave_size=WAVE, halt=halt
                 )
                 gate = asyncio.Semaphore(REPOSITORY_PARALLELISM)
 
