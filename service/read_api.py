@@ -297,6 +297,27 @@ OPENAPI: Final[dict[str, Any]] = {
                 "responses": {"200": {"description": "the job record"}},
             }
         },
+        "/api/v1/dead-letters/{letter_id}/replay": {
+            "post": {
+                "summary": "Run a dead letter's work again, or a recorded CI delivery (the API "
+                "token only; a second call answers the job the first one made)",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {
+                        "name": "letter_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "a dead letter's id (or a prefix of one), or a CI "
+                        "delivery's id",
+                    }
+                ],
+                "responses": {
+                    "202": {"description": "{kind, job_id, again, status_url}"},
+                    "404": {"description": "nothing to replay by that id"},
+                },
+            }
+        },
         "/api/v1/audit": _get(
             "Audited deletions, newest first, filtered as regsweep audit is",
             [

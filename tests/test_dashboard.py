@@ -237,25 +237,35 @@ def test_a_preview_is_a_dry_run_job_and_its_run_is_bound_to_it(ui: Ui) -> None:
 
 def test_hold_and_unhold_are_recorded_as_jobs(ui: Ui) -> None:
     """The admin holds a tag for 3 days (every plan then keeps it) and ends the hold; each is
-    a job; a tag that is no tag name is a 400."""
+    a job, which the tag page it leads back to links to; a tag that is no tag name is a 400."""
     with ui.client() as http:
         sign_in(http, ADMIN)
         csrf = csrf_of(http.get("/ui/"))
         form = {"csrf": csrf, "repository": "team/web", "tag": "build-0002"}
-        assert http.post("/ui/actions/hold", data=form | {"days": "3"}).status_code == 303
+        held = http.post("/ui/actions/hold", data=form | {"days": "3"})
+        assert held.status_code == 303
         assert b"build-0002" in ui.sync.hkeys(f"{ui.prefix}hold:team/web")
-        page = http.get("/ui/tag?repository=team/web&tag=build-0002").text
+        page = http.get(held.headers["location"]).text
         assert "held" in page and 'id="unhold"' in page
-        assert http.post("/ui/actions/unhold", data=form).status_code == 303
+        hold_job = _shown_job(page)
+        assert ui.job(hold_job)["kind"] == "hold"
+        ended = http.post("/ui/actions/unhold", data=form)
+        assert ended.status_code == 303
         assert ui.sync.hgetall(f"{ui.prefix}hold:team/web") == {}
-        kinds = [j["kind"] for j in (ui.job(i) for i in _recent(ui))]
-        assert "hold" in kinds and "unhold" in kinds
+        unhold_job = _shown_job(http.get(ended.headers["location"]).text)
+        assert ui.job(unhold_job)["kind"] == "unhold"
+        # Another tag's page is not told of this job.
+        other = http.get(f"/ui/tag?repository=team/web&tag=build-0001&job={unhold_job}").text
+        assert 'id="done"' not in other
         bad = http.post("/ui/actions/hold", data=form | {"tag": "-bad tag"})
         assert bad.status_code == 400 and "tag" in bad.text
 
 
-def _recent(ui: Ui) -> list[str]:
-    return [i.decode() for i in ui.sync.zrange(f"{ui.prefix}jobs:recent", 0, -1)]  # type: ignore[union-attr]
+def _shown_job(page: str) -> str:
+    """The job a tag page says recorded the hold or unhold just made."""
+    found = re.search(r'id="done">[^<]*<a href="/ui/jobs/([0-9a-f]{32})"', page)
+    assert found is not None, page
+    return found.group(1)
 
 
 def test_everything_shown_is_escaped(ui: Ui) -> None:

@@ -271,16 +271,24 @@ def test_holds_dead_letters_and_status(api: Api) -> None:
 
 
 def test_the_openapi_document_describes_every_route(api: Api) -> None:
-    """/api/v1/openapi.json (no token needed) names every read route and both job routes."""
+    """/api/v1/openapi.json (no token needed) names every route under /api/v1 with its methods:
+    the read API's and those the service itself routes (jobs, replay), taken from the apps."""
     document = api.http.get("/api/v1/openapi.json").json()
     assert document == OPENAPI
-    routes = ReadApi(lambda: None).router().routes  # type: ignore[arg-type,return-value]
-    paths = {
-        "/api/v1" + r.path.replace("{name:path}", "{name}") for r in routes if isinstance(r, Route)
-    }
-    paths |= {"/api/v1/jobs", "/api/v1/jobs/{job_id}"}
-    assert paths == set(document["paths"])
-    assert set(document["paths"]["/api/v1/jobs"]) == {"get", "post"}
+    read = ReadApi(lambda: None).router().routes  # type: ignore[arg-type,return-value]
+    sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=api.prefix)
+    state = State.from_url(h.REDIS_TEST_URL, prefix=api.prefix)
+    service = create_app(_config(HookSettings()), sink=sink, state=state).routes
+    routed: dict[str, set[str]] = {}
+    for prefix, routes in (("/api/v1", read), ("", service)):
+        for route in routes:
+            if not isinstance(route, Route) or not (prefix + route.path).startswith("/api/v1/"):
+                continue
+            path = prefix + route.path.replace("{name:path}", "{name}")
+            methods = {m.lower() for m in route.methods or ()} - {"head"}
+            routed.setdefault(path, set()).update(methods)
+    assert "/api/v1/dead-letters/{letter_id}/replay" in routed
+    assert {path: set(doc) for path, doc in document["paths"].items()} == routed
 
 
 def test_a_listing_shows_what_changed_since_the_last_one(api: Api) -> None:

@@ -135,8 +135,10 @@ def _quiet(state: redis.Redis, repository: str) -> bool:
 
 
 def shot(page: Page, name: str) -> None:
+    """``docs/ui/NAME.png``, which docs/ui.md must show (a screenshot nobody sees is lost)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"))
+    assert f"(ui/{name}.png)" in (ROOT / "docs/ui.md").read_text(), f"docs/ui.md lacks {name}"
 
 
 def finished(page: Page, state: str = "succeeded") -> None:

@@ -232,7 +232,17 @@ class Dashboard:
         detail = pages.tag_detail(plan, tag) if plan else None
         if plan is None or detail is None:
             return self.error(request, session, 404, f"{name}:{tag} is not known")
-        return self.render(request, session, "tag.html", plan=plan, detail=detail)
+        done = await self._recorded(request.query_params.get("job", ""), name, tag)
+        return self.render(request, session, "tag.html", plan=plan, detail=detail, done=done)
+
+    async def _recorded(self, job_id: str, repository: str, tag: str) -> dict[str, Any] | None:
+        """The hold or unhold job a tag page was sent to after (``?job=``), when it is one."""
+        job = await self.reader.job(job_id) if _job_id(job_id) else None
+        if job is None or job.get("kind") not in (actions.HOLD_KIND, actions.UNHOLD_KIND):
+            return None
+        params = job.get("params") or {}
+        mine = params.get("repository") == repository and params.get("tag") == tag
+        return job if mine else None
 
     async def jobs(self, request: Request, session: Session) -> Response:
         query = request.query_params
@@ -248,9 +258,7 @@ class Dashboard:
 
     async def _job(self, request: Request) -> dict[str, Any] | None:
         job_id = request.path_params["job_id"]
-        if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
-            return None
-        return await self.reader.job(job_id)
+        return await self.reader.job(job_id) if _job_id(job_id) else None
 
     async def job_events(self, request: Request, session: Session) -> Response:
         """Server-sent events: the job's progress fragment each time it changes, then
@@ -355,15 +363,15 @@ class Dashboard:
         index = self.reader.index
         repository, tag = fields["repository"], fields["tag"]
         by = _by(session)
-        await actions.hold(self.parts.state, index, repository, tag, days=days, by=by)
-        return self.redirect(request, session, _tag_url(fields))
+        job_id = await actions.hold(self.parts.state, index, repository, tag, days=days, by=by)
+        return self.redirect(request, session, _tag_url(fields, job_id))
 
     async def unhold(self, request: Request, session: Session, form: Form) -> Response:
         fields = _checked(form, "repository", "tag")
-        await actions.unhold(
+        job_id = await actions.unhold(
             self.parts.state, self.reader.index, fields["repository"], fields["tag"], _by(session)
         )
-        return self.redirect(request, session, _tag_url(fields))
+        return self.redirect(request, session, _tag_url(fields, job_id))
 
     async def restore(self, request: Request, session: Session, form: Form) -> Response:
         fields = _checked(form, "repository", "digest")
@@ -471,14 +479,20 @@ def _checked(form: Form, *required: str) -> dict[str, str]:
     return out
 
 
+def _job_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
 def _by(session: Session) -> str:
     return str(session.role) if session.role else "nobody"
 
 
-def _tag_url(fields: Mapping[str, str]) -> str:
-    return "/ui/tag?" + urlencode(
-        {"repository": fields["repository"], "tag": fields.get("tag", "")}
-    )
+def _tag_url(fields: Mapping[str, str], job_id: str | None = None) -> str:
+    """A tag's page; after a hold or unhold, with the job that recorded it (shown there)."""
+    query = {"repository": fields["repository"], "tag": fields.get("tag", "")}
+    if job_id is not None:
+        query["job"] = job_id
+    return "/ui/tag?" + urlencode(query)
 
 
 def _next(request: Request) -> str:
