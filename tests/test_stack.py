@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from service.ui.app import VENDOR
 from tests.harness import service as payloads
 from tests.harness import stack as s
 from tests.harness.compose import UP_TIMEOUT, ComposeStack, json_log_lines, remove_project
@@ -209,6 +210,11 @@ def test_up_brings_every_service_up_healthy(stack: ComposeStack, ci_tags: dict[s
     expected = {"registry", "redis", "service", "worker", "gc-worker", "beat"}
     assert states == {name: "healthy" for name in expected}
     assert httpx.get(f"{stack.service_url}/readyz", timeout=5).status_code == 200
+    # The image serves the dashboard's JavaScript that scripts/setup's `npm ci` installed.
+    for name in ("htmx.min.js", "sse.js"):
+        script = httpx.get(f"{stack.service_url}/ui/static/vendor/{name}", timeout=5)
+        assert script.status_code == 200, name
+        assert script.content == VENDOR[name].read_bytes(), name
 
 
 def test_push_prunes_the_superseded_tag(
