@@ -238,6 +238,12 @@ async def enqueue(config: Config, requests: Sequence[JobRequest]) -> list[str]:
 
 async def _prune_enqueue(args: argparse.Namespace, config: Config) -> int:
     problems = [p for r in args.repositories if (p := repository_problem(r)) is not None]
+    # Refused here as a prune in place refuses it, not queued to end "skipped".
+    problems += [
+        f"{r}: no policy's repositories match it; nothing to plan"
+        for r in args.repositories
+        if repository_problem(r) is None and config.policy_for(r) is None
+    ]
     if problems:
         raise ConfigError([f"regsweep: {problem}" for problem in problems])
     dry_run = True if args.dry_run else None

@@ -36,6 +36,12 @@ SIGNIN_ATTEMPTS: Final = 10
 SIGNIN_WINDOW: Final = timedelta(minutes=15)
 
 
+#: The job API's one client today, and the dashboard's admin, who signs in with it: the
+#: token ``hooks.api_token_env`` names (by that key, so the intake's Redis keys hold
+#: nothing derived from the token).
+API_CLIENT: Final = "api_token"
+
+
 class Role(StrEnum):
     VIEWER = "viewer"
     ADMIN = "admin"

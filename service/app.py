@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.access import limited
+from service.access import API_CLIENT, limited
 from service.api import parse_job_request
 from service.health import Health, registry_client
 from service.hooks import sources, verify
@@ -79,9 +79,6 @@ JOB_ID: Final = re.compile(r"[0-9a-f]{32}")
 METRICS_TOKEN_KEY: Final = "hooks.metrics_token_env"
 #: The status a request whose client went away is counted under (nginx's 499); never sent.
 CLIENT_CLOSED_REQUEST: Final = 499
-#: The job API's one client today: the token ``hooks.api_token_env`` names (by that key,
-#: so the intake's Redis keys hold nothing derived from the token).
-API_CLIENT: Final = "api_token"
 #: The service looks at the policy file at most this often (between requests).
 LOOK_EVERY: Final = 0.5
 

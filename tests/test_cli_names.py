@@ -117,6 +117,14 @@ def test_hold_in_a_repository_no_policy_governs_holds_nothing_and_says_so(
     assert nothing_held(tmp_path)
 
 
+def test_prune_in_place_and_enqueued_refuse_a_repository_no_policy_governs(config: Path) -> None:
+    """`prune --enqueue other/web` is refused (exit 2) before anything is queued, with the words
+    of `prune other/web`, instead of a job that ends "skipped" while the CI step stays green."""
+    said = ["regsweep: other/web: no policy's repositories match it; nothing to plan"]
+    assert refused(config, "prune", "other/web") == said
+    assert refused(config, "prune", "--enqueue", "other/web") == said
+
+
 def test_a_refused_hold_then_the_suggested_one_keeps_the_tag(
     config: Path, images: ImageBuilder, repo: str
 ) -> None:

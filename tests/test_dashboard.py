@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from service.ui.app import CSP
 from tests.harness import service as h
 from tests.harness.dashboard import POLICY, seed_repository
 from tests.harness.sinks import RedisListSink
+from worker.engine.policy import Policy, RepositoryPattern
 from worker.settings.model import Config, HookSettings, RegistrySettings, Secret
 from worker.store.keys import Keys
 from worker.store.state import State
@@ -63,7 +64,7 @@ def sign_in(
     return http.post("/ui/signin", data={"csrf": csrf, "token": token}, headers=client_headers)
 
 
-def _start(hooks: HookSettings) -> Iterator[Ui]:
+def _start(hooks: HookSettings, policies: tuple[Policy, ...] = (POLICY,)) -> Iterator[Ui]:
     prefix = h.unique_prefix()
 
     async def seed() -> None:
@@ -76,7 +77,7 @@ def _start(hooks: HookSettings) -> Iterator[Ui]:
 
     asyncio.run(seed())
     config = Config(
-        registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks, policies=(POLICY,)
+        registry=RegistrySettings(url="http://127.0.0.1:1"), hooks=hooks, policies=policies
     )
     sink = RedisListSink(aioredis.Redis.from_url(h.REDIS_TEST_URL), prefix=prefix)
     state = State.from_url(h.REDIS_TEST_URL, prefix=prefix)
@@ -359,3 +360,36 @@ def test_a_read_only_deployment_has_no_admin(read_only: Ui) -> None:
         form = {"csrf": csrf, "action": "gc"}
         assert http.post("/ui/actions/preview", data=form).status_code == 403
         assert read_only.enqueued() == []
+
+
+def test_dashboard_jobs_share_the_api_tokens_bound_and_need_a_governing_policy() -> None:
+    """The admin's previews and restores count against the API token's bound on queued jobs
+    (the admin signed in with that token): past it the form gets 429 with Retry-After and
+    nothing is queued, and the job API, sharing the bound, is refused too. A preview in a
+    repository no policy governs is refused naming it, as the job API refuses it."""
+    hooks = HookSettings(
+        api_token=Secret(ADMIN), viewer_token=Secret(VIEWER), max_queued_jobs_per_token=2
+    )
+    team_only = replace(POLICY, repositories=(RepositoryPattern.compile("team/**"),))
+    for ui in _start(hooks, (team_only,)):
+        with ui.client() as http:
+            sign_in(http, ADMIN)
+            form = {"csrf": csrf_of(http.get("/ui/")), "action": "prune"}
+            ungoverned = http.post("/ui/actions/preview", data=form | {"repository": "other/app"})
+            assert ungoverned.status_code == 400
+            assert "no policy governs other/app" in ungoverned.text
+            assert ui.enqueued() == []
+            for _ in range(2):
+                queued = http.post("/ui/actions/preview", data=form | {"repository": "team/web"})
+                assert queued.status_code == 303
+            full = http.post("/ui/actions/preview", data=form | {"repository": "team/web"})
+            assert full.status_code == 429 and full.headers["retry-after"].isdigit()
+            assert "jobs of this API token are queued (at most 2)" in full.text
+            assert len(ui.enqueued()) == 2
+            api = http.post(
+                "/api/v1/jobs",
+                json={"kind": "prune", "repository": "team/web"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+            assert api.status_code == 429
+            assert len(ui.enqueued()) == 2

@@ -13,6 +13,7 @@ Loaded on the first request under ``/ui`` (:mod:`service.lazy`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -27,7 +28,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from service.access import Role, SigninLimit, client_address, enabled, role_for
+from service.access import API_CLIENT, Role, SigninLimit, client_address, enabled, role_for
 from service.publish import EventSink
 from service.read_api import audit_query, bounded, cursor, whole_number
 from service.reads import Reader, Readers, ServiceParts
@@ -35,9 +36,10 @@ from service.replay import REPLAYABLE
 from service.ui import actions, pages
 from service.ui.forms import Form, read_form
 from service.ui.session import Session, Sessions, csrf_ok, same_origin
-from worker.errors import BadEvent, StateError
+from worker.errors import BadEvent, QueueFull, StateError
 from worker.oci import valid_digest, valid_repository, valid_tag
 from worker.store.audit import AuditQuery
+from worker.store.intake import JobIntake
 
 log = logging.getLogger("regsweep.service")
 
@@ -70,10 +72,13 @@ Handler = Callable[[Request, Session], Awaitable[Response]]
 
 
 class UiParts(ServiceParts, Protocol):
-    """What the dashboard takes from the running service: the read side's parts and the
-    sink jobs are handed to."""
+    """What the dashboard takes from the running service: the read side's parts, the sink
+    jobs are handed to, and the job API's bound on queued jobs, which the admin's share."""
 
     sink: EventSink
+
+    @property
+    def intake(self) -> JobIntake: ...
 
 
 class EventStream(StreamingResponse):
@@ -344,8 +349,24 @@ class Dashboard:
         kind, params = actions.preview_params(str(form.get("action", "")), fields, _by(session))
         if kind == "gc" and self.parts.config.maintenance.controller is None:
             raise BadEvent("GC needs maintenance.controller in the policy file")
-        job_id = await actions.enqueue(self.parts.state, self.parts.sink, kind, params)
+        repository = params.get("repository")
+        if repository is not None and self.parts.config.policy_for(repository) is None:
+            raise BadEvent(f"no policy governs {repository}: regsweep never deletes from it")
+        job_id = await self._admitted(kind, params)
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
+
+    async def _admitted(self, kind: str, params: Mapping[str, Any]) -> str:
+        """A new job, counted against the API token's bound on queued jobs (the admin signed
+        in with it): a form resent in a loop is refused as a flood of API requests is. The
+        run of a preview is not counted again: each preview runs once."""
+        intake = self.parts.intake
+        job_id = await intake.admit(API_CLIENT)
+        try:
+            return await actions.enqueue(self.parts.state, self.parts.sink, kind, params, job_id)
+        except BaseException:
+            with contextlib.suppress(StateError):
+                await intake.release(API_CLIENT, job_id)
+            raise
 
     async def run(self, request: Request, session: Session, form: Form) -> Response:
         preview_id = str(form.get("preview", ""))
@@ -380,7 +401,7 @@ class Dashboard:
             "digest": fields["digest"],
             "by": _by(session),
         }
-        job_id = await actions.enqueue(self.parts.state, self.parts.sink, "restore", params)
+        job_id = await self._admitted("restore", params)
         return self.redirect(request, session, f"/ui/jobs/{job_id}")
 
     async def replay(self, request: Request, session: Session, form: Form) -> Response:
@@ -424,6 +445,10 @@ def page(dashboard: Dashboard, handler: Handler) -> Callable[[Request], Awaitabl
             return await handler(request, session)
         except BadEvent as exc:
             return dashboard.error(request, session, 400, str(exc))
+        except QueueFull as exc:
+            refused = dashboard.error(request, session, 429, str(exc))
+            refused.headers["Retry-After"] = str(exc.retry_after)
+            return refused
         except StateError as exc:
             log.error("%s %s: %s", request.method, request.url.path, exc)
             return dashboard.error(request, session, 503, "Redis does not answer; try again")
