@@ -791,7 +791,7 @@ async def test_a_tag_regsweep_deleted_and_pushed_again_is_a_new_push_not_the_one
     config = Config(
         registry=RegistrySettings(url=reg.url),
         policies=(policy(keep("*", within=dt.timedelta(days=7))),),
-        redis_url=redisdb.url(8),
+        redis_url=redisdb.url(4),
     )
     ctx = await WorkerContext.open(config, prefix=f"again-{os.urandom(4).hex()}:")
     try:

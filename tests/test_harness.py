@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import jwt
 import pytest
 
+from tests.harness import redisdb
 from tests.harness.auth import Access, AuthRegistry, libtrust_key_id
 from tests.harness.images import (
     CosignKind,
@@ -376,3 +378,22 @@ def test_registry_v3_is_what_the_suite_runs_as_3x(registry_binary_3: RegistryBin
     assert found.stdout.strip() == registry_binary_3.path
     assert registry_binary_3.major == 3
     assert binary_version(registry_binary_3.path) == registry_binary_3.version
+
+
+def test_each_redis_database_number_has_one_user_and_is_in_the_table() -> None:
+    """Every ``redisdb.url(N)`` in the tests, the harness and bench/ is used by the one module
+    tests/harness/redisdb.py's table gives N to (or by a module of a harness listed there), so
+    no module flushes another's data when they share a server."""
+    root = Path(__file__).resolve().parent.parent
+    table: dict[int, str] = {}
+    for line in (redisdb.__doc__ or "").splitlines():
+        row = re.match(r"\s*(\d+)\s+(\S+\.py)", line)
+        if row:
+            table[int(row.group(1))] = row.group(2).rstrip(":")
+    users: dict[int, set[str]] = {}
+    for path in [*root.glob("tests/**/*.py"), *root.glob("bench/*.py")]:
+        for number in re.findall(r"redisdb\.url\((\d+)\)", path.read_text()):
+            users.setdefault(int(number), set()).add(str(path.relative_to(root)))
+    assert set(users) <= set(table), sorted(set(users) - set(table))
+    for number, files in sorted(users.items()):
+        assert files == {table[number]}, (number, files, table[number])

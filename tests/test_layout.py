@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Final
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("regsweep", "service", "worker")
@@ -327,5 +328,26 @@ def test_only_the_store_sends_redis_commands() -> None:
         and isinstance(node.func, ast.Attribute)
         and node.func.attr in REDIS_COMMANDS
         and _client_like(node.func.value)
+    ]
+    assert calls == []
+
+
+#: Celery's ways of publishing a task.
+PUBLISH_CALLS: Final = frozenset({"send_task", "apply_async", "delay", "signature", "s", "si"})
+
+
+def test_one_module_hands_tasks_to_celery() -> None:
+    """Every job and event reaches the workers through worker/queue/enqueue.py: no other module
+    calls ``send_task``, ``apply_async``, ``delay`` or makes a signature (the service's hook
+    path writes kombu's message itself, service/publish.py, and a test holds it to the real
+    ``send_task`` one)."""
+    calls = [
+        f"{name}:{node.lineno}: {ast.unparse(node.func)}"
+        for name, path in modules()
+        if path != ROOT / "worker/queue/enqueue.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in PUBLISH_CALLS
     ]
     assert calls == []

@@ -241,13 +241,13 @@ def test_a_redis_blob_descriptor_cache_refuses_the_storage_prune(
     registry = _registry(
         tmp_path,
         {"cache": {"blobdescriptor": "redis"}},
-        {"redis": {"addr": redis_address, "db": 15}},
+        {"redis": {"addr": redis_address, "db": 2}},
     )
     try:
         report = _failed_window(space, registry, tmp_path)
     finally:
         registry.stop()
-        redis.Redis.from_url(redisdb.url(15)).flushdb()
+        redis.Redis.from_url(redisdb.url(2)).flushdb()
     assert "storage.cache.blobdescriptor" in report.errors[0]
     assert report.storage_prune is not None and "Redis" in report.storage_prune["refused"]
 

@@ -34,7 +34,7 @@ def _shape(history: RepositoryHistory) -> tuple[object, ...]:
 async def _both(
     live: dict[str, Digest], stored: list[Digest], tags: list[str], digests: list[Digest]
 ) -> tuple[tuple[object, ...], tuple[object, ...]]:
-    client = aioredis.Redis.from_url(redisdb.url(12))
+    client = aioredis.Redis.from_url(redisdb.url(1))
     prefix = f"test-forget-{uuid.uuid4().hex}:"
     try:
         shapes = []
@@ -82,7 +82,7 @@ def test_forget_across_batches_leaves_only_what_stays() -> None:
     only the kept tag is left, and nothing is marked untagged."""
 
     async def go() -> RepositoryHistory:
-        client = aioredis.Redis.from_url(redisdb.url(12))
+        client = aioredis.Redis.from_url(redisdb.url(1))
         prefix = f"test-forget-{uuid.uuid4().hex}:"
         index = TagIndex(client, prefix=prefix)
         live = {f"t{i}": Digest(f"sha256:{i:064x}") for i in range(10_001)}

@@ -10,6 +10,8 @@ the harnesses several modules share give each test a key prefix of its own and d
 that prefix's keys. A new module takes a free number (or a shared harness), and says so here:
 
 ==  ==========================================================================
+ 1  tests/test_tagindex_forget.py
+ 2  tests/test_storage_prune.py: the registry's own blob-descriptor cache
  3  tests/test_service_ingest.py: a broker that is not the state store's Redis
  4  tests/test_evidence_registry.py
  5  tests/test_check_config.py
