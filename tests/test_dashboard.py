@@ -178,6 +178,12 @@ def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(ui: Ui)
         )
         assert len(ui.enqueued()) == before
         assert http.get("/ui/actions/preview").status_code == 405
+        # Nor is another site's form signing the admin out.
+        signout = http.post("/ui/signout", data={"csrf": csrf}, headers=evil)
+        assert signout.status_code == 403
+        assert http.get("/ui/").status_code == 200  # still signed in
+        assert http.post("/ui/signout", data={"csrf": csrf}).status_code == 303
+        assert http.get("/ui/").status_code != 200  # signed out by its own form
 
 
 def test_the_viewer_changes_nothing(ui: Ui) -> None:
@@ -365,8 +371,9 @@ def test_a_read_only_deployment_has_no_admin(read_only: Ui) -> None:
 def test_dashboard_jobs_share_the_api_tokens_bound_and_need_a_governing_policy() -> None:
     """The admin's previews and restores count against the API token's bound on queued jobs
     (the admin signed in with that token): past it the form gets 429 with Retry-After and
-    nothing is queued, and the job API, sharing the bound, is refused too. A preview in a
-    repository no policy governs is refused naming it, as the job API refuses it."""
+    nothing is queued, and the job API, sharing the bound, is refused too. A preview or a hold
+    in a repository no policy governs is refused naming it, as the job API and `regsweep hold`
+    refuse them."""
     hooks = HookSettings(
         api_token=Secret(ADMIN), viewer_token=Secret(VIEWER), max_queued_jobs_per_token=2
     )
@@ -379,6 +386,10 @@ def test_dashboard_jobs_share_the_api_tokens_bound_and_need_a_governing_policy()
             assert ungoverned.status_code == 400
             assert "no policy governs other/app" in ungoverned.text
             assert ui.enqueued() == []
+            hold = {"csrf": form["csrf"], "repository": "other/app", "tag": "v1"}
+            refused = http.post("/ui/actions/hold", data=hold)
+            assert refused.status_code == 400 and "nothing was held" in refused.text
+            assert ui.sync.keys(f"{ui.prefix}hold:*") == []
             for _ in range(2):
                 queued = http.post("/ui/actions/preview", data=form | {"repository": "team/web"})
                 assert queued.status_code == 303

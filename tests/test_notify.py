@@ -166,6 +166,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     server = h.RedisServer(free_port())
     server.start()
     registry = ProcessRegistry.create(root / "registry")
+    # The registry makes its root at its first push; the workers refuse a storage_path that
+    # is not a directory, so each test here also runs alone.
+    registry.storage.mkdir(parents=True, exist_ok=True)
     registry.start()
     receiver, late = Receiver(), Receiver()
     late_port = free_port()
@@ -300,22 +303,27 @@ def test_a_gc_window_reports_what_it_reclaimed(rig: Rig) -> None:
 
 
 def test_dead_letters_are_told_once_per_tick(rig: Rig) -> None:
-    """Three dead letters kept between two ticks make one notification saying three; the next
-    tick, with none new, tells nothing."""
+    """Three dead letters kept between two ticks make one notification saying three, a prune
+    that failed for good with the command that runs it again; the next tick, with none new,
+    tells nothing."""
 
-    async def dead_letter(n: int) -> None:
+    async def dead_letter(n: int) -> str:
         state = State.from_url(rig.redis_url)
-        for i in range(n):
+        for i in range(n - 1):
             await state.dead_letter("registry", f"bad event {i}", "{}")
+        work = {"kind": "prune", "params": {"repository": REPOSITORY}}
+        letter = await state.dead_letter("prune", "bad event 2", "{}", replay=work)
         await state.aclose()
+        return letter
 
-    asyncio.run(dead_letter(3))
+    letter = asyncio.run(dead_letter(3))
     app = make_celery(load_config(rig.config, rig.env))
     ticks = rig.log.count("regsweep.tick[")
     app.send_task(TASK_TICK, queue=EVENTS_QUEUE)
     told = wait_for(lambda: rig.receiver.of("ok", "dead_letter"), "the dead-letter notification")
     assert told[0].body["details"]["new"] == 3 and told[0].body["details"]["total"] == 3
-    assert "bad event 2" in told[0].body["text"]
+    assert f"prune: bad event 2 (regsweep replay {letter})" in told[0].body["text"]
+    assert "bad event 1 (" not in told[0].body["text"]  # an unusable delivery: nothing to run
     app.send_task(TASK_TICK, queue=EVENTS_QUEUE)
     wait_for(lambda: rig.log.count("regsweep.tick[") >= ticks + 4, "both ticks ran")
     assert len(rig.receiver.of("ok", "dead_letter")) == 1

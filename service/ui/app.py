@@ -189,7 +189,7 @@ class Dashboard:
     async def signout(self, request: Request) -> Response:
         session = self.sessions.load(request)
         form = await read_form(request)
-        if not csrf_ok(session, form.get("csrf")):
+        if not same_origin(request) or not csrf_ok(session, form.get("csrf")):
             return self.error(request, session, 403, "the form expired: reload the page")
         return self.redirect(request, Session.anonymous(), "/ui/signin")
 
@@ -383,6 +383,10 @@ class Dashboard:
             raise BadEvent(f"days must be a whole number from 1 to {MAX_HOLD_DAYS}")
         index = self.reader.index
         repository, tag = fields["repository"], fields["tag"]
+        if self.parts.config.policy_for(repository) is None:
+            raise BadEvent(
+                f"no policy governs {repository}: nothing deletes its tags, so nothing was held"
+            )
         by = _by(session)
         job_id = await actions.hold(self.parts.state, index, repository, tag, days=days, by=by)
         return self.redirect(request, session, _tag_url(fields, job_id))

@@ -180,14 +180,28 @@ def recovered(job_id: str, killed_gc: bool, released: int | None) -> Notificatio
 
 
 def dead_letters(new: int, total: int, latest: Sequence[Mapping[str, Any]]) -> Notification:
-    # Time, source and reason only: the body excerpt stays in Redis (regsweep status shows it).
+    """Dead letters kept since the last tick: unusable deliveries, and work that failed for
+    good after its retries, each of those with the command that runs it again. Time, source,
+    reason and id only: the body excerpt stays in Redis (regsweep status shows it)."""
     shown = [
-        {"time": d.get("time"), "source": d.get("source"), "reason": str(d.get("reason"))[:200]}
+        {
+            "id": d.get("id"),
+            "time": d.get("time"),
+            "source": d.get("source"),
+            "reason": str(d.get("reason"))[:200],
+            "replay": f"regsweep replay {d.get('id')}" if d.get("replay") else None,
+        }
         for d in latest[:5]
     ]
     return Notification(
         event="dead_letter",
-        title=f"regsweep dead-lettered {new} deliveries",
-        lines=(f"{total} in all; the newest:", *(f"{d['source']}: {d['reason']}" for d in shown)),
+        title=f"regsweep kept {new} new dead letters",
+        lines=(
+            f"{total} in all; the newest:",
+            *(
+                f"{d['source']}: {d['reason']}" + (f" ({d['replay']})" if d["replay"] else "")
+                for d in shown
+            ),
+        ),
         details={"new": new, "total": total, "latest": shown},
     )

@@ -51,6 +51,7 @@ from typing import Final
 import httpx
 
 from worker.backoff import backoff
+from worker.durations import exact
 from worker.notify import payload
 from worker.notify.message import Notification
 from worker.settings.model import NotifyTarget
@@ -254,7 +255,7 @@ class TargetSender:
             wait = backoff(attempts, base=self._retry_base, cap=RETRY_CAP_SECONDS, jitter=0.2)
             wait = max(wait, min(result.retry_after or 0.0, RETRY_CAP_SECONDS))
             if time.monotonic() + wait >= deadline:
-                detail += f"; no time left to retry within {target.give_up_after}"
+                detail += f"; no time left to retry within {exact(target.give_up_after)}"
                 break
             log.info(
                 "notification %s %s to %s: attempt %d failed (%s); again in %.1fs",

@@ -11,8 +11,8 @@ A job leaves the sets lazily: when a set is full, the ids in it whose job is
 no longer ``queued`` (a worker started it, it ended, its record expired, or
 it was reserved and never recorded) are dropped, at most once a second per
 set, so a flood at the bound costs one Redis call per request, not a scan.
-A job a worker sends back to ``queued`` (a busy repository, a retry) counts
-again while it waits.
+A job a worker sends back to ``queued`` later (a busy repository, a retry) is
+not counted again: the bound is on what the API lets in, and that job is in.
 """
 
 from __future__ import annotations
