@@ -491,6 +491,25 @@ async def test_links_dated_1970_rank_and_age_nothing(
             assert "nothing is deleted on them" in note
 
 
+async def test_a_link_dated_in_the_future_ranks_nothing_above_a_later_push(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """A tag link dated a month ahead (the storage host's clock ahead, or a `touch` gone
+    wrong): `newest: 1` does not take it for the newest push and delete the build pushed after
+    it; the plan says why the time was not believed."""
+    reg, repo = own_registry, "t/ahead"
+    with ImageBuilder.connect(reg.url) as b:
+        b.image(repo, "first")
+        later = b.image(repo, "later")
+    now = dt.datetime.now(dt.UTC)
+    reg.set_pushed(repo, now + dt.timedelta(days=30), "first")
+    reg.set_pushed(repo, now - dt.timedelta(hours=1), "later")
+    async with RegistryClient.from_settings(settings(reg, storage=True)) as client:
+        planned = await engine_on(reg, client, keep("*", newest=1), tmp_path).plan(repo)
+    assert later.digest not in {d.digest for d in planned.plan.deletions}
+    assert any("in the future" in note for note in planned.plan.notes), planned.plan.notes
+
+
 def _moved(source: RegistryProcess, target: Path, how: str) -> RegistryProcess:
     """The registry's storage moved to ``target`` as an operator might, and a registry
     started on it there."""
