@@ -26,12 +26,15 @@ from tests.harness.images import (
     referrers_tag,
     sha256_digest,
 )
+from tests import conftest
 from tests.harness.registry import (
+    REQUIRE_V3_ENV,
     V3_ABSENT,
     V3_BINARY_ENV,
     V3_LOCATOR,
     RegistryBinary,
     RegistryProcess,
+    RegistryUnavailable,
     binary_version,
 )
 from worker import oci as mt
@@ -369,6 +372,27 @@ def test_registry_v3_absent_says_why_and_where_it_looked(
     wrong = subprocess.run([str(copy)], capture_output=True, text=True, check=False)
     assert wrong.returncode not in (0, V3_ABSENT)
     assert "is not an executable" in wrong.stderr
+
+
+def test_a_missing_3x_skips_with_the_locators_reason_unless_ci_requires_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the locator finds no 3.x (a user's own clone), a 3.x run is skipped with the
+    locator's words; with $REGSWEEP_REQUIRE_V3 (.ci/run sets it) the same run fails."""
+    reason = "no distribution 3.x binary: ../shared/registry/build-v3 is not beside this checkout"
+
+    def absent(version: str) -> RegistryBinary:
+        raise RegistryUnavailable(reason)
+
+    monkeypatch.setattr(conftest, "binary_of", absent)
+    monkeypatch.delenv(REQUIRE_V3_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        conftest._binary("3.x")
+    assert str(skipped.value) == reason
+    monkeypatch.setenv(REQUIRE_V3_ENV, "1")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        conftest._binary("3.x")
+    assert reason in str(failed.value) and "may not be skipped" in str(failed.value)
 
 
 def test_registry_v3_is_what_the_suite_runs_as_3x(registry_binary_3: RegistryBinary) -> None:
