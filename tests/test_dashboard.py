@@ -404,3 +404,37 @@ def test_dashboard_jobs_share_the_api_tokens_bound_and_need_a_governing_policy()
             )
             assert api.status_code == 429
             assert len(ui.enqueued()) == 2
+
+
+def _rows(page: str) -> list[str]:
+    """The tags of a repository page's table, top to bottom (folded referrers are no rows)."""
+    return re.findall(r'<tr class="v-[^"]+" data-tag="([^"]+)"', page)
+
+
+def test_the_tag_table_sorts_filters_and_pages_on_the_server(ui: Ui) -> None:
+    """A repository page orders its rows by push time (newest first) unless asked otherwise,
+    by tag either way, keeps the verdict asked for, pages what it sorted, and its column
+    links flip the order."""
+    with ui.client() as http:
+        sign_in(http, VIEWER)
+        by_tag = _rows(http.get("/ui/r/team/web?sort=tag&order=asc").text)
+        assert len(by_tag) > 20 and by_tag == sorted(by_tag)
+        assert _rows(http.get("/ui/r/team/web?sort=tag&order=desc").text) == by_tag[::-1]
+        plan = http.get(
+            "/api/v1/repositories/team/web/plan", headers={"Authorization": f"Bearer {VIEWER}"}
+        ).json()
+        rows = {row["tag"]: row for row in plan["tags"]}
+        pushed = [
+            (rows[t]["pushed"] or {}).get("latest") or ""
+            for t in _rows(http.get("/ui/r/team/web").text)
+        ]
+        assert pushed == sorted(pushed, reverse=True) and len(set(pushed)) > 1
+        kept = _rows(http.get("/ui/r/team/web?verdict=keep").text)
+        assert kept == [
+            t for t in _rows(http.get("/ui/r/team/web").text) if rows[t]["verdict"] == "keep"
+        ]
+        assert kept and len(kept) < len(by_tag)
+        second = http.get("/ui/r/team/web?sort=tag&order=asc&per_page=10&page=2").text
+        assert _rows(second) == by_tag[10:20]
+        flip = re.search(r'href="\?([^"]*sort=tag[^"]*)">Tag ▲', second)
+        assert flip is not None and "order=desc" in flip.group(1)
