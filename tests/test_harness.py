@@ -14,6 +14,7 @@ import httpx
 import jwt
 import pytest
 
+from tests import conftest
 from tests.harness import redisdb
 from tests.harness.auth import Access, AuthRegistry, libtrust_key_id
 from tests.harness.images import (
@@ -26,7 +27,6 @@ from tests.harness.images import (
     referrers_tag,
     sha256_digest,
 )
-from tests import conftest
 from tests.harness.registry import (
     REQUIRE_V3_ENV,
     V3_ABSENT,
