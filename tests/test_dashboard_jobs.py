@@ -127,6 +127,32 @@ def test_deleting_a_digest_takes_every_tag_and_its_signature(
     assert actions == ["manifest", "referrer"]
 
 
+def test_deleting_an_index_previews_then_takes_the_children_nothing_else_needs(
+    broker: redis.Redis, images: ImageBuilder, repo_name: str
+) -> None:
+    """A multi-arch index asked for by digest: its preview (a dry run) lists the index and its
+    own child, not the child a kept index shares, and deletes nothing; its run deletes what
+    the preview listed, and every image the kept index needs stays whole."""
+    repository = f"d/{repo_name}"
+    shared = images.image(repository, architecture="arm64")
+    own = images.image(repository)
+    doomed = images.index(repository, [own, shared], "old")
+    kept = images.index(repository, [images.image(repository), shared], "keep-new")
+    params: dict[str, Any] = {"repository": repository, "digests": [doomed.digest]}
+    preview = run_job(broker, "delete", params | {"dry_run": True})
+    assert preview["state"] == "succeeded", preview
+    listed = {(d["action"], d["digest"]) for d in preview["plan"]["listed"]}
+    assert listed == {("manifest", doomed.digest), ("child", own.digest)}
+    assert exists(images, repository, doomed.digest) and exists(images, repository, own.digest)
+    record = run_job(broker, "delete", params)
+    assert record["state"] == "succeeded", record
+    assert {(d["action"], d["digest"]) for d in record["plan"]["listed"]} == listed
+    assert not exists(images, repository, doomed.digest)
+    assert not exists(images, repository, own.digest)
+    assert exists(images, repository, shared.digest) and exists(images, repository, kept.digest)
+    assert images.tags(repository) == ["keep-new"]
+
+
 def test_protected_and_held_tags_are_kept_whatever_is_asked(
     broker: redis.Redis, images: ImageBuilder, repo_name: str
 ) -> None:
