@@ -574,3 +574,33 @@ async def test_a_placeholder_put_missing_its_config_uploads_it_again_and_retries
             assert_pullable(b, repo_name, image)
     finally:
         reg.stop()
+
+
+async def test_a_3x_registry_paging_tags_three_at_a_time_is_planned_and_pruned_whole(
+    tmp_path: Path, registry_binary_3: RegistryBinary
+) -> None:
+    """3.x with ``tags.maxtags: 3`` refuses the default page size and answers three tags a
+    page: the plan still sees all seven tags (the client learns the size and follows Link),
+    keeps the newest two by push time, and the prune leaves exactly those."""
+    reg = RegistryProcess.create(
+        tmp_path / "registry", {"tags": {"maxtags": 3}}, binary=registry_binary_3
+    )
+    reg.start()
+    try:
+        repo = "t/pages"
+        tags = [f"b{i}" for i in range(7)]
+        with ImageBuilder.connect(reg.url) as b:
+            images = [b.image(repo, tag) for tag in tags]
+            for i, tag in enumerate(tags):
+                reg.set_pushed(repo, days_ago(10 - i), tag)
+            async with RegistryClient.from_settings(RegistrySettings(url=reg.url)) as client:
+                eng = engine(reg, client, policy(keep=(newest(2),)), tmp_path)
+                planned = await eng.plan(repo)
+                assert {k.tag for k in planned.plan.kept} == {"b5", "b6"}
+                doomed = {d.digest for d in planned.plan.deletions}
+                assert doomed == {image.digest for image in images[:5]}
+                report = await eng.pruner.execute(planned, job_id="j")
+            assert report.outcome is Outcome.DONE
+            assert b.tags(repo) == ["b5", "b6"]
+    finally:
+        reg.stop()
