@@ -149,7 +149,8 @@ def test_prune_enqueue_records_jobs_and_queues_prunes(
     broker: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`regsweep prune REPO... --enqueue` prints one job id per repository, each queued."""
-    path = s.policy_file(tmp_path / "regsweep.yaml", "http://127.0.0.1:1", [], s.REDIS_URL)
+    governing = {"name": "all", "repositories": ["**"], "keep": [{"tags": ["*"], "newest": 1}]}
+    path = s.policy_file(tmp_path / "regsweep.yaml", "http://127.0.0.1:1", [governing], s.REDIS_URL)
     assert main(["-c", str(path), "prune", "a/b", "c/d", "--enqueue", "--dry-run"]) == 0
     job_ids = capsys.readouterr().out.split()
     assert len(job_ids) == 2
@@ -170,7 +171,10 @@ def test_prune_enqueue_without_redis_is_a_config_error(
     """--enqueue with no Redis configured exits 2 and says what is missing."""
     monkeypatch.delenv("REGSWEEP_REDIS_URL", raising=False)
     path = tmp_path / "regsweep.yaml"
-    path.write_text("registry: {url: 'http://127.0.0.1:1'}\npolicies: []\n")
+    path.write_text(
+        "registry: {url: 'http://127.0.0.1:1'}\n"
+        "policies: [{name: all, repositories: ['**'], keep: [{tags: ['*'], newest: 1}]}]\n"
+    )
     assert main(["-c", str(path), "prune", "a/b", "--enqueue"]) == 2
     assert "--enqueue needs redis.url" in capsys.readouterr().err
 
