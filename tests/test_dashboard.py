@@ -395,6 +395,7 @@ def test_dashboard_jobs_share_the_api_tokens_bound_and_need_a_governing_policy()
                 assert queued.status_code == 303
             full = http.post("/ui/actions/preview", data=form | {"repository": "team/web"})
             assert full.status_code == 429 and full.headers["retry-after"].isdigit()
+            assert full.headers["content-type"].startswith("text/html")  # the dashboard's page
             assert "jobs of this API token are queued (at most 2)" in full.text
             assert len(ui.enqueued()) == 2
             api = http.post(

@@ -537,6 +537,24 @@ async def test_deletes_disabled_registry(tmp_path: Path, registry_binary: Regist
         reg.stop()
 
 
+async def test_a_front_that_answers_delete_with_a_bare_404_is_no_missing_tag() -> None:
+    """A proxy in front of the registry that answers DELETE with a plain 404 (no registry
+    error body; MockTransport: no such front runs here): a tag removal is refused as a
+    protocol error naming the proxy, never taken for a tag already gone (which the audit
+    would settle as done while the tag stays)."""
+    digest = "sha256:" + "a" * 64
+
+    def front(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            return httpx.Response(404, text="Not Found")
+        headers = {"Docker-Content-Digest": digest, "Content-Type": mt.OCI_MANIFEST}
+        return httpx.Response(200, headers=headers | {"Content-Length": "2"})
+
+    async with mock_client(front) as c:
+        with pytest.raises(RegistryProtocolError, match="proxy in front of the registry"):
+            await c.delete_tag("t/app", "old", digest)
+
+
 # -- referrers -----------------------------------------------------------------------
 
 

@@ -8,10 +8,12 @@ import asyncio
 import os
 import shutil
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -48,7 +50,7 @@ from worker.engine.storage_executor import (
     StorageExecutor,
 )
 from worker.engine.storage_inventory import StorageInventoryBuilder
-from worker.errors import StoragePruneRefused
+from worker.errors import RegistryUnavailable, StoragePruneRefused
 from worker.maintenance import storage_prune
 from worker.maintenance.job import GcRequest, run_gc
 from worker.maintenance.probe import RegistryProbe, WriteState
@@ -292,24 +294,54 @@ class WritableAfter(RegistryProbe):
     calls = 0
     asked = 0
     restart: Callable[[], object] = staticmethod(lambda: None)
+    #: Instead, from that question on, the probe cannot ask (its token server fails: a
+    #: stand-in, as no token server here can be made to fail on cue).
+    cannot_ask = False
 
     def write_state(self) -> WriteState:
         self.asked += 1
+        if self.cannot_ask and self.asked >= self.calls:
+            raise RegistryUnavailable("the token server answered 503", status=503)
         if self.asked == self.calls:
             self.restart()
         return super().write_state()
 
 
+@pytest.mark.parametrize(
+    ("parallel", "told_at"),
+    [(1, 4), (4, 5), (4, 6), (4, 7), (4, -6)],
+    ids=[
+        "one-repository-at-a-time",
+        "side-by-side-5",
+        "side-by-side-6",
+        "side-by-side-7",
+        "side-by-side-probe-fails-6",
+    ],
+)
 def test_a_registry_that_takes_writes_again_mid_prune_stops_it_before_the_next_wave(
-    tmp_path: Path, space: RedisSpace, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    space: RedisSpace,
+    monkeypatch: pytest.MonkeyPatch,
+    parallel: int,
+    told_at: int,
 ) -> None:
     """Read-only is asked again as the prune goes on, not only before it: a registry restarted
-    read-write after the first wave of removals (one removal a wave, one repository at a
-    time, the probe asked before each) stops the prune there. What was removed is audited;
-    the rest of the doomed images stay whole."""
+    read-write after the first wave of removals (one removal a wave, the probe asked before
+    each repository and each wave) stops the prune there. Side by side, with removals slow
+    enough that other repositories are mid-wave when one of them is told, every wave begun
+    ends and is settled: no audit record is left pending, each one settled ``deleted`` is
+    gone from the registry, and the doomed images not reached stay whole."""
     monkeypatch.setattr(storage_prune, "WAVE", 1)
     monkeypatch.setattr(storage_prune, "REVERIFY_EVERY", 0.0)
-    monkeypatch.setattr(storage_prune, "REPOSITORY_PARALLELISM", 1)
+    monkeypatch.setattr(storage_prune, "REPOSITORY_PARALLELISM", parallel)
+    if parallel > 1:
+        remove_all = StorageExecutor._remove_all
+
+        def slowly(self: StorageExecutor, run: Any, deletions: Any) -> Any:
+            time.sleep(0.3)  # a slow disk: what the race needs, which no real one here gives
+            return remove_all(self, run, deletions)
+
+        monkeypatch.setattr(StorageExecutor, "_remove_all", slowly)
     registry = ProcessRegistry.create(tmp_path / "registry")
     registry.start()
     try:
@@ -317,26 +349,48 @@ def test_a_registry_that_takes_writes_again_mid_prune_stops_it_before_the_next_w
         with ImageBuilder.connect(registry.url) as builder:
             _, doomed = seed(builder, registry.storage)
         m = storage_window(space, config)
-        # Asked at the start, before the first repository, before its first and second wave.
+        # One at a time: asked at the start, before the first repository, before its first
+        # and its second wave. Side by side, a later question comes while waves run.
         probe = WritableAfter.from_settings(config.registry)
-        probe.calls, probe.restart = 4, registry.start
+        probe.calls, probe.restart = abs(told_at), registry.start
+        probe.cannot_ask = told_at < 0
         m.storage_prune = StoragePrune(
             config, m.controller, probe, space.client, keys=space.keys, prefix=space.prefix
         )
+        job_id = space.state.create_job("gc", {})
         try:
-            outcome = run_gc(m, GcRequest(space.state.create_job("gc", {})))
+            outcome = run_gc(m, GcRequest(job_id))
         finally:
             probe.close()
-        assert probe.asked >= 4
+        assert probe.asked >= abs(told_at)
         assert outcome.report is not None and outcome.status == "failed"
-        assert any("no longer refuses writes" in e for e in outcome.report.errors)
+        said = "the token server answered 503" if told_at < 0 else "no longer refuses writes"
+        assert any(said in e for e in outcome.report.errors), outcome.report.errors
         prune = outcome.report.storage_prune
-        assert prune is not None and prune["counts"].get("deleted") == 1, prune
+        assert prune is not None
+        if parallel == 1:
+            assert prune["counts"].get("deleted") == 1, prune
+        entries = asyncio.run(_audited(space, job_id))
+        assert [e.digest for e in entries if e.outcome is Outcome.PENDING] == []
+        deleted = [e for e in entries if e.outcome is Outcome.DELETED]
+        assert len(deleted) == prune["counts"].get("deleted")
         with ImageBuilder.connect(registry.url) as builder:
+            for entry in deleted:
+                assert not builder.manifest_exists(entry.repository, entry.digest)
             whole = [s for s in doomed if not missing_parts(builder, s)]
         assert whole, "every doomed image was removed: the prune did not stop"
     finally:
         registry.stop()
+
+
+async def _audited(space: RedisSpace, job_id: str) -> list[AuditEntry]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        return await RedisAuditLog(client, keys=Keys(space.prefix)).entries(
+            AuditQuery(job_id=job_id)
+        )
+    finally:
+        await client.aclose()
 
 
 def test_read_only_that_cannot_be_told_refuses_the_storage_prune(

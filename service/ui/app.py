@@ -449,10 +449,6 @@ def page(dashboard: Dashboard, handler: Handler) -> Callable[[Request], Awaitabl
             return await handler(request, session)
         except BadEvent as exc:
             return dashboard.error(request, session, 400, str(exc))
-        except QueueFull as exc:
-            refused = dashboard.error(request, session, 429, str(exc))
-            refused.headers["Retry-After"] = str(exc.retry_after)
-            return refused
         except StateError as exc:
             log.error("%s %s: %s", request.method, request.url.path, exc)
             return dashboard.error(request, session, 503, "Redis does not answer; try again")
@@ -484,6 +480,10 @@ def action(dashboard: Dashboard, handler: Action) -> Callable[[Request], Awaitab
             return await handler(request, session, form)
         except BadEvent as exc:
             return dashboard.error(request, session, 400, str(exc))
+        except QueueFull as exc:
+            refused = dashboard.error(request, session, 429, str(exc))
+            refused.headers["Retry-After"] = str(exc.retry_after)
+            return refused
         except StateError as exc:
             log.error("%s %s: %s", request.method, request.url.path, exc)
             return dashboard.error(request, session, 503, "Redis does not answer; nothing was done")

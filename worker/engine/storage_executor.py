@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Deletions recorded, removed and settled together: one durable audit write for each.
 STORAGE_WAVE: Final = 1000
+#: How a deletion left because the run stopped before it is reported (then its reason).
+NOT_ATTEMPTED: Final = "not attempted: "
 #: At the storage root, beside ``docker/``: the tag directories removed, until emptied.
 TRASH: Final = "regsweep-trash"
 #: Said in each settled record, so the audit tells a storage deletion from an API one.
@@ -119,7 +121,7 @@ class _Run:
 
     def blocked(self, deletion: Deletion) -> tuple[Status, str] | None:
         if self.fatal is not None:
-            return Status.ERROR, "not attempted: " + self.fatal
+            return Status.ERROR, NOT_ATTEMPTED + self.fatal
         staying = [p for p in deletion.parents if self.statuses.get(p) not in _GONE]
         if staying:
             return Status.SKIPPED, f"{staying[0]}, which it depends on, was not deleted"

@@ -31,7 +31,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from worker.engine.plan import Action
 from worker.engine.planner import plan
 from worker.engine.policy import Mode
 from worker.engine.storage_executor import (
+    NOT_ATTEMPTED,
     STORAGE_WAVE,
     UNKNOWN_LAYER_LINK,
     StorageExecutor,
@@ -109,7 +110,7 @@ class StoragePruneResult:
     def add(self, report: ExecutionReport) -> None:
         for deletion, status, detail in report.done:
             self.counts[str(status)] += 1
-            if status is Status.ERROR:
+            if status is Status.ERROR and not (report.fatal and detail.startswith(NOT_ATTEMPTED)):
                 self.failures.append(f"{report.repository}@{deletion.digest}: {detail}")
             if status is not Status.DELETED:
                 continue
@@ -262,15 +263,20 @@ class StoragePrune:
                 repositories = await self._checked(client, storage)
                 await asyncio.to_thread(self._remove_empty, storage, repositories)
 
+                halted: list[str] = []
+
                 async def halt() -> str | None:
-                    """Before each wave: the lock still held, writes still refused."""
-                    if stop.is_set():
-                        return "the maintenance window lost its lock; the storage prune stopped"
-                    try:
-                        await asyncio.to_thread(self._verify_readonly)
-                    except StoragePruneRefused as exc:
-                        return str(exc)
-                    return None
+                    """Before each repository's removals and each wave of them: the lock still
+                    held, writes still refused. The first reason stops every repository."""
+                    if not halted:
+                        if stop.is_set():
+                            halted.append("the maintenance window lost its lock")
+                        else:
+                            try:
+                                await asyncio.to_thread(self._verify_readonly)
+                            except RegsweepError as exc:  # refused, or the probe cannot ask
+                                halted.append(str(exc))
+                    return halted[0] if halted else None
 
                 executor = StorageExecutor(
                     storage, stores.audit, layers_links=layers, wave_size=WAVE, halt=halt
@@ -279,9 +285,6 @@ class StoragePrune:
 
                 async def one(repository: str) -> None:
                     async with gate:
-                        if stop.is_set():
-                            self.result.failures.append(f"{repository}: the GC lock was lost")
-                            return
                         builder = StorageInventoryBuilder(
                             client,
                             storage,
@@ -289,9 +292,26 @@ class StoragePrune:
                             history=stores.history,
                             audit=stores.audit,
                         )
-                        await self._one(repository, builder, executor, stores.history, job_id)
+                        await self._one(
+                            repository,
+                            builder,
+                            executor,
+                            history=stores.history,
+                            halt=halt,
+                            job_id=job_id,
+                        )
 
-                await asyncio.gather(*(one(r) for r in repositories))
+                # Every repository's run ends on its own: one failing never cancels another
+                # between removing files and settling their audit records.
+                runs = (one(r) for r in repositories)
+                ended = await asyncio.gather(*runs, return_exceptions=True)
+                for repository, outcome in zip(repositories, ended, strict=True):
+                    if isinstance(outcome, RegsweepError):
+                        self.result.failures.append(f"{repository}: {outcome}")
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                if halted:
+                    raise StorageError(halted[0])
             await asyncio.to_thread(self._verify_readonly_now)
         finally:
             await stores.aclose()
@@ -324,7 +344,9 @@ class StoragePrune:
         repository: str,
         builder: StorageInventoryBuilder,
         executor: StorageExecutor,
+        *,
         history: History,
+        halt: Callable[[], Awaitable[str | None]],
         job_id: str,
     ) -> None:
         policy = self._config.policy_for(repository)
@@ -338,7 +360,10 @@ class StoragePrune:
         planned = plan(inventory, policy, now)
         if planned.is_empty:
             return
-        await asyncio.to_thread(self._verify_readonly)
+        reason = await halt()
+        if reason is not None:
+            self.result.failures.append(f"{repository}: not pruned: {reason}")
+            return
         report = await executor.run(planned, inventory.manifests, job_id=job_id)
         self.result.pruned.append(repository)
         self.result.add(report)

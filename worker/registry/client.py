@@ -415,6 +415,15 @@ class RegistryClient:
         )
         if response.status_code == 404 and error_codes(response):
             return True
+        if response.status_code == 404:
+            # Not the registry's 404 (it always names an error code): something in front
+            # of it refuses DELETE. Taken for "no such tag", a removal would be settled as
+            # already gone while the tag stays.
+            raise RegistryProtocolError(
+                f"DELETE probe of {repo}: 404 without the registry's error body; a proxy "
+                "in front of the registry may not pass DELETE on",
+                status=404,
+            )
         failure = error_for(response, f"DELETE probe of {repo}")
         if isinstance(failure, DeletesDisabled):
             return False
