@@ -370,7 +370,7 @@ def test_a_registry_that_takes_writes_again_mid_prune_stops_it_before_the_next_w
         assert prune is not None
         if parallel == 1:
             assert prune["counts"].get("deleted") == 1, prune
-        entries = asyncio.run(_audited(space, job_id))
+        entries = asyncio.run(_entries(space, job_id))
         assert [e.digest for e in entries if e.outcome is Outcome.PENDING] == []
         deleted = [e for e in entries if e.outcome is Outcome.DELETED]
         assert len(deleted) == prune["counts"].get("deleted")
@@ -381,16 +381,6 @@ def test_a_registry_that_takes_writes_again_mid_prune_stops_it_before_the_next_w
         assert whole, "every doomed image was removed: the prune did not stop"
     finally:
         registry.stop()
-
-
-async def _audited(space: RedisSpace, job_id: str) -> list[AuditEntry]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        return await RedisAuditLog(client, keys=Keys(space.prefix)).entries(
-            AuditQuery(job_id=job_id)
-        )
-    finally:
-        await client.aclose()
 
 
 def test_read_only_that_cannot_be_told_refuses_the_storage_prune(
