@@ -15,15 +15,18 @@ import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, cast
 
 import pytest
 import redis
+import yaml
 
 from tests.harness import cli, redisdb
+from tests.harness import stack as s
 from tests.harness.images import ImageBuilder, PushedImage
 from tests.harness.proxy import FaultyProxy
 from tests.harness.registry import RegistryProcess, tag_link
+from tests.harness.workers import WITHOUT_ROOTS_READS, start_worker
 from tests.test_cli import run
 from worker import oci
 from worker.engine.events import RegistryEvent
@@ -644,11 +647,8 @@ def test_a_storage_path_one_level_off_is_refused_with_the_right_one(
 #: Run as root without the capabilities that let root read any file: permission bits then
 #: refuse it as they refuse any other user (a regsweep run as its own user, the registry's
 #: files not readable by it). ``chmod 000`` alone does nothing to root.
-WITHOUT_ROOTS_READS: Final = (
-    "setpriv",
-    "--inh-caps=-dac_override,-dac_read_search",
-    "--bounding-set=-dac_override,-dac_read_search",
-)
+#: The worker-path test's Redis (this module's database; the tasks use the default prefix).
+WORKER_REDIS: Final = redisdb.url(4)
 
 
 def _locked_out(path: Path) -> None:
@@ -701,6 +701,64 @@ def test_an_unreadable_storage_file_leaves_its_repository_alone_and_the_others_g
     with ImageBuilder.connect(reg.url) as b:
         assert doomed is not None and not b.manifest_exists("t/open", doomed.digest)
         assert b.tags("t/locked") == ["v1", "v2"]
+
+
+def test_a_worker_prune_meeting_an_unreadable_storage_file_fails_naming_it(
+    own_registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """The workers' path: a real ``regsweep worker`` that may not read one tag link (``chmod
+    000``, root's read override dropped) ends that repository's prune job ``failed``
+    naming the file, at once (not retried: nothing will change by itself) and deleting
+    nothing there; the other repository's job prunes as usual."""
+    reg = own_registry
+    with ImageBuilder.connect(reg.url) as b:
+        for repo in ("t/locked", "t/open"):
+            b.image(repo, "v1")
+            b.image(repo, "v2")
+            reg.set_pushed(repo, days_ago(9), "v1")
+        doomed = b.head("t/open", "v1")
+    link = tag_link(reg.storage_path, "t/locked", "v2")
+    path = s.policy_file(
+        tmp_path / "regsweep.yaml",
+        reg.url,
+        [{"name": "p", "repositories": ["t/**"], "mode": "enforce",
+          "keep": [{"tags": ["*"], "newest": 1}]}],
+        WORKER_REDIS,
+    )  # fmt: skip
+    document = yaml.safe_load(path.read_text())
+    document["registry"]["storage_path"] = str(reg.storage_path)
+    path.write_text(yaml.safe_dump(document))
+    broker = redis.Redis.from_url(WORKER_REDIS, decode_responses=True)
+    broker.flushdb()
+    _locked_out(link)
+    worker = start_worker(path, ("jobs",), log=tmp_path / "worker.log", no_read_override=True)
+    try:
+        worker.wait_ready()
+        queued = run("prune", "t/locked", "t/open", "--enqueue", config=path)
+        assert queued.returncode == 0, queued.stderr
+        locked, opened = (_ended(broker, job_id) for job_id in queued.stdout.split())
+    finally:
+        worker.stop()
+        link.chmod(0o644)
+        broker.flushdb()
+        broker.close()
+    assert locked["state"] == "failed", locked
+    assert any(f"cannot read {link}" in e for e in locked["errors"]), locked["errors"]
+    assert opened["state"] == "succeeded" and opened["counts"]["deleted"] == 1, opened
+    with ImageBuilder.connect(reg.url) as b:
+        assert b.tags("t/locked") == ["v1", "v2"]
+        assert doomed is not None and not b.manifest_exists("t/open", doomed.digest)
+
+
+def _ended(broker: redis.Redis, job_id: str) -> dict[str, Any]:
+    """The job's record once it succeeded or failed (within a minute)."""
+
+    def ended() -> dict[str, Any] | None:
+        raw = cast(dict[str, str], broker.hgetall(f"regsweep:job:{job_id}"))
+        record = {k: json.loads(v) for k, v in raw.items()}
+        return record if record.get("state") in ("succeeded", "failed") else None
+
+    return s.wait_for(ended, 60.0, what=f"job {job_id} to end")
 
 
 @pytest.mark.parametrize("shape", ["a symlink loop", "a FIFO", "a dangling symlink"])

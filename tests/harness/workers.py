@@ -42,6 +42,14 @@ QUIET = ("--without-heartbeat", "--without-mingle", "--without-gossip")
 #: Only heartbeats off: what the GC workers of the maintenance tests and bench run with.
 HEARTBEAT_OFF = ("--without-heartbeat",)
 #: Celery logs ``celery@<host> ready.`` once the worker consumes its queues.
+#: Runs a command as root without the capabilities that let root read what file modes forbid
+#: (``setpriv``, util-linux): a storage file ``chmod 000`` is then unreadable to it, as to a
+#: regsweep that runs as another user than the registry.
+WITHOUT_ROOTS_READS = (
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
 READY_LINE = "ready."
 READY_TIMEOUT = 60.0
 #: How long :meth:`WorkerProcess.stop` waits for a warm shutdown before SIGKILL.
@@ -125,14 +133,18 @@ def start_worker(
     extra: Sequence[str] = QUIET,
     namespace: bool = False,
     env: Mapping[str, str] | None = None,
+    no_read_override: bool = False,
 ) -> WorkerProcess:
     """``regsweep -c CONFIG worker [-Q QUEUES] --concurrency N EXTRA...`` (every queue when
     ``queues`` is empty), appending to ``log``; with ``namespace``, in a PID namespace of its
-    own, as a restarted container's would be (it cannot see its predecessor's pids). It is
-    not waited for: :meth:`WorkerProcess.wait_ready`."""
+    own, as a restarted container's would be (it cannot see its predecessor's pids); with
+    ``no_read_override``, without root's power to read what file modes forbid (as a worker
+    running as another user than the registry). It is not waited for:
+    :meth:`WorkerProcess.wait_ready`."""
     unshare = ["unshare", "--pid", "--fork", "--mount-proc"] if namespace else []
+    setpriv = list(WITHOUT_ROOTS_READS) if no_read_override else []
     selected = ["-Q", ",".join(queues)] if queues else []
-    argv = [*unshare, REGSWEEP, "-c", str(config), "worker", *selected]
+    argv = [*setpriv, *unshare, REGSWEEP, "-c", str(config), "worker", *selected]
     out = log.open("ab")
     proc = subprocess.Popen(
         [*argv, "--concurrency", str(concurrency), *extra],
