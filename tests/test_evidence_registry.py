@@ -23,7 +23,7 @@ import yaml
 
 from tests.harness import cli, redisdb
 from tests.harness import stack as s
-from tests.harness.images import ImageBuilder, PushedImage
+from tests.harness.images import ImageBuilder, ManifestHead, PushedImage
 from tests.harness.proxy import FaultyProxy
 from tests.harness.registry import RegistryProcess, tag_link
 from tests.harness.workers import WITHOUT_ROOTS_READS, start_worker
@@ -655,6 +655,16 @@ def _locked_out(path: Path) -> None:
     path.chmod(0)
 
 
+def _locked_and_open(reg: RegistryProcess) -> ManifestHead | None:
+    """t/locked and t/open, each v1 (9 days old) and v2; what newest: 1 deletes in t/open."""
+    with ImageBuilder.connect(reg.url) as b:
+        for repo in ("t/locked", "t/open"):
+            b.image(repo, "v1")
+            b.image(repo, "v2")
+            reg.set_pushed(repo, days_ago(9), "v1")
+        return b.head("t/open", "v1")
+
+
 @pytest.mark.parametrize("locked", ["a tag link", "the revisions directory"])
 def test_an_unreadable_storage_file_leaves_its_repository_alone_and_the_others_go_on(
     own_registry: RegistryProcess, tmp_path: Path, locked: str
@@ -662,12 +672,7 @@ def test_an_unreadable_storage_file_leaves_its_repository_alone_and_the_others_g
     """A tag link (or the revisions directory) regsweep's user cannot read: ``prune`` names
     the file, leaves that repository alone, prunes the other, and exits 1; no traceback."""
     reg = own_registry
-    with ImageBuilder.connect(reg.url) as b:
-        for repo in ("t/locked", "t/open"):
-            b.image(repo, "v1")
-            b.image(repo, "v2")
-            reg.set_pushed(repo, days_ago(9), "v1")
-        doomed = b.head("t/open", "v1")
+    doomed = _locked_and_open(reg)
     manifests = reg.storage_path / "docker/registry/v2/repositories/t/locked/_manifests"
     target = (
         manifests / "tags/v2/current/link" if locked == "a tag link" else manifests / "revisions"
@@ -711,12 +716,7 @@ def test_a_worker_prune_meeting_an_unreadable_storage_file_fails_naming_it(
     naming the file, at once (not retried: nothing will change by itself) and deleting
     nothing there; the other repository's job prunes as usual."""
     reg = own_registry
-    with ImageBuilder.connect(reg.url) as b:
-        for repo in ("t/locked", "t/open"):
-            b.image(repo, "v1")
-            b.image(repo, "v2")
-            reg.set_pushed(repo, days_ago(9), "v1")
-        doomed = b.head("t/open", "v1")
+    doomed = _locked_and_open(reg)
     link = tag_link(reg.storage_path, "t/locked", "v2")
     path = s.policy_file(
         tmp_path / "regsweep.yaml",
